@@ -1,0 +1,301 @@
+//! RFC 862 over one connected, non-blocking socket.
+//!
+//! Every byte read is written back, in order, before the next read, so the
+//! echo is exact whatever the segmentation. When the client shuts down its
+//! write side, everything it sent has already been echoed; we then shut down
+//! ours so it reads EOF. Idle time counts from the last progress in either
+//! direction, so a silent client and a client that never reads both release
+//! the connection. This module knows nothing of processes or signals: the
+//! caller may hand it one extra fd to watch and decides what its readiness
+//! means.
+
+use std::io;
+use std::os::fd::BorrowedFd;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags};
+use nix::sys::socket::{shutdown, Shutdown};
+use nix::unistd::{read, write};
+
+use std::os::fd::AsRawFd;
+
+/// Caps on one connection; `None`/0 means no cap.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Limits {
+    pub idle: Option<Duration>,
+    pub session: Option<Duration>,
+    pub max_bytes: u64,
+}
+
+/// Why a connection ended.
+#[derive(Debug)]
+pub enum End {
+    /// The client closed its side and got every byte back.
+    Eof,
+    /// No progress for the idle timeout.
+    Idle,
+    /// The session lasted its maximum.
+    Session,
+    /// The byte cap was echoed.
+    Bytes,
+    /// The caller's watch said to stop.
+    Aborted,
+    /// The connection failed (reset, broken pipe, …).
+    Failed(io::Error),
+}
+
+/// What the caller wants done when its watched fd becomes readable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Watch {
+    /// Stop watching it and carry on.
+    Forget,
+    /// End the connection now.
+    Abort,
+}
+
+/// How a connection went.
+#[derive(Debug)]
+pub struct Summary {
+    pub bytes: u64,
+    pub end: End,
+}
+
+/// After this many back-to-back full reads, poll anyway so the watched fd
+/// and the deadlines are looked at even under a continuous stream.
+const MAX_DIRECT_READS: u32 = 64;
+
+/// Echoes `conn` until the client closes, a limit ends it, or `on_watch`
+/// aborts it. `buf` is the caller's (one per worker, reused).
+pub fn serve(
+    conn: BorrowedFd<'_>,
+    buf: &mut [u8],
+    limits: &Limits,
+    watch: Option<BorrowedFd<'_>>,
+    on_watch: &mut dyn FnMut() -> Watch,
+) -> Summary {
+    let now = Instant::now();
+    let mut s = Session {
+        conn,
+        watch,
+        on_watch,
+        limits,
+        start: now,
+        last: now,
+        bytes: 0,
+    };
+    let end = s.run(buf);
+    Summary {
+        bytes: s.bytes,
+        end,
+    }
+}
+
+struct Session<'a, 'b> {
+    conn: BorrowedFd<'a>,
+    watch: Option<BorrowedFd<'a>>,
+    on_watch: &'b mut dyn FnMut() -> Watch,
+    limits: &'b Limits,
+    start: Instant,
+    last: Instant,
+    bytes: u64,
+}
+
+impl Session<'_, '_> {
+    fn run(&mut self, buf: &mut [u8]) -> End {
+        // For ping-pong traffic the next read would almost always find
+        // nothing, so poll first; after a full buffer more is likely
+        // waiting, so read straight away.
+        let mut direct = 0;
+        loop {
+            if direct == 0 {
+                if let Err(end) = self.wait(PollFlags::POLLIN) {
+                    return end;
+                }
+            } else if let Some(end) = self.expired(Instant::now()) {
+                return end;
+            }
+            let n = match read(self.conn, buf) {
+                Ok(0) => {
+                    let _ = shutdown(self.conn.as_raw_fd(), Shutdown::Write);
+                    return End::Eof;
+                }
+                Ok(n) => n,
+                Err(Errno::EAGAIN) => {
+                    direct = 0;
+                    continue;
+                }
+                Err(Errno::EINTR) => continue,
+                Err(e) => return End::Failed(e.into()),
+            };
+            self.last = Instant::now();
+            let room = match self.limits.max_bytes {
+                0 => n,
+                cap => n.min((cap - self.bytes) as usize),
+            };
+            if let Err(end) = self.write_all(&buf[..room]) {
+                return end;
+            }
+            if self.limits.max_bytes != 0 && self.bytes >= self.limits.max_bytes {
+                return End::Bytes;
+            }
+            direct = if n == buf.len() && direct < MAX_DIRECT_READS {
+                direct + 1
+            } else {
+                0
+            };
+        }
+    }
+
+    fn write_all(&mut self, mut data: &[u8]) -> Result<(), End> {
+        while !data.is_empty() {
+            match write(self.conn, data) {
+                Ok(k) => {
+                    data = &data[k..];
+                    self.bytes += k as u64;
+                    self.last = Instant::now();
+                }
+                Err(Errno::EAGAIN) => self.wait(PollFlags::POLLOUT)?,
+                Err(Errno::EINTR) => {}
+                Err(e) => return Err(End::Failed(e.into())),
+            }
+        }
+        Ok(())
+    }
+
+    /// The limit that has run out at `now`, if any.
+    fn expired(&self, now: Instant) -> Option<End> {
+        if matches!(self.limits.session, Some(d) if now >= self.start + d) {
+            return Some(End::Session);
+        }
+        if matches!(self.limits.idle, Some(d) if now >= self.last + d) {
+            return Some(End::Idle);
+        }
+        None
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let idle = self.limits.idle.map(|d| self.last + d);
+        let session = self.limits.session.map(|d| self.start + d);
+        match (idle, session) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Waits until the connection is ready for `events` (or has failed, which
+    /// the next read or write reports).
+    fn wait(&mut self, events: PollFlags) -> Result<(), End> {
+        loop {
+            let now = Instant::now();
+            if let Some(end) = self.expired(now) {
+                return Err(end);
+            }
+            let timeout = crate::poll_timeout(self.next_deadline().map(|d| d - now));
+            let mut fds = [
+                PollFd::new(self.conn, events),
+                PollFd::new(self.watch.unwrap_or(self.conn), PollFlags::POLLIN),
+            ];
+            let nfds = if self.watch.is_some() { 2 } else { 1 };
+            match poll(&mut fds[..nfds], timeout) {
+                Ok(_) => {}
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(End::Failed(e.into())),
+            }
+            let watched = nfds == 2 && fds[1].revents().is_some_and(|r| !r.is_empty());
+            if fds[0].revents().is_some_and(|r| !r.is_empty()) {
+                return Ok(());
+            }
+            if watched {
+                match (self.on_watch)() {
+                    Watch::Forget => self.watch = None,
+                    Watch::Abort => return Err(End::Aborted),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::fd::AsFd;
+    use std::os::unix::net::UnixStream;
+    use std::thread;
+
+    fn serve_pair(limits: Limits) -> (UnixStream, thread::JoinHandle<Summary>) {
+        let (client, server) = UnixStream::pair().unwrap();
+        server.set_nonblocking(true).unwrap();
+        let h = thread::spawn(move || {
+            let mut buf = vec![0u8; 4096];
+            serve(server.as_fd(), &mut buf, &limits, None, &mut || {
+                Watch::Forget
+            })
+        });
+        (client, h)
+    }
+
+    #[test]
+    fn echoes_exactly_then_eof_on_half_close() {
+        let (mut c, h) = serve_pair(Limits::default());
+        let data: Vec<u8> = (0..=255u8).cycle().take(100_000).collect();
+        let writer = {
+            let mut c = c.try_clone().unwrap();
+            let data = data.clone();
+            thread::spawn(move || {
+                c.write_all(&data).unwrap();
+                c.shutdown(std::net::Shutdown::Write).unwrap();
+            })
+        };
+        let mut back = Vec::new();
+        c.read_to_end(&mut back).unwrap();
+        writer.join().unwrap();
+        assert!(back == data);
+        let s = h.join().unwrap();
+        assert!(matches!(s.end, End::Eof));
+        assert_eq!(s.bytes, data.len() as u64);
+    }
+
+    #[test]
+    fn idle_client_is_released() {
+        let (mut c, h) = serve_pair(Limits {
+            idle: Some(Duration::from_millis(100)),
+            ..Limits::default()
+        });
+        c.write_all(b"hi").unwrap();
+        let s = h.join().unwrap();
+        assert!(matches!(s.end, End::Idle), "{:?}", s.end);
+        assert_eq!(s.bytes, 2);
+    }
+
+    #[test]
+    fn byte_cap_echoes_exactly_the_cap() {
+        let (mut c, h) = serve_pair(Limits {
+            max_bytes: 5,
+            ..Limits::default()
+        });
+        c.write_all(b"0123456789").unwrap();
+        let s = h.join().unwrap();
+        assert!(matches!(s.end, End::Bytes));
+        let mut back = Vec::new();
+        let _ = c.read_to_end(&mut back);
+        assert_eq!(back, b"01234");
+    }
+
+    #[test]
+    fn watch_can_abort() {
+        let (_c, server) = UnixStream::pair().unwrap();
+        let (mut tell, watched) = UnixStream::pair().unwrap();
+        tell.write_all(b"x").unwrap();
+        let mut buf = [0u8; 16];
+        let s = serve(
+            server.as_fd(),
+            &mut buf,
+            &Limits::default(),
+            Some(watched.as_fd()),
+            &mut || Watch::Abort,
+        );
+        assert!(matches!(s.end, End::Aborted));
+    }
+}

@@ -1,0 +1,115 @@
+//! echo-forkd: an echo (RFC 862) daemon built on the classic Unix process
+//! models, pre-forked workers or a child per connection.
+//!
+//! The binary is a thin shell around [`run`]. Module map: `config` (options),
+//! `listen` (sockets), `master` (supervisor loop), `children` (child table,
+//! back-off), `worker` (what a child does), `echo` (one connection),
+//! `signals` (the self-pipe), `logging` (stderr/syslog), `sys` (the only
+//! `unsafe`).
+
+#![deny(unsafe_code)]
+
+pub mod children;
+pub mod config;
+pub mod echo;
+pub mod listen;
+pub mod logging;
+pub mod master;
+pub mod signals;
+#[allow(unsafe_code)]
+pub mod sys;
+pub mod worker;
+
+use std::io;
+use std::time::Duration;
+
+use clap::Parser;
+use log::{error, info};
+
+use config::{LogTarget, Options};
+
+/// Runs echo-forkd with the process's command line; returns the exit status
+/// (0 success, 1 startup or runtime failure, 2 usage error).
+pub fn run() -> i32 {
+    // Usage errors exit 2, --help and --version 0 (clap's convention).
+    let opts = Options::parse();
+    let check = opts.check;
+    let cfg = match config::load(opts) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("echo-forkd: {e}");
+            return 1;
+        }
+    };
+    if check {
+        println!("echo-forkd: configuration is valid");
+        return 0;
+    }
+
+    logging::init(
+        cfg.log,
+        cfg.log_level.filter(),
+        &cfg.syslog_socket,
+        cfg.syslog_facility,
+    );
+    if cfg.log == LogTarget::Syslog && !logging::syslog_connected() {
+        eprintln!(
+            "echo-forkd: warning: cannot reach syslog at {}; log lines are dropped until it appears",
+            cfg.syslog_socket.display()
+        );
+    }
+
+    let mut listeners = Vec::with_capacity(cfg.listen.len());
+    for addr in &cfg.listen {
+        match listen::bind(addr, cfg.backlog) {
+            Ok(l) => listeners.push(l),
+            Err(e) => {
+                if cfg.log == LogTarget::Syslog {
+                    error!("{e}");
+                }
+                eprintln!("echo-forkd: {e}");
+                return 1;
+            }
+        }
+    }
+    for l in &listeners {
+        info!("listening on {}", l.name());
+    }
+    master::run(cfg, listeners)
+}
+
+/// An OS error as a message fragment: "permission denied", not
+/// "Permission denied (os error 13)".
+pub fn error_text(e: &io::Error) -> String {
+    let text = e.to_string();
+    let text = match text.find(" (os error") {
+        Some(i) => &text[..i],
+        None => &text,
+    };
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(first) => first.to_lowercase().chain(chars).collect(),
+        None => String::new(),
+    }
+}
+
+/// A poll(2) timeout for "at most `d`" (None: wait forever), rounded up to
+/// the next millisecond so a wake-up never comes before the deadline.
+pub(crate) fn poll_timeout(d: Option<Duration>) -> nix::poll::PollTimeout {
+    match d {
+        None => nix::poll::PollTimeout::NONE,
+        Some(d) => {
+            let ms = d.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
+            nix::poll::PollTimeout::try_from(ms).unwrap_or(nix::poll::PollTimeout::MAX)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn error_text_is_a_lowercase_fragment() {
+        let e = std::io::Error::from_raw_os_error(libc::EACCES);
+        assert_eq!(super::error_text(&e), "permission denied");
+    }
+}

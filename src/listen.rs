@@ -1,0 +1,352 @@
+//! Listening sockets: address syntax, bind and listen, accept.
+//!
+//! Every socket is close-on-exec and non-blocking, has SO_REUSEADDR set before
+//! `bind` (never SO_REUSEPORT: a second instance must not share the port
+//! silently), and is named by the address it really got (port 0 resolved).
+//! A unix socket's file belongs to the process that bound it: only that
+//! process removes it, when the listener is dropped.
+
+use std::fmt;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use nix::errno::Errno;
+use nix::sys::socket::{
+    self, setsockopt, sockopt, AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, SockaddrIn6,
+    SockaddrStorage, UnixAddr,
+};
+
+use crate::sys;
+
+/// An address to listen on, as the operator wrote it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListenAddr {
+    /// A numeric address and port.
+    Tcp(SocketAddr),
+    /// `*:PORT` and the default: `[::]` dual-stack, or `0.0.0.0` where IPv6
+    /// is not available.
+    Any(u16),
+    /// `unix:/PATH`.
+    Unix(PathBuf),
+}
+
+impl FromStr for ListenAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = |why: &str| format!("listen address '{s}': {why}");
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err(bad("the unix socket path is empty"));
+            }
+            return Ok(ListenAddr::Unix(PathBuf::from(path)));
+        }
+        let (host, port) = s
+            .rsplit_once(':')
+            .ok_or_else(|| bad("expected HOST:PORT, [V6]:PORT, *:PORT or unix:/PATH"))?;
+        let port: u16 = port
+            .parse()
+            .map_err(|_| bad("the port must be a number from 0 to 65535"))?;
+        if host == "*" {
+            return Ok(ListenAddr::Any(port));
+        }
+        let ip = if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+            IpAddr::V6(
+                v6.parse::<Ipv6Addr>()
+                    .map_err(|_| bad("not an IPv6 address"))?,
+            )
+        } else if host == "localhost" {
+            // The one name we know without asking a resolver.
+            IpAddr::V4(Ipv4Addr::LOCALHOST)
+        } else {
+            IpAddr::V4(host.parse::<Ipv4Addr>().map_err(|_| {
+                bad("the host must be a numeric address (IPv6 in brackets); names are not resolved")
+            })?)
+        };
+        Ok(ListenAddr::Tcp(SocketAddr::new(ip, port)))
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => write!(f, "{a}"),
+            ListenAddr::Any(port) => write!(f, "*:{port}"),
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// A bound, listening socket.
+#[derive(Debug)]
+pub struct Listener {
+    fd: OwnedFd,
+    name: String,
+    /// The socket file, for unix listeners; removed on drop by its binder.
+    file: Option<SocketFile>,
+}
+
+impl Listener {
+    /// The bound address with its real port (`127.0.0.1:40123`, `[::]:7`,
+    /// `unix:/run/echo.sock`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Accepts one connection: close-on-exec and non-blocking.
+    pub fn accept(&self) -> io::Result<OwnedFd> {
+        sys::accept(self.fd.as_fd())
+    }
+
+    /// Whether this is a TCP listener (its connections get TCP_NODELAY).
+    pub fn is_tcp(&self) -> bool {
+        self.file.is_none()
+    }
+}
+
+impl AsFd for Listener {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+/// Removes a unix socket's file when dropped, but only in the process that
+/// created it: a forked child dropping its copy must leave the file alone.
+#[derive(Debug)]
+struct SocketFile {
+    path: PathBuf,
+    owner: u32,
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        if std::process::id() == self.owner {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Binds and listens on `addr`. The error names the address and the cause.
+pub fn bind(addr: &ListenAddr, backlog: i32) -> Result<Listener, String> {
+    match addr {
+        ListenAddr::Tcp(sa) => bind_tcp(*sa, backlog, false),
+        ListenAddr::Any(port) => {
+            let v6 = SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), *port);
+            match bind_tcp(v6, backlog, true) {
+                Err(BindError {
+                    errno: Errno::EAFNOSUPPORT | Errno::EADDRNOTAVAIL,
+                    ..
+                }) => {
+                    let v4 = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), *port);
+                    bind_tcp(v4, backlog, false)
+                }
+                other => other,
+            }
+        }
+        ListenAddr::Unix(path) => bind_unix(path, backlog),
+    }
+    .map_err(|e| e.to_string())
+}
+
+struct BindError {
+    what: String,
+    errno: Errno,
+}
+
+impl fmt::Display for BindError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let cause = crate::error_text(&io::Error::from(self.errno));
+        let hint = match self.errno {
+            Errno::EACCES => " (ports below 1024 need root or CAP_NET_BIND_SERVICE)",
+            Errno::EADDRINUSE => " (another process listens there; is echo-forkd already running?)",
+            Errno::EADDRNOTAVAIL => " (no local interface has that address)",
+            _ => "",
+        };
+        write!(f, "{}: {cause}{hint}", self.what)
+    }
+}
+
+fn bind_tcp(sa: SocketAddr, backlog: i32, dual_stack: bool) -> Result<Listener, BindError> {
+    let fail = |step: &str| {
+        let what = format!("cannot {step} {sa}");
+        move |errno| BindError { what, errno }
+    };
+    let family = if sa.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = socket::socket(
+        family,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )
+    .map_err(fail("create a socket for"))?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(fail("set SO_REUSEADDR on"))?;
+    if dual_stack {
+        setsockopt(&fd, sockopt::Ipv6V6Only, &false).map_err(fail("make dual-stack"))?;
+    }
+    // Accepted sockets inherit TCP_NODELAY from the listener (Linux, BSD);
+    // workers set it again only where that is not so.
+    setsockopt(&fd, sockopt::TcpNoDelay, &true).map_err(fail("set TCP_NODELAY on"))?;
+    let bound = match sa {
+        SocketAddr::V4(a) => socket::bind(fd.as_raw_fd(), &SockaddrIn::from(a)),
+        SocketAddr::V6(a) => socket::bind(fd.as_raw_fd(), &SockaddrIn6::from(a)),
+    };
+    bound.map_err(fail("bind"))?;
+    listen(&fd, backlog).map_err(fail("listen on"))?;
+    let local: SockaddrStorage =
+        socket::getsockname(fd.as_raw_fd()).map_err(fail("read the address of"))?;
+    let real = local
+        .as_sockaddr_in()
+        .map(|a| SocketAddr::from(*a))
+        .or_else(|| local.as_sockaddr_in6().map(|a| SocketAddr::from(*a)))
+        .unwrap_or(sa);
+    Ok(Listener {
+        fd,
+        name: real.to_string(),
+        file: None,
+    })
+}
+
+fn listen(fd: &OwnedFd, backlog: i32) -> nix::Result<()> {
+    let backlog = Backlog::new(backlog).unwrap_or(Backlog::MAXCONN);
+    socket::listen(fd, backlog)
+}
+
+fn bind_unix(path: &Path, backlog: i32) -> Result<Listener, BindError> {
+    let name = format!("unix:{}", path.display());
+    let fail = |step: &str| {
+        let what = format!("cannot {step} {name}");
+        move |errno| BindError { what, errno }
+    };
+    remove_stale(path).map_err(|(why, errno)| BindError {
+        what: format!("cannot bind {name}: {why}"),
+        errno,
+    })?;
+    let fd = socket::socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )
+    .map_err(fail("create a socket for"))?;
+    let ua = UnixAddr::new(path).map_err(fail("use the path"))?;
+    socket::bind(fd.as_raw_fd(), &ua).map_err(fail("bind"))?;
+    // From here the file is ours: remove it if anything below fails.
+    let file = SocketFile {
+        path: path.to_path_buf(),
+        owner: std::process::id(),
+    };
+    listen(&fd, backlog).map_err(fail("listen on"))?;
+    Ok(Listener {
+        fd,
+        name,
+        file: Some(file),
+    })
+}
+
+/// A socket file left by a dead server is removed; one that a live server
+/// answers on, or anything that is not a socket, is left alone.
+fn remove_stale(path: &Path) -> Result<(), (&'static str, Errno)> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(_) => return Ok(()),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(("the path exists and is not a socket", Errno::EEXIST));
+    }
+    match UnixStream::connect(path) {
+        Ok(_) => Err((
+            "a server is listening on it (is echo-forkd already running?)",
+            Errno::EADDRINUSE,
+        )),
+        Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => std::fs::remove_file(path)
+            .map_err(|e| {
+                (
+                    "cannot remove the stale socket file",
+                    Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+                )
+            }),
+        Err(_) => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_form() {
+        assert_eq!(
+            "127.0.0.1:7".parse::<ListenAddr>().unwrap(),
+            ListenAddr::Tcp("127.0.0.1:7".parse().unwrap())
+        );
+        assert_eq!(
+            "[::1]:0".parse::<ListenAddr>().unwrap(),
+            ListenAddr::Tcp("[::1]:0".parse().unwrap())
+        );
+        assert_eq!("*:7".parse::<ListenAddr>().unwrap(), ListenAddr::Any(7));
+        assert_eq!(
+            "unix:/run/echo.sock".parse::<ListenAddr>().unwrap(),
+            ListenAddr::Unix("/run/echo.sock".into())
+        );
+        assert_eq!(
+            "localhost:9".parse::<ListenAddr>().unwrap(),
+            ListenAddr::Tcp("127.0.0.1:9".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn refuses_what_it_would_have_to_resolve_or_guess() {
+        for bad in [
+            "example.org:7",
+            "127.0.0.1",
+            "127.0.0.1:70000",
+            "::1:7",
+            "unix:",
+            "[::1:7",
+        ] {
+            let err = bad.parse::<ListenAddr>().unwrap_err();
+            assert!(err.contains(bad), "{err}");
+        }
+    }
+
+    #[test]
+    fn port_zero_is_resolved_in_the_name() {
+        let l = bind(&"127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        let port: u16 = l.name().rsplit_once(':').unwrap().1.parse().unwrap();
+        assert_ne!(port, 0);
+    }
+
+    #[test]
+    fn address_in_use_is_explained() {
+        let l = bind(&"127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        let err = bind(&l.name().parse().unwrap(), 16).unwrap_err();
+        assert!(err.contains(l.name()) && err.contains("in use"), "{err}");
+    }
+
+    #[test]
+    fn unix_socket_file_is_removed_on_drop_and_stale_files_replaced() {
+        let dir = std::env::temp_dir().join(format!("echo-forkd-listen-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s");
+        let addr = ListenAddr::Unix(path.clone());
+        let l = bind(&addr, 4).unwrap();
+        assert!(bind(&addr, 4).unwrap_err().contains("listening"));
+        // A stale file: bound socket gone, file left behind.
+        std::mem::forget(l.file);
+        drop(l.fd);
+        assert!(path.exists());
+        let l = bind(&addr, 4).unwrap();
+        drop(l);
+        assert!(!path.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

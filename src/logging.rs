@@ -1,0 +1,270 @@
+//! The `log` backend: stderr or syslog.
+//!
+//! Invariants: every line carries the pid of the process that writes it
+//! (read at each line, so it is right after fork); a log write never blocks
+//! the daemon. Syslog lines are RFC 3164 datagrams sent without blocking to a
+//! unix datagram socket; when the socket is missing, full or stalled the line
+//! is dropped and counted, the socket is retried at most once a second, and
+//! the count is reported once lines get through again.
+
+use std::fmt::Write as _;
+use std::io::{self, Write as _};
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
+
+use log::{Level, LevelFilter, Log, Metadata, Record};
+
+use crate::config::{Facility, LogTarget};
+use crate::sys;
+
+const IDENT: &str = "echo-forkd";
+const RETRY: Duration = Duration::from_secs(1);
+const MONTHS: [&str; 12] = [
+    "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+];
+
+struct Logger {
+    sink: Mutex<Sink>,
+}
+
+enum Sink {
+    Stderr,
+    Syslog(Syslog),
+}
+
+struct Syslog {
+    path: PathBuf,
+    facility: u8,
+    sock: Option<UnixDatagram>,
+    last_try: Instant,
+    dropped: u64,
+}
+
+static LOGGER: Logger = Logger {
+    sink: Mutex::new(Sink::Stderr),
+};
+
+/// Installs the logger (once) or switches its target (later calls).
+///
+/// With syslog, a socket that cannot be reached yet is not an error: lines
+/// are counted as dropped until it appears.
+pub fn init(target: LogTarget, level: LevelFilter, socket: &Path, facility: Facility) {
+    let sink = match target {
+        LogTarget::Stderr => Sink::Stderr,
+        LogTarget::Syslog => {
+            let mut s = Syslog {
+                path: socket.to_path_buf(),
+                facility: facility.code(),
+                sock: None,
+                last_try: Instant::now(),
+                dropped: 0,
+            };
+            s.connect();
+            Sink::Syslog(s)
+        }
+    };
+    *lock() = sink;
+    let _ = log::set_logger(&LOGGER);
+    log::set_max_level(level);
+}
+
+/// Whether log lines currently reach syslog (false also for stderr).
+pub fn syslog_connected() -> bool {
+    matches!(&*lock(), Sink::Syslog(s) if s.sock.is_some())
+}
+
+fn lock() -> std::sync::MutexGuard<'static, Sink> {
+    // The master never holds this lock across fork (it is single-threaded),
+    // and a panic while formatting a line must not silence logging for good.
+    LOGGER.sink.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Log for Logger {
+    fn enabled(&self, metadata: &Metadata<'_>) -> bool {
+        metadata.level() <= log::max_level()
+    }
+
+    fn log(&self, record: &Record<'_>) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let pid = std::process::id();
+        match &mut *lock() {
+            Sink::Stderr => {
+                let mut line = String::with_capacity(128);
+                let _ = write!(line, "{IDENT}[{pid}]: ");
+                match record.level() {
+                    Level::Error => line.push_str("error: "),
+                    Level::Warn => line.push_str("warning: "),
+                    Level::Debug | Level::Trace => line.push_str("debug: "),
+                    Level::Info => {}
+                }
+                let _ = writeln!(line, "{}", record.args());
+                // One write per line, so lines of several processes do not mix.
+                let _ = io::stderr().lock().write_all(line.as_bytes());
+            }
+            Sink::Syslog(s) => s.send(record.level(), &record.args().to_string(), pid),
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+fn severity(level: Level) -> u8 {
+    match level {
+        Level::Error => 3,
+        Level::Warn => 4,
+        Level::Info => 6,
+        Level::Debug | Level::Trace => 7,
+    }
+}
+
+impl Syslog {
+    fn connect(&mut self) {
+        self.last_try = Instant::now();
+        self.sock = UnixDatagram::unbound()
+            .and_then(|s| {
+                s.connect(&self.path)?;
+                s.set_nonblocking(true)?;
+                Ok(s)
+            })
+            .ok();
+    }
+
+    fn format(&self, level: Level, msg: &str, pid: u32) -> String {
+        let (mon, day, h, m, s) = sys::local_time(SystemTime::now());
+        let pri = self.facility as u32 * 8 + severity(level) as u32;
+        format!(
+            "<{pri}>{} {day:>2} {h:02}:{m:02}:{s:02} {IDENT}[{pid}]: {msg}",
+            MONTHS[mon]
+        )
+    }
+
+    fn send(&mut self, level: Level, msg: &str, pid: u32) {
+        if self.sock.is_none() && self.last_try.elapsed() >= RETRY {
+            self.connect();
+        }
+        if self.dropped > 0 && self.sock.is_some() {
+            let note = format!(
+                "{} log lines were dropped while syslog was unavailable",
+                self.dropped
+            );
+            if self.write(&self.format(Level::Warn, &note, pid)) {
+                self.dropped = 0;
+            }
+        }
+        let line = self.format(level, msg, pid);
+        if !self.write(&line) {
+            self.dropped += 1;
+        }
+    }
+
+    /// Sends one datagram without blocking; false if it was not sent.
+    fn write(&mut self, line: &str) -> bool {
+        let Some(sock) = &self.sock else {
+            return false;
+        };
+        match sock.send(line.as_bytes()) {
+            Ok(_) => true,
+            // Full: the reader is slow; keep the socket and drop the line.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+            // Gone (syslog restarted, socket removed): reconnect later.
+            Err(_) => {
+                self.sock = None;
+                false
+            }
+        }
+    }
+}
+
+/// Lets a repeated event be logged at most once per interval, with a count
+/// of how often it happened in between. Never silences it for good.
+#[derive(Debug)]
+pub struct RateLimit {
+    interval: Duration,
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RateLimit {
+    /// A limiter for one kind of event.
+    pub const fn new(interval: Duration) -> Self {
+        RateLimit {
+            interval,
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    /// Records an occurrence; `Some(n)` means "log it now, n were not logged
+    /// since the last line".
+    pub fn hit(&mut self, now: Instant) -> Option<u64> {
+        match self.last {
+            Some(t) if now.duration_since(t) < self.interval => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limit_logs_once_per_interval_and_counts_the_rest() {
+        let mut r = RateLimit::new(Duration::from_secs(1));
+        let t = Instant::now();
+        assert_eq!(r.hit(t), Some(0));
+        assert_eq!(r.hit(t + Duration::from_millis(10)), None);
+        assert_eq!(r.hit(t + Duration::from_millis(20)), None);
+        assert_eq!(r.hit(t + Duration::from_millis(1100)), Some(2));
+    }
+
+    #[test]
+    fn syslog_line_is_rfc3164() {
+        let s = Syslog {
+            path: PathBuf::from("/nonexistent"),
+            facility: Facility::Local3.code(),
+            sock: None,
+            last_try: Instant::now(),
+            dropped: 0,
+        };
+        let line = s.format(Level::Info, "ready", 42);
+        assert!(line.starts_with("<158>"), "{line}");
+        assert!(line.ends_with(" echo-forkd[42]: ready"), "{line}");
+        // "<158>Nov 22 13:46:55 " : month, space-padded day, time.
+        assert_eq!(&line[8..9], " ");
+        assert_eq!(line.as_bytes()[14], b':');
+    }
+
+    #[test]
+    fn syslog_send_never_blocks_on_a_stalled_reader() {
+        let dir = std::env::temp_dir().join(format!("echo-forkd-log-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("log");
+        let _reader = UnixDatagram::bind(&path).unwrap();
+        let mut s = Syslog {
+            path: path.clone(),
+            facility: 3,
+            sock: None,
+            last_try: Instant::now(),
+            dropped: 0,
+        };
+        s.connect();
+        assert!(s.sock.is_some());
+        // Far more than the receive queue holds; none of these may block.
+        for _ in 0..10_000 {
+            s.send(Level::Info, "x", 1);
+        }
+        assert!(s.dropped > 0);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,5 @@
+//! The echo-forkd binary: everything lives in the library.
+
+fn main() {
+    std::process::exit(echo_forkd::run());
+}

@@ -1,0 +1,100 @@
+//! The master's signals: the only user of signal-hook.
+//!
+//! Each handled signal sets its flag and then writes a byte into a self-pipe
+//! (flag first, so a wake-up always finds its flag). The master polls the
+//! pipe's read end beside everything else, and on wake-up drains the pipe
+//! before it reads the flags. Handlers do nothing else.
+
+use std::io::{self, Read};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use nix::sys::signal::Signal;
+use signal_hook::SigId;
+
+/// Every signal the master catches; a child resets them to the default.
+pub const HANDLED: [Signal; 8] = [
+    Signal::SIGTERM,
+    Signal::SIGINT,
+    Signal::SIGQUIT,
+    Signal::SIGHUP,
+    Signal::SIGUSR1,
+    Signal::SIGTTIN,
+    Signal::SIGTTOU,
+    Signal::SIGCHLD,
+];
+
+static FLAGS: [AtomicBool; HANDLED.len()] = [const { AtomicBool::new(false) }; HANDLED.len()];
+
+/// What arrived since the last [`Signals::drain`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pending {
+    pub term: bool,
+    pub int: bool,
+    pub quit: bool,
+    pub hup: bool,
+    pub usr1: bool,
+    pub ttin: bool,
+    pub ttou: bool,
+    pub chld: bool,
+}
+
+/// The installed handlers and the self-pipe's read end.
+pub struct Signals {
+    reader: UnixStream,
+    ids: Vec<SigId>,
+}
+
+impl Signals {
+    /// Installs the handlers. Call once, before the first fork.
+    pub fn install() -> io::Result<Signals> {
+        let (reader, writer) = UnixStream::pair()?;
+        reader.set_nonblocking(true)?;
+        writer.set_nonblocking(true)?;
+        let mut ids = Vec::with_capacity(2 * HANDLED.len());
+        for (sig, flag) in HANDLED.iter().zip(FLAGS.iter()) {
+            let sig = *sig as libc::c_int;
+            ids.push(signal_hook::flag::register(sig, flag)?);
+            ids.push(signal_hook::low_level::pipe::register_raw(
+                sig,
+                OwnedFd::from(writer.try_clone()?),
+            )?);
+        }
+        Ok(Signals { reader, ids })
+    }
+
+    /// The fd to poll for readability.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.reader.as_fd()
+    }
+
+    /// Empties the self-pipe, then takes (and clears) every flag.
+    pub fn drain(&mut self) -> Pending {
+        let mut sink = [0u8; 64];
+        while matches!(self.reader.read(&mut sink), Ok(n) if n > 0) {}
+        let take = |s: Signal| {
+            let i = HANDLED.iter().position(|h| *h == s).unwrap_or(0);
+            FLAGS[i].swap(false, Ordering::SeqCst)
+        };
+        Pending {
+            term: take(Signal::SIGTERM),
+            int: take(Signal::SIGINT),
+            quit: take(Signal::SIGQUIT),
+            hup: take(Signal::SIGHUP),
+            usr1: take(Signal::SIGUSR1),
+            ttin: take(Signal::SIGTTIN),
+            ttou: take(Signal::SIGTTOU),
+            chld: take(Signal::SIGCHLD),
+        }
+    }
+
+    /// In a forked child: closes both ends of the self-pipe. The handlers
+    /// were already reset to their defaults by the fork fence; unregistering
+    /// drops signal-hook's copies of the write end.
+    pub fn close_in_child(self) {
+        for id in self.ids {
+            signal_hook::low_level::unregister(id);
+        }
+    }
+}

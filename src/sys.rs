@@ -1,0 +1,132 @@
+//! The only `unsafe` in echo-forkd: the fork fence, accept4, `_exit` and
+//! the local time for syslog. Everything else calls these safe wrappers.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::time::SystemTime;
+
+use nix::sys::signal::{
+    sigaction, sigprocmask, SaFlags, SigAction, SigHandler, SigSet, SigmaskHow, Signal,
+};
+use nix::unistd::{fork, ForkResult, Pid};
+
+/// Exit code of a child whose code panicked.
+pub const EXIT_PANIC: i32 = 70;
+
+/// Forks; the child runs `child` and ends with `_exit`, never returning into
+/// the caller's code. Returns the child's pid in the parent.
+///
+/// All signals are blocked across `fork`, so no handler of the master can
+/// run in the child before the child has reset `reset` to their default
+/// dispositions (a handler would write into the master's self-pipe).
+/// Ignored signals (SIGPIPE) stay ignored.
+pub fn spawn(reset: &[Signal], child: impl FnOnce() -> i32) -> io::Result<Pid> {
+    let mut old = SigSet::empty();
+    sigprocmask(
+        SigmaskHow::SIG_SETMASK,
+        Some(&SigSet::all()),
+        Some(&mut old),
+    )?;
+    // SAFETY: the master is single-threaded (DESIGN.md: it never starts a
+    // thread), so the child's copy of the heap and of every lock is
+    // consistent; the child only resets signals, runs `child` and `_exit`s.
+    let forked = unsafe { fork() };
+    match forked {
+        Ok(ForkResult::Parent { child }) => {
+            sigprocmask(SigmaskHow::SIG_SETMASK, Some(&old), None)?;
+            Ok(child)
+        }
+        Ok(ForkResult::Child) => {
+            let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
+            for &sig in reset {
+                // SAFETY: installing SIG_DFL runs no code of ours in a handler.
+                let _ = unsafe { sigaction(sig, &default) };
+            }
+            let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
+            let code = catch_unwind(AssertUnwindSafe(child)).unwrap_or(EXIT_PANIC);
+            exit_now(code)
+        }
+        Err(e) => {
+            let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
+            Err(e.into())
+        }
+    }
+}
+
+/// Ends a child at once: no atexit handlers, no flushing of a copy of the
+/// master's buffers.
+pub fn exit_now(code: i32) -> ! {
+    // SAFETY: `_exit` is always safe to call; it does not return.
+    unsafe { libc::_exit(code) }
+}
+
+/// `accept4` with SOCK_CLOEXEC | SOCK_NONBLOCK (one syscall, no fcntl).
+pub fn accept(listener: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    #[cfg(any(
+        target_os = "linux",
+        target_os = "android",
+        target_os = "freebsd",
+        target_os = "openbsd",
+        target_os = "netbsd",
+        target_os = "dragonfly"
+    ))]
+    {
+        let flags = libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK;
+        // SAFETY: null address pointers are allowed; on success the return
+        // value is a new descriptor that nothing else owns.
+        let fd = unsafe {
+            libc::accept4(
+                listener.as_raw_fd(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                flags,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by accept4 and is owned by no one.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+    #[cfg(not(any(
+        target_os = "linux",
+        target_os = "android",
+        target_os = "freebsd",
+        target_os = "openbsd",
+        target_os = "netbsd",
+        target_os = "dragonfly"
+    )))]
+    {
+        use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
+        let raw = nix::sys::socket::accept(listener.as_raw_fd())?;
+        // SAFETY: `raw` was just returned by accept and is owned by no one.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        fcntl(&fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))?;
+        fcntl(&fd, FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
+        Ok(fd)
+    }
+}
+
+/// Local wall-clock time as (month 0–11, day, hour, minute, second), for
+/// syslog's RFC 3164 timestamp.
+pub fn local_time(t: SystemTime) -> (usize, u32, u32, u32, u32) {
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs() as libc::time_t)
+        .unwrap_or(0);
+    // SAFETY: `tm` is plain data; localtime_r writes only into it and is
+    // thread-safe; on failure we keep the zeroed value.
+    let tm = unsafe {
+        let mut tm: libc::tm = std::mem::zeroed();
+        libc::localtime_r(&secs, &mut tm);
+        tm
+    };
+    (
+        tm.tm_mon.clamp(0, 11) as usize,
+        tm.tm_mday.max(1) as u32,
+        tm.tm_hour as u32,
+        tm.tm_min as u32,
+        tm.tm_sec as u32,
+    )
+}

@@ -1,0 +1,218 @@
+//! What a child does after fork: the prefork accept loop, or serving the one
+//! connection of a fork-mode child.
+//!
+//! Every child watches the read end of the master's control pipe. The master
+//! holds the only write end, so the pipe reports end-of-file when the master
+//! closes it (graceful stop: stop accepting, finish the connection in hand)
+//! or dies (exit now). A child tells the two apart by its parent pid.
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use log::{debug, warn};
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::socket::{getpeername, SockaddrStorage};
+use nix::unistd::{getppid, Pid};
+
+use crate::echo::{self, Limits, Watch};
+use crate::listen::Listener;
+use crate::logging::RateLimit;
+
+/// Exit code of a child whose master went away.
+pub const EXIT_ORPHAN: i32 = 3;
+
+/// One buffer per process, reused for every connection.
+const BUF_SIZE: usize = 64 * 1024;
+
+/// How long accepting pauses after running out of descriptors or memory.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(500);
+
+/// What every child needs from the master.
+pub struct Ctx<'a> {
+    /// The control pipe's read end.
+    pub ctl: BorrowedFd<'a>,
+    pub master: Pid,
+    pub limits: Limits,
+}
+
+impl Ctx<'_> {
+    fn master_gone(&self) -> bool {
+        getppid() != self.master
+    }
+}
+
+/// Arranges for the kernel to kill this child if the master dies, even while
+/// it is blocked; the control pipe covers systems without this.
+fn follow_master(ctx: &Ctx<'_>) -> Result<(), i32> {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
+    }
+    // The master may have died before the line above took effect.
+    if ctx.master_gone() {
+        return Err(EXIT_ORPHAN);
+    }
+    Ok(())
+}
+
+/// A prefork worker: accepts on all `listeners` and serves one connection at
+/// a time, until the control pipe closes or `max_requests` (0 = no limit)
+/// connections have been served. Returns the exit code.
+pub fn prefork(mut listeners: Vec<Listener>, ctx: Ctx<'_>, max_requests: u64) -> i32 {
+    if let Err(code) = follow_master(&ctx) {
+        return code;
+    }
+    let mut buf = vec![0u8; BUF_SIZE];
+    let mut served: u64 = 0;
+    let mut next = 0usize; // where the fair scan of ready listeners starts
+    let mut accept_errors = RateLimit::new(Duration::from_secs(10));
+    let mut pause: Option<Instant> = None;
+
+    while !listeners.is_empty() {
+        let ready = {
+            let mut fds = Vec::with_capacity(listeners.len() + 1);
+            fds.push(PollFd::new(ctx.ctl, PollFlags::POLLIN));
+            if pause.is_none() {
+                fds.extend(
+                    listeners
+                        .iter()
+                        .map(|l| PollFd::new(l.as_fd(), PollFlags::POLLIN)),
+                );
+            }
+            let timeout = match pause {
+                Some(until) => {
+                    crate::poll_timeout(Some(until.saturating_duration_since(Instant::now())))
+                }
+                None => PollTimeout::NONE,
+            };
+            match poll(&mut fds, timeout) {
+                Ok(_) | Err(Errno::EINTR) => {}
+                Err(e) => {
+                    warn!("poll on the listeners failed: {e}");
+                    return 1;
+                }
+            }
+            if fds[0].revents().is_some_and(|r| !r.is_empty()) {
+                // The master closed the pipe (stop) or died: an idle worker
+                // simply leaves.
+                return if ctx.master_gone() { EXIT_ORPHAN } else { 0 };
+            }
+            if pause.is_some_and(|until| Instant::now() >= until) {
+                pause = None;
+            }
+            fds[1..]
+                .iter()
+                .map(|f| f.revents().is_some_and(|r| r.contains(PollFlags::POLLIN)))
+                .collect::<Vec<bool>>()
+        };
+        // Fairness: start the scan after the listener served last, so a busy
+        // listener cannot starve the others.
+        let n = ready.len();
+        let mut accepted = None;
+        for i in (0..n).map(|k| (next + k) % n).filter(|&i| ready[i]) {
+            match listeners[i].accept() {
+                Ok(conn) => {
+                    accepted = Some((i, conn));
+                    break;
+                }
+                // Another worker won the race, or the client gave up.
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EAGAIN | libc::ECONNABORTED | libc::EINTR | libc::EPROTO)
+                    ) => {}
+                Err(e) => {
+                    if let Some(missed) = accept_errors.hit(Instant::now()) {
+                        warn!(
+                            "accept on {} failed: {}; pausing {} ms ({missed} more since the last report)",
+                            listeners[i].name(),
+                            crate::error_text(&e),
+                            ACCEPT_PAUSE.as_millis()
+                        );
+                    }
+                    pause = Some(Instant::now() + ACCEPT_PAUSE);
+                    break;
+                }
+            }
+        }
+        let Some((i, conn)) = accepted else { continue };
+        next = i + 1;
+        let tcp = listeners[i].is_tcp();
+        serve_conn(conn, tcp, &ctx, &mut buf, &mut listeners);
+        served += 1;
+        if max_requests != 0 && served >= max_requests {
+            debug!("served {served} connections; exiting to be replaced");
+            return 0;
+        }
+    }
+    0
+}
+
+/// A fork-mode child: serves `conn` and returns the exit code.
+pub fn fork_child(conn: OwnedFd, tcp: bool, ctx: Ctx<'_>) -> i32 {
+    if let Err(code) = follow_master(&ctx) {
+        return code;
+    }
+    let mut buf = vec![0u8; BUF_SIZE];
+    serve_conn(conn, tcp, &ctx, &mut buf, &mut Vec::new());
+    0
+}
+
+/// Serves one connection. If the control pipe closes meanwhile and the
+/// master is alive, `listeners` are closed at once (so new clients are
+/// refused, not queued) and the connection goes on; if the master is gone,
+/// the connection ends.
+fn serve_conn(
+    conn: OwnedFd,
+    tcp: bool,
+    ctx: &Ctx<'_>,
+    buf: &mut [u8],
+    listeners: &mut Vec<Listener>,
+) {
+    #[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd")))]
+    if tcp {
+        // Elsewhere TCP_NODELAY may not be inherited from the listener.
+        let _ = nix::sys::socket::setsockopt(&conn, nix::sys::socket::sockopt::TcpNoDelay, &true);
+    }
+    let _ = tcp;
+    // Only for the debug line; read before serving, as the peer may be gone after.
+    let started = log::log_enabled!(log::Level::Debug).then(|| (Instant::now(), peer_name(&conn, tcp)));
+    let summary = echo::serve(conn.as_fd(), buf, &ctx.limits, Some(ctx.ctl), &mut || {
+        if ctx.master_gone() {
+            Watch::Abort
+        } else {
+            listeners.clear();
+            Watch::Forget
+        }
+    });
+    if let Some((started, peer)) = started {
+        debug!(
+            "connection from {peer}: {} bytes echoed in {:.3} s, ended by {}",
+            summary.bytes,
+            started.elapsed().as_secs_f64(),
+            describe(&summary.end)
+        );
+    }
+}
+
+/// The client's numeric address (never resolved to a name).
+fn peer_name(conn: &OwnedFd, tcp: bool) -> String {
+    if !tcp {
+        return "a unix socket client".into();
+    }
+    getpeername::<SockaddrStorage>(std::os::fd::AsRawFd::as_raw_fd(conn))
+        .map(|a| a.to_string())
+        .unwrap_or_else(|e| format!("an unknown peer ({e})"))
+}
+
+fn describe(end: &echo::End) -> String {
+    match end {
+        echo::End::Eof => "the client".into(),
+        echo::End::Idle => "idle timeout".into(),
+        echo::End::Session => "max-session".into(),
+        echo::End::Bytes => "max-bytes".into(),
+        echo::End::Aborted => "the master's exit".into(),
+        echo::End::Failed(e) => format!("error: {}", crate::error_text(e)),
+    }
+}
