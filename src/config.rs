@@ -418,7 +418,8 @@ pub fn resolve(o: Options) -> Result<Config, String> {
         .map(|a| a.parse::<ListenAddr>())
         .collect::<Result<Vec<_>, _>>()?;
     for (i, a) in listen.iter().enumerate() {
-        if listen[..i].contains(a) {
+        // Port 0 twice is two different ephemeral ports.
+        if !a.is_ephemeral() && listen[..i].contains(a) {
             return Err(format!("listen address {a} is given twice"));
         }
     }
@@ -598,6 +599,7 @@ mod tests {
         assert!(resolve(cli(&["-w", "0"])).is_err());
         assert!(resolve(cli(&["--max-children", "0"])).is_err());
         assert!(resolve(cli(&["-l", "127.0.0.1:1", "-l", "127.0.0.1:1"])).is_err());
+        assert!(resolve(cli(&["-l", "127.0.0.1:0", "-l", "127.0.0.1:0"])).is_ok());
         // Raising workers alone lifts the default ceiling with it.
         assert_eq!(resolve(cli(&["-w", "300"])).unwrap().max_workers, 300);
     }

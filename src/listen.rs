@@ -72,6 +72,13 @@ impl FromStr for ListenAddr {
     }
 }
 
+impl ListenAddr {
+    /// Whether the port is 0, to be picked by the kernel at bind time.
+    pub fn is_ephemeral(&self) -> bool {
+        matches!(self, ListenAddr::Tcp(a) if a.port() == 0) || *self == ListenAddr::Any(0)
+    }
+}
+
 impl fmt::Display for ListenAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -323,6 +330,26 @@ mod tests {
         let l = bind(&"127.0.0.1:0".parse().unwrap(), 16).unwrap();
         let port: u16 = l.name().rsplit_once(':').unwrap().1.parse().unwrap();
         assert_ne!(port, 0);
+    }
+
+    #[test]
+    fn accepted_connections_inherit_tcp_nodelay() {
+        // worker.rs relies on this on Linux and FreeBSD instead of a
+        // setsockopt per connection.
+        let l = bind(&"127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        let _c = std::net::TcpStream::connect(l.name()).unwrap();
+        let mut conn = None;
+        for _ in 0..1000 {
+            match l.accept() {
+                Ok(c) => {
+                    conn = Some(c);
+                    break;
+                }
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(1)),
+            }
+        }
+        let conn = conn.expect("accept");
+        assert!(nix::sys::socket::getsockopt(&conn, sockopt::TcpNoDelay).unwrap());
     }
 
     #[test]

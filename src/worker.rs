@@ -177,7 +177,8 @@ fn serve_conn(
     }
     let _ = tcp;
     // Only for the debug line; read before serving, as the peer may be gone after.
-    let started = log::log_enabled!(log::Level::Debug).then(|| (Instant::now(), peer_name(&conn, tcp)));
+    let started =
+        log::log_enabled!(log::Level::Debug).then(|| (Instant::now(), peer_name(&conn, tcp)));
     let summary = echo::serve(conn.as_fd(), buf, &ctx.limits, Some(ctx.ctl), &mut || {
         if ctx.master_gone() {
             Watch::Abort

@@ -1,0 +1,727 @@
+//! Integration tests: the real binary on loopback, driven through the
+//! `Daemon` guard in util.rs.
+
+mod util;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use util::*;
+
+/// Exact echo, whatever the data and its segmentation.
+mod echo {
+    use super::*;
+
+    #[test]
+    fn sixty_four_mib_concurrent_write_and_read() {
+        let d = Daemon::start(&["-l", "127.0.0.1:0", "-w", "1"]);
+        let total: usize = 64 << 20;
+        let s = connect(d.addr());
+        let mut w = s.try_clone().unwrap();
+        let writer = std::thread::spawn(move || {
+            let mut gen = Stream::new(7);
+            let mut buf = vec![0u8; 100_000];
+            let mut left = total;
+            while left > 0 {
+                let n = left.min(buf.len());
+                gen.fill(&mut buf[..n]);
+                w.write_all(&buf[..n]).unwrap();
+                left -= n;
+            }
+            w.shutdown(Shutdown::Write).unwrap();
+        });
+        let mut r = s;
+        let mut expect = Stream::new(7);
+        let (mut got, mut want) = (vec![0u8; 65_536], vec![0u8; 65_536]);
+        let mut seen = 0usize;
+        loop {
+            let n = r.read(&mut got).expect("read echo");
+            if n == 0 {
+                break;
+            }
+            expect.fill(&mut want[..n]);
+            assert!(
+                got[..n] == want[..n],
+                "echo differs within bytes {seen}..{}",
+                seen + n
+            );
+            seen += n;
+        }
+        writer.join().unwrap();
+        assert_eq!(seen, total);
+    }
+
+    #[test]
+    fn random_size_writes_come_back_as_the_same_stream() {
+        let d = Daemon::start(&["-l", "127.0.0.1:0", "-w", "1"]);
+        let mut gen = Stream::new(99);
+        let mut sizes = [0u8; 2000];
+        gen.fill(&mut sizes);
+        let mut sent = Vec::new();
+        let mut s = connect(d.addr());
+        s.set_nodelay(true).unwrap();
+        let mut r = s.try_clone().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut back = Vec::new();
+            r.read_to_end(&mut back).unwrap();
+            back
+        });
+        for pair in sizes.chunks(2) {
+            // 1 to 65,536 bytes per write, skewed towards small ones.
+            let size = 1 + ((pair[0] as usize) << (pair[1] % 9));
+            let start = sent.len();
+            sent.resize(start + size, 0);
+            gen.fill(&mut sent[start..]);
+            s.write_all(&sent[start..]).unwrap();
+        }
+        s.shutdown(Shutdown::Write).unwrap();
+        let back = reader.join().unwrap();
+        assert_eq!(back.len(), sent.len());
+        assert!(back == sent, "the echoed stream differs from the sent one");
+    }
+
+    #[test]
+    fn every_byte_value_and_half_close() {
+        let d = Daemon::start(&["-l", "127.0.0.1:0", "-w", "1"]);
+        let all: Vec<u8> = (0..=255u8).collect();
+        // echo_all half-closes and reads to EOF: every byte, then EOF.
+        assert_eq!(echo_all(d.addr(), &all), all);
+        // After the half-close the server still writes what was in flight.
+        let mut s = connect(d.addr());
+        s.write_all(b"before").unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        let mut back = Vec::new();
+        s.read_to_end(&mut back).unwrap();
+        assert_eq!(back, b"before");
+    }
+
+    fn many_clients(mode: &str) {
+        let d = Daemon::start(&["-l", "127.0.0.1:0", "-m", mode, "-w", "8"]);
+        let addr = d.addr();
+        let clients: Vec<_> = (0..200u64)
+            .map(|i| {
+                std::thread::spawn(move || {
+                    let mut data = vec![0u8; 1 << 20];
+                    Stream::new(i + 1).fill(&mut data);
+                    echo_all(addr, &data) == data
+                })
+            })
+            .collect();
+        let exact = clients
+            .into_iter()
+            .map(|c| c.join().unwrap())
+            .filter(|&ok| ok)
+            .count();
+        assert_eq!(exact, 200, "clients with an exact echo");
+    }
+
+    #[test]
+    fn two_hundred_clients_prefork() {
+        many_clients("prefork");
+    }
+
+    #[test]
+    fn two_hundred_clients_fork() {
+        many_clients("fork");
+    }
+
+    #[test]
+    fn unix_socket_listener_echoes_and_its_file_is_removed_on_exit() {
+        let dir = TempDir::new("unix");
+        let path = dir.path("echo.sock");
+        let arg = format!("unix:{}", path.display());
+        let mut d = Daemon::start(&["-l", &arg, "-w", "1"]);
+        assert_eq!(d.listening(), vec![arg.clone()]);
+        let mut s = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        s.write_all(b"over unix").unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        let mut back = Vec::new();
+        s.read_to_end(&mut back).unwrap();
+        assert_eq!(back, b"over unix");
+        d.signal(Signal::SIGTERM);
+        assert!(d.wait_exit(DEADLINE).is_some_and(|s| s.success()));
+        assert!(!exists(&path), "socket file left behind");
+    }
+
+    #[test]
+    fn ipv6_loopback() {
+        if std::net::TcpListener::bind("[::1]:0").is_err() {
+            println!("skipped: IPv6 loopback is not available here");
+            return;
+        }
+        let d = Daemon::start(&["-l", "[::1]:0", "-w", "1"]);
+        let addr = d.addr();
+        assert!(addr.is_ipv6());
+        assert_eq!(echo_all(addr, b"six"), b"six");
+    }
+}
+
+/// The process models: pool size, recycling, the fork-mode limit.
+mod models {
+    use super::*;
+
+    #[test]
+    fn prefork_starts_exactly_the_configured_workers() {
+        let d = Daemon::start(&["-l", "127.0.0.1:0", "-w", "3"]);
+        let kids = d.wait_children(3);
+        assert!(!kids.contains(&d.pid));
+        // And the count stays put under traffic.
+        for _ in 0..20 {
+            assert_eq!(echo_all(d.addr(), b"x"), b"x");
+        }
+        assert_eq!(d.children().len(), 3);
+    }
+
+    #[test]
+    fn max_requests_recycles_a_worker() {
+        let d = Daemon::start(&["-l", "127.0.0.1:0", "-w", "1", "--max-requests", "5"]);
+        let first = d.wait_children(1)[0];
+        for _ in 0..4 {
+            assert_eq!(echo_all(d.addr(), b"ping"), b"ping");
+        }
+        // echo_all waited for the server's EOF, so the worker has finished
+        // each connection; four are not enough to retire it.
+        assert_eq!(d.children(), vec![first]);
+        assert_eq!(echo_all(d.addr(), b"ping"), b"ping");
+        assert!(
+            wait_until(
+                DEADLINE,
+                || matches!(d.children().as_slice(), [p] if *p != first)
+            ),
+            "worker {first} was not replaced after 5 connections: {:?}",
+            d.children()
+        );
+        assert_eq!(echo_all(d.addr(), b"again"), b"again");
+    }
+
+    #[test]
+    fn fork_mode_limit_queues_clients_instead_of_refusing_them() {
+        let d = Daemon::start(&["-l", "127.0.0.1:0", "-m", "fork", "--max-children", "8"]);
+        let addr = d.addr();
+        let mut clients: Vec<TcpStream> = (0..20).map(|_| connect(addr)).collect();
+        for c in &mut clients {
+            c.write_all(b"hi").unwrap();
+            c.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+        }
+        // Served clients stay connected (so their children stay busy) until
+        // no further client gets served; then they are released together.
+        let mut served = [false; 20];
+        let mut open: Vec<usize> = Vec::new();
+        let (mut most_children, mut most_open) = (0, 0);
+        let mut idle_passes = 0;
+        let end = Instant::now() + DEADLINE;
+        while served.iter().any(|s| !s) && Instant::now() < end {
+            let mut progress = false;
+            for i in 0..20 {
+                // Zombies count too: the master may not fork past 8 unreaped children.
+                most_children = most_children.max(d.all_children().len());
+                if served[i] {
+                    continue;
+                }
+                let mut buf = [0u8; 2];
+                match clients[i].read_exact(&mut buf) {
+                    Ok(()) => {
+                        assert_eq!(&buf, b"hi");
+                        served[i] = true;
+                        open.push(i);
+                        progress = true;
+                    }
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) => {}
+                    Err(e) => panic!("client {i} was refused or reset: {e}"),
+                }
+            }
+            most_open = most_open.max(open.len());
+            idle_passes = if progress { 0 } else { idle_passes + 1 };
+            if idle_passes >= 3 {
+                for i in open.drain(..) {
+                    clients[i].shutdown(Shutdown::Both).unwrap();
+                }
+            }
+        }
+        assert_eq!(served.iter().filter(|s| **s).count(), 20, "all 20 served");
+        assert!(
+            most_open <= 8,
+            "{most_open} clients served at once with --max-children 8"
+        );
+        assert!(
+            most_children <= 8,
+            "saw {most_children} children with --max-children 8"
+        );
+        assert_eq!(
+            most_open, 8,
+            "the limit was never reached: the test proves nothing"
+        );
+    }
+
+    #[test]
+    fn no_listener_starves_another() {
+        let d = Daemon::start(&["-l", "127.0.0.1:0", "-l", "127.0.0.1:0", "-w", "1"]);
+        let addrs: Vec<std::net::SocketAddr> =
+            d.listening().iter().map(|a| a.parse().unwrap()).collect();
+        let busy = addrs[0];
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let hammer = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut n = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    assert_eq!(echo_all(busy, b"a"), b"a");
+                    n += 1;
+                }
+                n
+            })
+        };
+        for _ in 0..20 {
+            assert_eq!(echo_all(addrs[1], b"b"), b"b");
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(hammer.join().unwrap() > 0);
+    }
+}
+
+/// Supervision: respawn, reaping, the master's death, descriptor hygiene.
+mod supervision {
+    use super::*;
+
+    #[test]
+    fn killed_worker_is_replaced_and_reaped() {
+        let d = Daemon::start(&["-l", "127.0.0.1:0", "-w", "2"]);
+        let before = d.wait_children(2);
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(before[0]), Signal::SIGKILL).unwrap();
+        assert!(
+            wait_until(DEADLINE, || {
+                let now = d.children();
+                now.len() == 2 && !now.contains(&before[0]) && d.zombies().is_empty()
+            }),
+            "no replacement for {}: {:?}, zombies {:?}",
+            before[0],
+            d.children(),
+            d.zombies()
+        );
+        assert!(d.wait_line("killed by signal SIGKILL", DEADLINE).is_some());
+        assert_eq!(echo_all(d.addr(), b"still here"), b"still here");
+    }
+
+    fn master_kill_takes_children_along(mode: &str) {
+        let d = Daemon::start(&["-l", "127.0.0.1:0", "-m", mode, "-w", "2"]);
+        // A busy child too, not only idle ones.
+        let mut held = connect(d.addr());
+        assert_eq!(round_trip(&mut held, b"busy").unwrap(), b"busy");
+        let kids = d.children();
+        assert!(!kids.is_empty());
+        d.signal(Signal::SIGKILL);
+        let gone = wait_until(Duration::from_secs(2), || kids.iter().all(|&p| is_dead(p)));
+        assert!(
+            gone,
+            "children outlived the master: {:?}",
+            kids.iter().filter(|&&p| !is_dead(p)).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn master_sigkill_prefork() {
+        master_kill_takes_children_along("prefork");
+    }
+
+    #[test]
+    fn master_sigkill_fork() {
+        master_kill_takes_children_along("fork");
+    }
+
+    fn fd_and_zombie_hygiene(mode: &str) {
+        let d = Daemon::start(&["-l", "127.0.0.1:0", "-m", mode, "-w", "2"]);
+        let addr = d.addr();
+        assert_eq!(echo_all(addr, b"warm"), b"warm");
+        let before = d.fd_count();
+        for i in 0..2000u32 {
+            let msg = i.to_le_bytes();
+            assert_eq!(echo_all(addr, &msg), msg);
+        }
+        let workers = if mode == "fork" { 0 } else { 2 };
+        d.wait_children(workers);
+        assert_eq!(d.fd_count(), before, "master fds changed");
+    }
+
+    #[test]
+    fn two_thousand_connections_prefork() {
+        fd_and_zombie_hygiene("prefork");
+    }
+
+    #[test]
+    fn two_thousand_connections_fork() {
+        fd_and_zombie_hygiene("fork");
+    }
+
+    #[test]
+    fn client_that_never_reads_is_dropped_after_idle_timeout() {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::io::ErrorKind::{TimedOut, WouldBlock};
+        use std::os::fd::AsFd;
+        let d = Daemon::start(&["-l", "127.0.0.1:0", "-w", "1", "--idle-timeout", "1"]);
+        let mut s = connect(d.addr());
+        s.set_write_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let chunk = vec![7u8; 65_536];
+        let mut sent = 0;
+        let mut dropped = false;
+        let end = Instant::now() + DEADLINE;
+        // Send 8 MiB and never read. Once both sides' buffers are full our
+        // writes time out, until the server gives up and resets us.
+        while sent < 8 << 20 && Instant::now() < end {
+            match s.write(&chunk) {
+                Ok(n) => sent += n,
+                Err(e) if matches!(e.kind(), WouldBlock | TimedOut) => {}
+                Err(_) => {
+                    dropped = true;
+                    break;
+                }
+            }
+        }
+        if !dropped {
+            // Everything fit in buffers: the server's close shows as HUP/ERR.
+            let mut fds = [PollFd::new(s.as_fd(), PollFlags::empty())];
+            poll(&mut fds, PollTimeout::from(5000u16)).unwrap();
+            dropped = fds[0]
+                .revents()
+                .is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR));
+        }
+        assert!(
+            dropped,
+            "the client that never reads was not disconnected ({sent} bytes sent)"
+        );
+        // The single worker is free again.
+        assert_eq!(echo_all(d.addr(), b"next"), b"next");
+    }
+
+    #[test]
+    fn resets_and_broken_pipes_end_only_their_connection() {
+        let d = Daemon::start(&["-l", "127.0.0.1:0", "-w", "2"]);
+        let workers = d.wait_children(2);
+        for _ in 0..50 {
+            let s = connect(d.addr());
+            (&s).write_all(&[1u8; 100_000]).unwrap();
+            // SO_LINGER 0: close sends RST while the server is echoing.
+            nix::sys::socket::setsockopt(
+                &s,
+                nix::sys::socket::sockopt::Linger,
+                &libc::linger {
+                    l_onoff: 1,
+                    l_linger: 0,
+                },
+            )
+            .unwrap();
+            drop(s);
+        }
+        assert_eq!(echo_all(d.addr(), b"alive"), b"alive");
+        let mut now = d.children();
+        now.sort();
+        let mut was = workers.clone();
+        was.sort();
+        assert_eq!(now, was, "a worker died from a client's reset");
+        assert!(!d.stderr_text().contains("killed by signal"));
+    }
+}
+
+/// Stopping: graceful TERM/INT, immediate QUIT.
+mod stopping {
+    use super::*;
+
+    #[test]
+    fn term_refuses_new_clients_at_once_and_lets_open_ones_finish() {
+        let mut d = Daemon::start(&["-l", "127.0.0.1:0", "-w", "2", "--shutdown-timeout", "2"]);
+        let addr = d.addr();
+        let mut open = connect(addr);
+        assert_eq!(round_trip(&mut open, b"one").unwrap(), b"one");
+        let kids = d.children();
+        let t0 = Instant::now();
+        d.signal(Signal::SIGTERM);
+        let refused = wait_until(
+            Duration::from_secs(1),
+            || matches!(TcpStream::connect(addr), Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused),
+        );
+        assert!(refused, "new connections still accepted after TERM");
+        // The open connection is still served during the grace period.
+        assert_eq!(round_trip(&mut open, b"two").unwrap(), b"two");
+        let st = d
+            .wait_exit(Duration::from_secs(4))
+            .expect("master still running 4 s after TERM");
+        assert!(st.success(), "exit status {st:?}");
+        assert!(t0.elapsed() < Duration::from_secs(3) + Duration::from_millis(900));
+        assert!(kids.iter().all(|&p| is_dead(p)), "children left behind");
+        assert!(d.wait_line("shutdown timeout", DEADLINE).is_some());
+    }
+
+    #[test]
+    fn term_with_no_clients_exits_promptly() {
+        let mut d = Daemon::start(&["-l", "127.0.0.1:0", "-m", "fork"]);
+        assert_eq!(echo_all(d.addr(), b"x"), b"x");
+        d.signal(Signal::SIGINT);
+        let st = d.wait_exit(DEADLINE).expect("no exit after INT");
+        assert!(st.success());
+    }
+
+    #[test]
+    fn quit_stops_at_once_even_with_open_clients() {
+        let mut d = Daemon::start(&["-l", "127.0.0.1:0", "-w", "1", "--shutdown-timeout", "60"]);
+        let mut open = connect(d.addr());
+        assert_eq!(round_trip(&mut open, b"q").unwrap(), b"q");
+        let kids = d.children();
+        d.signal(Signal::SIGQUIT);
+        let st = d
+            .wait_exit(Duration::from_secs(3))
+            .expect("QUIT did not stop it");
+        assert!(st.success());
+        assert!(kids.iter().all(|&p| is_dead(p)));
+        let mut buf = [0u8; 1];
+        assert!(matches!(open.read(&mut buf), Ok(0) | Err(_)));
+    }
+}
+
+/// Logging to syslog over a unix datagram socket the test owns.
+mod logging {
+    use super::*;
+    use std::os::unix::net::UnixDatagram;
+
+    fn recv_until(sock: &UnixDatagram, pred: impl Fn(&str) -> bool) -> Option<String> {
+        sock.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let end = Instant::now() + DEADLINE;
+        let mut buf = vec![0u8; 4096];
+        while Instant::now() < end {
+            if let Ok(n) = sock.recv(&mut buf) {
+                let line = String::from_utf8_lossy(&buf[..n]).into_owned();
+                if pred(&line) {
+                    return Some(line);
+                }
+            }
+        }
+        None
+    }
+
+    /// `(pri, pid, message)` of an RFC 3164 line from echo-forkd.
+    fn parse(line: &str) -> (u32, i32, String) {
+        let pri = line[1..line.find('>').unwrap()].parse().unwrap();
+        let after = &line[line.find("echo-forkd[").expect("ident echo-forkd") + 11..];
+        let close = after.find("]: ").unwrap();
+        (
+            pri,
+            after[..close].parse().unwrap(),
+            after[close + 3..].to_string(),
+        )
+    }
+
+    #[test]
+    fn syslog_lines_carry_ident_facility_and_the_writers_pid() {
+        let dir = TempDir::new("syslog");
+        let path = dir.path("log");
+        let sock = UnixDatagram::bind(&path).unwrap();
+        let sp = path.to_str().unwrap();
+        let d = Daemon::spawn(&[
+            "-l",
+            "127.0.0.1:0",
+            "-w",
+            "2",
+            "--log",
+            "syslog",
+            "--syslog-socket",
+            sp,
+            "--syslog-facility",
+            "local3",
+            "--log-level",
+            "debug",
+        ]);
+        let line = recv_until(&sock, |l| l.contains("listening on "))
+            .expect("no listening line on syslog");
+        let (pri, pid, msg) = parse(&line);
+        assert_eq!(pri, 19 * 8 + 6, "local3.info");
+        assert_eq!(pid, d.pid);
+        let addr: std::net::SocketAddr = msg.trim_start_matches("listening on ").parse().unwrap();
+        recv_until(&sock, |l| l.ends_with(": ready")).expect("no ready line");
+        assert_eq!(echo_all(addr, b"log me"), b"log me");
+        let line = recv_until(&sock, |l| l.contains("connection from 127.0.0.1"))
+            .expect("no per-connection line");
+        let (pri, pid, _) = parse(&line);
+        assert_eq!(pri, 19 * 8 + 7, "local3.debug");
+        assert_ne!(pid, d.pid, "the worker logged with the master's pid");
+        assert_eq!(
+            proc_stat(pid).map(|(_, ppid)| ppid),
+            Some(d.pid),
+            "pid {pid} is not a worker"
+        );
+        assert_eq!(d.stderr_text(), "", "syslog only, nothing on stderr");
+    }
+
+    #[test]
+    fn serves_with_the_syslog_socket_missing() {
+        let dir = TempDir::new("nolog");
+        let sock = dir.path("echo.sock");
+        let listen = format!("unix:{}", sock.display());
+        let missing = dir.path("no-such-log");
+        let _d = Daemon::spawn(&[
+            "-l",
+            &listen,
+            "-w",
+            "1",
+            "--log",
+            "syslog",
+            "--syslog-socket",
+            missing.to_str().unwrap(),
+            "--log-level",
+            "debug",
+        ]);
+        let mut conn = None;
+        assert!(wait_until(DEADLINE, || {
+            conn = std::os::unix::net::UnixStream::connect(&sock).ok();
+            conn.is_some()
+        }));
+        let mut s = conn.unwrap();
+        s.write_all(b"no syslog").unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        let mut back = Vec::new();
+        s.read_to_end(&mut back).unwrap();
+        assert_eq!(back, b"no syslog");
+    }
+
+    #[test]
+    fn serves_while_syslog_is_stalled() {
+        let dir = TempDir::new("stall");
+        let path = dir.path("log");
+        // Bound but never read: its queue fills after a few lines.
+        let sock = UnixDatagram::bind(&path).unwrap();
+        let d = Daemon::spawn(&[
+            "-l",
+            "127.0.0.1:0",
+            "-w",
+            "2",
+            "--log",
+            "syslog",
+            "--syslog-socket",
+            path.to_str().unwrap(),
+            "--log-level",
+            "debug",
+        ]);
+        let line = recv_until(&sock, |l| l.contains("listening on ")).unwrap();
+        let addr: std::net::SocketAddr = parse(&line)
+            .2
+            .trim_start_matches("listening on ")
+            .parse()
+            .unwrap();
+        // Every connection logs a debug line nobody reads.
+        for i in 0..300u32 {
+            assert_eq!(echo_all(addr, &i.to_be_bytes()), i.to_be_bytes());
+        }
+        assert_eq!(d.children().len(), 2);
+    }
+}
+
+/// The command line and the config file.
+mod config {
+    use super::*;
+    use std::process::Command;
+
+    fn run(args: &[&str]) -> (i32, String) {
+        let out = Command::new(BIN).args(args).output().unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    #[test]
+    fn check_accepts_a_good_file_and_rejects_a_bad_one() {
+        let dir = TempDir::new("conf");
+        let good = dir.path("good.toml");
+        std::fs::write(
+            &good,
+            "listen = [\"127.0.0.1:7007\"]\nmode = \"fork\"\nmax-children = 64\n",
+        )
+        .unwrap();
+        assert_eq!(run(&["-t", "-c", good.to_str().unwrap()]).0, 0);
+        let bad = dir.path("bad.toml");
+        std::fs::write(&bad, "min-spare = 9\nmax-spare = 3\n").unwrap();
+        let (code, err) = run(&["-t", "-c", bad.to_str().unwrap()]);
+        assert_eq!(code, 1);
+        assert!(
+            err.contains("min-spare") && err.contains("max-spare"),
+            "{err}"
+        );
+        assert_eq!(
+            run(&["-t", "-c", dir.path("absent.toml").to_str().unwrap()]).0,
+            1
+        );
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let dir = TempDir::new("conf");
+        let f = dir.path("typo.toml");
+        std::fs::write(&f, "mode = \"prefork\"\nmax-wrokers = 5\n").unwrap();
+        let (code, err) = run(&["-t", "-c", f.to_str().unwrap()]);
+        assert_eq!(code, 1);
+        assert!(
+            err.contains("max-wrokers") && err.contains("line 2"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn usage_errors_exit_2() {
+        assert_eq!(run(&["--no-such-flag"]).0, 2);
+        assert_eq!(run(&["-f", "-m", "threads"]).0, 2);
+        assert_eq!(run(&["-f", "--workers", "lots"]).0, 2);
+        let (code, out) = (
+            Command::new(BIN)
+                .arg("--help")
+                .output()
+                .unwrap()
+                .status
+                .code(),
+            (),
+        );
+        assert_eq!(code, Some(0), "{out:?}");
+    }
+
+    #[test]
+    fn unsupported_options_are_refused_not_ignored() {
+        let (code, err) = run(&["-f", "-l", "127.0.0.1:0", "--pidfile", "/tmp/x.pid"]);
+        assert_eq!(code, 1);
+        assert!(
+            err.contains("--pidfile") && err.contains("not supported yet"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn listen_from_the_file_is_overridden_by_the_flag() {
+        let dir = TempDir::new("conf");
+        let sock = dir.path("from-file.sock");
+        let f = dir.path("c.toml");
+        std::fs::write(
+            &f,
+            format!("listen = [\"unix:{}\"]\nworkers = 1\n", sock.display()),
+        )
+        .unwrap();
+        let d = Daemon::start(&["-c", f.to_str().unwrap(), "-l", "127.0.0.1:0"]);
+        let l = d.listening();
+        assert_eq!(l.len(), 1, "{l:?}");
+        assert!(l[0].starts_with("127.0.0.1:"), "{l:?}");
+        assert!(!exists(&sock));
+        // The file's other settings still apply.
+        d.wait_children(1);
+    }
+
+    #[test]
+    fn address_in_use_fails_startup_with_the_address_named() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = taken.local_addr().unwrap().to_string();
+        let (code, err) = run(&["-f", "-l", &a]);
+        assert_eq!(code, 1);
+        assert!(err.contains(&a) && err.contains("in use"), "{err}");
+    }
+}

@@ -1,0 +1,376 @@
+//! Test harness: the `Daemon` guard runs the real binary in its own process
+//! group and kills the whole group on drop, even when a test fails. Every
+//! wait has a deadline; nothing sleeps as synchronisation except the short
+//! steps of `wait_until` while it re-checks a condition.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::unistd::Pid;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_echo-forkd");
+/// The longest any single wait in these tests may take.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// Polls `cond` every few milliseconds until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A private scratch directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let p =
+            std::env::temp_dir().join(format!("echo-forkd-test-{}-{tag}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        TempDir(p)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[derive(Default)]
+struct Lines {
+    lines: Vec<String>,
+    closed: bool,
+}
+
+/// A running echo-forkd and everything it started.
+pub struct Daemon {
+    child: Option<Child>,
+    pub pid: i32,
+    stderr: Arc<(Mutex<Lines>, Condvar)>,
+    status: Option<ExitStatus>,
+}
+
+impl Daemon {
+    /// Starts `echo-forkd -f ARGS` and waits for its `ready` line.
+    pub fn start(args: &[&str]) -> Daemon {
+        let d = Daemon::spawn(args);
+        if d.wait_line("ready", DEADLINE).is_none() {
+            panic!(
+                "echo-forkd {args:?} did not become ready; stderr:\n{}",
+                d.stderr_text()
+            );
+        }
+        d
+    }
+
+    /// Starts `echo-forkd -f ARGS` without waiting for anything.
+    pub fn spawn(args: &[&str]) -> Daemon {
+        Daemon::spawn_with(args, |_| {})
+    }
+
+    /// Like `spawn`, with a chance to adjust the command (environment, …).
+    pub fn spawn_with(args: &[&str], adjust: impl FnOnce(&mut Command)) -> Daemon {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("-f")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        adjust(&mut cmd);
+        let mut child = cmd.spawn().expect("spawn echo-forkd");
+        let pid = child.id() as i32;
+        let stderr = child.stderr.take().expect("piped stderr");
+        let shared = Arc::new((Mutex::new(Lines::default()), Condvar::new()));
+        let feed = Arc::clone(&shared);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let (m, cv) = &*feed;
+                m.lock().unwrap().lines.push(line);
+                cv.notify_all();
+            }
+            let (m, cv) = &*feed;
+            m.lock().unwrap().closed = true;
+            cv.notify_all();
+        });
+        Daemon {
+            child: Some(child),
+            pid,
+            stderr: shared,
+            status: None,
+        }
+    }
+
+    /// The first stderr line containing `pat`, waiting up to `timeout`.
+    pub fn wait_line(&self, pat: &str, timeout: Duration) -> Option<String> {
+        self.wait_lines(pat, 1, timeout).map(|mut v| v.remove(0))
+    }
+
+    /// The first `n` stderr lines containing `pat`, waiting up to `timeout`.
+    pub fn wait_lines(&self, pat: &str, n: usize, timeout: Duration) -> Option<Vec<String>> {
+        let end = Instant::now() + timeout;
+        let (m, cv) = &*self.stderr;
+        let mut g = m.lock().unwrap();
+        loop {
+            let found: Vec<String> = g
+                .lines
+                .iter()
+                .filter(|l| l.contains(pat))
+                .take(n)
+                .cloned()
+                .collect();
+            if found.len() == n {
+                return Some(found);
+            }
+            let now = Instant::now();
+            if g.closed || now >= end {
+                return None;
+            }
+            g = cv.wait_timeout(g, end - now).unwrap().0;
+        }
+    }
+
+    /// Every stderr line so far.
+    pub fn stderr_text(&self) -> String {
+        self.stderr.0.lock().unwrap().lines.join("\n")
+    }
+
+    /// The addresses from the `listening on` lines.
+    pub fn listening(&self) -> Vec<String> {
+        self.stderr
+            .0
+            .lock()
+            .unwrap()
+            .lines
+            .iter()
+            .filter_map(|l| l.split("listening on ").nth(1).map(str::to_string))
+            .collect()
+    }
+
+    /// The first TCP address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.listening()
+            .iter()
+            .find_map(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no TCP listener; stderr:\n{}", self.stderr_text()))
+    }
+
+    pub fn signal(&self, sig: Signal) {
+        kill(Pid::from_raw(self.pid), sig).expect("signal echo-forkd");
+    }
+
+    /// Every child of the master not yet reaped, zombies included, read in
+    /// one go from the kernel's list (a scan of /proc is not atomic, so it
+    /// can see a child that was just reaped beside its replacement).
+    pub fn all_children(&self) -> Vec<(i32, char)> {
+        let list = format!("/proc/{0}/task/{0}/children", self.pid);
+        match std::fs::read_to_string(list) {
+            Ok(text) => text
+                .split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .map(|p| (p, proc_stat(p).map_or('X', |(s, _)| s)))
+                .collect(),
+            Err(_) => proc_children(self.pid),
+        }
+    }
+
+    /// Live (non-zombie) children of the master.
+    pub fn children(&self) -> Vec<i32> {
+        self.all_children()
+            .into_iter()
+            .filter(|&(_, s)| s != 'Z' && s != 'X')
+            .map(|(p, _)| p)
+            .collect()
+    }
+
+    /// Children of the master that are zombies right now.
+    pub fn zombies(&self) -> Vec<i32> {
+        self.all_children()
+            .into_iter()
+            .filter(|&(_, s)| s == 'Z')
+            .map(|(p, _)| p)
+            .collect()
+    }
+
+    /// Waits until the master has exactly `n` live children and no zombie.
+    pub fn wait_children(&self, n: usize) -> Vec<i32> {
+        let ok = wait_until(DEADLINE, || {
+            self.children().len() == n && self.zombies().is_empty()
+        });
+        assert!(
+            ok,
+            "expected {n} children, have {:?} (zombies {:?}); stderr:\n{}",
+            self.children(),
+            self.zombies(),
+            self.stderr_text()
+        );
+        self.children()
+    }
+
+    /// Open descriptors of the master.
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    /// Waits for the master to exit; `None` if it is still running at the
+    /// deadline.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        if self.status.is_some() {
+            return self.status;
+        }
+        let child = self.child.as_mut()?;
+        let end = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(st)) = child.try_wait() {
+                self.status = Some(st);
+                return self.status;
+            }
+            if Instant::now() >= end {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // The whole group: the master and every child it forked.
+        let _ = killpg(Pid::from_raw(self.pid), Signal::SIGKILL);
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// `(pid, state)` of every process whose parent is `ppid`.
+pub fn proc_children(ppid: i32) -> Vec<(i32, char)> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if let Some((state, parent)) = proc_stat(pid) {
+            if parent == ppid {
+                out.push((pid, state));
+            }
+        }
+    }
+    out
+}
+
+/// `(state, ppid)` of a process, `None` if it is gone.
+pub fn proc_stat(pid: i32) -> Option<(char, i32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: skip past the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut f = rest.split_whitespace();
+    let state = f.next()?.chars().next()?;
+    let ppid = f.next()?.parse().ok()?;
+    Some((state, ppid))
+}
+
+/// Whether a process is gone (or only a zombie waiting to be reaped).
+pub fn is_dead(pid: i32) -> bool {
+    !matches!(proc_stat(pid), Some((s, _)) if s != 'Z' && s != 'X')
+}
+
+/// A connection with timeouts, so a broken server fails a test instead of
+/// hanging it.
+pub fn connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect_timeout(&addr, DEADLINE).expect("connect");
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    s.set_write_timeout(Some(DEADLINE)).unwrap();
+    s
+}
+
+/// Sends `data`, closes the write side and returns everything read back.
+pub fn echo_all(addr: SocketAddr, data: &[u8]) -> Vec<u8> {
+    let mut s = connect(addr);
+    let reader = {
+        let mut r = s.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let mut back = Vec::new();
+            r.read_to_end(&mut back).map(|_| back)
+        })
+    };
+    s.write_all(data).expect("write");
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    reader.join().unwrap().expect("read echo")
+}
+
+/// One round trip of `msg` on an open connection.
+pub fn round_trip(s: &mut TcpStream, msg: &[u8]) -> std::io::Result<Vec<u8>> {
+    s.write_all(msg)?;
+    let mut back = vec![0u8; msg.len()];
+    s.read_exact(&mut back)?;
+    Ok(back)
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*), cheap to regenerate on
+/// the reading side instead of keeping what was sent. The sequence does not
+/// depend on how it is cut into buffers.
+pub struct Stream {
+    state: u64,
+    word: [u8; 8],
+    used: usize,
+}
+
+impl Stream {
+    pub fn new(seed: u64) -> Stream {
+        Stream {
+            state: seed | 1,
+            word: [0; 8],
+            used: 8,
+        }
+    }
+
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for b in buf {
+            if self.used == 8 {
+                self.state ^= self.state >> 12;
+                self.state ^= self.state << 25;
+                self.state ^= self.state >> 27;
+                self.word = self.state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes();
+                self.used = 0;
+            }
+            *b = self.word[self.used];
+            self.used += 1;
+        }
+    }
+}
+
+/// Whether `path` exists.
+pub fn exists(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok()
+}
