@@ -224,7 +224,7 @@ impl Master {
             let master = self.pid;
             let limits = self.limits();
             let max_requests = self.max_requests();
-            let forked = sys::spawn(&signals::HANDLED, || {
+            let forked = sys::spawn(&signals::HANDLED, &signals::CHILD_IGNORED, || {
                 let listeners = std::mem::take(&mut self.listeners);
                 self.close_in_child();
                 let ctx = worker::Ctx {
@@ -322,7 +322,7 @@ impl Master {
         let tcp = self.listeners[i].is_tcp();
         let master = self.pid;
         let limits = self.limits();
-        let forked = sys::spawn(&signals::HANDLED, || {
+        let forked = sys::spawn(&signals::HANDLED, &signals::CHILD_IGNORED, || {
             self.close_in_child();
             let ctx = worker::Ctx {
                 ctl: self.ctl_r.as_fd(),

@@ -25,6 +25,11 @@ pub const HANDLED: [Signal; 8] = [
     Signal::SIGCHLD,
 ];
 
+/// Signals a child ignores. SIGINT: a terminal's Ctrl-C goes to the whole
+/// process group, and stopping is the master's decision (a graceful stop
+/// lets busy children finish).
+pub const CHILD_IGNORED: [Signal; 1] = [Signal::SIGINT];
+
 static FLAGS: [AtomicBool; HANDLED.len()] = [const { AtomicBool::new(false) }; HANDLED.len()];
 
 /// What arrived since the last [`Signals::drain`].

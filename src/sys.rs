@@ -19,9 +19,9 @@ pub const EXIT_PANIC: i32 = 70;
 ///
 /// All signals are blocked across `fork`, so no handler of the master can
 /// run in the child before the child has reset `reset` to their default
-/// dispositions (a handler would write into the master's self-pipe).
-/// Ignored signals (SIGPIPE) stay ignored.
-pub fn spawn(reset: &[Signal], child: impl FnOnce() -> i32) -> io::Result<Pid> {
+/// dispositions (a handler would write into the master's self-pipe) and set
+/// `ignore` to be ignored. Signals the master ignores (SIGPIPE) stay ignored.
+pub fn spawn(reset: &[Signal], ignore: &[Signal], child: impl FnOnce() -> i32) -> io::Result<Pid> {
     let mut old = SigSet::empty();
     sigprocmask(
         SigmaskHow::SIG_SETMASK,
@@ -39,9 +39,12 @@ pub fn spawn(reset: &[Signal], child: impl FnOnce() -> i32) -> io::Result<Pid> {
         }
         Ok(ForkResult::Child) => {
             let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
-            for &sig in reset {
-                // SAFETY: installing SIG_DFL runs no code of ours in a handler.
-                let _ = unsafe { sigaction(sig, &default) };
+            let ignored = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
+            for (sigs, action) in [(reset, &default), (ignore, &ignored)] {
+                for &sig in sigs {
+                    // SAFETY: SIG_DFL and SIG_IGN run no code of ours.
+                    let _ = unsafe { sigaction(sig, action) };
+                }
             }
             let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
             let code = catch_unwind(AssertUnwindSafe(child)).unwrap_or(EXIT_PANIC);

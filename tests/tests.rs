@@ -467,6 +467,28 @@ mod stopping {
     }
 
     #[test]
+    fn ctrl_c_to_the_process_group_is_a_graceful_stop() {
+        let mut d = Daemon::start(&["-l", "127.0.0.1:0", "-w", "2", "--shutdown-timeout", "5"]);
+        let mut open = connect(d.addr());
+        assert_eq!(round_trip(&mut open, b"before").unwrap(), b"before");
+        // What a terminal does on Ctrl-C: SIGINT to every process in the group.
+        nix::sys::signal::killpg(nix::unistd::Pid::from_raw(d.pid), Signal::SIGINT).unwrap();
+        assert!(d.wait_line("SIGINT: stopping", DEADLINE).is_some());
+        // The busy worker survived the SIGINT and still serves its client.
+        assert_eq!(round_trip(&mut open, b"after").unwrap(), b"after");
+        drop(open);
+        let st = d
+            .wait_exit(DEADLINE)
+            .expect("no exit after the client left");
+        assert!(st.success());
+        assert!(
+            !d.stderr_text().contains("killed by signal"),
+            "{}",
+            d.stderr_text()
+        );
+    }
+
+    #[test]
     fn quit_stops_at_once_even_with_open_clients() {
         let mut d = Daemon::start(&["-l", "127.0.0.1:0", "-w", "1", "--shutdown-timeout", "60"]);
         let mut open = connect(d.addr());
