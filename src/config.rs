@@ -280,6 +280,8 @@ pub struct Options {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
     pub foreground: bool,
+    /// Serve the connection on stdin and exit.
+    pub inetd: bool,
     /// The file the settings came from, re-read on reload.
     pub config_file: Option<PathBuf>,
     pub listen: Vec<ListenAddr>,
@@ -451,7 +453,8 @@ pub fn resolve(o: Options) -> Result<Config, String> {
         return Err(format!("backlog must be between 1 and {}", i32::MAX));
     }
 
-    let log = o.log.unwrap_or(if o.foreground {
+    // Under inetd stderr may be the client's socket: never log there unasked.
+    let log = o.log.unwrap_or(if o.foreground && !o.inetd {
         LogTarget::Stderr
     } else {
         LogTarget::Syslog
@@ -459,6 +462,7 @@ pub fn resolve(o: Options) -> Result<Config, String> {
 
     Ok(Config {
         foreground: o.foreground,
+        inetd: o.inetd,
         config_file: o.config,
         listen,
         mode: o.mode.unwrap_or(Mode::Prefork),
@@ -487,7 +491,7 @@ pub fn resolve(o: Options) -> Result<Config, String> {
 
 /// Options that later work delivers are refused, never silently ignored.
 fn refuse_unsupported(o: &Options) -> Result<(), String> {
-    let given: [(&str, bool); 10] = [
+    let given: [(&str, bool); 9] = [
         ("--user", o.user.is_some()),
         ("--group", o.group.is_some()),
         ("--chroot", o.chroot.is_some()),
@@ -496,8 +500,10 @@ fn refuse_unsupported(o: &Options) -> Result<(), String> {
         ("--max-conn-rate", o.max_conn_rate.unwrap_or(0) != 0),
         ("--allow", !o.allow.is_empty()),
         ("--deny", !o.deny.is_empty()),
-        ("--inetd", o.inetd),
-        ("running detached (without -f)", !o.foreground && !o.check),
+        (
+            "running detached (without -f)",
+            !o.foreground && !o.check && !o.inetd,
+        ),
     ];
     match given.iter().find(|(_, on)| *on) {
         Some((name, _)) => Err(format!(

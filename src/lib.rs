@@ -18,6 +18,7 @@ pub mod master;
 pub mod signals;
 #[allow(unsafe_code)]
 pub mod sys;
+pub mod systemd;
 pub mod worker;
 
 use std::io;
@@ -52,30 +53,80 @@ pub fn run() -> i32 {
         &cfg.syslog_socket,
         cfg.syslog_facility,
     );
+    if cfg.inetd {
+        return inetd(&cfg);
+    }
     if cfg.log == LogTarget::Syslog && !logging::syslog_connected() {
         eprintln!(
             "echo-forkd: warning: cannot reach syslog at {}; log lines are dropped until it appears",
             cfg.syslog_socket.display()
         );
     }
+    let notify = systemd::Notify::from_env();
 
-    let mut listeners = Vec::with_capacity(cfg.listen.len());
-    for addr in &cfg.listen {
-        match listen::bind(addr, cfg.backlog) {
-            Ok(l) => listeners.push(l),
-            Err(e) => {
-                if cfg.log == LogTarget::Syslog {
-                    error!("{e}");
-                }
-                eprintln!("echo-forkd: {e}");
-                return 1;
+    let listeners = match listeners(&cfg) {
+        Ok(l) => l,
+        Err(e) => {
+            if cfg.log == LogTarget::Syslog {
+                error!("{e}");
             }
+            eprintln!("echo-forkd: {e}");
+            return 1;
         }
-    }
+    };
     for l in &listeners {
         info!("listening on {}", l.name());
     }
-    master::run(cfg, listeners)
+    master::run(cfg, listeners, notify)
+}
+
+/// The sockets passed by systemd (socket activation), or else the
+/// configured addresses, bound now.
+fn listeners(cfg: &config::Config) -> Result<Vec<listen::Listener>, String> {
+    if let Some(passed) = systemd::listeners_from_env()? {
+        info!(
+            "using {} sockets passed by the service manager instead of binding",
+            passed.len()
+        );
+        return Ok(passed);
+    }
+    cfg.listen
+        .iter()
+        .map(|a| listen::bind(a, cfg.backlog))
+        .collect()
+}
+
+/// `--inetd`: the connection is on stdin (inetd `nowait`, systemd
+/// `Accept=yes`); serve it and exit.
+fn inetd(cfg: &config::Config) -> i32 {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    use nix::sys::socket::{getsockopt, sockopt};
+    use std::os::fd::AsFd;
+    let Some(conn) = sys::inherited_fd(0).filter(|fd| getsockopt(fd, sockopt::SockType).is_ok())
+    else {
+        error!("--inetd: standard input is not a socket");
+        eprintln!("echo-forkd: --inetd: standard input is not a socket");
+        return 1;
+    };
+    if let Err(e) = fcntl(&conn, FcntlArg::F_SETFL(OFlag::O_RDWR | OFlag::O_NONBLOCK)) {
+        error!("--inetd: cannot make the connection non-blocking: {e}");
+        return 1;
+    }
+    let limits = echo::Limits {
+        idle: cfg.idle_timeout,
+        session: cfg.max_session,
+        max_bytes: cfg.max_bytes,
+    };
+    let mut buf = vec![0u8; 64 * 1024];
+    let summary = echo::serve(conn.as_fd(), &mut buf, &limits, None, &mut || {
+        echo::Watch::Forget
+    });
+    log::debug!(
+        "inetd connection: {} bytes echoed, ended by {:?}",
+        summary.bytes,
+        summary.end
+    );
+    0
 }
 
 /// An OS error as a message fragment: "permission denied", not

@@ -94,7 +94,10 @@ impl fmt::Display for ListenAddr {
 pub struct Listener {
     fd: OwnedFd,
     name: String,
-    /// The socket file, for unix listeners; removed on drop by its binder.
+    tcp: bool,
+    /// The socket file of a unix listener we bound: held only so that its
+    /// drop removes the file.
+    #[allow(dead_code)]
     file: Option<SocketFile>,
 }
 
@@ -112,7 +115,50 @@ impl Listener {
 
     /// Whether this is a TCP listener (its connections get TCP_NODELAY).
     pub fn is_tcp(&self) -> bool {
-        self.file.is_none()
+        self.tcp
+    }
+
+    /// Adopts a listening socket handed over by a service manager (socket
+    /// activation): makes it close-on-exec and non-blocking and names it by
+    /// its bound address. Its socket file, if any, is not ours to remove.
+    pub fn from_inherited(fd: OwnedFd) -> Result<Listener, String> {
+        use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
+        let listening = socket::getsockopt(&fd, sockopt::AcceptConn)
+            .map_err(|e| format!("not a socket: {e}"))?;
+        if !listening || socket::getsockopt(&fd, sockopt::SockType).ok() != Some(SockType::Stream) {
+            return Err("not a listening stream socket".into());
+        }
+        fcntl(&fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).map_err(|e| e.to_string())?;
+        let flags = fcntl(&fd, FcntlArg::F_GETFL).map_err(|e| e.to_string())?;
+        fcntl(
+            &fd,
+            FcntlArg::F_SETFL(OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK),
+        )
+        .map_err(|e| e.to_string())?;
+        let local: SockaddrStorage =
+            socket::getsockname(fd.as_raw_fd()).map_err(|e| e.to_string())?;
+        let (name, tcp) = if let Some(a) = local.as_sockaddr_in() {
+            (SocketAddr::from(*a).to_string(), true)
+        } else if let Some(a) = local.as_sockaddr_in6() {
+            (SocketAddr::from(*a).to_string(), true)
+        } else if let Some(u) = local.as_unix_addr() {
+            let path = u
+                .path()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "(unnamed)".into());
+            (format!("unix:{path}"), false)
+        } else {
+            return Err("not an IP or unix socket".into());
+        };
+        if tcp {
+            let _ = setsockopt(&fd, sockopt::TcpNoDelay, &true);
+        }
+        Ok(Listener {
+            fd,
+            name,
+            tcp,
+            file: None,
+        })
     }
 }
 
@@ -218,6 +264,7 @@ fn bind_tcp(sa: SocketAddr, backlog: i32, dual_stack: bool) -> Result<Listener, 
     Ok(Listener {
         fd,
         name: real.to_string(),
+        tcp: true,
         file: None,
     })
 }
@@ -255,6 +302,7 @@ fn bind_unix(path: &Path, backlog: i32) -> Result<Listener, BindError> {
     Ok(Listener {
         fd,
         name,
+        tcp: false,
         file: Some(file),
     })
 }

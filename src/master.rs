@@ -24,6 +24,7 @@ use crate::echo::Limits;
 use crate::listen::Listener;
 use crate::logging::RateLimit;
 use crate::signals::{self, Signals};
+use crate::systemd::Notify;
 use crate::{sys, worker};
 
 /// How long accepting pauses in fork mode after a resource error.
@@ -32,7 +33,7 @@ const ACCEPT_PAUSE: Duration = Duration::from_millis(500);
 const REPORT_EVERY: Duration = Duration::from_secs(10);
 
 /// Runs the master until it is stopped; returns the exit status.
-pub fn run(cfg: Config, listeners: Vec<Listener>) -> i32 {
+pub fn run(cfg: Config, listeners: Vec<Listener>, notify: Option<Notify>) -> i32 {
     let signals = match Signals::install() {
         Ok(s) => s,
         Err(e) => {
@@ -53,6 +54,7 @@ pub fn run(cfg: Config, listeners: Vec<Listener>) -> i32 {
     let now = Instant::now();
     let mut master = Master {
         pid: getpid(),
+        notify,
         cfg,
         listeners,
         signals: Some(signals),
@@ -76,6 +78,8 @@ pub fn run(cfg: Config, listeners: Vec<Listener>) -> i32 {
 
 struct Master {
     pid: Pid,
+    /// The service manager's notification socket (master only).
+    notify: Option<Notify>,
     cfg: Config,
     listeners: Vec<Listener>,
     /// `None` only in a child, after it closed the self-pipe.
@@ -106,6 +110,10 @@ impl Master {
             self.fill_pool(Instant::now());
         }
         info!("ready");
+        self.notify(&format!(
+            "READY=1\nSTATUS={}",
+            self.status_text(Instant::now())
+        ));
         loop {
             let ready = self.wait();
             let now = Instant::now();
@@ -213,6 +221,13 @@ impl Master {
             s.close_in_child();
         }
         self.ctl_w = None;
+        self.notify = None;
+    }
+
+    fn notify(&self, msg: &str) {
+        if let Some(n) = &self.notify {
+            n.send(msg);
+        }
     }
 
     /// prefork: forks workers until the pool is at its size, unless crash-loop
@@ -411,6 +426,7 @@ impl Master {
             self.listeners.clear();
             self.ctl_w = None;
             self.stop_deadline = Some(now + self.cfg.shutdown_timeout);
+            self.notify("STOPPING=1\nSTATUS=stopping");
         }
         if immediate && !self.killed {
             self.kill_all();
@@ -425,16 +441,23 @@ impl Master {
     }
 
     fn status(&self, now: Instant) {
+        let text = self.status_text(now);
+        info!("status: {text}");
+        self.notify(&format!("STATUS={text}"));
+    }
+
+    /// The USR1 line and systemd's STATUS=.
+    fn status_text(&self, now: Instant) -> String {
         let uptime = now.duration_since(self.started).as_secs();
         match self.cfg.mode {
-            Mode::Prefork => info!(
-                "status: mode prefork, workers {} (floor {}, ceiling {}), uptime {uptime} s",
+            Mode::Prefork => format!(
+                "mode prefork, workers {} (floor {}, ceiling {}), uptime {uptime} s",
                 self.children.workers(),
                 self.cfg.workers,
                 self.cfg.max_workers
             ),
-            Mode::Fork => info!(
-                "status: mode fork, children {} of at most {}, connections {}, limit reached {} times, uptime {uptime} s",
+            Mode::Fork => format!(
+                "mode fork, children {} of at most {}, connections {}, limit reached {} times, uptime {uptime} s",
                 self.children.len(),
                 self.cfg.max_children,
                 self.accepted,

@@ -2,7 +2,7 @@
 //! the local time for syslog. Everything else calls these safe wrappers.
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::SystemTime;
 
@@ -109,6 +109,18 @@ pub fn accept(listener: BorrowedFd<'_>) -> io::Result<OwnedFd> {
         fcntl(&fd, FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
         Ok(fd)
     }
+}
+
+/// Takes ownership of an fd this process inherited (socket activation,
+/// inetd); `None` if `raw` is not open.
+pub fn inherited_fd(raw: RawFd) -> Option<OwnedFd> {
+    // SAFETY: F_GETFD only reads the descriptor's flags.
+    if unsafe { libc::fcntl(raw, libc::F_GETFD) } < 0 {
+        return None;
+    }
+    // SAFETY: the descriptor is open, and the protocol that passed it to us
+    // (LISTEN_FDS, inetd's stdin) makes it ours; callers take each once.
+    Some(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
 /// Local wall-clock time as (month 0–11, day, hour, minute, second), for

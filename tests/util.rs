@@ -94,13 +94,18 @@ impl Daemon {
     /// Like `spawn`, with a chance to adjust the command (environment, …).
     pub fn spawn_with(args: &[&str], adjust: impl FnOnce(&mut Command)) -> Daemon {
         let mut cmd = Command::new(BIN);
-        cmd.arg("-f")
-            .args(args)
-            .stdin(Stdio::null())
+        cmd.arg("-f").args(args);
+        adjust(&mut cmd);
+        Daemon::from_command(cmd)
+    }
+
+    /// Runs `cmd` (which must end up exec'ing echo-forkd in the same
+    /// process) in its own process group, with stderr captured.
+    pub fn from_command(mut cmd: Command) -> Daemon {
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .process_group(0);
-        adjust(&mut cmd);
         let mut child = cmd.spawn().expect("spawn echo-forkd");
         let pid = child.id() as i32;
         let stderr = child.stderr.take().expect("piped stderr");

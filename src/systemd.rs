@@ -1,0 +1,78 @@
+//! The systemd protocols, without libsystemd: readiness notification
+//! (`NOTIFY_SOCKET`, plain datagrams) and socket activation
+//! (`LISTEN_FDS`/`LISTEN_PID`). Both variables are removed from the
+//! environment once read, so nothing we start inherits them.
+
+use std::os::unix::net::UnixDatagram;
+use std::path::PathBuf;
+
+use crate::listen::Listener;
+use crate::sys;
+
+/// A connection to the service manager's notification socket.
+pub struct Notify {
+    sock: UnixDatagram,
+}
+
+impl Notify {
+    /// Reads `NOTIFY_SOCKET`; `None` when it is not set or not usable.
+    pub fn from_env() -> Option<Notify> {
+        let path = std::env::var_os("NOTIFY_SOCKET")?;
+        std::env::remove_var("NOTIFY_SOCKET");
+        let sock = UnixDatagram::unbound().ok()?;
+        let bytes = path.as_encoded_bytes();
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        if let Some(name) = bytes.strip_prefix(b"@") {
+            // An abstract socket, as systemd uses inside containers.
+            use std::os::linux::net::SocketAddrExt;
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name).ok()?;
+            sock.connect_addr(&addr).ok()?;
+            sock.set_nonblocking(true).ok()?;
+            return Some(Notify { sock });
+        }
+        let _ = bytes;
+        sock.connect(PathBuf::from(path)).ok()?;
+        sock.set_nonblocking(true).ok()?;
+        Some(Notify { sock })
+    }
+
+    /// Sends one notification (`READY=1`, `STATUS=…`, several lines joined
+    /// by newlines). Never blocks; a lost notification is not an error.
+    pub fn send(&self, msg: &str) {
+        let _ = self.sock.send(msg.as_bytes());
+    }
+}
+
+/// The sockets passed by the service manager, if `LISTEN_PID` is our pid.
+///
+/// Each becomes close-on-exec and non-blocking; its name is the address it
+/// is bound to. An fd that is not a listening stream socket is an error.
+pub fn listeners_from_env() -> Result<Option<Vec<Listener>>, String> {
+    let pid = std::env::var("LISTEN_PID").ok();
+    let fds = std::env::var("LISTEN_FDS").ok();
+    std::env::remove_var("LISTEN_PID");
+    std::env::remove_var("LISTEN_FDS");
+    std::env::remove_var("LISTEN_FDNAMES");
+    let (Some(pid), Some(fds)) = (pid, fds) else {
+        return Ok(None);
+    };
+    if pid.trim().parse::<u32>().ok() != Some(std::process::id()) {
+        // Meant for another process (our parent, say): not ours to use.
+        return Ok(None);
+    }
+    let n: i32 = fds
+        .trim()
+        .parse()
+        .map_err(|_| format!("LISTEN_FDS={fds}: not a number"))?;
+    const FIRST: i32 = 3; // SD_LISTEN_FDS_START
+    let mut out = Vec::new();
+    for raw in FIRST..FIRST + n {
+        let fd = sys::inherited_fd(raw)
+            .ok_or_else(|| format!("socket activation: fd {raw} from LISTEN_FDS is not open"))?;
+        out.push(
+            Listener::from_inherited(fd)
+                .map_err(|e| format!("socket activation: fd {raw}: {e}"))?,
+        );
+    }
+    Ok(Some(out))
+}
