@@ -282,6 +282,7 @@ pub struct Config {
     pub foreground: bool,
     /// Serve the connection on stdin and exit.
     pub inetd: bool,
+    pub pidfile: Option<PathBuf>,
     /// The file the settings came from, re-read on reload.
     pub config_file: Option<PathBuf>,
     pub listen: Vec<ListenAddr>,
@@ -463,6 +464,7 @@ pub fn resolve(o: Options) -> Result<Config, String> {
     Ok(Config {
         foreground: o.foreground,
         inetd: o.inetd,
+        pidfile: o.pidfile.clone(),
         config_file: o.config,
         listen,
         mode: o.mode.unwrap_or(Mode::Prefork),
@@ -491,28 +493,18 @@ pub fn resolve(o: Options) -> Result<Config, String> {
 
 /// Options that later work delivers are refused, never silently ignored.
 fn refuse_unsupported(o: &Options) -> Result<(), String> {
-    let given: [(&str, bool); 9] = [
+    let given = [
         ("--user", o.user.is_some()),
         ("--group", o.group.is_some()),
         ("--chroot", o.chroot.is_some()),
-        ("--pidfile", o.pidfile.is_some()),
         ("--max-per-ip", o.max_per_ip.unwrap_or(0) != 0),
         ("--max-conn-rate", o.max_conn_rate.unwrap_or(0) != 0),
         ("--allow", !o.allow.is_empty()),
         ("--deny", !o.deny.is_empty()),
-        (
-            "running detached (without -f)",
-            !o.foreground && !o.check && !o.inetd,
-        ),
     ];
     match given.iter().find(|(_, on)| *on) {
         Some((name, _)) => Err(format!(
-            "{name} is not supported yet in this version of echo-forkd{}",
-            if name.starts_with("--") {
-                ""
-            } else {
-                "; run it in the foreground with -f"
-            }
+            "{name} is not supported yet in this version of echo-forkd"
         )),
         None => Ok(()),
     }
@@ -612,13 +604,11 @@ mod tests {
 
     #[test]
     fn unsupported_options_are_refused_by_name() {
-        let err = resolve(cli(&["--pidfile", "/run/x.pid"])).unwrap_err();
+        let err = resolve(cli(&["--chroot", "/var/empty"])).unwrap_err();
         assert!(
-            err.contains("--pidfile") && err.contains("not supported yet"),
+            err.contains("--chroot") && err.contains("not supported yet"),
             "{err}"
         );
-        let detached = Options::try_parse_from(["echo-forkd"]).unwrap();
-        assert!(resolve(detached).unwrap_err().contains("-f"));
         // A limit of zero is the default, so it is accepted.
         assert!(resolve(cli(&["--max-per-ip", "0"])).is_ok());
     }

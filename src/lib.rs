@@ -11,6 +11,7 @@
 
 pub mod children;
 pub mod config;
+pub mod daemon;
 pub mod echo;
 pub mod listen;
 pub mod logging;
@@ -64,20 +65,52 @@ pub fn run() -> i32 {
     }
     let notify = systemd::Notify::from_env();
 
-    let listeners = match listeners(&cfg) {
-        Ok(l) => l,
+    match start(&cfg) {
+        Ok((listeners, handoff)) => master::run(cfg, listeners, handoff.with_notify(notify)),
         Err(e) => {
             if cfg.log == LogTarget::Syslog {
                 error!("{e}");
             }
             eprintln!("echo-forkd: {e}");
-            return 1;
+            1
         }
-    };
+    }
+}
+
+/// Every startup step that can fail, in an order that lets each failure be
+/// reported on the launcher's stderr: bind, lock the pidfile, then detach
+/// (unless -f) and write our pid.
+fn start(cfg: &config::Config) -> Result<(Vec<listen::Listener>, master::Handoff), String> {
+    let mut listeners = listeners(cfg)?;
     for l in &listeners {
         info!("listening on {}", l.name());
     }
-    master::run(cfg, listeners, notify)
+    let mut pidfile = cfg
+        .pidfile
+        .as_deref()
+        .map(daemon::PidFile::lock)
+        .transpose()?;
+    let ready = if cfg.foreground {
+        None
+    } else {
+        let ready = daemon::detach()?;
+        for l in &mut listeners {
+            l.adopt();
+        }
+        Some(ready)
+    };
+    if let Some(p) = &mut pidfile {
+        p.write_pid()
+            .map_err(|e| format!("cannot write the pidfile: {}", error_text(&e)))?;
+    }
+    Ok((
+        listeners,
+        master::Handoff {
+            pidfile,
+            ready,
+            notify: None,
+        },
+    ))
 }
 
 /// The sockets passed by systemd (socket activation), or else the

@@ -113,6 +113,14 @@ impl Listener {
         sys::accept(self.fd.as_fd())
     }
 
+    /// Makes this process the owner of the socket file (after detaching,
+    /// the daemon and not the launcher removes it on exit).
+    pub fn adopt(&mut self) {
+        if let Some(f) = &mut self.file {
+            f.owner = std::process::id();
+        }
+    }
+
     /// Whether this is a TCP listener (its connections get TCP_NODELAY).
     pub fn is_tcp(&self) -> bool {
         self.tcp

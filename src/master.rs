@@ -20,6 +20,7 @@ use nix::unistd::{getpid, pipe2, Pid};
 
 use crate::children::{describe, Backoff, Children, Role};
 use crate::config::{Config, Mode};
+use crate::daemon::{PidFile, ReadyPipe};
 use crate::echo::Limits;
 use crate::listen::Listener;
 use crate::logging::RateLimit;
@@ -32,8 +33,27 @@ const ACCEPT_PAUSE: Duration = Duration::from_millis(500);
 /// Repeated warnings (limits, accept or fork errors) are logged this often.
 const REPORT_EVERY: Duration = Duration::from_secs(10);
 
+/// What startup hands to the master besides the configuration and the
+/// listeners. Children drop all of it right after fork.
+pub struct Handoff {
+    /// Locked for the master's life, removed when it exits.
+    pub pidfile: Option<PidFile>,
+    /// Detached: the launcher waits on this for "ready".
+    pub ready: Option<ReadyPipe>,
+    /// systemd's notification socket.
+    pub notify: Option<Notify>,
+}
+
+impl Handoff {
+    /// The same, with the notification socket set.
+    pub fn with_notify(mut self, notify: Option<Notify>) -> Self {
+        self.notify = notify;
+        self
+    }
+}
+
 /// Runs the master until it is stopped; returns the exit status.
-pub fn run(cfg: Config, listeners: Vec<Listener>, notify: Option<Notify>) -> i32 {
+pub fn run(cfg: Config, listeners: Vec<Listener>, handoff: Handoff) -> i32 {
     let signals = match Signals::install() {
         Ok(s) => s,
         Err(e) => {
@@ -54,7 +74,7 @@ pub fn run(cfg: Config, listeners: Vec<Listener>, notify: Option<Notify>) -> i32
     let now = Instant::now();
     let mut master = Master {
         pid: getpid(),
-        notify,
+        handoff,
         cfg,
         listeners,
         signals: Some(signals),
@@ -78,8 +98,7 @@ pub fn run(cfg: Config, listeners: Vec<Listener>, notify: Option<Notify>) -> i32
 
 struct Master {
     pid: Pid,
-    /// The service manager's notification socket (master only).
-    notify: Option<Notify>,
+    handoff: Handoff,
     cfg: Config,
     listeners: Vec<Listener>,
     /// `None` only in a child, after it closed the self-pipe.
@@ -114,6 +133,9 @@ impl Master {
             "READY=1\nSTATUS={}",
             self.status_text(Instant::now())
         ));
+        if let Some(ready) = self.handoff.ready.take() {
+            ready.ready();
+        }
         loop {
             let ready = self.wait();
             let now = Instant::now();
@@ -221,11 +243,18 @@ impl Master {
             s.close_in_child();
         }
         self.ctl_w = None;
-        self.notify = None;
+        if let Some(ready) = self.handoff.ready.take() {
+            ready.close_in_child();
+        }
+        self.handoff = Handoff {
+            pidfile: None,
+            ready: None,
+            notify: None,
+        };
     }
 
     fn notify(&self, msg: &str) {
-        if let Some(n) = &self.notify {
+        if let Some(n) = &self.handoff.notify {
             n.send(msg);
         }
     }

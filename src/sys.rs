@@ -57,6 +57,32 @@ pub fn spawn(reset: &[Signal], ignore: &[Signal], child: impl FnOnce() -> i32) -
     }
 }
 
+/// A plain fork for detaching, before any signal handler is installed.
+/// Returns true in the parent.
+pub fn fork_plain() -> io::Result<bool> {
+    // SAFETY: called while the process is single-threaded; the child goes
+    // on with the same code path and the parent only waits and `_exit`s.
+    match unsafe { fork() }? {
+        ForkResult::Parent { .. } => Ok(true),
+        ForkResult::Child => Ok(false),
+    }
+}
+
+/// Tries to take an exclusive flock(2) on `file` without waiting; false if
+/// another process holds it. The lock belongs to the open file description,
+/// so closing a forked copy of the fd does not release it (unlike nix's
+/// `Flock`, which unlocks on drop in whichever process drops it).
+pub fn try_lock(file: &std::fs::File) -> io::Result<bool> {
+    // SAFETY: flock only acts on the descriptor, which `file` keeps open.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(true);
+    }
+    match io::Error::last_os_error() {
+        e if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+        e => Err(e),
+    }
+}
+
 /// Ends a child at once: no atexit handlers, no flushing of a copy of the
 /// master's buffers.
 pub fn exit_now(code: i32) -> ! {

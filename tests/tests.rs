@@ -648,11 +648,7 @@ mod config {
     use std::process::Command;
 
     fn run(args: &[&str]) -> (i32, String) {
-        let out = Command::new(BIN).args(args).output().unwrap();
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        launch(args)
     }
 
     #[test]
@@ -711,10 +707,10 @@ mod config {
 
     #[test]
     fn unsupported_options_are_refused_not_ignored() {
-        let (code, err) = run(&["-f", "-l", "127.0.0.1:0", "--pidfile", "/tmp/x.pid"]);
+        let (code, err) = run(&["-f", "-l", "127.0.0.1:0", "--chroot", "/var/empty"]);
         assert_eq!(code, 1);
         assert!(
-            err.contains("--pidfile") && err.contains("not supported yet"),
+            err.contains("--chroot") && err.contains("not supported yet"),
             "{err}"
         );
     }
@@ -884,5 +880,191 @@ mod systemd {
             DEADLINE,
             || matches!(child.try_wait(), Ok(Some(s)) if s.success())
         ));
+    }
+}
+
+/// Running as a daemon: detaching, the pidfile.
+mod daemon {
+    use super::*;
+    use std::os::unix::net::UnixDatagram;
+    use std::path::Path;
+
+    /// The first `listening on` address in the syslog datagrams on `sock`.
+    fn listening_from_syslog(sock: &UnixDatagram) -> std::net::SocketAddr {
+        sock.set_read_timeout(Some(DEADLINE)).unwrap();
+        let mut buf = [0u8; 2048];
+        loop {
+            let n = sock.recv(&mut buf).expect("no listening line on syslog");
+            let line = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if let Some(a) = line.split("listening on ").nth(1) {
+                return a.parse().unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn detaches_after_it_listens_and_leaves_the_terminal() {
+        let dir = TempDir::new("detach");
+        let pidfile = dir.path("pid");
+        let log = dir.path("log");
+        let sock = UnixDatagram::bind(&log).unwrap();
+        let args = [
+            "-l",
+            "127.0.0.1:0",
+            "-w",
+            "2",
+            "-p",
+            pidfile.to_str().unwrap(),
+            "--syslog-socket",
+            log.to_str().unwrap(),
+        ];
+        let d = Detached::start(&args, &pidfile).unwrap_or_else(|e| panic!("launch failed: {e:?}"));
+        // The launcher has returned: the daemon must already serve.
+        let addr = listening_from_syslog(&sock);
+        assert_eq!(echo_all(addr, b"detached"), b"detached");
+        let stat = stat_fields(d.pid);
+        assert_eq!(stat[4], "0", "the daemon has a controlling tty");
+        assert_eq!(
+            stat[3],
+            d.pid.to_string(),
+            "the daemon leads its own session"
+        );
+        assert_ne!(
+            stat[3].parse::<i32>().unwrap(),
+            nix::unistd::getsid(None).unwrap().as_raw()
+        );
+        assert_eq!(
+            std::fs::read_link(format!("/proc/{}/cwd", d.pid)).unwrap(),
+            Path::new("/")
+        );
+        for fd in 0..3 {
+            assert_eq!(
+                std::fs::read_link(format!("/proc/{}/fd/{fd}", d.pid)).unwrap(),
+                Path::new("/dev/null")
+            );
+        }
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(d.pid), Signal::SIGTERM).unwrap();
+        assert!(
+            wait_until(DEADLINE, || is_dead(d.pid) && !exists(&pidfile)),
+            "pidfile left after TERM"
+        );
+    }
+
+    #[test]
+    fn a_second_instance_with_the_same_pidfile_is_refused() {
+        let dir = TempDir::new("pidheld");
+        let pidfile = dir.path("pid");
+        let p = pidfile.to_str().unwrap();
+        let first = Detached::start(
+            &[
+                "-l",
+                "127.0.0.1:0",
+                "-w",
+                "1",
+                "-p",
+                p,
+                "--syslog-socket",
+                "/nonexistent",
+            ],
+            &pidfile,
+        )
+        .unwrap();
+        let (code, err) = launch(&[
+            "-l",
+            "127.0.0.1:0",
+            "-w",
+            "1",
+            "-p",
+            p,
+            "--syslog-socket",
+            "/nonexistent",
+        ]);
+        assert_eq!(code, 1);
+        assert!(
+            err.contains(&format!("already running (pid {}", first.pid)),
+            "{err}"
+        );
+        assert!(!is_dead(first.pid));
+        assert_eq!(
+            std::fs::read_to_string(&pidfile).unwrap().trim(),
+            first.pid.to_string()
+        );
+        // Only the first daemon and its workers: the refused one left nothing.
+        let mut expected: Vec<i32> = std::iter::once(first.pid)
+            .chain(proc_children(first.pid).into_iter().map(|(pid, _)| pid))
+            .filter(|&pid| !is_dead(pid))
+            .collect();
+        expected.sort();
+        let mut seen = processes_with_arg(p);
+        seen.sort();
+        assert_eq!(seen, expected);
+    }
+
+    #[test]
+    fn a_stale_pidfile_is_taken_over_and_a_symlink_is_not_followed() {
+        let dir = TempDir::new("pidstale");
+        let pidfile = dir.path("pid");
+        std::fs::write(&pidfile, "999999\n").unwrap();
+        let p = pidfile.to_str().unwrap();
+        let d = Detached::start(
+            &[
+                "-l",
+                "127.0.0.1:0",
+                "-w",
+                "1",
+                "-p",
+                p,
+                "--syslog-socket",
+                "/nonexistent",
+            ],
+            &pidfile,
+        )
+        .unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&pidfile).unwrap(),
+            format!("{}\n", d.pid)
+        );
+        drop(d);
+
+        let target = dir.path("target");
+        std::fs::write(&target, "precious\n").unwrap();
+        let link = dir.path("link.pid");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let (code, err) = launch(&[
+            "-l",
+            "127.0.0.1:0",
+            "-w",
+            "1",
+            "-p",
+            link.to_str().unwrap(),
+            "--syslog-socket",
+            "/nonexistent",
+        ]);
+        assert_eq!(code, 1);
+        assert!(err.contains("symbolic link"), "{err}");
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "precious\n");
+    }
+
+    #[test]
+    fn startup_failures_are_reported_by_the_launcher_and_leave_nothing() {
+        let dir = TempDir::new("startfail");
+        let tag = dir.0.to_str().unwrap().to_string();
+        let pidfile = dir.path("pid");
+        let p = pidfile.to_str().unwrap();
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let busy = taken.local_addr().unwrap().to_string();
+        let (code, err) = launch(&["-l", &busy, "-p", p, "--syslog-socket", "/nonexistent"]);
+        assert_eq!(code, 1);
+        assert!(err.contains(&busy) && err.contains("in use"), "{err}");
+        let bad = dir.path("bad.toml");
+        std::fs::write(&bad, "workers = 0\n").unwrap();
+        let (code, err) = launch(&["-c", bad.to_str().unwrap(), "-p", p]);
+        assert_eq!(code, 1);
+        assert!(err.contains("workers"), "{err}");
+        assert!(
+            processes_with_arg(&tag).is_empty(),
+            "a failed start left a process"
+        );
+        assert!(!exists(&pidfile), "a failed start left its pidfile");
     }
 }

@@ -379,3 +379,102 @@ impl Stream {
 pub fn exists(path: &Path) -> bool {
     std::fs::symlink_metadata(path).is_ok()
 }
+
+/// A daemon started without -f: the launcher has exited; the daemon's pid
+/// comes from its pidfile. Dropping the guard kills it (its children follow
+/// the master's death).
+pub struct Detached {
+    pub pid: i32,
+}
+
+impl Detached {
+    /// Runs `echo-forkd ARGS` (no -f) to completion: `Ok` with the guard if
+    /// it exited 0 (reading the pid from `pidfile`), else `Err((code, stderr))`.
+    pub fn start(args: &[&str], pidfile: &Path) -> Result<Detached, (i32, String)> {
+        let out = launch(args);
+        if out.0 != 0 {
+            return Err(out);
+        }
+        let text =
+            std::fs::read_to_string(pidfile).map_err(|e| (-1, format!("no pidfile: {e}")))?;
+        let pid = text
+            .trim()
+            .parse()
+            .map_err(|_| (-1, format!("bad pidfile {text:?}")))?;
+        Ok(Detached { pid })
+    }
+}
+
+impl Drop for Detached {
+    fn drop(&mut self) {
+        let _ = kill(Pid::from_raw(self.pid), Signal::SIGKILL);
+        wait_until(DEADLINE, || is_dead(self.pid));
+    }
+}
+
+/// Runs echo-forkd with `args` and waits for it, at most [`DEADLINE`]
+/// (then it is killed and the test fails): (exit code, stderr).
+pub fn launch(args: &[&str]) -> (i32, String) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .expect("run echo-forkd");
+    let mut stderr = child.stderr.take().expect("piped stderr");
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    let mut status = None;
+    let exited = wait_until(DEADLINE, || {
+        status = child.try_wait().ok().flatten();
+        status.is_some()
+    });
+    if !exited {
+        let _ = killpg(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+        let _ = child.wait();
+        panic!("echo-forkd {args:?} was still running after {DEADLINE:?}");
+    }
+    // stderr reaches EOF once every holder is gone; a detached daemon has
+    // let go of it by the time the launcher exits.
+    let text = reader.join().unwrap_or_default();
+    (status.and_then(|s| s.code()).unwrap_or(-1), text)
+}
+
+/// Live processes whose command line contains `needle` (a test's unique
+/// temporary path, say).
+pub fn processes_with_arg(needle: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        if String::from_utf8_lossy(&cmd).contains(needle) && !is_dead(pid) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Fields of /proc/PID/stat after the command name, 0-based from the state
+/// (so index 3 is the session id, 4 the controlling tty).
+pub fn stat_fields(pid: i32) -> Vec<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let Some(i) = stat.rfind(')') else {
+        return Vec::new();
+    };
+    stat[i + 2..]
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}
