@@ -13,7 +13,10 @@ use std::path::{Path, PathBuf};
 
 use nix::fcntl::OFlag;
 use nix::sys::stat::{umask, Mode};
-use nix::unistd::{chdir, dup2_stderr, dup2_stdin, dup2_stdout, pipe2, setsid};
+use nix::unistd::{
+    chdir, chroot, dup2_stderr, dup2_stdin, dup2_stdout, geteuid, pipe2, setgid, setgroups, setsid,
+    setuid, Gid, Group, Uid, User,
+};
 
 use crate::sys;
 
@@ -141,4 +144,83 @@ pub fn detach() -> Result<ReadyPipe, String> {
     umask(Mode::from_bits_truncate(0o022));
     chdir("/").map_err(|e| format!("chdir /: {e}"))?;
     Ok(ReadyPipe(w))
+}
+
+/// Who the children that touch clients run as (`-u`, `-g`, `--chroot`),
+/// resolved at startup so that an unknown name fails before detaching.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    uid: Option<Uid>,
+    gid: Option<Gid>,
+    chroot: Option<PathBuf>,
+}
+
+impl Identity {
+    /// Looks up the user and group. `-u` alone means the user's primary
+    /// group. Changing identity needs root; asking for it without root is
+    /// an error now rather than in every child later.
+    pub fn resolve(
+        user: Option<&str>,
+        group: Option<&str>,
+        chroot: Option<&Path>,
+    ) -> Result<Identity, String> {
+        let user = user
+            .map(|name| match User::from_name(name) {
+                Ok(Some(u)) => Ok(u),
+                Ok(None) => Err(format!("unknown user '{name}'")),
+                Err(e) => Err(format!("cannot look up user '{name}': {e}")),
+            })
+            .transpose()?;
+        let gid = match group {
+            Some(name) => match Group::from_name(name) {
+                Ok(Some(g)) => Some(g.gid),
+                Ok(None) => return Err(format!("unknown group '{name}'")),
+                Err(e) => return Err(format!("cannot look up group '{name}': {e}")),
+            },
+            None => user.as_ref().map(|u| u.gid),
+        };
+        let id = Identity {
+            uid: user.map(|u| u.uid),
+            gid,
+            chroot: chroot.map(Path::to_path_buf),
+        };
+        if id.changes_anything() && !geteuid().is_root() {
+            return Err("-u, -g and --chroot need echo-forkd to be started as root".into());
+        }
+        if let Some(dir) = &id.chroot {
+            if !dir.is_dir() {
+                return Err(format!("--chroot {}: not a directory", dir.display()));
+            }
+        }
+        Ok(id)
+    }
+
+    fn changes_anything(&self) -> bool {
+        self.uid.is_some() || self.gid.is_some() || self.chroot.is_some()
+    }
+
+    /// Whether children would keep running as root.
+    pub fn stays_root(&self) -> bool {
+        geteuid().is_root() && self.uid.is_none_or(|u| u.is_root())
+    }
+
+    /// In a child: chroot, then drop supplementary groups, then the group,
+    /// then the user, and make sure root cannot be regained.
+    pub fn enter(&self) -> Result<(), String> {
+        if let Some(dir) = &self.chroot {
+            chroot(dir).map_err(|e| format!("chroot {}: {e}", dir.display()))?;
+            chdir("/").map_err(|e| format!("chdir / in the chroot: {e}"))?;
+        }
+        if let Some(gid) = self.gid {
+            setgroups(&[gid]).map_err(|e| format!("setgroups: {e}"))?;
+            setgid(gid).map_err(|e| format!("setgid {gid}: {e}"))?;
+        }
+        if let Some(uid) = self.uid {
+            setuid(uid).map_err(|e| format!("setuid {uid}: {e}"))?;
+            if !uid.is_root() && setuid(Uid::from_raw(0)).is_ok() {
+                return Err("root could be regained after setuid".into());
+            }
+        }
+        Ok(())
+    }
 }

@@ -43,6 +43,18 @@ pub fn run() -> i32 {
             return 1;
         }
     };
+    // User and group are part of what -t validates.
+    let identity = match daemon::Identity::resolve(
+        cfg.user.as_deref(),
+        cfg.group.as_deref(),
+        cfg.chroot.as_deref(),
+    ) {
+        Ok(id) => id,
+        Err(e) => {
+            eprintln!("echo-forkd: {e}");
+            return 1;
+        }
+    };
     if check {
         println!("echo-forkd: configuration is valid");
         return 0;
@@ -66,7 +78,12 @@ pub fn run() -> i32 {
     let notify = systemd::Notify::from_env();
 
     match start(&cfg) {
-        Ok((listeners, handoff)) => master::run(cfg, listeners, handoff.with_notify(notify)),
+        Ok((listeners, handoff)) => {
+            if identity.stays_root() && !cfg.inetd {
+                log::warn!("workers run as root: use -u to give them an unprivileged user");
+            }
+            master::run(cfg, listeners, identity, handoff.with_notify(notify))
+        }
         Err(e) => {
             if cfg.log == LogTarget::Syslog {
                 error!("{e}");

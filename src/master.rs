@@ -20,7 +20,7 @@ use nix::unistd::{getpid, pipe2, Pid};
 
 use crate::children::{describe, Backoff, Children, Role};
 use crate::config::{Config, Mode};
-use crate::daemon::{PidFile, ReadyPipe};
+use crate::daemon::{Identity, PidFile, ReadyPipe};
 use crate::echo::Limits;
 use crate::listen::Listener;
 use crate::logging::RateLimit;
@@ -53,7 +53,7 @@ impl Handoff {
 }
 
 /// Runs the master until it is stopped; returns the exit status.
-pub fn run(cfg: Config, listeners: Vec<Listener>, handoff: Handoff) -> i32 {
+pub fn run(cfg: Config, listeners: Vec<Listener>, identity: Identity, handoff: Handoff) -> i32 {
     let signals = match Signals::install() {
         Ok(s) => s,
         Err(e) => {
@@ -74,6 +74,7 @@ pub fn run(cfg: Config, listeners: Vec<Listener>, handoff: Handoff) -> i32 {
     let now = Instant::now();
     let mut master = Master {
         pid: getpid(),
+        identity,
         handoff,
         cfg,
         listeners,
@@ -98,6 +99,8 @@ pub fn run(cfg: Config, listeners: Vec<Listener>, handoff: Handoff) -> i32 {
 
 struct Master {
     pid: Pid,
+    /// Who children run as.
+    identity: Identity,
     handoff: Handoff,
     cfg: Config,
     listeners: Vec<Listener>,
@@ -253,6 +256,16 @@ impl Master {
         };
     }
 
+    /// In a child right after fork: drop the master's fds, then its
+    /// privileges. Err is the exit code.
+    fn enter_child(&mut self) -> Result<(), i32> {
+        self.close_in_child();
+        self.identity.enter().map_err(|e| {
+            error!("cannot drop privileges: {e}");
+            worker::EXIT_SETUP
+        })
+    }
+
     fn notify(&self, msg: &str) {
         if let Some(n) = &self.handoff.notify {
             n.send(msg);
@@ -270,7 +283,9 @@ impl Master {
             let max_requests = self.max_requests();
             let forked = sys::spawn(&signals::HANDLED, &signals::CHILD_IGNORED, || {
                 let listeners = std::mem::take(&mut self.listeners);
-                self.close_in_child();
+                if let Err(code) = self.enter_child() {
+                    return code;
+                }
                 let ctx = worker::Ctx {
                     ctl: self.ctl_r.as_fd(),
                     master,
@@ -367,7 +382,9 @@ impl Master {
         let master = self.pid;
         let limits = self.limits();
         let forked = sys::spawn(&signals::HANDLED, &signals::CHILD_IGNORED, || {
-            self.close_in_child();
+            if let Err(code) = self.enter_child() {
+                return code;
+            }
             let ctx = worker::Ctx {
                 ctl: self.ctl_r.as_fd(),
                 master,

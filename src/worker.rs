@@ -21,6 +21,8 @@ use crate::logging::RateLimit;
 
 /// Exit code of a child whose master went away.
 pub const EXIT_ORPHAN: i32 = 3;
+/// Exit code of a child that could not set itself up (privilege drop).
+pub const EXIT_SETUP: i32 = 4;
 
 /// One buffer per process, reused for every connection.
 const BUF_SIZE: usize = 64 * 1024;

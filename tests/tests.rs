@@ -707,10 +707,10 @@ mod config {
 
     #[test]
     fn unsupported_options_are_refused_not_ignored() {
-        let (code, err) = run(&["-f", "-l", "127.0.0.1:0", "--chroot", "/var/empty"]);
+        let (code, err) = run(&["-f", "-l", "127.0.0.1:0", "--deny", "10.0.0.0/8"]);
         assert_eq!(code, 1);
         assert!(
-            err.contains("--chroot") && err.contains("not supported yet"),
+            err.contains("--deny") && err.contains("not supported yet"),
             "{err}"
         );
     }
@@ -1066,5 +1066,145 @@ mod daemon {
             "a failed start left a process"
         );
         assert!(!exists(&pidfile), "a failed start left its pidfile");
+    }
+
+    /// The Uid, Gid, Groups and CapEff lines of /proc/PID/status.
+    #[derive(Debug)]
+    struct Ids(Vec<u32>, Vec<u32>, Vec<u32>, String);
+
+    fn ids(pid: i32) -> Option<Ids> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        let nums = |v: String| {
+            v.split_whitespace()
+                .filter_map(|n| n.parse().ok())
+                .collect::<Vec<u32>>()
+        };
+        Some(Ids(
+            nums(field("Uid:")),
+            nums(field("Gid:")),
+            nums(field("Groups:")),
+            field("CapEff:"),
+        ))
+    }
+
+    fn unprivileged(pid: i32, gid: u32) -> bool {
+        matches!(ids(pid), Some(Ids(u, g, groups, cap))
+            if u.len() == 4 && u.iter().all(|&x| x != 0)
+            && g.len() == 4 && g.iter().all(|&x| x != 0)
+            && groups.iter().all(|&x| x == gid)
+            && cap.trim_start_matches('0').is_empty())
+    }
+
+    #[test]
+    fn workers_and_fork_children_run_as_the_given_user() {
+        if !nix::unistd::geteuid().is_root() {
+            println!("skipped: dropping privileges needs root");
+            return;
+        }
+        let Ok(Some(group)) = nix::unistd::Group::from_name("nogroup") else {
+            println!("skipped: no group 'nogroup' here");
+            return;
+        };
+        let gid = group.gid.as_raw();
+        for mode in ["prefork", "fork"] {
+            let d = Daemon::start(&[
+                "-l",
+                "127.0.0.1:0",
+                "-m",
+                mode,
+                "-w",
+                "2",
+                "-u",
+                "nobody",
+                "-g",
+                "nogroup",
+            ]);
+            // In fork mode the child exists while its client is connected.
+            let mut held = connect(d.addr());
+            assert_eq!(round_trip(&mut held, b"who").unwrap(), b"who");
+            let kids = d.children();
+            assert!(!kids.is_empty());
+            for pid in kids {
+                assert!(
+                    wait_until(DEADLINE, || unprivileged(pid, gid)),
+                    "{mode} child {pid} kept privileges: {:?}",
+                    ids(pid)
+                );
+            }
+            // The master keeps root, to bind new listeners on reload.
+            assert_eq!(ids(d.pid).unwrap().0[1], 0);
+        }
+    }
+
+    #[test]
+    fn chroot_confines_the_workers() {
+        if !nix::unistd::geteuid().is_root() {
+            println!("skipped: chroot needs root");
+            return;
+        }
+        let dir = TempDir::new("chroot");
+        let root = dir.path("jail");
+        std::fs::create_dir(&root).unwrap();
+        let d = Daemon::start(&[
+            "-l",
+            "127.0.0.1:0",
+            "-w",
+            "1",
+            "-u",
+            "nobody",
+            "--chroot",
+            root.to_str().unwrap(),
+        ]);
+        assert_eq!(echo_all(d.addr(), b"jailed"), b"jailed");
+        let worker = d.wait_children(1)[0];
+        assert_eq!(
+            std::fs::read_link(format!("/proc/{worker}/root")).unwrap(),
+            root
+        );
+    }
+
+    #[test]
+    fn unknown_user_or_group_fails_before_starting() {
+        let dir = TempDir::new("nouser");
+        let tag = dir.0.to_str().unwrap().to_string();
+        let pidfile = dir.path("pid");
+        let p = pidfile.to_str().unwrap();
+        for args in [
+            vec!["-u", "no-such-user-echo-forkd"],
+            vec!["-g", "no-such-group-echo-forkd"],
+        ] {
+            for foreground in [true, false] {
+                let mut all = vec![
+                    "-l",
+                    "127.0.0.1:0",
+                    "-p",
+                    p,
+                    "--syslog-socket",
+                    "/nonexistent",
+                ];
+                if foreground {
+                    all.push("-f");
+                }
+                all.extend(&args);
+                let (code, err) = launch(&all);
+                assert_eq!(code, 1, "{all:?}");
+                assert!(
+                    err.contains("unknown user") || err.contains("unknown group"),
+                    "{err}"
+                );
+            }
+            let mut check = vec!["-t"];
+            check.extend(&args);
+            assert_eq!(launch(&check).0, 1);
+        }
+        assert!(processes_with_arg(&tag).is_empty());
+        assert!(!exists(&pidfile));
     }
 }

@@ -178,6 +178,8 @@ impl Daemon {
 
     /// The first TCP address it listens on.
     pub fn addr(&self) -> SocketAddr {
+        // The lines arrive through a reader thread: wait for them.
+        self.wait_line("listening on ", DEADLINE);
         self.listening()
             .iter()
             .find_map(|a| a.parse().ok())
