@@ -889,6 +889,20 @@ mod daemon {
     use std::os::unix::net::UnixDatagram;
     use std::path::Path;
 
+    /// A one-worker daemon on a free port with pidfile `p`, logging nowhere.
+    fn quiet_daemon(p: &str) -> [&str; 8] {
+        [
+            "-l",
+            "127.0.0.1:0",
+            "-w",
+            "1",
+            "-p",
+            p,
+            "--syslog-socket",
+            "/nonexistent",
+        ]
+    }
+
     /// The first `listening on` address in the syslog datagrams on `sock`.
     fn listening_from_syslog(sock: &UnixDatagram) -> std::net::SocketAddr {
         sock.set_read_timeout(Some(DEADLINE)).unwrap();
@@ -955,30 +969,8 @@ mod daemon {
         let dir = TempDir::new("pidheld");
         let pidfile = dir.path("pid");
         let p = pidfile.to_str().unwrap();
-        let first = Detached::start(
-            &[
-                "-l",
-                "127.0.0.1:0",
-                "-w",
-                "1",
-                "-p",
-                p,
-                "--syslog-socket",
-                "/nonexistent",
-            ],
-            &pidfile,
-        )
-        .unwrap();
-        let (code, err) = launch(&[
-            "-l",
-            "127.0.0.1:0",
-            "-w",
-            "1",
-            "-p",
-            p,
-            "--syslog-socket",
-            "/nonexistent",
-        ]);
+        let first = Detached::start(&quiet_daemon(p), &pidfile).unwrap();
+        let (code, err) = launch(&quiet_daemon(p));
         assert_eq!(code, 1);
         assert!(
             err.contains(&format!("already running (pid {}", first.pid)),
@@ -1006,20 +998,7 @@ mod daemon {
         let pidfile = dir.path("pid");
         std::fs::write(&pidfile, "999999\n").unwrap();
         let p = pidfile.to_str().unwrap();
-        let d = Detached::start(
-            &[
-                "-l",
-                "127.0.0.1:0",
-                "-w",
-                "1",
-                "-p",
-                p,
-                "--syslog-socket",
-                "/nonexistent",
-            ],
-            &pidfile,
-        )
-        .unwrap();
+        let d = Detached::start(&quiet_daemon(p), &pidfile).unwrap();
         assert_eq!(
             std::fs::read_to_string(&pidfile).unwrap(),
             format!("{}\n", d.pid)
@@ -1030,16 +1009,7 @@ mod daemon {
         std::fs::write(&target, "precious\n").unwrap();
         let link = dir.path("link.pid");
         std::os::unix::fs::symlink(&target, &link).unwrap();
-        let (code, err) = launch(&[
-            "-l",
-            "127.0.0.1:0",
-            "-w",
-            "1",
-            "-p",
-            link.to_str().unwrap(),
-            "--syslog-socket",
-            "/nonexistent",
-        ]);
+        let (code, err) = launch(&quiet_daemon(link.to_str().unwrap()));
         assert_eq!(code, 1);
         assert!(err.contains("symbolic link"), "{err}");
         assert_eq!(std::fs::read_to_string(&target).unwrap(), "precious\n");

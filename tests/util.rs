@@ -277,23 +277,26 @@ impl Drop for Daemon {
     }
 }
 
+/// Every pid in /proc right now.
+pub fn all_pids() -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .map(|dir| {
+            dir.flatten()
+                .filter_map(|e| e.file_name().to_string_lossy().parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// `(pid, state)` of every process whose parent is `ppid`.
 pub fn proc_children(ppid: i32) -> Vec<(i32, char)> {
-    let mut out = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for e in dir.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        if let Some((state, parent)) = proc_stat(pid) {
-            if parent == ppid {
-                out.push((pid, state));
-            }
-        }
-    }
-    out
+    all_pids()
+        .into_iter()
+        .filter_map(|pid| match proc_stat(pid) {
+            Some((state, parent)) if parent == ppid => Some((pid, state)),
+            _ => None,
+        })
+        .collect()
 }
 
 /// `(state, ppid)` of a process, `None` if it is gone.
@@ -450,22 +453,14 @@ pub fn launch(args: &[&str]) -> (i32, String) {
 /// Live processes whose command line contains `needle` (a test's unique
 /// temporary path, say).
 pub fn processes_with_arg(needle: &str) -> Vec<i32> {
-    let mut out = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for e in dir.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-            continue;
-        };
-        if String::from_utf8_lossy(&cmd).contains(needle) && !is_dead(pid) {
-            out.push(pid);
-        }
-    }
-    out
+    all_pids()
+        .into_iter()
+        .filter(|&pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|cmd| String::from_utf8_lossy(&cmd).contains(needle))
+                && !is_dead(pid)
+        })
+        .collect()
 }
 
 /// Fields of /proc/PID/stat after the command name, 0-based from the state
