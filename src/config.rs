@@ -309,6 +309,17 @@ pub struct Config {
     pub log_level: LogLevel,
 }
 
+impl Config {
+    /// The per-connection caps, as the echo loop takes them.
+    pub fn limits(&self) -> crate::echo::Limits {
+        crate::echo::Limits {
+            idle: self.idle_timeout,
+            session: self.max_session,
+            max_bytes: self.max_bytes,
+        }
+    }
+}
+
 /// Defaults, as DESIGN.md and the man page state them.
 pub mod defaults {
     pub const LISTEN: &str = "[::]:7";

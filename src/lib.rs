@@ -67,7 +67,7 @@ pub fn run() -> i32 {
         cfg.syslog_facility,
     );
     if cfg.inetd {
-        return inetd(&cfg);
+        return inetd(&cfg, &identity);
     }
     if cfg.log == LogTarget::Syslog && !logging::syslog_connected() {
         eprintln!(
@@ -75,14 +75,12 @@ pub fn run() -> i32 {
             cfg.syslog_socket.display()
         );
     }
-    let notify = systemd::Notify::from_env();
-
-    match start(&cfg) {
+    match start(&cfg, systemd::Notify::from_env()) {
         Ok((listeners, handoff)) => {
-            if identity.stays_root() && !cfg.inetd {
+            if identity.stays_root() {
                 log::warn!("workers run as root: use -u to give them an unprivileged user");
             }
-            master::run(cfg, listeners, identity, handoff.with_notify(notify))
+            master::run(cfg, listeners, identity, handoff)
         }
         Err(e) => {
             if cfg.log == LogTarget::Syslog {
@@ -97,7 +95,10 @@ pub fn run() -> i32 {
 /// Every startup step that can fail, in an order that lets each failure be
 /// reported on the launcher's stderr: bind, lock the pidfile, then detach
 /// (unless -f) and write our pid.
-fn start(cfg: &config::Config) -> Result<(Vec<listen::Listener>, master::Handoff), String> {
+fn start(
+    cfg: &config::Config,
+    notify: Option<systemd::Notify>,
+) -> Result<(Vec<listen::Listener>, master::Handoff), String> {
     let mut listeners = listeners(cfg)?;
     for l in &listeners {
         info!("listening on {}", l.name());
@@ -125,7 +126,7 @@ fn start(cfg: &config::Config) -> Result<(Vec<listen::Listener>, master::Handoff
         master::Handoff {
             pidfile,
             ready,
-            notify: None,
+            notify,
         },
     ))
 }
@@ -147,36 +148,26 @@ fn listeners(cfg: &config::Config) -> Result<Vec<listen::Listener>, String> {
 }
 
 /// `--inetd`: the connection is on stdin (inetd `nowait`, systemd
-/// `Accept=yes`); serve it and exit.
-fn inetd(cfg: &config::Config) -> i32 {
-    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+/// `Accept=yes`). Like any process that touches a client, drop privileges
+/// first, then serve it and exit.
+fn inetd(cfg: &config::Config, identity: &daemon::Identity) -> i32 {
     use nix::sys::socket::{getsockopt, sockopt};
-    use std::os::fd::AsFd;
     let Some(conn) = sys::inherited_fd(0).filter(|fd| getsockopt(fd, sockopt::SockType).is_ok())
     else {
         error!("--inetd: standard input is not a socket");
+        // Not a socket, so not the client either: safe to say it there too.
         eprintln!("echo-forkd: --inetd: standard input is not a socket");
         return 1;
     };
-    if let Err(e) = fcntl(&conn, FcntlArg::F_SETFL(OFlag::O_RDWR | OFlag::O_NONBLOCK)) {
+    if let Err(e) = set_nonblocking(&conn) {
         error!("--inetd: cannot make the connection non-blocking: {e}");
         return 1;
     }
-    let limits = echo::Limits {
-        idle: cfg.idle_timeout,
-        session: cfg.max_session,
-        max_bytes: cfg.max_bytes,
-    };
-    let mut buf = vec![0u8; 64 * 1024];
-    let summary = echo::serve(conn.as_fd(), &mut buf, &limits, None, &mut || {
-        echo::Watch::Forget
-    });
-    log::debug!(
-        "inetd connection: {} bytes echoed, ended by {:?}",
-        summary.bytes,
-        summary.end
-    );
-    0
+    if let Err(e) = identity.enter() {
+        error!("--inetd: cannot drop privileges: {e}");
+        return worker::EXIT_SETUP;
+    }
+    worker::inetd(conn, cfg.limits())
 }
 
 /// An OS error as a message fragment: "permission denied", not
@@ -192,6 +183,13 @@ pub fn error_text(e: &io::Error) -> String {
         Some(first) => first.to_lowercase().chain(chars).collect(),
         None => String::new(),
     }
+}
+
+/// Sets O_NONBLOCK on an fd we were handed, keeping its other status flags.
+pub(crate) fn set_nonblocking(fd: &impl std::os::fd::AsFd) -> nix::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL)?);
+    fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK)).map(drop)
 }
 
 /// A poll(2) timeout for "at most `d`" (None: wait forever), rounded up to

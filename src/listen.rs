@@ -130,19 +130,14 @@ impl Listener {
     /// activation): makes it close-on-exec and non-blocking and names it by
     /// its bound address. Its socket file, if any, is not ours to remove.
     pub fn from_inherited(fd: OwnedFd) -> Result<Listener, String> {
-        use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
+        use nix::fcntl::{fcntl, FcntlArg, FdFlag};
         let listening = socket::getsockopt(&fd, sockopt::AcceptConn)
             .map_err(|e| format!("not a socket: {e}"))?;
         if !listening || socket::getsockopt(&fd, sockopt::SockType).ok() != Some(SockType::Stream) {
             return Err("not a listening stream socket".into());
         }
         fcntl(&fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).map_err(|e| e.to_string())?;
-        let flags = fcntl(&fd, FcntlArg::F_GETFL).map_err(|e| e.to_string())?;
-        fcntl(
-            &fd,
-            FcntlArg::F_SETFL(OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK),
-        )
-        .map_err(|e| e.to_string())?;
+        crate::set_nonblocking(&fd).map_err(|e| e.to_string())?;
         let local: SockaddrStorage =
             socket::getsockname(fd.as_raw_fd()).map_err(|e| e.to_string())?;
         let (name, tcp) = if let Some(a) = local.as_sockaddr_in() {

@@ -21,7 +21,6 @@ use nix::unistd::{getpid, pipe2, Pid};
 use crate::children::{describe, Backoff, Children, Role};
 use crate::config::{Config, Mode};
 use crate::daemon::{Identity, PidFile, ReadyPipe};
-use crate::echo::Limits;
 use crate::listen::Listener;
 use crate::logging::RateLimit;
 use crate::signals::{self, Signals};
@@ -42,14 +41,6 @@ pub struct Handoff {
     pub ready: Option<ReadyPipe>,
     /// systemd's notification socket.
     pub notify: Option<Notify>,
-}
-
-impl Handoff {
-    /// The same, with the notification socket set.
-    pub fn with_notify(mut self, notify: Option<Notify>) -> Self {
-        self.notify = notify;
-        self
-    }
 }
 
 /// Runs the master until it is stopped; returns the exit status.
@@ -231,14 +222,6 @@ impl Master {
             .collect()
     }
 
-    fn limits(&self) -> Limits {
-        Limits {
-            idle: self.cfg.idle_timeout,
-            session: self.cfg.max_session,
-            max_bytes: self.cfg.max_bytes,
-        }
-    }
-
     /// In a child right after fork: drops what only the master may hold.
     fn close_in_child(&mut self) {
         self.listeners.clear();
@@ -279,7 +262,7 @@ impl Master {
             && self.backoff.until(now).is_none()
         {
             let master = self.pid;
-            let limits = self.limits();
+            let limits = self.cfg.limits();
             let max_requests = self.max_requests();
             let forked = sys::spawn(&signals::HANDLED, &signals::CHILD_IGNORED, || {
                 let listeners = std::mem::take(&mut self.listeners);
@@ -380,7 +363,7 @@ impl Master {
         self.accept_pause = None;
         let tcp = self.listeners[i].is_tcp();
         let master = self.pid;
-        let limits = self.limits();
+        let limits = self.cfg.limits();
         let forked = sys::spawn(&signals::HANDLED, &signals::CHILD_IGNORED, || {
             if let Err(code) = self.enter_child() {
                 return code;

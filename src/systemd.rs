@@ -20,18 +20,16 @@ impl Notify {
         let path = std::env::var_os("NOTIFY_SOCKET")?;
         std::env::remove_var("NOTIFY_SOCKET");
         let sock = UnixDatagram::unbound().ok()?;
-        let bytes = path.as_encoded_bytes();
-        #[cfg(any(target_os = "linux", target_os = "android"))]
-        if let Some(name) = bytes.strip_prefix(b"@") {
+        match path.as_encoded_bytes().strip_prefix(b"@") {
             // An abstract socket, as systemd uses inside containers.
-            use std::os::linux::net::SocketAddrExt;
-            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name).ok()?;
-            sock.connect_addr(&addr).ok()?;
-            sock.set_nonblocking(true).ok()?;
-            return Some(Notify { sock });
+            #[cfg(any(target_os = "linux", target_os = "android"))]
+            Some(name) => {
+                use std::os::linux::net::SocketAddrExt;
+                let addr = std::os::unix::net::SocketAddr::from_abstract_name(name).ok()?;
+                sock.connect_addr(&addr).ok()?;
+            }
+            _ => sock.connect(PathBuf::from(&path)).ok()?,
         }
-        let _ = bytes;
-        sock.connect(PathBuf::from(path)).ok()?;
         sock.set_nonblocking(true).ok()?;
         Some(Notify { sock })
     }

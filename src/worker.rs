@@ -161,6 +161,19 @@ pub fn fork_child(conn: OwnedFd, tcp: bool, ctx: Ctx<'_>) -> i32 {
     0
 }
 
+/// `--inetd`: serves the connection inherited on stdin and returns the exit
+/// code. There is no master to watch.
+pub fn inetd(conn: OwnedFd, limits: Limits) -> i32 {
+    let mut buf = vec![0u8; BUF_SIZE];
+    let summary = echo::serve(conn.as_fd(), &mut buf, &limits, None, &mut || Watch::Forget);
+    debug!(
+        "inetd connection: {} bytes echoed, ended by {}",
+        summary.bytes,
+        describe(&summary.end)
+    );
+    0
+}
+
 /// Serves one connection. If the control pipe closes meanwhile and the
 /// master is alive, `listeners` are closed at once (so new clients are
 /// refused, not queued) and the connection goes on; if the master is gone,

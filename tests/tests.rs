@@ -1177,4 +1177,47 @@ mod daemon {
         assert!(processes_with_arg(&tag).is_empty());
         assert!(!exists(&pidfile));
     }
+
+    #[test]
+    fn inetd_mode_drops_privileges_too() {
+        use std::os::fd::OwnedFd;
+        use std::os::unix::net::UnixStream;
+        use std::process::{Command, Stdio};
+        if !nix::unistd::geteuid().is_root() {
+            println!("skipped: dropping privileges needs root");
+            return;
+        }
+        let Ok(Some(group)) = nix::unistd::Group::from_name("nogroup") else {
+            println!("skipped: no group 'nogroup' here");
+            return;
+        };
+        let (mut ours, theirs) = UnixStream::pair().unwrap();
+        let stdout = theirs.try_clone().unwrap();
+        let mut child = Command::new(BIN)
+            .args([
+                "--inetd",
+                "-u",
+                "nobody",
+                "-g",
+                "nogroup",
+                "--syslog-socket",
+                "/nonexistent",
+            ])
+            .stdin(Stdio::from(OwnedFd::from(theirs)))
+            .stdout(Stdio::from(OwnedFd::from(stdout)))
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        ours.set_read_timeout(Some(DEADLINE)).unwrap();
+        ours.write_all(b"who am i").unwrap();
+        let mut back = [0u8; 8];
+        ours.read_exact(&mut back).unwrap();
+        assert_eq!(&back, b"who am i");
+        // It has served a byte, so it is past the privilege drop.
+        let pid = child.id() as i32;
+        let (seen, unpriv) = (ids(pid), unprivileged(pid, group.gid.as_raw()));
+        drop(ours);
+        let _ = child.wait();
+        assert!(unpriv, "--inetd kept privileges with -u: {seen:?}");
+    }
 }
