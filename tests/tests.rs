@@ -134,12 +134,7 @@ mod echo {
         let arg = format!("unix:{}", path.display());
         let mut d = Daemon::start(&["-l", &arg, "-w", "1"]);
         assert_eq!(d.listening(), vec![arg.clone()]);
-        let mut s = std::os::unix::net::UnixStream::connect(&path).unwrap();
-        s.write_all(b"over unix").unwrap();
-        s.shutdown(Shutdown::Write).unwrap();
-        let mut back = Vec::new();
-        s.read_to_end(&mut back).unwrap();
-        assert_eq!(back, b"over unix");
+        assert_eq!(echo_unix(&path, b"over unix"), b"over unix");
         d.signal(Signal::SIGTERM);
         assert!(d.wait_exit(DEADLINE).is_some_and(|s| s.success()));
         assert!(!exists(&path), "socket file left behind");
@@ -597,17 +592,11 @@ mod logging {
             "--log-level",
             "debug",
         ]);
-        let mut conn = None;
+        // No log line tells us it is up: wait until it answers.
         assert!(wait_until(DEADLINE, || {
-            conn = std::os::unix::net::UnixStream::connect(&sock).ok();
-            conn.is_some()
+            std::os::unix::net::UnixStream::connect(&sock).is_ok()
         }));
-        let mut s = conn.unwrap();
-        s.write_all(b"no syslog").unwrap();
-        s.shutdown(Shutdown::Write).unwrap();
-        let mut back = Vec::new();
-        s.read_to_end(&mut back).unwrap();
-        assert_eq!(back, b"no syslog");
+        assert_eq!(echo_unix(&sock, b"no syslog"), b"no syslog");
     }
 
     #[test]
@@ -837,12 +826,7 @@ mod systemd {
             "{names:?}"
         );
         assert_eq!(echo_all(addr, b"activated"), b"activated");
-        let mut s = UnixStream::connect(&upath).unwrap();
-        s.write_all(b"unix too").unwrap();
-        s.shutdown(Shutdown::Write).unwrap();
-        let mut back = Vec::new();
-        s.read_to_end(&mut back).unwrap();
-        assert_eq!(back, b"unix too");
+        assert_eq!(echo_unix(&upath, b"unix too"), b"unix too");
     }
 
     #[test]

@@ -339,6 +339,17 @@ pub fn echo_all(addr: SocketAddr, data: &[u8]) -> Vec<u8> {
     reader.join().unwrap().expect("read echo")
 }
 
+/// `echo_all` over a unix socket.
+pub fn echo_unix(path: &Path, data: &[u8]) -> Vec<u8> {
+    let mut s = std::os::unix::net::UnixStream::connect(path).expect("connect");
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    s.write_all(data).expect("write");
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).expect("read echo");
+    back
+}
+
 /// One round trip of `msg` on an open connection.
 pub fn round_trip(s: &mut TcpStream, msg: &[u8]) -> std::io::Result<Vec<u8>> {
     s.write_all(msg)?;
