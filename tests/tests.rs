@@ -737,9 +737,9 @@ mod config {
 mod systemd {
     use super::*;
     use std::os::fd::{AsRawFd, OwnedFd};
-    use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
+    use std::os::unix::net::{UnixDatagram, UnixListener};
     use std::os::unix::process::CommandExt;
-    use std::process::{Command, Stdio};
+    use std::process::Command;
 
     fn recv_containing(sock: &UnixDatagram, what: &str) -> Option<String> {
         sock.set_read_timeout(Some(Duration::from_millis(200)))
@@ -831,38 +831,23 @@ mod systemd {
 
     #[test]
     fn inetd_mode_echoes_the_connection_on_stdin() {
-        let (mut ours, theirs) = UnixStream::pair().unwrap();
-        let stdout = theirs.try_clone().unwrap();
-        let mut child = Command::new(BIN)
-            .args([
-                "--inetd",
-                "--log",
-                "syslog",
-                "--syslog-socket",
-                "/nonexistent/log",
-            ])
-            .stdin(Stdio::from(OwnedFd::from(theirs)))
-            .stdout(Stdio::from(OwnedFd::from(stdout)))
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut i = Inetd::spawn(&["--log", "syslog", "--syslog-socket", "/nonexistent/log"]);
         let data: Vec<u8> = (0..=255u8).cycle().take(300_000).collect();
         let writer = {
-            let mut w = ours.try_clone().unwrap();
+            let mut w = i.conn.try_clone().unwrap();
             let data = data.clone();
             std::thread::spawn(move || {
                 w.write_all(&data).unwrap();
                 w.shutdown(Shutdown::Write).unwrap();
             })
         };
-        ours.set_read_timeout(Some(DEADLINE)).unwrap();
         let mut back = Vec::new();
-        ours.read_to_end(&mut back).unwrap();
+        i.conn.read_to_end(&mut back).unwrap();
         writer.join().unwrap();
         assert!(back == data, "inetd echo differs");
         assert!(wait_until(
             DEADLINE,
-            || matches!(child.try_wait(), Ok(Some(s)) if s.success())
+            || matches!(i.child.try_wait(), Ok(Some(s)) if s.success())
         ));
     }
 }
@@ -1164,9 +1149,6 @@ mod daemon {
 
     #[test]
     fn inetd_mode_drops_privileges_too() {
-        use std::os::fd::OwnedFd;
-        use std::os::unix::net::UnixStream;
-        use std::process::{Command, Stdio};
         if !nix::unistd::geteuid().is_root() {
             println!("skipped: dropping privileges needs root");
             return;
@@ -1175,33 +1157,22 @@ mod daemon {
             println!("skipped: no group 'nogroup' here");
             return;
         };
-        let (mut ours, theirs) = UnixStream::pair().unwrap();
-        let stdout = theirs.try_clone().unwrap();
-        let mut child = Command::new(BIN)
-            .args([
-                "--inetd",
-                "-u",
-                "nobody",
-                "-g",
-                "nogroup",
-                "--syslog-socket",
-                "/nonexistent",
-            ])
-            .stdin(Stdio::from(OwnedFd::from(theirs)))
-            .stdout(Stdio::from(OwnedFd::from(stdout)))
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        ours.set_read_timeout(Some(DEADLINE)).unwrap();
-        ours.write_all(b"who am i").unwrap();
+        let mut i = Inetd::spawn(&[
+            "-u",
+            "nobody",
+            "-g",
+            "nogroup",
+            "--syslog-socket",
+            "/nonexistent",
+        ]);
+        i.conn.write_all(b"who am i").unwrap();
         let mut back = [0u8; 8];
-        ours.read_exact(&mut back).unwrap();
+        i.conn.read_exact(&mut back).unwrap();
         assert_eq!(&back, b"who am i");
         // It has served a byte, so it is past the privilege drop.
-        let pid = child.id() as i32;
+        let pid = i.child.id() as i32;
         let (seen, unpriv) = (ids(pid), unprivileged(pid, group.gid.as_raw()));
-        drop(ours);
-        let _ = child.wait();
+        drop(i);
         assert!(unpriv, "--inetd kept privileges with -u: {seen:?}");
     }
 }

@@ -486,3 +486,35 @@ pub fn stat_fields(pid: i32) -> Vec<String> {
         .map(str::to_string)
         .collect()
 }
+
+/// echo-forkd --inetd with one end of a socketpair as its stdin and stdout;
+/// `conn` is the client's end. Killed and reaped on drop.
+pub struct Inetd {
+    pub child: Child,
+    pub conn: std::os::unix::net::UnixStream,
+}
+
+impl Inetd {
+    pub fn spawn(args: &[&str]) -> Inetd {
+        use std::os::fd::OwnedFd;
+        let (conn, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let stdout = theirs.try_clone().unwrap();
+        let child = Command::new(BIN)
+            .arg("--inetd")
+            .args(args)
+            .stdin(Stdio::from(OwnedFd::from(theirs)))
+            .stdout(Stdio::from(OwnedFd::from(stdout)))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn echo-forkd --inetd");
+        conn.set_read_timeout(Some(DEADLINE)).unwrap();
+        Inetd { child, conn }
+    }
+}
+
+impl Drop for Inetd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
