@@ -634,11 +634,6 @@ mod logging {
 /// The command line and the config file.
 mod config {
     use super::*;
-    use std::process::Command;
-
-    fn run(args: &[&str]) -> (i32, String) {
-        launch(args)
-    }
 
     #[test]
     fn check_accepts_a_good_file_and_rejects_a_bad_one() {
@@ -649,17 +644,17 @@ mod config {
             "listen = [\"127.0.0.1:7007\"]\nmode = \"fork\"\nmax-children = 64\n",
         )
         .unwrap();
-        assert_eq!(run(&["-t", "-c", good.to_str().unwrap()]).0, 0);
+        assert_eq!(launch(&["-t", "-c", good.to_str().unwrap()]).0, 0);
         let bad = dir.path("bad.toml");
         std::fs::write(&bad, "min-spare = 9\nmax-spare = 3\n").unwrap();
-        let (code, err) = run(&["-t", "-c", bad.to_str().unwrap()]);
+        let (code, err) = launch(&["-t", "-c", bad.to_str().unwrap()]);
         assert_eq!(code, 1);
         assert!(
             err.contains("min-spare") && err.contains("max-spare"),
             "{err}"
         );
         assert_eq!(
-            run(&["-t", "-c", dir.path("absent.toml").to_str().unwrap()]).0,
+            launch(&["-t", "-c", dir.path("absent.toml").to_str().unwrap()]).0,
             1
         );
     }
@@ -669,7 +664,7 @@ mod config {
         let dir = TempDir::new("conf");
         let f = dir.path("typo.toml");
         std::fs::write(&f, "mode = \"prefork\"\nmax-wrokers = 5\n").unwrap();
-        let (code, err) = run(&["-t", "-c", f.to_str().unwrap()]);
+        let (code, err) = launch(&["-t", "-c", f.to_str().unwrap()]);
         assert_eq!(code, 1);
         assert!(
             err.contains("max-wrokers") && err.contains("line 2"),
@@ -679,24 +674,17 @@ mod config {
 
     #[test]
     fn usage_errors_exit_2() {
-        assert_eq!(run(&["--no-such-flag"]).0, 2);
-        assert_eq!(run(&["-f", "-m", "threads"]).0, 2);
-        assert_eq!(run(&["-f", "--workers", "lots"]).0, 2);
-        let (code, out) = (
-            Command::new(BIN)
-                .arg("--help")
-                .output()
-                .unwrap()
-                .status
-                .code(),
-            (),
-        );
-        assert_eq!(code, Some(0), "{out:?}");
+        assert_eq!(launch(&["--no-such-flag"]).0, 2);
+        assert_eq!(launch(&["-f", "-m", "threads"]).0, 2);
+        assert_eq!(launch(&["-f", "--workers", "lots"]).0, 2);
+        let help = launch_stdout(&["--help"]);
+        assert_eq!(help.0, 0);
+        assert!(help.1.contains("--max-children"), "{}", help.1);
     }
 
     #[test]
     fn unsupported_options_are_refused_not_ignored() {
-        let (code, err) = run(&["-f", "-l", "127.0.0.1:0", "--deny", "10.0.0.0/8"]);
+        let (code, err) = launch(&["-f", "-l", "127.0.0.1:0", "--deny", "10.0.0.0/8"]);
         assert_eq!(code, 1);
         assert!(
             err.contains("--deny") && err.contains("not supported yet"),
@@ -727,7 +715,7 @@ mod config {
     fn address_in_use_fails_startup_with_the_address_named() {
         let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let a = taken.local_addr().unwrap().to_string();
-        let (code, err) = run(&["-f", "-l", &a]);
+        let (code, err) = launch(&["-f", "-l", &a]);
         assert_eq!(code, 1);
         assert!(err.contains(&a) && err.contains("in use"), "{err}");
     }

@@ -431,20 +431,36 @@ impl Drop for Detached {
 /// Runs echo-forkd with `args` and waits for it, at most [`DEADLINE`]
 /// (then it is killed and the test fails): (exit code, stderr).
 pub fn launch(args: &[&str]) -> (i32, String) {
+    let (code, _, stderr) = run_bounded(args);
+    (code, stderr)
+}
+
+/// Like `launch`, for what it prints on stdout: (exit code, stdout).
+pub fn launch_stdout(args: &[&str]) -> (i32, String) {
+    let (code, stdout, _) = run_bounded(args);
+    (code, stdout)
+}
+
+fn run_bounded(args: &[&str]) -> (i32, String, String) {
     let mut child = Command::new(BIN)
         .args(args)
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
         .spawn()
         .expect("run echo-forkd");
-    let mut stderr = child.stderr.take().expect("piped stderr");
-    let reader = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = stderr.read_to_string(&mut text);
-        text
-    });
+    fn drain(r: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<String> {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_string(&mut text);
+            }
+            text
+        })
+    }
+    let out = drain(child.stdout.take());
+    let err = drain(child.stderr.take());
     let mut status = None;
     let exited = wait_until(DEADLINE, || {
         status = child.try_wait().ok().flatten();
@@ -455,10 +471,14 @@ pub fn launch(args: &[&str]) -> (i32, String) {
         let _ = child.wait();
         panic!("echo-forkd {args:?} was still running after {DEADLINE:?}");
     }
-    // stderr reaches EOF once every holder is gone; a detached daemon has
-    // let go of it by the time the launcher exits.
-    let text = reader.join().unwrap_or_default();
-    (status.and_then(|s| s.code()).unwrap_or(-1), text)
+    // The pipes reach EOF once every holder is gone; a detached daemon has
+    // let go of them by the time the launcher exits.
+    let code = status.and_then(|s| s.code()).unwrap_or(-1);
+    (
+        code,
+        out.join().unwrap_or_default(),
+        err.join().unwrap_or_default(),
+    )
 }
 
 /// Live processes whose command line contains `needle` (a test's unique
