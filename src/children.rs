@@ -1,7 +1,9 @@
-//! The master's table of children and its respawn decisions. Pure: no
-//! syscalls, so it is unit-tested without forking.
+//! The master's table of children and its respawn decisions. No syscalls
+//! (beyond closing a retired worker's control pipe), so it is unit-tested
+//! without forking.
 
 use std::collections::HashMap;
+use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
 use nix::sys::wait::WaitStatus;
@@ -17,35 +19,58 @@ pub enum Role {
 }
 
 /// One live child.
-#[derive(Clone, Copy, Debug)]
+#[derive(Debug)]
 pub struct Child {
     pub role: Role,
     pub started: Instant,
+    /// The configuration generation it was started with (workers).
+    pub generation: u32,
+    /// Its scoreboard slot (workers).
+    pub slot: Option<usize>,
+    /// The write end of its own control pipe (workers); dropping it tells
+    /// the worker to stop accepting.
+    pub ctl: Option<OwnedFd>,
+    /// Set once it was told to stop: when it is killed if still alive.
+    pub retire_by: Option<Instant>,
+    /// It was sent SIGKILL.
+    pub killed: bool,
+}
+
+impl Child {
+    /// A child just forked.
+    pub fn new(role: Role, started: Instant) -> Child {
+        Child {
+            role,
+            started,
+            generation: 0,
+            slot: None,
+            ctl: None,
+            retire_by: None,
+            killed: false,
+        }
+    }
+
+    /// A pool member still expected to accept: a worker not told to stop.
+    pub fn active(&self) -> bool {
+        self.role == Role::Worker && self.retire_by.is_none()
+    }
 }
 
 /// Every live child of the master, by pid.
 #[derive(Debug, Default)]
 pub struct Children {
     map: HashMap<Pid, Child>,
-    workers: usize,
 }
 
 impl Children {
     /// Records a child just forked.
-    pub fn insert(&mut self, pid: Pid, role: Role, now: Instant) {
-        if role == Role::Worker {
-            self.workers += 1;
-        }
-        self.map.insert(pid, Child { role, started: now });
+    pub fn insert(&mut self, pid: Pid, child: Child) {
+        self.map.insert(pid, child);
     }
 
     /// Forgets a child that was reaped; `None` if it was not ours.
     pub fn remove(&mut self, pid: Pid) -> Option<Child> {
-        let child = self.map.remove(&pid)?;
-        if child.role == Role::Worker {
-            self.workers -= 1;
-        }
-        Some(child)
+        self.map.remove(&pid)
     }
 
     /// All live children.
@@ -58,14 +83,77 @@ impl Children {
         self.map.is_empty()
     }
 
-    /// Live prefork workers.
+    /// Live prefork workers, retiring ones included.
     pub fn workers(&self) -> usize {
-        self.workers
+        self.map.values().filter(|c| c.role == Role::Worker).count()
+    }
+
+    /// Active workers of `generation`.
+    pub fn active(&self, generation: u32) -> usize {
+        self.map
+            .values()
+            .filter(|c| c.active() && c.generation == generation)
+            .count()
     }
 
     /// The pids of all live children.
     pub fn pids(&self) -> impl Iterator<Item = Pid> + '_ {
         self.map.keys().copied()
+    }
+
+    /// Every live child.
+    pub fn iter(&self) -> impl Iterator<Item = (Pid, &Child)> + '_ {
+        self.map.iter().map(|(p, c)| (*p, c))
+    }
+
+    /// Tells one worker to stop accepting (closes its control pipe); it
+    /// must be gone by `deadline`. False if it is not an active worker.
+    pub fn retire(&mut self, pid: Pid, deadline: Instant) -> bool {
+        match self.map.get_mut(&pid) {
+            Some(c) if c.active() => {
+                c.ctl = None;
+                c.retire_by = Some(deadline);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Retires every active worker whose generation `retire` selects;
+    /// returns how many.
+    pub fn retire_where(&mut self, deadline: Instant, retire: impl Fn(u32) -> bool) -> usize {
+        let pids: Vec<Pid> = self
+            .map
+            .iter()
+            .filter(|(_, c)| c.active() && retire(c.generation))
+            .map(|(p, _)| *p)
+            .collect();
+        pids.iter().filter(|&&p| self.retire(p, deadline)).count()
+    }
+
+    /// Retiring children still alive at their deadline, not yet killed.
+    pub fn overdue(&self, now: Instant) -> Vec<Pid> {
+        self.map
+            .iter()
+            .filter(|(_, c)| !c.killed && c.retire_by.is_some_and(|t| t <= now))
+            .map(|(p, _)| *p)
+            .collect()
+    }
+
+    /// The nearest retirement deadline of a child not yet killed.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.map
+            .values()
+            .filter(|c| !c.killed)
+            .filter_map(|c| c.retire_by)
+            .min()
+    }
+
+    /// Marks a child as sent SIGKILL.
+    pub fn mark_killed(&mut self, pid: Pid) {
+        if let Some(c) = self.map.get_mut(&pid) {
+            c.killed = true;
+        }
     }
 }
 
@@ -138,12 +226,36 @@ mod tests {
     fn counts_workers_apart_from_connection_children() {
         let mut c = Children::default();
         let now = Instant::now();
-        c.insert(Pid::from_raw(10), Role::Worker, now);
-        c.insert(Pid::from_raw(11), Role::Conn, now);
+        c.insert(Pid::from_raw(10), Child::new(Role::Worker, now));
+        c.insert(Pid::from_raw(11), Child::new(Role::Conn, now));
         assert_eq!((c.len(), c.workers()), (2, 1));
         assert!(c.remove(Pid::from_raw(12)).is_none());
         assert_eq!(c.remove(Pid::from_raw(10)).unwrap().role, Role::Worker);
         assert_eq!((c.len(), c.workers()), (1, 0));
+    }
+
+    #[test]
+    fn retiring_by_generation_keeps_the_new_one_active() {
+        let mut c = Children::default();
+        let now = Instant::now();
+        for (pid, generation) in [(1, 1), (2, 1), (3, 2)] {
+            let mut child = Child::new(Role::Worker, now);
+            child.generation = generation;
+            c.insert(Pid::from_raw(pid), child);
+        }
+        c.insert(Pid::from_raw(4), Child::new(Role::Conn, now));
+        let by = now + Duration::from_secs(10);
+        assert_eq!(c.retire_where(by, |g| g < 2), 2);
+        assert_eq!((c.active(1), c.active(2), c.workers()), (0, 1, 3));
+        assert!(!c.retire(Pid::from_raw(1), by), "already retiring");
+        assert!(!c.retire(Pid::from_raw(4), by), "not a worker");
+        assert_eq!(c.next_deadline(), Some(by));
+        assert!(c.overdue(now).is_empty());
+        let mut late = c.overdue(by);
+        late.sort();
+        assert_eq!(late, [Pid::from_raw(1), Pid::from_raw(2)]);
+        c.mark_killed(Pid::from_raw(1));
+        assert_eq!(c.overdue(by), [Pid::from_raw(2)]);
     }
 
     #[test]

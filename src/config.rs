@@ -310,6 +310,32 @@ pub struct Config {
 }
 
 impl Config {
+    /// Makes every relative path absolute under `base`.
+    fn anchored(mut self, base: &Path) -> Config {
+        let anchor = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        for p in [
+            self.pidfile.as_mut(),
+            self.chroot.as_mut(),
+            self.config_file.as_mut(),
+            Some(&mut self.syslog_socket),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            anchor(p);
+        }
+        for a in &mut self.listen {
+            if let ListenAddr::Unix(p) = a {
+                anchor(p);
+            }
+        }
+        self
+    }
+
     /// The per-connection caps, as the echo loop takes them.
     pub fn limits(&self) -> crate::echo::Limits {
         crate::echo::Limits {
@@ -319,6 +345,10 @@ impl Config {
         }
     }
 }
+
+/// The highest `max-workers` (and `workers`) accepted: the scoreboard is
+/// sized for this many workers of two generations at once.
+pub const MAX_WORKERS_LIMIT: u32 = 4096;
 
 /// Defaults, as DESIGN.md and the man page state them.
 pub mod defaults {
@@ -335,14 +365,17 @@ pub mod defaults {
 }
 
 /// Reads `-c FILE` if given, merges it under the command line and validates.
+/// Relative paths, on the command line or in the file, are taken from
+/// `base` (the directory echo-forkd was started in), so they mean the same
+/// after detaching to `/` and on every reload.
 ///
 /// Errors are one line, naming the file (and line) or the option at fault.
-pub fn load(cli: Options) -> Result<Config, String> {
+pub fn load(cli: Options, base: &Path) -> Result<Config, String> {
     let merged = match &cli.config {
-        Some(path) => cli.clone().over(read_file(path)?),
+        Some(path) => cli.clone().over(read_file(&base.join(path))?),
         None => cli,
     };
-    resolve(merged)
+    resolve(merged).map(|c| c.anchored(base))
 }
 
 /// Parses a config file into [`Options`].
@@ -449,6 +482,11 @@ pub fn resolve(o: Options) -> Result<Config, String> {
     let max_workers = o.max_workers.unwrap_or(defaults::MAX_WORKERS.max(workers));
     let min_spare = o.min_spare.unwrap_or(defaults::MIN_SPARE);
     let max_spare = o.max_spare.unwrap_or(defaults::MAX_SPARE.max(min_spare));
+    if max_workers > MAX_WORKERS_LIMIT {
+        return Err(format!(
+            "max-workers ({max_workers}) is above the limit of {MAX_WORKERS_LIMIT}"
+        ));
+    }
     if workers > max_workers {
         return Err(format!(
             "workers ({workers}) is greater than max-workers ({max_workers})"
@@ -614,6 +652,7 @@ mod tests {
         assert!(resolve(cli(&["-l", "127.0.0.1:0", "-l", "127.0.0.1:0"])).is_ok());
         // Raising workers alone lifts the default ceiling with it.
         assert_eq!(resolve(cli(&["-w", "300"])).unwrap().max_workers, 300);
+        assert!(resolve(cli(&["--max-workers", "4097"])).is_err());
     }
 
     #[test]
@@ -625,6 +664,31 @@ mod tests {
         );
         // A limit of zero is the default, so it is accepted.
         assert!(resolve(cli(&["--max-per-ip", "0"])).is_ok());
+    }
+
+    #[test]
+    fn relative_paths_are_taken_from_the_start_directory() {
+        let o = cli(&[
+            "-l",
+            "unix:run/echo.sock",
+            "-l",
+            "unix:/abs.sock",
+            "-p",
+            "echo.pid",
+            "--chroot",
+            "/var/empty",
+        ]);
+        let c = resolve(o).unwrap().anchored(Path::new("/srv/echo"));
+        assert_eq!(c.pidfile.as_deref(), Some(Path::new("/srv/echo/echo.pid")));
+        assert_eq!(c.chroot.as_deref(), Some(Path::new("/var/empty")));
+        assert_eq!(
+            c.listen,
+            [
+                ListenAddr::Unix("/srv/echo/run/echo.sock".into()),
+                ListenAddr::Unix("/abs.sock".into())
+            ]
+        );
+        assert_eq!(c.syslog_socket, Path::new("/dev/log"));
     }
 
     #[test]

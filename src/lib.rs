@@ -3,7 +3,8 @@
 //!
 //! The binary is a thin shell around [`run`]. Module map: `config` (options),
 //! `listen` (sockets), `master` (supervisor loop), `children` (child table,
-//! back-off), `worker` (what a child does), `echo` (one connection),
+//! back-off), `reload` (what a SIGHUP changes), `scoreboard` (shared worker
+//! states), `worker` (what a child does), `echo` (one connection),
 //! `signals` (the self-pipe), `logging` (stderr/syslog), `sys` (the only
 //! `unsafe`).
 
@@ -16,6 +17,8 @@ pub mod echo;
 pub mod listen;
 pub mod logging;
 pub mod master;
+pub mod reload;
+pub mod scoreboard;
 pub mod signals;
 #[allow(unsafe_code)]
 pub mod sys;
@@ -36,7 +39,18 @@ pub fn run() -> i32 {
     // Usage errors exit 2, --help and --version 0 (clap's convention).
     let opts = Options::parse();
     let check = opts.check;
-    let cfg = match config::load(opts) {
+    // Relative paths keep meaning the start directory after detaching.
+    let base = match std::env::current_dir() {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!(
+                "echo-forkd: cannot read the current directory: {}",
+                error_text(&e)
+            );
+            return 1;
+        }
+    };
+    let cfg = match config::load(opts.clone(), &base) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("echo-forkd: {e}");
@@ -76,11 +90,16 @@ pub fn run() -> i32 {
         );
     }
     match start(&cfg, systemd::Notify::from_env()) {
-        Ok((listeners, handoff)) => {
+        Ok((listeners, handoff, activated)) => {
             if identity.stays_root() {
                 log::warn!("workers run as root: use -u to give them an unprivileged user");
             }
-            master::run(cfg, listeners, identity, handoff)
+            let source = master::Source {
+                cli: opts,
+                base,
+                activated,
+            };
+            master::run(cfg, listeners, identity, handoff, source)
         }
         Err(e) => {
             if cfg.log == LogTarget::Syslog {
@@ -94,12 +113,13 @@ pub fn run() -> i32 {
 
 /// Every startup step that can fail, in an order that lets each failure be
 /// reported on the launcher's stderr: bind, lock the pidfile, then detach
-/// (unless -f) and write our pid.
+/// (unless -f) and write our pid. The flag says the listeners were passed
+/// by the service manager.
 fn start(
     cfg: &config::Config,
     notify: Option<systemd::Notify>,
-) -> Result<(Vec<listen::Listener>, master::Handoff), String> {
-    let mut listeners = listeners(cfg)?;
+) -> Result<(Vec<listen::Listener>, master::Handoff, bool), String> {
+    let (mut listeners, activated) = listeners(cfg)?;
     for l in &listeners {
         info!("listening on {}", l.name());
     }
@@ -128,23 +148,26 @@ fn start(
             ready,
             notify,
         },
+        activated,
     ))
 }
 
-/// The sockets passed by systemd (socket activation), or else the
-/// configured addresses, bound now.
-fn listeners(cfg: &config::Config) -> Result<Vec<listen::Listener>, String> {
+/// The sockets passed by systemd (socket activation, flagged true), or
+/// else the configured addresses, bound now.
+fn listeners(cfg: &config::Config) -> Result<(Vec<listen::Listener>, bool), String> {
     if let Some(passed) = systemd::listeners_from_env()? {
         info!(
             "using {} sockets passed by the service manager instead of binding",
             passed.len()
         );
-        return Ok(passed);
+        return Ok((passed, true));
     }
-    cfg.listen
+    let bound = cfg
+        .listen
         .iter()
         .map(|a| listen::bind(a, cfg.backlog))
-        .collect()
+        .collect::<Result<_, _>>()?;
+    Ok((bound, false))
 }
 
 /// `--inetd`: the connection is on stdin (inetd `nowait`, systemd

@@ -95,6 +95,8 @@ pub struct Listener {
     fd: OwnedFd,
     name: String,
     tcp: bool,
+    /// The address it was bound for; `None` if a service manager passed it.
+    addr: Option<ListenAddr>,
     /// The socket file of a unix listener we bound: held only so that its
     /// drop removes the file.
     #[allow(dead_code)]
@@ -106,6 +108,17 @@ impl Listener {
     /// `unix:/run/echo.sock`).
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The configured address it was bound for (`None`: passed to us).
+    pub fn configured(&self) -> Option<&ListenAddr> {
+        self.addr.as_ref()
+    }
+
+    /// Changes the listen backlog of the bound socket (a reload may).
+    pub fn set_backlog(&self, backlog: i32) -> Result<(), String> {
+        listen(&self.fd, backlog)
+            .map_err(|e| format!("cannot change the backlog of {}: {e}", self.name))
     }
 
     /// Accepts one connection: close-on-exec and non-blocking.
@@ -160,6 +173,7 @@ impl Listener {
             fd,
             name,
             tcp,
+            addr: None,
             file: None,
         })
     }
@@ -206,6 +220,10 @@ pub fn bind(addr: &ListenAddr, backlog: i32) -> Result<Listener, String> {
         }
         ListenAddr::Unix(path) => bind_unix(path, backlog),
     }
+    .map(|l| Listener {
+        addr: Some(addr.clone()),
+        ..l
+    })
     .map_err(|e| e.to_string())
 }
 
@@ -268,6 +286,7 @@ fn bind_tcp(sa: SocketAddr, backlog: i32, dual_stack: bool) -> Result<Listener, 
         fd,
         name: real.to_string(),
         tcp: true,
+        addr: None,
         file: None,
     })
 }
@@ -306,6 +325,7 @@ fn bind_unix(path: &Path, backlog: i32) -> Result<Listener, BindError> {
         fd,
         name,
         tcp: false,
+        addr: None,
         file: Some(file),
     })
 }

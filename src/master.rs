@@ -8,6 +8,7 @@
 //! is fixed, and handlers only set flags.
 
 use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
 use log::{debug, error, info, warn};
@@ -18,11 +19,13 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{getpid, pipe2, Pid};
 
-use crate::children::{describe, Backoff, Children, Role};
-use crate::config::{Config, Mode};
+use crate::children::{describe, Backoff, Child, Children, Role};
+use crate::config::{self, Config, LogTarget, Mode, Options, MAX_WORKERS_LIMIT};
 use crate::daemon::{Identity, PidFile, ReadyPipe};
-use crate::listen::Listener;
+use crate::listen::{self, Listener};
 use crate::logging::RateLimit;
+use crate::reload::{self, Planned};
+use crate::scoreboard::{Scoreboard, State};
 use crate::signals::{self, Signals};
 use crate::systemd::Notify;
 use crate::{sys, worker};
@@ -31,6 +34,11 @@ use crate::{sys, worker};
 const ACCEPT_PAUSE: Duration = Duration::from_millis(500);
 /// Repeated warnings (limits, accept or fork errors) are logged this often.
 const REPORT_EVERY: Duration = Duration::from_secs(10);
+/// How long a new generation of workers may take to become ready, at
+/// startup or on reload.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// The most workers the USR1 line names one by one.
+const NAMED_WORKERS: usize = 64;
 
 /// What startup hands to the master besides the configuration and the
 /// listeners. Children drop all of it right after fork.
@@ -43,43 +51,74 @@ pub struct Handoff {
     pub notify: Option<Notify>,
 }
 
+/// Where the configuration came from, to read it again on SIGHUP.
+pub struct Source {
+    /// The command line, whose flags win over the file.
+    pub cli: Options,
+    /// The directory relative paths are taken from.
+    pub base: PathBuf,
+    /// The listeners were passed by the service manager: a reload keeps
+    /// them and binds nothing.
+    pub activated: bool,
+}
+
 /// Runs the master until it is stopped; returns the exit status.
-pub fn run(cfg: Config, listeners: Vec<Listener>, identity: Identity, handoff: Handoff) -> i32 {
+pub fn run(
+    cfg: Config,
+    listeners: Vec<Listener>,
+    identity: Identity,
+    handoff: Handoff,
+    source: Source,
+) -> i32 {
+    let fail = |what: &str, e: std::io::Error| {
+        error!("cannot create {what}: {}", crate::error_text(&e));
+        1
+    };
     let signals = match Signals::install() {
         Ok(s) => s,
-        Err(e) => {
-            error!("cannot install signal handlers: {}", crate::error_text(&e));
-            return 1;
-        }
+        Err(e) => return fail("the signal handlers", e),
     };
     let (ctl_r, ctl_w) = match pipe2(OFlag::O_CLOEXEC) {
         Ok(p) => p,
-        Err(e) => {
-            error!(
-                "cannot create the control pipe: {}",
-                crate::error_text(&e.into())
-            );
-            return 1;
-        }
+        Err(e) => return fail("the control pipe", e.into()),
+    };
+    let (notice_r, notice_w) = match pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK) {
+        Ok(p) => p,
+        Err(e) => return fail("the notice pipe", e.into()),
+    };
+    // Two generations of a full pool may overlap during a reload.
+    let scoreboard = match Scoreboard::new(2 * MAX_WORKERS_LIMIT as usize) {
+        Ok(s) => s,
+        Err(e) => return fail("the scoreboard", e),
     };
     let now = Instant::now();
     let mut master = Master {
         pid: getpid(),
         identity,
         handoff,
+        source,
         cfg,
         listeners,
         signals: Some(signals),
         ctl_r,
         ctl_w: Some(ctl_w),
+        notice_r: Some(notice_r),
+        notice_w: Some(notice_w),
+        scoreboard,
         children: Children::default(),
         backoff: Backoff::default(),
         started: now,
+        generation: 1,
+        pending: None,
+        hup_deferred: false,
+        unannounced: Some(now + READY_TIMEOUT),
+        exit_code: 0,
         stop_deadline: None,
         killed: false,
         accept_pause: None,
         next_listener: 0,
         accepted: 0,
+        served_by_gone: 0,
         at_limit: RateLimit::new(REPORT_EVERY),
         limit_hits: 0,
         errors: RateLimit::new(REPORT_EVERY),
@@ -88,22 +127,48 @@ pub fn run(cfg: Config, listeners: Vec<Listener>, identity: Identity, handoff: H
     master.run()
 }
 
+/// A reload under way: the new generation is starting and the old one
+/// still serves.
+struct Pending {
+    generation: u32,
+    cfg: Config,
+    identity: Identity,
+    /// The new listener set, in the new configuration's order.
+    plan: Vec<Planned>,
+    /// When the reload is abandoned if the new workers are not all ready.
+    deadline: Instant,
+}
+
 struct Master {
     pid: Pid,
     /// Who children run as.
     identity: Identity,
     handoff: Handoff,
+    source: Source,
     cfg: Config,
     listeners: Vec<Listener>,
     /// `None` only in a child, after it closed the self-pipe.
     signals: Option<Signals>,
-    /// The control pipe: children hold the read end; the master holds the
-    /// only write end, and closing it tells children to stop accepting.
+    /// fork mode's control pipe: children hold the read end; the master
+    /// holds the only write end, and closing it tells them to stop. Each
+    /// prefork worker has a pipe of its own (in `children`).
     ctl_r: OwnedFd,
     ctl_w: Option<OwnedFd>,
+    /// Workers write a byte here once they are ready.
+    notice_r: Option<OwnedFd>,
+    notice_w: Option<OwnedFd>,
+    scoreboard: Scoreboard,
     children: Children,
     backoff: Backoff,
     started: Instant,
+    /// The configuration in force is the n-th one (1 at startup).
+    generation: u32,
+    pending: Option<Pending>,
+    /// A SIGHUP arrived while a reload or the startup was under way.
+    hup_deferred: bool,
+    /// Until "ready" is announced: when startup is given up.
+    unannounced: Option<Instant>,
+    exit_code: i32,
     /// Set once a stop began: when the remaining children are killed.
     stop_deadline: Option<Instant>,
     killed: bool,
@@ -111,6 +176,8 @@ struct Master {
     next_listener: usize,
     /// fork mode: connections handed to a child.
     accepted: u64,
+    /// prefork: connections served by workers that have exited.
+    served_by_gone: u64,
     at_limit: RateLimit,
     limit_hits: u64,
     errors: RateLimit,
@@ -119,20 +186,13 @@ struct Master {
 
 impl Master {
     fn run(&mut self) -> i32 {
-        if self.cfg.mode == Mode::Prefork {
-            self.fill_pool(Instant::now());
-        }
-        info!("ready");
-        self.notify(&format!(
-            "READY=1\nSTATUS={}",
-            self.status_text(Instant::now())
-        ));
-        if let Some(ready) = self.handoff.ready.take() {
-            ready.ready();
-        }
+        let now = Instant::now();
+        self.fill_pool(now);
+        self.progress(now);
         loop {
             let ready = self.wait();
             let now = Instant::now();
+            self.drain_notices();
             let p = match self.signals.as_mut() {
                 Some(s) => s.drain(),
                 None => return 1,
@@ -149,19 +209,27 @@ impl Master {
                 self.reap(now);
             }
             if p.hup {
-                warn!("reload on SIGHUP is not supported yet in this version; configuration unchanged");
+                self.hup(now);
             }
             if p.usr1 {
                 self.status(now);
             }
-            if p.ttin || p.ttou {
-                warn!(
-                    "resizing the pool with SIGTTIN/SIGTTOU is not supported yet in this version"
-                );
+            if p.ttin {
+                self.resize(true);
+            }
+            if p.ttou {
+                self.resize(false);
             }
             match self.stop_deadline {
-                None if self.cfg.mode == Mode::Fork => self.accept(&ready, now),
-                None => self.fill_pool(now),
+                None => {
+                    self.progress(now);
+                    self.kill_overdue(now);
+                    if self.cfg.mode == Mode::Fork {
+                        self.accept(&ready, now);
+                    }
+                    self.fill_pool(now);
+                    self.trim_pool(now);
+                }
                 Some(_) if self.children.is_empty() => break,
                 Some(deadline) if now >= deadline && !self.killed => {
                     warn!(
@@ -175,11 +243,12 @@ impl Master {
             }
         }
         info!("exiting");
-        0
+        self.exit_code
     }
 
-    /// Sleeps until a signal, a listener (fork mode, under the limit) or the
-    /// nearest deadline. Returns which listeners are readable.
+    /// Sleeps until a signal, a worker's notice, a listener (fork mode,
+    /// under the limit) or the nearest deadline. Returns which listeners
+    /// are readable.
     fn wait(&self) -> Vec<bool> {
         let now = Instant::now();
         let accepting = self.cfg.mode == Mode::Fork
@@ -188,11 +257,12 @@ impl Master {
             // Like tcpserver -c: at the limit we stop polling the listeners
             // and new clients wait in the kernel's backlog.
             && self.children.len() < self.cfg.max_children as usize;
-        let Some(signals) = &self.signals else {
+        let (Some(signals), Some(notice)) = (&self.signals, &self.notice_r) else {
             return Vec::new();
         };
-        let mut fds = Vec::with_capacity(1 + self.listeners.len());
+        let mut fds = Vec::with_capacity(2 + self.listeners.len());
         fds.push(PollFd::new(signals.fd(), PollFlags::POLLIN));
+        fds.push(PollFd::new(notice.as_fd(), PollFlags::POLLIN));
         if accepting {
             fds.extend(
                 self.listeners
@@ -200,12 +270,14 @@ impl Master {
                     .map(|l| PollFd::new(l.as_fd(), PollFlags::POLLIN)),
             );
         }
+        let running = self.stop_deadline.is_none();
         let deadlines = [
             self.stop_deadline.filter(|_| !self.killed),
-            self.accept_pause.filter(|_| self.stop_deadline.is_none()),
-            self.backoff
-                .until(now)
-                .filter(|_| self.cfg.mode == Mode::Prefork),
+            self.accept_pause.filter(|_| running),
+            self.backoff.until(now).filter(|_| running),
+            self.children.next_deadline().filter(|_| running),
+            self.pending.as_ref().map(|p| p.deadline),
+            self.unannounced.filter(|_| running),
         ];
         let timeout = deadlines
             .iter()
@@ -216,19 +288,32 @@ impl Master {
             Ok(_) | Err(Errno::EINTR) => {}
             Err(e) => warn!("poll failed: {e}"),
         }
-        fds[1..]
+        fds[2..]
             .iter()
             .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
             .collect()
     }
 
-    /// In a child right after fork: drops what only the master may hold.
+    /// Empties the notice pipe; what the workers said is in the scoreboard.
+    fn drain_notices(&self) {
+        if let Some(fd) = &self.notice_r {
+            let mut sink = [0u8; 256];
+            while matches!(nix::unistd::read(fd, &mut sink), Ok(n) if n > 0) {}
+        }
+    }
+
+    /// In a child right after fork: drops what only the master may hold,
+    /// above all every control pipe's write end (or a worker would keep its
+    /// siblings from ever seeing "stop").
     fn close_in_child(&mut self) {
         self.listeners.clear();
+        self.pending = None;
         if let Some(s) = self.signals.take() {
             s.close_in_child();
         }
         self.ctl_w = None;
+        self.children = Children::default();
+        self.notice_r = None;
         if let Some(ready) = self.handoff.ready.take() {
             ready.close_in_child();
         }
@@ -239,10 +324,11 @@ impl Master {
         };
     }
 
-    /// In a child right after fork: drop the master's fds, then its
-    /// privileges. Err is the exit code.
+    /// In a fork-mode child right after fork: drop the master's fds, then
+    /// its privileges. Err is the exit code.
     fn enter_child(&mut self) -> Result<(), i32> {
         self.close_in_child();
+        self.notice_w = None;
         self.identity.enter().map_err(|e| {
             error!("cannot drop privileges: {e}");
             worker::EXIT_SETUP
@@ -255,37 +341,235 @@ impl Master {
         }
     }
 
+    /// Announces readiness, completes or abandons a reload, and starts a
+    /// reload that had to wait, as the workers' states allow.
+    fn progress(&mut self, now: Instant) {
+        if let Some(deadline) = self.unannounced {
+            if self.cfg.mode == Mode::Fork
+                || self.ready_workers(self.generation) >= self.cfg.workers as usize
+            {
+                self.unannounced = None;
+                info!("ready");
+                self.notify(&format!("READY=1\nSTATUS={}", self.status_text(now)));
+                if let Some(ready) = self.handoff.ready.take() {
+                    ready.ready();
+                }
+            } else if now >= deadline {
+                self.fatal(
+                    now,
+                    &format!(
+                        "the workers did not become ready within {} s",
+                        READY_TIMEOUT.as_secs()
+                    ),
+                );
+                return;
+            }
+        }
+        if let Some(p) = &self.pending {
+            if p.cfg.mode == Mode::Fork
+                || self.ready_workers(p.generation) >= p.cfg.workers as usize
+            {
+                self.commit(now);
+            } else if now >= p.deadline {
+                self.abandon(&format!(
+                    "the new workers did not become ready within {} s",
+                    READY_TIMEOUT.as_secs()
+                ));
+            }
+        }
+        if self.hup_deferred && self.pending.is_none() && self.unannounced.is_none() {
+            self.hup_deferred = false;
+            self.reload(now);
+        }
+    }
+
+    /// Workers of `generation` that are accepting or serving.
+    fn ready_workers(&self, generation: u32) -> usize {
+        self.children
+            .iter()
+            .filter(|(_, c)| c.active() && c.generation == generation)
+            .filter_map(|(_, c)| c.slot.and_then(|s| self.scoreboard.get(s)))
+            .filter(|e| matches!(e.state, State::Idle | State::Busy))
+            .count()
+    }
+
+    /// Startup failed after the master began: stop and exit 1.
+    fn fatal(&mut self, now: Instant, why: &str) {
+        error!("{why}; stopping");
+        if self.handoff.ready.is_some() && self.cfg.log == LogTarget::Syslog {
+            // The launcher is still waiting, and its stderr is still ours.
+            eprintln!("echo-forkd: {why}");
+        }
+        self.exit_code = 1;
+        self.stop(now, true, "startup failed");
+    }
+
+    fn hup(&mut self, now: Instant) {
+        if self.stop_deadline.is_some() {
+            info!("SIGHUP ignored: stopping");
+        } else if self.pending.is_some() || self.unannounced.is_some() {
+            info!("SIGHUP: will reload once the workers being started are ready");
+            self.hup_deferred = true;
+        } else {
+            self.reload(now);
+        }
+    }
+
+    /// SIGHUP: reads the configuration again and, if it is valid, starts
+    /// the new generation; the old one is retired once it is ready.
+    fn reload(&mut self, now: Instant) {
+        match &self.cfg.config_file {
+            Some(f) => info!("SIGHUP: reloading {}", f.display()),
+            None => info!("SIGHUP: reloading (no config file: restarting the workers)"),
+        }
+        self.notify(&format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic_usec()));
+        if let Err(e) = self.prepare(now) {
+            self.abandon(&e);
+        } else {
+            self.progress(now);
+        }
+    }
+
+    /// Validates the new configuration, binds its new listeners and forks
+    /// its workers.
+    fn prepare(&mut self, now: Instant) -> Result<(), String> {
+        let mut cfg = config::load(self.source.cli.clone(), &self.source.base)?;
+        for name in reload::keep_fixed(&self.cfg, &mut cfg) {
+            warn!("{name} cannot change on reload; restart echo-forkd to change it");
+        }
+        let identity = Identity::resolve(
+            cfg.user.as_deref(),
+            cfg.group.as_deref(),
+            cfg.chroot.as_deref(),
+        )?;
+        let plan = if self.source.activated {
+            (0..self.listeners.len()).map(Planned::Kept).collect()
+        } else {
+            let current: Vec<_> = self.listeners.iter().map(Listener::configured).collect();
+            let matched = reload::match_listeners(&current, &cfg.listen);
+            let mut plan = Vec::with_capacity(matched.len());
+            for (addr, m) in cfg.listen.iter().zip(matched) {
+                plan.push(match m {
+                    Some(i) => Planned::Kept(i),
+                    None => Planned::Bound(listen::bind(addr, cfg.backlog)?),
+                });
+            }
+            plan
+        };
+        for p in &plan {
+            if let Planned::Bound(l) = p {
+                info!("listening on {}", l.name());
+            }
+        }
+        let workers = if cfg.mode == Mode::Prefork {
+            cfg.workers
+        } else {
+            0
+        };
+        self.pending = Some(Pending {
+            generation: self.generation + 1,
+            cfg,
+            identity,
+            plan,
+            deadline: now + READY_TIMEOUT,
+        });
+        for _ in 0..workers {
+            self.spawn_worker(true, now)
+                .map_err(|e| format!("cannot fork a new worker: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// The new generation is ready: switch to its listeners and settings,
+    /// and tell the old workers to stop accepting.
+    fn commit(&mut self, now: Instant) {
+        let Some(p) = self.pending.take() else {
+            return;
+        };
+        let mut current: Vec<Option<Listener>> = std::mem::take(&mut self.listeners)
+            .into_iter()
+            .map(Some)
+            .collect();
+        self.listeners = take_planned(&mut current, p.plan);
+        for l in current.into_iter().flatten() {
+            info!("no longer listening on {}", l.name());
+        }
+        if p.cfg.backlog != self.cfg.backlog {
+            for l in &self.listeners {
+                if let Err(e) = l.set_backlog(p.cfg.backlog) {
+                    warn!("{e}");
+                }
+            }
+        }
+        let generation = p.generation;
+        let retiring = self
+            .children
+            .retire_where(now + p.cfg.shutdown_timeout, |g| g < generation);
+        self.generation = generation;
+        self.cfg = p.cfg;
+        self.identity = p.identity;
+        log::set_max_level(self.cfg.log_level.filter());
+        info!("reloaded: generation {generation} serves; {retiring} old workers retiring");
+        self.notify(&format!("READY=1\nSTATUS={}", self.status_text(now)));
+    }
+
+    /// Gives up a reload: the new workers (if any) are retired and the
+    /// configuration in force stays.
+    fn abandon(&mut self, why: &str) {
+        error!("reload failed: {why}; the configuration in force is unchanged");
+        let now = Instant::now();
+        if let Some(p) = self.pending.take() {
+            self.children
+                .retire_where(now + self.cfg.shutdown_timeout, |g| g == p.generation);
+        }
+        self.notify(&format!("READY=1\nSTATUS={}", self.status_text(now)));
+    }
+
+    /// SIGTTIN/SIGTTOU: moves the pool's size by one.
+    fn resize(&mut self, up: bool) {
+        let sig = if up { "SIGTTIN" } else { "SIGTTOU" };
+        if self.cfg.mode != Mode::Prefork {
+            warn!("{sig} ignored: the pool size applies to prefork mode only");
+            return;
+        }
+        let old = self.cfg.workers;
+        let new = if up {
+            (old + 1).min(self.cfg.max_workers)
+        } else {
+            old.saturating_sub(1).max(1)
+        };
+        if new == old {
+            warn!(
+                "{sig}: the pool stays at {old} workers ({})",
+                if up {
+                    "max-workers"
+                } else {
+                    "the least there can be"
+                }
+            );
+        } else {
+            self.cfg.workers = new;
+            info!("{sig}: the pool now has {new} workers");
+        }
+    }
+
     /// prefork: forks workers until the pool is at its size, unless crash-loop
-    /// back-off holds spawning back.
+    /// back-off holds spawning back. During a reload the new generation's
+    /// pool is kept full too (its workers may recycle before it takes over).
     fn fill_pool(&mut self, now: Instant) {
-        while self.children.workers() < self.cfg.workers as usize
-            && self.backoff.until(now).is_none()
-        {
-            let master = self.pid;
-            let limits = self.cfg.limits();
-            let max_requests = self.max_requests();
-            let forked = sys::spawn(&signals::HANDLED, &signals::CHILD_IGNORED, || {
-                let listeners = std::mem::take(&mut self.listeners);
-                if let Err(code) = self.enter_child() {
-                    return code;
-                }
-                let ctx = worker::Ctx {
-                    ctl: self.ctl_r.as_fd(),
-                    master,
-                    limits,
-                };
-                worker::prefork(listeners, ctx, max_requests)
-            });
-            match forked {
-                Ok(pid) => {
-                    self.children.insert(pid, Role::Worker, now);
-                    info!("worker {pid} started");
-                }
-                Err(e) => {
+        for next in [false, true] {
+            let (generation, size) = match (next, &self.pending) {
+                (false, _) if self.cfg.mode == Mode::Prefork => (self.generation, self.cfg.workers),
+                (true, Some(p)) if p.cfg.mode == Mode::Prefork => (p.generation, p.cfg.workers),
+                _ => continue,
+            };
+            while self.children.active(generation) < size as usize
+                && self.backoff.until(now).is_none()
+            {
+                if let Err(e) = self.spawn_worker(next, now) {
                     let delay = self.backoff.fail(now);
                     error!(
-                        "cannot fork a worker: {}; retrying in {} ms",
-                        crate::error_text(&e),
+                        "cannot fork a worker: {e}; retrying in {} ms",
                         delay.as_millis()
                     );
                     break;
@@ -294,17 +578,108 @@ impl Master {
         }
     }
 
-    /// `max-requests` plus this worker's share of the jitter.
-    fn max_requests(&mut self) -> u64 {
-        let base = u64::from(self.cfg.max_requests);
-        if base == 0 || self.cfg.max_requests_jitter == 0 {
-            return base;
+    /// prefork: retires workers above the pool's size, idle ones first.
+    fn trim_pool(&mut self, now: Instant) {
+        let size = match self.cfg.mode {
+            Mode::Prefork => self.cfg.workers as usize,
+            Mode::Fork => 0,
+        };
+        let excess = self.children.active(self.generation).saturating_sub(size);
+        if excess == 0 {
+            return;
         }
-        // xorshift: spreading recycling needs no better randomness.
-        self.seed ^= self.seed << 13;
-        self.seed ^= self.seed >> 7;
-        self.seed ^= self.seed << 17;
-        base + self.seed % (u64::from(self.cfg.max_requests_jitter) + 1)
+        let rank = |s: Option<State>| match s {
+            Some(State::Idle) => 0,
+            Some(State::Starting) => 1,
+            _ => 2,
+        };
+        let mut candidates: Vec<(u8, Pid)> = self
+            .children
+            .iter()
+            .filter(|(_, c)| c.active() && c.generation == self.generation)
+            .map(|(pid, c)| {
+                let state = c.slot.and_then(|s| self.scoreboard.get(s)).map(|e| e.state);
+                (rank(state), pid)
+            })
+            .collect();
+        candidates.sort();
+        for (_, pid) in candidates.into_iter().take(excess) {
+            if self.children.retire(pid, now + self.cfg.shutdown_timeout) {
+                info!(
+                    "worker {pid} retiring: the pool is above {} workers",
+                    self.cfg.workers
+                );
+            }
+        }
+    }
+
+    /// Forks one worker of the configuration in force, or (`next`) of the
+    /// one a reload is starting. Err says why not.
+    fn spawn_worker(&mut self, next: bool, now: Instant) -> Result<Pid, String> {
+        let (generation, cfg, identity) = match (&self.pending, next) {
+            (Some(p), true) => (p.generation, &p.cfg, p.identity.clone()),
+            _ => (self.generation, &self.cfg, self.identity.clone()),
+        };
+        let limits = cfg.limits();
+        let max_requests = max_requests(cfg, &mut self.seed);
+        let Some(slot) = self.scoreboard.claim(generation) else {
+            return Err("every scoreboard slot is taken".into());
+        };
+        let (ctl_r, ctl_w) = match pipe2(OFlag::O_CLOEXEC) {
+            Ok(p) => p,
+            Err(e) => {
+                self.scoreboard.release(slot);
+                return Err(format!("cannot create a control pipe: {e}"));
+            }
+        };
+        let mut ctl_w = Some(ctl_w);
+        let master = self.pid;
+        let forked = sys::spawn(&signals::HANDLED, &signals::CHILD_IGNORED, || {
+            drop(ctl_w.take());
+            let listeners = self.take_listeners(next);
+            self.close_in_child();
+            if let Err(e) = identity.enter() {
+                error!("cannot drop privileges: {e}");
+                return worker::EXIT_SETUP;
+            }
+            let ctx = worker::Ctx {
+                ctl: ctl_r.as_fd(),
+                master,
+                limits,
+                slot: Some(self.scoreboard.slot(slot)),
+                notice: self.notice_w.as_ref().map(|f| f.as_fd()),
+            };
+            worker::prefork(listeners, ctx, max_requests)
+        });
+        match forked {
+            Ok(pid) => {
+                self.scoreboard.set_pid(slot, pid);
+                let mut child = Child::new(Role::Worker, now);
+                child.generation = generation;
+                child.slot = Some(slot);
+                child.ctl = ctl_w;
+                self.children.insert(pid, child);
+                info!("worker {pid} started");
+                Ok(pid)
+            }
+            Err(e) => {
+                self.scoreboard.release(slot);
+                Err(crate::error_text(&e))
+            }
+        }
+    }
+
+    /// The listeners of the configuration in force, or (`next`) of the one
+    /// a reload is starting; the master's list is left empty.
+    fn take_listeners(&mut self, next: bool) -> Vec<Listener> {
+        let current = std::mem::take(&mut self.listeners);
+        match (self.pending.as_mut(), next) {
+            (Some(p), true) => {
+                let mut current: Vec<Option<Listener>> = current.into_iter().map(Some).collect();
+                take_planned(&mut current, std::mem::take(&mut p.plan))
+            }
+            _ => current,
+        }
     }
 
     /// fork mode: accepts from the readable listeners, one connection from
@@ -372,6 +747,8 @@ impl Master {
                 ctl: self.ctl_r.as_fd(),
                 master,
                 limits,
+                slot: None,
+                notice: None,
             };
             worker::fork_child(conn, tcp, ctx)
         });
@@ -379,7 +756,7 @@ impl Master {
         // the master's copy of the socket) was dropped here.
         match forked {
             Ok(pid) => {
-                self.children.insert(pid, Role::Conn, now);
+                self.children.insert(pid, Child::new(Role::Conn, now));
                 self.accepted += 1;
                 true
             }
@@ -413,10 +790,32 @@ impl Master {
             let Some(child) = self.children.remove(pid) else {
                 continue;
             };
+            let last = child.slot.and_then(|s| self.scoreboard.release(s));
+            self.served_by_gone += last.map_or(0, |e| e.served);
+            let never_ready = last.is_some_and(|e| e.state == State::Starting);
             let (abnormal, how) = describe(&status);
             let stopping = self.stop_deadline.is_some();
+            let pending = self.pending.as_ref().map(|p| p.generation);
             match child.role {
-                Role::Worker if abnormal && !stopping => {
+                Role::Worker if child.killed || stopping => debug!("worker {pid} {how}"),
+                Role::Worker if child.retire_by.is_some() => {
+                    if abnormal {
+                        warn!("retiring worker {pid} {how}");
+                    } else {
+                        info!("worker {pid} {how}");
+                    }
+                }
+                Role::Worker if never_ready && pending == Some(child.generation) => {
+                    self.abandon(&format!("new worker {pid} {how} before it was ready"));
+                }
+                Role::Worker
+                    if never_ready
+                        && self.unannounced.is_some()
+                        && child.generation == self.generation =>
+                {
+                    self.fatal(now, &format!("worker {pid} {how} before it was ready"));
+                }
+                Role::Worker if abnormal => {
                     warn!("worker {pid} {how}");
                     let lived = now.duration_since(child.started);
                     if let Some(delay) = self.backoff.on_exit(now, lived, abnormal) {
@@ -438,6 +837,19 @@ impl Master {
         }
     }
 
+    /// Kills workers that were told to stop but are still serving past
+    /// their `shutdown-timeout`.
+    fn kill_overdue(&mut self, now: Instant) {
+        for pid in self.children.overdue(now) {
+            warn!(
+                "worker {pid} still busy {} s after it was told to stop: killing it",
+                self.cfg.shutdown_timeout.as_secs()
+            );
+            let _ = kill(pid, Signal::SIGKILL);
+            self.children.mark_killed(pid);
+        }
+    }
+
     /// Begins a stop: listeners are closed at once, children are told to
     /// stop accepting; `immediate` kills them instead of letting them finish.
     fn stop(&mut self, now: Instant, immediate: bool, why: &str) {
@@ -451,10 +863,14 @@ impl Master {
                 );
             }
             // Closing our copies (and removing unix socket files) plus the
-            // children closing theirs on the pipe's EOF refuses new clients.
+            // children closing theirs on their pipe's EOF refuses new clients.
             self.listeners.clear();
+            self.pending = None;
+            self.hup_deferred = false;
             self.ctl_w = None;
-            self.stop_deadline = Some(now + self.cfg.shutdown_timeout);
+            let deadline = now + self.cfg.shutdown_timeout;
+            self.children.retire_where(deadline, |_| true);
+            self.stop_deadline = Some(deadline);
             self.notify("STOPPING=1\nSTATUS=stopping");
         }
         if immediate && !self.killed {
@@ -469,31 +885,114 @@ impl Master {
         self.killed = true;
     }
 
+    /// SIGUSR1: the status line, then every worker by pid and state.
     fn status(&self, now: Instant) {
         let text = self.status_text(now);
         info!("status: {text}");
+        let mut workers: Vec<(Pid, String)> = self
+            .children
+            .iter()
+            .filter(|(_, c)| c.role == Role::Worker)
+            .filter_map(|(pid, c)| {
+                let e = self.scoreboard.get(c.slot?)?;
+                let retiring = if c.active() { "" } else { ", retiring" };
+                Some((
+                    pid,
+                    format!(
+                        "{pid} {} (generation {}, served {}{retiring})",
+                        e.state.name(),
+                        e.generation,
+                        e.served
+                    ),
+                ))
+            })
+            .collect();
+        if !workers.is_empty() {
+            workers.sort();
+            let more = workers.len().saturating_sub(NAMED_WORKERS);
+            let named: Vec<String> = workers
+                .into_iter()
+                .take(NAMED_WORKERS)
+                .map(|(_, w)| w)
+                .collect();
+            let more = if more > 0 {
+                format!(", and {more} more")
+            } else {
+                String::new()
+            };
+            info!("workers: {}{more}", named.join(", "));
+        }
         self.notify(&format!("STATUS={text}"));
     }
 
     /// The USR1 line and systemd's STATUS=.
     fn status_text(&self, now: Instant) -> String {
         let uptime = now.duration_since(self.started).as_secs();
+        let (mut busy, mut idle, mut other, mut served) = (0, 0, 0, self.served_by_gone);
+        for (_, c) in self.children.iter() {
+            if let Some(e) = c.slot.and_then(|s| self.scoreboard.get(s)) {
+                served += e.served;
+                match e.state {
+                    State::Busy => busy += 1,
+                    State::Idle if c.active() => idle += 1,
+                    _ => other += 1,
+                }
+            }
+        }
+        let starting = if other > 0 {
+            format!(", starting or stopping {other}")
+        } else {
+            String::new()
+        };
         match self.cfg.mode {
             Mode::Prefork => format!(
-                "mode prefork, workers {} (floor {}, ceiling {}), uptime {uptime} s",
+                "mode prefork, generation {}, workers {} (busy {busy}, idle {idle}{starting}; pool {}, max {}), connections served {served}, uptime {uptime} s",
+                self.generation,
                 self.children.workers(),
                 self.cfg.workers,
                 self.cfg.max_workers
             ),
             Mode::Fork => format!(
-                "mode fork, children {} of at most {}, connections {}, limit reached {} times, uptime {uptime} s",
-                self.children.len(),
+                "mode fork, generation {}, children {} of at most {}, connections {}, limit reached {} times, uptime {uptime} s",
+                self.generation,
+                self.children.len() - self.children.workers(),
                 self.cfg.max_children,
-                self.accepted,
+                self.accepted + served,
                 self.limit_hits
             ),
         }
     }
+}
+
+/// `max-requests` plus this worker's share of the jitter.
+fn max_requests(cfg: &Config, seed: &mut u64) -> u64 {
+    let base = u64::from(cfg.max_requests);
+    if base == 0 || cfg.max_requests_jitter == 0 {
+        return base;
+    }
+    // xorshift: spreading recycling needs no better randomness.
+    *seed ^= *seed << 13;
+    *seed ^= *seed >> 7;
+    *seed ^= *seed << 17;
+    base + *seed % (u64::from(cfg.max_requests_jitter) + 1)
+}
+
+/// Builds a listener set from a plan, taking kept listeners out of
+/// `current` (what is left there is what the plan dropped).
+fn take_planned(current: &mut [Option<Listener>], plan: Vec<Planned>) -> Vec<Listener> {
+    plan.into_iter()
+        .filter_map(|p| match p {
+            Planned::Kept(i) => current.get_mut(i).and_then(Option::take),
+            Planned::Bound(l) => Some(l),
+        })
+        .collect()
+}
+
+/// CLOCK_MONOTONIC in microseconds, for systemd's MONOTONIC_USEC=.
+fn monotonic_usec() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1000)
+        .unwrap_or(0)
 }
 
 fn seed() -> u64 {

@@ -1,9 +1,13 @@
-//! The only `unsafe` in echo-forkd: the fork fence, accept4, `_exit` and
-//! the local time for syslog. Everything else calls these safe wrappers.
+//! The only `unsafe` in echo-forkd: the fork fence, accept4, `_exit`, the
+//! scoreboard's shared mapping and the local time for syslog. Everything
+//! else calls these safe wrappers.
 
 use std::io;
+use std::num::NonZeroUsize;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::ptr::NonNull;
+use std::sync::atomic::AtomicU64;
 use std::time::SystemTime;
 
 use nix::sys::signal::{
@@ -170,4 +174,53 @@ pub fn local_time(t: SystemTime) -> (usize, u32, u32, u32, u32) {
         tm.tm_min as u32,
         tm.tm_sec as u32,
     )
+}
+
+/// Zero-filled words shared with every child forked after they were mapped
+/// (`MAP_SHARED|MAP_ANONYMOUS`): the scoreboard's memory. They are reached
+/// only through atomics, so processes may read and write them at once.
+pub struct SharedWords {
+    ptr: NonNull<AtomicU64>,
+    len: usize,
+}
+
+impl SharedWords {
+    /// Maps `len` words. Pages are only backed once touched.
+    pub fn new(len: usize) -> io::Result<SharedWords> {
+        let bytes = len
+            .checked_mul(std::mem::size_of::<AtomicU64>())
+            .and_then(NonZeroUsize::new)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+        use nix::sys::mman::{mmap_anonymous, MapFlags, ProtFlags};
+        // SAFETY: no address hint, so the kernel picks fresh pages that alias
+        // nothing in this process; the result is checked.
+        let ptr = unsafe {
+            mmap_anonymous(
+                None,
+                bytes,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED,
+            )
+        }?;
+        Ok(SharedWords {
+            ptr: ptr.cast(),
+            len,
+        })
+    }
+
+    /// The words.
+    pub fn words(&self) -> &[AtomicU64] {
+        // SAFETY: the mapping holds `len` page-aligned words for as long as
+        // `self` lives; the kernel zero-fills it and every bit pattern is a
+        // valid AtomicU64; all access, in any process, is atomic.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for SharedWords {
+    fn drop(&mut self) {
+        // SAFETY: this is the mapping made in `new`, of this length; the
+        // slices `words` handed out borrow `self`, so none outlives it.
+        let _ = unsafe { nix::sys::mman::munmap(self.ptr.cast(), self.len * 8) };
+    }
 }

@@ -18,6 +18,7 @@ use nix::unistd::{getppid, Pid};
 use crate::echo::{self, Limits, Watch};
 use crate::listen::Listener;
 use crate::logging::RateLimit;
+use crate::scoreboard::{Slot, State};
 
 /// Exit code of a child whose master went away.
 pub const EXIT_ORPHAN: i32 = 3;
@@ -36,11 +37,31 @@ pub struct Ctx<'a> {
     pub ctl: BorrowedFd<'a>,
     pub master: Pid,
     pub limits: Limits,
+    /// A prefork worker's scoreboard slot.
+    pub slot: Option<Slot<'a>>,
+    /// Where a worker tells the master it is ready (one byte).
+    pub notice: Option<BorrowedFd<'a>>,
 }
 
 impl Ctx<'_> {
     fn master_gone(&self) -> bool {
         getppid() != self.master
+    }
+
+    fn set(&self, state: State) {
+        if let Some(slot) = &self.slot {
+            slot.set(state);
+        }
+    }
+
+    /// Publishes "ready" and wakes the master, which may be waiting for a
+    /// new generation before it retires the old one.
+    fn ready(&self) {
+        self.set(State::Idle);
+        if let Some(fd) = self.notice {
+            // Non-blocking: a full pipe already holds a wake-up.
+            let _ = nix::unistd::write(fd, b"r");
+        }
     }
 }
 
@@ -70,6 +91,7 @@ pub fn prefork(mut listeners: Vec<Listener>, ctx: Ctx<'_>, max_requests: u64) ->
     let mut next = 0usize; // where the fair scan of ready listeners starts
     let mut accept_errors = RateLimit::new(Duration::from_secs(10));
     let mut pause: Option<Instant> = None;
+    ctx.ready();
 
     while !listeners.is_empty() {
         let ready = {
@@ -98,6 +120,7 @@ pub fn prefork(mut listeners: Vec<Listener>, ctx: Ctx<'_>, max_requests: u64) ->
             if fds[0].revents().is_some_and(|r| !r.is_empty()) {
                 // The master closed the pipe (stop) or died: an idle worker
                 // simply leaves.
+                ctx.set(State::Stopping);
                 return if ctx.master_gone() { EXIT_ORPHAN } else { 0 };
             }
             if pause.is_some_and(|until| Instant::now() >= until) {
@@ -141,12 +164,21 @@ pub fn prefork(mut listeners: Vec<Listener>, ctx: Ctx<'_>, max_requests: u64) ->
         let Some((i, conn)) = accepted else { continue };
         next = i + 1;
         let tcp = listeners[i].is_tcp();
+        ctx.set(State::Busy);
         serve_conn(conn, tcp, &ctx, &mut buf, &mut listeners);
         served += 1;
+        if let Some(slot) = &ctx.slot {
+            slot.served_one();
+        }
+        if listeners.is_empty() {
+            break; // told to stop while serving: already marked stopping
+        }
         if max_requests != 0 && served >= max_requests {
+            ctx.set(State::Stopping);
             debug!("served {served} connections; exiting to be replaced");
             return 0;
         }
+        ctx.set(State::Idle);
     }
     0
 }
@@ -199,6 +231,7 @@ fn serve_conn(
             Watch::Abort
         } else {
             listeners.clear();
+            ctx.set(State::Stopping);
             Watch::Forget
         }
     });

@@ -766,6 +766,35 @@ mod systemd {
     }
 
     #[test]
+    fn a_reload_is_bracketed_by_reloading_and_ready() {
+        let dir = TempDir::new("notify-reload");
+        let path = dir.path("notify");
+        let sock = UnixDatagram::bind(&path).unwrap();
+        let d = Daemon::spawn_with(&["-l", "127.0.0.1:0", "-w", "1"], |c| {
+            c.env("NOTIFY_SOCKET", &path);
+        });
+        recv_containing(&sock, "READY=1").expect("no READY=1");
+        let before = now_usec();
+        d.signal(Signal::SIGHUP);
+        let reloading = recv_containing(&sock, "RELOADING=1").expect("no RELOADING=1");
+        let usec: u64 = reloading
+            .lines()
+            .find_map(|l| l.strip_prefix("MONOTONIC_USEC="))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no MONOTONIC_USEC: {reloading:?}"));
+        assert!(usec >= before && usec <= now_usec(), "{usec} vs {before}");
+        let ready = recv_containing(&sock, "READY=1").expect("no READY=1 after the reload");
+        assert!(ready.contains("generation 2"), "{ready}");
+        assert!(d.wait_line("reloaded:", DEADLINE).is_some());
+    }
+
+    /// CLOCK_MONOTONIC in microseconds, as systemd reads it.
+    fn now_usec() -> u64 {
+        let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap();
+        t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1000
+    }
+
+    #[test]
     fn uses_sockets_passed_by_socket_activation() {
         let dir = TempDir::new("activation");
         let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -785,15 +814,21 @@ mod systemd {
             "-w",
             "1",
         ]);
-        // SAFETY: dup2 is async-signal-safe; it places the two sockets at
-        // fds 3 and 4 without close-on-exec, as a service manager does.
+        // SAFETY: fcntl and dup2 are async-signal-safe. The sockets are
+        // first copied above every target (one of them may sit at fd 3 and
+        // be overwritten otherwise), then placed at fds 3 and 4 without
+        // close-on-exec, as a service manager does.
         unsafe {
             cmd.pre_exec(move || {
-                for (i, &fd) in raw.iter().enumerate() {
-                    let target = 3 + i as i32;
-                    if fd == target {
-                        libc::fcntl(fd, libc::F_SETFD, 0);
-                    } else if libc::dup2(fd, target) < 0 {
+                let mut high = [0; 2];
+                for (h, &fd) in high.iter_mut().zip(raw.iter()) {
+                    *h = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 64);
+                    if *h < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                for (i, &fd) in high.iter().enumerate() {
+                    if libc::dup2(fd, 3 + i as i32) < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
                 }
@@ -1162,5 +1197,318 @@ mod daemon {
         let (seen, unpriv) = (ids(pid), unprivileged(pid, group.gid.as_raw()));
         drop(i);
         assert!(unpriv, "--inetd kept privileges with -u: {seen:?}");
+    }
+}
+
+/// SIGHUP, SIGTTIN/SIGTTOU and SIGUSR1 on a running daemon.
+mod reload {
+    use super::*;
+    use std::path::Path;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    fn write(path: &Path, text: &str) {
+        std::fs::write(path, text).unwrap();
+    }
+
+    /// Sends SIGHUP and waits for the `n`-th "reloaded" line.
+    fn reload(d: &Daemon, n: usize) {
+        d.signal(Signal::SIGHUP);
+        assert!(
+            d.wait_lines("reloaded:", n, DEADLINE).is_some(),
+            "reload {n} did not complete; stderr:\n{}",
+            d.stderr_text()
+        );
+    }
+
+    fn sorted(mut v: Vec<i32>) -> Vec<i32> {
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn hup_replaces_the_workers_with_a_generation_of_the_new_size() {
+        let dir = TempDir::new("reload-size");
+        let conf = dir.path("echo.toml");
+        write(&conf, "listen = [\"127.0.0.1:0\"]\nworkers = 2\n");
+        let d = Daemon::start(&["-c", conf.to_str().unwrap()]);
+        let addr = d.addr();
+        let old = sorted(d.wait_children(2));
+        write(&conf, "listen = [\"127.0.0.1:0\"]\nworkers = 3\n");
+        reload(&d, 1);
+        let new = sorted(d.wait_children(3));
+        assert!(
+            new.iter().all(|p| !old.contains(p)),
+            "old workers {old:?} still there: {new:?}"
+        );
+        // Same master, same socket and port.
+        assert!(!is_dead(d.pid));
+        assert_eq!(echo_all(addr, b"after"), b"after");
+        assert_eq!(d.listening().len(), 1, "{}", d.stderr_text());
+        let line = d.wait_line("reloaded:", DEADLINE).unwrap();
+        assert!(line.contains(&format!("[{}]", d.pid)), "{line}");
+    }
+
+    #[test]
+    fn broken_config_on_hup_is_logged_and_changes_nothing() {
+        let dir = TempDir::new("reload-broken");
+        let conf = dir.path("echo.toml");
+        write(&conf, "listen = [\"127.0.0.1:0\"]\nworkers = 2\n");
+        let d = Daemon::start(&["-c", conf.to_str().unwrap()]);
+        let addr = d.addr();
+        let before = sorted(d.wait_children(2));
+        for (n, bad) in [
+            "workers = [",
+            "workers = 3\nmin-spare = 9\nmax-spare = 1\n",
+            "listen = [\"127.0.0.1:0\"]\nuser = \"no-such-user-echo-forkd\"\n",
+        ]
+        .iter()
+        .enumerate()
+        {
+            write(&conf, bad);
+            d.signal(Signal::SIGHUP);
+            let failed = d.wait_lines("reload failed", n + 1, DEADLINE);
+            assert!(failed.is_some(), "{bad:?}: no error; {}", d.stderr_text());
+            let line = failed.unwrap().pop().unwrap();
+            assert!(line.contains("error:"), "{line}");
+        }
+        assert_eq!(sorted(d.children()), before, "the workers were replaced");
+        assert_eq!(echo_all(addr, b"still here"), b"still here");
+        assert!(!d.stderr_text().contains("reloaded:"));
+    }
+
+    #[test]
+    fn listeners_are_added_removed_or_kept_with_their_port() {
+        let dir = TempDir::new("reload-listen");
+        let conf = dir.path("echo.toml");
+        let (one, two) = (dir.path("one.sock"), dir.path("two.sock"));
+        let text = |unix: &Path| {
+            format!(
+                "listen = [\"127.0.0.1:0\", \"unix:{}\"]\nworkers = 1\n",
+                unix.display()
+            )
+        };
+        write(&conf, &text(&one));
+        let d = Daemon::start(&["-c", conf.to_str().unwrap()]);
+        let addr = d.addr();
+        assert_eq!(echo_unix(&one, b"one"), b"one");
+        write(&conf, &text(&two));
+        reload(&d, 1);
+        assert_eq!(echo_all(addr, b"kept"), b"kept", "the TCP port changed");
+        assert_eq!(echo_unix(&two, b"two"), b"two");
+        assert!(
+            wait_until(DEADLINE, || !exists(&one)),
+            "the removed listener's socket file is still there"
+        );
+        assert!(std::os::unix::net::UnixStream::connect(&one).is_err());
+    }
+
+    #[test]
+    fn an_open_connection_survives_the_reload_and_its_worker_then_leaves() {
+        let dir = TempDir::new("reload-open");
+        let conf = dir.path("echo.toml");
+        write(&conf, "listen = [\"127.0.0.1:0\"]\nworkers = 1\n");
+        let d = Daemon::start(&["-c", conf.to_str().unwrap()]);
+        let old = d.wait_children(1)[0];
+        let mut s = connect(d.addr());
+        assert_eq!(round_trip(&mut s, b"before").unwrap(), b"before");
+        reload(&d, 1);
+        // The old worker is still serving us, beside the new one.
+        assert_eq!(round_trip(&mut s, b"during").unwrap(), b"during");
+        assert!(d.children().contains(&old));
+        assert_eq!(echo_all(d.addr(), b"new"), b"new");
+        drop(s);
+        assert!(
+            wait_until(DEADLINE, || !d.children().contains(&old)),
+            "the old worker did not exit after its client left"
+        );
+        d.wait_children(1);
+    }
+
+    #[test]
+    fn a_retired_worker_still_busy_after_the_shutdown_timeout_is_killed() {
+        let dir = TempDir::new("reload-overdue");
+        let conf = dir.path("echo.toml");
+        let text = "listen = [\"127.0.0.1:0\"]\nworkers = 1\nshutdown-timeout = 1\n";
+        write(&conf, text);
+        let d = Daemon::start(&["-c", conf.to_str().unwrap()]);
+        let old = d.wait_children(1)[0];
+        let mut s = connect(d.addr());
+        assert_eq!(round_trip(&mut s, b"hold").unwrap(), b"hold");
+        reload(&d, 1);
+        assert!(
+            wait_until(DEADLINE, || !d.children().contains(&old)),
+            "the busy old worker outlived the shutdown timeout"
+        );
+        assert!(d
+            .stderr_text()
+            .contains(&format!("worker {old} still busy")));
+        let mut rest = Vec::new();
+        // Killed, not left hanging: the connection ends.
+        let _ = s.read_to_end(&mut rest);
+        assert_eq!(echo_all(d.addr(), b"ok"), b"ok");
+    }
+
+    /// What the clients of the load test saw.
+    #[derive(Default)]
+    struct Tally {
+        ok: AtomicUsize,
+        refused: AtomicUsize,
+        reset: AtomicUsize,
+        short: AtomicUsize,
+        other: AtomicUsize,
+    }
+
+    /// One conversation: a few round trips of random sizes, then a
+    /// half-close; the connection spans time, so reloads land inside it.
+    fn conversation(addr: std::net::SocketAddr, rng: &mut Stream) -> std::io::Result<bool> {
+        let mut s = TcpStream::connect_timeout(&addr, DEADLINE)?;
+        s.set_read_timeout(Some(DEADLINE))?;
+        let mut word = [0u8; 2];
+        rng.fill(&mut word);
+        for _ in 0..1 + word[0] % 8 {
+            let mut data = vec![0u8; 1 + usize::from(word[1]) * 16];
+            rng.fill(&mut data);
+            s.write_all(&data)?;
+            let mut back = vec![0u8; data.len()];
+            if s.read_exact(&mut back).is_err() || back != data {
+                return Ok(false);
+            }
+            rng.fill(&mut word);
+        }
+        s.shutdown(Shutdown::Write)?;
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest)?;
+        Ok(rest.is_empty())
+    }
+
+    fn client(addr: std::net::SocketAddr, seed: u64, stop: &AtomicBool, t: &Tally) {
+        let mut rng = Stream::new(seed);
+        while !stop.load(Ordering::SeqCst) {
+            let counter = match conversation(addr, &mut rng) {
+                Ok(true) => &t.ok,
+                Ok(false) => &t.short,
+                Err(e) => match e.kind() {
+                    std::io::ErrorKind::ConnectionRefused => &t.refused,
+                    std::io::ErrorKind::ConnectionReset => &t.reset,
+                    _ => &t.other,
+                },
+            };
+            counter.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn reloads_under_load_refuse_reset_and_cut_nothing() {
+        const RELOADS: usize = 12;
+        const CONNECTIONS: usize = 1200;
+        let dir = TempDir::new("reload-load");
+        let conf = dir.path("echo.toml");
+        // Each reload changes something: pool size, timeouts, even the model.
+        let settings = |i: usize| match i % 4 {
+            0 => "workers = 2\n",
+            1 => "workers = 3\nidle-timeout = 60\n",
+            2 => "mode = \"fork\"\n",
+            _ => "workers = 1\nmax-requests = 7\n",
+        };
+        let text = |i| format!("listen = [\"127.0.0.1:0\"]\n{}", settings(i));
+        write(&conf, &text(0));
+        let d = Daemon::start(&["-c", conf.to_str().unwrap()]);
+        let addr = d.addr();
+        let stop = Arc::new(AtomicBool::new(false));
+        let tally = Arc::new(Tally::default());
+        let clients: Vec<_> = (0..8u64)
+            .map(|k| {
+                let (stop, tally) = (Arc::clone(&stop), Arc::clone(&tally));
+                std::thread::spawn(move || client(addr, 0x9e37 + k, &stop, &tally))
+            })
+            .collect();
+        let done = || {
+            let t = &*tally;
+            [&t.ok, &t.refused, &t.reset, &t.short, &t.other]
+                .iter()
+                .map(|c| c.load(Ordering::SeqCst))
+                .sum::<usize>()
+        };
+        for i in 1..=RELOADS {
+            // Spread the connections over the reloads.
+            let target = CONNECTIONS * i / RELOADS;
+            assert!(wait_until(DEADLINE, || done() >= target), "clients stalled");
+            write(&conf, &text(i));
+            reload(&d, i);
+        }
+        stop.store(true, Ordering::SeqCst);
+        for c in clients {
+            c.join().unwrap();
+        }
+        let t = &*tally;
+        let counts = [
+            ("ok", t.ok.load(Ordering::SeqCst)),
+            ("refused", t.refused.load(Ordering::SeqCst)),
+            ("reset", t.reset.load(Ordering::SeqCst)),
+            ("short", t.short.load(Ordering::SeqCst)),
+            ("other errors", t.other.load(Ordering::SeqCst)),
+        ];
+        println!("{RELOADS} reloads under load: {counts:?}");
+        assert!(counts[0].1 >= CONNECTIONS, "{counts:?}");
+        assert!(counts[1..].iter().all(|(_, n)| *n == 0), "{counts:?}");
+        assert!(!is_dead(d.pid));
+    }
+
+    #[test]
+    fn ttin_and_ttou_move_the_pool_by_one_within_bounds() {
+        let d = Daemon::start(&["-l", "127.0.0.1:0", "-w", "2", "--max-workers", "3"]);
+        d.wait_children(2);
+        d.signal(Signal::SIGTTIN);
+        d.wait_children(3);
+        d.signal(Signal::SIGTTIN);
+        assert!(d
+            .wait_line("SIGTTIN: the pool stays at 3", DEADLINE)
+            .is_some());
+        d.wait_children(3);
+        for n in [2, 1] {
+            d.signal(Signal::SIGTTOU);
+            d.wait_children(n);
+        }
+        d.signal(Signal::SIGTTOU);
+        assert!(d
+            .wait_line("SIGTTOU: the pool stays at 1", DEADLINE)
+            .is_some());
+        assert_eq!(d.children().len(), 1);
+        assert_eq!(echo_all(d.addr(), b"one left"), b"one left");
+    }
+
+    #[test]
+    fn ttou_retires_an_idle_worker_not_a_busy_one() {
+        let d = Daemon::start(&["-l", "127.0.0.1:0", "-w", "2"]);
+        d.wait_children(2);
+        let mut s = connect(d.addr());
+        assert_eq!(round_trip(&mut s, b"busy").unwrap(), b"busy");
+        d.signal(Signal::SIGTTOU);
+        d.wait_children(1);
+        // The survivor is the one serving us.
+        assert_eq!(round_trip(&mut s, b"still").unwrap(), b"still");
+    }
+
+    #[test]
+    fn usr1_logs_a_status_line_naming_each_worker() {
+        let d = Daemon::start(&["-l", "127.0.0.1:0", "-w", "3"]);
+        let kids = d.wait_children(3);
+        let mut s = connect(d.addr());
+        assert_eq!(round_trip(&mut s, b"x").unwrap(), b"x");
+        d.signal(Signal::SIGUSR1);
+        let status = d.wait_line("status: ", DEADLINE).expect("no status line");
+        assert!(
+            status.contains("mode prefork")
+                && status.contains("workers 3 (busy 1, idle 2")
+                && status.contains("uptime"),
+            "{status}"
+        );
+        let named = d.wait_line("workers: ", DEADLINE).expect("no worker list");
+        for pid in &kids {
+            assert!(named.contains(&format!("{pid} ")), "{pid} missing: {named}");
+        }
+        assert_eq!(named.matches(" busy ").count(), 1, "{named}");
+        assert_eq!(named.matches(" idle ").count(), 2, "{named}");
     }
 }
