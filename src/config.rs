@@ -144,7 +144,7 @@ impl TryFrom<WorkersInFile> for Workers {
     name = "echo-forkd",
     version,
     about = "Echo (RFC 862) daemon with the classic process models: pre-forked workers or a child per connection",
-    after_help = "Signals to the master: TERM/INT graceful stop, QUIT immediate stop, USR1 status line.\nSee echo-forkd(8)."
+    after_help = "Signals to the master: TERM/INT graceful stop, QUIT immediate stop, HUP reload,\nUSR1 status line, TTIN/TTOU one worker more/less.\nSee echo-forkd(8)."
 )]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Options {
