@@ -878,6 +878,8 @@ mod systemd {
 /// Running as a daemon: detaching, the pidfile.
 mod daemon {
     use super::*;
+    use nix::sys::signal::kill;
+    use nix::unistd::Pid;
     use std::os::unix::net::UnixDatagram;
     use std::path::Path;
 
@@ -954,6 +956,39 @@ mod daemon {
             wait_until(DEADLINE, || is_dead(d.pid) && !exists(&pidfile)),
             "pidfile left after TERM"
         );
+    }
+
+    #[test]
+    fn relative_paths_keep_their_meaning_after_detaching_and_on_reload() {
+        let dir = TempDir::new("relative");
+        let conf = dir.path("echo.toml");
+        let text = |w: u32| {
+            format!(
+                "listen = [\"unix:echo.sock\"]\nworkers = {w}\nsyslog-socket = \"/nonexistent\"\n"
+            )
+        };
+        std::fs::write(&conf, text(1)).unwrap();
+        let (code, err) = launch_in(&dir.0, &["-c", "echo.toml", "-p", "echo.pid"]);
+        assert_eq!(code, 0, "{err}");
+        let pid: i32 = std::fs::read_to_string(dir.path("echo.pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let _guard = Detached { pid };
+        assert_eq!(echo_unix(&dir.path("echo.sock"), b"rel"), b"rel");
+        // The daemon's cwd is / now; the file is still found on reload.
+        std::fs::write(&conf, text(2)).unwrap();
+        kill(Pid::from_raw(pid), Signal::SIGHUP).unwrap();
+        let live = || proc_children(pid).iter().filter(|(_, s)| *s != 'Z').count();
+        assert!(
+            wait_until(DEADLINE, || live() == 2),
+            "no reload to 2 workers"
+        );
+        kill(Pid::from_raw(pid), Signal::SIGTERM).unwrap();
+        assert!(wait_until(DEADLINE, || is_dead(pid)));
+        assert!(!exists(&dir.path("echo.pid")), "pidfile left behind");
+        assert!(!exists(&dir.path("echo.sock")), "socket file left behind");
     }
 
     #[test]

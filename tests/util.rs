@@ -431,18 +431,28 @@ impl Drop for Detached {
 /// Runs echo-forkd with `args` and waits for it, at most [`DEADLINE`]
 /// (then it is killed and the test fails): (exit code, stderr).
 pub fn launch(args: &[&str]) -> (i32, String) {
-    let (code, _, stderr) = run_bounded(args);
+    let (code, _, stderr) = run_bounded(args, None);
+    (code, stderr)
+}
+
+/// `launch` with `dir` as the working directory.
+pub fn launch_in(dir: &Path, args: &[&str]) -> (i32, String) {
+    let (code, _, stderr) = run_bounded(args, Some(dir));
     (code, stderr)
 }
 
 /// Like `launch`, for what it prints on stdout: (exit code, stdout).
 pub fn launch_stdout(args: &[&str]) -> (i32, String) {
-    let (code, stdout, _) = run_bounded(args);
+    let (code, stdout, _) = run_bounded(args, None);
     (code, stdout)
 }
 
-fn run_bounded(args: &[&str]) -> (i32, String, String) {
-    let mut child = Command::new(BIN)
+fn run_bounded(args: &[&str], dir: Option<&Path>) -> (i32, String, String) {
+    let mut cmd = Command::new(BIN);
+    if let Some(dir) = dir {
+        cmd.current_dir(dir);
+    }
+    let mut child = cmd
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
