@@ -34,6 +34,8 @@ pub struct Child {
     pub retire_by: Option<Instant>,
     /// It was sent SIGKILL.
     pub killed: bool,
+    /// fork mode: its client's address, counted for max-per-ip.
+    pub peer: Option<u128>,
 }
 
 impl Child {
@@ -47,6 +49,7 @@ impl Child {
             ctl: None,
             retire_by: None,
             killed: false,
+            peer: None,
         }
     }
 

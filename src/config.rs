@@ -13,6 +13,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use serde::Deserialize;
 
+use crate::access::Rules;
 use crate::listen::ListenAddr;
 
 /// The process model.
@@ -297,6 +298,11 @@ pub struct Config {
     pub max_children: u32,
     pub max_requests: u32,
     pub max_requests_jitter: u32,
+    /// 0 = no limit.
+    pub max_per_ip: u32,
+    /// New connections per second per client address; 0 = no limit.
+    pub max_conn_rate: u32,
+    pub rules: Rules,
     pub idle_timeout: Option<Duration>,
     pub max_session: Option<Duration>,
     /// 0 = no cap.
@@ -334,6 +340,15 @@ impl Config {
             }
         }
         self
+    }
+
+    /// The per-address checks, as the accepting process takes them.
+    pub fn policy(&self) -> crate::access::Policy {
+        crate::access::Policy {
+            rules: self.rules.clone(),
+            max_per_ip: self.max_per_ip,
+            max_conn_rate: self.max_conn_rate,
+        }
     }
 
     /// The per-connection caps, as the echo loop takes them.
@@ -456,7 +471,7 @@ fn seconds(secs: u64) -> Option<Duration> {
 
 /// Fills in the defaults and checks that the settings make sense together.
 pub fn resolve(o: Options) -> Result<Config, String> {
-    refuse_unsupported(&o)?;
+    let rules = Rules::new(&o.allow, &o.deny)?;
 
     let listen = if o.listen.is_empty() {
         vec![defaults::LISTEN.to_string()]
@@ -530,6 +545,9 @@ pub fn resolve(o: Options) -> Result<Config, String> {
         max_children,
         max_requests: o.max_requests.unwrap_or(0),
         max_requests_jitter: o.max_requests_jitter.unwrap_or(0),
+        max_per_ip: o.max_per_ip.unwrap_or(0),
+        max_conn_rate: o.max_conn_rate.unwrap_or(0),
+        rules,
         idle_timeout: seconds(o.idle_timeout.unwrap_or(defaults::IDLE_TIMEOUT)),
         max_session: seconds(o.max_session.unwrap_or(0)),
         max_bytes: o.max_bytes.unwrap_or(0),
@@ -544,22 +562,6 @@ pub fn resolve(o: Options) -> Result<Config, String> {
         syslog_facility: o.syslog_facility.unwrap_or(Facility::Daemon),
         log_level: o.log_level.unwrap_or(LogLevel::Info),
     })
-}
-
-/// Options that later work delivers are refused, never silently ignored.
-fn refuse_unsupported(o: &Options) -> Result<(), String> {
-    let given = [
-        ("--max-per-ip", o.max_per_ip.unwrap_or(0) != 0),
-        ("--max-conn-rate", o.max_conn_rate.unwrap_or(0) != 0),
-        ("--allow", !o.allow.is_empty()),
-        ("--deny", !o.deny.is_empty()),
-    ];
-    match given.iter().find(|(_, on)| *on) {
-        Some((name, _)) => Err(format!(
-            "{name} is not supported yet in this version of echo-forkd"
-        )),
-        None => Ok(()),
-    }
 }
 
 /// The CPUs this process may run on: the affinity mask and the cgroup CPU
@@ -656,14 +658,11 @@ mod tests {
     }
 
     #[test]
-    fn unsupported_options_are_refused_by_name() {
-        let err = resolve(cli(&["--allow", "10.0.0.0/8"])).unwrap_err();
-        assert!(
-            err.contains("--allow") && err.contains("not supported yet"),
-            "{err}"
-        );
-        // A limit of zero is the default, so it is accepted.
-        assert!(resolve(cli(&["--max-per-ip", "0"])).is_ok());
+    fn access_rules_are_parsed_with_the_rest() {
+        let c = resolve(cli(&["--allow", "10.0.0.0/8", "--deny", "10.1.0.0/16"])).unwrap();
+        assert!(!c.rules.is_empty());
+        let err = resolve(cli(&["--deny", "10.0.0.1/8"])).unwrap_err();
+        assert!(err.contains("10.0.0.1/8"), "{err}");
     }
 
     #[test]

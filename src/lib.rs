@@ -10,6 +10,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod access;
 pub mod children;
 pub mod config;
 pub mod daemon;
@@ -17,6 +18,7 @@ pub mod echo;
 pub mod listen;
 pub mod logging;
 pub mod master;
+pub mod pool;
 pub mod reload;
 pub mod scoreboard;
 pub mod signals;

@@ -7,6 +7,7 @@
 //! (fork) or refills the pool (prefork). Like nginx's master cycle, the order
 //! is fixed, and handlers only set flags.
 
+use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
@@ -19,13 +20,15 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{getpid, pipe2, Pid};
 
+use crate::access::Policy;
 use crate::children::{describe, Backoff, Child, Children, Role};
 use crate::config::{self, Config, LogTarget, Mode, Options, MAX_WORKERS_LIMIT};
 use crate::daemon::{Identity, PidFile, ReadyPipe};
 use crate::listen::{self, Listener};
 use crate::logging::RateLimit;
+use crate::pool::{self, Pool};
 use crate::reload::{self, Planned};
-use crate::scoreboard::{Scoreboard, State};
+use crate::scoreboard::{Refusal, Scoreboard, State};
 use crate::signals::{self, Signals};
 use crate::systemd::Notify;
 use crate::{sys, worker};
@@ -37,6 +40,9 @@ const REPORT_EVERY: Duration = Duration::from_secs(10);
 /// How long a new generation of workers may take to become ready, at
 /// startup or on reload.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often the master looks at the pool and the refusal counters even
+/// when nothing woke it.
+const TICK: Duration = Duration::from_secs(1);
 /// The most workers the USR1 line names one by one.
 const NAMED_WORKERS: usize = 64;
 
@@ -87,11 +93,12 @@ pub fn run(
         Err(e) => return fail("the notice pipe", e.into()),
     };
     // Two generations of a full pool may overlap during a reload.
-    let scoreboard = match Scoreboard::new(2 * MAX_WORKERS_LIMIT as usize) {
+    let scoreboard = match Scoreboard::new(2 * MAX_WORKERS_LIMIT as usize, seed()) {
         Ok(s) => s,
         Err(e) => return fail("the scoreboard", e),
     };
     let now = Instant::now();
+    let policy = cfg.policy();
     let mut master = Master {
         pid: getpid(),
         identity,
@@ -119,6 +126,14 @@ pub fn run(
         next_listener: 0,
         accepted: 0,
         served_by_gone: 0,
+        policy,
+        per_ip: HashMap::new(),
+        pool: Pool::default(),
+        max_hits: 0,
+        at_max: RateLimit::new(REPORT_EVERY),
+        next_tick: now + TICK,
+        reported: [0; 3],
+        last_report: None,
         at_limit: RateLimit::new(REPORT_EVERY),
         limit_hits: 0,
         errors: RateLimit::new(REPORT_EVERY),
@@ -178,6 +193,18 @@ struct Master {
     accepted: u64,
     /// prefork: connections served by workers that have exited.
     served_by_gone: u64,
+    /// fork mode: the client checks the master makes before forking.
+    policy: Policy,
+    /// fork mode: children serving each client address (max-per-ip).
+    per_ip: HashMap<u128, u32>,
+    /// prefork: the spare policy's state.
+    pool: Pool,
+    max_hits: u64,
+    at_max: RateLimit,
+    next_tick: Instant,
+    /// Refusal counts as last logged, and when.
+    reported: [u64; 3],
+    last_report: Option<Instant>,
     at_limit: RateLimit,
     limit_hits: u64,
     errors: RateLimit,
@@ -215,10 +242,10 @@ impl Master {
                 self.status(now);
             }
             if p.ttin {
-                self.resize(true);
+                self.resize(true, now);
             }
             if p.ttou {
-                self.resize(false);
+                self.resize(false, now);
             }
             match self.stop_deadline {
                 None => {
@@ -228,7 +255,8 @@ impl Master {
                         self.accept(&ready, now);
                     }
                     self.fill_pool(now);
-                    self.trim_pool(now);
+                    self.maintain(now);
+                    self.tick(now);
                 }
                 Some(_) if self.children.is_empty() => break,
                 Some(deadline) if now >= deadline && !self.killed => {
@@ -278,6 +306,7 @@ impl Master {
             self.children.next_deadline().filter(|_| running),
             self.pending.as_ref().map(|p| p.deadline),
             self.unannounced.filter(|_| running),
+            Some(self.next_tick).filter(|_| running),
         ];
         let timeout = deadlines
             .iter()
@@ -508,6 +537,7 @@ impl Master {
         self.generation = generation;
         self.cfg = p.cfg;
         self.identity = p.identity;
+        self.policy = self.cfg.policy();
         log::set_max_level(self.cfg.log_level.filter());
         info!("reloaded: generation {generation} serves; {retiring} old workers retiring");
         self.notify(&format!("READY=1\nSTATUS={}", self.status_text(now)));
@@ -525,8 +555,9 @@ impl Master {
         self.notify(&format!("READY=1\nSTATUS={}", self.status_text(now)));
     }
 
-    /// SIGTTIN/SIGTTOU: moves the pool's size by one.
-    fn resize(&mut self, up: bool) {
+    /// SIGTTIN/SIGTTOU: moves the pool's floor by one; TTOU also retires
+    /// one worker (an idle one if there is one) while above the floor.
+    fn resize(&mut self, up: bool, now: Instant) {
         let sig = if up { "SIGTTIN" } else { "SIGTTOU" };
         if self.cfg.mode != Mode::Prefork {
             warn!("{sig} ignored: the pool size applies to prefork mode only");
@@ -549,7 +580,10 @@ impl Master {
             );
         } else {
             self.cfg.workers = new;
-            info!("{sig}: the pool now has {new} workers");
+            info!("{sig}: the pool's floor is now {new} workers");
+            if !up && self.children.active(self.generation) > new as usize {
+                self.retire_one(now, "SIGTTOU");
+            }
         }
     }
 
@@ -578,38 +612,138 @@ impl Master {
         }
     }
 
-    /// prefork: retires workers above the pool's size, idle ones first.
-    fn trim_pool(&mut self, now: Instant) {
-        let size = match self.cfg.mode {
-            Mode::Prefork => self.cfg.workers as usize,
-            Mode::Fork => 0,
-        };
-        let excess = self.children.active(self.generation).saturating_sub(size);
-        if excess == 0 {
+    /// prefork: the spare policy (pool.rs) for the generation in force:
+    /// starts workers in bursts when idle ones run short, retires one a
+    /// second when there are too many, and arms the workers' wake-up.
+    fn maintain(&mut self, now: Instant) {
+        if self.cfg.mode != Mode::Prefork {
+            self.scoreboard.set_wake_below(0);
             return;
         }
-        let rank = |s: Option<State>| match s {
-            Some(State::Idle) => 0,
-            Some(State::Starting) => 1,
-            _ => 2,
+        let (mut idle, mut total) = (0u32, 0u32);
+        for (_, c) in self.children.iter() {
+            if c.active() && c.generation == self.generation {
+                total += 1;
+                let state = c.slot.and_then(|s| self.scoreboard.get(s)).map(|e| e.state);
+                if matches!(state, Some(State::Idle | State::Starting)) {
+                    idle += 1;
+                }
+            }
+        }
+        let bounds = pool::Bounds {
+            workers: self.cfg.workers,
+            max_workers: self.cfg.max_workers,
+            min_spare: self.cfg.min_spare,
+            max_spare: self.cfg.max_spare,
         };
-        let mut candidates: Vec<(u8, Pid)> = self
+        match self.pool.decide(now, idle, total, bounds) {
+            pool::Action::Nothing => {}
+            pool::Action::Spawn(n) => {
+                debug!(
+                    "{idle} idle workers, fewer than min-spare ({}): starting {n}",
+                    bounds.min_spare
+                );
+                for _ in 0..n {
+                    if self.backoff.until(now).is_some() {
+                        break;
+                    }
+                    if let Err(e) = self.spawn_worker(false, now) {
+                        let delay = self.backoff.fail(now);
+                        error!(
+                            "cannot fork a worker: {e}; retrying in {} ms",
+                            delay.as_millis()
+                        );
+                        break;
+                    }
+                }
+            }
+            pool::Action::Retire => self.retire_one(now, "more than max-spare idle"),
+            pool::Action::AtMax => {
+                self.max_hits += 1;
+                if let Some(more) = self.at_max.hit(now) {
+                    warn!(
+                        "max-workers ({}) reached: all busy, new clients wait in the backlog ({} times, {more} since the last report)",
+                        bounds.max_workers, self.max_hits
+                    );
+                }
+            }
+        }
+        let total = self.children.active(self.generation) as u32;
+        let arm = total < bounds.max_workers && self.pool.can_spawn(now);
+        self.scoreboard
+            .set_wake_below(if arm { bounds.min_spare } else { 0 });
+    }
+
+    /// Retires one worker of the generation in force: the one idle the
+    /// longest, else one still starting, else a busy one (it finishes its
+    /// connection first).
+    fn retire_one(&mut self, now: Instant, why: &str) {
+        let rank = |s: Option<crate::scoreboard::Entry>| match s {
+            Some(e) if e.state == State::Idle => (0, e.since_ms),
+            Some(e) if e.state == State::Starting => (1, 0),
+            _ => (2, 0),
+        };
+        let victim = self
             .children
             .iter()
             .filter(|(_, c)| c.active() && c.generation == self.generation)
-            .map(|(pid, c)| {
-                let state = c.slot.and_then(|s| self.scoreboard.get(s)).map(|e| e.state);
-                (rank(state), pid)
-            })
-            .collect();
-        candidates.sort();
-        for (_, pid) in candidates.into_iter().take(excess) {
+            .map(|(pid, c)| (rank(c.slot.and_then(|s| self.scoreboard.get(s))), pid))
+            .min()
+            .map(|(_, pid)| pid);
+        if let Some(pid) = victim {
             if self.children.retire(pid, now + self.cfg.shutdown_timeout) {
-                info!(
-                    "worker {pid} retiring: the pool is above {} workers",
-                    self.cfg.workers
-                );
+                info!("worker {pid} retiring ({why})");
             }
+        }
+    }
+
+    /// fork mode: checks a client before a child is forked for it.
+    fn admit(&mut self, key: u128) -> Option<Refusal> {
+        if !self.policy.rules.allows(key) {
+            Some(Refusal::Denied)
+        } else if self.policy.max_conn_rate > 0
+            && !self.scoreboard.conn_rate_ok(key, self.policy.max_conn_rate)
+        {
+            Some(Refusal::Rate)
+        } else if self.policy.max_per_ip > 0
+            && self.per_ip.get(&key).copied().unwrap_or(0) >= self.policy.max_per_ip
+        {
+            Some(Refusal::PerIp)
+        } else {
+            None
+        }
+    }
+
+    fn release_peer(&mut self, key: u128) {
+        if let Some(n) = self.per_ip.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_ip.remove(&key);
+            }
+        }
+    }
+
+    /// Once a second: logs refused connections (counted by whoever
+    /// refused them), at most every REPORT_EVERY, never dropping a count.
+    fn tick(&mut self, now: Instant) {
+        if now < self.next_tick {
+            return;
+        }
+        self.next_tick = now + TICK;
+        let counts = self.scoreboard.refusals();
+        if counts != self.reported && self.last_report.is_none_or(|t| now >= t + REPORT_EVERY) {
+            for (i, why) in Refusal::ALL.iter().enumerate() {
+                let new = counts[i] - self.reported[i];
+                if new > 0 {
+                    warn!(
+                        "refused {new} connections ({}) since the last report; {} in all",
+                        why.name(),
+                        counts[i]
+                    );
+                }
+            }
+            self.reported = counts;
+            self.last_report = Some(now);
         }
     }
 
@@ -621,6 +755,7 @@ impl Master {
             _ => (self.generation, &self.cfg, self.identity.clone()),
         };
         let limits = cfg.limits();
+        let policy = cfg.policy();
         let max_requests = max_requests(cfg, &mut self.seed);
         let Some(slot) = self.scoreboard.claim(generation) else {
             return Err("every scoreboard slot is taken".into());
@@ -646,6 +781,7 @@ impl Master {
                 ctl: ctl_r.as_fd(),
                 master,
                 limits,
+                policy,
                 slot: Some(self.scoreboard.slot(slot)),
                 notice: self.notice_w.as_ref().map(|f| f.as_fd()),
             };
@@ -737,6 +873,17 @@ impl Master {
         };
         self.accept_pause = None;
         let tcp = self.listeners[i].is_tcp();
+        let peer = if tcp && !self.policy.is_open() {
+            worker::peer_key(&conn)
+        } else {
+            None
+        };
+        if let Some(key) = peer {
+            if let Some(why) = self.admit(key) {
+                self.scoreboard.refused(why);
+                return true; // closed at once, unread
+            }
+        }
         let master = self.pid;
         let limits = self.cfg.limits();
         let forked = sys::spawn(&signals::HANDLED, &signals::CHILD_IGNORED, || {
@@ -747,6 +894,7 @@ impl Master {
                 ctl: self.ctl_r.as_fd(),
                 master,
                 limits,
+                policy: Policy::default(),
                 slot: None,
                 notice: None,
             };
@@ -756,7 +904,14 @@ impl Master {
         // the master's copy of the socket) was dropped here.
         match forked {
             Ok(pid) => {
-                self.children.insert(pid, Child::new(Role::Conn, now));
+                let mut child = Child::new(Role::Conn, now);
+                if self.policy.max_per_ip > 0 {
+                    child.peer = peer;
+                    if let Some(key) = peer {
+                        *self.per_ip.entry(key).or_insert(0) += 1;
+                    }
+                }
+                self.children.insert(pid, child);
                 self.accepted += 1;
                 true
             }
@@ -790,6 +945,9 @@ impl Master {
             let Some(child) = self.children.remove(pid) else {
                 continue;
             };
+            if let Some(key) = child.peer {
+                self.release_peer(key);
+            }
             let last = child.slot.and_then(|s| self.scoreboard.release(s));
             self.served_by_gone += last.map_or(0, |e| e.served);
             let never_ready = last.is_some_and(|e| e.state == State::Starting);
@@ -944,16 +1102,28 @@ impl Master {
         } else {
             String::new()
         };
+        let refused = self.scoreboard.refusals();
+        let refused = if refused.iter().any(|&n| n > 0) {
+            let parts: Vec<String> = Refusal::ALL
+                .iter()
+                .zip(refused)
+                .map(|(r, n)| format!("{} {n}", r.name()))
+                .collect();
+            format!(", refused ({})", parts.join(", "))
+        } else {
+            String::new()
+        };
         match self.cfg.mode {
             Mode::Prefork => format!(
-                "mode prefork, generation {}, workers {} (busy {busy}, idle {idle}{starting}; pool {}, max {}), connections served {served}, uptime {uptime} s",
+                "mode prefork, generation {}, workers {} (busy {busy}, idle {idle}{starting}; floor {}, max {}, max reached {} times), connections served {served}{refused}, uptime {uptime} s",
                 self.generation,
                 self.children.workers(),
                 self.cfg.workers,
-                self.cfg.max_workers
+                self.cfg.max_workers,
+                self.max_hits
             ),
             Mode::Fork => format!(
-                "mode fork, generation {}, children {} of at most {}, connections {}, limit reached {} times, uptime {uptime} s",
+                "mode fork, generation {}, children {} of at most {}, connections {}, limit reached {} times{refused}, uptime {uptime} s",
                 self.generation,
                 self.children.len() - self.children.workers(),
                 self.cfg.max_children,

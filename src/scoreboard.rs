@@ -2,11 +2,16 @@
 //! master and its workers (Apache's scoreboard).
 //!
 //! The master claims a slot before it forks a worker and releases it once
-//! the worker is reaped; in between only the worker writes its state and
-//! count. Every field is an atomic word, so nobody ever waits on a lock
-//! held by a process that died. The master reads the slots to know which
-//! workers are ready, idle or busy: for reloads, TTIN/TTOU and the status
-//! line.
+//! the worker is reaped; in between only the worker writes its state,
+//! count and current client. Every field is an atomic word, so nobody ever
+//! waits on a lock held by a process that died. The master reads the slots
+//! to know which workers are ready, idle or busy: for reloads, the spare
+//! policy, TTIN/TTOU and the status line.
+//!
+//! A header holds what all workers share: a running count of idle workers
+//! (a hint that tells a worker when to wake the master because spares ran
+//! short), counters of refused connections, and after the slots a table of
+//! per-address connection counts for `--max-conn-rate`.
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -60,13 +65,59 @@ impl State {
     }
 }
 
+// Header words.
+const IDLE: usize = 0;
+const WAKE_BELOW: usize = 1;
+const HIGH: usize = 2;
+const REFUSED: usize = 3; // one word per Refusal
+const HASH_SEED: usize = 6;
+const HEADER: usize = 8;
+
 // Word offsets within a slot; a slot is one 64-byte cache line.
 const PID: usize = 0;
 const GENERATION: usize = 1;
 const STATE: usize = 2;
 const SERVED: usize = 3;
 const SINCE_MS: usize = 4;
+const PEER_HI: usize = 5;
+const PEER_LO: usize = 6;
 const WORDS: usize = 8;
+
+/// Buckets of the connection-rate table: (second << 32) | count.
+const RATE_BUCKETS: usize = 8192;
+
+/// Why a connection was closed at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// `--deny`, or no `--allow` matched.
+    Denied,
+    /// `--max-per-ip`.
+    PerIp,
+    /// `--max-conn-rate`.
+    Rate,
+}
+
+impl Refusal {
+    /// Every kind, in counter order.
+    pub const ALL: [Refusal; 3] = [Refusal::Denied, Refusal::PerIp, Refusal::Rate];
+
+    fn index(self) -> usize {
+        match self {
+            Refusal::Denied => 0,
+            Refusal::PerIp => 1,
+            Refusal::Rate => 2,
+        }
+    }
+
+    /// The limit's name, for the log.
+    pub fn name(self) -> &'static str {
+        match self {
+            Refusal::Denied => "allow/deny rules",
+            Refusal::PerIp => "max-per-ip",
+            Refusal::Rate => "max-conn-rate",
+        }
+    }
+}
 
 /// A copy of one slot, as the master reads it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -83,23 +134,94 @@ pub struct Entry {
 /// The shared slots, and (in the master) which of them are free.
 pub struct Scoreboard {
     mem: SharedWords,
+    slots: usize,
     epoch: Instant,
     free: Vec<usize>,
 }
 
 impl Scoreboard {
-    /// Maps `slots` slots; call before the first fork.
-    pub fn new(slots: usize) -> io::Result<Scoreboard> {
-        Ok(Scoreboard {
-            mem: SharedWords::new(slots * WORDS)?,
+    /// Maps `slots` slots; call before the first fork. `seed` keys the
+    /// rate table's hash, so clients cannot choose their collisions.
+    pub fn new(slots: usize, seed: u64) -> io::Result<Scoreboard> {
+        let board = Scoreboard {
+            mem: SharedWords::new(HEADER + slots * WORDS + RATE_BUCKETS)?,
+            slots,
             epoch: Instant::now(),
             // Popped from the end: slot 0 is handed out first.
             free: (0..slots).rev().collect(),
-        })
+        };
+        board.header(HASH_SEED).store(seed, Ordering::Relaxed);
+        Ok(board)
+    }
+
+    fn header(&self, field: usize) -> &AtomicU64 {
+        &self.mem.words()[field]
     }
 
     fn word(&self, slot: usize, field: usize) -> &AtomicU64 {
-        &self.mem.words()[slot * WORDS + field]
+        &self.mem.words()[HEADER + slot * WORDS + field]
+    }
+
+    fn bucket(&self, key: u128) -> &AtomicU64 {
+        let mut h = self.header(HASH_SEED).load(Ordering::Relaxed)
+            ^ (key as u64)
+            ^ ((key >> 64) as u64).rotate_left(29);
+        // splitmix64's finaliser.
+        h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        h ^= h >> 31;
+        &self.mem.words()[HEADER + self.slots * WORDS + (h as usize) % RATE_BUCKETS]
+    }
+
+    /// Master: idle workers below this make a worker that turns busy wake
+    /// the master (0: do not wake it, it could not add a worker anyway).
+    pub fn set_wake_below(&self, n: u32) {
+        self.header(WAKE_BELOW)
+            .store(u64::from(n), Ordering::Relaxed);
+    }
+
+    /// Counts a refused connection.
+    pub fn refused(&self, why: Refusal) {
+        self.header(REFUSED + why.index())
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Refused connections so far, by kind (in [`Refusal::ALL`] order).
+    pub fn refusals(&self) -> [u64; 3] {
+        Refusal::ALL.map(|r| self.header(REFUSED + r.index()).load(Ordering::Relaxed))
+    }
+
+    /// Counts a new connection from `key` in the current one-second window
+    /// and says whether it is within `limit`. Addresses that share a
+    /// bucket share a count, which errs towards refusing; each window
+    /// starts from zero, so a refusal is a pause, never a ban.
+    pub fn conn_rate_ok(&self, key: u128, limit: u32) -> bool {
+        let second = self.epoch.elapsed().as_secs() & 0xffff_ffff;
+        let b = self.bucket(key);
+        let mut cur = b.load(Ordering::Relaxed);
+        loop {
+            let next = if cur >> 32 == second {
+                cur.saturating_add(1)
+            } else {
+                (second << 32) | 1
+            };
+            match b.compare_exchange_weak(cur, next, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return next & 0xffff_ffff <= u64::from(limit),
+                Err(seen) => cur = seen,
+            }
+        }
+    }
+
+    /// Workers now serving a client at `key` (slots in use only).
+    pub fn peers(&self, key: u128) -> u32 {
+        let (hi, lo) = ((key >> 64) as u64, key as u64);
+        let high = (self.header(HIGH).load(Ordering::Relaxed) as usize).min(self.slots);
+        (0..high)
+            .filter(|&s| {
+                self.word(s, PEER_LO).load(Ordering::Relaxed) == lo
+                    && self.word(s, PEER_HI).load(Ordering::Relaxed) == hi
+            })
+            .count() as u32
     }
 
     fn now_ms(&self) -> u64 {
@@ -110,7 +232,11 @@ impl Scoreboard {
     /// `None` when every slot is taken.
     pub fn claim(&mut self, generation: u32) -> Option<usize> {
         let slot = self.free.pop()?;
+        self.header(HIGH)
+            .fetch_max(slot as u64 + 1, Ordering::Relaxed);
         self.word(slot, PID).store(0, Ordering::Relaxed);
+        self.word(slot, PEER_HI).store(0, Ordering::Relaxed);
+        self.word(slot, PEER_LO).store(0, Ordering::Relaxed);
         self.word(slot, GENERATION)
             .store(u64::from(generation), Ordering::Relaxed);
         self.word(slot, SERVED).store(0, Ordering::Relaxed);
@@ -131,8 +257,13 @@ impl Scoreboard {
     /// last said.
     pub fn release(&mut self, slot: usize) -> Option<Entry> {
         let entry = self.get(slot);
-        self.word(slot, STATE).store(0, Ordering::Release);
+        if self.word(slot, STATE).swap(0, Ordering::AcqRel) == State::Idle.word() {
+            // It died idle: it never took itself off the count.
+            self.header(IDLE).fetch_sub(1, Ordering::Relaxed);
+        }
         self.word(slot, PID).store(0, Ordering::Relaxed);
+        self.word(slot, PEER_HI).store(0, Ordering::Relaxed);
+        self.word(slot, PEER_LO).store(0, Ordering::Relaxed);
         if !self.free.contains(&slot) {
             self.free.push(slot);
         }
@@ -164,15 +295,43 @@ pub struct Slot<'a> {
     slot: usize,
 }
 
-impl Slot<'_> {
-    /// Publishes a new state.
-    pub fn set(&self, state: State) {
+impl<'a> Slot<'a> {
+    /// The scoreboard this slot is on.
+    pub fn board(&self) -> &'a Scoreboard {
         self.board
-            .word(self.slot, SINCE_MS)
-            .store(self.board.now_ms(), Ordering::Relaxed);
-        self.board
+    }
+
+    /// Publishes a new state. True when the master should be woken: this
+    /// worker stopped being idle and spares are now short.
+    pub fn set(&self, state: State) -> bool {
+        let b = self.board;
+        b.word(self.slot, SINCE_MS)
+            .store(b.now_ms(), Ordering::Relaxed);
+        let old = b
             .word(self.slot, STATE)
-            .store(state.word(), Ordering::Release);
+            .swap(state.word(), Ordering::AcqRel);
+        let idle = State::Idle.word();
+        if old != idle && state == State::Idle {
+            b.header(IDLE).fetch_add(1, Ordering::Relaxed);
+        } else if old == idle && state != State::Idle {
+            let left = b
+                .header(IDLE)
+                .fetch_sub(1, Ordering::Relaxed)
+                .wrapping_sub(1);
+            // Signed: a worker killed mid-update can leave the hint off by one.
+            return (left as i64) < b.header(WAKE_BELOW).load(Ordering::Relaxed) as i64;
+        }
+        false
+    }
+
+    /// Publishes the client being served (0: none), for `--max-per-ip`.
+    pub fn set_peer(&self, key: u128) {
+        self.board
+            .word(self.slot, PEER_HI)
+            .store((key >> 64) as u64, Ordering::Relaxed);
+        self.board
+            .word(self.slot, PEER_LO)
+            .store(key as u64, Ordering::Relaxed);
     }
 
     /// Counts one more connection served.
@@ -189,7 +348,7 @@ mod tests {
 
     #[test]
     fn slots_are_claimed_written_and_released() {
-        let mut board = Scoreboard::new(2).unwrap();
+        let mut board = Scoreboard::new(2, 1).unwrap();
         let a = board.claim(1).unwrap();
         let b = board.claim(1).unwrap();
         assert_ne!(a, b);
@@ -215,8 +374,49 @@ mod tests {
     }
 
     #[test]
+    fn idle_count_wakes_the_master_only_when_spares_run_short() {
+        let mut board = Scoreboard::new(3, 1).unwrap();
+        let (a, b) = (board.claim(1).unwrap(), board.claim(1).unwrap());
+        board.set_wake_below(1);
+        assert!(!board.slot(a).set(State::Idle));
+        assert!(!board.slot(b).set(State::Idle));
+        assert!(!board.slot(a).set(State::Busy), "one idle left");
+        assert!(board.slot(b).set(State::Busy), "none idle left");
+        board.set_wake_below(0);
+        assert!(!board.slot(b).set(State::Idle));
+        assert!(!board.slot(b).set(State::Busy), "waking disarmed");
+        // A worker that dies idle is taken off the count by the master.
+        board.set_wake_below(1);
+        board.slot(a).set(State::Idle);
+        board.release(a);
+        assert!(!board.slot(b).set(State::Idle));
+        assert!(board.slot(b).set(State::Busy), "a's death was counted");
+    }
+
+    #[test]
+    fn peers_and_rates_are_counted_per_address() {
+        let mut board = Scoreboard::new(4, 7).unwrap();
+        let (a, b) = (board.claim(1).unwrap(), board.claim(1).unwrap());
+        let (x, y) = (
+            crate::access::key([127, 0, 0, 1].into()),
+            crate::access::key([127, 0, 0, 2].into()),
+        );
+        board.slot(a).set_peer(x);
+        board.slot(b).set_peer(x);
+        assert_eq!((board.peers(x), board.peers(y)), (2, 0));
+        board.slot(b).set_peer(0);
+        assert_eq!(board.peers(x), 1);
+        board.release(a);
+        assert_eq!(board.peers(x), 0, "a released slot frees its peer");
+        assert!((0..3).all(|_| board.conn_rate_ok(y, 3)));
+        assert!(!board.conn_rate_ok(y, 3), "a fourth in the same second");
+        board.refused(Refusal::Rate);
+        assert_eq!(board.refusals(), [0, 0, 1]);
+    }
+
+    #[test]
     fn a_child_writes_what_the_parent_reads() {
-        let mut board = Scoreboard::new(1).unwrap();
+        let mut board = Scoreboard::new(1, 1).unwrap();
         let s = board.claim(1).unwrap();
         let pid = crate::sys::spawn(&[], &[], || {
             board.slot(s).served_one();

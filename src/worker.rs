@@ -15,10 +15,11 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{getpeername, SockaddrStorage};
 use nix::unistd::{getppid, Pid};
 
+use crate::access::{self, Policy};
 use crate::echo::{self, Limits, Watch};
 use crate::listen::Listener;
 use crate::logging::RateLimit;
-use crate::scoreboard::{Slot, State};
+use crate::scoreboard::{Refusal, Slot, State};
 
 /// Exit code of a child whose master went away.
 pub const EXIT_ORPHAN: i32 = 3;
@@ -37,6 +38,8 @@ pub struct Ctx<'a> {
     pub ctl: BorrowedFd<'a>,
     pub master: Pid,
     pub limits: Limits,
+    /// Which clients are served (prefork: checked here; fork: by the master).
+    pub policy: Policy,
     /// A prefork worker's scoreboard slot.
     pub slot: Option<Slot<'a>>,
     /// Where a worker tells the master it is ready (one byte).
@@ -48,9 +51,17 @@ impl Ctx<'_> {
         getppid() != self.master
     }
 
+    /// Publishes a state; wakes the master if spares just ran short.
     fn set(&self, state: State) {
-        if let Some(slot) = &self.slot {
-            slot.set(state);
+        if self.slot.is_some_and(|slot| slot.set(state)) {
+            self.wake();
+        }
+    }
+
+    fn wake(&self) {
+        if let Some(fd) = self.notice {
+            // Non-blocking: a full pipe already holds a wake-up.
+            let _ = nix::unistd::write(fd, b"r");
         }
     }
 
@@ -58,11 +69,57 @@ impl Ctx<'_> {
     /// new generation before it retires the old one.
     fn ready(&self) {
         self.set(State::Idle);
-        if let Some(fd) = self.notice {
-            // Non-blocking: a full pipe already holds a wake-up.
-            let _ = nix::unistd::write(fd, b"r");
+        self.wake();
+    }
+
+    /// prefork: checks a new connection's client against the rules and
+    /// limits; `Some` says why it is refused. While it is served, its
+    /// address stays published in this worker's slot (`--max-per-ip`).
+    fn admit(&self, conn: &OwnedFd, tcp: bool) -> Option<Refusal> {
+        let slot = self.slot?;
+        if !tcp || self.policy.is_open() {
+            return None;
+        }
+        let key = peer_key(conn)?;
+        let board = slot.board();
+        let why = if !self.policy.rules.allows(key) {
+            Some(Refusal::Denied)
+        } else if self.policy.max_conn_rate > 0
+            && !board.conn_rate_ok(key, self.policy.max_conn_rate)
+        {
+            Some(Refusal::Rate)
+        } else if self.policy.max_per_ip > 0 {
+            // Publish first, then count: of two racing workers at most
+            // both refuse, never both admit one too many.
+            slot.set_peer(key);
+            (board.peers(key) > self.policy.max_per_ip).then_some(Refusal::PerIp)
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            slot.set_peer(0);
+            board.refused(why);
+        }
+        why
+    }
+
+    fn served(&self) {
+        if let Some(slot) = &self.slot {
+            slot.served_one();
+            slot.set_peer(0);
         }
     }
+}
+
+/// The client's address as an [`access::key`], if it is an IP client.
+pub fn peer_key(conn: &OwnedFd) -> Option<u128> {
+    let addr = getpeername::<SockaddrStorage>(std::os::fd::AsRawFd::as_raw_fd(conn)).ok()?;
+    let ip = if let Some(v4) = addr.as_sockaddr_in() {
+        std::net::IpAddr::V4(v4.ip())
+    } else {
+        std::net::IpAddr::V6(addr.as_sockaddr_in6()?.ip())
+    };
+    Some(access::key(ip))
 }
 
 /// Arranges for the kernel to kill this child if the master dies, even while
@@ -164,12 +221,14 @@ pub fn prefork(mut listeners: Vec<Listener>, ctx: Ctx<'_>, max_requests: u64) ->
         let Some((i, conn)) = accepted else { continue };
         next = i + 1;
         let tcp = listeners[i].is_tcp();
+        if ctx.admit(&conn, tcp).is_some() {
+            // Closed at once, unread; the master reports the count.
+            continue;
+        }
         ctx.set(State::Busy);
         serve_conn(conn, tcp, &ctx, &mut buf, &mut listeners);
         served += 1;
-        if let Some(slot) = &ctx.slot {
-            slot.served_one();
-        }
+        ctx.served();
         if listeners.is_empty() {
             break; // told to stop while serving: already marked stopping
         }

@@ -16,7 +16,7 @@ mod echo {
 
     #[test]
     fn sixty_four_mib_concurrent_write_and_read() {
-        let d = Daemon::start(&["-l", "127.0.0.1:0", "-w", "1"]);
+        let d = Daemon::start(&["-l", "127.0.0.1:0", "-w", "1", "--min-spare", "0"]);
         let total: usize = 64 << 20;
         let s = connect(d.addr());
         let mut w = s.try_clone().unwrap();
@@ -55,7 +55,7 @@ mod echo {
 
     #[test]
     fn random_size_writes_come_back_as_the_same_stream() {
-        let d = Daemon::start(&["-l", "127.0.0.1:0", "-w", "1"]);
+        let d = Daemon::start(&["-l", "127.0.0.1:0", "-w", "1", "--min-spare", "0"]);
         let mut gen = Stream::new(99);
         let mut sizes = [0u8; 2000];
         gen.fill(&mut sizes);
@@ -84,7 +84,7 @@ mod echo {
 
     #[test]
     fn every_byte_value_and_half_close() {
-        let d = Daemon::start(&["-l", "127.0.0.1:0", "-w", "1"]);
+        let d = Daemon::start(&["-l", "127.0.0.1:0", "-w", "1", "--min-spare", "0"]);
         let all: Vec<u8> = (0..=255u8).collect();
         // echo_all half-closes and reads to EOF: every byte, then EOF.
         assert_eq!(echo_all(d.addr(), &all), all);
@@ -98,7 +98,16 @@ mod echo {
     }
 
     fn many_clients(mode: &str) {
-        let d = Daemon::start(&["-l", "127.0.0.1:0", "-m", mode, "-w", "8"]);
+        let d = Daemon::start(&[
+            "-l",
+            "127.0.0.1:0",
+            "-m",
+            mode,
+            "-w",
+            "8",
+            "--min-spare",
+            "0",
+        ]);
         let addr = d.addr();
         let clients: Vec<_> = (0..200u64)
             .map(|i| {
@@ -132,7 +141,7 @@ mod echo {
         let dir = TempDir::new("unix");
         let path = dir.path("echo.sock");
         let arg = format!("unix:{}", path.display());
-        let mut d = Daemon::start(&["-l", &arg, "-w", "1"]);
+        let mut d = Daemon::start(&["-l", &arg, "-w", "1", "--min-spare", "0"]);
         assert_eq!(d.listening(), vec![arg.clone()]);
         assert_eq!(echo_unix(&path, b"over unix"), b"over unix");
         d.signal(Signal::SIGTERM);
@@ -146,7 +155,7 @@ mod echo {
             println!("skipped: IPv6 loopback is not available here");
             return;
         }
-        let d = Daemon::start(&["-l", "[::1]:0", "-w", "1"]);
+        let d = Daemon::start(&["-l", "[::1]:0", "-w", "1", "--min-spare", "0"]);
         let addr = d.addr();
         assert!(addr.is_ipv6());
         assert_eq!(echo_all(addr, b"six"), b"six");
@@ -159,7 +168,7 @@ mod models {
 
     #[test]
     fn prefork_starts_exactly_the_configured_workers() {
-        let d = Daemon::start(&["-l", "127.0.0.1:0", "-w", "3"]);
+        let d = Daemon::start(&["-l", "127.0.0.1:0", "-w", "3", "--min-spare", "0"]);
         let kids = d.wait_children(3);
         assert!(!kids.contains(&d.pid));
         // And the count stays put under traffic.
@@ -171,7 +180,16 @@ mod models {
 
     #[test]
     fn max_requests_recycles_a_worker() {
-        let d = Daemon::start(&["-l", "127.0.0.1:0", "-w", "1", "--max-requests", "5"]);
+        let d = Daemon::start(&[
+            "-l",
+            "127.0.0.1:0",
+            "-w",
+            "1",
+            "--min-spare",
+            "0",
+            "--max-requests",
+            "5",
+        ]);
         let first = d.wait_children(1)[0];
         for _ in 0..4 {
             assert_eq!(echo_all(d.addr(), b"ping"), b"ping");
@@ -256,7 +274,16 @@ mod models {
 
     #[test]
     fn no_listener_starves_another() {
-        let d = Daemon::start(&["-l", "127.0.0.1:0", "-l", "127.0.0.1:0", "-w", "1"]);
+        let d = Daemon::start(&[
+            "-l",
+            "127.0.0.1:0",
+            "-l",
+            "127.0.0.1:0",
+            "-w",
+            "1",
+            "--min-spare",
+            "0",
+        ]);
         let addrs: Vec<std::net::SocketAddr> =
             d.listening().iter().map(|a| a.parse().unwrap()).collect();
         let busy = addrs[0];
@@ -286,7 +313,7 @@ mod supervision {
 
     #[test]
     fn killed_worker_is_replaced_and_reaped() {
-        let d = Daemon::start(&["-l", "127.0.0.1:0", "-w", "2"]);
+        let d = Daemon::start(&["-l", "127.0.0.1:0", "-w", "2", "--min-spare", "0"]);
         let before = d.wait_children(2);
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(before[0]), Signal::SIGKILL).unwrap();
         assert!(
@@ -304,7 +331,16 @@ mod supervision {
     }
 
     fn master_kill_takes_children_along(mode: &str) {
-        let d = Daemon::start(&["-l", "127.0.0.1:0", "-m", mode, "-w", "2"]);
+        let d = Daemon::start(&[
+            "-l",
+            "127.0.0.1:0",
+            "-m",
+            mode,
+            "-w",
+            "2",
+            "--min-spare",
+            "0",
+        ]);
         // A busy child too, not only idle ones.
         let mut held = connect(d.addr());
         assert_eq!(round_trip(&mut held, b"busy").unwrap(), b"busy");
@@ -330,7 +366,16 @@ mod supervision {
     }
 
     fn fd_and_zombie_hygiene(mode: &str) {
-        let d = Daemon::start(&["-l", "127.0.0.1:0", "-m", mode, "-w", "2"]);
+        let d = Daemon::start(&[
+            "-l",
+            "127.0.0.1:0",
+            "-m",
+            mode,
+            "-w",
+            "2",
+            "--min-spare",
+            "0",
+        ]);
         let addr = d.addr();
         assert_eq!(echo_all(addr, b"warm"), b"warm");
         let before = d.fd_count();
@@ -358,7 +403,16 @@ mod supervision {
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
         use std::io::ErrorKind::{TimedOut, WouldBlock};
         use std::os::fd::AsFd;
-        let d = Daemon::start(&["-l", "127.0.0.1:0", "-w", "1", "--idle-timeout", "1"]);
+        let d = Daemon::start(&[
+            "-l",
+            "127.0.0.1:0",
+            "-w",
+            "1",
+            "--min-spare",
+            "0",
+            "--idle-timeout",
+            "1",
+        ]);
         let mut s = connect(d.addr());
         s.set_write_timeout(Some(Duration::from_millis(200)))
             .unwrap();
@@ -396,7 +450,7 @@ mod supervision {
 
     #[test]
     fn resets_and_broken_pipes_end_only_their_connection() {
-        let d = Daemon::start(&["-l", "127.0.0.1:0", "-w", "2"]);
+        let d = Daemon::start(&["-l", "127.0.0.1:0", "-w", "2", "--min-spare", "0"]);
         let workers = d.wait_children(2);
         for _ in 0..50 {
             let s = connect(d.addr());
@@ -429,7 +483,16 @@ mod stopping {
 
     #[test]
     fn term_refuses_new_clients_at_once_and_lets_open_ones_finish() {
-        let mut d = Daemon::start(&["-l", "127.0.0.1:0", "-w", "2", "--shutdown-timeout", "2"]);
+        let mut d = Daemon::start(&[
+            "-l",
+            "127.0.0.1:0",
+            "-w",
+            "2",
+            "--min-spare",
+            "0",
+            "--shutdown-timeout",
+            "2",
+        ]);
         let addr = d.addr();
         let mut open = connect(addr);
         assert_eq!(round_trip(&mut open, b"one").unwrap(), b"one");
@@ -463,7 +526,16 @@ mod stopping {
 
     #[test]
     fn ctrl_c_to_the_process_group_is_a_graceful_stop() {
-        let mut d = Daemon::start(&["-l", "127.0.0.1:0", "-w", "2", "--shutdown-timeout", "5"]);
+        let mut d = Daemon::start(&[
+            "-l",
+            "127.0.0.1:0",
+            "-w",
+            "2",
+            "--min-spare",
+            "0",
+            "--shutdown-timeout",
+            "5",
+        ]);
         let mut open = connect(d.addr());
         assert_eq!(round_trip(&mut open, b"before").unwrap(), b"before");
         // What a terminal does on Ctrl-C: SIGINT to every process in the group.
@@ -485,7 +557,16 @@ mod stopping {
 
     #[test]
     fn quit_stops_at_once_even_with_open_clients() {
-        let mut d = Daemon::start(&["-l", "127.0.0.1:0", "-w", "1", "--shutdown-timeout", "60"]);
+        let mut d = Daemon::start(&[
+            "-l",
+            "127.0.0.1:0",
+            "-w",
+            "1",
+            "--min-spare",
+            "0",
+            "--shutdown-timeout",
+            "60",
+        ]);
         let mut open = connect(d.addr());
         assert_eq!(round_trip(&mut open, b"q").unwrap(), b"q");
         let kids = d.children();
@@ -544,6 +625,8 @@ mod logging {
             "127.0.0.1:0",
             "-w",
             "2",
+            "--min-spare",
+            "0",
             "--log",
             "syslog",
             "--syslog-socket",
@@ -585,6 +668,8 @@ mod logging {
             &listen,
             "-w",
             "1",
+            "--min-spare",
+            "0",
             "--log",
             "syslog",
             "--syslog-socket",
@@ -610,6 +695,8 @@ mod logging {
             "127.0.0.1:0",
             "-w",
             "2",
+            "--min-spare",
+            "0",
             "--log",
             "syslog",
             "--syslog-socket",
@@ -683,13 +770,12 @@ mod config {
     }
 
     #[test]
-    fn unsupported_options_are_refused_not_ignored() {
-        let (code, err) = launch(&["-f", "-l", "127.0.0.1:0", "--deny", "10.0.0.0/8"]);
+    fn a_bad_cidr_is_a_config_error_naming_it() {
+        let good = launch_stdout(&["-t", "-l", "127.0.0.1:0", "--deny", "10.0.0.0/8"]);
+        assert_eq!(good.0, 0, "{}", good.1);
+        let (code, err) = launch(&["-t", "-l", "127.0.0.1:0", "--allow", "10.0.0.1/8"]);
         assert_eq!(code, 1);
-        assert!(
-            err.contains("--deny") && err.contains("not supported yet"),
-            "{err}"
-        );
+        assert!(err.contains("10.0.0.1/8"), "{err}");
     }
 
     #[test]
@@ -699,7 +785,10 @@ mod config {
         let f = dir.path("c.toml");
         std::fs::write(
             &f,
-            format!("listen = [\"unix:{}\"]\nworkers = 1\n", sock.display()),
+            format!(
+                "listen = [\"unix:{}\"]\nworkers = 1\nmin-spare = 0\n",
+                sock.display()
+            ),
         )
         .unwrap();
         let d = Daemon::start(&["-c", f.to_str().unwrap(), "-l", "127.0.0.1:0"]);
@@ -750,9 +839,10 @@ mod systemd {
         let dir = TempDir::new("notify");
         let path = dir.path("notify");
         let sock = UnixDatagram::bind(&path).unwrap();
-        let mut d = Daemon::spawn_with(&["-l", "127.0.0.1:0", "-w", "2"], |c| {
-            c.env("NOTIFY_SOCKET", &path);
-        });
+        let mut d =
+            Daemon::spawn_with(&["-l", "127.0.0.1:0", "-w", "2", "--min-spare", "0"], |c| {
+                c.env("NOTIFY_SOCKET", &path);
+            });
         let ready = recv_containing(&sock, "READY=1").expect("no READY=1");
         assert!(
             ready.contains("STATUS=") && ready.contains("workers 2"),
@@ -770,7 +860,7 @@ mod systemd {
         let dir = TempDir::new("notify-reload");
         let path = dir.path("notify");
         let sock = UnixDatagram::bind(&path).unwrap();
-        let d = Daemon::spawn_with(&["-l", "127.0.0.1:0", "-w", "1"], |c| {
+        let d = Daemon::spawn_with(&["-l", "127.0.0.1:0", "-w", "1", "--min-spare", "0"], |c| {
             c.env("NOTIFY_SOCKET", &path);
         });
         recv_containing(&sock, "READY=1").expect("no READY=1");
@@ -813,6 +903,8 @@ mod systemd {
             "-f",
             "-w",
             "1",
+            "--min-spare",
+            "0",
         ]);
         // SAFETY: fcntl and dup2 are async-signal-safe. The sockets are
         // first copied above every target (one of them may sit at fd 3 and
@@ -884,12 +976,14 @@ mod daemon {
     use std::path::Path;
 
     /// A one-worker daemon on a free port with pidfile `p`, logging nowhere.
-    fn quiet_daemon(p: &str) -> [&str; 8] {
+    fn quiet_daemon(p: &str) -> [&str; 10] {
         [
             "-l",
             "127.0.0.1:0",
             "-w",
             "1",
+            "--min-spare",
+            "0",
             "-p",
             p,
             "--syslog-socket",
@@ -921,6 +1015,8 @@ mod daemon {
             "127.0.0.1:0",
             "-w",
             "2",
+            "--min-spare",
+            "0",
             "-p",
             pidfile.to_str().unwrap(),
             "--syslog-socket",
@@ -964,7 +1060,7 @@ mod daemon {
         let conf = dir.path("echo.toml");
         let text = |w: u32| {
             format!(
-                "listen = [\"unix:echo.sock\"]\nworkers = {w}\nsyslog-socket = \"/nonexistent\"\n"
+                "listen = [\"unix:echo.sock\"]\nworkers = {w}\nmin-spare = 0\nsyslog-socket = \"/nonexistent\"\n"
             )
         };
         std::fs::write(&conf, text(1)).unwrap();
@@ -1118,6 +1214,8 @@ mod daemon {
                 mode,
                 "-w",
                 "2",
+                "--min-spare",
+                "0",
                 "-u",
                 "nobody",
                 "-g",
@@ -1154,6 +1252,8 @@ mod daemon {
             "127.0.0.1:0",
             "-w",
             "1",
+            "--min-spare",
+            "0",
             "-u",
             "nobody",
             "--chroot",
@@ -1265,11 +1365,17 @@ mod reload {
     fn hup_replaces_the_workers_with_a_generation_of_the_new_size() {
         let dir = TempDir::new("reload-size");
         let conf = dir.path("echo.toml");
-        write(&conf, "listen = [\"127.0.0.1:0\"]\nworkers = 2\n");
+        write(
+            &conf,
+            "listen = [\"127.0.0.1:0\"]\nworkers = 2\nmin-spare = 0\n",
+        );
         let d = Daemon::start(&["-c", conf.to_str().unwrap()]);
         let addr = d.addr();
         let old = sorted(d.wait_children(2));
-        write(&conf, "listen = [\"127.0.0.1:0\"]\nworkers = 3\n");
+        write(
+            &conf,
+            "listen = [\"127.0.0.1:0\"]\nworkers = 3\nmin-spare = 0\n",
+        );
         reload(&d, 1);
         let new = sorted(d.wait_children(3));
         assert!(
@@ -1288,7 +1394,10 @@ mod reload {
     fn broken_config_on_hup_is_logged_and_changes_nothing() {
         let dir = TempDir::new("reload-broken");
         let conf = dir.path("echo.toml");
-        write(&conf, "listen = [\"127.0.0.1:0\"]\nworkers = 2\n");
+        write(
+            &conf,
+            "listen = [\"127.0.0.1:0\"]\nworkers = 2\nmin-spare = 0\n",
+        );
         let d = Daemon::start(&["-c", conf.to_str().unwrap()]);
         let addr = d.addr();
         let before = sorted(d.wait_children(2));
@@ -1319,7 +1428,7 @@ mod reload {
         let (one, two) = (dir.path("one.sock"), dir.path("two.sock"));
         let text = |unix: &Path| {
             format!(
-                "listen = [\"127.0.0.1:0\", \"unix:{}\"]\nworkers = 1\n",
+                "listen = [\"127.0.0.1:0\", \"unix:{}\"]\nworkers = 1\nmin-spare = 0\n",
                 unix.display()
             )
         };
@@ -1342,7 +1451,10 @@ mod reload {
     fn an_open_connection_survives_the_reload_and_its_worker_then_leaves() {
         let dir = TempDir::new("reload-open");
         let conf = dir.path("echo.toml");
-        write(&conf, "listen = [\"127.0.0.1:0\"]\nworkers = 1\n");
+        write(
+            &conf,
+            "listen = [\"127.0.0.1:0\"]\nworkers = 1\nmin-spare = 0\n",
+        );
         let d = Daemon::start(&["-c", conf.to_str().unwrap()]);
         let old = d.wait_children(1)[0];
         let mut s = connect(d.addr());
@@ -1364,7 +1476,7 @@ mod reload {
     fn a_retired_worker_still_busy_after_the_shutdown_timeout_is_killed() {
         let dir = TempDir::new("reload-overdue");
         let conf = dir.path("echo.toml");
-        let text = "listen = [\"127.0.0.1:0\"]\nworkers = 1\nshutdown-timeout = 1\n";
+        let text = "listen = [\"127.0.0.1:0\"]\nworkers = 1\nmin-spare = 0\nshutdown-timeout = 1\n";
         write(&conf, text);
         let d = Daemon::start(&["-c", conf.to_str().unwrap()]);
         let old = d.wait_children(1)[0];
@@ -1492,7 +1604,16 @@ mod reload {
 
     #[test]
     fn ttin_and_ttou_move_the_pool_by_one_within_bounds() {
-        let d = Daemon::start(&["-l", "127.0.0.1:0", "-w", "2", "--max-workers", "3"]);
+        let d = Daemon::start(&[
+            "-l",
+            "127.0.0.1:0",
+            "-w",
+            "2",
+            "--min-spare",
+            "0",
+            "--max-workers",
+            "3",
+        ]);
         d.wait_children(2);
         d.signal(Signal::SIGTTIN);
         d.wait_children(3);
@@ -1515,7 +1636,7 @@ mod reload {
 
     #[test]
     fn ttou_retires_an_idle_worker_not_a_busy_one() {
-        let d = Daemon::start(&["-l", "127.0.0.1:0", "-w", "2"]);
+        let d = Daemon::start(&["-l", "127.0.0.1:0", "-w", "2", "--min-spare", "0"]);
         d.wait_children(2);
         let mut s = connect(d.addr());
         assert_eq!(round_trip(&mut s, b"busy").unwrap(), b"busy");
@@ -1527,7 +1648,7 @@ mod reload {
 
     #[test]
     fn usr1_logs_a_status_line_naming_each_worker() {
-        let d = Daemon::start(&["-l", "127.0.0.1:0", "-w", "3"]);
+        let d = Daemon::start(&["-l", "127.0.0.1:0", "-w", "3", "--min-spare", "0"]);
         let kids = d.wait_children(3);
         let mut s = connect(d.addr());
         assert_eq!(round_trip(&mut s, b"x").unwrap(), b"x");

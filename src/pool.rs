@@ -1,0 +1,169 @@
+//! The dynamic prefork pool's rule (Apache prefork's): keep between
+//! `min-spare` and `max-spare` idle workers, within `workers` and
+//! `max-workers`. When spares run short, spawn in bursts that double each
+//! second they stay short (1, 2, 4, … up to 32 a second); when there are
+//! too many, retire one idle worker a second. Pure, so it is unit-tested;
+//! the master counts the workers and acts.
+
+use std::time::{Duration, Instant};
+
+/// The most workers started in one second.
+pub const MAX_RATE: u32 = 32;
+const WINDOW: Duration = Duration::from_secs(1);
+
+/// The pool's bounds, from the configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bounds {
+    pub workers: u32,
+    pub max_workers: u32,
+    pub min_spare: u32,
+    pub max_spare: u32,
+}
+
+/// What to do now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    Nothing,
+    /// Start this many workers.
+    Spawn(u32),
+    /// Retire one idle worker.
+    Retire,
+    /// Every worker is busy and the pool is at `max-workers`.
+    AtMax,
+}
+
+/// The spawn rate and its one-second window.
+#[derive(Debug)]
+pub struct Pool {
+    rate: u32,
+    window: Option<Instant>,
+    spawned: u32,
+    last_retire: Option<Instant>,
+}
+
+impl Default for Pool {
+    fn default() -> Pool {
+        Pool {
+            rate: 1,
+            window: None,
+            spawned: 0,
+            last_retire: None,
+        }
+    }
+}
+
+impl Pool {
+    /// Decides, given `idle` workers (starting ones count: they will be)
+    /// out of `total` active ones.
+    pub fn decide(&mut self, now: Instant, idle: u32, total: u32, b: Bounds) -> Action {
+        let short = idle < b.min_spare;
+        if self.window.is_none_or(|w| now >= w + WINDOW) {
+            self.rate = match (short, self.spawned >= self.rate) {
+                // Short all through the last second: grow faster.
+                (true, true) if self.window.is_some() => (self.rate * 2).min(MAX_RATE),
+                (true, _) => self.rate,
+                (false, _) => 1,
+            };
+            self.window = Some(now);
+            self.spawned = 0;
+        }
+        if short {
+            if total >= b.max_workers {
+                // Only worth a word when clients may have to wait.
+                return if idle == 0 {
+                    Action::AtMax
+                } else {
+                    Action::Nothing
+                };
+            }
+            let n = (b.min_spare - idle)
+                .min(self.rate - self.spawned)
+                .min(b.max_workers - total);
+            if n == 0 {
+                return Action::Nothing;
+            }
+            self.spawned += n;
+            return Action::Spawn(n);
+        }
+        if idle > b.max_spare
+            && total > b.workers
+            && self.last_retire.is_none_or(|t| now >= t + WINDOW)
+        {
+            self.last_retire = Some(now);
+            return Action::Retire;
+        }
+        Action::Nothing
+    }
+
+    /// Whether a worker may still be started in this second (if not, the
+    /// master need not be woken until the next one).
+    pub fn can_spawn(&self, now: Instant) -> bool {
+        self.spawned < self.rate || self.window.is_none_or(|w| now >= w + WINDOW)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const B: Bounds = Bounds {
+        workers: 2,
+        max_workers: 10,
+        min_spare: 1,
+        max_spare: 3,
+    };
+
+    #[test]
+    fn bursts_double_each_second_while_short() {
+        let mut p = Pool::default();
+        let t = Instant::now();
+        let s = |k: u64| t + Duration::from_millis(1000 * k + 1);
+        // Deep shortage, so the rate is the limit.
+        let big = Bounds {
+            min_spare: 100,
+            max_spare: 200,
+            max_workers: 1000,
+            ..B
+        };
+        assert_eq!(p.decide(t, 0, 2, big), Action::Spawn(1));
+        assert_eq!(p.decide(t, 0, 3, big), Action::Nothing, "budget spent");
+        assert!(!p.can_spawn(t));
+        assert_eq!(p.decide(s(1), 0, 3, big), Action::Spawn(2));
+        assert_eq!(p.decide(s(2), 0, 5, big), Action::Spawn(4));
+        for k in 3..9 {
+            p.decide(s(k), 0, 100, big);
+        }
+        assert_eq!(p.decide(s(9), 0, 200, big), Action::Spawn(MAX_RATE));
+        // Not short any more: back to one.
+        assert_eq!(p.decide(s(10), 100, 300, big), Action::Nothing);
+        assert_eq!(p.decide(s(11), 0, 300, big), Action::Spawn(1));
+    }
+
+    #[test]
+    fn spawns_only_the_shortfall_and_never_past_max_workers() {
+        let mut p = Pool::default();
+        let t = Instant::now();
+        let wide = Bounds { min_spare: 3, ..B };
+        p.rate = 8;
+        p.window = Some(t);
+        assert_eq!(p.decide(t, 1, 4, wide), Action::Spawn(2));
+        assert_eq!(p.decide(t, 0, 9, wide), Action::Spawn(1), "one slot left");
+        assert_eq!(p.decide(t, 0, 10, wide), Action::AtMax);
+    }
+
+    #[test]
+    fn retires_one_idle_worker_a_second_down_to_the_floor() {
+        let mut p = Pool::default();
+        let t = Instant::now();
+        assert_eq!(p.decide(t, 6, 8, B), Action::Retire);
+        assert_eq!(p.decide(t, 5, 7, B), Action::Nothing, "one a second");
+        let later = t + Duration::from_secs(1);
+        assert_eq!(p.decide(later, 5, 7, B), Action::Retire);
+        assert_eq!(p.decide(later + WINDOW, 4, 2, B), Action::Nothing, "floor");
+        assert_eq!(
+            p.decide(later + WINDOW, 3, 5, B),
+            Action::Nothing,
+            "within spares"
+        );
+    }
+}
