@@ -183,9 +183,10 @@ pub const QUICK_DEATH: Duration = Duration::from_secs(1);
 const FIRST_DELAY: Duration = Duration::from_millis(250);
 const MAX_DELAY: Duration = Duration::from_secs(30);
 
-/// Crash-loop protection: workers that die right after starting (or forks
-/// that fail) are respawned after a delay that doubles each time, up to
-/// [`MAX_DELAY`]; any healthy exit resets it.
+/// Crash-loop protection: workers that fail right after starting (the
+/// master passes "died abnormally before it was ready") or forks that fail
+/// are respawned after a delay that doubles each time, up to
+/// [`MAX_DELAY`]; any other exit resets it.
 #[derive(Debug, Default)]
 pub struct Backoff {
     delay: Duration,

@@ -976,9 +976,11 @@ impl Master {
                 Role::Worker if abnormal => {
                     warn!("worker {pid} {how}");
                     let lived = now.duration_since(child.started);
-                    if let Some(delay) = self.backoff.on_exit(now, lived, abnormal) {
+                    // A crash loop is workers failing to start; one killed
+                    // after it was ready does not hold the next one back.
+                    if let Some(delay) = self.backoff.on_exit(now, lived, never_ready) {
                         warn!(
-                            "worker {pid} died {} ms after starting: respawning in {} ms",
+                            "worker {pid} died {} ms after starting, before it was ready: respawning in {} ms",
                             lived.as_millis(),
                             delay.as_millis()
                         );

@@ -1339,7 +1339,7 @@ mod daemon {
 mod reload {
     use super::*;
     use std::path::Path;
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
 
     fn write(path: &Path, text: &str) {
@@ -1496,57 +1496,9 @@ mod reload {
         assert_eq!(echo_all(d.addr(), b"ok"), b"ok");
     }
 
-    /// What the clients of the load test saw.
-    #[derive(Default)]
-    struct Tally {
-        ok: AtomicUsize,
-        refused: AtomicUsize,
-        reset: AtomicUsize,
-        short: AtomicUsize,
-        other: AtomicUsize,
-    }
-
-    /// One conversation: a few round trips of random sizes, then a
-    /// half-close; the connection spans time, so reloads land inside it.
-    fn conversation(addr: std::net::SocketAddr, rng: &mut Stream) -> std::io::Result<bool> {
-        let mut s = TcpStream::connect_timeout(&addr, DEADLINE)?;
-        s.set_read_timeout(Some(DEADLINE))?;
-        let mut word = [0u8; 2];
-        rng.fill(&mut word);
-        for _ in 0..1 + word[0] % 8 {
-            let mut data = vec![0u8; 1 + usize::from(word[1]) * 16];
-            rng.fill(&mut data);
-            s.write_all(&data)?;
-            let mut back = vec![0u8; data.len()];
-            if s.read_exact(&mut back).is_err() || back != data {
-                return Ok(false);
-            }
-            rng.fill(&mut word);
-        }
-        s.shutdown(Shutdown::Write)?;
-        let mut rest = Vec::new();
-        s.read_to_end(&mut rest)?;
-        Ok(rest.is_empty())
-    }
-
-    fn client(addr: std::net::SocketAddr, seed: u64, stop: &AtomicBool, t: &Tally) {
-        let mut rng = Stream::new(seed);
-        while !stop.load(Ordering::SeqCst) {
-            let counter = match conversation(addr, &mut rng) {
-                Ok(true) => &t.ok,
-                Ok(false) => &t.short,
-                Err(e) => match e.kind() {
-                    std::io::ErrorKind::ConnectionRefused => &t.refused,
-                    std::io::ErrorKind::ConnectionReset => &t.reset,
-                    _ => &t.other,
-                },
-            };
-            counter.fetch_add(1, Ordering::SeqCst);
-        }
-    }
-
     #[test]
     fn reloads_under_load_refuse_reset_and_cut_nothing() {
+        let _heavy = heavy();
         const RELOADS: usize = 12;
         const CONNECTIONS: usize = 1200;
         let dir = TempDir::new("reload-load");
@@ -1564,19 +1516,8 @@ mod reload {
         let addr = d.addr();
         let stop = Arc::new(AtomicBool::new(false));
         let tally = Arc::new(Tally::default());
-        let clients: Vec<_> = (0..8u64)
-            .map(|k| {
-                let (stop, tally) = (Arc::clone(&stop), Arc::clone(&tally));
-                std::thread::spawn(move || client(addr, 0x9e37 + k, &stop, &tally))
-            })
-            .collect();
-        let done = || {
-            let t = &*tally;
-            [&t.ok, &t.refused, &t.reset, &t.short, &t.other]
-                .iter()
-                .map(|c| c.load(Ordering::SeqCst))
-                .sum::<usize>()
-        };
+        let threads = clients(addr, 8, &stop, &tally);
+        let done = || tally.total();
         for i in 1..=RELOADS {
             // Spread the connections over the reloads.
             let target = CONNECTIONS * i / RELOADS;
@@ -1585,20 +1526,13 @@ mod reload {
             reload(&d, i);
         }
         stop.store(true, Ordering::SeqCst);
-        for c in clients {
-            c.join().unwrap();
+        for t in threads {
+            t.join().unwrap();
         }
-        let t = &*tally;
-        let counts = [
-            ("ok", t.ok.load(Ordering::SeqCst)),
-            ("refused", t.refused.load(Ordering::SeqCst)),
-            ("reset", t.reset.load(Ordering::SeqCst)),
-            ("short", t.short.load(Ordering::SeqCst)),
-            ("other errors", t.other.load(Ordering::SeqCst)),
-        ];
+        let counts = tally.counts();
         println!("{RELOADS} reloads under load: {counts:?}");
-        assert!(counts[0].1 >= CONNECTIONS, "{counts:?}");
-        assert!(counts[1..].iter().all(|(_, n)| *n == 0), "{counts:?}");
+        assert!(tally.get(Outcome::Echoed) >= CONNECTIONS, "{counts:?}");
+        assert_eq!(tally.get(Outcome::Echoed), tally.total(), "{counts:?}");
         assert!(!is_dead(d.pid));
     }
 
@@ -1666,5 +1600,457 @@ mod reload {
         }
         assert_eq!(named.matches(" busy ").count(), 1, "{named}");
         assert_eq!(named.matches(" idle ").count(), 2, "{named}");
+    }
+}
+
+/// The dynamic pool, per-address limits and faults: floods, kills, EMFILE.
+mod resilience {
+    use super::*;
+    use nix::sys::signal::kill;
+    use nix::unistd::Pid;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    /// A connection from a chosen loopback source address.
+    fn connect_from(src: [u8; 4], addr: std::net::SocketAddr) -> TcpStream {
+        use nix::sys::socket::{bind, connect, socket, AddressFamily, SockFlag, SockType};
+        use nix::sys::socket::{SockaddrIn, SockaddrStorage};
+        use std::os::fd::AsRawFd;
+        let fd = socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        let [a, b, c, d] = src;
+        bind(fd.as_raw_fd(), &SockaddrIn::new(a, b, c, d, 0)).unwrap();
+        connect(fd.as_raw_fd(), &SockaddrStorage::from(addr)).unwrap();
+        let s = TcpStream::from(fd);
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        s
+    }
+
+    /// Whether the server closed `s` without echoing: refused at once.
+    fn closed_unserved(s: &mut TcpStream) -> bool {
+        let _ = s.write_all(b"anyone?");
+        let mut buf = [0u8; 16];
+        matches!(s.read(&mut buf), Ok(0) | Err(_))
+    }
+
+    #[test]
+    fn the_pool_grows_with_load_and_shrinks_back_to_its_spares() {
+        let _heavy = heavy();
+        let d = Daemon::start(&[
+            "-l",
+            "127.0.0.1:0",
+            "-w",
+            "2",
+            "--max-workers",
+            "10",
+            "--min-spare",
+            "1",
+            "--max-spare",
+            "3",
+        ]);
+        let addr = d.addr();
+        d.wait_children(2);
+        let started = Instant::now();
+        let mut held: Vec<TcpStream> = (0..6).map(|_| connect(addr)).collect();
+        for s in &mut held {
+            s.write_all(b"hold").unwrap();
+        }
+        assert!(
+            wait_until(Duration::from_secs(3), || d.children().len() >= 7),
+            "only {} workers after 3 s with 6 clients held",
+            d.children().len()
+        );
+        println!("grew to 7 workers in {:?}", started.elapsed());
+        for s in &mut held {
+            let mut back = [0u8; 4];
+            s.read_exact(&mut back).unwrap();
+            assert_eq!(&back, b"hold");
+        }
+        drop(held);
+        let mut fewest = usize::MAX;
+        let shrunk = wait_until(DEADLINE, || {
+            let n = d.children().len();
+            fewest = fewest.min(n);
+            n <= 3
+        });
+        assert!(shrunk, "still {} workers", d.children().len());
+        // Settled at the spares, never below the floor of 2.
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_millis(1500) {
+            fewest = fewest.min(d.children().len());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(fewest >= 2, "the pool fell to {fewest} workers");
+        assert_eq!(echo_all(addr, b"after"), b"after");
+    }
+
+    fn max_per_ip(mode: &str) {
+        let d = Daemon::start(&[
+            "-l",
+            "127.0.0.1:0",
+            "-m",
+            mode,
+            "-w",
+            "6",
+            "--max-per-ip",
+            "3",
+        ]);
+        let addr = d.addr();
+        let mut three: Vec<TcpStream> = (0..3).map(|_| connect(addr)).collect();
+        for s in &mut three {
+            assert_eq!(round_trip(s, b"in").unwrap(), b"in");
+        }
+        let mut fourth = connect(addr);
+        assert!(closed_unserved(&mut fourth), "a 4th connection was served");
+        for s in &mut three {
+            assert_eq!(round_trip(s, b"still").unwrap(), b"still");
+        }
+        drop(three.pop());
+        // Once the server has seen that client leave, a new one is served.
+        let served = wait_until(DEADLINE, || {
+            let mut s = connect(addr);
+            round_trip(&mut s, b"next").is_ok_and(|b| b == b"next")
+        });
+        assert!(served, "no new connection after one closed");
+        d.signal(Signal::SIGUSR1);
+        let status = d.wait_line("status: ", DEADLINE).unwrap();
+        assert!(status.contains("max-per-ip "), "{status}");
+    }
+
+    #[test]
+    fn max_per_ip_prefork() {
+        max_per_ip("prefork");
+    }
+
+    #[test]
+    fn max_per_ip_fork() {
+        max_per_ip("fork");
+    }
+
+    fn allow_and_deny(mode: &str) {
+        let d = Daemon::start(&["-l", "127.0.0.1:0", "-m", mode, "--deny", "127.0.0.1/32"]);
+        let mut s = connect(d.addr());
+        assert!(closed_unserved(&mut s), "a denied client was served");
+        assert!(
+            d.wait_line("allow/deny", DEADLINE).is_some(),
+            "refusal not logged"
+        );
+
+        let d = Daemon::start(&[
+            "-l",
+            "127.0.0.1:0",
+            "-m",
+            mode,
+            "--allow",
+            "127.0.0.0/8",
+            "--deny",
+            "127.0.0.1/32",
+        ]);
+        let addr = d.addr();
+        let mut s = connect_from([127, 0, 0, 1], addr);
+        assert!(closed_unserved(&mut s), "127.0.0.1 was served");
+        let mut s = connect_from([127, 0, 0, 2], addr);
+        assert_eq!(round_trip(&mut s, b"from .2").unwrap(), b"from .2");
+    }
+
+    #[test]
+    fn allow_and_deny_prefork() {
+        allow_and_deny("prefork");
+    }
+
+    #[test]
+    fn allow_and_deny_fork() {
+        allow_and_deny("fork");
+    }
+
+    fn conn_rate(mode: &str) {
+        let d = Daemon::start(&[
+            "-l",
+            "127.0.0.1:0",
+            "-m",
+            mode,
+            "-w",
+            "4",
+            "--max-conn-rate",
+            "5",
+        ]);
+        let addr = d.addr();
+        let burst = Instant::now();
+        let served = (0..20)
+            .filter(|_| {
+                let mut s = connect(addr);
+                round_trip(&mut s, b"r").is_ok_and(|b| b == b"r")
+            })
+            .count();
+        // A burst well within a second spans at most two windows.
+        if burst.elapsed() < Duration::from_millis(900) {
+            assert!((5..=10).contains(&served), "{served} of 20 served");
+        }
+        // A pause, not a ban: a later connection is served again.
+        assert!(wait_until(DEADLINE, || {
+            let mut s = connect(addr);
+            round_trip(&mut s, b"again").is_ok_and(|b| b == b"again")
+        }));
+    }
+
+    #[test]
+    fn conn_rate_prefork() {
+        conn_rate("prefork");
+    }
+
+    #[test]
+    fn conn_rate_fork() {
+        conn_rate("fork");
+    }
+
+    #[test]
+    fn a_crash_loop_is_slowed_down_and_recovers() {
+        let _heavy = heavy();
+        if !nix::unistd::geteuid().is_root() {
+            println!("skipped: needs root (a chroot that vanishes makes workers fail to start)");
+            return;
+        }
+        let dir = TempDir::new("crash");
+        let jail = dir.path("jail");
+        std::fs::create_dir(&jail).unwrap();
+        let d = Daemon::start(&[
+            "-l",
+            "127.0.0.1:0",
+            "-w",
+            "1",
+            "--min-spare",
+            "0",
+            "--chroot",
+            jail.to_str().unwrap(),
+        ]);
+        let worker = d.wait_children(1)[0];
+        std::fs::remove_dir(&jail).unwrap();
+        kill(Pid::from_raw(worker), Signal::SIGKILL).unwrap();
+        let window = Instant::now();
+        while window.elapsed() < Duration::from_secs(3) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let log = d.stderr_text();
+        let forks = log.matches(" started").count() - 1;
+        println!("{forks} forks in 3 s of crash loop");
+        assert!((2..=6).contains(&forks), "{forks} forks in 3 s:\n{log}");
+        assert!(log.contains("respawning in"), "{log}");
+        assert!(!is_dead(d.pid));
+        // Healthy again: a worker starts and serves.
+        std::fs::create_dir(&jail).unwrap();
+        let addr = d.addr();
+        assert!(
+            wait_until(DEADLINE, || {
+                let mut s = connect(addr);
+                round_trip(&mut s, b"back").is_ok_and(|b| b == b"back")
+            }),
+            "{}",
+            d.stderr_text()
+        );
+    }
+
+    /// CPU time (user + system) of a process, in clock ticks.
+    fn cpu_ticks(pid: i32) -> u64 {
+        let f = stat_fields(pid);
+        f[13].parse::<u64>().unwrap() + f[14].parse::<u64>().unwrap()
+    }
+
+    fn set_nofile(pid: i32, soft: u64) {
+        let mut old = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: prlimit reads and writes only the two structs given.
+        let rc = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) };
+        assert_eq!(rc, 0);
+        let new = libc::rlimit {
+            rlim_cur: soft,
+            rlim_max: old.rlim_max,
+        };
+        // SAFETY: as above.
+        let rc = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) };
+        assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    }
+
+    #[test]
+    fn emfile_pauses_the_worker_instead_of_spinning() {
+        let _heavy = heavy();
+        let d = Daemon::start(&["-l", "127.0.0.1:0", "-w", "1", "--min-spare", "0"]);
+        let addr = d.addr();
+        let worker = d.wait_children(1)[0];
+        // The lowest free descriptor number becomes the limit: no room
+        // for one more, so accept fails with EMFILE.
+        let used: Vec<u64> = std::fs::read_dir(format!("/proc/{worker}/fd"))
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect();
+        let free = (0..).find(|n| !used.contains(n)).unwrap();
+        set_nofile(worker, free);
+        let mut s = connect(addr);
+        s.write_all(b"wait").unwrap();
+        let before = cpu_ticks(worker);
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(2) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let used = cpu_ticks(worker) - before;
+        println!("worker used {used} ticks in 2 s of EMFILE");
+        assert!(used < 20, "{used} clock ticks (0.2 s is 20)");
+        assert!(d.wait_line("pausing", DEADLINE).is_some(), "not logged");
+        set_nofile(worker, 1024);
+        let mut back = [0u8; 4];
+        s.read_exact(&mut back).unwrap();
+        assert_eq!(&back, b"wait");
+        assert_eq!(
+            d.children(),
+            vec![worker],
+            "the worker should not have exited"
+        );
+    }
+
+    #[test]
+    fn chaos_kills_cut_only_their_own_connections() {
+        let _heavy = heavy();
+        let d = Daemon::start(&["-l", "127.0.0.1:0", "-w", "8", "--max-workers", "64"]);
+        let addr = d.addr();
+        let stop = Arc::new(AtomicBool::new(false));
+        let tally = Arc::new(Tally::default());
+        let threads = clients(addr, 50, &stop, &tally);
+        let kills = Arc::new(AtomicUsize::new(0));
+        let mut rng = Stream::new(7);
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(10) {
+            let kids = d.children();
+            if !kids.is_empty() {
+                let mut r = [0u8; 2];
+                rng.fill(&mut r);
+                let victim = kids[usize::from(u16::from_le_bytes(r)) % kids.len()];
+                if kill(Pid::from_raw(victim), Signal::SIGKILL).is_ok() {
+                    kills.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        stop.store(true, Ordering::SeqCst);
+        for t in threads {
+            t.join().unwrap();
+        }
+        let counts = tally.counts();
+        let kills = kills.load(Ordering::SeqCst);
+        println!("chaos: {kills} workers killed; {counts:?}");
+        assert!(!is_dead(d.pid), "the master died");
+        assert_eq!(tally.get(Outcome::Wrong), 0, "{counts:?}");
+        assert_eq!(tally.get(Outcome::Refused), 0, "{counts:?}");
+        assert_eq!(tally.get(Outcome::Failed), 0, "{counts:?}");
+        // A worker serves one client at a time: a kill cuts at most one.
+        let cut = tally.get(Outcome::Cut) + tally.get(Outcome::Reset);
+        assert!(cut <= kills, "{cut} cut connections for {kills} kills");
+        assert!(tally.get(Outcome::Echoed) > 1000, "{counts:?}");
+        assert!(
+            wait_until(DEADLINE, || d.children().len() >= 8
+                && d.zombies().is_empty()),
+            "pool not back: {:?}, zombies {:?}",
+            d.children(),
+            d.zombies()
+        );
+        assert_eq!(echo_all(addr, b"calm"), b"calm");
+    }
+
+    #[test]
+    fn a_flood_in_fork_mode_never_exceeds_max_children_nor_refuses() {
+        let _heavy = heavy();
+        let d = Daemon::start(&["-l", "127.0.0.1:0", "-m", "fork", "--max-children", "50"]);
+        let addr = d.addr();
+        let done = Arc::new(AtomicBool::new(false));
+        let most = Arc::new(AtomicUsize::new(0));
+        let sampler = {
+            let (done, most, pid) = (Arc::clone(&done), Arc::clone(&most), d.pid);
+            std::thread::spawn(move || {
+                let list = format!("/proc/{pid}/task/{pid}/children");
+                while !done.load(Ordering::SeqCst) {
+                    if let Ok(text) = std::fs::read_to_string(&list) {
+                        most.fetch_max(text.split_whitespace().count(), Ordering::SeqCst);
+                    }
+                }
+            })
+        };
+        let mut flood: Vec<TcpStream> = (0..500).map(|_| connect(addr)).collect();
+        for s in &mut flood {
+            s.write_all(b"f").unwrap();
+        }
+        for (i, s) in flood.iter_mut().enumerate() {
+            let mut b = [0u8; 1];
+            s.read_exact(&mut b)
+                .unwrap_or_else(|e| panic!("client {i} not served: {e}"));
+            assert_eq!(&b, b"f");
+            s.shutdown(Shutdown::Both).unwrap();
+        }
+        done.store(true, Ordering::SeqCst);
+        sampler.join().unwrap();
+        let most = most.load(Ordering::SeqCst);
+        println!("flood: at most {most} children for 500 clients");
+        assert!(most <= 50, "{most} children at once");
+        assert!(!is_dead(d.pid));
+    }
+
+    /// The master's resident memory, in KiB.
+    fn rss_kib(pid: i32) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+
+    fn hammer(addr: std::net::SocketAddr, n: usize) {
+        let per = n / 4;
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                std::thread::spawn(move || {
+                    for _ in 0..per {
+                        let mut s = TcpStream::connect(addr).unwrap();
+                        s.write_all(b"z").unwrap();
+                        s.shutdown(Shutdown::Write).unwrap();
+                        let mut back = Vec::new();
+                        s.read_to_end(&mut back).unwrap();
+                        assert_eq!(back, b"z");
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn a_hundred_thousand_connections_leave_the_master_as_it_was() {
+        let _heavy = heavy();
+        let d = Daemon::start(&["-l", "127.0.0.1:0", "-w", "4", "--max-requests", "5000"]);
+        let addr = d.addr();
+        hammer(addr, 2_000);
+        // The master holds one control pipe per worker; the pool's size
+        // may differ, so count the rest.
+        let own_fds = || d.fd_count() - d.children().len();
+        let (fds, rss) = (own_fds(), rss_kib(d.pid));
+        let start = Instant::now();
+        hammer(addr, 100_000);
+        println!("100,000 connections in {:?}", start.elapsed());
+        // Workers that recycled meanwhile are replaced: wait for the pool.
+        assert!(wait_until(DEADLINE, || d.zombies().is_empty()));
+        assert!(
+            wait_until(DEADLINE, || own_fds() == fds),
+            "fds {fds} -> {}",
+            own_fds()
+        );
+        let grew = rss_kib(d.pid).saturating_sub(rss);
+        println!("master RSS {rss} KiB, grew {grew} KiB");
+        assert!(grew <= 256, "master RSS grew {grew} KiB");
     }
 }

@@ -548,3 +548,137 @@ impl Drop for Inetd {
         let _ = self.child.wait();
     }
 }
+
+/// How one client conversation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every byte came back, then the server closed after our half-close.
+    Echoed,
+    Refused,
+    Reset,
+    /// The server closed early; what came back was a true prefix.
+    Cut,
+    /// Bytes came back that were not sent.
+    Wrong,
+    /// Any other error (a timeout, …).
+    Failed,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 6] = [
+        Outcome::Echoed,
+        Outcome::Refused,
+        Outcome::Reset,
+        Outcome::Cut,
+        Outcome::Wrong,
+        Outcome::Failed,
+    ];
+}
+
+/// One conversation: a few round trips of random sizes, then a half-close;
+/// the connection spans time, so signals and kills land inside it.
+pub fn conversation(addr: SocketAddr, rng: &mut Stream) -> Outcome {
+    use std::io::ErrorKind;
+    let mut s = match TcpStream::connect_timeout(&addr, DEADLINE) {
+        Ok(s) => s,
+        Err(e) if e.kind() == ErrorKind::ConnectionRefused => return Outcome::Refused,
+        Err(_) => return Outcome::Failed,
+    };
+    let _ = s.set_read_timeout(Some(DEADLINE));
+    let failed = |e: std::io::Error| match e.kind() {
+        ErrorKind::ConnectionReset | ErrorKind::BrokenPipe => Outcome::Reset,
+        _ => Outcome::Failed,
+    };
+    let mut word = [0u8; 2];
+    rng.fill(&mut word);
+    for _ in 0..1 + word[0] % 8 {
+        let mut data = vec![0u8; 1 + usize::from(word[1]) * 16];
+        rng.fill(&mut data);
+        if let Err(e) = s.write_all(&data) {
+            return failed(e);
+        }
+        let mut back = vec![0u8; data.len()];
+        let mut got = 0;
+        while got < back.len() {
+            match s.read(&mut back[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) => {
+                    if back[..got] != data[..got] {
+                        return Outcome::Wrong;
+                    }
+                    return failed(e);
+                }
+            }
+        }
+        if back[..got] != data[..got] {
+            return Outcome::Wrong;
+        }
+        if got < data.len() {
+            return Outcome::Cut;
+        }
+        rng.fill(&mut word);
+    }
+    if let Err(e) = s.shutdown(std::net::Shutdown::Write) {
+        return failed(e);
+    }
+    let mut rest = Vec::new();
+    match s.read_to_end(&mut rest) {
+        Ok(_) if rest.is_empty() => Outcome::Echoed,
+        Ok(_) => Outcome::Wrong,
+        Err(e) => failed(e),
+    }
+}
+
+/// Outcomes counted across client threads.
+#[derive(Default)]
+pub struct Tally([std::sync::atomic::AtomicUsize; 6]);
+
+impl Tally {
+    pub fn add(&self, o: Outcome) {
+        let i = Outcome::ALL.iter().position(|x| *x == o).unwrap_or(5);
+        self.0[i].fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn get(&self, o: Outcome) -> usize {
+        let i = Outcome::ALL.iter().position(|x| *x == o).unwrap_or(5);
+        self.0[i].load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn total(&self) -> usize {
+        Outcome::ALL.iter().map(|o| self.get(*o)).sum()
+    }
+
+    /// Every outcome with its count, for messages.
+    pub fn counts(&self) -> Vec<(Outcome, usize)> {
+        Outcome::ALL.iter().map(|o| (*o, self.get(*o))).collect()
+    }
+}
+
+/// Runs `n` client threads, each holding conversations with `addr` until
+/// `stop` is set; returns their handles.
+pub fn clients(
+    addr: SocketAddr,
+    n: u64,
+    stop: &Arc<std::sync::atomic::AtomicBool>,
+    tally: &Arc<Tally>,
+) -> Vec<std::thread::JoinHandle<()>> {
+    (0..n)
+        .map(|k| {
+            let (stop, tally) = (Arc::clone(stop), Arc::clone(tally));
+            std::thread::spawn(move || {
+                let mut rng = Stream::new(0x9e37_79b9 + k);
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    tally.add(conversation(addr, &mut rng));
+                }
+            })
+        })
+        .collect()
+}
+
+/// Held by tests that load the machine heavily or measure time, so that
+/// they do not run at once and make each other's figures meaningless.
+pub fn heavy() -> std::sync::MutexGuard<'static, ()> {
+    static HEAVY: Mutex<()> = Mutex::new(());
+    HEAVY.lock().unwrap_or_else(|e| e.into_inner())
+}
