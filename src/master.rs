@@ -597,17 +597,29 @@ impl Master {
                 (true, Some(p)) if p.cfg.mode == Mode::Prefork => (p.generation, p.cfg.workers),
                 _ => continue,
             };
-            while self.children.active(generation) < size as usize
-                && self.backoff.until(now).is_none()
-            {
-                if let Err(e) = self.spawn_worker(next, now) {
-                    let delay = self.backoff.fail(now);
-                    error!(
-                        "cannot fork a worker: {e}; retrying in {} ms",
-                        delay.as_millis()
-                    );
+            while self.children.active(generation) < size as usize {
+                if !self.try_spawn(next, now) {
                     break;
                 }
+            }
+        }
+    }
+
+    /// Starts a worker unless crash-loop back-off holds spawning back; a
+    /// failed fork starts (or grows) the back-off. False: none started.
+    fn try_spawn(&mut self, next: bool, now: Instant) -> bool {
+        if self.backoff.until(now).is_some() {
+            return false;
+        }
+        match self.spawn_worker(next, now) {
+            Ok(_) => true,
+            Err(e) => {
+                let delay = self.backoff.fail(now);
+                error!(
+                    "cannot fork a worker: {e}; retrying in {} ms",
+                    delay.as_millis()
+                );
+                false
             }
         }
     }
@@ -644,15 +656,7 @@ impl Master {
                     bounds.min_spare
                 );
                 for _ in 0..n {
-                    if self.backoff.until(now).is_some() {
-                        break;
-                    }
-                    if let Err(e) = self.spawn_worker(false, now) {
-                        let delay = self.backoff.fail(now);
-                        error!(
-                            "cannot fork a worker: {e}; retrying in {} ms",
-                            delay.as_millis()
-                        );
+                    if !self.try_spawn(false, now) {
                         break;
                     }
                 }
