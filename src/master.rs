@@ -28,7 +28,7 @@ use crate::listen::{self, Listener};
 use crate::logging::RateLimit;
 use crate::pool::{self, Pool};
 use crate::reload::{self, Planned};
-use crate::scoreboard::{Refusal, Scoreboard, State};
+use crate::scoreboard::{Entry, Refusal, Scoreboard, State};
 use crate::signals::{self, Signals};
 use crate::systemd::Notify;
 use crate::{sys, worker};
@@ -412,13 +412,18 @@ impl Master {
         }
     }
 
-    /// Workers of `generation` that are accepting or serving.
-    fn ready_workers(&self, generation: u32) -> usize {
+    /// The active workers of `generation`, with what their slots say.
+    fn pool_of(&self, generation: u32) -> impl Iterator<Item = (Pid, Option<Entry>)> + '_ {
         self.children
             .iter()
-            .filter(|(_, c)| c.active() && c.generation == generation)
-            .filter_map(|(_, c)| c.slot.and_then(|s| self.scoreboard.get(s)))
-            .filter(|e| matches!(e.state, State::Idle | State::Busy))
+            .filter(move |(_, c)| c.active() && c.generation == generation)
+            .map(|(pid, c)| (pid, c.slot.and_then(|s| self.scoreboard.get(s))))
+    }
+
+    /// Workers of `generation` that are accepting or serving.
+    fn ready_workers(&self, generation: u32) -> usize {
+        self.pool_of(generation)
+            .filter(|(_, e)| e.is_some_and(|e| matches!(e.state, State::Idle | State::Busy)))
             .count()
     }
 
@@ -633,13 +638,10 @@ impl Master {
             return;
         }
         let (mut idle, mut total) = (0u32, 0u32);
-        for (_, c) in self.children.iter() {
-            if c.active() && c.generation == self.generation {
-                total += 1;
-                let state = c.slot.and_then(|s| self.scoreboard.get(s)).map(|e| e.state);
-                if matches!(state, Some(State::Idle | State::Starting)) {
-                    idle += 1;
-                }
+        for (_, e) in self.pool_of(self.generation) {
+            total += 1;
+            if e.is_some_and(|e| matches!(e.state, State::Idle | State::Starting)) {
+                idle += 1;
             }
         }
         let bounds = pool::Bounds {
@@ -682,16 +684,14 @@ impl Master {
     /// longest, else one still starting, else a busy one (it finishes its
     /// connection first).
     fn retire_one(&mut self, now: Instant, why: &str) {
-        let rank = |s: Option<crate::scoreboard::Entry>| match s {
+        let rank = |s: Option<Entry>| match s {
             Some(e) if e.state == State::Idle => (0, e.since_ms),
             Some(e) if e.state == State::Starting => (1, 0),
             _ => (2, 0),
         };
         let victim = self
-            .children
-            .iter()
-            .filter(|(_, c)| c.active() && c.generation == self.generation)
-            .map(|(pid, c)| (rank(c.slot.and_then(|s| self.scoreboard.get(s))), pid))
+            .pool_of(self.generation)
+            .map(|(pid, e)| (rank(e), pid))
             .min()
             .map(|(_, pid)| pid);
         if let Some(pid) = victim {
