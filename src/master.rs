@@ -703,12 +703,8 @@ impl Master {
 
     /// fork mode: checks a client before a child is forked for it.
     fn admit(&mut self, key: u128) -> Option<Refusal> {
-        if !self.policy.rules.allows(key) {
-            Some(Refusal::Denied)
-        } else if self.policy.max_conn_rate > 0
-            && !self.scoreboard.conn_rate_ok(key, self.policy.max_conn_rate)
-        {
-            Some(Refusal::Rate)
+        if let Some(why) = self.scoreboard.screen(&self.policy, key) {
+            Some(why)
         } else if self.policy.max_per_ip > 0
             && self.per_ip.get(&key).copied().unwrap_or(0) >= self.policy.max_per_ip
         {

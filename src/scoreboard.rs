@@ -19,6 +19,7 @@ use std::time::Instant;
 
 use nix::unistd::Pid;
 
+use crate::access::Policy;
 use crate::sys::SharedWords;
 
 /// What a worker is doing.
@@ -212,6 +213,19 @@ impl Scoreboard {
         }
     }
 
+    /// The checks every accepting process makes the same way: the
+    /// allow/deny rules, then the connection rate (which counts this
+    /// attempt). `--max-per-ip` is counted by the caller.
+    pub fn screen(&self, policy: &Policy, key: u128) -> Option<Refusal> {
+        if !policy.rules.allows(key) {
+            Some(Refusal::Denied)
+        } else if policy.max_conn_rate > 0 && !self.conn_rate_ok(key, policy.max_conn_rate) {
+            Some(Refusal::Rate)
+        } else {
+            None
+        }
+    }
+
     /// Workers now serving a client at `key` (slots in use only).
     pub fn peers(&self, key: u128) -> u32 {
         let (hi, lo) = ((key >> 64) as u64, key as u64);
@@ -264,9 +278,9 @@ impl Scoreboard {
         self.word(slot, PID).store(0, Ordering::Relaxed);
         self.word(slot, PEER_HI).store(0, Ordering::Relaxed);
         self.word(slot, PEER_LO).store(0, Ordering::Relaxed);
-        if !self.free.contains(&slot) {
-            self.free.push(slot);
-        }
+        // Each claimed slot is released once: by the reap of its worker,
+        // or by the failed spawn that claimed it.
+        self.free.push(slot);
         entry
     }
 

@@ -82,12 +82,8 @@ impl Ctx<'_> {
         }
         let key = peer_key(conn)?;
         let board = slot.board();
-        let why = if !self.policy.rules.allows(key) {
-            Some(Refusal::Denied)
-        } else if self.policy.max_conn_rate > 0
-            && !board.conn_rate_ok(key, self.policy.max_conn_rate)
-        {
-            Some(Refusal::Rate)
+        let why = if let Some(why) = board.screen(&self.policy, key) {
+            Some(why)
         } else if self.policy.max_per_ip > 0 {
             // Publish first, then count: of two racing workers at most
             // both refuse, never both admit one too many.
@@ -106,7 +102,9 @@ impl Ctx<'_> {
     fn served(&self) {
         if let Some(slot) = &self.slot {
             slot.served_one();
-            slot.set_peer(0);
+            if self.policy.max_per_ip > 0 {
+                slot.set_peer(0);
+            }
         }
     }
 }
