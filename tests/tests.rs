@@ -1921,7 +1921,7 @@ mod resilience {
         let stop = Arc::new(AtomicBool::new(false));
         let tally = Arc::new(Tally::default());
         let threads = clients(addr, 50, &stop, &tally);
-        let kills = Arc::new(AtomicUsize::new(0));
+        let mut kills = 0;
         let mut rng = Stream::new(7);
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(10) {
@@ -1931,7 +1931,7 @@ mod resilience {
                 rng.fill(&mut r);
                 let victim = kids[usize::from(u16::from_le_bytes(r)) % kids.len()];
                 if kill(Pid::from_raw(victim), Signal::SIGKILL).is_ok() {
-                    kills.fetch_add(1, Ordering::SeqCst);
+                    kills += 1;
                 }
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -1941,7 +1941,6 @@ mod resilience {
             t.join().unwrap();
         }
         let counts = tally.counts();
-        let kills = kills.load(Ordering::SeqCst);
         println!("chaos: {kills} workers killed; {counts:?}");
         assert!(!is_dead(d.pid), "the master died");
         assert_eq!(tally.get(Outcome::Wrong), 0, "{counts:?}");
