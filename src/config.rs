@@ -144,6 +144,7 @@ impl TryFrom<WorkersInFile> for Workers {
 #[command(
     name = "echo-forkd",
     version,
+    long_about = None,
     about = "Echo (RFC 862) daemon with the classic process models: pre-forked workers or a child per connection",
     after_help = "Signals to the master: TERM/INT graceful stop, QUIT immediate stop, HUP reload,\nUSR1 status line, TTIN/TTOU one worker more/less.\nSee echo-forkd(8)."
 )]
