@@ -1,6 +1,7 @@
 //! Integration tests: the real binary on loopback, driven through the
 //! `Daemon` guard in util.rs.
 
+mod docs;
 mod util;
 
 use std::io::{Read, Write};
