@@ -224,3 +224,59 @@ impl Drop for SharedWords {
         let _ = unsafe { nix::sys::mman::munmap(self.ptr.cast(), self.len * 8) };
     }
 }
+
+/// A private, anonymous I/O buffer. Its pages cost nothing until written
+/// (a `vec![0; n]` from a reused heap would be zeroed, and so copied, in
+/// every forked worker), and [`IoBuffer::trim`] hands them back, so an idle
+/// worker stays small whatever it served before.
+pub struct IoBuffer {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+impl IoBuffer {
+    /// Maps `len` bytes (rounded up to pages by the kernel).
+    pub fn new(len: usize) -> io::Result<IoBuffer> {
+        let bytes =
+            NonZeroUsize::new(len).ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+        use nix::sys::mman::{mmap_anonymous, MapFlags, ProtFlags};
+        // SAFETY: no address hint, so the kernel picks fresh pages that alias
+        // nothing in this process; the result is checked.
+        let ptr = unsafe {
+            mmap_anonymous(
+                None,
+                bytes,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_PRIVATE,
+            )
+        }?;
+        Ok(IoBuffer {
+            ptr: ptr.cast(),
+            len,
+        })
+    }
+
+    /// The buffer, zero-filled where it was never written or was trimmed.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: the mapping holds `len` readable, writable bytes for as
+        // long as `self` lives, and `&mut self` makes this the only borrow.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// Gives the pages back to the kernel; the next use finds zeros.
+    pub fn trim(&mut self) {
+        use nix::sys::mman::{madvise, MmapAdvise};
+        // SAFETY: the range is exactly our private mapping, and `&mut self`
+        // means no slice of it is alive, so discarding its contents cannot
+        // change memory anyone is reading.
+        let _ = unsafe { madvise(self.ptr.cast(), self.len, MmapAdvise::MADV_DONTNEED) };
+    }
+}
+
+impl Drop for IoBuffer {
+    fn drop(&mut self) {
+        // SAFETY: this is the mapping made in `new`, of this length; slices
+        // from `as_mut_slice` borrow `self`, so none outlives it.
+        let _ = unsafe { nix::sys::mman::munmap(self.ptr.cast(), self.len) };
+    }
+}

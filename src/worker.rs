@@ -9,7 +9,7 @@
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-use log::{debug, warn};
+use log::{debug, error, warn};
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{getpeername, SockaddrStorage};
@@ -20,6 +20,7 @@ use crate::echo::{self, Limits, Watch};
 use crate::listen::Listener;
 use crate::logging::RateLimit;
 use crate::scoreboard::{Refusal, Slot, State};
+use crate::sys::IoBuffer;
 
 /// Exit code of a child whose master went away.
 pub const EXIT_ORPHAN: i32 = 3;
@@ -28,6 +29,10 @@ pub const EXIT_SETUP: i32 = 4;
 
 /// One buffer per process, reused for every connection.
 const BUF_SIZE: usize = 64 * 1024;
+
+/// Bytes echoed above which the buffer is trimmed after the connection: one
+/// page, so small echoes cost no extra system call.
+const TRIM_ABOVE: u64 = 4096;
 
 /// How long accepting pauses after running out of descriptors or memory.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(500);
@@ -141,7 +146,7 @@ pub fn prefork(mut listeners: Vec<Listener>, ctx: Ctx<'_>, max_requests: u64) ->
     if let Err(code) = follow_master(&ctx) {
         return code;
     }
-    let mut buf = vec![0u8; BUF_SIZE];
+    let Some(mut buf) = buffer() else { return 1 };
     let mut served: u64 = 0;
     let mut next = 0usize; // where the fair scan of ready listeners starts
     let mut accept_errors = RateLimit::new(Duration::from_secs(10));
@@ -245,7 +250,7 @@ pub fn fork_child(conn: OwnedFd, tcp: bool, ctx: Ctx<'_>) -> i32 {
     if let Err(code) = follow_master(&ctx) {
         return code;
     }
-    let mut buf = vec![0u8; BUF_SIZE];
+    let Some(mut buf) = buffer() else { return 1 };
     serve_conn(conn, tcp, &ctx, &mut buf, &mut Vec::new());
     0
 }
@@ -253,8 +258,10 @@ pub fn fork_child(conn: OwnedFd, tcp: bool, ctx: Ctx<'_>) -> i32 {
 /// `--inetd`: serves the connection inherited on stdin and returns the exit
 /// code. There is no master to watch.
 pub fn inetd(conn: OwnedFd, limits: Limits) -> i32 {
-    let mut buf = vec![0u8; BUF_SIZE];
-    let summary = echo::serve(conn.as_fd(), &mut buf, &limits, None, &mut || Watch::Forget);
+    let Some(mut buf) = buffer() else { return 1 };
+    let summary = echo::serve(conn.as_fd(), buf.as_mut_slice(), &limits, None, &mut || {
+        Watch::Forget
+    });
     debug!(
         "inetd connection: {} bytes echoed, ended by {}",
         summary.bytes,
@@ -271,7 +278,7 @@ fn serve_conn(
     conn: OwnedFd,
     tcp: bool,
     ctx: &Ctx<'_>,
-    buf: &mut [u8],
+    buf: &mut IoBuffer,
     listeners: &mut Vec<Listener>,
 ) {
     #[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd")))]
@@ -283,15 +290,21 @@ fn serve_conn(
     // Only for the debug line; read before serving, as the peer may be gone after.
     let started =
         log::log_enabled!(log::Level::Debug).then(|| (Instant::now(), peer_name(&conn, tcp)));
-    let summary = echo::serve(conn.as_fd(), buf, &ctx.limits, Some(ctx.ctl), &mut || {
-        if ctx.master_gone() {
-            Watch::Abort
-        } else {
-            listeners.clear();
-            ctx.set(State::Stopping);
-            Watch::Forget
-        }
-    });
+    let summary = echo::serve(
+        conn.as_fd(),
+        buf.as_mut_slice(),
+        &ctx.limits,
+        Some(ctx.ctl),
+        &mut || {
+            if ctx.master_gone() {
+                Watch::Abort
+            } else {
+                listeners.clear();
+                ctx.set(State::Stopping);
+                Watch::Forget
+            }
+        },
+    );
     if let Some((started, peer)) = started {
         debug!(
             "connection from {peer}: {} bytes echoed in {:.3} s, ended by {}",
@@ -300,6 +313,18 @@ fn serve_conn(
             describe(&summary.end)
         );
     }
+    // A connection that wrote past the first page leaves the buffer's pages
+    // private to this worker; give them back so that it idles small.
+    if summary.bytes > TRIM_ABOVE {
+        buf.trim();
+    }
+}
+
+/// The worker's buffer, or `None` after logging why there is none.
+fn buffer() -> Option<IoBuffer> {
+    IoBuffer::new(BUF_SIZE)
+        .map_err(|e| error!("cannot map a {BUF_SIZE}-byte buffer: {e}"))
+        .ok()
 }
 
 /// The client's numeric address (never resolved to a name).
