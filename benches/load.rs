@@ -56,6 +56,7 @@ const USAGE: &str = "usage: cargo bench --bench load -- [OPTIONS]
   --hold N            idle connections held (default 100)
   --prefork-workers N workers for prefork in conn (default 8)
   --out FILE          also write the markdown table here
+  --baseline BIN      also run this echo-forkd build, after each of ours
   --quick             1 round of 1 s, 32 MiB streams: a smoke test";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -65,6 +66,9 @@ enum Kind {
     PyForking,
     PyThreading,
     Tokio,
+    /// `--baseline`: another echo-forkd build, for before/after figures.
+    PreforkBase,
+    ForkBase,
 }
 
 impl Kind {
@@ -83,6 +87,8 @@ impl Kind {
             Kind::PyForking => "py-forking",
             Kind::PyThreading => "py-threading",
             Kind::Tokio => "tokio",
+            Kind::PreforkBase => "prefork-base",
+            Kind::ForkBase => "fork-base",
         }
     }
 }
@@ -126,6 +132,7 @@ struct Opts {
     hold: usize,
     prefork_workers: usize,
     out: Option<PathBuf>,
+    baseline: Option<PathBuf>,
 }
 
 impl Opts {
@@ -140,6 +147,7 @@ impl Opts {
             hold: 100,
             prefork_workers: 8,
             out: None,
+            baseline: None,
         };
         let mut it = args.iter();
         while let Some(arg) = it.next() {
@@ -166,8 +174,22 @@ impl Opts {
                     o.scenarios = pick(value()?, &Scenario::ALL, |s| s.name())?;
                 }
                 "--servers" => o.servers = pick(value()?, &Kind::ALL, |k| k.name())?,
+                "--baseline" => o.baseline = Some(PathBuf::from(value()?)),
                 other => return Err(format!("unknown argument {other}")),
             }
+        }
+        if o.baseline.is_some() {
+            // Each build right after the other, in every round.
+            let mut with = Vec::new();
+            for &k in &o.servers {
+                with.push(k);
+                match k {
+                    Kind::Prefork => with.push(Kind::PreforkBase),
+                    Kind::Fork => with.push(Kind::ForkBase),
+                    _ => {}
+                }
+            }
+            o.servers = with;
         }
         if o.rounds == 0 || o.secs <= 0.0 || o.clients == 0 {
             return Err("rounds, secs and clients must be positive".into());
@@ -202,8 +224,12 @@ struct Server {
 impl Server {
     fn start(kind: Kind, scenario: Scenario, o: &Opts) -> Server {
         let mut cmd = match kind {
-            Kind::Prefork | Kind::Fork => {
-                let mut c = Command::new(BIN);
+            Kind::Prefork | Kind::Fork | Kind::PreforkBase | Kind::ForkBase => {
+                let bin = match (kind, &o.baseline) {
+                    (Kind::PreforkBase | Kind::ForkBase, Some(b)) => b.as_path(),
+                    _ => Path::new(BIN),
+                };
+                let mut c = Command::new(bin);
                 c.args(["-f", "-l", "127.0.0.1:0", "--log-level", "info"]);
                 c.args(daemon_args(kind, scenario, o));
                 c.stderr(Stdio::piped()).stdout(Stdio::null());
@@ -233,7 +259,7 @@ impl Server {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", kind.name()));
         let port = match kind {
-            Kind::Prefork | Kind::Fork => {
+            Kind::Prefork | Kind::Fork | Kind::PreforkBase | Kind::ForkBase => {
                 let err = child.stderr.take().expect("piped stderr");
                 daemon_port(err)
             }
@@ -270,7 +296,7 @@ impl Drop for Server {
 /// echo-forkd's settings for a scenario: what an operator would give it to
 /// carry that load.
 fn daemon_args(kind: Kind, scenario: Scenario, o: &Opts) -> Vec<String> {
-    if kind == Kind::Fork {
+    if matches!(kind, Kind::Fork | Kind::ForkBase) {
         return ["-m", "fork", "--max-children", "1024"]
             .map(String::from)
             .to_vec();
@@ -456,6 +482,8 @@ struct Measure {
     master_rss_kib: f64,
     workers_private_kib: f64,
     workers: f64,
+    /// Server CPU time per connection or round trip, all its processes.
+    cpu_us: f64,
 }
 
 fn percentiles(mut ns: Vec<u32>) -> (f64, f64) {
@@ -473,32 +501,74 @@ fn elapsed_ns(t: Instant) -> u32 {
 
 /// `clients` threads that each run `body(i, deadline)` after a common start
 /// and a warm-up; returns what each recorded.
-fn timed<F>(clients: usize, secs: f64, body: F) -> Vec<(u64, Vec<u32>, Errors)>
+/// Also returns the CPU seconds the server (`pid` and its children) used
+/// between the end of the warm-up and the deadline.
+fn timed<F>(pid: i32, clients: usize, secs: f64, body: F) -> (Vec<(u64, Vec<u32>, Errors)>, f64)
 where
-    F: Fn(usize, Instant, Instant) -> (u64, Vec<u32>, Errors) + Send + Sync + 'static,
+    F: Fn(usize, Instant, Instant, Instant) -> (u64, Vec<u32>, Errors) + Send + Sync + 'static,
 {
     let body = Arc::new(body);
     let start = Arc::new(Barrier::new(clients + 1));
+    let t0 = Instant::now() + Duration::from_millis(50);
+    let warm = t0 + Duration::from_secs_f64((secs / 6.0).min(0.5));
+    let end = warm + Duration::from_secs_f64(secs);
+    // Clients go on a little past `end`, so that the server's processes are
+    // all still there when their CPU time is read at `end`.
+    let stop = end + Duration::from_millis(100);
     let threads: Vec<_> = (0..clients)
         .map(|i| {
             let body = Arc::clone(&body);
             let start = Arc::clone(&start);
             std::thread::spawn(move || {
                 start.wait();
-                let now = Instant::now();
-                let warm = now + Duration::from_secs_f64((secs / 6.0).min(0.5));
-                body(i, warm, warm + Duration::from_secs_f64(secs))
+                body(i, warm, end, stop)
             })
         })
         .collect();
     start.wait();
-    threads
+    std::thread::sleep(warm.saturating_duration_since(Instant::now()));
+    let before = cpu_ticks(pid);
+    std::thread::sleep(end.saturating_duration_since(Instant::now()));
+    let used = cpu_ticks(pid).saturating_sub(before) as f64 / ticks_per_sec();
+    let results = threads
         .into_iter()
         .map(|t| t.join().expect("client thread"))
-        .collect()
+        .collect();
+    (results, used)
 }
 
-fn summarize(results: Vec<(u64, Vec<u32>, Errors)>, secs: f64) -> Measure {
+/// utime + stime of `pid`, of the children it reaped, and of its live
+/// children, in clock ticks.
+fn cpu_ticks(pid: i32) -> u64 {
+    let fields = |p: i32| -> Vec<i64> {
+        std::fs::read_to_string(format!("/proc/{p}/stat"))
+            .ok()
+            .and_then(|s| {
+                let rest = s[s.rfind(')')? + 2..].to_string();
+                Some(rest.split(' ').filter_map(|f| f.parse().ok()).collect())
+            })
+            .unwrap_or_default()
+    };
+    // After the ')': state is field 0 (not a number, so skipped); utime,
+    // stime, cutime, cstime are fields 11..15 of the rest, 10..14 here.
+    let own = fields(pid);
+    let mut total: i64 = own.get(10..14).map_or(0, |f| f.iter().sum());
+    for child in children(pid) {
+        total += fields(child)
+            .get(10..12)
+            .map_or(0, |f| f.iter().sum::<i64>());
+    }
+    total.max(0) as u64
+}
+
+fn ticks_per_sec() -> f64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64
+}
+
+fn summarize(results: Vec<(u64, Vec<u32>, Errors)>, secs: f64, cpu: f64) -> Measure {
     let mut m = Measure::default();
     let mut all = Vec::new();
     let mut done = 0;
@@ -508,6 +578,7 @@ fn summarize(results: Vec<(u64, Vec<u32>, Errors)>, secs: f64) -> Measure {
         m.errors.add(&err);
     }
     m.value = done as f64 / secs;
+    m.cpu_us = cpu * 1e6 / done.max(1) as f64;
     (m.p50_us, m.p99_us) = percentiles(all);
     m
 }
@@ -515,42 +586,47 @@ fn summarize(results: Vec<(u64, Vec<u32>, Errors)>, secs: f64) -> Measure {
 /// `conn`: connect, send 64 B, read them back, close; again.
 fn conn(server: &Server, o: &Opts) -> Measure {
     let addr = server.addr();
-    let results = timed(o.clients, o.secs, move |i, warm, end| {
-        let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (i as u64 + 1));
-        let (mut sent, mut got) = ([0u8; PAYLOAD], [0u8; PAYLOAD]);
-        let mut lat = Vec::with_capacity(1 << 16);
-        let mut done = 0;
-        let mut err = Errors::default();
-        loop {
-            let t = Instant::now();
-            if t >= end {
-                break;
-            }
-            rng.fill(&mut sent);
-            let r = connect_from(i, addr).and_then(|mut s| {
-                s.write_all(&sent)?;
-                s.read_exact(&mut got)
-            });
-            match r {
-                Ok(()) if got == sent => {
-                    if t >= warm {
-                        done += 1;
-                        lat.push(elapsed_ns(t));
-                    }
+    let (results, cpu) = timed(
+        server.pid(),
+        o.clients,
+        o.secs,
+        move |i, warm, end, stop| {
+            let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (i as u64 + 1));
+            let (mut sent, mut got) = ([0u8; PAYLOAD], [0u8; PAYLOAD]);
+            let mut lat = Vec::with_capacity(1 << 16);
+            let mut done = 0;
+            let mut err = Errors::default();
+            loop {
+                let t = Instant::now();
+                if t >= stop {
+                    break;
                 }
-                Ok(()) => err.mismatch += 1,
-                Err(e) => err.count(&e),
+                rng.fill(&mut sent);
+                let r = connect_from(i, addr).and_then(|mut s| {
+                    s.write_all(&sent)?;
+                    s.read_exact(&mut got)
+                });
+                match r {
+                    Ok(()) if got == sent => {
+                        if t >= warm && t < end {
+                            done += 1;
+                            lat.push(elapsed_ns(t));
+                        }
+                    }
+                    Ok(()) => err.mismatch += 1,
+                    Err(e) => err.count(&e),
+                }
             }
-        }
-        (done, lat, err)
-    });
-    summarize(results, o.secs)
+            (done, lat, err)
+        },
+    );
+    summarize(results, o.secs, cpu)
 }
 
 /// `rtt`: `clients` persistent connections ping-ponging 64 B.
 fn rtt(server: &Server, clients: usize, o: &Opts) -> Measure {
     let addr = server.addr();
-    let results = timed(clients, o.secs, move |i, warm, end| {
+    let (results, cpu) = timed(server.pid(), clients, o.secs, move |i, warm, end, stop| {
         let mut err = Errors::default();
         let mut lat = Vec::with_capacity(1 << 18);
         let mut done = 0;
@@ -565,13 +641,13 @@ fn rtt(server: &Server, clients: usize, o: &Opts) -> Measure {
         let (mut sent, mut got) = ([0u8; PAYLOAD], [0u8; PAYLOAD]);
         loop {
             let t = Instant::now();
-            if t >= end {
+            if t >= stop {
                 break;
             }
             rng.fill(&mut sent);
             match s.write_all(&sent).and_then(|_| s.read_exact(&mut got)) {
                 Ok(()) if got == sent => {
-                    if t >= warm {
+                    if t >= warm && t < end {
                         done += 1;
                         lat.push(elapsed_ns(t));
                     }
@@ -588,7 +664,7 @@ fn rtt(server: &Server, clients: usize, o: &Opts) -> Measure {
         }
         (done, lat, err)
     });
-    summarize(results, o.secs)
+    summarize(results, o.secs, cpu)
 }
 
 /// The stream's bytes: a random block of a length prime to every buffer
@@ -696,7 +772,7 @@ fn hold(server: &Server, kind: Kind, o: &Opts) -> Measure {
     }
     // Per-connection processes: wait until the server has forked them all.
     let want = match kind {
-        Kind::Fork | Kind::PyForking => conns.len(),
+        Kind::Fork | Kind::ForkBase | Kind::PyForking => conns.len(),
         _ => 0,
     };
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -791,12 +867,13 @@ fn run(o: &Opts) {
                 };
                 drop(server);
                 println!(
-                    "round {round} {:<6} {:<12} {:>12.1}  p50 {:>8} us  p99 {:>8} us  errors {}",
+                    "round {round} {:<6} {:<12} {:>12.1}  p50 {:>8} us  p99 {:>8} us  cpu {:>6} us/op  errors {}",
                     scenario.name(),
                     kind.name(),
                     m.value,
                     micros(m.p50_us),
                     micros(m.p99_us),
+                    micros(m.cpu_us),
                     m.errors.describe()
                 );
                 results.entry((scenario, kind)).or_default().push(m);
@@ -848,9 +925,9 @@ fn report(o: &Opts, results: &BTreeMap<(Scenario, Kind), Vec<Measure>>) -> Strin
     let mut t = String::new();
     let _ = writeln!(
         t,
-        "| scenario | server | median | p50 µs | p99 µs | errors |"
+        "| scenario | server | median | p50 µs | p99 µs | server CPU µs per op | errors |"
     );
-    let _ = writeln!(t, "|---|---|---:|---:|---:|---|");
+    let _ = writeln!(t, "|---|---|---:|---:|---:|---:|---|");
     for &s in &o.scenarios {
         for &k in &o.servers {
             let Some(ms) = results.get(&(s, k)) else {
@@ -867,11 +944,12 @@ fn report(o: &Opts, results: &BTreeMap<(Scenario, Kind), Vec<Measure>>) -> Strin
             };
             let _ = writeln!(
                 t,
-                "| {label} | {} | {value:.0} {} | {} | {} | {} |",
+                "| {label} | {} | {value:.0} {} | {} | {} | {} | {} |",
                 k.name(),
                 unit(s),
                 micros(median(ms.iter().map(|m| m.p50_us).collect())),
                 micros(median(ms.iter().map(|m| m.p99_us).collect())),
+                micros(median(ms.iter().map(|m| m.cpu_us).collect())),
                 errors.describe()
             );
         }
@@ -901,6 +979,11 @@ fn report(o: &Opts, results: &BTreeMap<(Scenario, Kind), Vec<Measure>>) -> Strin
     let _ = writeln!(t, "\n| ratio (median of the per-round ratios) | value |");
     let _ = writeln!(t, "|---|---:|");
     let pairs = [
+        (Scenario::Conn, Kind::Prefork, Kind::PreforkBase),
+        (Scenario::Conn, Kind::Fork, Kind::ForkBase),
+        (Scenario::Rtt, Kind::Prefork, Kind::PreforkBase),
+        (Scenario::Rtt1, Kind::Prefork, Kind::PreforkBase),
+        (Scenario::Stream, Kind::Prefork, Kind::PreforkBase),
         (Scenario::Conn, Kind::Prefork, Kind::PyForking),
         (Scenario::Conn, Kind::Prefork, Kind::Tokio),
         (Scenario::Conn, Kind::Fork, Kind::PyForking),

@@ -153,76 +153,62 @@ pub fn prefork(mut listeners: Vec<Listener>, ctx: Ctx<'_>, max_requests: u64) ->
     let mut pause: Option<Instant> = None;
     ctx.ready();
 
+    // After a connection, the next one is often already queued: try to
+    // accept it straight away and poll only when there is none, so a busy
+    // worker makes no poll per connection and an idle one does not spin.
+    let mut try_first = false;
     while !listeners.is_empty() {
-        let ready = {
-            let mut fds = Vec::with_capacity(listeners.len() + 1);
-            fds.push(PollFd::new(ctx.ctl, PollFlags::POLLIN));
-            if pause.is_none() {
-                fds.extend(
-                    listeners
-                        .iter()
-                        .map(|l| PollFd::new(l.as_fd(), PollFlags::POLLIN)),
-                );
-            }
-            let timeout = match pause {
-                Some(until) => {
-                    crate::poll_timeout(Some(until.saturating_duration_since(Instant::now())))
-                }
-                None => PollTimeout::NONE,
-            };
-            match poll(&mut fds, timeout) {
-                Ok(_) | Err(Errno::EINTR) => {}
-                Err(e) => {
-                    warn!("poll on the listeners failed: {e}");
-                    return 1;
-                }
-            }
-            if fds[0].revents().is_some_and(|r| !r.is_empty()) {
-                // The master closed the pipe (stop) or died: an idle worker
-                // simply leaves.
-                ctx.set(State::Stopping);
-                return if ctx.master_gone() { EXIT_ORPHAN } else { 0 };
-            }
-            if pause.is_some_and(|until| Instant::now() >= until) {
-                pause = None;
-            }
-            fds[1..]
-                .iter()
-                .map(|f| f.revents().is_some_and(|r| r.contains(PollFlags::POLLIN)))
-                .collect::<Vec<bool>>()
-        };
-        // Fairness: start the scan after the listener served last, so a busy
-        // listener cannot starve the others.
-        let n = ready.len();
+        let n = listeners.len();
         let mut accepted = None;
-        for i in (0..n).map(|k| (next + k) % n).filter(|&i| ready[i]) {
-            match listeners[i].accept() {
-                Ok(conn) => {
-                    accepted = Some((i, conn));
-                    break;
-                }
-                // Another worker won the race, or the client gave up.
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::EAGAIN | libc::ECONNABORTED | libc::EINTR | libc::EPROTO)
-                    ) => {}
-                Err(e) => {
-                    if let Some(missed) = accept_errors.hit(Instant::now()) {
-                        warn!(
-                            "accept on {} failed: {}; pausing {} ms ({missed} more since the last report)",
-                            listeners[i].name(),
-                            crate::error_text(&e),
-                            ACCEPT_PAUSE.as_millis()
-                        );
-                    }
-                    pause = Some(Instant::now() + ACCEPT_PAUSE);
-                    break;
-                }
-            }
+        if try_first && pause.is_none() {
+            let order = (0..n).map(|k| (next + k) % n);
+            accepted = accept_one(&listeners, order, &mut accept_errors, &mut pause);
         }
+        if accepted.is_none() {
+            let ready = {
+                let mut fds = Vec::with_capacity(n + 1);
+                fds.push(PollFd::new(ctx.ctl, PollFlags::POLLIN));
+                if pause.is_none() {
+                    fds.extend(
+                        listeners
+                            .iter()
+                            .map(|l| PollFd::new(l.as_fd(), PollFlags::POLLIN)),
+                    );
+                }
+                let timeout = match pause {
+                    Some(until) => {
+                        crate::poll_timeout(Some(until.saturating_duration_since(Instant::now())))
+                    }
+                    None => PollTimeout::NONE,
+                };
+                match poll(&mut fds, timeout) {
+                    Ok(_) | Err(Errno::EINTR) => {}
+                    Err(e) => {
+                        warn!("poll on the listeners failed: {e}");
+                        return 1;
+                    }
+                }
+                if fds[0].revents().is_some_and(|r| !r.is_empty()) {
+                    ctx.set(State::Stopping);
+                    return if ctx.master_gone() { EXIT_ORPHAN } else { 0 };
+                }
+                if pause.is_some_and(|until| Instant::now() >= until) {
+                    pause = None;
+                }
+                fds[1..]
+                    .iter()
+                    .map(|f| f.revents().is_some_and(|r| r.contains(PollFlags::POLLIN)))
+                    .collect::<Vec<bool>>()
+            };
+            let order = (0..ready.len())
+                .map(|k| (next + k) % ready.len())
+                .filter(|&i| ready[i]);
+            accepted = accept_one(&listeners, order, &mut accept_errors, &mut pause);
+        }
+        try_first = false;
         let Some((i, conn)) = accepted else { continue };
         next = i + 1;
+        try_first = true;
         let tcp = listeners[i].is_tcp();
         if ctx.admit(&conn, tcp).is_some() {
             // Closed at once, unread; the master reports the count.
@@ -246,6 +232,41 @@ pub fn prefork(mut listeners: Vec<Listener>, ctx: Ctx<'_>, max_requests: u64) ->
 }
 
 /// A fork-mode child: serves `conn` and returns the exit code.
+/// Accepts one connection from the first of `order`'s listeners that has
+/// one. Transient errors (the queue emptied, the client gave up) move on;
+/// others (EMFILE, ENOBUFS, …) are logged, rate-limited, and pause accepting
+/// so the worker does not spin on an error that returns at once.
+fn accept_one(
+    listeners: &[Listener],
+    order: impl Iterator<Item = usize>,
+    errors: &mut RateLimit,
+    pause: &mut Option<Instant>,
+) -> Option<(usize, OwnedFd)> {
+    for i in order {
+        match listeners[i].accept() {
+            Ok(conn) => return Some((i, conn)),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EAGAIN | libc::ECONNABORTED | libc::EINTR | libc::EPROTO)
+                ) => {}
+            Err(e) => {
+                if let Some(missed) = errors.hit(Instant::now()) {
+                    warn!(
+                        "accept on {} failed: {}; pausing {} ms ({missed} more since the last report)",
+                        listeners[i].name(),
+                        crate::error_text(&e),
+                        ACCEPT_PAUSE.as_millis()
+                    );
+                }
+                *pause = Some(Instant::now() + ACCEPT_PAUSE);
+                return None;
+            }
+        }
+    }
+    None
+}
+
 pub fn fork_child(conn: OwnedFd, tcp: bool, ctx: Ctx<'_>) -> i32 {
     if let Err(code) = follow_master(&ctx) {
         return code;
