@@ -30,6 +30,7 @@ use crate::pool::{self, Pool};
 use crate::reload::{self, Planned};
 use crate::scoreboard::{Entry, Refusal, Scoreboard, State};
 use crate::signals::{self, Signals};
+use crate::sys::IoBuffer;
 use crate::systemd::Notify;
 use crate::{sys, worker};
 
@@ -108,6 +109,7 @@ pub fn run(
         listeners,
         signals: Some(signals),
         ctl_r,
+        conn_buf: None,
         ctl_w: Some(ctl_w),
         notice_r: Some(notice_r),
         notice_w: Some(notice_w),
@@ -168,6 +170,9 @@ struct Master {
     /// holds the only write end, and closing it tells them to stop. Each
     /// prefork worker has a pipe of its own (in `children`).
     ctl_r: OwnedFd,
+    /// fork mode: the children's buffer, mapped once and never touched here,
+    /// so each child writes only its own zero-filled pages.
+    conn_buf: Option<IoBuffer>,
     ctl_w: Option<OwnedFd>,
     /// Workers write a byte here once they are ready.
     notice_r: Option<OwnedFd>,
@@ -886,6 +891,9 @@ impl Master {
         }
         let master = self.pid;
         let limits = self.cfg.limits();
+        if self.conn_buf.is_none() {
+            self.conn_buf = worker::buffer();
+        }
         let forked = sys::spawn(&signals::HANDLED, &signals::CHILD_IGNORED, || {
             if let Err(code) = self.enter_child() {
                 return code;
@@ -898,7 +906,7 @@ impl Master {
                 slot: None,
                 notice: None,
             };
-            worker::fork_child(conn, tcp, ctx)
+            worker::fork_child(conn, tcp, ctx, self.conn_buf.as_mut())
         });
         // The connection now belongs to the child; the closure (and with it
         // the master's copy of the socket) was dropped here.

@@ -215,7 +215,12 @@ pub fn prefork(mut listeners: Vec<Listener>, ctx: Ctx<'_>, max_requests: u64) ->
             continue;
         }
         ctx.set(State::Busy);
-        serve_conn(conn, tcp, &ctx, &mut buf, &mut listeners);
+        let bytes = serve_conn(conn, tcp, &ctx, &mut buf, &mut listeners);
+        // A connection that wrote past the first page leaves the buffer's
+        // pages private to this worker; give them back so that it idles small.
+        if bytes > TRIM_ABOVE {
+            buf.trim();
+        }
         served += 1;
         ctx.served();
         if listeners.is_empty() {
@@ -267,12 +272,22 @@ fn accept_one(
     None
 }
 
-pub fn fork_child(conn: OwnedFd, tcp: bool, ctx: Ctx<'_>) -> i32 {
+/// A fork-mode child: serves `conn`, in `buf` if the master mapped one
+/// before forking (then the child neither maps nor unmaps a buffer).
+pub fn fork_child(conn: OwnedFd, tcp: bool, ctx: Ctx<'_>, buf: Option<&mut IoBuffer>) -> i32 {
     if let Err(code) = follow_master(&ctx) {
         return code;
     }
-    let Some(mut buf) = buffer() else { return 1 };
-    serve_conn(conn, tcp, &ctx, &mut buf, &mut Vec::new());
+    let mut own;
+    let buf = match buf {
+        Some(b) => b,
+        None => {
+            let Some(b) = buffer() else { return 1 };
+            own = b;
+            &mut own
+        }
+    };
+    serve_conn(conn, tcp, &ctx, buf, &mut Vec::new());
     0
 }
 
@@ -301,7 +316,7 @@ fn serve_conn(
     ctx: &Ctx<'_>,
     buf: &mut IoBuffer,
     listeners: &mut Vec<Listener>,
-) {
+) -> u64 {
     #[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd")))]
     if tcp {
         // Elsewhere TCP_NODELAY may not be inherited from the listener.
@@ -334,15 +349,11 @@ fn serve_conn(
             describe(&summary.end)
         );
     }
-    // A connection that wrote past the first page leaves the buffer's pages
-    // private to this worker; give them back so that it idles small.
-    if summary.bytes > TRIM_ABOVE {
-        buf.trim();
-    }
+    summary.bytes
 }
 
-/// The worker's buffer, or `None` after logging why there is none.
-fn buffer() -> Option<IoBuffer> {
+/// A worker's buffer, or `None` after logging why there is none.
+pub fn buffer() -> Option<IoBuffer> {
     IoBuffer::new(BUF_SIZE)
         .map_err(|e| error!("cannot map a {BUF_SIZE}-byte buffer: {e}"))
         .ok()
