@@ -681,6 +681,8 @@ fn stream(server: &Server, o: &Opts) -> Measure {
     const CONNS: usize = 4;
     let total = (o.stream_mib as u64) << 20;
     let block = pattern();
+    let cpu_before = cpu_ticks(server.pid());
+    let kids_before = children(server.pid()).len();
     let start = Instant::now();
     let mut threads = Vec::new();
     let mut errors = Errors::default();
@@ -752,9 +754,19 @@ fn stream(server: &Server, o: &Opts) -> Measure {
         bytes += n;
         errors.add(&e);
     }
+    let secs = start.elapsed().as_secs_f64();
+    // Per-connection processes count once reaped (in their parent's
+    // cutime): wait for that before reading the CPU time.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while children(server.pid()).len() > kids_before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let cpu = cpu_ticks(server.pid()).saturating_sub(cpu_before) as f64 / ticks_per_sec();
     Measure {
-        value: bytes as f64 / start.elapsed().as_secs_f64() / 1e6,
+        value: bytes as f64 / secs / 1e6,
         errors,
+        // Per MB echoed.
+        cpu_us: cpu * 1e6 / (bytes as f64 / 1e6).max(1.0),
         ..Measure::default()
     }
 }
