@@ -2,8 +2,10 @@
 //!
 //! Every byte read is written back, in order, before the next read, so the
 //! echo is exact whatever the segmentation. When the client shuts down its
-//! write side, everything it sent has already been echoed; we then shut down
-//! ours so it reads EOF. Idle time counts from the last progress in either
+//! write side, everything it sent has already been echoed, and [`serve`]
+//! returns [`End::Eof`]; the caller then closes the socket, which sends our
+//! FIN (never a reset: nothing is left unread after EOF), so no separate
+//! `shutdown` call is needed on the hot path. Idle time counts from the last progress in either
 //! direction, so a silent client and a client that never reads both release
 //! the connection. This module knows nothing of processes or signals: the
 //! caller may hand it one extra fd to watch and decides what its readiness
@@ -15,10 +17,7 @@ use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags};
-use nix::sys::socket::{shutdown, Shutdown};
 use nix::unistd::{read, write};
-
-use std::os::fd::AsRawFd;
 
 /// Caps on one connection; `None`/0 means no cap.
 #[derive(Clone, Copy, Debug, Default)]
@@ -116,10 +115,7 @@ impl Session<'_, '_> {
                 return end;
             }
             let n = match read(self.conn, buf) {
-                Ok(0) => {
-                    let _ = shutdown(self.conn.as_raw_fd(), Shutdown::Write);
-                    return End::Eof;
-                }
+                Ok(0) => return End::Eof,
                 Ok(n) => n,
                 Err(Errno::EAGAIN) => {
                     direct = 0;
