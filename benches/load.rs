@@ -980,12 +980,18 @@ fn report(o: &Opts, results: &BTreeMap<(Scenario, Kind), Vec<Measure>>) -> Strin
             let rss = median(ms.iter().map(|m| m.master_rss_kib).collect());
             let n = median(ms.iter().map(|m| m.workers).collect());
             let private = median(ms.iter().map(|m| m.workers_private_kib).collect());
-            let per = if n > 0.0 { private / n } else { f64::NAN };
-            let _ = writeln!(
-                t,
-                "| {} | {rss:.0} | {n:.0} | {private:.0} | {per:.1} |",
-                k.name()
-            );
+            // A single-process server (threads or tasks) has everything in
+            // the master's RSS; there are no per-connection processes.
+            let _ = if n > 0.0 {
+                writeln!(
+                    t,
+                    "| {} | {rss:.0} | {n:.0} | {private:.0} | {:.1} |",
+                    k.name(),
+                    private / n
+                )
+            } else {
+                writeln!(t, "| {} | {rss:.0} | – | – | – |", k.name())
+            };
         }
     }
     let _ = writeln!(t, "\n| ratio (median of the per-round ratios) | value |");

@@ -346,7 +346,7 @@ impl Master {
             s.close_in_child();
         }
         self.ctl_w = None;
-        self.children = Children::default();
+        std::mem::take(&mut self.children).close_in_child();
         self.notice_r = None;
         if let Some(ready) = self.handoff.ready.take() {
             ready.close_in_child();

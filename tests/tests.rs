@@ -390,6 +390,32 @@ mod supervision {
     }
 
     #[test]
+    fn workers_hold_no_sibling_pipes() {
+        // The first worker is forked before any sibling exists; a later one
+        // holding a sibling's control pipe would have more descriptors (and
+        // would keep that sibling from seeing EOF when it is retired).
+        let d = Daemon::start(&["-l", "127.0.0.1:0", "-w", "6", "--min-spare", "0"]);
+        let workers = d.wait_children(6);
+        let fds = |pid: i32| {
+            let mut v: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+                .unwrap()
+                .filter_map(|e| {
+                    let link = std::fs::read_link(e.ok()?.path()).ok()?;
+                    Some(link.to_string_lossy().split(':').next()?.to_string())
+                })
+                .collect();
+            v.sort();
+            v
+        };
+        let counts: Vec<(i32, Vec<String>)> = workers.iter().map(|&w| (w, fds(w))).collect();
+        let pipes = |v: &Vec<String>| v.iter().filter(|k| *k == "pipe").count();
+        let least = counts.iter().map(|(_, v)| pipes(v)).min().unwrap();
+        for (w, v) in &counts {
+            assert_eq!(pipes(v), least, "worker {w} holds extra pipes: {v:?}");
+        }
+    }
+
+    #[test]
     fn two_thousand_connections_prefork() {
         fd_and_zombie_hygiene("prefork");
     }
