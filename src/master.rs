@@ -34,6 +34,11 @@ use crate::sys::IoBuffer;
 use crate::systemd::Notify;
 use crate::{sys, worker};
 
+/// fork mode: connections accepted per wakeup. Under steady load the
+/// backlog never empties, and without a bound the master would fork until
+/// max-children while the children that already finished wait, unreaped,
+/// for it to look at SIGCHLD again.
+const ACCEPT_BATCH: u32 = 16;
 /// How long accepting pauses in fork mode after a resource error.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(500);
 /// Repeated warnings (limits, accept or fork errors) are logged this often.
@@ -824,16 +829,23 @@ impl Master {
     }
 
     /// fork mode: accepts from the readable listeners, one connection from
-    /// each in turn so none starves, until they are drained or the limit is
-    /// reached.
+    /// each in turn so none starves, until they are drained, the limit is
+    /// reached, or [`ACCEPT_BATCH`] were taken.
     fn accept(&mut self, ready: &[bool], now: Instant) {
         let n = ready.len().min(self.listeners.len());
         let mut live: Vec<usize> = (0..n)
             .map(|k| (self.next_listener + k) % n)
             .filter(|&i| ready[i])
             .collect();
-        while !live.is_empty() {
-            live.retain(|&i| self.accept_one(i, now));
+        let mut budget = ACCEPT_BATCH;
+        while !live.is_empty() && budget > 0 {
+            live.retain(|&i| {
+                if budget == 0 {
+                    return false;
+                }
+                budget -= 1;
+                self.accept_one(i, now)
+            });
         }
         self.next_listener = self.next_listener.wrapping_add(1);
     }

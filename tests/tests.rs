@@ -180,6 +180,33 @@ mod models {
     }
 
     #[test]
+    fn fork_master_reaps_while_clients_keep_coming() {
+        // 12 clients reconnecting back to back keep the backlog from ever
+        // emptying. Exited children must still be reaped as they go, not
+        // pile up as zombies until max-children (far above 12) is reached.
+        let _heavy = heavy();
+        let d = Daemon::start(&["-l", "127.0.0.1:0", "-m", "fork", "--max-children", "40"]);
+        let addr = d.addr();
+        let clients: Vec<_> = (0..12u32)
+            .map(|t| {
+                std::thread::spawn(move || {
+                    for i in 0..250u32 {
+                        let msg = (t << 16 | i).to_le_bytes();
+                        assert_eq!(echo_all(addr, &msg), msg);
+                    }
+                })
+            })
+            .collect();
+        for c in clients {
+            c.join().unwrap();
+        }
+        d.signal(Signal::SIGUSR1);
+        let status = d.wait_line("status: ", DEADLINE).unwrap();
+        assert!(status.contains("connections 3000,"), "{status}");
+        assert!(status.contains("limit reached 0 times"), "{status}");
+    }
+
+    #[test]
     fn max_requests_recycles_a_worker() {
         let d = Daemon::start(&[
             "-l",
