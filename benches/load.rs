@@ -4,8 +4,8 @@
 //! from this process with blocking client threads: echo-forkd in prefork
 //! and fork mode, Python's `ForkingTCPServer` and `ThreadingTCPServer`
 //! (benches/peers.py), and a minimal tokio server (this binary, re-run as
-//! `serve-tokio`). Servers take turns within each round (A B C … A B C …),
-//! so that a noisy neighbour hurts them all alike, and the figures that
+//! `serve-tokio`). Servers take turns within each round (A B C, B C A,
+//! C A B …), so that a noisy neighbour hurts them all alike, and the figures that
 //! count are ratios within a round, of which the medians are reported.
 //! Every echoed byte is checked. See PERFORMANCE.md.
 
@@ -35,6 +35,10 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("serve-tokio") {
         return serve_tokio();
+    }
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("{USAGE}");
+        return;
     }
     let opts = match Opts::parse(&args) {
         Ok(o) => o,
@@ -72,6 +76,14 @@ enum Kind {
 }
 
 impl Kind {
+    /// An echo-forkd build, as opposed to a peer.
+    fn is_ours(self) -> bool {
+        matches!(
+            self,
+            Kind::Prefork | Kind::Fork | Kind::PreforkBase | Kind::ForkBase
+        )
+    }
+
     const ALL: [Kind; 5] = [
         Kind::Prefork,
         Kind::Fork,
@@ -481,6 +493,8 @@ struct Measure {
     errors: Errors,
     master_rss_kib: f64,
     workers_private_kib: f64,
+    /// The largest single process's private KiB.
+    workers_private_max_kib: f64,
     workers: f64,
     /// Server CPU time per connection or round trip, all its processes.
     cpu_us: f64,
@@ -796,7 +810,9 @@ fn hold(server: &Server, kind: Kind, o: &Opts) -> Measure {
     let kids = children(server.pid());
     m.master_rss_kib = status_kib(server.pid(), "VmRSS:");
     m.workers = kids.len() as f64;
-    m.workers_private_kib = kids.iter().map(|&p| private_kib(p)).sum();
+    let private: Vec<f64> = kids.iter().map(|&p| private_kib(p)).collect();
+    m.workers_private_kib = private.iter().sum();
+    m.workers_private_max_kib = private.iter().copied().fold(0.0, f64::max);
 
     let mut ok = 0;
     let mut rng = Rng(77);
@@ -868,7 +884,11 @@ fn run(o: &Opts) {
     let mut results: BTreeMap<(Scenario, Kind), Vec<Measure>> = BTreeMap::new();
     for round in 1..=o.rounds {
         for &scenario in &o.scenarios {
-            for &kind in &o.servers {
+            // Each round starts one server later, so that none always runs
+            // first (just after another scenario's teardown) or last.
+            let n = o.servers.len();
+            for j in 0..n {
+                let kind = o.servers[(j + round - 1) % n];
                 let server = Server::start(kind, scenario, o);
                 let m = match scenario {
                     Scenario::Conn => conn(&server, o),
@@ -898,6 +918,17 @@ fn run(o: &Opts) {
         if let Err(e) = std::fs::write(path, &table) {
             eprintln!("load: cannot write {}: {e}", path.display());
         }
+    }
+    // The peers are measured, not judged; echo-forkd must carry every
+    // scenario without a single error.
+    let failed: Vec<String> = results
+        .iter()
+        .filter(|((_, k), ms)| k.is_ours() && ms.iter().any(|m| m.errors.total() > 0))
+        .map(|((s, k), _)| format!("{} {}", s.name(), k.name()))
+        .collect();
+    if !failed.is_empty() {
+        eprintln!("load: echo-forkd had errors in: {}", failed.join(", "));
+        std::process::exit(1);
     }
 }
 
@@ -969,10 +1000,10 @@ fn report(o: &Opts, results: &BTreeMap<(Scenario, Kind), Vec<Measure>>) -> Strin
     if o.scenarios.contains(&Scenario::Hold) {
         let _ = writeln!(
             t,
-            "\n| memory, {} idle connections held | master RSS KiB | processes | their private KiB | per process KiB |",
+            "\n| memory, {} idle connections held | master RSS KiB | processes | their private KiB | per process KiB | largest KiB |",
             o.hold
         );
-        let _ = writeln!(t, "|---|---:|---:|---:|---:|");
+        let _ = writeln!(t, "|---|---:|---:|---:|---:|---:|");
         for &k in &o.servers {
             let Some(ms) = results.get(&(Scenario::Hold, k)) else {
                 continue;
@@ -980,17 +1011,18 @@ fn report(o: &Opts, results: &BTreeMap<(Scenario, Kind), Vec<Measure>>) -> Strin
             let rss = median(ms.iter().map(|m| m.master_rss_kib).collect());
             let n = median(ms.iter().map(|m| m.workers).collect());
             let private = median(ms.iter().map(|m| m.workers_private_kib).collect());
+            let largest = median(ms.iter().map(|m| m.workers_private_max_kib).collect());
             // A single-process server (threads or tasks) has everything in
             // the master's RSS; there are no per-connection processes.
             let _ = if n > 0.0 {
                 writeln!(
                     t,
-                    "| {} | {rss:.0} | {n:.0} | {private:.0} | {:.1} |",
+                    "| {} | {rss:.0} | {n:.0} | {private:.0} | {:.1} | {largest:.0} |",
                     k.name(),
                     private / n
                 )
             } else {
-                writeln!(t, "| {} | {rss:.0} | – | – | – |", k.name())
+                writeln!(t, "| {} | {rss:.0} | – | – | – | – |", k.name())
             };
         }
     }
