@@ -4,9 +4,10 @@
 //! from this process with blocking client threads: echo-forkd in prefork
 //! and fork mode, Python's `ForkingTCPServer` and `ThreadingTCPServer`
 //! (benches/peers.py), and a minimal tokio server (this binary, re-run as
-//! `serve-tokio`). Servers take turns within each round (A B C, B C A,
-//! C A B …), so that a noisy neighbour hurts them all alike, and the figures that
-//! count are ratios within a round, of which the medians are reported.
+//! `serve-tokio`). Servers take turns within each round, and each round
+//! starts one server later (A B C, B C A, C A B …), so that a noisy
+//! neighbour hurts them all alike; the figures that count are ratios within
+//! a round, of which the medians are reported.
 //! Every echoed byte is checked. See PERFORMANCE.md.
 
 use std::collections::BTreeMap;

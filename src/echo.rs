@@ -4,12 +4,12 @@
 //! echo is exact whatever the segmentation. When the client shuts down its
 //! write side, everything it sent has already been echoed, and [`serve`]
 //! returns [`End::Eof`]; the caller then closes the socket, which sends our
-//! FIN (never a reset: nothing is left unread after EOF), so no separate
-//! `shutdown` call is needed on the hot path. Idle time counts from the last progress in either
-//! direction, so a silent client and a client that never reads both release
-//! the connection. This module knows nothing of processes or signals: the
-//! caller may hand it one extra fd to watch and decides what its readiness
-//! means.
+//! FIN (never a reset: nothing is left unread after EOF), so the hot path
+//! needs no separate `shutdown`. Idle time counts from the last progress in
+//! either direction, so a silent client and a client that never reads both
+//! release the connection. This module knows nothing of processes or
+//! signals: the caller may hand it one extra fd to watch and decides what
+//! its readiness means.
 
 use std::io;
 use std::os::fd::BorrowedFd;

@@ -837,14 +837,12 @@ impl Master {
             .map(|k| (self.next_listener + k) % n)
             .filter(|&i| ready[i])
             .collect();
-        let mut budget = ACCEPT_BATCH;
-        while !live.is_empty() && budget > 0 {
+        let mut taken = 0;
+        while !live.is_empty() {
+            // Past the batch every listener drops out, which ends the loop.
             live.retain(|&i| {
-                if budget == 0 {
-                    return false;
-                }
-                budget -= 1;
-                self.accept_one(i, now)
+                taken += 1;
+                taken <= ACCEPT_BATCH && self.accept_one(i, now)
             });
         }
         self.next_listener = self.next_listener.wrapping_add(1);
