@@ -136,6 +136,58 @@ impl TryFrom<WorkersInFile> for Workers {
     }
 }
 
+/// `--socket-mode`: permission bits for the unix socket files we create,
+/// written in octal (`0660`, `660`); in the file, a string (`"0660"`), so
+/// that a decimal integer is never taken for a mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "ModeInFile")]
+pub struct SocketMode(pub u32);
+
+impl FromStr for SocketMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let digits = s.strip_prefix("0o").unwrap_or(s);
+        match u32::from_str_radix(digits, 8) {
+            Ok(m) if !digits.is_empty() && digits.len() <= 4 && m <= 0o777 => Ok(SocketMode(m)),
+            _ => Err(format!(
+                "'{s}' is not a permission mode: octal digits from 0 to 0777, such as 0660"
+            )),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ModeInFile {
+    Text(String),
+    Number(i64),
+}
+
+impl TryFrom<ModeInFile> for SocketMode {
+    type Error = String;
+    fn try_from(m: ModeInFile) -> Result<Self, String> {
+        match m {
+            ModeInFile::Text(s) => s.parse(),
+            ModeInFile::Number(n) => Err(format!(
+                "{n}: write the mode as a string of octal digits, such as \"0660\""
+            )),
+        }
+    }
+}
+
+/// The file's `listen`: a list, and never an empty one (leaving the key
+/// out means the default; an empty list would listen nowhere).
+fn listen_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let list = Vec::<String>::deserialize(d)?;
+    if list.is_empty() {
+        return Err(serde::de::Error::custom(format!(
+            "listen is empty: leave the key out for the default {}",
+            defaults::LISTEN
+        )));
+    }
+    Ok(list)
+}
+
 /// Every option, as given on the command line or in the file.
 ///
 /// `None` (or an empty list) means "not given here"; [`load`] supplies the
@@ -167,7 +219,7 @@ pub struct Options {
 
     /// Address to listen on: HOST:PORT, [V6]:PORT, *:PORT or unix:/PATH (repeatable) [default: [::]:7]
     #[arg(short = 'l', long = "listen", value_name = "ADDR")]
-    #[serde(default)]
+    #[serde(default, deserialize_with = "listen_list")]
     pub listen: Vec<String>,
 
     /// Process model: prefork or fork [default: prefork]
@@ -240,6 +292,10 @@ pub struct Options {
     #[arg(long, value_name = "N")]
     pub backlog: Option<u32>,
 
+    /// Permissions of the unix: socket files it creates, in octal [default: 0666]
+    #[arg(long, value_name = "MODE")]
+    pub socket_mode: Option<SocketMode>,
+
     /// Run workers and fork-mode children as this user
     #[arg(short = 'u', long, value_name = "USER")]
     pub user: Option<String>,
@@ -310,6 +366,8 @@ pub struct Config {
     pub max_bytes: u64,
     pub shutdown_timeout: Duration,
     pub backlog: i32,
+    /// Permission bits of the unix socket files we bind.
+    pub socket_mode: u32,
     pub log: LogTarget,
     pub syslog_socket: PathBuf,
     pub syslog_facility: Facility,
@@ -352,6 +410,18 @@ impl Config {
         }
     }
 
+    /// How listeners are bound; `socket_group` is `-g`'s group, if given.
+    pub fn bind_options(
+        &self,
+        socket_group: Option<nix::unistd::Gid>,
+    ) -> crate::listen::BindOptions {
+        crate::listen::BindOptions {
+            backlog: self.backlog,
+            socket_mode: self.socket_mode,
+            socket_group,
+        }
+    }
+
     /// The per-connection caps, as the echo loop takes them.
     pub fn limits(&self) -> crate::echo::Limits {
         crate::echo::Limits {
@@ -362,9 +432,26 @@ impl Config {
     }
 }
 
-/// The highest `max-workers` (and `workers`) accepted: the scoreboard is
-/// sized for this many workers of two generations at once.
+/// The highest `max-workers` (and `workers`, `min-spare`, `max-spare`)
+/// accepted: the scoreboard is sized for this many workers of two
+/// generations at once.
 pub const MAX_WORKERS_LIMIT: u32 = 4096;
+
+/// Ceilings of the other values, as the man page states them. A value
+/// above its ceiling is a config error, so nothing `-t` accepts can
+/// overflow a deadline or a counter at run time.
+pub mod ceiling {
+    /// `idle-timeout`, `max-session`, `shutdown-timeout`: 30 days.
+    pub const SECONDS: u64 = 30 * 24 * 3600;
+    /// `max-children`: processes forked at once.
+    pub const MAX_CHILDREN: u32 = 65_536;
+    /// `max-bytes`: the largest integer a TOML file can hold.
+    pub const MAX_BYTES: u64 = i64::MAX as u64;
+    /// `backlog`: listen(2) takes an int.
+    pub const BACKLOG: u32 = i32::MAX as u32;
+    /// The largest config file read.
+    pub const CONFIG_BYTES: u64 = 1 << 20;
+}
 
 /// Defaults, as DESIGN.md and the man page state them.
 pub mod defaults {
@@ -377,6 +464,7 @@ pub mod defaults {
     pub const IDLE_TIMEOUT: u64 = 300;
     pub const SHUTDOWN_TIMEOUT: u64 = 10;
     pub const BACKLOG: u32 = 1024;
+    pub const SOCKET_MODE: u32 = 0o666;
     pub const SYSLOG_SOCKET: &str = "/dev/log";
 }
 
@@ -391,19 +479,68 @@ pub fn load(cli: Options, base: &Path) -> Result<Config, String> {
         Some(path) => cli.clone().over(read_file(&base.join(path))?),
         None => cli,
     };
-    resolve(merged).map(|c| c.anchored(base))
+    let cfg = resolve(merged)?.anchored(base);
+    for a in &cfg.listen {
+        if let ListenAddr::Unix(path) = a {
+            check_unix_path(path)?;
+        }
+    }
+    Ok(cfg)
+}
+
+/// A unix socket path must fit in `sockaddr_un` (with its NUL), once it
+/// is absolute.
+fn check_unix_path(path: &Path) -> Result<(), String> {
+    let max =
+        std::mem::size_of::<libc::sockaddr_un>() - std::mem::size_of::<libc::sa_family_t>() - 1;
+    let len = path.as_os_str().len();
+    if len > max {
+        return Err(format!(
+            "listen address unix:{}: the path is {len} bytes, more than the {max} a unix socket address holds",
+            path.display()
+        ));
+    }
+    Ok(())
 }
 
 /// Parses a config file into [`Options`].
+///
+/// The file is opened without blocking (a FIFO would otherwise wait for a
+/// writer, and the master with it) and must be a regular file of at most
+/// [`ceiling::CONFIG_BYTES`].
 pub fn read_file(path: &Path) -> Result<Options, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        format!(
-            "cannot read config {}: {}",
-            path.display(),
-            crate::error_text(&e)
-        )
-    })?;
-    parse_file(&text).map_err(|e| format!("config {}: {e}", path.display()))
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let shown = path.display();
+    let fail = |e: std::io::Error| format!("cannot read config {shown}: {}", crate::error_text(&e));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
+        .open(path)
+        .map_err(fail)?;
+    let meta = file.metadata().map_err(fail)?;
+    if !meta.is_file() {
+        return Err(format!("config {shown}: not a regular file"));
+    }
+    if meta.len() > ceiling::CONFIG_BYTES {
+        return Err(format!(
+            "config {shown}: {} bytes, more than the {} a config file may have",
+            meta.len(),
+            ceiling::CONFIG_BYTES
+        ));
+    }
+    let mut text = String::new();
+    // The size was checked, but the file may grow while we read it.
+    file.take(ceiling::CONFIG_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(fail)?;
+    if text.len() as u64 > ceiling::CONFIG_BYTES {
+        return Err(format!(
+            "config {shown}: it grew past {} bytes while being read",
+            ceiling::CONFIG_BYTES
+        ));
+    }
+    parse_file(&text).map_err(|e| format!("config {shown}: {e}"))
 }
 
 /// Parses the text of a config file; errors say the line and the key.
@@ -444,6 +581,7 @@ impl Options {
             max_bytes,
             shutdown_timeout,
             backlog,
+            socket_mode,
             user,
             group,
             chroot,
@@ -466,7 +604,7 @@ impl Options {
     }
 }
 
-fn seconds(secs: u64) -> Option<Duration> {
+fn nonzero(secs: u64) -> Option<Duration> {
     (secs > 0).then(|| Duration::from_secs(secs))
 }
 
@@ -484,10 +622,46 @@ pub fn resolve(o: Options) -> Result<Config, String> {
         .map(|a| a.parse::<ListenAddr>())
         .collect::<Result<Vec<_>, _>>()?;
     for (i, a) in listen.iter().enumerate() {
-        // Port 0 twice is two different ephemeral ports.
-        if !a.is_ephemeral() && listen[..i].contains(a) {
-            return Err(format!("listen address {a} is given twice"));
+        if let Some(b) = listen[..i].iter().find(|b| a.overlaps(b)) {
+            return Err(if a == b {
+                format!("listen address {a} is given twice")
+            } else {
+                format!("listen addresses {b} and {a} overlap: both would take the same port on the same address")
+            });
         }
+    }
+    for (name, path) in [
+        ("pidfile", &o.pidfile),
+        ("chroot", &o.chroot),
+        ("syslog-socket", &o.syslog_socket),
+    ] {
+        if path.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+            return Err(format!("{name}: the path is empty"));
+        }
+    }
+    let seconds = |name: &str, value: Option<u64>, default: u64| {
+        let v = value.unwrap_or(default);
+        if v > ceiling::SECONDS {
+            return Err(format!(
+                "{name} ({v}) is above the ceiling of {} seconds (30 days)",
+                ceiling::SECONDS
+            ));
+        }
+        Ok(v)
+    };
+    let idle_timeout = seconds("idle-timeout", o.idle_timeout, defaults::IDLE_TIMEOUT)?;
+    let max_session = seconds("max-session", o.max_session, 0)?;
+    let shutdown_timeout = seconds(
+        "shutdown-timeout",
+        o.shutdown_timeout,
+        defaults::SHUTDOWN_TIMEOUT,
+    )?;
+    let max_bytes = o.max_bytes.unwrap_or(0);
+    if max_bytes > ceiling::MAX_BYTES {
+        return Err(format!(
+            "max-bytes ({max_bytes}) is above the ceiling of {}",
+            ceiling::MAX_BYTES
+        ));
     }
 
     let workers = match o.workers.unwrap_or(Workers::Count(defaults::WORKERS)) {
@@ -498,10 +672,17 @@ pub fn resolve(o: Options) -> Result<Config, String> {
     let max_workers = o.max_workers.unwrap_or(defaults::MAX_WORKERS.max(workers));
     let min_spare = o.min_spare.unwrap_or(defaults::MIN_SPARE);
     let max_spare = o.max_spare.unwrap_or(defaults::MAX_SPARE.max(min_spare));
-    if max_workers > MAX_WORKERS_LIMIT {
-        return Err(format!(
-            "max-workers ({max_workers}) is above the limit of {MAX_WORKERS_LIMIT}"
-        ));
+    for (name, n) in [
+        ("workers", workers),
+        ("max-workers", max_workers),
+        ("min-spare", min_spare),
+        ("max-spare", max_spare),
+    ] {
+        if n > MAX_WORKERS_LIMIT {
+            return Err(format!(
+                "{name} ({n}) is above the ceiling of {MAX_WORKERS_LIMIT}"
+            ));
+        }
     }
     if workers > max_workers {
         return Err(format!(
@@ -513,13 +694,24 @@ pub fn resolve(o: Options) -> Result<Config, String> {
             "min-spare ({min_spare}) is greater than max-spare ({max_spare})"
         ));
     }
+    if min_spare > max_workers {
+        return Err(format!(
+            "min-spare ({min_spare}) is greater than max-workers ({max_workers}): the pool could never keep that many idle"
+        ));
+    }
     let max_children = o.max_children.unwrap_or(defaults::MAX_CHILDREN);
-    if max_children == 0 {
-        return Err("max-children must be at least 1".into());
+    if max_children == 0 || max_children > ceiling::MAX_CHILDREN {
+        return Err(format!(
+            "max-children ({max_children}) must be between 1 and {}",
+            ceiling::MAX_CHILDREN
+        ));
     }
     let backlog = o.backlog.unwrap_or(defaults::BACKLOG);
-    if backlog == 0 || backlog > i32::MAX as u32 {
-        return Err(format!("backlog must be between 1 and {}", i32::MAX));
+    if backlog == 0 || backlog > ceiling::BACKLOG {
+        return Err(format!(
+            "backlog ({backlog}) must be between 1 and {}",
+            ceiling::BACKLOG
+        ));
     }
 
     // Under inetd stderr may be the client's socket: never log there unasked.
@@ -549,13 +741,12 @@ pub fn resolve(o: Options) -> Result<Config, String> {
         max_per_ip: o.max_per_ip.unwrap_or(0),
         max_conn_rate: o.max_conn_rate.unwrap_or(0),
         rules,
-        idle_timeout: seconds(o.idle_timeout.unwrap_or(defaults::IDLE_TIMEOUT)),
-        max_session: seconds(o.max_session.unwrap_or(0)),
-        max_bytes: o.max_bytes.unwrap_or(0),
-        shutdown_timeout: Duration::from_secs(
-            o.shutdown_timeout.unwrap_or(defaults::SHUTDOWN_TIMEOUT),
-        ),
+        idle_timeout: nonzero(idle_timeout),
+        max_session: nonzero(max_session),
+        max_bytes,
+        shutdown_timeout: Duration::from_secs(shutdown_timeout),
         backlog: backlog as i32,
+        socket_mode: o.socket_mode.map_or(defaults::SOCKET_MODE, |m| m.0),
         log,
         syslog_socket: o
             .syslog_socket
@@ -656,6 +847,175 @@ mod tests {
         // Raising workers alone lifts the default ceiling with it.
         assert_eq!(resolve(cli(&["-w", "300"])).unwrap().max_workers, 300);
         assert!(resolve(cli(&["--max-workers", "4097"])).is_err());
+    }
+
+    #[test]
+    fn values_above_their_ceiling_are_errors_naming_the_key() {
+        let over = (ceiling::SECONDS + 1).to_string();
+        for key in ["--idle-timeout", "--max-session", "--shutdown-timeout"] {
+            let err = resolve(cli(&[key, &over])).unwrap_err();
+            assert!(err.contains(&key[2..]) && err.contains("30 days"), "{err}");
+            assert!(resolve(cli(&[key, &ceiling::SECONDS.to_string()])).is_ok());
+        }
+        let err = resolve(cli(&["--max-bytes", &u64::MAX.to_string()])).unwrap_err();
+        assert!(err.contains("max-bytes"), "{err}");
+        assert!(resolve(cli(&["--max-children", "65537"])).is_err());
+        assert!(resolve(cli(&["--max-spare", "5000"])).is_err());
+        let err = parse_file("shutdown-timeout = 9223372036854775807")
+            .and_then(|o| resolve(cli(&[]).over(o)))
+            .unwrap_err();
+        assert!(err.contains("shutdown-timeout"), "{err}");
+    }
+
+    #[test]
+    fn contradictions_and_empty_values_are_errors() {
+        let err = resolve(cli(&["--min-spare", "300", "--max-spare", "300"])).unwrap_err();
+        assert!(err.contains("max-workers"), "{err}");
+        let err = resolve(cli(&["-l", "*:7007", "-l", "[::]:7007"])).unwrap_err();
+        assert!(err.contains("overlap"), "{err}");
+        // clap refuses an empty path on the command line; a file may not.
+        for key in ["pidfile", "chroot", "syslog-socket"] {
+            let o = parse_file(&format!("{key} = \"\"")).unwrap();
+            let err = resolve(cli(&[]).over(o)).unwrap_err();
+            assert!(err.contains(key) && err.contains("empty"), "{err}");
+        }
+        let err = parse_file("listen = []").unwrap_err();
+        assert!(err.contains("line 1") && err.contains("listen"), "{err}");
+        let long = format!("unix:/{}", "d".repeat(120));
+        let err = load(cli(&["-l", &long]), Path::new("/")).unwrap_err();
+        assert!(err.contains("bytes"), "{err}");
+        // A relative path is measured once it is absolute.
+        let short = "unix:s".to_string();
+        let deep = Path::new("/").join("d".repeat(110));
+        assert!(load(cli(&["-l", &short]), &deep).is_err());
+    }
+
+    #[test]
+    fn socket_mode_is_octal_and_a_string_in_the_file() {
+        assert_eq!(resolve(cli(&[])).unwrap().socket_mode, 0o666);
+        let c = resolve(cli(&["--socket-mode", "0660"])).unwrap();
+        assert_eq!(c.socket_mode, 0o660);
+        assert_eq!("600".parse::<SocketMode>(), Ok(SocketMode(0o600)));
+        for bad in ["", "0800", "1777", "rw", "07777"] {
+            assert!(bad.parse::<SocketMode>().is_err(), "{bad}");
+        }
+        let o = parse_file("socket-mode = \"0640\"").unwrap();
+        assert_eq!(o.socket_mode, Some(SocketMode(0o640)));
+        let err = parse_file("socket-mode = 640").unwrap_err();
+        assert!(err.contains("string"), "{err}");
+    }
+
+    #[test]
+    fn config_files_must_be_small_regular_files() {
+        let err = read_file(Path::new("/dev/zero")).unwrap_err();
+        assert!(err.contains("not a regular file"), "{err}");
+        let dir = std::env::temp_dir().join(format!("echo-forkd-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        // Opening a FIFO for reading would wait for a writer: it must not.
+        let err = read_file(&fifo).unwrap_err();
+        assert!(err.contains("not a regular file"), "{err}");
+        let big = dir.join("big.conf");
+        std::fs::write(&big, vec![b'#'; ceiling::CONFIG_BYTES as usize + 1]).unwrap();
+        let err = read_file(&big).unwrap_err();
+        assert!(err.contains("bytes"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Nothing `-t` accepts may panic at run time: random settings over the
+    /// whole option space, the edges included; every one that resolves is
+    /// run through the computations the daemon makes with it.
+    #[test]
+    fn nothing_that_resolves_overflows_at_run_time() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let edges64 = [
+            0,
+            1,
+            2,
+            59,
+            ceiling::SECONDS - 1,
+            ceiling::SECONDS,
+            ceiling::SECONDS + 1,
+            i64::MAX as u64,
+            i64::MAX as u64 + 1,
+            u64::MAX,
+        ];
+        let edges32 = [
+            0,
+            1,
+            2,
+            7,
+            255,
+            4095,
+            4096,
+            4097,
+            65_536,
+            i32::MAX as u32,
+            u32::MAX,
+        ];
+        let pick64 = |r: u64| match r % 3 {
+            0 => edges64[(r / 3) as usize % edges64.len()],
+            1 => r >> (r % 64),
+            _ => r % 100_000,
+        };
+        let pick32 = |r: u64| match r % 3 {
+            0 => edges32[(r / 3) as usize % edges32.len()],
+            1 => (r >> 7) as u32 >> (r % 32),
+            _ => (r % 10_000) as u32,
+        };
+        // Half the time a value is left out, so that most draws resolve.
+        let maybe32 = |r: u64| (r & 1 == 0).then(|| pick32(r >> 1));
+        let maybe64 = |r: u64| (r & 1 == 0).then(|| pick64(r >> 1));
+        let mut accepted = 0;
+        for _ in 0..20_000 {
+            let o = Options {
+                workers: maybe32(next()).map(Workers::Count),
+                max_workers: maybe32(next()),
+                min_spare: maybe32(next()),
+                max_spare: maybe32(next()),
+                max_children: maybe32(next()),
+                max_requests: maybe32(next()),
+                max_requests_jitter: maybe32(next()),
+                max_per_ip: maybe32(next()),
+                max_conn_rate: maybe32(next()),
+                idle_timeout: maybe64(next()),
+                max_session: maybe64(next()),
+                max_bytes: maybe64(next()),
+                shutdown_timeout: maybe64(next()),
+                backlog: maybe32(next()),
+                ..cli(&[])
+            };
+            let Ok(c) = resolve(o) else { continue };
+            accepted += 1;
+            let now = std::time::Instant::now();
+            let _ = crate::time::after(now, c.shutdown_timeout);
+            let limits = c.limits();
+            let later = limits.next_deadline(now, now);
+            let _ = limits.expired(now, now, now);
+            let _ = crate::time::poll_timeout(later.map(|t| t - now));
+            let _ = limits.room(65_536, c.max_bytes.saturating_sub(1));
+            let mut s = next() | 1;
+            let _ = crate::pool::max_requests(c.max_requests, c.max_requests_jitter, &mut s);
+            let b = crate::pool::Bounds {
+                workers: c.workers,
+                max_workers: c.max_workers,
+                min_spare: c.min_spare,
+                max_spare: c.max_spare,
+            };
+            let mut pool = crate::pool::Pool::default();
+            for (idle, total) in [(0, 0), (0, c.max_workers), (c.max_spare, c.workers)] {
+                let _ = pool.decide(now, idle, total, b);
+            }
+            let _ = c.bind_options(None);
+        }
+        assert!(accepted > 1000, "only {accepted} settings resolved");
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! daemon's message on its stderr) when startup fails.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -22,71 +22,249 @@ use crate::sys;
 
 /// The pidfile, locked for the master's whole life and removed when the
 /// master drops it. A forked child's copy neither unlocks nor removes it.
+///
+/// Like a careful pidfile(3): it must be a regular file owned by us and
+/// writable by nobody else (or a user who can rewrite it could make an
+/// operator's `kill $(cat …)` hit any process); it always names a live
+/// process while it is locked (the launcher's pid, then the daemon's); a
+/// lock held by a process the file does not name (anyone who can read the
+/// file can take one) does not keep us from starting; and it is removed
+/// only if this process wrote it and the path still leads to it.
 #[derive(Debug)]
 pub struct PidFile {
     file: File,
     path: PathBuf,
     owner: u32,
+    written: bool,
 }
 
+/// How long a locked pidfile may stay empty before its lock is judged to
+/// belong to no daemon: a starting instance writes its pid right after it
+/// locks the file.
+const PIDFILE_SETTLE: std::time::Duration = std::time::Duration::from_millis(200);
+
 impl PidFile {
-    /// Opens (without following a symlink) and locks `path`. If another
-    /// process holds the lock: "already running (pid N)".
-    pub fn lock(path: &Path) -> Result<PidFile, String> {
+    /// Checks a pidfile path without touching it (for `-t`): an existing
+    /// file must be one [`PidFile::lock`] would accept, and its directory
+    /// must exist.
+    pub fn check(path: &Path) -> Result<(), String> {
         let shown = path.display();
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o644)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(path)
-            .map_err(|e| match e.raw_os_error() {
-                Some(libc::ELOOP) => format!("cannot open pidfile {shown}: it is a symbolic link"),
-                _ => format!("cannot open pidfile {shown}: {}", crate::error_text(&e)),
-            })?;
-        match sys::try_lock(&file) {
-            Ok(true) => {}
-            Ok(false) => {
-                let mut text = String::new();
-                let _ = (&file).read_to_string(&mut text);
-                let pid = text.trim();
-                return Err(if pid.is_empty() {
-                    format!("already running (pidfile {shown} is locked)")
-                } else {
-                    format!("already running (pid {pid}, pidfile {shown})")
-                });
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) => acceptable(path, &meta),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+                match dir.map(std::fs::metadata) {
+                    Some(Ok(m)) if !m.is_dir() => Err(format!(
+                        "pidfile {shown}: {} is not a directory",
+                        dir.map(Path::display)
+                            .map(|d| d.to_string())
+                            .unwrap_or_default()
+                    )),
+                    Some(Err(e)) => Err(format!(
+                        "pidfile {shown}: its directory: {}",
+                        crate::error_text(&e)
+                    )),
+                    _ => Ok(()),
+                }
             }
-            Err(e) => {
-                return Err(format!(
-                    "cannot lock pidfile {shown}: {}",
-                    crate::error_text(&e)
-                ))
-            }
+            Err(e) => Err(format!("pidfile {shown}: {}", crate::error_text(&e))),
         }
-        Ok(PidFile {
-            file,
-            path: path.to_path_buf(),
-            owner: std::process::id(),
-        })
     }
 
-    /// Writes this process's pid (replacing a stale one) and takes
-    /// ownership: from now on this process removes the file on drop.
+    /// Opens (without following a symlink, and only if it is a regular file
+    /// of ours) and locks `path`, and writes this process's pid into it.
+    /// If a running process holds the lock: "already running (pid N)".
+    pub fn lock(path: &Path) -> Result<PidFile, String> {
+        let shown = path.display();
+        // A few rounds at most: another one after replacing a file whose
+        // lock belongs to no daemon.
+        for _ in 0..3 {
+            let (file, created) = open_pidfile(path)?;
+            match sys::try_lock(&file) {
+                Ok(true) => {
+                    let mut p = PidFile {
+                        file,
+                        path: path.to_path_buf(),
+                        owner: std::process::id(),
+                        written: false,
+                    };
+                    p.write_pid().map_err(|e| {
+                        format!("cannot write pidfile {shown}: {}", crate::error_text(&e))
+                    })?;
+                    return Ok(p);
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    if created {
+                        let _ = std::fs::remove_file(path);
+                    }
+                    return Err(format!(
+                        "cannot lock pidfile {shown}: {}",
+                        crate::error_text(&e)
+                    ));
+                }
+            }
+            match holder(&file) {
+                Holder::Running(pid) => {
+                    return Err(format!("already running (pid {pid}, pidfile {shown})"))
+                }
+                Holder::Nobody(named) => {
+                    // The lock is someone else's and names no live daemon:
+                    // put a new file in its place; the squatter keeps a
+                    // lock on a file nobody looks at any more.
+                    log::warn!(
+                        "pidfile {shown} is locked by a process that is not a running echo-forkd ({named}): replacing it"
+                    );
+                    if same_file(path, &file) {
+                        let _ = std::fs::remove_file(path);
+                    }
+                }
+            }
+        }
+        Err(format!(
+            "cannot lock pidfile {shown}: it keeps being locked by other processes"
+        ))
+    }
+
+    /// Writes this process's pid (replacing the one there) and takes
+    /// ownership: from now on this process removes the file on drop. The
+    /// new text is written over the old before the rest is cut, so a
+    /// reader never finds the file empty.
     pub fn write_pid(&mut self) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
         self.owner = std::process::id();
-        self.file.set_len(0)?;
-        (&self.file).write_all(format!("{}\n", self.owner).as_bytes())?;
+        let text = format!("{}\n", self.owner);
+        self.file.write_all_at(text.as_bytes(), 0)?;
+        self.file.set_len(text.len() as u64)?;
+        self.written = true;
         Ok(())
+    }
+}
+
+/// Opens the pidfile: creates it (mode 0644) or opens the existing one,
+/// never following a symbolic link and never opening anything but a
+/// regular file (a device or FIFO is refused before it is opened, and
+/// checked again after). True if we created it.
+fn open_pidfile(path: &Path) -> Result<(File, bool), String> {
+    let shown = path.display();
+    let open = |create: bool| {
+        let mut o = OpenOptions::new();
+        o.read(true)
+            .write(true)
+            .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK | libc::O_NOCTTY);
+        if create {
+            o.create_new(true);
+        }
+        o.open(path)
+    };
+    let fail = |e: io::Error| match e.raw_os_error() {
+        Some(libc::ELOOP) => format!("cannot open pidfile {shown}: it is a symbolic link"),
+        _ => format!("cannot open pidfile {shown}: {}", crate::error_text(&e)),
+    };
+    let (file, created) = match open(true) {
+        Ok(f) => (f, true),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            let meta = std::fs::symlink_metadata(path).map_err(fail)?;
+            acceptable(path, &meta)?;
+            (open(false).map_err(fail)?, false)
+        }
+        Err(e) => return Err(fail(e)),
+    };
+    let meta = file.metadata().map_err(fail)?;
+    acceptable(path, &meta)?;
+    Ok((file, created))
+}
+
+/// Whether an existing pidfile is one we may use: a regular file, ours,
+/// and writable by nobody else.
+fn acceptable(path: &Path, meta: &std::fs::Metadata) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let shown = path.display();
+    if !meta.file_type().is_file() {
+        let what = if meta.file_type().is_symlink() {
+            "a symbolic link"
+        } else if meta.is_dir() {
+            "a directory"
+        } else {
+            "not a regular file"
+        };
+        return Err(format!("pidfile {shown}: {what}; refusing to use it"));
+    }
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != me {
+        return Err(format!(
+            "pidfile {shown}: owned by uid {}, not by us (uid {me}); refusing it, as its owner could rewrite it",
+            meta.uid()
+        ));
+    }
+    let group_may_write = meta.mode() & 0o020 != 0 && meta.gid() != nix::unistd::getegid().as_raw();
+    if meta.mode() & 0o002 != 0 || group_may_write {
+        return Err(format!(
+            "pidfile {shown}: writable by others (mode {:04o}); refusing it (chmod go-w, or remove it)",
+            meta.mode() & 0o7777
+        ));
+    }
+    Ok(())
+}
+
+/// Whether `path` still leads to the file `file` has open.
+fn same_file(path: &Path, file: &File) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::symlink_metadata(path), file.metadata()) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+enum Holder {
+    /// The pid the file names is alive.
+    Running(i32),
+    /// What the file says, when no live process is named.
+    Nobody(String),
+}
+
+/// Who holds the lock on a pidfile, judging by the pid it names; waits a
+/// moment for a file that is empty (a daemon between its lock and its
+/// write).
+fn holder(file: &File) -> Holder {
+    use std::os::unix::fs::FileExt;
+    let start = std::time::Instant::now();
+    loop {
+        let mut buf = [0u8; 32];
+        let n = file.read_at(&mut buf, 0).unwrap_or(0);
+        let text = String::from_utf8_lossy(&buf[..n]);
+        let text = text.lines().next().unwrap_or("").trim().to_string();
+        if let Ok(pid) = text.parse::<i32>() {
+            if pid > 0 {
+                // Alive, even if we may not signal it.
+                let alive = matches!(
+                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+                    Ok(()) | Err(nix::errno::Errno::EPERM)
+                );
+                return if alive {
+                    Holder::Running(pid)
+                } else {
+                    Holder::Nobody(format!("it names pid {pid}, which is not running"))
+                };
+            }
+        }
+        if start.elapsed() >= PIDFILE_SETTLE {
+            return Holder::Nobody(if text.is_empty() {
+                "it is empty".into()
+            } else {
+                format!("it holds {text:?}, not a pid")
+            });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
 }
 
 impl Drop for PidFile {
     fn drop(&mut self) {
         // Remove before the lock goes with the descriptor, so a successor
-        // never sees our file unlocked.
-        if std::process::id() == self.owner {
+        // never sees our file unlocked; and only our own file.
+        if self.written && std::process::id() == self.owner && same_file(&self.path, &self.file) {
             let _ = std::fs::remove_file(&self.path);
         }
     }
@@ -152,6 +330,8 @@ pub fn detach() -> Result<ReadyPipe, String> {
 pub struct Identity {
     uid: Option<Uid>,
     gid: Option<Gid>,
+    /// `-g` was given (not only implied by `-u`).
+    group_given: bool,
     chroot: Option<PathBuf>,
 }
 
@@ -182,6 +362,7 @@ impl Identity {
         let id = Identity {
             uid: user.map(|u| u.uid),
             gid,
+            group_given: group.is_some(),
             chroot: chroot.map(Path::to_path_buf),
         };
         if id.changes_anything() && !geteuid().is_root() {
@@ -193,6 +374,11 @@ impl Identity {
             }
         }
         Ok(id)
+    }
+
+    /// The group our unix socket files get: `-g`'s, if it was given.
+    pub fn socket_group(&self) -> Option<Gid> {
+        self.gid.filter(|_| self.group_given)
     }
 
     fn changes_anything(&self) -> bool {

@@ -19,12 +19,52 @@ use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags};
 use nix::unistd::{read, write};
 
+use crate::time::after;
+
 /// Caps on one connection; `None`/0 means no cap.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Limits {
     pub idle: Option<Duration>,
     pub session: Option<Duration>,
     pub max_bytes: u64,
+}
+
+impl Limits {
+    /// The limit that has run out at `now` for a connection accepted at
+    /// `start` that last made progress at `last`, if any.
+    pub fn expired(&self, start: Instant, last: Instant, now: Instant) -> Option<End> {
+        if matches!(self.session, Some(d) if now >= after(start, d)) {
+            return Some(End::Session);
+        }
+        if matches!(self.idle, Some(d) if now >= after(last, d)) {
+            return Some(End::Idle);
+        }
+        None
+    }
+
+    /// When the next limit runs out, if one can.
+    pub fn next_deadline(&self, start: Instant, last: Instant) -> Option<Instant> {
+        let idle = self.idle.map(|d| after(last, d));
+        let session = self.session.map(|d| after(start, d));
+        match (idle, session) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// How many of `n` bytes just read may still be echoed, `echoed` having
+    /// been echoed before.
+    pub fn room(&self, n: usize, echoed: u64) -> usize {
+        match self.max_bytes {
+            0 => n,
+            cap => n.min(usize::try_from(cap.saturating_sub(echoed)).unwrap_or(usize::MAX)),
+        }
+    }
+
+    /// Whether the byte cap has been reached.
+    pub fn bytes_done(&self, echoed: u64) -> bool {
+        self.max_bytes != 0 && echoed >= self.max_bytes
+    }
 }
 
 /// Why a connection ended.
@@ -125,14 +165,11 @@ impl Session<'_, '_> {
                 Err(e) => return End::Failed(e.into()),
             };
             self.last = Instant::now();
-            let room = match self.limits.max_bytes {
-                0 => n,
-                cap => n.min((cap - self.bytes) as usize),
-            };
+            let room = self.limits.room(n, self.bytes);
             if let Err(end) = self.write_all(&buf[..room]) {
                 return end;
             }
-            if self.limits.max_bytes != 0 && self.bytes >= self.limits.max_bytes {
+            if self.limits.bytes_done(self.bytes) {
                 return End::Bytes;
             }
             direct = if n == buf.len() && direct < MAX_DIRECT_READS {
@@ -159,24 +196,12 @@ impl Session<'_, '_> {
         Ok(())
     }
 
-    /// The limit that has run out at `now`, if any.
     fn expired(&self, now: Instant) -> Option<End> {
-        if matches!(self.limits.session, Some(d) if now >= self.start + d) {
-            return Some(End::Session);
-        }
-        if matches!(self.limits.idle, Some(d) if now >= self.last + d) {
-            return Some(End::Idle);
-        }
-        None
+        self.limits.expired(self.start, self.last, now)
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        let idle = self.limits.idle.map(|d| self.last + d);
-        let session = self.limits.session.map(|d| self.start + d);
-        match (idle, session) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        self.limits.next_deadline(self.start, self.last)
     }
 
     /// Waits until the connection is ready for `events` (or has failed, which
@@ -187,7 +212,10 @@ impl Session<'_, '_> {
             if let Some(end) = self.expired(now) {
                 return Err(end);
             }
-            let timeout = crate::poll_timeout(self.next_deadline().map(|d| d - now));
+            let timeout = crate::time::poll_timeout(
+                self.next_deadline()
+                    .map(|d| d.saturating_duration_since(now)),
+            );
             let mut fds = [
                 PollFd::new(self.conn, events),
                 PollFd::new(self.watch.unwrap_or(self.conn), PollFlags::POLLIN),

@@ -25,10 +25,10 @@ pub mod signals;
 #[allow(unsafe_code)]
 pub mod sys;
 pub mod systemd;
+mod time;
 pub mod worker;
 
 use std::io;
-use std::time::Duration;
 
 use clap::Parser;
 use log::{error, info};
@@ -71,6 +71,10 @@ pub fn run() -> i32 {
             return 1;
         }
     };
+    if let Some(Err(e)) = cfg.pidfile.as_deref().map(daemon::PidFile::check) {
+        eprintln!("echo-forkd: {e}");
+        return 1;
+    }
     if check {
         println!("echo-forkd: configuration is valid");
         return 0;
@@ -91,7 +95,7 @@ pub fn run() -> i32 {
             cfg.syslog_socket.display()
         );
     }
-    match start(&cfg, systemd::Notify::from_env()) {
+    match start(&cfg, &identity, systemd::Notify::from_env()) {
         Ok((listeners, handoff, activated)) => {
             if identity.stays_root() {
                 log::warn!("workers run as root: use -u to give them an unprivileged user");
@@ -119,9 +123,10 @@ pub fn run() -> i32 {
 /// by the service manager.
 fn start(
     cfg: &config::Config,
+    identity: &daemon::Identity,
     notify: Option<systemd::Notify>,
 ) -> Result<(Vec<listen::Listener>, master::Handoff, bool), String> {
-    let (mut listeners, activated) = listeners(cfg)?;
+    let (mut listeners, activated) = listeners(cfg, identity)?;
     for l in &listeners {
         info!("listening on {}", l.name());
     }
@@ -156,7 +161,10 @@ fn start(
 
 /// The sockets passed by systemd (socket activation, flagged true), or
 /// else the configured addresses, bound now.
-fn listeners(cfg: &config::Config) -> Result<(Vec<listen::Listener>, bool), String> {
+fn listeners(
+    cfg: &config::Config,
+    identity: &daemon::Identity,
+) -> Result<(Vec<listen::Listener>, bool), String> {
     if let Some(passed) = systemd::listeners_from_env()? {
         info!(
             "using {} sockets passed by the service manager instead of binding",
@@ -164,10 +172,11 @@ fn listeners(cfg: &config::Config) -> Result<(Vec<listen::Listener>, bool), Stri
         );
         return Ok((passed, true));
     }
+    let opts = cfg.bind_options(identity.socket_group());
     let bound = cfg
         .listen
         .iter()
-        .map(|a| listen::bind(a, cfg.backlog))
+        .map(|a| listen::bind(a, &opts))
         .collect::<Result<_, _>>()?;
     Ok((bound, false))
 }
@@ -215,18 +224,6 @@ pub(crate) fn set_nonblocking(fd: &impl std::os::fd::AsFd) -> nix::Result<()> {
     use nix::fcntl::{fcntl, FcntlArg, OFlag};
     let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL)?);
     fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK)).map(drop)
-}
-
-/// A poll(2) timeout for "at most `d`" (None: wait forever), rounded up to
-/// the next millisecond so a wake-up never comes before the deadline.
-pub(crate) fn poll_timeout(d: Option<Duration>) -> nix::poll::PollTimeout {
-    match d {
-        None => nix::poll::PollTimeout::NONE,
-        Some(d) => {
-            let ms = d.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
-            nix::poll::PollTimeout::try_from(ms).unwrap_or(nix::poll::PollTimeout::MAX)
-        }
-    }
 }
 
 #[cfg(test)]

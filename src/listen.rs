@@ -11,15 +11,17 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use nix::errno::Errno;
+use nix::fcntl::{AtFlags, AT_FDCWD};
 use nix::sys::socket::{
     self, setsockopt, sockopt, AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, SockaddrIn6,
     SockaddrStorage, UnixAddr,
 };
+use nix::sys::stat::{umask, Mode};
+use nix::unistd::fchownat;
 
 use crate::sys;
 
@@ -77,6 +79,47 @@ impl ListenAddr {
     pub fn is_ephemeral(&self) -> bool {
         matches!(self, ListenAddr::Tcp(a) if a.port() == 0) || *self == ListenAddr::Any(0)
     }
+
+    /// Whether binding both would collide: the same address twice, or a
+    /// wildcard and an address it covers on the same port (without
+    /// SO_REUSEPORT the second bind fails). Port 0 twice is two ports.
+    pub fn overlaps(&self, other: &ListenAddr) -> bool {
+        use ListenAddr::{Any, Tcp, Unix};
+        // (port, IPv4 covered, IPv6 covered, the one address if not a wildcard)
+        let scope = |a: &ListenAddr| match *a {
+            Any(port) => Some((port, true, true, None)),
+            Tcp(sa) if sa.ip().is_unspecified() => {
+                Some((sa.port(), sa.is_ipv4(), sa.is_ipv6(), None))
+            }
+            Tcp(sa) => Some((sa.port(), false, false, Some(sa.ip()))),
+            Unix(_) => None,
+        };
+        match (self, other) {
+            (Unix(a), Unix(b)) => a == b,
+            _ if self.is_ephemeral() || other.is_ephemeral() => false,
+            _ => match (scope(self), scope(other)) {
+                (Some((p, v4, v6, ip)), Some((q, w4, w6, jp))) if p == q => match (ip, jp) {
+                    (Some(a), Some(b)) => a == b,
+                    (Some(a), None) => {
+                        if a.is_ipv4() {
+                            w4
+                        } else {
+                            w6
+                        }
+                    }
+                    (None, Some(b)) => {
+                        if b.is_ipv4() {
+                            v4
+                        } else {
+                            v6
+                        }
+                    }
+                    (None, None) => (v4 && w4) || (v6 && w6),
+                },
+                _ => false,
+            },
+        }
+    }
 }
 
 impl fmt::Display for ListenAddr {
@@ -113,6 +156,32 @@ impl Listener {
     /// The configured address it was bound for (`None`: passed to us).
     pub fn configured(&self) -> Option<&ListenAddr> {
         self.addr.as_ref()
+    }
+
+    /// Gives a unix socket file we bound the mode and group asked for now
+    /// (a reload may change them); does nothing for other listeners.
+    pub fn set_permissions(&self, opts: &BindOptions) -> Result<(), String> {
+        use std::os::unix::fs::PermissionsExt;
+        let Some(f) = &self.file else { return Ok(()) };
+        let fail = |e: String| format!("cannot set the permissions of {}: {e}", self.name);
+        // Only our socket: never follow a link someone put in its place.
+        match std::fs::symlink_metadata(&f.path) {
+            Ok(m) if m.file_type().is_socket() => {}
+            _ => return Err(fail("it is no longer a socket".into())),
+        }
+        std::fs::set_permissions(&f.path, std::fs::Permissions::from_mode(opts.socket_mode))
+            .map_err(|e| fail(crate::error_text(&e)))?;
+        if let Some(gid) = opts.socket_group {
+            fchownat(
+                AT_FDCWD,
+                &f.path,
+                None,
+                Some(gid),
+                AtFlags::AT_SYMLINK_NOFOLLOW,
+            )
+            .map_err(|e| fail(e.desc().to_lowercase()))?;
+        }
+        Ok(())
     }
 
     /// Changes the listen backlog of the bound socket (a reload may).
@@ -201,8 +270,19 @@ impl Drop for SocketFile {
     }
 }
 
+/// How listeners are made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BindOptions {
+    pub backlog: i32,
+    /// Permission bits of a unix socket's file.
+    pub socket_mode: u32,
+    /// The group given to a unix socket's file (`--group`), if any.
+    pub socket_group: Option<nix::unistd::Gid>,
+}
+
 /// Binds and listens on `addr`. The error names the address and the cause.
-pub fn bind(addr: &ListenAddr, backlog: i32) -> Result<Listener, String> {
+pub fn bind(addr: &ListenAddr, opts: &BindOptions) -> Result<Listener, String> {
+    let backlog = opts.backlog;
     match addr {
         ListenAddr::Tcp(sa) => bind_tcp(*sa, backlog, false),
         ListenAddr::Any(port) => {
@@ -218,7 +298,7 @@ pub fn bind(addr: &ListenAddr, backlog: i32) -> Result<Listener, String> {
                 other => other,
             }
         }
-        ListenAddr::Unix(path) => bind_unix(path, backlog),
+        ListenAddr::Unix(path) => bind_unix(path, opts),
     }
     .map(|l| Listener {
         addr: Some(addr.clone()),
@@ -296,7 +376,7 @@ fn listen(fd: &OwnedFd, backlog: i32) -> nix::Result<()> {
     socket::listen(fd, backlog)
 }
 
-fn bind_unix(path: &Path, backlog: i32) -> Result<Listener, BindError> {
+fn bind_unix(path: &Path, opts: &BindOptions) -> Result<Listener, BindError> {
     let name = format!("unix:{}", path.display());
     let fail = |step: &str| {
         let what = format!("cannot {step} {name}");
@@ -314,13 +394,29 @@ fn bind_unix(path: &Path, backlog: i32) -> Result<Listener, BindError> {
     )
     .map_err(fail("create a socket for"))?;
     let ua = UnixAddr::new(path).map_err(fail("use the path"))?;
-    socket::bind(fd.as_raw_fd(), &ua).map_err(fail("bind"))?;
+    // The file is created with the mode asked for, not the caller's umask,
+    // and is never more open than that, not even for a moment. The master
+    // is single-threaded, so the umask is nobody else's meanwhile.
+    let old = umask(Mode::from_bits_truncate(!opts.socket_mode & 0o777));
+    let bound = socket::bind(fd.as_raw_fd(), &ua);
+    umask(old);
+    bound.map_err(fail("bind"))?;
     // From here the file is ours: remove it if anything below fails.
     let file = SocketFile {
         path: path.to_path_buf(),
         owner: std::process::id(),
     };
-    listen(&fd, backlog).map_err(fail("listen on"))?;
+    if let Some(gid) = opts.socket_group {
+        fchownat(
+            AT_FDCWD,
+            path,
+            None,
+            Some(gid),
+            AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .map_err(fail("give the group to"))?;
+    }
+    listen(&fd, opts.backlog).map_err(fail("listen on"))?;
     Ok(Listener {
         fd,
         name,
@@ -340,18 +436,31 @@ fn remove_stale(path: &Path) -> Result<(), (&'static str, Errno)> {
     if !meta.file_type().is_socket() {
         return Err(("the path exists and is not a socket", Errno::EEXIST));
     }
-    match UnixStream::connect(path) {
-        Ok(_) => Err((
-            "a server is listening on it (is echo-forkd already running?)",
-            Errno::EADDRINUSE,
-        )),
-        Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => std::fs::remove_file(path)
-            .map_err(|e| {
-                (
-                    "cannot remove the stale socket file",
-                    Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
-                )
-            }),
+    // A probe that never blocks: a live server with a full backlog answers
+    // EAGAIN at once, where a blocking connect would wait for it to accept
+    // (and hang startup, or the master during a reload).
+    let in_use = Err((
+        "a server is listening on it (is echo-forkd already running?)",
+        Errno::EADDRINUSE,
+    ));
+    let probe = socket::socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )
+    .map_err(|e| ("cannot create a socket to probe it", e))?;
+    let ua = UnixAddr::new(path).map_err(|e| ("cannot use the path", e))?;
+    match socket::connect(probe.as_raw_fd(), &ua) {
+        Ok(()) | Err(Errno::EAGAIN | Errno::EINPROGRESS) => in_use,
+        Err(Errno::ECONNREFUSED) => std::fs::remove_file(path).map_err(|e| {
+            (
+                "cannot remove the stale socket file",
+                Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+            )
+        }),
+        // Not ours to judge (no permission, say): leave it, and let bind
+        // say what is wrong.
         Err(_) => Ok(()),
     }
 }
@@ -359,6 +468,14 @@ fn remove_stale(path: &Path) -> Result<(), (&'static str, Errno)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn opts(backlog: i32) -> BindOptions {
+        BindOptions {
+            backlog,
+            socket_mode: 0o666,
+            socket_group: None,
+        }
+    }
 
     #[test]
     fn parses_every_form() {
@@ -397,8 +514,32 @@ mod tests {
     }
 
     #[test]
+    fn overlapping_addresses_are_found() {
+        let o = |a: &str, b: &str| {
+            let (a, b): (ListenAddr, ListenAddr) = (a.parse().unwrap(), b.parse().unwrap());
+            assert_eq!(a.overlaps(&b), b.overlaps(&a), "{a} {b}");
+            a.overlaps(&b)
+        };
+        assert!(o("*:7", "[::]:7"));
+        assert!(o("*:7", "0.0.0.0:7"));
+        assert!(o("*:7", "127.0.0.1:7"));
+        assert!(o("*:7", "[::1]:7"));
+        assert!(o("0.0.0.0:7", "127.0.0.1:7"));
+        assert!(o("[::]:7", "[::1]:7"));
+        assert!(o("127.0.0.1:7", "127.0.0.1:7"));
+        assert!(o("unix:/a", "unix:/a"));
+        assert!(!o("*:7", "*:8"));
+        assert!(!o("127.0.0.1:7", "127.0.0.2:7"));
+        assert!(!o("0.0.0.0:7", "[::1]:7"));
+        assert!(!o("127.0.0.1:0", "127.0.0.1:0"));
+        assert!(!o("*:0", "[::]:0"));
+        assert!(!o("unix:/a", "unix:/b"));
+        assert!(!o("unix:/a", "*:7"));
+    }
+
+    #[test]
     fn port_zero_is_resolved_in_the_name() {
-        let l = bind(&"127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        let l = bind(&"127.0.0.1:0".parse().unwrap(), &opts(16)).unwrap();
         let port: u16 = l.name().rsplit_once(':').unwrap().1.parse().unwrap();
         assert_ne!(port, 0);
     }
@@ -407,7 +548,7 @@ mod tests {
     fn accepted_connections_inherit_tcp_nodelay() {
         // worker.rs relies on this on Linux and FreeBSD instead of a
         // setsockopt per connection.
-        let l = bind(&"127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        let l = bind(&"127.0.0.1:0".parse().unwrap(), &opts(16)).unwrap();
         let _c = std::net::TcpStream::connect(l.name()).unwrap();
         let mut conn = None;
         for _ in 0..1000 {
@@ -425,8 +566,8 @@ mod tests {
 
     #[test]
     fn address_in_use_is_explained() {
-        let l = bind(&"127.0.0.1:0".parse().unwrap(), 16).unwrap();
-        let err = bind(&l.name().parse().unwrap(), 16).unwrap_err();
+        let l = bind(&"127.0.0.1:0".parse().unwrap(), &opts(16)).unwrap();
+        let err = bind(&l.name().parse().unwrap(), &opts(16)).unwrap_err();
         assert!(err.contains(l.name()) && err.contains("in use"), "{err}");
     }
 
@@ -436,13 +577,13 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("s");
         let addr = ListenAddr::Unix(path.clone());
-        let l = bind(&addr, 4).unwrap();
-        assert!(bind(&addr, 4).unwrap_err().contains("listening"));
+        let l = bind(&addr, &opts(4)).unwrap();
+        assert!(bind(&addr, &opts(4)).unwrap_err().contains("listening"));
         // A stale file: bound socket gone, file left behind.
         std::mem::forget(l.file);
         drop(l.fd);
         assert!(path.exists());
-        let l = bind(&addr, 4).unwrap();
+        let l = bind(&addr, &opts(4)).unwrap();
         drop(l);
         assert!(!path.exists());
         std::fs::remove_dir_all(&dir).unwrap();

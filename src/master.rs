@@ -32,6 +32,7 @@ use crate::scoreboard::{Entry, Refusal, Scoreboard, State};
 use crate::signals::{self, Signals};
 use crate::sys::IoBuffer;
 use crate::systemd::Notify;
+use crate::time::after;
 use crate::{sys, worker};
 
 /// fork mode: connections accepted per wakeup. Under steady load the
@@ -323,7 +324,7 @@ impl Master {
             .flatten()
             .min()
             .map(|t| t.saturating_duration_since(now));
-        match poll(&mut fds, crate::poll_timeout(timeout)) {
+        match poll(&mut fds, crate::time::poll_timeout(timeout)) {
             Ok(_) | Err(Errno::EINTR) => {}
             Err(e) => warn!("poll failed: {e}"),
         }
@@ -466,7 +467,10 @@ impl Master {
             Some(f) => info!("SIGHUP: reloading {}", f.display()),
             None => info!("SIGHUP: reloading (no config file: restarting the workers)"),
         }
-        self.notify(&format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic_usec()));
+        self.notify(&format!(
+            "RELOADING=1\nMONOTONIC_USEC={}",
+            crate::time::monotonic_usec()
+        ));
         if let Err(e) = self.prepare(now) {
             self.abandon(&e);
         } else {
@@ -486,6 +490,7 @@ impl Master {
             cfg.group.as_deref(),
             cfg.chroot.as_deref(),
         )?;
+        let opts = cfg.bind_options(identity.socket_group());
         let plan = if self.source.activated {
             (0..self.listeners.len()).map(Planned::Kept).collect()
         } else {
@@ -495,7 +500,7 @@ impl Master {
             for (addr, m) in cfg.listen.iter().zip(matched) {
                 plan.push(match m {
                     Some(i) => Planned::Kept(i),
-                    None => Planned::Bound(listen::bind(addr, cfg.backlog)?),
+                    None => Planned::Bound(listen::bind(addr, &opts)?),
                 });
             }
             plan
@@ -538,9 +543,10 @@ impl Master {
         for l in current.into_iter().flatten() {
             info!("no longer listening on {}", l.name());
         }
-        if p.cfg.backlog != self.cfg.backlog {
+        let opts = p.cfg.bind_options(p.identity.socket_group());
+        if opts != self.cfg.bind_options(self.identity.socket_group()) {
             for l in &self.listeners {
-                if let Err(e) = l.set_backlog(p.cfg.backlog) {
+                if let Err(e) = l.set_backlog(opts.backlog).and(l.set_permissions(&opts)) {
                     warn!("{e}");
                 }
             }
@@ -548,7 +554,7 @@ impl Master {
         let generation = p.generation;
         let retiring = self
             .children
-            .retire_where(now + p.cfg.shutdown_timeout, |g| g < generation);
+            .retire_where(after(now, p.cfg.shutdown_timeout), |g| g < generation);
         self.generation = generation;
         self.cfg = p.cfg;
         self.identity = p.identity;
@@ -565,7 +571,7 @@ impl Master {
         let now = Instant::now();
         if let Some(p) = self.pending.take() {
             self.children
-                .retire_where(now + self.cfg.shutdown_timeout, |g| g == p.generation);
+                .retire_where(after(now, self.cfg.shutdown_timeout), |g| g == p.generation);
         }
         self.notify(&format!("READY=1\nSTATUS={}", self.status_text(now)));
     }
@@ -705,7 +711,10 @@ impl Master {
             .min()
             .map(|(_, pid)| pid);
         if let Some(pid) = victim {
-            if self.children.retire(pid, now + self.cfg.shutdown_timeout) {
+            if self
+                .children
+                .retire(pid, after(now, self.cfg.shutdown_timeout))
+            {
                 info!("worker {pid} retiring ({why})");
             }
         }
@@ -766,7 +775,8 @@ impl Master {
         };
         let limits = cfg.limits();
         let policy = cfg.policy();
-        let max_requests = max_requests(cfg, &mut self.seed);
+        let max_requests =
+            pool::max_requests(cfg.max_requests, cfg.max_requests_jitter, &mut self.seed);
         let Some(slot) = self.scoreboard.claim(generation) else {
             return Err("every scoreboard slot is taken".into());
         };
@@ -1046,7 +1056,7 @@ impl Master {
             self.pending = None;
             self.hup_deferred = false;
             self.ctl_w = None;
-            let deadline = now + self.cfg.shutdown_timeout;
+            let deadline = after(now, self.cfg.shutdown_timeout);
             self.children.retire_where(deadline, |_| true);
             self.stop_deadline = Some(deadline);
             self.notify("STOPPING=1\nSTATUS=stopping");
@@ -1154,19 +1164,6 @@ impl Master {
     }
 }
 
-/// `max-requests` plus this worker's share of the jitter.
-fn max_requests(cfg: &Config, seed: &mut u64) -> u64 {
-    let base = u64::from(cfg.max_requests);
-    if base == 0 || cfg.max_requests_jitter == 0 {
-        return base;
-    }
-    // xorshift: spreading recycling needs no better randomness.
-    *seed ^= *seed << 13;
-    *seed ^= *seed >> 7;
-    *seed ^= *seed << 17;
-    base + *seed % (u64::from(cfg.max_requests_jitter) + 1)
-}
-
 /// Builds a listener set from a plan, taking kept listeners out of
 /// `current` (what is left there is what the plan dropped).
 fn take_planned(current: &mut [Option<Listener>], plan: Vec<Planned>) -> Vec<Listener> {
@@ -1176,13 +1173,6 @@ fn take_planned(current: &mut [Option<Listener>], plan: Vec<Planned>) -> Vec<Lis
             Planned::Bound(l) => Some(l),
         })
         .collect()
-}
-
-/// CLOCK_MONOTONIC in microseconds, for systemd's MONOTONIC_USEC=.
-fn monotonic_usec() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map(|t| t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1000)
-        .unwrap_or(0)
 }
 
 fn seed() -> u64 {

@@ -102,6 +102,20 @@ impl Pool {
     }
 }
 
+/// A worker's `max-requests` (0: no limit) plus its share of the jitter:
+/// a value from `base` to `base + jitter`.
+pub fn max_requests(base: u32, jitter: u32, seed: &mut u64) -> u64 {
+    let base = u64::from(base);
+    if base == 0 || jitter == 0 {
+        return base;
+    }
+    // xorshift: spreading recycling needs no better randomness.
+    *seed ^= *seed << 13;
+    *seed ^= *seed >> 7;
+    *seed ^= *seed << 17;
+    base + *seed % (u64::from(jitter) + 1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

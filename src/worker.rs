@@ -176,9 +176,9 @@ pub fn prefork(mut listeners: Vec<Listener>, ctx: Ctx<'_>, max_requests: u64) ->
                     );
                 }
                 let timeout = match pause {
-                    Some(until) => {
-                        crate::poll_timeout(Some(until.saturating_duration_since(Instant::now())))
-                    }
+                    Some(until) => crate::time::poll_timeout(Some(
+                        until.saturating_duration_since(Instant::now()),
+                    )),
                     None => PollTimeout::NONE,
                 };
                 match poll(&mut fds, timeout) {

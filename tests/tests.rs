@@ -855,6 +855,185 @@ mod config {
     }
 
     #[test]
+    fn values_check_accepts_never_crash_the_daemon() {
+        let dir = TempDir::new("ceiling");
+        let f = dir.path("c.toml");
+        // Accepted by -t before, then a panic of the master on HUP or TERM.
+        std::fs::write(&f, "shutdown-timeout = 9223372036854775807\n").unwrap();
+        let (code, err) = launch(&["-t", "-c", f.to_str().unwrap()]);
+        assert_eq!(code, 1, "-t accepted shutdown-timeout = i64::MAX");
+        assert!(
+            err.contains("shutdown-timeout") && err.contains("30 days"),
+            "{err}"
+        );
+        let (code, err) = launch(&["-t", "--max-session", "18446744073709551615"]);
+        assert_eq!(code, 1);
+        assert!(err.contains("max-session"), "{err}");
+        // Every ceiling at once: served, reloaded and stopped cleanly.
+        let top = "2592000";
+        let mut d = Daemon::start(&[
+            "-l",
+            "127.0.0.1:0",
+            "-w",
+            "2",
+            "--idle-timeout",
+            top,
+            "--max-session",
+            top,
+            "--shutdown-timeout",
+            top,
+            "--max-bytes",
+            "9223372036854775807",
+            "--max-children",
+            "65536",
+        ]);
+        let addr = d.addr();
+        assert_eq!(echo_all(addr, b"ceiling"), b"ceiling");
+        d.signal(Signal::SIGHUP);
+        assert!(
+            d.wait_line("reloaded:", DEADLINE).is_some(),
+            "{}",
+            d.stderr_text()
+        );
+        assert_eq!(echo_all(addr, b"again"), b"again");
+        d.signal(Signal::SIGTERM);
+        let st = d.wait_exit(DEADLINE).expect("still running after TERM");
+        assert_eq!(st.code(), Some(0), "{}", d.stderr_text());
+        assert!(!d.stderr_text().contains("panicked"), "{}", d.stderr_text());
+    }
+
+    #[test]
+    fn check_refuses_what_could_only_fail_later() {
+        let dir = TempDir::new("conf-later");
+        let long = format!("unix:{}/{}", dir.0.display(), "s".repeat(110));
+        let fifo = dir.path("fifo.toml");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let empty_list = dir.path("empty.toml");
+        std::fs::write(&empty_list, "listen = []\n").unwrap();
+        let empty_chroot = dir.path("chroot.toml");
+        std::fs::write(&empty_chroot, "chroot = \"\"\n").unwrap();
+        for (args, want) in [
+            (vec!["-l", "*:7007", "-l", "[::]:7007"], "overlap"),
+            (vec!["-l", &long], "bytes"),
+            (
+                vec!["--min-spare", "300", "--max-spare", "300"],
+                "max-workers",
+            ),
+            (vec!["-c", fifo.to_str().unwrap()], "not a regular file"),
+            (vec!["-c", "/dev/zero"], "not a regular file"),
+            (vec!["-c", empty_list.to_str().unwrap()], "listen"),
+            (vec!["-c", empty_chroot.to_str().unwrap()], "chroot"),
+        ] {
+            let mut all = vec!["-t"];
+            all.extend(&args);
+            // launch() fails the test if -t hangs (a FIFO with no writer).
+            let (code, err) = launch(&all);
+            assert_eq!(code, 1, "-t accepted {args:?}");
+            assert!(err.contains(want), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn unix_sockets_get_the_socket_mode_whatever_the_umask() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = TempDir::new("sockmode");
+        let open = dir.path("open.sock");
+        let tight = dir.path("tight.sock");
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        // The packaged unit runs with UMask=0022; a socket must still let
+        // other users connect unless the operator says otherwise.
+        let spawn = |sock: &std::path::Path, extra: &[&str]| {
+            let mut args = vec!["-l".to_string(), format!("unix:{}", sock.display())];
+            args.extend(["-w", "1", "--min-spare", "0"].map(String::from));
+            args.extend(extra.iter().map(|s| s.to_string()));
+            let mut cmd = std::process::Command::new(BIN);
+            cmd.arg("-f").args(&args);
+            // SAFETY: umask is async-signal-safe and touches only the child.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                    libc::umask(0o077);
+                    Ok(())
+                });
+            }
+            let d = Daemon::from_command(cmd);
+            assert!(
+                d.wait_line("ready", DEADLINE).is_some(),
+                "{}",
+                d.stderr_text()
+            );
+            d
+        };
+        let a = spawn(&open, &[]);
+        assert_eq!(mode(&open), 0o666);
+        assert_eq!(echo_unix(&open, b"open"), b"open");
+        let b = spawn(&tight, &["--socket-mode", "0600"]);
+        assert_eq!(mode(&tight), 0o600);
+        drop((a, b));
+    }
+
+    #[test]
+    fn a_live_unix_server_with_a_full_backlog_never_blocks_the_master() {
+        use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
+        use std::os::fd::AsRawFd;
+        let dir = TempDir::new("fullbacklog");
+        let path = dir.path("busy.sock");
+        // Another server that listens but never accepts, its queue full.
+        let server = socket::socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        let ua = UnixAddr::new(&path).unwrap();
+        socket::bind(server.as_raw_fd(), &ua).unwrap();
+        socket::listen(&server, Backlog::new(0).unwrap()).unwrap();
+        let mut queued = Vec::new();
+        loop {
+            let c = socket::socket(
+                AddressFamily::Unix,
+                SockType::Stream,
+                SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+                None,
+            )
+            .unwrap();
+            if socket::connect(c.as_raw_fd(), &ua).is_err() {
+                break;
+            }
+            queued.push(c);
+            assert!(queued.len() < 1000, "the backlog never filled");
+        }
+        let unix = format!("unix:{}", path.display());
+        // At startup: refused at once (launch fails the test if it hangs).
+        let (code, err) = launch(&["-f", "-l", &unix]);
+        assert_eq!(code, 1);
+        assert!(err.contains("listening on it"), "{err}");
+        // On reload: the reload fails, and the master goes on working.
+        let conf = dir.path("c.toml");
+        std::fs::write(
+            &conf,
+            "listen = [\"127.0.0.1:0\"]\nworkers = 1\nmin-spare = 0\n",
+        )
+        .unwrap();
+        let d = Daemon::start(&["-c", conf.to_str().unwrap()]);
+        let addr = d.addr();
+        std::fs::write(
+            &conf,
+            format!("listen = [\"127.0.0.1:0\", \"{unix}\"]\nworkers = 1\nmin-spare = 0\n"),
+        )
+        .unwrap();
+        d.signal(Signal::SIGHUP);
+        let failed = d.wait_line("reload failed", DEADLINE);
+        assert!(failed.is_some(), "{}", d.stderr_text());
+        d.signal(Signal::SIGUSR1);
+        assert!(
+            d.wait_line("status: ", DEADLINE).is_some(),
+            "the master is stuck"
+        );
+        assert_eq!(echo_all(addr, b"alive"), b"alive");
+    }
+
+    #[test]
     fn address_in_use_fails_startup_with_the_address_named() {
         let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let a = taken.local_addr().unwrap().to_string();
@@ -1190,6 +1369,101 @@ mod daemon {
         assert_eq!(code, 1);
         assert!(err.contains("symbolic link"), "{err}");
         assert_eq!(std::fs::read_to_string(&target).unwrap(), "precious\n");
+    }
+
+    #[test]
+    fn a_pidfile_that_is_not_a_regular_file_is_refused_and_left_alone() {
+        let dir = TempDir::new("pidnode");
+        let fifo = dir.path("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let mut nodes = vec![(fifo, "FIFO")];
+        if nix::unistd::geteuid().is_root() {
+            // What -p /dev/null meets: a character device (1, 3 is null).
+            let dev = dir.path("null");
+            nix::sys::stat::mknod(
+                &dev,
+                nix::sys::stat::SFlag::S_IFCHR,
+                nix::sys::stat::Mode::from_bits_truncate(0o666),
+                nix::sys::stat::makedev(1, 3),
+            )
+            .unwrap();
+            nodes.push((dev, "character device"));
+        } else {
+            println!("character device case skipped: mknod needs root");
+        }
+        for (node, what) in &nodes {
+            let p = node.to_str().unwrap();
+            let (code, err) = launch(&["-t", "-p", p]);
+            assert_eq!(code, 1, "-t accepted a {what} as pidfile");
+            assert!(err.contains("not a regular file"), "{err}");
+            let (code, err) = launch(&quiet_daemon(p));
+            assert_eq!(code, 1, "started with a {what} as pidfile");
+            assert!(err.contains("not a regular file"), "{err}");
+            let kind = std::fs::symlink_metadata(node)
+                .unwrap_or_else(|_| panic!("the {what} was removed"))
+                .file_type();
+            assert!(!kind.is_file(), "the {what} was replaced by a file");
+        }
+        let (code, err) = launch(&["-t", "-p", dir.0.to_str().unwrap()]);
+        assert_eq!(code, 1);
+        assert!(err.contains("a directory"), "{err}");
+    }
+
+    #[test]
+    fn a_reader_holding_the_pidfile_lock_cannot_keep_the_daemon_down() {
+        let dir = TempDir::new("pidsquat");
+        let pidfile = dir.path("pid");
+        std::fs::write(&pidfile, "999999\n").unwrap();
+        // Anyone who may read a 0644 file may lock it.
+        let squatter = std::fs::File::open(&pidfile).unwrap();
+        let locked = lock_for_good(&squatter);
+        assert!(locked, "the test could not take the lock");
+        let p = pidfile.to_str().unwrap();
+        let d = Detached::start(&quiet_daemon(p), &pidfile)
+            .unwrap_or_else(|e| panic!("refused to start: {e:?}"));
+        assert_eq!(
+            std::fs::read_to_string(&pidfile).unwrap(),
+            format!("{}\n", d.pid)
+        );
+        // The real daemon's lock still keeps a second instance out.
+        let (code, err) = launch(&quiet_daemon(p));
+        assert_eq!(code, 1);
+        assert!(
+            err.contains(&format!("already running (pid {}", d.pid)),
+            "{err}"
+        );
+    }
+
+    /// flock(LOCK_EX|LOCK_NB) through nix, which unlocks on drop: the
+    /// guard is leaked so the lock lives as long as the file.
+    fn lock_for_good(f: &std::fs::File) -> bool {
+        match nix::fcntl::Flock::lock(
+            f.try_clone().unwrap(),
+            nix::fcntl::FlockArg::LockExclusiveNonblock,
+        ) {
+            Ok(guard) => {
+                std::mem::forget(guard);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    #[test]
+    fn a_pidfile_another_user_owns_is_refused() {
+        if !nix::unistd::geteuid().is_root() {
+            println!("skipped: needs root (to give the file to another user)");
+            return;
+        }
+        let dir = TempDir::new("pidforeign");
+        let pidfile = dir.path("pid");
+        std::fs::write(&pidfile, "999999\n").unwrap();
+        std::os::unix::fs::chown(&pidfile, Some(65534), Some(65534)).unwrap();
+        let p = pidfile.to_str().unwrap();
+        let (code, err) = launch(&quiet_daemon(p));
+        assert_eq!(code, 1, "started with a pidfile uid 65534 can rewrite");
+        assert!(err.contains("owned by uid 65534"), "{err}");
+        assert_eq!(std::fs::read_to_string(&pidfile).unwrap(), "999999\n");
     }
 
     #[test]

@@ -1,0 +1,69 @@
+//! Deadlines and timeouts: the arithmetic every loop shares, done so that
+//! it cannot overflow whatever value the configuration allowed.
+
+use std::time::{Duration, Instant};
+
+/// `now + d`, or the latest instant the platform can represent on the
+/// way there. Configured durations have ceilings (see `config`), so this
+/// only matters if one is ever raised; a deadline must never panic.
+pub(crate) fn after(now: Instant, d: Duration) -> Instant {
+    if let Some(t) = now.checked_add(d) {
+        return t;
+    }
+    // Halve the step until it fits: at worst a deadline comes early by a
+    // few centuries.
+    let mut step = d;
+    let mut t = now;
+    while !step.is_zero() {
+        match t.checked_add(step) {
+            Some(later) => t = later,
+            None => step /= 2,
+        }
+    }
+    t
+}
+
+/// A poll(2) timeout for "at most `d`" (None: wait forever), rounded up to
+/// the next millisecond so a wake-up never comes before the deadline.
+pub(crate) fn poll_timeout(d: Option<Duration>) -> nix::poll::PollTimeout {
+    match d {
+        None => nix::poll::PollTimeout::NONE,
+        Some(d) => {
+            let ms = d.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
+            nix::poll::PollTimeout::try_from(ms).unwrap_or(nix::poll::PollTimeout::MAX)
+        }
+    }
+}
+
+/// CLOCK_MONOTONIC in microseconds, for systemd's MONOTONIC_USEC=.
+pub(crate) fn monotonic_usec() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1000)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn after_never_panics_and_is_exact_when_it_fits() {
+        let now = Instant::now();
+        assert_eq!(
+            after(now, Duration::from_secs(5)),
+            now + Duration::from_secs(5)
+        );
+        let far = after(now, Duration::MAX);
+        assert!(far > now + Duration::from_secs(86_400 * 365 * 100));
+        assert!(after(far, Duration::MAX) >= far);
+    }
+
+    #[test]
+    fn poll_timeout_rounds_up_and_saturates() {
+        let ms = |d| i32::from(poll_timeout(Some(d)));
+        assert_eq!(ms(Duration::from_micros(1)), 1);
+        assert_eq!(ms(Duration::from_millis(7)), 7);
+        assert_eq!(ms(Duration::MAX), i32::MAX);
+        assert_eq!(i32::from(poll_timeout(None)), -1);
+    }
+}
