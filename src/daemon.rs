@@ -311,7 +311,7 @@ pub fn detach() -> Result<ReadyPipe, String> {
         let mut word = [0u8; 1];
         let ok = matches!(nix::unistd::read(&mut r, &mut word), Ok(1));
         if !ok {
-            eprintln!("echo-forkd: the daemon exited during startup");
+            crate::logging::say("the daemon exited during startup");
         }
         // Leave without dropping anything: the listeners and the pidfile
         // belong to the daemon now.

@@ -45,17 +45,17 @@ pub fn run() -> i32 {
     let base = match std::env::current_dir() {
         Ok(d) => d,
         Err(e) => {
-            eprintln!(
-                "echo-forkd: cannot read the current directory: {}",
+            logging::say(format_args!(
+                "cannot read the current directory: {}",
                 error_text(&e)
-            );
+            ));
             return 1;
         }
     };
     let cfg = match config::load(opts.clone(), &base) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("echo-forkd: {e}");
+            logging::say(&e);
             return 1;
         }
     };
@@ -67,12 +67,12 @@ pub fn run() -> i32 {
     ) {
         Ok(id) => id,
         Err(e) => {
-            eprintln!("echo-forkd: {e}");
+            logging::say(&e);
             return 1;
         }
     };
     if let Some(Err(e)) = cfg.pidfile.as_deref().map(daemon::PidFile::check) {
-        eprintln!("echo-forkd: {e}");
+        logging::say(&e);
         return 1;
     }
     if check {
@@ -80,6 +80,10 @@ pub fn run() -> i32 {
         return 0;
     }
 
+    if !cfg.inetd {
+        // Under inetd, standard error may be the client's socket: leave it.
+        logging::unblock_stderr();
+    }
     logging::init(
         cfg.log,
         cfg.log_level.filter(),
@@ -90,10 +94,10 @@ pub fn run() -> i32 {
         return inetd(&cfg, &identity);
     }
     if cfg.log == LogTarget::Syslog && !logging::syslog_connected() {
-        eprintln!(
-            "echo-forkd: warning: cannot reach syslog at {}; log lines are dropped until it appears",
+        logging::say(format_args!(
+            "warning: cannot reach syslog at {}; log lines are dropped until it appears",
             cfg.syslog_socket.display()
-        );
+        ));
     }
     match start(&cfg, &identity, systemd::Notify::from_env()) {
         Ok((listeners, handoff, activated)) => {
@@ -111,7 +115,7 @@ pub fn run() -> i32 {
             if cfg.log == LogTarget::Syslog {
                 error!("{e}");
             }
-            eprintln!("echo-forkd: {e}");
+            logging::say(&e);
             1
         }
     }
@@ -190,7 +194,7 @@ fn inetd(cfg: &config::Config, identity: &daemon::Identity) -> i32 {
     else {
         error!("--inetd: standard input is not a socket");
         // Not a socket, so not the client either: safe to say it there too.
-        eprintln!("echo-forkd: --inetd: standard input is not a socket");
+        logging::say("--inetd: standard input is not a socket");
         return 1;
     };
     if let Err(e) = set_nonblocking(&conn) {

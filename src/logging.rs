@@ -5,10 +5,13 @@
 //! the daemon. Syslog lines are RFC 3164 datagrams sent without blocking to a
 //! unix datagram socket; when the socket is missing, full or stalled the line
 //! is dropped and counted, the socket is retried at most once a second, and
-//! the count is reported once lines get through again.
+//! the count is reported once lines get through again. Standard error gets
+//! the same treatment: [`unblock_stderr`] gives this process tree its own
+//! non-blocking handle on the pipe, terminal or socket behind it, so a
+//! stalled reader (a stuck log collector) costs lines, never service.
 
 use std::fmt::Write as _;
-use std::io::{self, Write as _};
+use std::io;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -30,9 +33,17 @@ struct Logger {
 }
 
 enum Sink {
-    Stderr,
+    /// Lines dropped because standard error would have blocked.
+    Stderr {
+        dropped: u64,
+    },
     Syslog(Syslog),
 }
+
+/// The longest line written to standard error: a pipe takes a write of at
+/// most PIPE_BUF (4096 on Linux) whole or not at all, so lines of several
+/// processes never interleave.
+const MAX_LINE: usize = 4096;
 
 struct Syslog {
     path: PathBuf,
@@ -43,7 +54,7 @@ struct Syslog {
 }
 
 static LOGGER: Logger = Logger {
-    sink: Mutex::new(Sink::Stderr),
+    sink: Mutex::new(Sink::Stderr { dropped: 0 }),
 };
 
 /// Installs the logger (once) or switches its target (later calls).
@@ -52,7 +63,7 @@ static LOGGER: Logger = Logger {
 /// are counted as dropped until it appears.
 pub fn init(target: LogTarget, level: LevelFilter, socket: &Path, facility: Facility) {
     let sink = match target {
-        LogTarget::Stderr => Sink::Stderr,
+        LogTarget::Stderr => Sink::Stderr { dropped: 0 },
         LogTarget::Syslog => {
             let mut s = Syslog {
                 path: socket.to_path_buf(),
@@ -68,6 +79,64 @@ pub fn init(target: LogTarget, level: LevelFilter, socket: &Path, facility: Faci
     *lock() = sink;
     let _ = log::set_logger(&LOGGER);
     log::set_max_level(level);
+}
+
+/// In a child right after fork: the dropped-line counts are the parent's
+/// to report, not this process's.
+pub fn forked() {
+    match &mut *lock() {
+        Sink::Stderr { dropped } => *dropped = 0,
+        Sink::Syslog(s) => s.dropped = 0,
+    }
+}
+
+/// Makes writes to standard error fail instead of block when its reader
+/// stalls, for every writer in this process tree (the logger, a panic
+/// message, a startup error). A pipe, FIFO or terminal is reopened through
+/// `/proc/self/fd/2`, which gives a new open file description of the same
+/// object, so O_NONBLOCK does not leak to whoever else holds it (the shell
+/// on a terminal); a socket (journald's stream) or a pipe that cannot be
+/// reopened gets O_NONBLOCK on the shared description, which only this
+/// service writes to. A terminal that cannot be reopened, a regular file
+/// and /dev/null are left as they are: none of them stalls.
+pub fn unblock_stderr() {
+    use nix::sys::stat::{fstat, SFlag};
+    use std::os::unix::fs::OpenOptionsExt;
+    let stderr = io::stderr();
+    let Ok(st) = fstat(&stderr) else { return };
+    let kind = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
+    let reopen = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
+            .open("/proc/self/fd/2")
+    };
+    match kind {
+        SFlag::S_IFIFO | SFlag::S_IFCHR => match reopen() {
+            // Still the same object, now with a description of our own.
+            Ok(own)
+                if fstat(&own).is_ok_and(|o| o.st_ino == st.st_ino && o.st_dev == st.st_dev) =>
+            {
+                let _ = nix::unistd::dup2_stderr(&own);
+            }
+            _ if kind == SFlag::S_IFIFO => {
+                let _ = crate::set_nonblocking(&stderr);
+            }
+            _ => {}
+        },
+        SFlag::S_IFSOCK => {
+            let _ = crate::set_nonblocking(&stderr);
+        }
+        _ => {}
+    }
+}
+
+/// Writes a message for the operator to standard error, whole or not at
+/// all: never blocks (see [`unblock_stderr`]) and never panics, unlike
+/// `eprintln!`.
+pub fn say(msg: impl std::fmt::Display) {
+    let line = format!("{IDENT}: {msg}\n");
+    let _ = nix::unistd::write(io::stderr(), line.as_bytes());
 }
 
 /// Whether log lines currently reach syslog (false also for stderr).
@@ -92,24 +161,65 @@ impl Log for Logger {
         }
         let pid = std::process::id();
         match &mut *lock() {
-            Sink::Stderr => {
-                let mut line = String::with_capacity(128);
-                let _ = write!(line, "{IDENT}[{pid}]: ");
-                match record.level() {
-                    Level::Error => line.push_str("error: "),
-                    Level::Warn => line.push_str("warning: "),
-                    Level::Debug | Level::Trace => line.push_str("debug: "),
-                    Level::Info => {}
+            Sink::Stderr { dropped } => {
+                if *dropped > 0 {
+                    let note = format!(
+                        "{dropped} log lines were dropped while standard error was not writable"
+                    );
+                    if write_stderr(&stderr_line(pid, Level::Warn, &note)) {
+                        *dropped = 0;
+                    }
                 }
-                let _ = writeln!(line, "{}", record.args());
-                // One write per line, so lines of several processes do not mix.
-                let _ = io::stderr().lock().write_all(line.as_bytes());
+                if !write_stderr(&stderr_line(pid, record.level(), record.args())) {
+                    *dropped += 1;
+                }
             }
             Sink::Syslog(s) => s.send(record.level(), &record.args().to_string(), pid),
         }
     }
 
     fn flush(&self) {}
+}
+
+/// One line as written to standard error: ident, pid, level, message,
+/// cut at [`MAX_LINE`] bytes.
+fn stderr_line(pid: u32, level: Level, msg: impl std::fmt::Display) -> String {
+    let mut line = String::with_capacity(128);
+    let _ = write!(line, "{IDENT}[{pid}]: ");
+    match level {
+        Level::Error => line.push_str("error: "),
+        Level::Warn => line.push_str("warning: "),
+        Level::Debug | Level::Trace => line.push_str("debug: "),
+        Level::Info => {}
+    }
+    let _ = write!(line, "{msg}");
+    if line.len() >= MAX_LINE {
+        let mut cut = MAX_LINE - 4;
+        while !line.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        line.truncate(cut);
+        line.push_str("...");
+    }
+    line.push('\n');
+    line
+}
+
+/// One write(2) of a whole line; false if none of it went out. A line
+/// that went out only in part (a socket under pressure) is finished if
+/// that can be done at once, else left cut.
+fn write_stderr(line: &str) -> bool {
+    let mut rest = line.as_bytes();
+    let mut first = true;
+    loop {
+        match nix::unistd::write(io::stderr(), rest) {
+            Ok(n) if n == rest.len() => return true,
+            Ok(n) => rest = &rest[n..],
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return !first,
+        }
+        first = false;
+    }
 }
 
 fn severity(level: Level) -> u8 {

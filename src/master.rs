@@ -346,6 +346,7 @@ impl Master {
     /// above all every control pipe's write end (or a worker would keep its
     /// siblings from ever seeing "stop").
     fn close_in_child(&mut self) {
+        crate::logging::forked();
         self.listeners.clear();
         self.pending = None;
         if let Some(s) = self.signals.take() {
@@ -443,7 +444,7 @@ impl Master {
         error!("{why}; stopping");
         if self.handoff.ready.is_some() && self.cfg.log == LogTarget::Syslog {
             // The launcher is still waiting, and its stderr is still ours.
-            eprintln!("echo-forkd: {why}");
+            crate::logging::say(why);
         }
         self.exit_code = 1;
         self.stop(now, true, "startup failed");

@@ -770,6 +770,95 @@ mod logging {
         }
         assert_eq!(d.children().len(), 2);
     }
+
+    #[test]
+    fn serves_while_its_stderr_reader_is_stalled() {
+        use std::io::BufRead;
+        use std::os::fd::OwnedFd;
+        use std::os::unix::process::CommandExt;
+        // A pipe of one page, as a stuck log collector or container
+        // runtime leaves it: nobody reads it after the start.
+        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        nix::fcntl::fcntl(&r, nix::fcntl::FcntlArg::F_SETPIPE_SZ(4096)).unwrap();
+        let child = std::process::Command::new(BIN)
+            .args(["-f", "-l", "127.0.0.1:0", "-w", "2", "--min-spare", "0"])
+            .args(["--log-level", "debug"])
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::from(OwnedFd::from(w)))
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        struct Group(std::process::Child);
+        impl Drop for Group {
+            fn drop(&mut self) {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(self.0.id() as i32),
+                    Signal::SIGKILL,
+                );
+                let _ = self.0.wait();
+            }
+        }
+        let _group = Group(child);
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        let (go_on, wait_go) = std::sync::mpsc::channel::<()>();
+        let reader = std::fs::File::from(r);
+        std::thread::spawn(move || {
+            let mut lines = std::io::BufReader::new(reader).lines();
+            for line in lines.by_ref().map_while(Result::ok) {
+                let ready = line.ends_with(": ready");
+                let _ = tx.send(line);
+                if ready {
+                    break;
+                }
+            }
+            // Stalled until the test says so.
+            let _ = wait_go.recv();
+            for line in lines.map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut addr = None;
+        let end = Instant::now() + DEADLINE;
+        while let Ok(line) = rx.recv_timeout(end.saturating_duration_since(Instant::now())) {
+            if let Some(a) = line.split("listening on ").nth(1) {
+                addr = a.parse::<std::net::SocketAddr>().ok();
+            }
+            if line.ends_with(": ready") {
+                break;
+            }
+        }
+        let addr = addr.expect("no listening line");
+        // Each connection logs a debug line: far more than the pipe holds.
+        let start = Instant::now();
+        for i in 0..2000u32 {
+            let mut s = connect(addr);
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            assert_eq!(
+                round_trip(&mut s, &i.to_be_bytes()).unwrap_or_else(|e| panic!(
+                    "connection {i} not served with stderr stalled: {e}"
+                )),
+                i.to_be_bytes()
+            );
+        }
+        println!(
+            "2000 connections with stderr stalled in {:?}",
+            start.elapsed()
+        );
+        // The reader wakes up: the loss is reported once lines get through.
+        go_on.send(()).unwrap();
+        let mut s = connect(addr);
+        assert_eq!(round_trip(&mut s, b"again").unwrap(), b"again");
+        drop(s);
+        let end = Instant::now() + DEADLINE;
+        let mut reported = false;
+        while let Ok(line) = rx.recv_timeout(end.saturating_duration_since(Instant::now())) {
+            if line.contains("log lines were dropped") {
+                reported = true;
+                break;
+            }
+        }
+        assert!(reported, "the dropped lines were never reported");
+    }
 }
 
 /// The command line and the config file.
