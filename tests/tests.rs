@@ -774,7 +774,6 @@ mod logging {
     #[test]
     fn serves_while_its_stderr_reader_is_stalled() {
         use std::io::BufRead;
-        use std::os::fd::OwnedFd;
         use std::os::unix::process::CommandExt;
         // A pipe of one page, as a stuck log collector or container
         // runtime leaves it: nobody reads it after the start.
@@ -784,7 +783,7 @@ mod logging {
             .args(["-f", "-l", "127.0.0.1:0", "-w", "2", "--min-spare", "0"])
             .args(["--log-level", "debug"])
             .stdin(std::process::Stdio::null())
-            .stderr(std::process::Stdio::from(OwnedFd::from(w)))
+            .stderr(std::process::Stdio::from(w))
             .process_group(0)
             .spawn()
             .unwrap();
