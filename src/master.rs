@@ -21,7 +21,9 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{getpid, pipe2, Pid};
 
 use crate::access::Policy;
-use crate::children::{describe, Backoff, Child, Children, Role};
+use crate::children::{
+    classify, describe, Backoff, Child, Children, Exit, Role, EXIT_SETUP, QUICK_DEATH,
+};
 use crate::config::{self, Config, LogTarget, Mode, Options, MAX_WORKERS_LIMIT};
 use crate::daemon::{Identity, PidFile, ReadyPipe};
 use crate::listen::{self, Listener};
@@ -145,6 +147,7 @@ pub fn run(
         at_limit: RateLimit::new(REPORT_EVERY),
         limit_hits: 0,
         errors: RateLimit::new(REPORT_EVERY),
+        crash_reports: RateLimit::new(REPORT_EVERY),
         seed: seed(),
     };
     master.run()
@@ -219,6 +222,8 @@ struct Master {
     at_limit: RateLimit,
     limit_hits: u64,
     errors: RateLimit,
+    /// Escalations of the crash-loop back-off after the first.
+    crash_reports: RateLimit,
     seed: u64,
 }
 
@@ -262,6 +267,7 @@ impl Master {
                 None => {
                     self.progress(now);
                     self.kill_overdue(now);
+                    self.check_probes(now);
                     if self.cfg.mode == Mode::Fork {
                         self.accept(&ready, now);
                     }
@@ -290,9 +296,13 @@ impl Master {
     /// are readable.
     fn wait(&self) -> Vec<bool> {
         let now = Instant::now();
+        let serving = self.serving();
         let accepting = self.cfg.mode == Mode::Fork
             && self.stop_deadline.is_none()
             && self.accept_pause.is_none_or(|t| t <= now)
+            // Crash-loop back-off: clients wait in the backlog rather than
+            // meet a child that fails to start.
+            && self.backoff.hold_until(now, serving).is_none()
             // Like tcpserver -c: at the limit we stop polling the listeners
             // and new clients wait in the kernel's backlog.
             && self.children.len() < self.cfg.max_children as usize;
@@ -313,7 +323,8 @@ impl Master {
         let deadlines = [
             self.stop_deadline.filter(|_| !self.killed),
             self.accept_pause.filter(|_| running),
-            self.backoff.until(now).filter(|_| running),
+            self.backoff.hold_until(now, serving).filter(|_| running),
+            self.probe_deadline(now).filter(|_| running),
             self.children.next_deadline().filter(|_| running),
             self.pending.as_ref().map(|p| p.deadline),
             self.unannounced.filter(|_| running),
@@ -370,10 +381,7 @@ impl Master {
     fn enter_child(&mut self) -> Result<(), i32> {
         self.close_in_child();
         self.notice_w = None;
-        self.identity.enter().map_err(|e| {
-            error!("cannot drop privileges: {e}");
-            worker::EXIT_SETUP
-        })
+        enter(&self.identity, &self.scoreboard)
     }
 
     fn notify(&self, msg: &str) {
@@ -630,19 +638,83 @@ impl Master {
     /// Starts a worker unless crash-loop back-off holds spawning back; a
     /// failed fork starts (or grows) the back-off. False: none started.
     fn try_spawn(&mut self, next: bool, now: Instant) -> bool {
-        if self.backoff.until(now).is_some() {
+        if self.backoff.hold_until(now, self.serving()).is_some() {
             return false;
         }
         match self.spawn_worker(next, now) {
-            Ok(_) => true,
+            Ok(_) => {
+                self.backoff.forked(now);
+                true
+            }
             Err(e) => {
-                let delay = self.backoff.fail(now);
-                error!(
-                    "cannot fork a worker: {e}; retrying in {} ms",
-                    delay.as_millis()
-                );
+                self.backoff.fork_failed(now);
+                let wait = self.respawn_wait(now);
+                if let Some(more) = self.errors.hit(now) {
+                    error!(
+                        "cannot fork a worker: {e}; retrying in {} ms ({more} more failures since the last report)",
+                        wait.as_millis()
+                    );
+                }
                 false
             }
+        }
+    }
+
+    /// Whether the generation in force has a worker accepting or serving
+    /// (fork mode: never, as a held-back master serves no one new).
+    fn serving(&self) -> bool {
+        self.cfg.mode == Mode::Prefork && self.ready_workers(self.generation) > 0
+    }
+
+    /// How long until the next child may be started.
+    fn respawn_wait(&self, now: Instant) -> Duration {
+        self.backoff
+            .hold_until(now, self.serving())
+            .map_or(Duration::ZERO, |t| t - now)
+    }
+
+    /// The probes started during a crash-loop back-off that are alive and
+    /// may yet prove healthy: (started, proved so far).
+    fn probes(&self) -> impl Iterator<Item = (Instant, bool)> + '_ {
+        let since = self.backoff.probes_since();
+        self.children
+            .iter()
+            .filter(move |(_, c)| since.is_some_and(|t| c.started >= t) && c.retire_by.is_none())
+            .map(|(_, c)| {
+                let ready = match c.role {
+                    Role::Conn => true,
+                    Role::Worker => c
+                        .slot
+                        .and_then(|s| self.scoreboard.get(s))
+                        .is_some_and(|e| matches!(e.state, State::Idle | State::Busy)),
+                };
+                (c.started, ready)
+            })
+    }
+
+    /// When a probe alive now will have lived long enough to prove healthy.
+    fn probe_deadline(&self, now: Instant) -> Option<Instant> {
+        self.probes()
+            .map(|(started, _)| started + QUICK_DEATH)
+            .filter(|&t| t > now)
+            .min()
+    }
+
+    /// Ends a crash-loop back-off once a probe has been ready (a fork-mode
+    /// child: alive) for [`QUICK_DEATH`].
+    fn check_probes(&mut self, now: Instant) {
+        if self.backoff.is_active()
+            && self
+                .probes()
+                .any(|(started, ready)| ready && now >= started + QUICK_DEATH)
+        {
+            self.recovered();
+        }
+    }
+
+    fn recovered(&mut self) {
+        if let Some(deaths) = self.backoff.healthy() {
+            info!("children start normally again: crash-loop back-off over after {deaths} early deaths");
         }
     }
 
@@ -794,9 +866,8 @@ impl Master {
             drop(ctl_w.take());
             let listeners = self.take_listeners(next);
             self.close_in_child();
-            if let Err(e) = identity.enter() {
-                error!("cannot drop privileges: {e}");
-                return worker::EXIT_SETUP;
+            if let Err(code) = enter(&identity, &self.scoreboard) {
+                return code;
             }
             let ctx = worker::Ctx {
                 ctl: ctl_r.as_fd(),
@@ -862,7 +933,9 @@ impl Master {
     /// Accepts one connection from listener `i` and forks its child; false
     /// when nothing more should be taken from it now.
     fn accept_one(&mut self, i: usize, now: Instant) -> bool {
-        if self.accept_pause.is_some_and(|t| t > now) {
+        if self.accept_pause.is_some_and(|t| t > now)
+            || self.backoff.hold_until(now, false).is_some()
+        {
             return false;
         }
         if self.children.len() >= self.cfg.max_children as usize {
@@ -942,6 +1015,7 @@ impl Master {
                 }
                 self.children.insert(pid, child);
                 self.accepted += 1;
+                self.backoff.forked(now);
                 true
             }
             Err(e) => {
@@ -1002,26 +1076,64 @@ impl Master {
                 {
                     self.fatal(now, &format!("worker {pid} {how} before it was ready"));
                 }
-                Role::Worker if abnormal => {
-                    warn!("worker {pid} {how}");
+                Role::Conn if self.killed => debug!("child {pid} {how}"),
+                role => {
                     let lived = now.duration_since(child.started);
-                    // A crash loop is workers failing to start; one killed
-                    // after it was ready does not hold the next one back.
-                    if let Some(delay) = self.backoff.on_exit(now, lived, never_ready) {
-                        warn!(
-                            "worker {pid} died {} ms after starting, before it was ready: respawning in {} ms",
-                            lived.as_millis(),
-                            delay.as_millis()
-                        );
-                    }
+                    let exit = classify(&status, role, lived, !never_ready);
+                    self.note_exit(pid, &child, exit, &how, now);
                 }
-                Role::Worker => {
-                    self.backoff
-                        .on_exit(now, now.duration_since(child.started), abnormal);
+            }
+        }
+    }
+
+    /// Logs how a child of the generation in force ended, and feeds the
+    /// crash-loop protection: early deaths may hold spawning back (logged
+    /// once when it starts, then rate-limited), a probe that exits cleanly
+    /// ends it.
+    fn note_exit(&mut self, pid: Pid, child: &Child, exit: Exit, how: &str, now: Instant) {
+        let who = match child.role {
+            Role::Worker => "worker",
+            Role::Conn => "child",
+        };
+        let probe = self
+            .backoff
+            .probes_since()
+            .is_some_and(|t| child.started >= t);
+        match exit {
+            Exit::Clean => {
+                if child.role == Role::Worker {
                     info!("worker {pid} {how}");
+                } else {
+                    debug!("child {pid} {how}");
                 }
-                Role::Conn if abnormal && !self.killed => warn!("child {pid} {how}"),
-                Role::Conn => debug!("child {pid} {how}"),
+                if probe {
+                    self.recovered();
+                }
+            }
+            Exit::Abnormal => warn!("{who} {pid} {how}"),
+            Exit::FailedStart | Exit::DiedYoung => {
+                let was_active = self.backoff.is_active();
+                let escalated = self.backoff.early_death(now, child.started, exit);
+                let when = if exit == Exit::FailedStart && child.role == Role::Worker {
+                    "before it was ready"
+                } else {
+                    "right after it started"
+                };
+                let lived = now.duration_since(child.started).as_millis();
+                let wait = self.respawn_wait(now).as_millis();
+                match escalated {
+                    Some(_) if !was_active => warn!(
+                        "{who} {pid} {how} {lived} ms after it was forked, {when}: children are failing as they start; crash-loop back-off: one at a time, respawning in {wait} ms"
+                    ),
+                    Some(_) => match self.crash_reports.hit(now) {
+                        Some(more) => warn!(
+                            "children still fail as they start ({who} {pid} {how}, {when}); respawning in {wait} ms ({more} more early deaths since the last report)"
+                        ),
+                        None => debug!("{who} {pid} {how}, {when}; respawning in {wait} ms"),
+                    },
+                    None if was_active => debug!("{who} {pid} {how}, {when}"),
+                    None => warn!("{who} {pid} {how}"),
+                }
             }
         }
     }
@@ -1163,6 +1275,23 @@ impl Master {
             ),
         }
     }
+}
+
+/// In a child: drops privileges as `identity` says; Err is the exit code.
+/// A failure is logged at most once per [`REPORT_EVERY`] across all
+/// children, as in a crash loop every child fails for the same reason.
+fn enter(identity: &Identity, board: &Scoreboard) -> Result<(), i32> {
+    identity.enter().map_err(|e| {
+        if let Some(more) = board.setup_failure_report(REPORT_EVERY) {
+            let more = if more > 0 {
+                format!(" ({more} more children failed so since the last report)")
+            } else {
+                String::new()
+            };
+            error!("cannot drop privileges: {e}{more}");
+        }
+        EXIT_SETUP
+    })
 }
 
 /// Builds a listener set from a plan, taking kept listeners out of

@@ -72,7 +72,9 @@ const WAKE_BELOW: usize = 1;
 const HIGH: usize = 2;
 const REFUSED: usize = 3; // one word per Refusal
 const HASH_SEED: usize = 6;
-const HEADER: usize = 8;
+const SETUP_REPORTED_MS: usize = 7; // when a setup failure was last logged (+1)
+const SETUP_UNREPORTED: usize = 8; // setup failures not logged since
+const HEADER: usize = 16; // two cache lines, so slots stay aligned
 
 // Word offsets within a slot; a slot is one 64-byte cache line.
 const PID: usize = 0;
@@ -222,6 +224,28 @@ impl Scoreboard {
         } else if policy.max_conn_rate > 0 && !self.conn_rate_ok(key, policy.max_conn_rate) {
             Some(Refusal::Rate)
         } else {
+            None
+        }
+    }
+
+    /// A child that failed to set itself up asks whether to log it: yes at
+    /// most once per `interval` across all processes (with the count of
+    /// failures not logged since), since every child forked in a crash
+    /// loop fails for the same reason.
+    pub fn setup_failure_report(&self, interval: std::time::Duration) -> Option<u64> {
+        let now = self.now_ms() + 1; // 0 means "never"
+        let last = self.header(SETUP_REPORTED_MS).load(Ordering::Relaxed);
+        let due = last == 0 || now >= last.saturating_add(interval.as_millis() as u64);
+        let claimed = due
+            && self
+                .header(SETUP_REPORTED_MS)
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok();
+        if claimed {
+            Some(self.header(SETUP_UNREPORTED).swap(0, Ordering::Relaxed))
+        } else {
+            self.header(SETUP_UNREPORTED)
+                .fetch_add(1, Ordering::Relaxed);
             None
         }
     }
@@ -426,6 +450,17 @@ mod tests {
         assert!(!board.conn_rate_ok(y, 3), "a fourth in the same second");
         board.refused(Refusal::Rate);
         assert_eq!(board.refusals(), [0, 0, 1]);
+    }
+
+    #[test]
+    fn setup_failures_are_reported_once_per_interval() {
+        let board = Scoreboard::new(1, 1).unwrap();
+        let every = std::time::Duration::from_secs(3600);
+        assert_eq!(board.setup_failure_report(every), Some(0));
+        assert_eq!(board.setup_failure_report(every), None);
+        assert_eq!(board.setup_failure_report(every), None);
+        let now = std::time::Duration::ZERO;
+        assert_eq!(board.setup_failure_report(now), Some(2));
     }
 
     #[test]

@@ -15,8 +15,7 @@ use nix::sys::signal::{
 };
 use nix::unistd::{fork, ForkResult, Pid};
 
-/// Exit code of a child whose code panicked.
-pub const EXIT_PANIC: i32 = 70;
+use crate::children::EXIT_PANIC;
 
 /// Forks; the child runs `child` and ends with `_exit`, never returning into
 /// the caller's code. Returns the child's pid in the parent.

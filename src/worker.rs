@@ -22,10 +22,7 @@ use crate::logging::RateLimit;
 use crate::scoreboard::{Refusal, Slot, State};
 use crate::sys::IoBuffer;
 
-/// Exit code of a child whose master went away.
-pub const EXIT_ORPHAN: i32 = 3;
-/// Exit code of a child that could not set itself up (privilege drop).
-pub const EXIT_SETUP: i32 = 4;
+pub use crate::children::{EXIT_ORPHAN, EXIT_SETUP};
 
 /// One buffer per process, reused for every connection.
 const BUF_SIZE: usize = 64 * 1024;

@@ -780,7 +780,8 @@ mod logging {
         let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
         nix::fcntl::fcntl(&r, nix::fcntl::FcntlArg::F_SETPIPE_SZ(4096)).unwrap();
         let child = std::process::Command::new(BIN)
-            .args(["-f", "-l", "127.0.0.1:0", "-w", "2", "--min-spare", "0"])
+            // One worker, so the one that dropped lines serves the last.
+            .args(["-f", "-l", "127.0.0.1:0", "-w", "1", "--min-spare", "0"])
             .args(["--log-level", "debug"])
             .stdin(std::process::Stdio::null())
             .stderr(std::process::Stdio::from(w))
@@ -2265,6 +2266,182 @@ mod resilience {
                 let mut s = connect(addr);
                 round_trip(&mut s, b"back").is_ok_and(|b| b == b"back")
             }),
+            "{}",
+            d.stderr_text()
+        );
+    }
+
+    #[test]
+    fn workers_killed_as_soon_as_they_appear_are_respawned_slowly() {
+        let _heavy = heavy();
+        let d = Daemon::start(&["-l", "127.0.0.1:0", "-w", "4"]);
+        let addr = d.addr();
+        d.wait_children(4);
+        let started = || d.stderr_text().matches(" started").count();
+        let before = started();
+        // An OOM killer or watchdog that takes every worker at once.
+        let mut seen = std::collections::HashSet::new();
+        let window = Instant::now();
+        while window.elapsed() < Duration::from_secs(3) {
+            for pid in d.children() {
+                if seen.insert(pid) || !is_dead(pid) {
+                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let forks = started() - before;
+        println!(
+            "{forks} forks in 3 s of killing ({} workers seen)",
+            seen.len()
+        );
+        assert!(forks <= 20, "{forks} forks in 3 s:\n{}", d.stderr_text());
+        assert!(!is_dead(d.pid), "the master died");
+        let log = d.stderr_text();
+        assert!(log.contains("crash-loop back-off"), "{log}");
+        assert!(
+            log.matches("children are failing as they start").count() == 1,
+            "the back-off should be announced once:\n{log}"
+        );
+        // The killing stops: the pool is back within seconds, and serves.
+        let back = Instant::now();
+        assert!(
+            wait_until(DEADLINE, || d.children().len() >= 4),
+            "pool not back: {:?}\n{}",
+            d.children(),
+            d.stderr_text()
+        );
+        println!("pool back in {:?}", back.elapsed());
+        assert_eq!(echo_all(addr, b"back"), b"back");
+        assert!(
+            d.wait_line("back-off over", DEADLINE).is_some(),
+            "{}",
+            d.stderr_text()
+        );
+    }
+
+    #[test]
+    fn one_failed_round_of_every_worker_costs_a_moment_not_half_a_minute() {
+        let _heavy = heavy();
+        if !nix::unistd::geteuid().is_root() {
+            println!("skipped: needs root (a chroot that vanishes makes workers fail to start)");
+            return;
+        }
+        let dir = TempDir::new("badround");
+        let jail = dir.path("jail");
+        std::fs::create_dir(&jail).unwrap();
+        let d = Daemon::start(&[
+            "-l",
+            "127.0.0.1:0",
+            "-w",
+            "16",
+            "--min-spare",
+            "0",
+            "--chroot",
+            jail.to_str().unwrap(),
+        ]);
+        let addr = d.addr();
+        let workers = d.wait_children(16);
+        // The directory is gone while every worker is replaced.
+        std::fs::remove_dir(&jail).unwrap();
+        for pid in &workers {
+            kill(Pid::from_raw(*pid), Signal::SIGKILL).unwrap();
+        }
+        assert!(d.wait_line("crash-loop back-off", DEADLINE).is_some());
+        let window = Instant::now();
+        while window.elapsed() < Duration::from_millis(1500) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Fixed: clients are served again within a couple of seconds.
+        std::fs::create_dir(&jail).unwrap();
+        let fixed = Instant::now();
+        let mut s = connect(addr);
+        s.set_read_timeout(Some(Duration::from_secs(4))).unwrap();
+        let back = round_trip(&mut s, b"fixed");
+        println!("served {:?} after the fix", fixed.elapsed());
+        assert_eq!(
+            back.ok().as_deref(),
+            Some(&b"fixed"[..]),
+            "{}",
+            d.stderr_text()
+        );
+        assert!(
+            wait_until(DEADLINE, || d.children().len() == 16),
+            "pool not refilled: {} workers",
+            d.children().len()
+        );
+        // The cause is logged once per interval, not once per worker.
+        let causes = d.stderr_text().matches("cannot drop privileges").count();
+        assert!(causes <= 2, "{causes} lines:\n{}", d.stderr_text());
+    }
+
+    #[test]
+    fn fork_mode_holds_clients_back_while_its_children_fail_to_start() {
+        let _heavy = heavy();
+        if !nix::unistd::geteuid().is_root() {
+            println!("skipped: needs root (a chroot that vanishes makes children fail to start)");
+            return;
+        }
+        let dir = TempDir::new("forkfail");
+        let jail = dir.path("jail");
+        std::fs::create_dir(&jail).unwrap();
+        let d = Daemon::start(&[
+            "-l",
+            "127.0.0.1:0",
+            "-m",
+            "fork",
+            "--chroot",
+            jail.to_str().unwrap(),
+            "--log-level",
+            "debug",
+        ]);
+        let addr = d.addr();
+        assert_eq!(echo_all(addr, b"ok"), b"ok");
+        std::fs::remove_dir(&jail).unwrap();
+        let failed = || d.stderr_text().matches("exited with status 4").count();
+        // Twenty clients arrive while no child can start.
+        let clients: Vec<_> = (0..20)
+            .map(|i| {
+                std::thread::spawn(move || {
+                    let mut s = connect(addr);
+                    let msg = format!("client {i}");
+                    round_trip(&mut s, msg.as_bytes()).is_ok_and(|b| b == msg.as_bytes())
+                })
+            })
+            .collect();
+        // The first accept batch forks before any failure is known; from
+        // then on, one probe per delay (250, 500, 1000 ms, then 1 s).
+        let window = Instant::now();
+        let mut first_second = 0;
+        while window.elapsed() < Duration::from_secs(3) {
+            std::thread::sleep(Duration::from_millis(50));
+            if first_second == 0 && window.elapsed() >= Duration::from_secs(1) {
+                first_second = failed();
+            }
+        }
+        let forks = failed();
+        println!("{forks} children failed in 3 s with 20 clients waiting ({first_second} in the first second)");
+        assert!(
+            forks - first_second <= 4,
+            "{} failed children in the last 2 s:\n{}",
+            forks - first_second,
+            d.stderr_text()
+        );
+        std::fs::create_dir(&jail).unwrap();
+        let served = clients
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .filter(|&ok| ok)
+            .count();
+        // Only the probes' clients were lost; the rest waited and were served.
+        assert!(
+            served >= 20 - forks,
+            "{served} of 20 served after {forks} failures"
+        );
+        let causes = d.stderr_text().matches("cannot drop privileges").count();
+        assert!(causes <= 2, "{causes} lines:\n{}", d.stderr_text());
+        assert!(
+            d.stderr_text().contains("crash-loop back-off"),
             "{}",
             d.stderr_text()
         );
