@@ -203,6 +203,25 @@ impl Listener {
         }
     }
 
+    /// Connections waiting in the accept queue: the kernel's count where it
+    /// gives one (TCP on Linux: what `ss -lnt` shows as Recv-Q), else 1 if
+    /// any waits and 0 if none.
+    pub fn waiting(&self) -> u32 {
+        if self.tcp {
+            if let Some(n) = sys::accept_queue(self.fd.as_fd()) {
+                return n;
+            }
+        }
+        let mut fds = [nix::poll::PollFd::new(
+            self.fd.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        match nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO) {
+            Ok(n) if n > 0 => 1,
+            _ => 0,
+        }
+    }
+
     /// Whether this is a TCP listener (its connections get TCP_NODELAY).
     pub fn is_tcp(&self) -> bool {
         self.tcp

@@ -28,7 +28,7 @@ use crate::config::{self, Config, LogTarget, Mode, Options, MAX_WORKERS_LIMIT};
 use crate::daemon::{Identity, PidFile, ReadyPipe};
 use crate::listen::{self, Listener};
 use crate::logging::RateLimit;
-use crate::pool::{self, Pool};
+use crate::pool::{self, Pool, Saturation};
 use crate::reload::{self, Planned};
 use crate::scoreboard::{Entry, Refusal, Scoreboard, State};
 use crate::signals::{self, Signals};
@@ -144,8 +144,7 @@ pub fn run(
         next_tick: now + TICK,
         reported: [0; 3],
         last_report: None,
-        at_limit: RateLimit::new(REPORT_EVERY),
-        limit_hits: 0,
+        saturation: Saturation::new(REPORT_EVERY),
         errors: RateLimit::new(REPORT_EVERY),
         crash_reports: RateLimit::new(REPORT_EVERY),
         seed: seed(),
@@ -219,8 +218,8 @@ struct Master {
     /// Refusal counts as last logged, and when.
     reported: [u64; 3],
     last_report: Option<Instant>,
-    at_limit: RateLimit,
-    limit_hits: u64,
+    /// fork mode: `max-children` reached, counted and reported.
+    saturation: Saturation,
     errors: RateLimit,
     /// Escalations of the crash-loop back-off after the first.
     crash_reports: RateLimit,
@@ -270,6 +269,7 @@ impl Master {
                     self.check_probes(now);
                     if self.cfg.mode == Mode::Fork {
                         self.accept(&ready, now);
+                        self.watch_limit(now);
                     }
                     self.fill_pool(now);
                     self.maintain(now);
@@ -939,13 +939,6 @@ impl Master {
             return false;
         }
         if self.children.len() >= self.cfg.max_children as usize {
-            self.limit_hits += 1;
-            if let Some(more) = self.at_limit.hit(now) {
-                warn!(
-                    "max-children ({}) reached: new clients wait in the backlog ({} times, {more} since the last report)",
-                    self.cfg.max_children, self.limit_hits
-                );
-            }
             return false;
         }
         let conn = match self.listeners[i].accept() {
@@ -1029,6 +1022,29 @@ impl Master {
                 }
                 false
             }
+        }
+    }
+
+    /// fork mode: like tcpserver -c, at `max-children` the master stops
+    /// polling the listeners and clients wait in the backlog; counted, and
+    /// logged when it happens and every [`REPORT_EVERY`] while clients wait.
+    fn watch_limit(&mut self, now: Instant) {
+        let full = self.children.len() >= self.cfg.max_children as usize;
+        let listeners = &self.listeners;
+        let waiting = || listeners.iter().map(Listener::waiting).sum::<u32>();
+        let report = self.saturation.observe(now, full, || waiting() > 0);
+        let max = self.cfg.max_children;
+        match report {
+            Some(pool::Report::Reached { unreported }) => warn!(
+                "max-children ({max}) reached: not accepting, new clients wait in the backlog ({} times, {unreported} more since the last report)",
+                self.saturation.hits
+            ),
+            Some(pool::Report::Held(d)) => warn!(
+                "max-children ({max}) reached {} s ago: {} clients wait in the backlog",
+                d.as_secs(),
+                waiting()
+            ),
+            None => {}
         }
     }
 
@@ -1271,7 +1287,7 @@ impl Master {
                 self.children.len() - self.children.workers(),
                 self.cfg.max_children,
                 self.accepted + served,
-                self.limit_hits
+                self.saturation.hits
             ),
         }
     }

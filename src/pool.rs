@@ -102,6 +102,81 @@ impl Pool {
     }
 }
 
+/// A bound the accepting process stops at (fork mode's `max-children`):
+/// counts each time it is reached and says when to tell the operator —
+/// when it is reached (at most once per `every`), and every `every`
+/// while it holds and clients wait in the backlog.
+#[derive(Debug)]
+pub struct Saturation {
+    every: Duration,
+    since: Option<Instant>,
+    reported: Option<Instant>,
+    /// Times the bound was reached.
+    pub hits: u64,
+    unreported: u64,
+}
+
+/// What [`Saturation::observe`] says to log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Report {
+    /// The bound was just reached; `unreported` earlier times were not logged.
+    Reached { unreported: u64 },
+    /// It has held for this long and clients wait.
+    Held(Duration),
+}
+
+impl Saturation {
+    /// A bound reported at most once per `every`.
+    pub const fn new(every: Duration) -> Saturation {
+        Saturation {
+            every,
+            since: None,
+            reported: None,
+            hits: 0,
+            unreported: 0,
+        }
+    }
+
+    /// Records whether the bound holds at `now`; `waiting` (asked only
+    /// when it may be logged) says whether clients wait meanwhile.
+    pub fn observe(
+        &mut self,
+        now: Instant,
+        full: bool,
+        waiting: impl FnOnce() -> bool,
+    ) -> Option<Report> {
+        if !full {
+            self.since = None;
+            return None;
+        }
+        let due = self.reported.is_none_or(|t| now >= t + self.every);
+        match self.since {
+            None => {
+                self.since = Some(now);
+                self.hits += 1;
+                if !due {
+                    self.unreported += 1;
+                    return None;
+                }
+                self.reported = Some(now);
+                Some(Report::Reached {
+                    unreported: std::mem::take(&mut self.unreported),
+                })
+            }
+            Some(since) if due && waiting() => {
+                self.reported = Some(now);
+                Some(Report::Held(now - since))
+            }
+            Some(_) => None,
+        }
+    }
+
+    /// Whether the bound holds now (as last observed).
+    pub fn is_full(&self) -> bool {
+        self.since.is_some()
+    }
+}
+
 /// A worker's `max-requests` (0: no limit) plus its share of the jitter:
 /// a value from `base` to `base + jitter`.
 pub fn max_requests(base: u32, jitter: u32, seed: &mut u64) -> u64 {
@@ -163,6 +238,41 @@ mod tests {
         assert_eq!(p.decide(t, 1, 4, wide), Action::Spawn(2));
         assert_eq!(p.decide(t, 0, 9, wide), Action::Spawn(1), "one slot left");
         assert_eq!(p.decide(t, 0, 10, wide), Action::AtMax);
+    }
+
+    #[test]
+    fn saturation_is_counted_each_time_and_repeated_while_clients_wait() {
+        let every = Duration::from_secs(10);
+        let mut s = Saturation::new(every);
+        let t = Instant::now();
+        let at = |k: u64| t + Duration::from_secs(k);
+        assert_eq!(s.observe(t, false, || true), None);
+        assert_eq!(
+            s.observe(t, true, || true),
+            Some(Report::Reached { unreported: 0 })
+        );
+        assert_eq!(
+            s.observe(at(5), true, || true),
+            None,
+            "held, but reported 5 s ago"
+        );
+        assert_eq!(s.observe(at(10), true, || false), None, "nobody waits");
+        assert_eq!(
+            s.observe(at(11), true, || true),
+            Some(Report::Held(Duration::from_secs(11)))
+        );
+        // Reached again and again within an interval: counted, logged once.
+        s.observe(at(12), false, || true);
+        assert_eq!(s.observe(at(13), true, || true), None);
+        s.observe(at(14), false, || true);
+        assert_eq!(s.observe(at(15), true, || true), None);
+        s.observe(at(16), false, || true);
+        assert_eq!(
+            s.observe(at(21), true, || true),
+            Some(Report::Reached { unreported: 2 })
+        );
+        assert_eq!(s.hits, 4);
+        assert!(s.is_full());
     }
 
     #[test]

@@ -140,6 +140,35 @@ pub fn accept(listener: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     }
 }
 
+/// The length of a listening TCP socket's accept queue, as the kernel
+/// counts it (Linux's `tcp_info.tcpi_unacked` on a listener); `None`
+/// where it is not available.
+pub fn accept_queue(listener: BorrowedFd<'_>) -> Option<u32> {
+    #[cfg(all(target_os = "linux", any(target_env = "gnu", target_env = "musl")))]
+    {
+        // SAFETY: tcp_info is plain integers, valid zeroed; getsockopt
+        // writes at most `len` bytes into it and says how many it wrote.
+        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        let rc = unsafe {
+            libc::getsockopt(
+                listener.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                (&mut info as *mut libc::tcp_info).cast(),
+                &mut len,
+            )
+        };
+        let needed = std::mem::offset_of!(libc::tcp_info, tcpi_unacked) + 4;
+        (rc == 0 && len as usize >= needed).then_some(info.tcpi_unacked)
+    }
+    #[cfg(not(all(target_os = "linux", any(target_env = "gnu", target_env = "musl"))))]
+    {
+        let _ = listener;
+        None
+    }
+}
+
 /// Takes ownership of an fd this process inherited (socket activation,
 /// inetd); `None` if `raw` is not open.
 pub fn inherited_fd(raw: RawFd) -> Option<OwnedFd> {

@@ -301,6 +301,35 @@ mod models {
     }
 
     #[test]
+    fn fork_mode_at_its_limit_says_so_and_counts_it() {
+        let d = Daemon::start(&["-l", "127.0.0.1:0", "-m", "fork", "--max-children", "4"]);
+        let addr = d.addr();
+        let mut held: Vec<TcpStream> = (0..4).map(|_| connect(addr)).collect();
+        for s in &mut held {
+            assert_eq!(round_trip(s, b"in").unwrap(), b"in");
+        }
+        // Three more wait in the backlog.
+        let waiting: Vec<TcpStream> = (0..3).map(|_| connect(addr)).collect();
+        let line = d.wait_line("max-children (4) reached", DEADLINE);
+        assert!(
+            line.is_some(),
+            "no warning at the limit:\n{}",
+            d.stderr_text()
+        );
+        d.signal(Signal::SIGUSR1);
+        let status = d.wait_line("status: ", DEADLINE).unwrap();
+        assert!(
+            status.contains("limit reached 1 times"),
+            "{status}\n{}",
+            d.stderr_text()
+        );
+        drop(held);
+        for mut s in waiting {
+            assert_eq!(round_trip(&mut s, b"later").unwrap(), b"later");
+        }
+    }
+
+    #[test]
     fn no_listener_starves_another() {
         let d = Daemon::start(&[
             "-l",
