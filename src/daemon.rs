@@ -270,6 +270,29 @@ impl Drop for PidFile {
     }
 }
 
+/// Makes room for `need` open descriptors: raises the soft RLIMIT_NOFILE
+/// (never above the hard one) if it is lower. Err says, with the numbers,
+/// why there cannot be room; `why` names what needs them.
+pub fn ensure_nofile(need: u64, why: &str) -> Result<(), String> {
+    let (soft, hard) = sys::nofile_limit();
+    if need <= soft {
+        return Ok(());
+    }
+    if need <= hard {
+        if let Err(e) = sys::set_nofile(need) {
+            return Err(format!(
+                "{why} needs about {need} open descriptors, but RLIMIT_NOFILE is {soft} and cannot be raised: {}",
+                crate::error_text(&e)
+            ));
+        }
+        log::info!("raised RLIMIT_NOFILE from {soft} to {need}: {why} needs about that many");
+        return Ok(());
+    }
+    Err(format!(
+        "{why} needs about {need} open descriptors, but RLIMIT_NOFILE is {soft} (hard limit {hard}); raise it (LimitNOFILE= under systemd, ulimit -n) or lower max-workers"
+    ))
+}
+
 /// The daemon's side of the launcher's pipe: say "ready" once.
 pub struct ReadyPipe(OwnedFd);
 

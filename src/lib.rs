@@ -38,6 +38,8 @@ use config::{LogTarget, Options};
 /// Runs echo-forkd with the process's command line; returns the exit status
 /// (0 success, 1 startup or runtime failure, 2 usage error).
 pub fn run() -> i32 {
+    // Before anything of ours is open: what the parent leaked stays here.
+    sys::close_inherited(systemd::is_passed);
     // Usage errors exit 2, --help and --version 0 (clap's convention).
     let opts = Options::parse();
     let check = opts.check;

@@ -106,6 +106,12 @@ pub fn run(
         Ok(s) => s,
         Err(e) => return fail("the scoreboard", e),
     };
+    // The master holds one descriptor per worker, and a reload may run
+    // two full generations at once.
+    if let Err(e) = crate::daemon::ensure_nofile(nofile_need(&cfg, listeners.len()), "max-workers")
+    {
+        warn!("{e}");
+    }
     let now = Instant::now();
     let policy = cfg.policy();
     let mut master = Master {
@@ -524,6 +530,13 @@ impl Master {
         } else {
             0
         };
+        // Each new worker costs the master a descriptor until the old
+        // generation is gone: check for room before forking any.
+        let open = crate::sys::open_fds().unwrap_or(0);
+        crate::daemon::ensure_nofile(open + u64::from(workers) + 8, "the reload")?;
+        if let Err(e) = crate::daemon::ensure_nofile(nofile_need(&cfg, plan.len()), "max-workers") {
+            warn!("{e}");
+        }
         self.pending = Some(Pending {
             generation: self.generation + 1,
             cfg,
@@ -857,7 +870,18 @@ impl Master {
             Ok(p) => p,
             Err(e) => {
                 self.scoreboard.release(slot);
-                return Err(format!("cannot create a control pipe: {e}"));
+                let hint = if matches!(e, Errno::EMFILE | Errno::ENFILE) {
+                    let (soft, _) = crate::sys::nofile_limit();
+                    format!(
+                        " (RLIMIT_NOFILE is {soft}; the master holds one descriptor per worker)"
+                    )
+                } else {
+                    String::new()
+                };
+                return Err(format!(
+                    "cannot create a control pipe: {}{hint}",
+                    e.desc().to_lowercase()
+                ));
             }
         };
         let mut ctl_w = Some(ctl_w);
@@ -1291,6 +1315,18 @@ impl Master {
             ),
         }
     }
+}
+
+/// The descriptors the master may hold with `cfg` in force: its own (the
+/// signal pipe and its writers, notice and control pipes, log and notify
+/// sockets, pidfile: under 32), the listeners of two configurations, and
+/// one control pipe per worker of two full generations.
+fn nofile_need(cfg: &Config, listeners: usize) -> u64 {
+    let workers = match cfg.mode {
+        Mode::Prefork => u64::from(cfg.max_workers),
+        Mode::Fork => 0,
+    };
+    32 + 2 * listeners as u64 + 2 * workers
 }
 
 /// In a child: drops privileges as `identity` says; Err is the exit code.

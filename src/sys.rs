@@ -169,6 +169,57 @@ pub fn accept_queue(listener: BorrowedFd<'_>) -> Option<u32> {
     }
 }
 
+/// Closes every descriptor above 2 that `keep` does not claim: whatever a
+/// careless parent left open must not reach every child we fork. Call it
+/// first thing, while nothing of ours is open yet.
+pub fn close_inherited(keep: impl Fn(RawFd) -> bool) {
+    let listed = ["/proc/self/fd", "/dev/fd"].iter().find_map(|d| {
+        let dir = std::fs::read_dir(d).ok()?;
+        Some(
+            dir.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<RawFd>().ok())
+                .collect::<Vec<_>>(),
+        )
+    });
+    // The directory's own descriptor is in the list, closed by now: its
+    // close below fails harmlessly, as nothing was opened in between.
+    let fds = listed.unwrap_or_else(|| {
+        let (soft, _) = nofile_limit();
+        (3..soft.min(65_536) as RawFd).collect()
+    });
+    for fd in fds.into_iter().filter(|&fd| fd > 2 && !keep(fd)) {
+        // Nothing in this process owns these numbers: no OwnedFd is
+        // closed behind its back.
+        let _ = nix::unistd::close(fd);
+    }
+}
+
+/// The soft and hard RLIMIT_NOFILE (unlimited reads as u64::MAX).
+// rlim_t is u64 here but i64 on some BSDs: the casts are not always no-ops.
+#[allow(clippy::unnecessary_cast)]
+pub fn nofile_limit() -> (u64, u64) {
+    use nix::sys::resource::{getrlimit, Resource};
+    getrlimit(Resource::RLIMIT_NOFILE)
+        .map(|(s, h)| (s as u64, h as u64))
+        .unwrap_or((1024, 1024))
+}
+
+/// Raises the soft RLIMIT_NOFILE to `soft` (never above the hard limit).
+pub fn set_nofile(soft: u64) -> io::Result<()> {
+    use nix::sys::resource::{setrlimit, Resource};
+    let (_, hard) = nofile_limit();
+    setrlimit(Resource::RLIMIT_NOFILE, soft.min(hard) as _, hard as _).map_err(io::Error::from)
+}
+
+/// How many descriptors this process has open now, if it can tell.
+pub fn open_fds() -> Option<u64> {
+    let dir = std::fs::read_dir("/proc/self/fd")
+        .or_else(|_| std::fs::read_dir("/dev/fd"))
+        .ok()?;
+    // Minus the directory's own descriptor.
+    Some(dir.count().saturating_sub(1) as u64)
+}
+
 /// Takes ownership of an fd this process inherited (socket activation,
 /// inetd); `None` if `raw` is not open.
 pub fn inherited_fd(raw: RawFd) -> Option<OwnedFd> {

@@ -41,6 +41,23 @@ impl Notify {
     }
 }
 
+/// Whether `fd` is one the service manager passes to this process
+/// (socket activation), read without consuming the variables.
+pub fn is_passed(fd: std::os::fd::RawFd) -> bool {
+    let ours = std::env::var("LISTEN_PID")
+        .ok()
+        .and_then(|p| p.trim().parse::<u32>().ok())
+        == Some(std::process::id());
+    let n = std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|n| n.trim().parse::<i32>().ok())
+        .unwrap_or(0);
+    ours && (FIRST..FIRST.saturating_add(n)).contains(&fd)
+}
+
+/// The first socket passed (SD_LISTEN_FDS_START).
+const FIRST: i32 = 3;
+
 /// The sockets passed by the service manager, if `LISTEN_PID` is our pid.
 ///
 /// Each becomes close-on-exec and non-blocking; its name is the address it
@@ -62,7 +79,6 @@ pub fn listeners_from_env() -> Result<Option<Vec<Listener>>, String> {
         .trim()
         .parse()
         .map_err(|_| format!("LISTEN_FDS={fds}: not a number"))?;
-    const FIRST: i32 = 3; // SD_LISTEN_FDS_START
     let mut out = Vec::new();
     for raw in FIRST..FIRST + n {
         let fd = sys::inherited_fd(raw)

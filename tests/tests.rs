@@ -446,6 +446,46 @@ mod supervision {
     }
 
     #[test]
+    fn descriptors_leaked_by_the_parent_reach_no_process() {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        let raw = w.as_raw_fd();
+        let mut cmd = std::process::Command::new(BIN);
+        cmd.args(["-f", "-l", "127.0.0.1:0", "-w", "2", "--min-spare", "0"]);
+        // SAFETY: dup2 is async-signal-safe; fd 7 becomes an inherited,
+        // non-close-on-exec copy of the pipe's write end, as a careless
+        // parent would leave it.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::dup2(raw, 7) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let d = Daemon::from_command(cmd);
+        drop(w);
+        assert!(
+            d.wait_line("ready", DEADLINE).is_some(),
+            "{}",
+            d.stderr_text()
+        );
+        d.wait_children(2);
+        // If any process of the daemon held the write end, no EOF.
+        let mut fds = [nix::poll::PollFd::new(
+            std::os::fd::AsFd::as_fd(&r),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        let n = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(5000u16)).unwrap();
+        let mut buf = [0u8; 1];
+        assert!(
+            n == 1 && matches!(nix::unistd::read(&r, &mut buf), Ok(0)),
+            "a process of the daemon still holds the leaked descriptor"
+        );
+    }
+
+    #[test]
     fn workers_hold_no_sibling_pipes() {
         // The first worker is forked before any sibling exists; a later one
         // holding a sibling's control pipe would have more descriptors (and
@@ -2496,6 +2536,47 @@ mod resilience {
         };
         // SAFETY: as above.
         let rc = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) };
+        assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    }
+
+    #[test]
+    fn a_reload_short_of_descriptors_says_why_and_changes_nothing() {
+        let dir = TempDir::new("nofile");
+        let conf = dir.path("c.toml");
+        let text = |n: u32| format!("listen = [\"127.0.0.1:0\"]\nworkers = {n}\nmin-spare = 0\n");
+        std::fs::write(&conf, text(4)).unwrap();
+        let d = Daemon::start(&["-c", conf.to_str().unwrap()]);
+        let addr = d.addr();
+        let before = {
+            let mut v = d.wait_children(4);
+            v.sort();
+            v
+        };
+        // Room for only two more descriptors, and no way to raise it.
+        let open = d.fd_count() as u64;
+        set_nofile_both(d.pid, open + 2);
+        std::fs::write(&conf, text(8)).unwrap();
+        d.signal(Signal::SIGHUP);
+        let line = d.wait_line("reload failed", DEADLINE);
+        let line = line.unwrap_or_else(|| panic!("no failure logged:\n{}", d.stderr_text()));
+        assert!(
+            line.contains("RLIMIT_NOFILE") && line.contains(&(open + 2).to_string()),
+            "{line}"
+        );
+        let mut after = d.children();
+        after.sort();
+        assert_eq!(after, before, "the workers were replaced");
+        assert_eq!(echo_all(addr, b"still"), b"still");
+    }
+
+    /// Sets both the soft and the hard RLIMIT_NOFILE of `pid`.
+    fn set_nofile_both(pid: i32, n: u64) {
+        let lim = libc::rlimit {
+            rlim_cur: n,
+            rlim_max: n,
+        };
+        // SAFETY: prlimit reads only the struct given.
+        let rc = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &lim, std::ptr::null_mut()) };
         assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
     }
 
