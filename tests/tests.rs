@@ -323,6 +323,9 @@ mod models {
             "{status}\n{}",
             d.stderr_text()
         );
+        // And again every 10 s while clients wait, with how many.
+        let again = d.wait_line("3 clients wait in the backlog", Duration::from_secs(13));
+        assert!(again.is_some(), "not repeated while clients wait:\n{}", d.stderr_text());
         drop(held);
         for mut s in waiting {
             assert_eq!(round_trip(&mut s, b"later").unwrap(), b"later");
