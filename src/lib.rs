@@ -10,6 +10,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod accept;
 pub mod access;
 pub mod children;
 pub mod config;

@@ -7,18 +7,16 @@
 //! or dies (exit now). A child tells the two apart by its parent pid.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use log::{debug, error, warn};
-use nix::errno::Errno;
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{getpeername, SockaddrStorage};
 use nix::unistd::{getppid, Pid};
 
+use crate::accept::{Acceptor, Wake};
 use crate::access::{self, Policy};
 use crate::echo::{self, Limits, Watch};
 use crate::listen::Listener;
-use crate::logging::RateLimit;
 use crate::scoreboard::{Refusal, Slot, State};
 use crate::sys::IoBuffer;
 
@@ -30,9 +28,6 @@ const BUF_SIZE: usize = 64 * 1024;
 /// Bytes echoed above which the buffer is trimmed after the connection: one
 /// page, so small echoes cost no extra system call.
 const TRIM_ABOVE: u64 = 4096;
-
-/// How long accepting pauses after running out of descriptors or memory.
-const ACCEPT_PAUSE: Duration = Duration::from_millis(500);
 
 /// What every child needs from the master.
 pub struct Ctx<'a> {
@@ -139,80 +134,47 @@ fn follow_master(ctx: &Ctx<'_>) -> Result<(), i32> {
 /// A prefork worker: accepts on all `listeners` and serves one connection at
 /// a time, until the control pipe closes or `max_requests` (0 = no limit)
 /// connections have been served. Returns the exit code.
-pub fn prefork(mut listeners: Vec<Listener>, ctx: Ctx<'_>, max_requests: u64) -> i32 {
+pub fn prefork(listeners: Vec<Listener>, ctx: Ctx<'_>, max_requests: u64) -> i32 {
     if let Err(code) = follow_master(&ctx) {
         return code;
     }
     let Some(mut buf) = buffer() else { return 1 };
+    let mut acceptor = Acceptor::new(listeners);
     let mut served: u64 = 0;
-    let mut next = 0usize; // where the fair scan of ready listeners starts
-    let mut accept_errors = RateLimit::new(Duration::from_secs(10));
-    let mut pause: Option<Instant> = None;
     ctx.ready();
-
     // After a connection, the next one is often already queued: try to
-    // accept it straight away and poll only when there is none, so a busy
-    // worker makes no poll per connection and an idle one does not spin.
+    // accept it straight away and wait only when there is none, so a busy
+    // worker makes no wait per connection and an idle one does not spin.
     let mut try_first = false;
-    while !listeners.is_empty() {
-        let n = listeners.len();
-        let mut accepted = None;
-        if try_first && pause.is_none() {
-            let order = (0..n).map(|k| (next + k) % n);
-            accepted = accept_one(&listeners, order, &mut accept_errors, &mut pause);
-        }
+    while !acceptor.is_empty() {
+        let mut accepted = if try_first {
+            acceptor.accept(Instant::now())
+        } else {
+            None
+        };
+        try_first = false;
         if accepted.is_none() {
-            let ready = {
-                let mut fds = Vec::with_capacity(n + 1);
-                fds.push(PollFd::new(ctx.ctl, PollFlags::POLLIN));
-                if pause.is_none() {
-                    fds.extend(
-                        listeners
-                            .iter()
-                            .map(|l| PollFd::new(l.as_fd(), PollFlags::POLLIN)),
-                    );
-                }
-                let timeout = match pause {
-                    Some(until) => crate::time::poll_timeout(Some(
-                        until.saturating_duration_since(Instant::now()),
-                    )),
-                    None => PollTimeout::NONE,
-                };
-                match poll(&mut fds, timeout) {
-                    Ok(_) | Err(Errno::EINTR) => {}
-                    Err(e) => {
-                        warn!("poll on the listeners failed: {e}");
-                        return 1;
-                    }
-                }
-                if fds[0].revents().is_some_and(|r| !r.is_empty()) {
+            match acceptor.wait(ctx.ctl) {
+                Ok(Wake::Ready) => accepted = acceptor.accept(Instant::now()),
+                Ok(Wake::Stop) => {
                     ctx.set(State::Stopping);
                     return if ctx.master_gone() { EXIT_ORPHAN } else { 0 };
                 }
-                if pause.is_some_and(|until| Instant::now() >= until) {
-                    pause = None;
+                Err(e) => {
+                    warn!("waiting for connections failed: {e}");
+                    return 1;
                 }
-                fds[1..]
-                    .iter()
-                    .map(|f| f.revents().is_some_and(|r| r.contains(PollFlags::POLLIN)))
-                    .collect::<Vec<bool>>()
-            };
-            let order = (0..ready.len())
-                .map(|k| (next + k) % ready.len())
-                .filter(|&i| ready[i]);
-            accepted = accept_one(&listeners, order, &mut accept_errors, &mut pause);
+            }
         }
-        try_first = false;
         let Some((i, conn)) = accepted else { continue };
-        next = i + 1;
         try_first = true;
-        let tcp = listeners[i].is_tcp();
+        let tcp = acceptor.listeners()[i].is_tcp();
         if ctx.admit(&conn, tcp).is_some() {
             // Closed at once, unread; the master reports the count.
             continue;
         }
         ctx.set(State::Busy);
-        let bytes = serve_conn(conn, tcp, &ctx, &mut buf, &mut listeners);
+        let bytes = serve_conn(conn, tcp, &ctx, &mut buf, &mut acceptor);
         // A connection that wrote past the first page leaves the buffer's
         // pages private to this worker; give them back so that it idles small.
         if bytes > TRIM_ABOVE {
@@ -220,7 +182,7 @@ pub fn prefork(mut listeners: Vec<Listener>, ctx: Ctx<'_>, max_requests: u64) ->
         }
         served += 1;
         ctx.served();
-        if listeners.is_empty() {
+        if acceptor.is_empty() {
             break; // told to stop while serving: already marked stopping
         }
         if max_requests != 0 && served >= max_requests {
@@ -231,42 +193,6 @@ pub fn prefork(mut listeners: Vec<Listener>, ctx: Ctx<'_>, max_requests: u64) ->
         ctx.set(State::Idle);
     }
     0
-}
-
-/// A fork-mode child: serves `conn` and returns the exit code.
-/// Accepts one connection from the first of `order`'s listeners that has
-/// one. Transient errors (the queue emptied, the client gave up) move on;
-/// others (EMFILE, ENOBUFS, …) are logged, rate-limited, and pause accepting
-/// so the worker does not spin on an error that returns at once.
-fn accept_one(
-    listeners: &[Listener],
-    order: impl Iterator<Item = usize>,
-    errors: &mut RateLimit,
-    pause: &mut Option<Instant>,
-) -> Option<(usize, OwnedFd)> {
-    for i in order {
-        match listeners[i].accept() {
-            Ok(conn) => return Some((i, conn)),
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EAGAIN | libc::ECONNABORTED | libc::EINTR | libc::EPROTO)
-                ) => {}
-            Err(e) => {
-                if let Some(missed) = errors.hit(Instant::now()) {
-                    warn!(
-                        "accept on {} failed: {}; pausing {} ms ({missed} more since the last report)",
-                        listeners[i].name(),
-                        crate::error_text(&e),
-                        ACCEPT_PAUSE.as_millis()
-                    );
-                }
-                *pause = Some(Instant::now() + ACCEPT_PAUSE);
-                return None;
-            }
-        }
-    }
-    None
 }
 
 /// A fork-mode child: serves `conn`, in `buf` if the master mapped one
@@ -284,7 +210,7 @@ pub fn fork_child(conn: OwnedFd, tcp: bool, ctx: Ctx<'_>, buf: Option<&mut IoBuf
             &mut own
         }
     };
-    serve_conn(conn, tcp, &ctx, buf, &mut Vec::new());
+    serve_conn(conn, tcp, &ctx, buf, &mut Acceptor::new(Vec::new()));
     0
 }
 
@@ -304,7 +230,7 @@ pub fn inetd(conn: OwnedFd, limits: Limits) -> i32 {
 }
 
 /// Serves one connection. If the control pipe closes meanwhile and the
-/// master is alive, `listeners` are closed at once (so new clients are
+/// master is alive, the listeners are closed at once (so new clients are
 /// refused, not queued) and the connection goes on; if the master is gone,
 /// the connection ends.
 fn serve_conn(
@@ -312,7 +238,7 @@ fn serve_conn(
     tcp: bool,
     ctx: &Ctx<'_>,
     buf: &mut IoBuffer,
-    listeners: &mut Vec<Listener>,
+    acceptor: &mut Acceptor,
 ) -> u64 {
     #[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd")))]
     if tcp {
@@ -332,7 +258,7 @@ fn serve_conn(
             if ctx.master_gone() {
                 Watch::Abort
             } else {
-                listeners.clear();
+                acceptor.close();
                 ctx.set(State::Stopping);
                 Watch::Forget
             }

@@ -325,7 +325,11 @@ mod models {
         );
         // And again every 10 s while clients wait, with how many.
         let again = d.wait_line("3 clients wait in the backlog", Duration::from_secs(13));
-        assert!(again.is_some(), "not repeated while clients wait:\n{}", d.stderr_text());
+        assert!(
+            again.is_some(),
+            "not repeated while clients wait:\n{}",
+            d.stderr_text()
+        );
         drop(held);
         for mut s in waiting {
             assert_eq!(round_trip(&mut s, b"later").unwrap(), b"later");
@@ -364,6 +368,74 @@ mod models {
         }
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         assert!(hammer.join().unwrap() > 0);
+    }
+
+    #[test]
+    fn a_pool_under_load_on_one_listener_still_serves_the_other() {
+        let _heavy = heavy();
+        let d = Daemon::start(&["-l", "127.0.0.1:0", "-l", "127.0.0.1:0", "-w", "8"]);
+        let addrs: Vec<std::net::SocketAddr> =
+            d.listening().iter().map(|a| a.parse().unwrap()).collect();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let hammers: Vec<_> = (0..4)
+            .map(|_| {
+                let (stop, busy) = (stop.clone(), addrs[0]);
+                std::thread::spawn(move || {
+                    let mut n = 0u32;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        assert_eq!(echo_all(busy, b"a"), b"a");
+                        n += 1;
+                    }
+                    n
+                })
+            })
+            .collect();
+        let start = Instant::now();
+        for _ in 0..200 {
+            let mut s = connect(addrs[1]);
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            assert_eq!(
+                round_trip(&mut s, b"b").unwrap(),
+                b"b",
+                "the quiet listener starved"
+            );
+        }
+        let quiet = start.elapsed();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let loud: u32 = hammers.into_iter().map(|h| h.join().unwrap()).sum();
+        println!("200 on the quiet listener in {quiet:?} while {loud} went to the busy one");
+        assert!(loud > 200, "the busy listener was not busy: {loud}");
+    }
+
+    /// Voluntary context switches of a process so far.
+    fn voluntary_switches(pid: i32) -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    #[test]
+    fn a_connection_wakes_one_idle_worker_not_all_of_them() {
+        let _heavy = heavy();
+        let d = Daemon::start(&["-l", "127.0.0.1:0", "-w", "32", "--min-spare", "0"]);
+        let addr = d.addr();
+        let workers = d.wait_children(32);
+        let total = || workers.iter().map(|&p| voluntary_switches(p)).sum::<u64>();
+        assert_eq!(echo_all(addr, b"warm"), b"warm");
+        let before = total();
+        for i in 0..200u32 {
+            assert_eq!(echo_all(addr, &i.to_be_bytes()), i.to_be_bytes());
+        }
+        let per = (total() - before) as f64 / 200.0;
+        println!("{per:.2} voluntary context switches per connection among 32 idle workers");
+        // The herd: every idle worker woke for every connection (about 32).
+        assert!(
+            per < 6.0,
+            "{per:.2} switches per connection: the herd is back"
+        );
     }
 }
 

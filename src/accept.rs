@@ -1,0 +1,304 @@
+//! Accepting connections, in one place for every process that does it
+//! (prefork workers, the fork-mode master): a fair rotation over the
+//! listeners, which accept errors are transient, the pause after a
+//! resource error (EMFILE returns at once, forever: retrying at once would
+//! spin), its rate-limited report, and a worker's wait for a connection.
+//!
+//! The wait wakes one process per connection, whatever the pool size. On
+//! Linux each worker has its own epoll instance in which every listener is
+//! registered with `EPOLLEXCLUSIVE` (nginx's answer to the thundering
+//! herd), so a new connection wakes one waiting worker instead of all of
+//! them. Elsewhere workers `poll` the listeners, and all idle ones wake.
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use log::warn;
+
+use crate::listen::Listener;
+use crate::logging::RateLimit;
+
+/// How long accepting pauses after a resource error (EMFILE, ENFILE,
+/// ENOBUFS, ENOMEM), like OpenBSD's inetd and identd.
+pub const PAUSE: Duration = Duration::from_millis(500);
+/// Repeated accept errors are logged at most this often.
+pub const REPORT_EVERY: Duration = Duration::from_secs(10);
+
+/// What an accept error means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// Nothing is waiting on this listener now.
+    Empty,
+    /// The client went away before it was accepted, or a signal came:
+    /// try the next one at once.
+    Transient,
+    /// Out of a resource: pause accepting.
+    Resource,
+}
+
+/// Classifies an accept error.
+pub fn classify(e: &io::Error) -> Failure {
+    match e.raw_os_error() {
+        Some(libc::EAGAIN) => Failure::Empty,
+        // Linux passes a pending network error of the new connection to
+        // accept (accept(2): "treat them like EAGAIN by retrying"), and
+        // EPERM when a firewall rule refuses it.
+        Some(
+            libc::ECONNABORTED
+            | libc::EINTR
+            | libc::EPROTO
+            | libc::EPERM
+            | libc::ENETDOWN
+            | libc::ENOPROTOOPT
+            | libc::EHOSTDOWN
+            | libc::EHOSTUNREACH
+            | libc::EOPNOTSUPP
+            | libc::ENETUNREACH,
+        ) => Failure::Transient,
+        _ => Failure::Resource,
+    }
+}
+
+/// Why [`Acceptor::wait`] returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wake {
+    /// A connection may be waiting (or a pause ended): try to accept.
+    Ready,
+    /// The watched fd became readable: the master said stop, or died.
+    Stop,
+}
+
+/// The listeners one process accepts from, and its accept state.
+pub struct Acceptor {
+    listeners: Vec<Listener>,
+    /// Where the next fair scan starts: after the listener served last.
+    next: usize,
+    paused_until: Option<Instant>,
+    errors: RateLimit,
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    epoll: Option<nix::sys::epoll::Epoll>,
+}
+
+/// The epoll token of the watched fd; listeners are their index.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+const WATCHED: u64 = u64::MAX;
+
+impl Acceptor {
+    /// Accepts from `listeners`.
+    pub fn new(listeners: Vec<Listener>) -> Acceptor {
+        Acceptor {
+            listeners,
+            next: 0,
+            paused_until: None,
+            errors: RateLimit::new(REPORT_EVERY),
+            #[cfg(any(target_os = "linux", target_os = "android"))]
+            epoll: None,
+        }
+    }
+
+    /// The listeners.
+    pub fn listeners(&self) -> &[Listener] {
+        &self.listeners
+    }
+
+    /// Takes the listeners out (the acceptor is left with none).
+    pub fn take(&mut self) -> Vec<Listener> {
+        self.drop_waiter();
+        std::mem::take(&mut self.listeners)
+    }
+
+    /// Closes every listener: this process accepts no more.
+    pub fn close(&mut self) {
+        self.drop_waiter();
+        self.listeners.clear();
+    }
+
+    /// Whether there is no listener left.
+    pub fn is_empty(&self) -> bool {
+        self.listeners.is_empty()
+    }
+
+    fn drop_waiter(&mut self) {
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        {
+            self.epoll = None;
+        }
+    }
+
+    /// Until when accepting is paused after a resource error, if it is.
+    pub fn paused_until(&self, now: Instant) -> Option<Instant> {
+        self.paused_until.filter(|&t| t > now)
+    }
+
+    /// Accepts one connection from the first listener, in fair rotation,
+    /// that has one. `None`: none waits, or accepting is paused (after a
+    /// resource error, which this logs, rate-limited, and pauses for).
+    pub fn accept(&mut self, now: Instant) -> Option<(usize, OwnedFd)> {
+        if self.paused_until(now).is_some() {
+            return None;
+        }
+        self.paused_until = None;
+        let n = self.listeners.len();
+        for k in 0..n {
+            let i = (self.next + k) % n;
+            match self.listeners[i].accept() {
+                Ok(conn) => {
+                    self.next = i + 1;
+                    return Some((i, conn));
+                }
+                Err(e) => match classify(&e) {
+                    Failure::Empty | Failure::Transient => {}
+                    Failure::Resource => {
+                        self.pause(now, i, &e);
+                        return None;
+                    }
+                },
+            }
+        }
+        None
+    }
+
+    fn pause(&mut self, now: Instant, i: usize, e: &io::Error) {
+        self.paused_until = Some(now + PAUSE);
+        if let Some(more) = self.errors.hit(now) {
+            warn!(
+                "accept on {} failed: {}; pausing {} ms ({more} more since the last report)",
+                self.listeners[i].name(),
+                crate::error_text(e),
+                PAUSE.as_millis()
+            );
+        }
+    }
+
+    /// Sleeps until a connection may be accepted, or `watched` (the
+    /// master's control pipe) becomes readable. While paused it watches
+    /// only `watched`, until the pause ends.
+    pub fn wait(&mut self, watched: BorrowedFd<'_>) -> io::Result<Wake> {
+        if let Some(until) = self.paused_until {
+            let left = until.saturating_duration_since(Instant::now());
+            let mut fds = [nix::poll::PollFd::new(
+                watched,
+                nix::poll::PollFlags::POLLIN,
+            )];
+            return match nix::poll::poll(&mut fds, crate::time::poll_timeout(Some(left))) {
+                Ok(n) if n > 0 => Ok(Wake::Stop),
+                Ok(_) | Err(nix::errno::Errno::EINTR) => Ok(Wake::Ready),
+                Err(e) => Err(e.into()),
+            };
+        }
+        self.wait_listeners(watched)
+    }
+
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    fn wait_listeners(&mut self, watched: BorrowedFd<'_>) -> io::Result<Wake> {
+        use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+        if self.epoll.is_none() {
+            let ep = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+            ep.add(watched, EpollEvent::new(EpollFlags::EPOLLIN, WATCHED))?;
+            for (i, l) in self.listeners.iter().enumerate() {
+                let flags = EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE;
+                ep.add(l.as_fd(), EpollEvent::new(flags, i as u64))?;
+            }
+            self.epoll = Some(ep);
+        }
+        let Some(ep) = &self.epoll else {
+            return Ok(Wake::Ready);
+        };
+        let mut events = [EpollEvent::empty(); 8];
+        let n = match ep.wait(&mut events, EpollTimeout::NONE) {
+            Ok(n) => n,
+            Err(nix::errno::Errno::EINTR) => return Ok(Wake::Ready),
+            Err(e) => return Err(e.into()),
+        };
+        // A wake-up for a connection is this process's alone: take it
+        // even if a stop came with it, or nobody else may be woken for it.
+        let stop = events[..n].iter().any(|e| e.data() == WATCHED);
+        let conn = events[..n].iter().any(|e| e.data() != WATCHED);
+        Ok(if stop && !conn {
+            Wake::Stop
+        } else {
+            Wake::Ready
+        })
+    }
+
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    fn wait_listeners(&mut self, watched: BorrowedFd<'_>) -> io::Result<Wake> {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let mut fds = Vec::with_capacity(self.listeners.len() + 1);
+        fds.push(PollFd::new(watched, PollFlags::POLLIN));
+        fds.extend(
+            self.listeners
+                .iter()
+                .map(|l| PollFd::new(l.as_fd(), PollFlags::POLLIN)),
+        );
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let ready = |f: &PollFd<'_>| f.revents().is_some_and(|r| !r.is_empty());
+        let stop = ready(&fds[0]);
+        let conn = fds[1..].iter().any(ready);
+        Ok(if stop && !conn {
+            Wake::Stop
+        } else {
+            Wake::Ready
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::listen::{bind, BindOptions};
+
+    fn listener() -> Listener {
+        let opts = BindOptions {
+            backlog: 16,
+            socket_mode: 0o666,
+            socket_group: None,
+        };
+        bind(&"127.0.0.1:0".parse().unwrap(), &opts).unwrap()
+    }
+
+    #[test]
+    fn errors_are_classified() {
+        let e = |n| io::Error::from_raw_os_error(n);
+        assert_eq!(classify(&e(libc::EAGAIN)), Failure::Empty);
+        assert_eq!(classify(&e(libc::ECONNABORTED)), Failure::Transient);
+        assert_eq!(classify(&e(libc::EMFILE)), Failure::Resource);
+        assert_eq!(classify(&e(libc::ENFILE)), Failure::Resource);
+        assert_eq!(classify(&e(libc::ENOBUFS)), Failure::Resource);
+    }
+
+    #[test]
+    fn accepts_in_turn_from_every_listener_with_clients() {
+        let mut a = Acceptor::new(vec![listener(), listener()]);
+        let addrs: Vec<String> = a.listeners().iter().map(|l| l.name().to_string()).collect();
+        let now = Instant::now();
+        assert!(a.accept(now).is_none(), "nobody connected");
+        let _clients: Vec<_> = (0..4)
+            .map(|k| std::net::TcpStream::connect(&addrs[k % 2]).unwrap())
+            .collect();
+        let mut order = Vec::new();
+        let end = Instant::now() + Duration::from_secs(5);
+        while order.len() < 4 && Instant::now() < end {
+            if let Some((i, _)) = a.accept(Instant::now()) {
+                order.push(i);
+            }
+        }
+        assert_eq!(order, [0, 1, 0, 1], "taken in turn");
+    }
+
+    #[test]
+    fn a_connection_wakes_the_wait_and_the_watched_fd_stops_it() {
+        let mut a = Acceptor::new(vec![listener()]);
+        let addr = a.listeners()[0].name().to_string();
+        let (r, w) = nix::unistd::pipe().unwrap();
+        let _c = std::net::TcpStream::connect(&addr).unwrap();
+        assert_eq!(a.wait(r.as_fd()).unwrap(), Wake::Ready);
+        assert!(a.accept(Instant::now()).is_some());
+        drop(w);
+        assert_eq!(a.wait(r.as_fd()).unwrap(), Wake::Stop);
+    }
+}
