@@ -1011,7 +1011,8 @@ mod tests {
             };
             let mut pool = crate::pool::Pool::default();
             for (idle, total) in [(0, 0), (0, c.max_workers), (c.max_spare, c.workers)] {
-                let _ = pool.decide(now, idle, total, b);
+                let _ = pool.decide(now, (idle, total), total, Some(next() as u32), b);
+                let _ = pool.decide(now, (0, idle), total, None, b);
             }
             let _ = c.bind_options(None);
         }

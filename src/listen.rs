@@ -203,14 +203,22 @@ impl Listener {
         }
     }
 
-    /// Connections waiting in the accept queue: the kernel's count where it
-    /// gives one (TCP on Linux: what `ss -lnt` shows as Recv-Q), else 1 if
-    /// any waits and 0 if none.
-    pub fn waiting(&self) -> u32 {
+    /// Connections waiting in the accept queue, as the kernel counts them
+    /// (TCP on Linux: what `ss -lnt` shows as Recv-Q); `None` where it
+    /// does not say.
+    pub fn queued(&self) -> Option<u32> {
         if self.tcp {
-            if let Some(n) = sys::accept_queue(self.fd.as_fd()) {
-                return n;
-            }
+            sys::accept_queue(self.fd.as_fd())
+        } else {
+            None
+        }
+    }
+
+    /// Connections waiting in the accept queue: [`Listener::queued`]
+    /// where the kernel counts them, else 1 if any waits and 0 if none.
+    pub fn waiting(&self) -> u32 {
+        if let Some(n) = self.queued() {
+            return n;
         }
         let mut fds = [nix::poll::PollFd::new(
             self.fd.as_fd(),

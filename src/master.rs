@@ -739,11 +739,13 @@ impl Master {
             self.scoreboard.set_wake_below(0);
             return;
         }
-        let (mut idle, mut total) = (0u32, 0u32);
+        let (mut idle, mut starting, mut total) = (0u32, 0u32, 0u32);
         for (_, e) in self.pool_of(self.generation) {
             total += 1;
-            if e.is_some_and(|e| matches!(e.state, State::Idle | State::Starting)) {
-                idle += 1;
+            match e.map(|e| e.state) {
+                Some(State::Idle) => idle += 1,
+                Some(State::Starting) => starting += 1,
+                _ => {}
             }
         }
         let bounds = pool::Bounds {
@@ -752,12 +754,24 @@ impl Master {
             min_spare: self.cfg.min_spare,
             max_spare: self.cfg.max_spare,
         };
-        match self.pool.decide(now, idle, total, bounds) {
+        let waiting = if idle + starting == 0 {
+            self.listeners
+                .iter()
+                .map(Listener::queued)
+                .try_fold(0u32, |sum, n| Some(sum.saturating_add(n?)))
+        } else {
+            Some(0)
+        };
+        match self
+            .pool
+            .decide(now, (idle, starting), total, waiting, bounds)
+        {
             pool::Action::Nothing => {}
             pool::Action::Spawn(n) => {
                 debug!(
-                    "{idle} idle workers, fewer than min-spare ({}): starting {n}",
-                    bounds.min_spare
+                    "{idle} idle workers (min-spare {}), {} clients waiting: starting {n}",
+                    bounds.min_spare,
+                    waiting.map_or("some".into(), |w| w.to_string())
                 );
                 for _ in 0..n {
                     if !self.try_spawn(false, now) {
@@ -777,7 +791,7 @@ impl Master {
             }
         }
         let total = self.children.active(self.generation) as u32;
-        let arm = total < bounds.max_workers && self.pool.can_spawn(now);
+        let arm = total < bounds.max_workers;
         self.scoreboard
             .set_wake_below(if arm { bounds.min_spare } else { 0 });
     }

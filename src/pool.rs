@@ -1,15 +1,19 @@
-//! The dynamic prefork pool's rule (Apache prefork's): keep between
-//! `min-spare` and `max-spare` idle workers, within `workers` and
-//! `max-workers`. When spares run short, spawn in bursts that double each
-//! second they stay short (1, 2, 4, … up to 32 a second); when there are
-//! too many, retire one idle worker a second. Pure, so it is unit-tested;
-//! the master counts the workers and acts.
+//! The dynamic prefork pool's rule (Apache prefork's, without its spawn
+//! rate): keep between `min-spare` and `max-spare` idle workers, within
+//! `workers` and `max-workers`. When spares run short, start the whole
+//! shortfall at once (a fork costs well under a millisecond): the missing
+//! spares, plus, when every worker is busy, the clients already waiting in
+//! the listeners' accept queues, as the kernel counts them. Where it does
+//! not count them, keep doubling the burst while every new worker turns
+//! busy at once. When there are too many idle, retire one a second. Pure,
+//! so it is unit-tested; the master counts the workers and acts.
 
 use std::time::{Duration, Instant};
 
-/// The most workers started in one second.
-pub const MAX_RATE: u32 = 32;
-const WINDOW: Duration = Duration::from_secs(1);
+/// The largest burst started where the kernel does not say how many
+/// clients wait.
+pub const MAX_BURST: u32 = 1024;
+const RETIRE_EVERY: Duration = Duration::from_secs(1);
 
 /// The pool's bounds, from the configuration.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,42 +36,48 @@ pub enum Action {
     AtMax,
 }
 
-/// The spawn rate and its one-second window.
+/// The burst size where the queue is unknown, and when a worker was last
+/// retired.
 #[derive(Debug)]
 pub struct Pool {
-    rate: u32,
-    window: Option<Instant>,
-    spawned: u32,
+    burst: u32,
     last_retire: Option<Instant>,
 }
 
 impl Default for Pool {
     fn default() -> Pool {
         Pool {
-            rate: 1,
-            window: None,
-            spawned: 0,
+            burst: 1,
             last_retire: None,
         }
     }
 }
 
 impl Pool {
-    /// Decides, given `idle` workers (starting ones count: they will be)
-    /// out of `total` active ones.
-    pub fn decide(&mut self, now: Instant, idle: u32, total: u32, b: Bounds) -> Action {
-        let short = idle < b.min_spare;
-        if self.window.is_none_or(|w| now >= w + WINDOW) {
-            self.rate = match (short, self.spawned >= self.rate) {
-                // Short all through the last second: grow faster.
-                (true, true) if self.window.is_some() => (self.rate * 2).min(MAX_RATE),
-                (true, _) => self.rate,
-                (false, _) => 1,
-            };
-            self.window = Some(now);
-            self.spawned = 0;
-        }
-        if short {
+    /// Decides, given `idle` workers and `starting` ones (which count as
+    /// spares: they will be, but are not yet surplus) out of `total`
+    /// active ones, and `waiting` clients in the accept queues (`None`:
+    /// the kernel does not say). `min-spare` 0 pins the pool at `workers`.
+    pub fn decide(
+        &mut self,
+        now: Instant,
+        (idle, starting): (u32, u32),
+        total: u32,
+        waiting: Option<u32>,
+        b: Bounds,
+    ) -> Action {
+        let surplus = idle;
+        let idle = idle + starting;
+        // Waiting clients count only when nobody can take them: an idle
+        // worker takes its client within microseconds, and counting it
+        // would grow the pool on every transient.
+        let queued = match (idle, b.min_spare) {
+            (_, 0) => Some(0),
+            (0, _) => waiting,
+            _ => Some(0),
+        };
+        let want = b.min_spare.saturating_add(queued.unwrap_or(0));
+        if idle < want {
             if total >= b.max_workers {
                 // Only worth a word when clients may have to wait.
                 return if idle == 0 {
@@ -76,29 +86,22 @@ impl Pool {
                     Action::Nothing
                 };
             }
-            let n = (b.min_spare - idle)
-                .min(self.rate - self.spawned)
-                .min(b.max_workers - total);
-            if n == 0 {
-                return Action::Nothing;
+            let mut n = want - idle;
+            if queued.is_none() {
+                n = n.max(self.burst);
+                self.burst = (self.burst * 2).min(MAX_BURST);
             }
-            self.spawned += n;
-            return Action::Spawn(n);
+            return Action::Spawn(n.min(b.max_workers - total));
         }
-        if idle > b.max_spare
+        self.burst = 1;
+        if surplus > b.max_spare
             && total > b.workers
-            && self.last_retire.is_none_or(|t| now >= t + WINDOW)
+            && self.last_retire.is_none_or(|t| now >= t + RETIRE_EVERY)
         {
             self.last_retire = Some(now);
             return Action::Retire;
         }
         Action::Nothing
-    }
-
-    /// Whether a worker may still be started in this second (if not, the
-    /// master need not be woken until the next one).
-    pub fn can_spawn(&self, now: Instant) -> bool {
-        self.spawned < self.rate || self.window.is_none_or(|w| now >= w + WINDOW)
     }
 }
 
@@ -203,29 +206,56 @@ mod tests {
     };
 
     #[test]
-    fn bursts_double_each_second_while_short() {
+    fn the_whole_shortfall_starts_at_once_with_the_waiting_clients() {
         let mut p = Pool::default();
         let t = Instant::now();
-        let s = |k: u64| t + Duration::from_millis(1000 * k + 1);
-        // Deep shortage, so the rate is the limit.
         let big = Bounds {
-            min_spare: 100,
-            max_spare: 200,
+            workers: 2,
+            max_workers: 2048,
+            min_spare: 2,
+            max_spare: 8,
+        };
+        // 2,000 clients arrive at a pool of 2, both busy.
+        assert_eq!(p.decide(t, (0, 0), 2, Some(1998), big), Action::Spawn(2000));
+        // They start (and count as spares, not as surplus): nothing more.
+        assert_eq!(
+            p.decide(t, (0, 2000), 2002, Some(1998), big),
+            Action::Nothing
+        );
+        // Never past max-workers.
+        assert_eq!(p.decide(t, (0, 0), 2000, Some(500), big), Action::Spawn(48));
+        assert_eq!(p.decide(t, (0, 0), 2048, Some(500), big), Action::AtMax);
+    }
+
+    #[test]
+    fn a_transient_does_not_grow_the_pool() {
+        let mut p = Pool::default();
+        let t = Instant::now();
+        let b = Bounds { min_spare: 1, ..B };
+        // One client, one connection after another: one busy, one idle;
+        // a client caught in the queue is the idle worker's.
+        assert_eq!(p.decide(t, (1, 0), 2, Some(1), b), Action::Nothing);
+        assert_eq!(p.decide(t, (2, 0), 2, Some(0), b), Action::Nothing);
+        // min-spare 0 pins the pool, however many wait.
+        let pinned = Bounds { min_spare: 0, ..B };
+        assert_eq!(p.decide(t, (0, 0), 2, Some(50), pinned), Action::Nothing);
+    }
+
+    #[test]
+    fn without_a_queue_count_bursts_double_while_every_worker_is_busy() {
+        let mut p = Pool::default();
+        let t = Instant::now();
+        let big = Bounds {
+            min_spare: 1,
             max_workers: 1000,
             ..B
         };
-        assert_eq!(p.decide(t, 0, 2, big), Action::Spawn(1));
-        assert_eq!(p.decide(t, 0, 3, big), Action::Nothing, "budget spent");
-        assert!(!p.can_spawn(t));
-        assert_eq!(p.decide(s(1), 0, 3, big), Action::Spawn(2));
-        assert_eq!(p.decide(s(2), 0, 5, big), Action::Spawn(4));
-        for k in 3..9 {
-            p.decide(s(k), 0, 100, big);
-        }
-        assert_eq!(p.decide(s(9), 0, 200, big), Action::Spawn(MAX_RATE));
-        // Not short any more: back to one.
-        assert_eq!(p.decide(s(10), 100, 300, big), Action::Nothing);
-        assert_eq!(p.decide(s(11), 0, 300, big), Action::Spawn(1));
+        assert_eq!(p.decide(t, (0, 0), 2, None, big), Action::Spawn(1));
+        assert_eq!(p.decide(t, (0, 0), 3, None, big), Action::Spawn(2));
+        assert_eq!(p.decide(t, (0, 0), 5, None, big), Action::Spawn(4));
+        // Spares are back: the next burst starts small again.
+        assert_eq!(p.decide(t, (1, 0), 9, None, big), Action::Nothing);
+        assert_eq!(p.decide(t, (0, 0), 9, None, big), Action::Spawn(1));
     }
 
     #[test]
@@ -233,11 +263,37 @@ mod tests {
         let mut p = Pool::default();
         let t = Instant::now();
         let wide = Bounds { min_spare: 3, ..B };
-        p.rate = 8;
-        p.window = Some(t);
-        assert_eq!(p.decide(t, 1, 4, wide), Action::Spawn(2));
-        assert_eq!(p.decide(t, 0, 9, wide), Action::Spawn(1), "one slot left");
-        assert_eq!(p.decide(t, 0, 10, wide), Action::AtMax);
+        assert_eq!(p.decide(t, (1, 0), 4, Some(0), wide), Action::Spawn(2));
+        assert_eq!(
+            p.decide(t, (0, 0), 9, Some(0), wide),
+            Action::Spawn(1),
+            "one slot left"
+        );
+        assert_eq!(p.decide(t, (0, 0), 10, Some(0), wide), Action::AtMax);
+    }
+
+    #[test]
+    fn retires_one_idle_worker_a_second_down_to_the_floor() {
+        let mut p = Pool::default();
+        let t = Instant::now();
+        assert_eq!(p.decide(t, (6, 0), 8, Some(0), B), Action::Retire);
+        assert_eq!(
+            p.decide(t, (5, 0), 7, Some(0), B),
+            Action::Nothing,
+            "one a second"
+        );
+        let later = t + Duration::from_secs(1);
+        assert_eq!(p.decide(later, (5, 0), 7, Some(0), B), Action::Retire);
+        assert_eq!(
+            p.decide(later + RETIRE_EVERY, (4, 0), 2, Some(0), B),
+            Action::Nothing,
+            "floor"
+        );
+        assert_eq!(
+            p.decide(later + RETIRE_EVERY, (3, 0), 5, Some(0), B),
+            Action::Nothing,
+            "within spares"
+        );
     }
 
     #[test]
@@ -273,21 +329,5 @@ mod tests {
         );
         assert_eq!(s.hits, 4);
         assert!(s.is_full());
-    }
-
-    #[test]
-    fn retires_one_idle_worker_a_second_down_to_the_floor() {
-        let mut p = Pool::default();
-        let t = Instant::now();
-        assert_eq!(p.decide(t, 6, 8, B), Action::Retire);
-        assert_eq!(p.decide(t, 5, 7, B), Action::Nothing, "one a second");
-        let later = t + Duration::from_secs(1);
-        assert_eq!(p.decide(later, 5, 7, B), Action::Retire);
-        assert_eq!(p.decide(later + WINDOW, 4, 2, B), Action::Nothing, "floor");
-        assert_eq!(
-            p.decide(later + WINDOW, 3, 5, B),
-            Action::Nothing,
-            "within spares"
-        );
     }
 }

@@ -2250,6 +2250,58 @@ mod resilience {
         assert_eq!(echo_all(addr, b"after"), b"after");
     }
 
+    #[test]
+    fn a_burst_of_clients_is_served_at_once_and_the_pool_shrinks_after() {
+        let _heavy = heavy();
+        let d = Daemon::start(&["-l", "127.0.0.1:0", "-w", "2", "--max-workers", "400"]);
+        let addr = d.addr();
+        d.wait_children(2);
+        let start = Instant::now();
+        // 300 clients at once, each holding its connection.
+        let mut held: Vec<TcpStream> = (0..300).map(|_| connect(addr)).collect();
+        for (i, s) in held.iter_mut().enumerate() {
+            s.write_all(&(i as u32).to_be_bytes()).unwrap();
+        }
+        for (i, s) in held.iter_mut().enumerate() {
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut back = [0u8; 4];
+            s.read_exact(&mut back).unwrap_or_else(|e| {
+                panic!("client {i} not echoed: {e} after {:?}", start.elapsed())
+            });
+            assert_eq!(back, (i as u32).to_be_bytes());
+        }
+        let took = start.elapsed();
+        let peak = d.children().len();
+        println!("300 held clients echoed in {took:?}; {peak} workers");
+        assert!(took < Duration::from_secs(5), "{took:?}");
+        assert!(peak >= 300, "{peak} workers for 300 held clients");
+        drop(held);
+        // Surplus idle workers retire, slowly, never below the floor.
+        assert!(
+            wait_until(DEADLINE, || d.children().len() < peak - 2),
+            "the pool did not shrink from {peak}"
+        );
+    }
+
+    #[test]
+    fn one_client_after_another_does_not_grow_the_pool() {
+        let d = Daemon::start(&["-l", "127.0.0.1:0", "-w", "2", "--min-spare", "1"]);
+        let addr = d.addr();
+        let workers = {
+            let mut w = d.wait_children(2);
+            w.sort();
+            w
+        };
+        let fds = d.fd_count();
+        for i in 0..2000u32 {
+            assert_eq!(echo_all(addr, &i.to_be_bytes()), i.to_be_bytes());
+        }
+        let mut now = d.children();
+        now.sort();
+        assert_eq!(now, workers, "the pool changed:\n{}", d.stderr_text());
+        assert_eq!(d.fd_count(), fds, "the master's descriptors changed");
+    }
+
     fn max_per_ip(mode: &str) {
         let d = Daemon::start(&[
             "-l",
