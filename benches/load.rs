@@ -2,26 +2,31 @@
 //!
 //! It starts each server fresh for each run, on 127.0.0.1, and drives it
 //! from this process with blocking client threads: echo-forkd in prefork
-//! and fork mode, Python's `ForkingTCPServer` and `ThreadingTCPServer`
-//! (benches/peers.py), and a minimal tokio server (this binary, re-run as
-//! `serve-tokio`). Servers take turns within each round, and each round
-//! starts one server later (A B C, B C A, C A B …), so that a noisy
-//! neighbour hurts them all alike; the figures that count are ratios within
-//! a round, of which the medians are reported.
-//! Every echoed byte is checked. See PERFORMANCE.md.
+//! (at several pool sizes) and fork mode; the floors of each model, built
+//! only for this benchmark (a minimal fork-per-connection server and a
+//! minimal single-threaded epoll echo, this binary re-run as `serve-fork`
+//! and `serve-epoll`); a minimal tokio server (`serve-tokio`); and Python's
+//! `ForkingTCPServer` and `ThreadingTCPServer` (benches/peers.py). It
+//! sweeps what users vary: pool sizes, 1 to 500 ping-ponging clients, a
+//! burst of 2,000 clients at once. Servers take turns within each round,
+//! and each round starts one server later (A B C, B C A, C A B …), so that
+//! a noisy neighbour hurts them all alike; the figures that count are
+//! ratios within a round, of which the medians are reported. Every echoed
+//! byte is checked. See PERFORMANCE.md.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, SocketAddrV4, TcpStream};
-use std::os::fd::OwnedFd;
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use nix::sys::socket::{
-    bind, connect, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn,
+    bind, connect, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType,
+    SockaddrIn,
 };
 use nix::sys::time::TimeVal;
 
@@ -31,11 +36,16 @@ const PAYLOAD: usize = 64;
 const SOURCES: u8 = 16;
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 const BIN: &str = env!("CARGO_BIN_EXE_echo-forkd");
+/// Every server's listen backlog (echo-forkd's default).
+const BACKLOG: i32 = 1024;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) == Some("serve-tokio") {
-        return serve_tokio();
+    match args.first().map(String::as_str) {
+        Some("serve-tokio") => return serve_tokio(),
+        Some("serve-fork") => return serve_fork(),
+        Some("serve-epoll") => return serve_epoll(),
+        _ => {}
     }
     if args.iter().any(|a| a == "--help" || a == "-h") {
         println!("{USAGE}");
@@ -54,26 +64,33 @@ fn main() {
 const USAGE: &str = "usage: cargo bench --bench load -- [OPTIONS]
   --rounds N          rounds of every server in turn (default 3)
   --secs S            seconds per timed run (default 3)
-  --scenarios LIST    conn,rtt,rtt1,stream,hold (default: all)
-  --servers LIST      prefork,fork,py-forking,py-threading,tokio (default: all)
-  --clients N         clients for conn and rtt (default 50)
+  --scenarios LIST    conn,rtt,stream,hold,burst (default: all)
+  --servers LIST      prefork,fork,min-fork,epoll,tokio,py-forking,py-threading
+                      (default: all)
+  --clients N         clients for conn (default 50)
+  --rtt-clients LIST  connections for rtt, one run each (default 1,50,500)
+  --pools LIST        prefork pool sizes for conn (default 8,64,256)
   --stream-mib N      MiB each stream connection sends (default 256)
   --hold N            idle connections held (default 100)
-  --prefork-workers N workers for prefork in conn (default 8)
-  --out FILE          also write the markdown table here
+  --burst N           clients arriving at once in burst (default 2000)
+  --out FILE          also write the markdown tables here
   --baseline BIN      also run this echo-forkd build, after each of ours
   --quick             1 round of 1 s, 32 MiB streams: a smoke test";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Kind {
     Prefork,
-    Fork,
-    PyForking,
-    PyThreading,
-    Tokio,
     /// `--baseline`: another echo-forkd build, for before/after figures.
     PreforkBase,
+    Fork,
     ForkBase,
+    /// The floor of the fork model: fork, read/write, `_exit`.
+    MinFork,
+    /// The floor of an event loop: one thread, one epoll set.
+    Epoll,
+    Tokio,
+    PyForking,
+    PyThreading,
 }
 
 impl Kind {
@@ -85,23 +102,49 @@ impl Kind {
         )
     }
 
-    const ALL: [Kind; 5] = [
+    fn is_prefork(self) -> bool {
+        matches!(self, Kind::Prefork | Kind::PreforkBase)
+    }
+
+    const ALL: [Kind; 7] = [
         Kind::Prefork,
         Kind::Fork,
+        Kind::MinFork,
+        Kind::Epoll,
+        Kind::Tokio,
         Kind::PyForking,
         Kind::PyThreading,
-        Kind::Tokio,
     ];
 
     fn name(self) -> &'static str {
         match self {
             Kind::Prefork => "prefork",
             Kind::Fork => "fork",
+            Kind::MinFork => "min-fork",
+            Kind::Epoll => "epoll",
+            Kind::Tokio => "tokio",
             Kind::PyForking => "py-forking",
             Kind::PyThreading => "py-threading",
-            Kind::Tokio => "tokio",
             Kind::PreforkBase => "prefork-base",
             Kind::ForkBase => "fork-base",
+        }
+    }
+}
+
+/// A server as run in one case: its kind and, for prefork in `conn`, the
+/// pool size (0: the case's own choice).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Target {
+    kind: Kind,
+    pool: usize,
+}
+
+impl Target {
+    fn name(self) -> String {
+        if self.pool > 0 {
+            format!("{} -w {}", self.kind.name(), self.pool)
+        } else {
+            self.kind.name().to_string()
         }
     }
 }
@@ -110,27 +153,47 @@ impl Kind {
 enum Scenario {
     Conn,
     Rtt,
-    Rtt1,
     Stream,
     Hold,
+    Burst,
 }
 
 impl Scenario {
     const ALL: [Scenario; 5] = [
         Scenario::Conn,
         Scenario::Rtt,
-        Scenario::Rtt1,
         Scenario::Stream,
         Scenario::Hold,
+        Scenario::Burst,
     ];
 
     fn name(self) -> &'static str {
         match self {
             Scenario::Conn => "conn",
             Scenario::Rtt => "rtt",
-            Scenario::Rtt1 => "rtt1",
             Scenario::Stream => "stream",
             Scenario::Hold => "hold",
+            Scenario::Burst => "burst",
+        }
+    }
+}
+
+/// One scenario at one size: `rtt` with 500 connections, say.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Case {
+    scenario: Scenario,
+    clients: usize,
+}
+
+impl Case {
+    fn label(self) -> String {
+        match self.scenario {
+            Scenario::Conn | Scenario::Rtt | Scenario::Stream => {
+                format!("{} c={}", self.scenario.name(), self.clients)
+            }
+            Scenario::Hold | Scenario::Burst => {
+                format!("{} {}", self.scenario.name(), self.clients)
+            }
         }
     }
 }
@@ -141,9 +204,11 @@ struct Opts {
     scenarios: Vec<Scenario>,
     servers: Vec<Kind>,
     clients: usize,
+    rtt_clients: Vec<usize>,
+    pools: Vec<usize>,
     stream_mib: usize,
     hold: usize,
-    prefork_workers: usize,
+    burst: usize,
     out: Option<PathBuf>,
     baseline: Option<PathBuf>,
 }
@@ -156,9 +221,11 @@ impl Opts {
             scenarios: Scenario::ALL.to_vec(),
             servers: Kind::ALL.to_vec(),
             clients: 50,
+            rtt_clients: vec![1, 50, 500],
+            pools: vec![8, 64, 256],
             stream_mib: 256,
             hold: 100,
-            prefork_workers: 8,
+            burst: 2000,
             out: None,
             baseline: None,
         };
@@ -179,9 +246,11 @@ impl Opts {
                         .map_err(|_| format!("{arg}: not a number"))?
                 }
                 "--clients" => o.clients = number(arg, value()?)?,
+                "--rtt-clients" => o.rtt_clients = numbers(arg, value()?)?,
+                "--pools" => o.pools = numbers(arg, value()?)?,
                 "--stream-mib" => o.stream_mib = number(arg, value()?)?,
                 "--hold" => o.hold = number(arg, value()?)?,
-                "--prefork-workers" => o.prefork_workers = number(arg, value()?)?,
+                "--burst" => o.burst = number(arg, value()?)?,
                 "--out" => o.out = Some(PathBuf::from(value()?)),
                 "--scenarios" => {
                     o.scenarios = pick(value()?, &Scenario::ALL, |s| s.name())?;
@@ -204,15 +273,52 @@ impl Opts {
             }
             o.servers = with;
         }
-        if o.rounds == 0 || o.secs <= 0.0 || o.clients == 0 {
-            return Err("rounds, secs and clients must be positive".into());
+        if o.rounds == 0 || o.secs <= 0.0 || o.clients == 0 || o.pools.contains(&0) {
+            return Err("rounds, secs, clients and pools must be positive".into());
         }
         Ok(o)
+    }
+
+    /// Every case to run, in order.
+    fn cases(&self) -> Vec<Case> {
+        let mut cases = Vec::new();
+        for &scenario in &self.scenarios {
+            let sizes = match scenario {
+                Scenario::Conn => vec![self.clients],
+                Scenario::Rtt => self.rtt_clients.clone(),
+                Scenario::Stream => vec![4],
+                Scenario::Hold => vec![self.hold],
+                Scenario::Burst => vec![self.burst],
+            };
+            cases.extend(sizes.into_iter().map(|clients| Case { scenario, clients }));
+        }
+        cases
+    }
+
+    /// The servers that take part in `case`: prefork once per pool size
+    /// in `conn`; the Python servers sit out the burst (2,000 Python
+    /// processes or threads measure Python, not the model).
+    fn targets(&self, case: Case) -> Vec<Target> {
+        let mut t = Vec::new();
+        for &kind in &self.servers {
+            match (kind, case.scenario) {
+                (k, Scenario::Conn) if k.is_prefork() => {
+                    t.extend(self.pools.iter().map(|&pool| Target { kind, pool }));
+                }
+                (Kind::PyForking | Kind::PyThreading, Scenario::Burst) => {}
+                _ => t.push(Target { kind, pool: 0 }),
+            }
+        }
+        t
     }
 }
 
 fn number(arg: &str, v: &str) -> Result<usize, String> {
     v.parse().map_err(|_| format!("{arg}: not a number: {v}"))
+}
+
+fn numbers(arg: &str, v: &str) -> Result<Vec<usize>, String> {
+    v.split(',').map(|n| number(arg, n)).collect()
 }
 
 fn pick<T: Copy>(list: &str, all: &[T], name: fn(&T) -> &'static str) -> Result<Vec<T>, String> {
@@ -235,7 +341,8 @@ struct Server {
 }
 
 impl Server {
-    fn start(kind: Kind, scenario: Scenario, o: &Opts) -> Server {
+    fn start(t: Target, case: Case, o: &Opts) -> Server {
+        let kind = t.kind;
         let mut cmd = match kind {
             Kind::Prefork | Kind::Fork | Kind::PreforkBase | Kind::ForkBase => {
                 let bin = match (kind, &o.baseline) {
@@ -244,7 +351,7 @@ impl Server {
                 };
                 let mut c = Command::new(bin);
                 c.args(["-f", "-l", "127.0.0.1:0", "--log-level", "info"]);
-                c.args(daemon_args(kind, scenario, o));
+                c.args(daemon_args(t, case, o));
                 c.stderr(Stdio::piped()).stdout(Stdio::null());
                 c
             }
@@ -260,9 +367,14 @@ impl Server {
                     .stdout(Stdio::piped());
                 c
             }
-            Kind::Tokio => {
+            Kind::Tokio | Kind::MinFork | Kind::Epoll => {
                 let mut c = Command::new(std::env::current_exe().expect("own path"));
-                c.arg("serve-tokio").stdout(Stdio::piped());
+                c.arg(match kind {
+                    Kind::Tokio => "serve-tokio",
+                    Kind::MinFork => "serve-fork",
+                    _ => "serve-epoll",
+                })
+                .stdout(Stdio::piped());
                 c
             }
         };
@@ -271,21 +383,18 @@ impl Server {
             .stdin(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", kind.name()));
-        let port = match kind {
-            Kind::Prefork | Kind::Fork | Kind::PreforkBase | Kind::ForkBase => {
-                let err = child.stderr.take().expect("piped stderr");
-                daemon_port(err)
-            }
-            _ => {
-                let out = child.stdout.take().expect("piped stdout");
-                let mut line = String::new();
-                let _ = BufReader::new(out).read_line(&mut line);
-                line.trim().parse().ok()
-            }
+        let port = if kind.is_ours() {
+            let err = child.stderr.take().expect("piped stderr");
+            daemon_port(err)
+        } else {
+            let out = child.stdout.take().expect("piped stdout");
+            let mut line = String::new();
+            let _ = BufReader::new(out).read_line(&mut line);
+            line.trim().parse().ok()
         };
         let mut server = Server { child, port: 0 };
         server.port =
-            port.unwrap_or_else(|| panic!("{} did not say which port it listens on", kind.name()));
+            port.unwrap_or_else(|| panic!("{} did not say which port it listens on", t.name()));
         server
     }
 
@@ -306,25 +415,29 @@ impl Drop for Server {
     }
 }
 
-/// echo-forkd's settings for a scenario: what an operator would give it to
+/// echo-forkd's settings for a case: what an operator would give it to
 /// carry that load.
-fn daemon_args(kind: Kind, scenario: Scenario, o: &Opts) -> Vec<String> {
-    if matches!(kind, Kind::Fork | Kind::ForkBase) {
-        return ["-m", "fork", "--max-children", "1024"]
-            .map(String::from)
-            .to_vec();
+fn daemon_args(t: Target, case: Case, o: &Opts) -> Vec<String> {
+    let args = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    if matches!(t.kind, Kind::Fork | Kind::ForkBase) {
+        let max = case.clients.max(1024) + 64;
+        return args(&["-m", "fork", "--max-children", &max.to_string()]);
+    }
+    if case.scenario == Scenario::Burst {
+        // A small pool with room to grow: the figure is how fast it does.
+        let max = (o.burst + 48).max(256).to_string();
+        return args(&["-m", "prefork", "-w", "2", "--max-workers", &max]);
     }
     // A fixed pool: the figures are then the pool's, not its growth's.
-    let workers = match scenario {
-        Scenario::Conn => o.prefork_workers,
-        Scenario::Rtt => o.clients + 2,
-        Scenario::Rtt1 => 2,
+    let workers = match case.scenario {
+        Scenario::Conn => t.pool,
+        Scenario::Rtt => case.clients + 2,
         Scenario::Stream => 6,
-        Scenario::Hold => o.hold + 4,
+        _ => o.hold + 4,
     };
     let w = workers.to_string();
     let max = workers.max(256).to_string();
-    [
+    args(&[
         "-m",
         "prefork",
         "-w",
@@ -333,9 +446,7 @@ fn daemon_args(kind: Kind, scenario: Scenario, o: &Opts) -> Vec<String> {
         &max,
         "--min-spare",
         "0",
-    ]
-    .map(String::from)
-    .to_vec()
+    ])
 }
 
 /// Reads echo-forkd's log until `ready`; returns the port of its `listening
@@ -362,6 +473,27 @@ fn daemon_port(err: std::process::ChildStderr) -> Option<u16> {
     port
 }
 
+/// The listener of the servers built into this binary: 127.0.0.1:0, the
+/// same backlog as echo-forkd's, TCP_NODELAY inherited by connections;
+/// prints the port for the benchmark.
+fn bench_listener() -> TcpListener {
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .expect("socket");
+    setsockopt(&fd, sockopt::ReuseAddr, &true).expect("SO_REUSEADDR");
+    setsockopt(&fd, sockopt::TcpNoDelay, &true).expect("TCP_NODELAY");
+    let any = SockaddrIn::from(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0));
+    bind(fd.as_raw_fd(), &any).expect("bind");
+    nix::sys::socket::listen(&fd, Backlog::new(BACKLOG).expect("backlog")).expect("listen");
+    let l = TcpListener::from(fd);
+    println!("{}", l.local_addr().expect("local addr").port());
+    l
+}
+
 fn serve_tokio() {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_io()
@@ -369,10 +501,9 @@ fn serve_tokio() {
         .expect("tokio runtime");
     rt.block_on(async {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        println!("{}", listener.local_addr().expect("local addr").port());
+        let std_listener = bench_listener();
+        std_listener.set_nonblocking(true).expect("non-blocking");
+        let listener = tokio::net::TcpListener::from_std(std_listener).expect("tokio listener");
         loop {
             let Ok((mut conn, _)) = listener.accept().await else {
                 continue;
@@ -388,6 +519,155 @@ fn serve_tokio() {
             });
         }
     });
+}
+
+/// The floor of the fork model, as small as it can be: accept, fork, echo
+/// with read/write on a stack buffer, `_exit`; finished children reaped
+/// (`waitpid(WNOHANG)`) before each accept, so that their CPU time is
+/// counted as the others' is. No limits, no supervision, no logging.
+fn serve_fork() {
+    let listener = bench_listener();
+    // SAFETY: SIG_IGN runs no code.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+    loop {
+        use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+        while matches!(
+            waitpid(None::<nix::unistd::Pid>, Some(WaitPidFlag::WNOHANG)),
+            Ok(s) if s != WaitStatus::StillAlive
+        ) {}
+        let Ok((conn, _)) = listener.accept() else {
+            continue;
+        };
+        // SAFETY: this process has one thread (the benchmark's main thread
+        // re-run as a server before starting any other); the child only
+        // echoes and `_exit`s.
+        match unsafe { libc::fork() } {
+            0 => {
+                // Left uninitialised, as a C server's stack buffer would be:
+                // zeroing 64 KiB per connection is no part of the floor.
+                let mut buf = std::mem::MaybeUninit::<[u8; 64 * 1024]>::uninit();
+                let fd = conn.as_raw_fd();
+                loop {
+                    // SAFETY: read(2) writes at most the buffer's length
+                    // into memory we own.
+                    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), 64 * 1024) };
+                    if n <= 0 {
+                        break;
+                    }
+                    // SAFETY: the first `n` bytes were just written by read.
+                    let data = unsafe {
+                        std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), n as usize)
+                    };
+                    if write_all(fd, data).is_err() {
+                        break;
+                    }
+                }
+                // SAFETY: `_exit` does not return and runs no destructor.
+                unsafe { libc::_exit(0) }
+            }
+            _ => drop(conn),
+        }
+    }
+}
+
+fn write_all(fd: std::os::fd::RawFd, mut data: &[u8]) -> nix::Result<()> {
+    // SAFETY: `fd` is open for the whole call (the caller owns it).
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    while !data.is_empty() {
+        match nix::unistd::write(fd, data) {
+            Ok(n) => data = &data[n..],
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// The floor of an event loop: one thread, one level-triggered epoll set,
+/// non-blocking sockets, one shared 64 KiB read buffer, and what a client
+/// does not read kept per connection until it can be written.
+fn serve_epoll() {
+    use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+    const LISTENER: u64 = u64::MAX;
+    let listener = bench_listener();
+    listener.set_nonblocking(true).expect("non-blocking");
+    let ep = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).expect("epoll");
+    ep.add(&listener, EpollEvent::new(EpollFlags::EPOLLIN, LISTENER))
+        .expect("epoll add");
+    // By fd number: the connection and its unsent bytes.
+    let mut conns: Vec<Option<(TcpStream, Vec<u8>)>> = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut events = vec![EpollEvent::empty(); 256];
+    loop {
+        let n = match ep.wait(&mut events, EpollTimeout::NONE) {
+            Ok(n) => n,
+            Err(_) => continue,
+        };
+        for ev in &events[..n] {
+            if ev.data() == LISTENER {
+                while let Ok((c, _)) = listener.accept() {
+                    let _ = c.set_nonblocking(true);
+                    let fd = c.as_raw_fd() as usize;
+                    if ep
+                        .add(&c, EpollEvent::new(EpollFlags::EPOLLIN, fd as u64))
+                        .is_ok()
+                    {
+                        if conns.len() <= fd {
+                            conns.resize_with(fd + 1, || None);
+                        }
+                        conns[fd] = Some((c, Vec::new()));
+                    }
+                }
+                continue;
+            }
+            let fd = ev.data() as usize;
+            let Some(Some((c, pending))) = conns.get_mut(fd) else {
+                continue;
+            };
+            let mut close = false;
+            if !pending.is_empty() {
+                match c.write(pending) {
+                    Ok(k) => {
+                        pending.drain(..k);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => close = true,
+                }
+                if pending.is_empty() && !close {
+                    let mut back = EpollEvent::new(EpollFlags::EPOLLIN, fd as u64);
+                    let _ = ep.modify(&*c, &mut back);
+                }
+            } else {
+                match c.read(&mut buf) {
+                    Ok(0) => close = true,
+                    Ok(k) => {
+                        let sent = match c.write(&buf[..k]) {
+                            Ok(w) => w,
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                            Err(_) => {
+                                close = true;
+                                k
+                            }
+                        };
+                        if sent < k && !close {
+                            pending.extend_from_slice(&buf[sent..k]);
+                            let mut out = EpollEvent::new(EpollFlags::EPOLLOUT, fd as u64);
+                            let _ = ep.modify(&*c, &mut out);
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => close = true,
+                }
+            }
+            if close {
+                if let Some((c, _)) = conns[fd].take() {
+                    let _ = ep.delete(&c);
+                }
+            }
+        }
+    }
 }
 
 // ---------------------------------------------------------------- clients
@@ -497,11 +777,13 @@ struct Measure {
     /// The largest single process's private KiB.
     workers_private_max_kib: f64,
     workers: f64,
+    /// burst: when the last client got its echo back, in ms.
+    last_ms: f64,
     /// Server CPU time per connection or round trip, all its processes.
     cpu_us: f64,
 }
 
-fn percentiles(mut ns: Vec<u32>) -> (f64, f64) {
+fn percentiles(mut ns: Vec<u64>) -> (f64, f64) {
     if ns.is_empty() {
         return (f64::NAN, f64::NAN);
     }
@@ -510,17 +792,17 @@ fn percentiles(mut ns: Vec<u32>) -> (f64, f64) {
     (at(0.50), at(0.99))
 }
 
-fn elapsed_ns(t: Instant) -> u32 {
-    t.elapsed().as_nanos().min(u32::MAX as u128) as u32
+fn elapsed_ns(t: Instant) -> u64 {
+    t.elapsed().as_nanos().min(u64::MAX as u128) as u64
 }
 
 /// `clients` threads that each run `body(i, deadline)` after a common start
 /// and a warm-up; returns what each recorded.
 /// Also returns the CPU seconds the server (`pid` and its children) used
 /// between the end of the warm-up and the deadline.
-fn timed<F>(pid: i32, clients: usize, secs: f64, body: F) -> (Vec<(u64, Vec<u32>, Errors)>, f64)
+fn timed<F>(pid: i32, clients: usize, secs: f64, body: F) -> (Vec<(u64, Vec<u64>, Errors)>, f64)
 where
-    F: Fn(usize, Instant, Instant, Instant) -> (u64, Vec<u32>, Errors) + Send + Sync + 'static,
+    F: Fn(usize, Instant, Instant, Instant) -> (u64, Vec<u64>, Errors) + Send + Sync + 'static,
 {
     let body = Arc::new(body);
     let start = Arc::new(Barrier::new(clients + 1));
@@ -583,7 +865,7 @@ fn ticks_per_sec() -> f64 {
         .unwrap_or(100) as f64
 }
 
-fn summarize(results: Vec<(u64, Vec<u32>, Errors)>, secs: f64, cpu: f64) -> Measure {
+fn summarize(results: Vec<(u64, Vec<u64>, Errors)>, secs: f64, cpu: f64) -> Measure {
     let mut m = Measure::default();
     let mut all = Vec::new();
     let mut done = 0;
@@ -599,42 +881,37 @@ fn summarize(results: Vec<(u64, Vec<u32>, Errors)>, secs: f64, cpu: f64) -> Meas
 }
 
 /// `conn`: connect, send 64 B, read them back, close; again.
-fn conn(server: &Server, o: &Opts) -> Measure {
+fn conn(server: &Server, clients: usize, o: &Opts) -> Measure {
     let addr = server.addr();
-    let (results, cpu) = timed(
-        server.pid(),
-        o.clients,
-        o.secs,
-        move |i, warm, end, stop| {
-            let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (i as u64 + 1));
-            let (mut sent, mut got) = ([0u8; PAYLOAD], [0u8; PAYLOAD]);
-            let mut lat = Vec::with_capacity(1 << 16);
-            let mut done = 0;
-            let mut err = Errors::default();
-            loop {
-                let t = Instant::now();
-                if t >= stop {
-                    break;
-                }
-                rng.fill(&mut sent);
-                let r = connect_from(i, addr).and_then(|mut s| {
-                    s.write_all(&sent)?;
-                    s.read_exact(&mut got)
-                });
-                match r {
-                    Ok(()) if got == sent => {
-                        if t >= warm && t < end {
-                            done += 1;
-                            lat.push(elapsed_ns(t));
-                        }
-                    }
-                    Ok(()) => err.mismatch += 1,
-                    Err(e) => err.count(&e),
-                }
+    let (results, cpu) = timed(server.pid(), clients, o.secs, move |i, warm, end, stop| {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (i as u64 + 1));
+        let (mut sent, mut got) = ([0u8; PAYLOAD], [0u8; PAYLOAD]);
+        let mut lat = Vec::with_capacity(1 << 16);
+        let mut done = 0;
+        let mut err = Errors::default();
+        loop {
+            let t = Instant::now();
+            if t >= stop {
+                break;
             }
-            (done, lat, err)
-        },
-    );
+            rng.fill(&mut sent);
+            let r = connect_from(i, addr).and_then(|mut s| {
+                s.write_all(&sent)?;
+                s.read_exact(&mut got)
+            });
+            match r {
+                Ok(()) if got == sent => {
+                    if t >= warm && t < end {
+                        done += 1;
+                        lat.push(elapsed_ns(t));
+                    }
+                }
+                Ok(()) => err.mismatch += 1,
+                Err(e) => err.count(&e),
+            }
+        }
+        (done, lat, err)
+    });
     summarize(results, o.secs, cpu)
 }
 
@@ -799,7 +1076,7 @@ fn hold(server: &Server, kind: Kind, o: &Opts) -> Measure {
     }
     // Per-connection processes: wait until the server has forked them all.
     let want = match kind {
-        Kind::Fork | Kind::ForkBase | Kind::PyForking => conns.len(),
+        Kind::Fork | Kind::ForkBase | Kind::PyForking | Kind::MinFork => conns.len(),
         _ => 0,
     };
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -833,6 +1110,66 @@ fn hold(server: &Server, kind: Kind, o: &Opts) -> Measure {
         }
     }
     m.value = ok as f64;
+    m
+}
+
+/// `burst`: `n` clients arrive at once and hold their connections: 16
+/// threads connect their share, send 64 B on each, then read each echo
+/// back. How many were echoed, and when (from the start of the burst).
+fn burst(server: &Server, n: usize) -> Measure {
+    const THREADS: usize = 16;
+    let addr = server.addr();
+    let go = Arc::new(Barrier::new(THREADS + 1));
+    let threads: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let go = Arc::clone(&go);
+            std::thread::spawn(move || {
+                go.wait();
+                let t0 = Instant::now();
+                let mut err = Errors::default();
+                let mut rng = Rng(0x0bad_5eed ^ (t as u64 + 1));
+                let mut conns = Vec::new();
+                for k in (t..n).step_by(THREADS) {
+                    match connect_from(k, addr) {
+                        Ok(s) => conns.push((s, [0u8; PAYLOAD])),
+                        Err(e) => err.count(&e),
+                    }
+                }
+                for (s, sent) in &mut conns {
+                    rng.fill(sent);
+                    if let Err(e) = s.write_all(sent) {
+                        err.count(&e);
+                    }
+                }
+                let mut lat = Vec::with_capacity(conns.len());
+                for (s, sent) in &mut conns {
+                    let mut got = [0u8; PAYLOAD];
+                    match s.read_exact(&mut got) {
+                        Ok(()) if got == *sent => lat.push(elapsed_ns(t0)),
+                        Ok(()) => err.mismatch += 1,
+                        Err(e) => err.count(&e),
+                    }
+                }
+                (conns, lat, err)
+            })
+        })
+        .collect();
+    go.wait();
+    let mut m = Measure::default();
+    let mut lat = Vec::new();
+    let mut held = Vec::new();
+    for t in threads {
+        let (conns, l, e) = t.join().expect("burst thread");
+        lat.extend(l);
+        m.errors.add(&e);
+        held.push(conns);
+    }
+    m.value = lat.len() as f64;
+    m.last_ms = lat.iter().copied().max().unwrap_or(0) as f64 / 1e6;
+    (m.p50_us, m.p99_us) = percentiles(lat);
+    // While every client still holds its connection.
+    m.workers = children(server.pid()).len() as f64;
+    drop(held);
     m
 }
 
@@ -876,44 +1213,47 @@ fn field_kib(path: &str, keys: &[&str]) -> f64 {
 
 // ---------------------------------------------------------------- report
 
+type Results = BTreeMap<(Case, Target), Vec<Measure>>;
+
 fn run(o: &Opts) {
     println!("{}", machine());
     println!(
-        "rounds {}, {} s per timed run, {} clients, streams of {} MiB, hold {}\n",
-        o.rounds, o.secs, o.clients, o.stream_mib, o.hold
+        "rounds {}, {} s per timed run, conn with {} clients, rtt with {:?}, prefork pools {:?}, streams of {} MiB, hold {}, burst {}\n",
+        o.rounds, o.secs, o.clients, o.rtt_clients, o.pools, o.stream_mib, o.hold, o.burst
     );
-    let mut results: BTreeMap<(Scenario, Kind), Vec<Measure>> = BTreeMap::new();
+    let mut results = Results::new();
     for round in 1..=o.rounds {
-        for &scenario in &o.scenarios {
+        for case in o.cases() {
             // Each round starts one server later, so that none always runs
             // first (just after another scenario's teardown) or last.
-            let n = o.servers.len();
+            let targets = o.targets(case);
+            let n = targets.len();
             for j in 0..n {
-                let kind = o.servers[(j + round - 1) % n];
-                let server = Server::start(kind, scenario, o);
-                let m = match scenario {
-                    Scenario::Conn => conn(&server, o),
-                    Scenario::Rtt => rtt(&server, o.clients, o),
-                    Scenario::Rtt1 => rtt(&server, 1, o),
+                let t = targets[(j + round - 1) % n];
+                let server = Server::start(t, case, o);
+                let m = match case.scenario {
+                    Scenario::Conn => conn(&server, case.clients, o),
+                    Scenario::Rtt => rtt(&server, case.clients, o),
                     Scenario::Stream => stream(&server, o),
-                    Scenario::Hold => hold(&server, kind, o),
+                    Scenario::Hold => hold(&server, t.kind, o),
+                    Scenario::Burst => burst(&server, case.clients),
                 };
                 drop(server);
                 println!(
-                    "round {round} {:<6} {:<12} {:>12.1}  p50 {:>8} us  p99 {:>8} us  cpu {:>6} us/op  errors {}",
-                    scenario.name(),
-                    kind.name(),
+                    "round {round} {:<11} {:<16} {:>12.1}  p50 {:>8} us  p99 {:>8} us  cpu {:>6} us/op  errors {}",
+                    case.label(),
+                    t.name(),
                     m.value,
                     micros(m.p50_us),
                     micros(m.p99_us),
                     micros(m.cpu_us),
                     m.errors.describe()
                 );
-                results.entry((scenario, kind)).or_default().push(m);
+                results.entry((case, t)).or_default().push(m);
             }
         }
     }
-    let table = report(o, &results);
+    let table = report(&results);
     println!("\n{table}");
     if let Some(path) = &o.out {
         if let Err(e) = std::fs::write(path, &table) {
@@ -924,8 +1264,8 @@ fn run(o: &Opts) {
     // scenario without a single error.
     let failed: Vec<String> = results
         .iter()
-        .filter(|((_, k), ms)| k.is_ours() && ms.iter().any(|m| m.errors.total() > 0))
-        .map(|((s, k), _)| format!("{} {}", s.name(), k.name()))
+        .filter(|((_, t), ms)| t.kind.is_ours() && ms.iter().any(|m| m.errors.total() > 0))
+        .map(|((c, t), _)| format!("{} {}", c.label(), t.name()))
         .collect();
     if !failed.is_empty() {
         eprintln!("load: echo-forkd had errors in: {}", failed.join(", "));
@@ -959,116 +1299,140 @@ fn micros(us: f64) -> String {
 fn unit(s: Scenario) -> &'static str {
     match s {
         Scenario::Conn => "conn/s",
-        Scenario::Rtt | Scenario::Rtt1 => "round trips/s",
+        Scenario::Rtt => "round trips/s",
         Scenario::Stream => "MB/s",
         Scenario::Hold => "echoed after holding",
+        Scenario::Burst => "echoed",
     }
 }
 
-fn report(o: &Opts, results: &BTreeMap<(Scenario, Kind), Vec<Measure>>) -> String {
+fn med(ms: &[Measure], f: impl Fn(&Measure) -> f64) -> f64 {
+    median(ms.iter().map(f).collect())
+}
+
+fn report(results: &Results) -> String {
     let mut t = String::new();
     let _ = writeln!(
         t,
-        "| scenario | server | median | p50 µs | p99 µs | server CPU µs per op | errors |"
+        "| case | server | median | p50 µs | p99 µs | server CPU µs per op | errors |"
     );
     let _ = writeln!(t, "|---|---|---:|---:|---:|---:|---|");
-    for &s in &o.scenarios {
-        for &k in &o.servers {
-            let Some(ms) = results.get(&(s, k)) else {
-                continue;
-            };
+    for ((case, target), ms) in results {
+        if case.scenario == Scenario::Burst {
+            continue;
+        }
+        let mut errors = Errors::default();
+        ms.iter().for_each(|m| errors.add(&m.errors));
+        let _ = writeln!(
+            t,
+            "| {} | {} | {:.0} {} | {} | {} | {} | {} |",
+            case.label(),
+            target.name(),
+            med(ms, |m| m.value),
+            unit(case.scenario),
+            micros(med(ms, |m| m.p50_us)),
+            micros(med(ms, |m| m.p99_us)),
+            micros(med(ms, |m| m.cpu_us)),
+            errors.describe()
+        );
+    }
+    let bursts: Vec<_> = results
+        .iter()
+        .filter(|((c, _), _)| c.scenario == Scenario::Burst)
+        .collect();
+    if !bursts.is_empty() {
+        let _ = writeln!(
+            t,
+            "\n| burst: clients arriving at once, holding | server | echoed | p50 ms | p99 ms | last ms | processes | errors |"
+        );
+        let _ = writeln!(t, "|---|---|---:|---:|---:|---:|---:|---|");
+        for ((case, target), ms) in bursts {
             let mut errors = Errors::default();
             ms.iter().for_each(|m| errors.add(&m.errors));
-            let value = median(ms.iter().map(|m| m.value).collect());
-            let label = match s {
-                Scenario::Conn | Scenario::Rtt => format!("{} c={}", s.name(), o.clients),
-                Scenario::Rtt1 => "rtt c=1".into(),
-                Scenario::Stream => "stream c=4".into(),
-                Scenario::Hold => format!("hold {}", o.hold),
-            };
             let _ = writeln!(
                 t,
-                "| {label} | {} | {value:.0} {} | {} | {} | {} | {} |",
-                k.name(),
-                unit(s),
-                micros(median(ms.iter().map(|m| m.p50_us).collect())),
-                micros(median(ms.iter().map(|m| m.p99_us).collect())),
-                micros(median(ms.iter().map(|m| m.cpu_us).collect())),
+                "| {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.0} | {} |",
+                case.label(),
+                target.name(),
+                med(ms, |m| m.value),
+                med(ms, |m| m.p50_us) / 1e3,
+                med(ms, |m| m.p99_us) / 1e3,
+                med(ms, |m| m.last_ms),
+                med(ms, |m| m.workers),
                 errors.describe()
             );
         }
     }
-    if o.scenarios.contains(&Scenario::Hold) {
+    let holds: Vec<_> = results
+        .iter()
+        .filter(|((c, _), _)| c.scenario == Scenario::Hold)
+        .collect();
+    if let Some(((case, _), _)) = holds.first() {
         let _ = writeln!(
             t,
             "\n| memory, {} idle connections held | master RSS KiB | processes | their private KiB | per process KiB | largest KiB |",
-            o.hold
+            case.clients
         );
         let _ = writeln!(t, "|---|---:|---:|---:|---:|---:|");
-        for &k in &o.servers {
-            let Some(ms) = results.get(&(Scenario::Hold, k)) else {
-                continue;
-            };
-            let rss = median(ms.iter().map(|m| m.master_rss_kib).collect());
-            let n = median(ms.iter().map(|m| m.workers).collect());
-            let private = median(ms.iter().map(|m| m.workers_private_kib).collect());
-            let largest = median(ms.iter().map(|m| m.workers_private_max_kib).collect());
+        for ((_, target), ms) in holds {
+            let rss = med(ms, |m| m.master_rss_kib);
+            let n = med(ms, |m| m.workers);
+            let private = med(ms, |m| m.workers_private_kib);
+            let largest = med(ms, |m| m.workers_private_max_kib);
             // A single-process server (threads or tasks) has everything in
             // the master's RSS; there are no per-connection processes.
             let _ = if n > 0.0 {
                 writeln!(
                     t,
                     "| {} | {rss:.0} | {n:.0} | {private:.0} | {:.1} | {largest:.0} |",
-                    k.name(),
+                    target.name(),
                     private / n
                 )
             } else {
-                writeln!(t, "| {} | {rss:.0} | – | – | – | – |", k.name())
+                writeln!(t, "| {} | {rss:.0} | – | – | – | – |", target.name())
             };
         }
     }
     let _ = writeln!(t, "\n| ratio (median of the per-round ratios) | value |");
     let _ = writeln!(t, "|---|---:|");
-    let pairs = [
-        (Scenario::Conn, Kind::Prefork, Kind::PreforkBase),
-        (Scenario::Conn, Kind::Fork, Kind::ForkBase),
-        (Scenario::Rtt, Kind::Prefork, Kind::PreforkBase),
-        (Scenario::Rtt1, Kind::Prefork, Kind::PreforkBase),
-        (Scenario::Stream, Kind::Prefork, Kind::PreforkBase),
-        (Scenario::Conn, Kind::Prefork, Kind::PyForking),
-        (Scenario::Conn, Kind::Prefork, Kind::Tokio),
-        (Scenario::Conn, Kind::Fork, Kind::PyForking),
-        (Scenario::Rtt, Kind::Prefork, Kind::Tokio),
-        (Scenario::Rtt, Kind::Fork, Kind::Tokio),
-        (Scenario::Rtt1, Kind::Prefork, Kind::Tokio),
-        (Scenario::Stream, Kind::Prefork, Kind::Tokio),
-        (Scenario::Stream, Kind::Fork, Kind::Tokio),
-    ];
-    for (s, a, b) in pairs {
-        let (Some(x), Some(y)) = (results.get(&(s, a)), results.get(&(s, b))) else {
-            continue;
-        };
-        let ratios: Vec<f64> = x.iter().zip(y).map(|(x, y)| x.value / y.value).collect();
-        let _ = writeln!(
-            t,
-            "| {} {} / {} | {:.2}× |",
-            s.name(),
-            a.name(),
-            b.name(),
-            median(ratios)
-        );
-        if s == Scenario::Rtt1 {
-            let p: Vec<f64> = x.iter().zip(y).map(|(x, y)| x.p50_us / y.p50_us).collect();
-            let _ = writeln!(
-                t,
-                "| rtt1 p50 latency {} / {} | {:.2}× |",
-                a.name(),
-                b.name(),
-                median(p)
-            );
-        }
+    for (label, r) in ratios(results) {
+        let _ = writeln!(t, "| {label} | {r:.2}× |");
     }
     t
+}
+
+/// Each of echo-forkd's targets against the references of its case: the
+/// async runtime, the floor of its model (min-fork for fork, the bare
+/// epoll loop for all), Python's forking server, and the baseline build.
+fn ratios(results: &Results) -> Vec<(String, f64)> {
+    let mut out = Vec::new();
+    for ((case, a), xs) in results {
+        if !a.kind.is_ours() || matches!(case.scenario, Scenario::Hold | Scenario::Burst) {
+            continue;
+        }
+        let mut refs = vec![Kind::Tokio, Kind::Epoll];
+        match a.kind {
+            Kind::Fork => refs.extend([Kind::MinFork, Kind::PyForking, Kind::ForkBase]),
+            Kind::Prefork => refs.extend([Kind::PyForking, Kind::PreforkBase]),
+            _ => {}
+        }
+        for b in refs {
+            // The baseline runs the same pool sizes.
+            let pool = if b.is_prefork() { a.pool } else { 0 };
+            let Some(ys) = results.get(&(*case, Target { kind: b, pool })) else {
+                continue;
+            };
+            let by_round = |f: fn(&Measure) -> f64| {
+                median(xs.iter().zip(ys).map(|(x, y)| f(x) / f(y)).collect())
+            };
+            let name = format!("{} {} / {}", case.label(), a.name(), b.name());
+            out.push((name.clone(), by_round(|m| m.value)));
+            if case.scenario == Scenario::Rtt && case.clients == 1 {
+                out.push((format!("{name}, p50 latency"), by_round(|m| m.p50_us)));
+            }
+        }
+    }
+    out
 }
 
 fn machine() -> String {
