@@ -159,6 +159,12 @@ impl Acceptor {
         None
     }
 
+    /// Pauses accepting for [`PAUSE`] (the caller ran out of something
+    /// it needs for each connection: the fork-mode master when fork fails).
+    pub fn pause_for_a_while(&mut self, now: Instant) {
+        self.paused_until = Some(now + PAUSE);
+    }
+
     fn pause(&mut self, now: Instant, i: usize, e: &io::Error) {
         self.paused_until = Some(now + PAUSE);
         if let Some(more) = self.errors.hit(now) {

@@ -141,6 +141,19 @@ impl PidFile {
     }
 }
 
+impl PidFile {
+    /// In a forked child: closes the descriptor (the lock stays the
+    /// master's: it belongs to the open file, which the master keeps) and
+    /// forgets the path, neither removing the file nor freeing memory.
+    pub fn close_in_child(self) {
+        use std::os::fd::AsRawFd;
+        // The File is forgotten with `self` below and never dropped, so
+        // this is the descriptor's one and only close here.
+        let _ = nix::unistd::close(self.file.as_raw_fd());
+        std::mem::forget(self);
+    }
+}
+
 /// Opens the pidfile: creates it (mode 0644) or opens the existing one,
 /// never following a symbolic link and never opening anything but a
 /// regular file (a device or FIFO is refused before it is opened, and

@@ -144,8 +144,10 @@ impl Session<'_, '_> {
     fn run(&mut self, buf: &mut [u8]) -> End {
         // For ping-pong traffic the next read would almost always find
         // nothing, so poll first; after a full buffer more is likely
-        // waiting, so read straight away.
-        let mut direct = 0;
+        // waiting, so read straight away. So is a new connection's first
+        // read: clients speak first, and their bytes usually came with,
+        // or right after, the handshake that woke us.
+        let mut direct = 1;
         loop {
             if direct == 0 {
                 if let Err(end) = self.wait(PollFlags::POLLIN) {
@@ -335,6 +337,7 @@ mod tests {
     #[test]
     fn watch_can_abort() {
         let (_c, server) = UnixStream::pair().unwrap();
+        server.set_nonblocking(true).unwrap();
         let (mut tell, watched) = UnixStream::pair().unwrap();
         tell.write_all(b"x").unwrap();
         let mut buf = [0u8; 16];

@@ -184,6 +184,29 @@ impl Listener {
         Ok(())
     }
 
+    /// In a forked child: closes the socket and forgets the rest, which
+    /// would otherwise be freed, and every heap page the allocator writes
+    /// on the way copied from the master (the child never uses them).
+    pub fn close_in_child(self) {
+        let Listener {
+            fd,
+            name,
+            tcp: _,
+            addr,
+            file,
+        } = self;
+        drop(fd);
+        std::mem::forget((name, addr, file));
+    }
+
+    /// Closes every listener of `list` in a forked child (see
+    /// [`Listener::close_in_child`]); the list is left empty, its buffer
+    /// not freed.
+    pub fn close_all_in_child(list: &mut Vec<Listener>) {
+        let mut taken = std::mem::ManuallyDrop::new(std::mem::take(list));
+        taken.drain(..).for_each(Listener::close_in_child);
+    }
+
     /// Changes the listen backlog of the bound socket (a reload may).
     pub fn set_backlog(&self, backlog: i32) -> Result<(), String> {
         listen(&self.fd, backlog)

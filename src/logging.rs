@@ -14,6 +14,7 @@ use std::fmt::Write as _;
 use std::io;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -33,12 +34,14 @@ struct Logger {
 }
 
 enum Sink {
-    /// Lines dropped because standard error would have blocked.
-    Stderr {
-        dropped: u64,
-    },
+    Stderr,
     Syslog(Syslog),
 }
+
+/// Lines this process dropped because the log would have blocked (or
+/// syslog was missing), not yet reported. Outside the sink's lock so that
+/// a forked child can check it without writing to the page it is on.
+static DROPPED: AtomicU64 = AtomicU64::new(0);
 
 /// The longest line written to standard error: a pipe takes a write of at
 /// most PIPE_BUF (4096 on Linux) whole or not at all, so lines of several
@@ -50,11 +53,10 @@ struct Syslog {
     facility: u8,
     sock: Option<UnixDatagram>,
     last_try: Instant,
-    dropped: u64,
 }
 
 static LOGGER: Logger = Logger {
-    sink: Mutex::new(Sink::Stderr { dropped: 0 }),
+    sink: Mutex::new(Sink::Stderr),
 };
 
 /// Installs the logger (once) or switches its target (later calls).
@@ -63,14 +65,13 @@ static LOGGER: Logger = Logger {
 /// are counted as dropped until it appears.
 pub fn init(target: LogTarget, level: LevelFilter, socket: &Path, facility: Facility) {
     let sink = match target {
-        LogTarget::Stderr => Sink::Stderr { dropped: 0 },
+        LogTarget::Stderr => Sink::Stderr,
         LogTarget::Syslog => {
             let mut s = Syslog {
                 path: socket.to_path_buf(),
                 facility: facility.code(),
                 sock: None,
                 last_try: Instant::now(),
-                dropped: 0,
             };
             s.connect();
             Sink::Syslog(s)
@@ -84,9 +85,8 @@ pub fn init(target: LogTarget, level: LevelFilter, socket: &Path, facility: Faci
 /// In a child right after fork: the dropped-line counts are the parent's
 /// to report, not this process's.
 pub fn forked() {
-    match &mut *lock() {
-        Sink::Stderr { dropped } => *dropped = 0,
-        Sink::Syslog(s) => s.dropped = 0,
+    if DROPPED.load(Ordering::Relaxed) != 0 {
+        DROPPED.store(0, Ordering::Relaxed);
     }
 }
 
@@ -161,17 +161,18 @@ impl Log for Logger {
         }
         let pid = std::process::id();
         match &mut *lock() {
-            Sink::Stderr { dropped } => {
-                if *dropped > 0 {
+            Sink::Stderr => {
+                let dropped = DROPPED.load(Ordering::Relaxed);
+                if dropped > 0 {
                     let note = format!(
                         "{dropped} log lines were dropped while standard error was not writable"
                     );
                     if write_stderr(&stderr_line(pid, Level::Warn, &note)) {
-                        *dropped = 0;
+                        DROPPED.fetch_sub(dropped, Ordering::Relaxed);
                     }
                 }
                 if !write_stderr(&stderr_line(pid, record.level(), record.args())) {
-                    *dropped += 1;
+                    DROPPED.fetch_add(1, Ordering::Relaxed);
                 }
             }
             Sink::Syslog(s) => s.send(record.level(), &record.args().to_string(), pid),
@@ -256,18 +257,16 @@ impl Syslog {
         if self.sock.is_none() && self.last_try.elapsed() >= RETRY {
             self.connect();
         }
-        if self.dropped > 0 && self.sock.is_some() {
-            let note = format!(
-                "{} log lines were dropped while syslog was unavailable",
-                self.dropped
-            );
+        let dropped = DROPPED.load(Ordering::Relaxed);
+        if dropped > 0 && self.sock.is_some() {
+            let note = format!("{dropped} log lines were dropped while syslog was unavailable");
             if self.write(&self.format(Level::Warn, &note, pid)) {
-                self.dropped = 0;
+                DROPPED.fetch_sub(dropped, Ordering::Relaxed);
             }
         }
         let line = self.format(level, msg, pid);
         if !self.write(&line) {
-            self.dropped += 1;
+            DROPPED.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -345,7 +344,6 @@ mod tests {
             facility: Facility::Local3.code(),
             sock: None,
             last_try: Instant::now(),
-            dropped: 0,
         };
         let line = s.format(Level::Info, "ready", 42);
         assert!(line.starts_with("<158>"), "{line}");
@@ -366,7 +364,6 @@ mod tests {
             facility: 3,
             sock: None,
             last_try: Instant::now(),
-            dropped: 0,
         };
         s.connect();
         assert!(s.sock.is_some());
@@ -374,7 +371,7 @@ mod tests {
         for _ in 0..10_000 {
             s.send(Level::Info, "x", 1);
         }
-        assert!(s.dropped > 0);
+        assert!(DROPPED.load(Ordering::Relaxed) > 0);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

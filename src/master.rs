@@ -20,6 +20,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{getpid, pipe2, Pid};
 
+use crate::accept::Acceptor;
 use crate::access::Policy;
 use crate::children::{
     classify, describe, Backoff, Child, Children, Exit, Role, EXIT_SETUP, QUICK_DEATH,
@@ -42,8 +43,6 @@ use crate::{sys, worker};
 /// max-children while the children that already finished wait, unreaped,
 /// for it to look at SIGCHLD again.
 const ACCEPT_BATCH: u32 = 16;
-/// How long accepting pauses in fork mode after a resource error.
-const ACCEPT_PAUSE: Duration = Duration::from_millis(500);
 /// Repeated warnings (limits, accept or fork errors) are logged this often.
 const REPORT_EVERY: Duration = Duration::from_secs(10);
 /// How long a new generation of workers may take to become ready, at
@@ -120,7 +119,7 @@ pub fn run(
         handoff,
         source,
         cfg,
-        listeners,
+        acceptor: Acceptor::new(listeners),
         signals: Some(signals),
         ctl_r,
         conn_buf: None,
@@ -138,8 +137,6 @@ pub fn run(
         exit_code: 0,
         stop_deadline: None,
         killed: false,
-        accept_pause: None,
-        next_listener: 0,
         accepted: 0,
         served_by_gone: 0,
         policy,
@@ -177,7 +174,8 @@ struct Master {
     handoff: Handoff,
     source: Source,
     cfg: Config,
-    listeners: Vec<Listener>,
+    /// The listeners in force, and (fork mode) accepting from them.
+    acceptor: Acceptor,
     /// `None` only in a child, after it closed the self-pipe.
     signals: Option<Signals>,
     /// fork mode's control pipe: children hold the read end; the master
@@ -206,8 +204,6 @@ struct Master {
     /// Set once a stop began: when the remaining children are killed.
     stop_deadline: Option<Instant>,
     killed: bool,
-    accept_pause: Option<Instant>,
-    next_listener: usize,
     /// fork mode: connections handed to a child.
     accepted: u64,
     /// prefork: connections served by workers that have exited.
@@ -238,9 +234,11 @@ impl Master {
         self.fill_pool(now);
         self.progress(now);
         loop {
-            let ready = self.wait();
+            let (noticed, ready) = self.wait();
             let now = Instant::now();
-            self.drain_notices();
+            if noticed {
+                self.drain_notices();
+            }
             let p = match self.signals.as_mut() {
                 Some(s) => s.drain(),
                 None => return 1,
@@ -274,7 +272,10 @@ impl Master {
                     self.kill_overdue(now);
                     self.check_probes(now);
                     if self.cfg.mode == Mode::Fork {
-                        self.accept(&ready, now);
+                        // Only when a listener is readable: no EAGAIN per wake-up.
+                        if ready.contains(&true) {
+                            self.accept(now);
+                        }
                         self.watch_limit(now);
                     }
                     self.fill_pool(now);
@@ -298,14 +299,14 @@ impl Master {
     }
 
     /// Sleeps until a signal, a worker's notice, a listener (fork mode,
-    /// under the limit) or the nearest deadline. Returns which listeners
-    /// are readable.
-    fn wait(&self) -> Vec<bool> {
+    /// under the limit) or the nearest deadline. Returns whether a notice
+    /// came, and which listeners are readable.
+    fn wait(&self) -> (bool, Vec<bool>) {
         let now = Instant::now();
         let serving = self.serving();
         let accepting = self.cfg.mode == Mode::Fork
             && self.stop_deadline.is_none()
-            && self.accept_pause.is_none_or(|t| t <= now)
+            && self.acceptor.paused_until(now).is_none()
             // Crash-loop back-off: clients wait in the backlog rather than
             // meet a child that fails to start.
             && self.backoff.hold_until(now, serving).is_none()
@@ -313,14 +314,15 @@ impl Master {
             // and new clients wait in the kernel's backlog.
             && self.children.len() < self.cfg.max_children as usize;
         let (Some(signals), Some(notice)) = (&self.signals, &self.notice_r) else {
-            return Vec::new();
+            return (false, Vec::new());
         };
-        let mut fds = Vec::with_capacity(2 + self.listeners.len());
+        let listeners = self.acceptor.listeners();
+        let mut fds = Vec::with_capacity(2 + listeners.len());
         fds.push(PollFd::new(signals.fd(), PollFlags::POLLIN));
         fds.push(PollFd::new(notice.as_fd(), PollFlags::POLLIN));
         if accepting {
             fds.extend(
-                self.listeners
+                listeners
                     .iter()
                     .map(|l| PollFd::new(l.as_fd(), PollFlags::POLLIN)),
             );
@@ -328,7 +330,7 @@ impl Master {
         let running = self.stop_deadline.is_none();
         let deadlines = [
             self.stop_deadline.filter(|_| !self.killed),
-            self.accept_pause.filter(|_| running),
+            self.acceptor.paused_until(now).filter(|_| running),
             self.backoff.hold_until(now, serving).filter(|_| running),
             self.probe_deadline(now).filter(|_| running),
             self.children.next_deadline().filter(|_| running),
@@ -345,27 +347,36 @@ impl Master {
             Ok(_) | Err(Errno::EINTR) => {}
             Err(e) => warn!("poll failed: {e}"),
         }
-        fds[2..]
-            .iter()
-            .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
-            .collect()
+        let ready = |f: &PollFd<'_>| f.revents().is_some_and(|r| !r.is_empty());
+        (ready(&fds[1]), fds[2..].iter().map(ready).collect())
     }
 
     /// Empties the notice pipe; what the workers said is in the scoreboard.
     fn drain_notices(&self) {
         if let Some(fd) = &self.notice_r {
+            // A short read means the pipe is empty.
             let mut sink = [0u8; 256];
-            while matches!(nix::unistd::read(fd, &mut sink), Ok(n) if n > 0) {}
+            while matches!(nix::unistd::read(fd, &mut sink), Ok(n) if n == sink.len()) {}
         }
     }
 
     /// In a child right after fork: drops what only the master may hold,
     /// above all every control pipe's write end (or a worker would keep its
     /// siblings from ever seeing "stop").
+    /// Nothing here is freed: a child that frees writes the allocator's
+    /// metadata, and each heap page so written is copied from the master.
     fn close_in_child(&mut self) {
         crate::logging::forked();
-        self.listeners.clear();
-        self.pending = None;
+        Listener::close_all_in_child(&mut self.acceptor.take());
+        if let Some(p) = self.pending.take() {
+            let mut plan = p.plan;
+            for planned in plan.drain(..) {
+                if let Planned::Bound(l) = planned {
+                    l.close_in_child();
+                }
+            }
+            std::mem::forget((plan, p.cfg, p.identity));
+        }
         if let Some(s) = self.signals.take() {
             s.close_in_child();
         }
@@ -375,11 +386,10 @@ impl Master {
         if let Some(ready) = self.handoff.ready.take() {
             ready.close_in_child();
         }
-        self.handoff = Handoff {
-            pidfile: None,
-            ready: None,
-            notify: None,
-        };
+        if let Some(p) = self.handoff.pidfile.take() {
+            p.close_in_child();
+        }
+        self.handoff.notify = None;
     }
 
     /// In a fork-mode child right after fork: drop the master's fds, then
@@ -507,9 +517,16 @@ impl Master {
         )?;
         let opts = cfg.bind_options(identity.socket_group());
         let plan = if self.source.activated {
-            (0..self.listeners.len()).map(Planned::Kept).collect()
+            (0..self.acceptor.listeners().len())
+                .map(Planned::Kept)
+                .collect()
         } else {
-            let current: Vec<_> = self.listeners.iter().map(Listener::configured).collect();
+            let current: Vec<_> = self
+                .acceptor
+                .listeners()
+                .iter()
+                .map(Listener::configured)
+                .collect();
             let matched = reload::match_listeners(&current, &cfg.listen);
             let mut plan = Vec::with_capacity(matched.len());
             for (addr, m) in cfg.listen.iter().zip(matched) {
@@ -557,17 +574,15 @@ impl Master {
         let Some(p) = self.pending.take() else {
             return;
         };
-        let mut current: Vec<Option<Listener>> = std::mem::take(&mut self.listeners)
-            .into_iter()
-            .map(Some)
-            .collect();
-        self.listeners = take_planned(&mut current, p.plan);
+        let mut current: Vec<Option<Listener>> =
+            self.acceptor.take().into_iter().map(Some).collect();
+        self.acceptor = Acceptor::new(take_planned(&mut current, p.plan));
         for l in current.into_iter().flatten() {
             info!("no longer listening on {}", l.name());
         }
         let opts = p.cfg.bind_options(p.identity.socket_group());
         if opts != self.cfg.bind_options(self.identity.socket_group()) {
-            for l in &self.listeners {
+            for l in self.acceptor.listeners() {
                 if let Err(e) = l.set_backlog(opts.backlog).and(l.set_permissions(&opts)) {
                     warn!("{e}");
                 }
@@ -755,7 +770,8 @@ impl Master {
             max_spare: self.cfg.max_spare,
         };
         let waiting = if idle + starting == 0 {
-            self.listeners
+            self.acceptor
+                .listeners()
                 .iter()
                 .map(Listener::queued)
                 .try_fold(0u32, |sum, n| Some(sum.saturating_add(n?)))
@@ -938,7 +954,7 @@ impl Master {
     /// The listeners of the configuration in force, or (`next`) of the one
     /// a reload is starting; the master's list is left empty.
     fn take_listeners(&mut self, next: bool) -> Vec<Listener> {
-        let current = std::mem::take(&mut self.listeners);
+        let current = self.acceptor.take();
         match (self.pending.as_mut(), next) {
             (Some(p), true) => {
                 let mut current: Vec<Option<Listener>> = current.into_iter().map(Some).collect();
@@ -948,61 +964,29 @@ impl Master {
         }
     }
 
-    /// fork mode: accepts from the readable listeners, one connection from
-    /// each in turn so none starves, until they are drained, the limit is
+    /// fork mode: accepts (in fair rotation over the listeners) and forks
+    /// a child per connection, until none waits, the limit or a pause is
     /// reached, or [`ACCEPT_BATCH`] were taken.
-    fn accept(&mut self, ready: &[bool], now: Instant) {
-        let n = ready.len().min(self.listeners.len());
-        let mut live: Vec<usize> = (0..n)
-            .map(|k| (self.next_listener + k) % n)
-            .filter(|&i| ready[i])
-            .collect();
-        let mut taken = 0;
-        while !live.is_empty() {
-            // Past the batch every listener drops out, which ends the loop.
-            live.retain(|&i| {
-                taken += 1;
-                taken <= ACCEPT_BATCH && self.accept_one(i, now)
-            });
+    fn accept(&mut self, now: Instant) {
+        for _ in 0..ACCEPT_BATCH {
+            if self.children.len() >= self.cfg.max_children as usize
+                || self.backoff.hold_until(now, false).is_some()
+            {
+                return;
+            }
+            let Some((i, conn)) = self.acceptor.accept(now) else {
+                return;
+            };
+            let tcp = self.acceptor.listeners()[i].is_tcp();
+            if !self.fork_for(conn, tcp, now) {
+                return;
+            }
         }
-        self.next_listener = self.next_listener.wrapping_add(1);
     }
 
-    /// Accepts one connection from listener `i` and forks its child; false
-    /// when nothing more should be taken from it now.
-    fn accept_one(&mut self, i: usize, now: Instant) -> bool {
-        if self.accept_pause.is_some_and(|t| t > now)
-            || self.backoff.hold_until(now, false).is_some()
-        {
-            return false;
-        }
-        if self.children.len() >= self.cfg.max_children as usize {
-            return false;
-        }
-        let conn = match self.listeners[i].accept() {
-            Ok(c) => c,
-            Err(e) => {
-                return match e.raw_os_error() {
-                    Some(libc::EAGAIN) => false,
-                    Some(libc::ECONNABORTED | libc::EINTR | libc::EPROTO) => true,
-                    _ => {
-                        // EMFILE, ENFILE, ENOBUFS…: retrying at once would spin.
-                        self.accept_pause = Some(now + ACCEPT_PAUSE);
-                        if let Some(more) = self.errors.hit(now) {
-                            warn!(
-                                "accept on {} failed: {}; pausing {} ms ({more} more since the last report)",
-                                self.listeners[i].name(),
-                                crate::error_text(&e),
-                                ACCEPT_PAUSE.as_millis()
-                            );
-                        }
-                        false
-                    }
-                };
-            }
-        };
-        self.accept_pause = None;
-        let tcp = self.listeners[i].is_tcp();
+    /// Forks the child that serves `conn`, unless its client is refused
+    /// (closed at once, unread); false when fork failed.
+    fn fork_for(&mut self, conn: OwnedFd, tcp: bool, now: Instant) -> bool {
         let peer = if tcp && !self.policy.is_open() {
             worker::peer_key(&conn)
         } else {
@@ -1011,7 +995,7 @@ impl Master {
         if let Some(key) = peer {
             if let Some(why) = self.admit(key) {
                 self.scoreboard.refused(why);
-                return true; // closed at once, unread
+                return true;
             }
         }
         let master = self.pid;
@@ -1050,12 +1034,12 @@ impl Master {
                 true
             }
             Err(e) => {
-                self.accept_pause = Some(now + ACCEPT_PAUSE);
+                self.acceptor.pause_for_a_while(now);
                 if let Some(more) = self.errors.hit(now) {
                     error!(
                         "cannot fork for a connection: {}; connection closed, pausing {} ms ({more} more since the last report)",
                         crate::error_text(&e),
-                        ACCEPT_PAUSE.as_millis()
+                        crate::accept::PAUSE.as_millis()
                     );
                 }
                 false
@@ -1068,7 +1052,7 @@ impl Master {
     /// logged when it happens and every [`REPORT_EVERY`] while clients wait.
     fn watch_limit(&mut self, now: Instant) {
         let full = self.children.len() >= self.cfg.max_children as usize;
-        let listeners = &self.listeners;
+        let listeners = self.acceptor.listeners();
         let waiting = || listeners.iter().map(Listener::waiting).sum::<u32>();
         let report = self.saturation.observe(now, full, || waiting() > 0);
         let max = self.cfg.max_children;
@@ -1219,7 +1203,7 @@ impl Master {
             }
             // Closing our copies (and removing unix socket files) plus the
             // children closing theirs on their pipe's EOF refuses new clients.
-            self.listeners.clear();
+            self.acceptor.close();
             self.pending = None;
             self.hup_deferred = false;
             self.ctl_w = None;

@@ -6,7 +6,8 @@
 //! before it reads the flags. Handlers do nothing else.
 
 use std::io::{self, Read};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::mem::ManuallyDrop;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -44,11 +45,13 @@ pub struct Pending {
     pub chld: bool,
 }
 
-/// The installed handlers and the self-pipe's read end.
+/// The installed handlers and the self-pipe.
 pub struct Signals {
     reader: UnixStream,
-    /// The numbers of the write ends signal-hook owns, one per signal.
-    writers: [RawFd; HANDLED.len()],
+    /// The write end every handler writes to. The handlers outlive this
+    /// struct, so it is never closed in the master (its number must not
+    /// be reused while a handler may write to it); a child closes it.
+    writer: ManuallyDrop<UnixStream>,
 }
 
 impl Signals {
@@ -57,15 +60,17 @@ impl Signals {
         let (reader, writer) = UnixStream::pair()?;
         reader.set_nonblocking(true)?;
         writer.set_nonblocking(true)?;
-        let mut writers = [-1; HANDLED.len()];
-        for ((sig, flag), raw) in HANDLED.iter().zip(FLAGS.iter()).zip(writers.iter_mut()) {
+        for (sig, flag) in HANDLED.iter().zip(FLAGS.iter()) {
             let sig = *sig as libc::c_int;
             signal_hook::flag::register(sig, flag)?;
-            let end = OwnedFd::from(writer.try_clone()?);
-            *raw = end.as_raw_fd();
-            signal_hook::low_level::pipe::register_raw(sig, end)?;
+            // One write end for all, not a clone per signal: fewer fds in
+            // every process, and fewer for each child to close.
+            crate::sys::wake_on_signal(sig, writer.as_raw_fd())?;
         }
-        Ok(Signals { reader, writers })
+        Ok(Signals {
+            reader,
+            writer: ManuallyDrop::new(writer),
+        })
     }
 
     /// The fd to poll for readability.
@@ -75,8 +80,9 @@ impl Signals {
 
     /// Empties the self-pipe, then takes (and clears) every flag.
     pub fn drain(&mut self) -> Pending {
+        // A short read means the pipe is empty: no second read for EAGAIN.
         let mut sink = [0u8; 64];
-        while matches!(self.reader.read(&mut sink), Ok(n) if n > 0) {}
+        while matches!(self.reader.read(&mut sink), Ok(n) if n == sink.len()) {}
         let take = |s: Signal| {
             let i = HANDLED.iter().position(|h| *h == s).unwrap_or(0);
             FLAGS[i].swap(false, Ordering::SeqCst)
@@ -95,13 +101,11 @@ impl Signals {
 
     /// In a forked child: closes both ends of the self-pipe. The fork fence
     /// already reset the handlers to their defaults, so signal-hook's
-    /// registry is dead here; its write ends are closed by number rather
-    /// than unregistered, because unregistering rebuilds the registry and
-    /// those heap writes would copy pages the worker otherwise shares with
-    /// the master (20 KiB of private memory per worker, measured).
+    /// registry is dead here; it is left as it is rather than unregistered,
+    /// because unregistering rebuilds the registry and those heap writes
+    /// would copy pages the worker otherwise shares with the master (20 KiB
+    /// of private memory per worker, measured).
     pub fn close_in_child(self) {
-        for fd in self.writers {
-            let _ = nix::unistd::close(fd);
-        }
+        drop(ManuallyDrop::into_inner(self.writer));
     }
 }

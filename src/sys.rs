@@ -43,11 +43,16 @@ pub fn spawn(reset: &[Signal], ignore: &[Signal], child: impl FnOnce() -> i32) -
         Ok(ForkResult::Child) => {
             let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
             let ignored = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
-            for (sigs, action) in [(reset, &default), (ignore, &ignored)] {
-                for &sig in sigs {
-                    // SAFETY: SIG_DFL and SIG_IGN run no code of ours.
-                    let _ = unsafe { sigaction(sig, action) };
-                }
+            // One sigaction per signal (a signal to be ignored is not first
+            // reset to its default), and no allocation: the child's heap
+            // stays shared with the master.
+            for &sig in reset.iter().filter(|s| !ignore.contains(s)) {
+                // SAFETY: SIG_DFL runs no code of ours.
+                let _ = unsafe { sigaction(sig, &default) };
+            }
+            for &sig in ignore {
+                // SAFETY: SIG_IGN runs no code of ours.
+                let _ = unsafe { sigaction(sig, &ignored) };
             }
             let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
             let code = catch_unwind(AssertUnwindSafe(child)).unwrap_or(EXIT_PANIC);
@@ -58,6 +63,21 @@ pub fn spawn(reset: &[Signal], ignore: &[Signal], child: impl FnOnce() -> i32) -
             Err(e.into())
         }
     }
+}
+
+/// Makes `signal` write a byte to `fd`, a non-blocking socket that stays
+/// open as long as the handler is installed, each time it arrives: the
+/// wake-up half of the self-pipe (the flag is signal-hook's).
+pub fn wake_on_signal(signal: libc::c_int, fd: RawFd) -> io::Result<()> {
+    let action = move || {
+        // SAFETY: send(2) is async-signal-safe; MSG_DONTWAIT never blocks
+        // (a full pipe already holds a wake-up); `fd` outlives the handler
+        // (the caller's promise); signal-hook saves and restores errno.
+        let _ = unsafe { libc::send(fd, b"X".as_ptr().cast(), 1, libc::MSG_DONTWAIT) };
+    };
+    // SAFETY: the action is async-signal-safe (above): no allocation, no
+    // lock, one system call.
+    unsafe { signal_hook::low_level::register(signal, action) }.map(drop)
 }
 
 /// A plain fork for detaching, before any signal handler is installed.
