@@ -17,13 +17,11 @@ use std::time::{Duration, Instant};
 use log::warn;
 
 use crate::listen::Listener;
-use crate::logging::RateLimit;
+use crate::logging::{RateLimit, REPORT_EVERY};
 
 /// How long accepting pauses after a resource error (EMFILE, ENFILE,
 /// ENOBUFS, ENOMEM), like OpenBSD's inetd and identd.
 pub const PAUSE: Duration = Duration::from_millis(500);
-/// Repeated accept errors are logged at most this often.
-pub const REPORT_EVERY: Duration = Duration::from_secs(10);
 
 /// What an accept error means.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -171,7 +169,7 @@ impl Acceptor {
             warn!(
                 "accept on {} failed: {}; pausing {} ms ({more} more since the last report)",
                 self.listeners[i].name(),
-                crate::error_text(e),
+                crate::logging::error_text(e),
                 PAUSE.as_millis()
             );
         }

@@ -1,6 +1,7 @@
 //! Who may connect: `--allow`/`--deny` CIDR rules, and the client address
 //! as one number for the per-address limits. Pure, so it is unit-tested.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv6Addr};
 use std::str::FromStr;
@@ -13,6 +14,20 @@ pub fn key(ip: IpAddr) -> u128 {
         IpAddr::V4(v4) => u128::from(v4.to_ipv6_mapped()),
         IpAddr::V6(v6) => u128::from(v6),
     }
+}
+
+/// The client's address as an [`key`], if it is an IP client.
+pub fn peer_key(conn: &std::os::fd::OwnedFd) -> Option<u128> {
+    let addr = nix::sys::socket::getpeername::<nix::sys::socket::SockaddrStorage>(
+        std::os::fd::AsRawFd::as_raw_fd(conn),
+    )
+    .ok()?;
+    let ip = if let Some(v4) = addr.as_sockaddr_in() {
+        std::net::IpAddr::V4(v4.ip())
+    } else {
+        std::net::IpAddr::V6(addr.as_sockaddr_in6()?.ip())
+    };
+    Some(key(ip))
 }
 
 /// `ADDR/LEN` (or a bare address: one host).
@@ -125,6 +140,41 @@ impl Rules {
     }
 }
 
+/// Connections being served from each client address, for
+/// `--max-per-ip` where one process counts them all (the fork-mode
+/// master; prefork workers count through the scoreboard).
+#[derive(Debug, Default)]
+pub struct PerIp(HashMap<u128, u32>);
+
+impl PerIp {
+    /// Connections now counted for `key`.
+    pub fn count(&self, key: u128) -> u32 {
+        self.0.get(&key).copied().unwrap_or(0)
+    }
+
+    /// One more connection from `key`.
+    pub fn add(&mut self, key: u128) {
+        *self.0.entry(key).or_insert(0) += 1;
+    }
+
+    /// A connection from `key` ended; an address with none left is
+    /// forgotten, so the map holds only clients being served.
+    pub fn release(&mut self, key: u128) {
+        if let Some(n) = self.0.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                self.0.remove(&key);
+            }
+        }
+    }
+
+    /// How many addresses are counted.
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
 /// The checks a client address must pass before it is served.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Policy {
@@ -196,6 +246,26 @@ mod tests {
         assert!(!r.allows(k("10.2.0.1")));
         // A tie goes to deny.
         assert!(!rules(&["10.0.0.0/8"], &["10.0.0.0/8"]).allows(k("10.0.0.1")));
+    }
+
+    #[test]
+    fn per_ip_counts_up_and_down_and_forgets_idle_addresses() {
+        let mut p = PerIp::default();
+        let (a, b) = (k("192.0.2.1"), k("192.0.2.2"));
+        p.add(a);
+        p.add(a);
+        p.add(b);
+        assert_eq!((p.count(a), p.count(b), p.len()), (2, 1, 2));
+        p.release(b);
+        assert_eq!(
+            (p.count(b), p.len()),
+            (0, 1),
+            "an address with none left is forgotten"
+        );
+        p.release(b);
+        assert_eq!(p.count(b), 0, "a release without an add is ignored");
+        p.release(a);
+        assert_eq!(p.count(a), 1);
     }
 
     #[test]

@@ -375,6 +375,7 @@ impl Backoff {
     }
 
     /// The current delay (zero when not backing off).
+    #[cfg(test)]
     pub fn delay(&self) -> Duration {
         self.delay
     }

@@ -62,12 +62,15 @@ impl PidFile {
                     )),
                     Some(Err(e)) => Err(format!(
                         "pidfile {shown}: its directory: {}",
-                        crate::error_text(&e)
+                        crate::logging::error_text(&e)
                     )),
                     _ => Ok(()),
                 }
             }
-            Err(e) => Err(format!("pidfile {shown}: {}", crate::error_text(&e))),
+            Err(e) => Err(format!(
+                "pidfile {shown}: {}",
+                crate::logging::error_text(&e)
+            )),
         }
     }
 
@@ -89,7 +92,10 @@ impl PidFile {
                         written: false,
                     };
                     p.write_pid().map_err(|e| {
-                        format!("cannot write pidfile {shown}: {}", crate::error_text(&e))
+                        format!(
+                            "cannot write pidfile {shown}: {}",
+                            crate::logging::error_text(&e)
+                        )
                     })?;
                     return Ok(p);
                 }
@@ -100,7 +106,7 @@ impl PidFile {
                     }
                     return Err(format!(
                         "cannot lock pidfile {shown}: {}",
-                        crate::error_text(&e)
+                        crate::logging::error_text(&e)
                     ));
                 }
             }
@@ -173,7 +179,10 @@ fn open_pidfile(path: &Path) -> Result<(File, bool), String> {
     };
     let fail = |e: io::Error| match e.raw_os_error() {
         Some(libc::ELOOP) => format!("cannot open pidfile {shown}: it is a symbolic link"),
-        _ => format!("cannot open pidfile {shown}: {}", crate::error_text(&e)),
+        _ => format!(
+            "cannot open pidfile {shown}: {}",
+            crate::logging::error_text(&e)
+        ),
     };
     let (file, created) = match open(true) {
         Ok(f) => (f, true),
@@ -295,7 +304,7 @@ pub fn ensure_nofile(need: u64, why: &str) -> Result<(), String> {
         if let Err(e) = sys::set_nofile(need) {
             return Err(format!(
                 "{why} needs about {need} open descriptors, but RLIMIT_NOFILE is {soft} and cannot be raised: {}",
-                crate::error_text(&e)
+                crate::logging::error_text(&e)
             ));
         }
         log::info!("raised RLIMIT_NOFILE from {soft} to {need}: {why} needs about that many");
@@ -340,8 +349,10 @@ fn stdio_to_null() {
 /// cwd `/`. Returns the pipe to report readiness on.
 pub fn detach() -> Result<ReadyPipe, String> {
     let (mut r, w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("cannot create a pipe: {e}"))?;
-    let launcher =
-        sys::fork_plain().map_err(|e| format!("cannot fork: {}", crate::error_text(&e)))?;
+    // SAFETY: startup is single-threaded: no thread has been started yet.
+    #[allow(unsafe_code)]
+    let launcher = unsafe { sys::fork_plain() }
+        .map_err(|e| format!("cannot fork: {}", crate::logging::error_text(&e)))?;
     if launcher {
         drop(w);
         let mut word = [0u8; 1];

@@ -1,35 +1,37 @@
 //! echo-forkd: an echo (RFC 862) daemon built on the classic Unix process
 //! models, pre-forked workers or a child per connection.
 //!
-//! The binary is a thin shell around [`run`]. Module map: `config` (options),
-//! `listen` (sockets), `master` (supervisor loop), `children` (child table,
-//! back-off), `reload` (what a SIGHUP changes), `scoreboard` (shared worker
-//! states), `worker` (what a child does), `echo` (one connection),
-//! `signals` (the self-pipe), `logging` (stderr/syslog), `sys` (the only
-//! `unsafe`).
+//! The binary is a thin shell around [`run`]; every module is private to
+//! the crate, so the compiler finds what nothing uses. Module map: `config`
+//! (options), `listen` (sockets), `accept` (accepting, the wake-one wait),
+//! `master` (the supervisor, a file per concern), `children` (child table,
+//! exit classes, crash-loop back-off), `pool` (the spare rule), `reload`
+//! (what a SIGHUP changes), `scoreboard` (shared worker states), `access`
+//! (who may connect), `worker` (what a child does), `echo` (one
+//! connection), `signals` (the self-pipe), `logging` (stderr/syslog),
+//! `daemon` (detach, pidfile, privileges), `systemd`, `time`, and `sys`
+//! (the only `unsafe`).
 
 #![deny(unsafe_code)]
 
-pub mod accept;
-pub mod access;
-pub mod children;
-pub mod config;
-pub mod daemon;
-pub mod echo;
-pub mod listen;
-pub mod logging;
-pub mod master;
-pub mod pool;
-pub mod reload;
-pub mod scoreboard;
-pub mod signals;
+mod accept;
+mod access;
+mod children;
+mod config;
+mod daemon;
+mod echo;
+mod listen;
+mod logging;
+mod master;
+mod pool;
+mod reload;
+mod scoreboard;
+mod signals;
 #[allow(unsafe_code)]
-pub mod sys;
-pub mod systemd;
+mod sys;
+mod systemd;
 mod time;
-pub mod worker;
-
-use std::io;
+mod worker;
 
 use clap::Parser;
 use log::{error, info};
@@ -50,7 +52,7 @@ pub fn run() -> i32 {
         Err(e) => {
             logging::say(format_args!(
                 "cannot read the current directory: {}",
-                error_text(&e)
+                logging::error_text(&e)
             ));
             return 1;
         }
@@ -153,7 +155,7 @@ fn start(
     };
     if let Some(p) = &mut pidfile {
         p.write_pid()
-            .map_err(|e| format!("cannot write the pidfile: {}", error_text(&e)))?;
+            .map_err(|e| format!("cannot write the pidfile: {}", logging::error_text(&e)))?;
     }
     Ok((
         listeners,
@@ -193,14 +195,17 @@ fn listeners(
 /// first, then serve it and exit.
 fn inetd(cfg: &config::Config, identity: &daemon::Identity) -> i32 {
     use nix::sys::socket::{getsockopt, sockopt};
-    let Some(conn) = sys::inherited_fd(0).filter(|fd| getsockopt(fd, sockopt::SockType).is_ok())
-    else {
+    // SAFETY: nothing in this process took fd 0 (std only reads it through
+    // `io::stdin`, which this mode never uses); inetd made it ours.
+    #[allow(unsafe_code)]
+    let stdin = unsafe { sys::inherited_fd(0) };
+    let Some(conn) = stdin.filter(|fd| getsockopt(fd, sockopt::SockType).is_ok()) else {
         error!("--inetd: standard input is not a socket");
         // Not a socket, so not the client either: safe to say it there too.
         logging::say("--inetd: standard input is not a socket");
         return 1;
     };
-    if let Err(e) = set_nonblocking(&conn) {
+    if let Err(e) = sys::set_nonblocking(&conn) {
         error!("--inetd: cannot make the connection non-blocking: {e}");
         return 1;
     }
@@ -209,35 +214,4 @@ fn inetd(cfg: &config::Config, identity: &daemon::Identity) -> i32 {
         return worker::EXIT_SETUP;
     }
     worker::inetd(conn, cfg.limits())
-}
-
-/// An OS error as a message fragment: "permission denied", not
-/// "Permission denied (os error 13)".
-pub fn error_text(e: &io::Error) -> String {
-    let text = e.to_string();
-    let text = match text.find(" (os error") {
-        Some(i) => &text[..i],
-        None => &text,
-    };
-    let mut chars = text.chars();
-    match chars.next() {
-        Some(first) => first.to_lowercase().chain(chars).collect(),
-        None => String::new(),
-    }
-}
-
-/// Sets O_NONBLOCK on an fd we were handed, keeping its other status flags.
-pub(crate) fn set_nonblocking(fd: &impl std::os::fd::AsFd) -> nix::Result<()> {
-    use nix::fcntl::{fcntl, FcntlArg, OFlag};
-    let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL)?);
-    fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK)).map(drop)
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn error_text_is_a_lowercase_fragment() {
-        let e = std::io::Error::from_raw_os_error(libc::EACCES);
-        assert_eq!(super::error_text(&e), "permission denied");
-    }
 }

@@ -170,7 +170,7 @@ impl Listener {
             _ => return Err(fail("it is no longer a socket".into())),
         }
         std::fs::set_permissions(&f.path, std::fs::Permissions::from_mode(opts.socket_mode))
-            .map_err(|e| fail(crate::error_text(&e)))?;
+            .map_err(|e| fail(crate::logging::error_text(&e)))?;
         if let Some(gid) = opts.socket_group {
             fchownat(
                 AT_FDCWD,
@@ -269,7 +269,7 @@ impl Listener {
             return Err("not a listening stream socket".into());
         }
         fcntl(&fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).map_err(|e| e.to_string())?;
-        crate::set_nonblocking(&fd).map_err(|e| e.to_string())?;
+        crate::sys::set_nonblocking(&fd).map_err(|e| e.to_string())?;
         let local: SockaddrStorage =
             socket::getsockname(fd.as_raw_fd()).map_err(|e| e.to_string())?;
         let (name, tcp) = if let Some(a) = local.as_sockaddr_in() {
@@ -364,7 +364,7 @@ struct BindError {
 
 impl fmt::Display for BindError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let cause = crate::error_text(&io::Error::from(self.errno));
+        let cause = crate::logging::error_text(&io::Error::from(self.errno));
         let hint = match self.errno {
             Errno::EACCES => " (ports below 1024 need root or CAP_NET_BIND_SERVICE)",
             Errno::EADDRINUSE => " (another process listens there; is echo-forkd already running?)",

@@ -120,12 +120,12 @@ pub fn unblock_stderr() {
                 let _ = nix::unistd::dup2_stderr(&own);
             }
             _ if kind == SFlag::S_IFIFO => {
-                let _ = crate::set_nonblocking(&stderr);
+                let _ = crate::sys::set_nonblocking(&stderr);
             }
             _ => {}
         },
         SFlag::S_IFSOCK => {
-            let _ = crate::set_nonblocking(&stderr);
+            let _ = crate::sys::set_nonblocking(&stderr);
         }
         _ => {}
     }
@@ -288,6 +288,25 @@ impl Syslog {
     }
 }
 
+/// An OS error as a message fragment: "permission denied", not
+/// "Permission denied (os error 13)".
+pub fn error_text(e: &io::Error) -> String {
+    let text = e.to_string();
+    let text = match text.find(" (os error") {
+        Some(i) => &text[..i],
+        None => &text,
+    };
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(first) => first.to_lowercase().chain(chars).collect(),
+        None => String::new(),
+    }
+}
+
+/// How often a repeated warning (a limit hit, an accept or fork error) is
+/// logged at most.
+pub const REPORT_EVERY: Duration = Duration::from_secs(10);
+
 /// Lets a repeated event be logged at most once per interval, with a count
 /// of how often it happened in between. Never silences it for good.
 #[derive(Debug)]
@@ -295,6 +314,7 @@ pub struct RateLimit {
     interval: Duration,
     last: Option<Instant>,
     suppressed: u64,
+    total: u64,
 }
 
 impl RateLimit {
@@ -304,12 +324,19 @@ impl RateLimit {
             interval,
             last: None,
             suppressed: 0,
+            total: 0,
         }
+    }
+
+    /// How often the event happened in all, logged or not.
+    pub fn total(&self) -> u64 {
+        self.total
     }
 
     /// Records an occurrence; `Some(n)` means "log it now, n were not logged
     /// since the last line".
     pub fn hit(&mut self, now: Instant) -> Option<u64> {
+        self.total += 1;
         match self.last {
             Some(t) if now.duration_since(t) < self.interval => {
                 self.suppressed += 1;
@@ -328,6 +355,12 @@ mod tests {
     use super::*;
 
     #[test]
+    fn error_text_is_a_lowercase_fragment() {
+        let e = std::io::Error::from_raw_os_error(libc::EACCES);
+        assert_eq!(error_text(&e), "permission denied");
+    }
+
+    #[test]
     fn rate_limit_logs_once_per_interval_and_counts_the_rest() {
         let mut r = RateLimit::new(Duration::from_secs(1));
         let t = Instant::now();
@@ -335,6 +368,7 @@ mod tests {
         assert_eq!(r.hit(t + Duration::from_millis(10)), None);
         assert_eq!(r.hit(t + Duration::from_millis(20)), None);
         assert_eq!(r.hit(t + Duration::from_millis(1100)), Some(2));
+        assert_eq!(r.total(), 4);
     }
 
     #[test]

@@ -173,11 +173,6 @@ impl Saturation {
             Some(_) => None,
         }
     }
-
-    /// Whether the bound holds now (as last observed).
-    pub fn is_full(&self) -> bool {
-        self.since.is_some()
-    }
 }
 
 /// A worker's `max-requests` (0: no limit) plus its share of the jitter:
@@ -205,16 +200,20 @@ mod tests {
         max_spare: 3,
     };
 
+    /// B with another ceiling and other spares.
+    fn bounds(max_workers: u32, min_spare: u32, max_spare: u32) -> Bounds {
+        Bounds {
+            max_workers,
+            min_spare,
+            max_spare,
+            ..B
+        }
+    }
+
     #[test]
     fn the_whole_shortfall_starts_at_once_with_the_waiting_clients() {
-        let mut p = Pool::default();
-        let t = Instant::now();
-        let big = Bounds {
-            workers: 2,
-            max_workers: 2048,
-            min_spare: 2,
-            max_spare: 8,
-        };
+        let (mut p, t) = (Pool::default(), Instant::now());
+        let big = bounds(2048, 2, 8);
         // 2,000 clients arrive at a pool of 2, both busy.
         assert_eq!(p.decide(t, (0, 0), 2, Some(1998), big), Action::Spawn(2000));
         // They start (and count as spares, not as surplus): nothing more.
@@ -243,13 +242,8 @@ mod tests {
 
     #[test]
     fn without_a_queue_count_bursts_double_while_every_worker_is_busy() {
-        let mut p = Pool::default();
-        let t = Instant::now();
-        let big = Bounds {
-            min_spare: 1,
-            max_workers: 1000,
-            ..B
-        };
+        let (mut p, t) = (Pool::default(), Instant::now());
+        let big = bounds(1000, 1, B.max_spare);
         assert_eq!(p.decide(t, (0, 0), 2, None, big), Action::Spawn(1));
         assert_eq!(p.decide(t, (0, 0), 3, None, big), Action::Spawn(2));
         assert_eq!(p.decide(t, (0, 0), 5, None, big), Action::Spawn(4));
@@ -328,6 +322,5 @@ mod tests {
             Some(Report::Reached { unreported: 2 })
         );
         assert_eq!(s.hits, 4);
-        assert!(s.is_full());
     }
 }

@@ -24,16 +24,27 @@ use crate::children::EXIT_PANIC;
 /// run in the child before the child has reset `reset` to their default
 /// dispositions (a handler would write into the master's self-pipe) and set
 /// `ignore` to be ignored. Signals the master ignores (SIGPIPE) stay ignored.
-pub fn spawn(reset: &[Signal], ignore: &[Signal], child: impl FnOnce() -> i32) -> io::Result<Pid> {
+///
+/// # Safety
+///
+/// The calling process must have no other thread: the child gets a copy of
+/// the heap and of every lock as they are, and a lock a vanished thread
+/// held would stay held in it. (A caller whose `child` touches neither the
+/// heap nor a lock, only atomics and system calls, is sound regardless.)
+pub unsafe fn spawn(
+    reset: &[Signal],
+    ignore: &[Signal],
+    child: impl FnOnce() -> i32,
+) -> io::Result<Pid> {
     let mut old = SigSet::empty();
     sigprocmask(
         SigmaskHow::SIG_SETMASK,
         Some(&SigSet::all()),
         Some(&mut old),
     )?;
-    // SAFETY: the master is single-threaded (DESIGN.md: it never starts a
-    // thread), so the child's copy of the heap and of every lock is
-    // consistent; the child only resets signals, runs `child` and `_exit`s.
+    // SAFETY: the caller is single-threaded (this function's contract), so
+    // the child's copy of the heap and of every lock is consistent; the
+    // child only resets signals, runs `child` and `_exit`s.
     let forked = unsafe { fork() };
     match forked {
         Ok(ForkResult::Parent { child }) => {
@@ -82,9 +93,15 @@ pub fn wake_on_signal(signal: libc::c_int, fd: RawFd) -> io::Result<()> {
 
 /// A plain fork for detaching, before any signal handler is installed.
 /// Returns true in the parent.
-pub fn fork_plain() -> io::Result<bool> {
-    // SAFETY: called while the process is single-threaded; the child goes
-    // on with the same code path and the parent only waits and `_exit`s.
+///
+/// # Safety
+///
+/// The calling process must have no other thread (see [`spawn`]): here
+/// the child goes on with the caller's code, heap and locks.
+pub unsafe fn fork_plain() -> io::Result<bool> {
+    // SAFETY: the caller is single-threaded (this function's contract); the
+    // child goes on with the same code path and the parent only waits and
+    // `_exit`s.
     match unsafe { fork() }? {
         ForkResult::Parent { .. } => Ok(true),
         ForkResult::Child => Ok(false),
@@ -189,6 +206,13 @@ pub fn accept_queue(listener: BorrowedFd<'_>) -> Option<u32> {
     }
 }
 
+/// Sets O_NONBLOCK on an fd we were handed, keeping its other status flags.
+pub fn set_nonblocking(fd: &impl std::os::fd::AsFd) -> nix::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL)?);
+    fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK)).map(drop)
+}
+
 /// Closes every descriptor above 2 that `keep` does not claim: whatever a
 /// careless parent left open must not reach every child we fork. Call it
 /// first thing, while nothing of ours is open yet.
@@ -242,13 +266,19 @@ pub fn open_fds() -> Option<u64> {
 
 /// Takes ownership of an fd this process inherited (socket activation,
 /// inetd); `None` if `raw` is not open.
-pub fn inherited_fd(raw: RawFd) -> Option<OwnedFd> {
+///
+/// # Safety
+///
+/// Nothing else in the process may own `raw` (no `OwnedFd`, `File` or
+/// socket of ours), and it must be taken once: the result closes it when
+/// dropped.
+pub unsafe fn inherited_fd(raw: RawFd) -> Option<OwnedFd> {
     // SAFETY: F_GETFD only reads the descriptor's flags.
     if unsafe { libc::fcntl(raw, libc::F_GETFD) } < 0 {
         return None;
     }
-    // SAFETY: the descriptor is open, and the protocol that passed it to us
-    // (LISTEN_FDS, inetd's stdin) makes it ours; callers take each once.
+    // SAFETY: the descriptor is open, and owned by nobody else (this
+    // function's contract).
     Some(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 

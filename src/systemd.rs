@@ -81,7 +81,10 @@ pub fn listeners_from_env() -> Result<Option<Vec<Listener>>, String> {
         .map_err(|_| format!("LISTEN_FDS={fds}: not a number"))?;
     let mut out = Vec::new();
     for raw in FIRST..FIRST + n {
-        let fd = sys::inherited_fd(raw)
+        // SAFETY: LISTEN_PID says these are ours; nothing else took them
+        // (close_inherited kept them, untouched), and each is taken once.
+        #[allow(unsafe_code)]
+        let fd = unsafe { sys::inherited_fd(raw) }
             .ok_or_else(|| format!("socket activation: fd {raw} from LISTEN_FDS is not open"))?;
         out.push(
             Listener::from_inherited(fd)

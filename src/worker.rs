@@ -77,7 +77,7 @@ impl Ctx<'_> {
         if !tcp || self.policy.is_open() {
             return None;
         }
-        let key = peer_key(conn)?;
+        let key = access::peer_key(conn)?;
         let board = slot.board();
         let why = if let Some(why) = board.screen(&self.policy, key) {
             Some(why)
@@ -104,17 +104,6 @@ impl Ctx<'_> {
             }
         }
     }
-}
-
-/// The client's address as an [`access::key`], if it is an IP client.
-pub fn peer_key(conn: &OwnedFd) -> Option<u128> {
-    let addr = getpeername::<SockaddrStorage>(std::os::fd::AsRawFd::as_raw_fd(conn)).ok()?;
-    let ip = if let Some(v4) = addr.as_sockaddr_in() {
-        std::net::IpAddr::V4(v4.ip())
-    } else {
-        std::net::IpAddr::V6(addr.as_sockaddr_in6()?.ip())
-    };
-    Some(access::key(ip))
 }
 
 /// Arranges for the kernel to kill this child if the master dies, even while
@@ -299,6 +288,6 @@ fn describe(end: &echo::End) -> String {
         echo::End::Session => "max-session".into(),
         echo::End::Bytes => "max-bytes".into(),
         echo::End::Aborted => "the master's exit".into(),
-        echo::End::Failed(e) => format!("error: {}", crate::error_text(e)),
+        echo::End::Failed(e) => format!("error: {}", crate::logging::error_text(e)),
     }
 }

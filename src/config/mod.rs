@@ -1,0 +1,366 @@
+//! Options and their one source of truth.
+//!
+//! [`Options`] is both the command line (clap) and the TOML file (serde): the
+//! long option names are the file's keys, so the two cannot drift apart.
+//! [`load`] merges them (flags win over the file), fills in the defaults and
+//! validates the result into a [`Config`]. Nothing here touches the network.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::access::Rules;
+use crate::listen::ListenAddr;
+
+mod options;
+#[cfg(test)]
+mod tests;
+
+pub use options::{Config, Facility, LogLevel, LogTarget, Mode, Options, Workers};
+
+impl Config {
+    /// Makes every relative path absolute under `base`.
+    fn anchored(mut self, base: &Path) -> Config {
+        let anchor = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        for p in [
+            self.pidfile.as_mut(),
+            self.chroot.as_mut(),
+            self.config_file.as_mut(),
+            Some(&mut self.syslog_socket),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            anchor(p);
+        }
+        for a in &mut self.listen {
+            if let ListenAddr::Unix(p) = a {
+                anchor(p);
+            }
+        }
+        self
+    }
+
+    /// The per-address checks, as the accepting process takes them.
+    pub fn policy(&self) -> crate::access::Policy {
+        crate::access::Policy {
+            rules: self.rules.clone(),
+            max_per_ip: self.max_per_ip,
+            max_conn_rate: self.max_conn_rate,
+        }
+    }
+
+    /// How listeners are bound; `socket_group` is `-g`'s group, if given.
+    pub fn bind_options(
+        &self,
+        socket_group: Option<nix::unistd::Gid>,
+    ) -> crate::listen::BindOptions {
+        crate::listen::BindOptions {
+            backlog: self.backlog,
+            socket_mode: self.socket_mode,
+            socket_group,
+        }
+    }
+
+    /// The per-connection caps, as the echo loop takes them.
+    pub fn limits(&self) -> crate::echo::Limits {
+        crate::echo::Limits {
+            idle: self.idle_timeout,
+            session: self.max_session,
+            max_bytes: self.max_bytes,
+        }
+    }
+}
+
+/// The highest `max-workers` (and `workers`, `min-spare`, `max-spare`)
+/// accepted: the scoreboard is sized for this many workers of two
+/// generations at once.
+pub const MAX_WORKERS_LIMIT: u32 = 4096;
+
+/// Ceilings of the other values, as the man page states them. A value
+/// above its ceiling is a config error, so nothing `-t` accepts can
+/// overflow a deadline or a counter at run time.
+pub mod ceiling {
+    /// `idle-timeout`, `max-session`, `shutdown-timeout`: 30 days.
+    pub const SECONDS: u64 = 30 * 24 * 3600;
+    /// `max-children`: processes forked at once.
+    pub const MAX_CHILDREN: u32 = 65_536;
+    /// `max-bytes`: the largest integer a TOML file can hold.
+    pub const MAX_BYTES: u64 = i64::MAX as u64;
+    /// `backlog`: listen(2) takes an int.
+    pub const BACKLOG: u32 = i32::MAX as u32;
+    /// The largest config file read.
+    pub const CONFIG_BYTES: u64 = 1 << 20;
+}
+
+/// Defaults, as DESIGN.md and the man page state them.
+pub mod defaults {
+    pub const LISTEN: &str = "[::]:7";
+    pub const WORKERS: u32 = 4;
+    pub const MAX_WORKERS: u32 = 256;
+    pub const MIN_SPARE: u32 = 2;
+    pub const MAX_SPARE: u32 = 8;
+    pub const MAX_CHILDREN: u32 = 256;
+    pub const IDLE_TIMEOUT: u64 = 300;
+    pub const SHUTDOWN_TIMEOUT: u64 = 10;
+    pub const BACKLOG: u32 = 1024;
+    pub const SOCKET_MODE: u32 = 0o666;
+    pub const SYSLOG_SOCKET: &str = "/dev/log";
+}
+
+/// Reads `-c FILE` if given, merges it under the command line and validates.
+/// Relative paths, on the command line or in the file, are taken from
+/// `base` (the directory echo-forkd was started in), so they mean the same
+/// after detaching to `/` and on every reload.
+///
+/// Errors are one line, naming the file (and line) or the option at fault.
+pub fn load(cli: Options, base: &Path) -> Result<Config, String> {
+    let merged = match &cli.config {
+        Some(path) => cli.clone().over(read_file(&base.join(path))?),
+        None => cli,
+    };
+    let cfg = resolve(merged)?.anchored(base);
+    for a in &cfg.listen {
+        if let ListenAddr::Unix(path) = a {
+            check_unix_path(path)?;
+        }
+    }
+    Ok(cfg)
+}
+
+/// A unix socket path must fit in `sockaddr_un` (with its NUL), once it
+/// is absolute.
+fn check_unix_path(path: &Path) -> Result<(), String> {
+    let max =
+        std::mem::size_of::<libc::sockaddr_un>() - std::mem::size_of::<libc::sa_family_t>() - 1;
+    let len = path.as_os_str().len();
+    if len > max {
+        return Err(format!(
+            "listen address unix:{}: the path is {len} bytes, more than the {max} a unix socket address holds",
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
+/// Parses a config file into [`Options`].
+///
+/// The file is opened without blocking (a FIFO would otherwise wait for a
+/// writer, and the master with it) and must be a regular file of at most
+/// [`ceiling::CONFIG_BYTES`].
+pub fn read_file(path: &Path) -> Result<Options, String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let shown = path.display();
+    let fail = |e: std::io::Error| {
+        format!(
+            "cannot read config {shown}: {}",
+            crate::logging::error_text(&e)
+        )
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
+        .open(path)
+        .map_err(fail)?;
+    let meta = file.metadata().map_err(fail)?;
+    if !meta.is_file() {
+        return Err(format!("config {shown}: not a regular file"));
+    }
+    if meta.len() > ceiling::CONFIG_BYTES {
+        return Err(format!(
+            "config {shown}: {} bytes, more than the {} a config file may have",
+            meta.len(),
+            ceiling::CONFIG_BYTES
+        ));
+    }
+    let mut text = String::new();
+    // The size was checked, but the file may grow while we read it.
+    file.take(ceiling::CONFIG_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(fail)?;
+    if text.len() as u64 > ceiling::CONFIG_BYTES {
+        return Err(format!(
+            "config {shown}: it grew past {} bytes while being read",
+            ceiling::CONFIG_BYTES
+        ));
+    }
+    parse_file(&text).map_err(|e| format!("config {shown}: {e}"))
+}
+
+/// Parses the text of a config file; errors say the line and the key.
+pub fn parse_file(text: &str) -> Result<Options, String> {
+    toml::from_str::<Options>(text).map_err(|e| {
+        let what = e.message().trim_end().replace('\n', " ");
+        match e.span() {
+            Some(span) => {
+                let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                format!("line {line}: {what}")
+            }
+            None => what,
+        }
+    })
+}
+
+fn nonzero(secs: u64) -> Option<Duration> {
+    (secs > 0).then(|| Duration::from_secs(secs))
+}
+
+/// Fills in the defaults and checks that the settings make sense together.
+pub fn resolve(o: Options) -> Result<Config, String> {
+    let rules = Rules::new(&o.allow, &o.deny)?;
+
+    let listen = if o.listen.is_empty() {
+        vec![defaults::LISTEN.to_string()]
+    } else {
+        o.listen.clone()
+    };
+    let listen = listen
+        .iter()
+        .map(|a| a.parse::<ListenAddr>())
+        .collect::<Result<Vec<_>, _>>()?;
+    for (i, a) in listen.iter().enumerate() {
+        if let Some(b) = listen[..i].iter().find(|b| a.overlaps(b)) {
+            return Err(if a == b {
+                format!("listen address {a} is given twice")
+            } else {
+                format!("listen addresses {b} and {a} overlap: both would take the same port on the same address")
+            });
+        }
+    }
+    for (name, path) in [
+        ("pidfile", &o.pidfile),
+        ("chroot", &o.chroot),
+        ("syslog-socket", &o.syslog_socket),
+    ] {
+        if path.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+            return Err(format!("{name}: the path is empty"));
+        }
+    }
+    let seconds = |name: &str, value: Option<u64>, default: u64| {
+        let v = value.unwrap_or(default);
+        if v > ceiling::SECONDS {
+            return Err(format!(
+                "{name} ({v}) is above the ceiling of {} seconds (30 days)",
+                ceiling::SECONDS
+            ));
+        }
+        Ok(v)
+    };
+    let idle_timeout = seconds("idle-timeout", o.idle_timeout, defaults::IDLE_TIMEOUT)?;
+    let max_session = seconds("max-session", o.max_session, 0)?;
+    let shutdown_timeout = seconds(
+        "shutdown-timeout",
+        o.shutdown_timeout,
+        defaults::SHUTDOWN_TIMEOUT,
+    )?;
+    let max_bytes = o.max_bytes.unwrap_or(0);
+    if max_bytes > ceiling::MAX_BYTES {
+        return Err(format!(
+            "max-bytes ({max_bytes}) is above the ceiling of {}",
+            ceiling::MAX_BYTES
+        ));
+    }
+
+    let workers = match o.workers.unwrap_or(Workers::Count(defaults::WORKERS)) {
+        Workers::Count(0) => return Err("workers must be at least 1".into()),
+        Workers::Count(n) => n,
+        Workers::Auto => usable_cpus(),
+    };
+    let max_workers = o.max_workers.unwrap_or(defaults::MAX_WORKERS.max(workers));
+    let min_spare = o.min_spare.unwrap_or(defaults::MIN_SPARE);
+    let max_spare = o.max_spare.unwrap_or(defaults::MAX_SPARE.max(min_spare));
+    for (name, n) in [
+        ("workers", workers),
+        ("max-workers", max_workers),
+        ("min-spare", min_spare),
+        ("max-spare", max_spare),
+    ] {
+        if n > MAX_WORKERS_LIMIT {
+            return Err(format!(
+                "{name} ({n}) is above the ceiling of {MAX_WORKERS_LIMIT}"
+            ));
+        }
+    }
+    for (low, a, high, b, why) in [
+        ("workers", workers, "max-workers", max_workers, ""),
+        ("min-spare", min_spare, "max-spare", max_spare, ""),
+        (
+            "min-spare",
+            min_spare,
+            "max-workers",
+            max_workers,
+            ": the pool could never keep that many idle",
+        ),
+    ] {
+        if a > b {
+            return Err(format!("{low} ({a}) is greater than {high} ({b}){why}"));
+        }
+    }
+    let max_children = o.max_children.unwrap_or(defaults::MAX_CHILDREN);
+    if max_children == 0 || max_children > ceiling::MAX_CHILDREN {
+        return Err(format!(
+            "max-children ({max_children}) must be between 1 and {}",
+            ceiling::MAX_CHILDREN
+        ));
+    }
+    let backlog = o.backlog.unwrap_or(defaults::BACKLOG);
+    if backlog == 0 || backlog > ceiling::BACKLOG {
+        return Err(format!(
+            "backlog ({backlog}) must be between 1 and {}",
+            ceiling::BACKLOG
+        ));
+    }
+
+    // Under inetd stderr may be the client's socket: never log there unasked.
+    let log = o.log.unwrap_or(if o.foreground && !o.inetd {
+        LogTarget::Stderr
+    } else {
+        LogTarget::Syslog
+    });
+
+    Ok(Config {
+        foreground: o.foreground,
+        inetd: o.inetd,
+        pidfile: o.pidfile.clone(),
+        user: o.user.clone(),
+        group: o.group.clone(),
+        chroot: o.chroot.clone(),
+        config_file: o.config,
+        listen,
+        mode: o.mode.unwrap_or(Mode::Prefork),
+        workers,
+        max_workers,
+        min_spare,
+        max_spare,
+        max_children,
+        max_requests: o.max_requests.unwrap_or(0),
+        max_requests_jitter: o.max_requests_jitter.unwrap_or(0),
+        max_per_ip: o.max_per_ip.unwrap_or(0),
+        max_conn_rate: o.max_conn_rate.unwrap_or(0),
+        rules,
+        idle_timeout: nonzero(idle_timeout),
+        max_session: nonzero(max_session),
+        max_bytes,
+        shutdown_timeout: Duration::from_secs(shutdown_timeout),
+        backlog: backlog as i32,
+        socket_mode: o.socket_mode.map_or(defaults::SOCKET_MODE, |m| m.0),
+        log,
+        syslog_socket: o
+            .syslog_socket
+            .unwrap_or_else(|| defaults::SYSLOG_SOCKET.into()),
+        syslog_facility: o.syslog_facility.unwrap_or(Facility::Daemon),
+        log_level: o.log_level.unwrap_or(LogLevel::Info),
+    })
+}
+
+/// The CPUs this process may run on: the affinity mask and the cgroup CPU
+/// quota both count (std reads both on Linux), and never fewer than one.
+fn usable_cpus() -> u32 {
+    std::thread::available_parallelism()
+        .map(|n| n.get().min(u32::MAX as usize) as u32)
+        .unwrap_or(1)
+}

@@ -1,0 +1,421 @@
+//! [`Options`]: every option, as the command line (clap) and the TOML file
+//! (serde) give it, from one struct, so that the two cannot drift apart;
+//! the small types of their values; and [`Config`], what they resolve to.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::access::Rules;
+use crate::listen::ListenAddr;
+use std::str::FromStr;
+
+use clap::{Parser, ValueEnum};
+use serde::Deserialize;
+
+use super::defaults;
+
+/// The process model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// A pool of workers that all accept on the listeners.
+    Prefork,
+    /// The master accepts and forks one child per connection.
+    Fork,
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Prefork => "prefork",
+            Mode::Fork => "fork",
+        })
+    }
+}
+
+/// Where log lines go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogTarget {
+    Stderr,
+    Syslog,
+}
+
+/// The most verbose level that is logged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+}
+
+impl LogLevel {
+    /// The `log` crate's filter for this level.
+    pub fn filter(self) -> log::LevelFilter {
+        match self {
+            LogLevel::Error => log::LevelFilter::Error,
+            LogLevel::Warn => log::LevelFilter::Warn,
+            LogLevel::Info => log::LevelFilter::Info,
+            LogLevel::Debug => log::LevelFilter::Debug,
+        }
+    }
+}
+
+/// The syslog facilities an operator may choose.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Facility {
+    Daemon,
+    User,
+    Local0,
+    Local1,
+    Local2,
+    Local3,
+    Local4,
+    Local5,
+    Local6,
+    Local7,
+}
+
+impl Facility {
+    /// The facility's code as syslog(3) numbers it (LOG_DAEMON >> 3 = 3, …).
+    pub fn code(self) -> u8 {
+        match self {
+            Facility::User => 1,
+            Facility::Daemon => 3,
+            Facility::Local0 => 16,
+            Facility::Local1 => 17,
+            Facility::Local2 => 18,
+            Facility::Local3 => 19,
+            Facility::Local4 => 20,
+            Facility::Local5 => 21,
+            Facility::Local6 => 22,
+            Facility::Local7 => 23,
+        }
+    }
+}
+
+/// `--workers`: a number, or `auto` for the CPUs this process may use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "WorkersInFile")]
+pub enum Workers {
+    Auto,
+    Count(u32),
+}
+
+impl FromStr for Workers {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "auto" {
+            return Ok(Workers::Auto);
+        }
+        s.parse::<u32>()
+            .map(Workers::Count)
+            .map_err(|_| format!("'{s}' is neither a number nor 'auto'"))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum WorkersInFile {
+    Count(u32),
+    Word(String),
+}
+
+impl TryFrom<WorkersInFile> for Workers {
+    type Error = String;
+    fn try_from(w: WorkersInFile) -> Result<Self, String> {
+        match w {
+            WorkersInFile::Count(n) => Ok(Workers::Count(n)),
+            WorkersInFile::Word(s) => s.parse(),
+        }
+    }
+}
+
+/// `--socket-mode`: permission bits for the unix socket files we create,
+/// written in octal (`0660`, `660`); in the file, a string (`"0660"`), so
+/// that a decimal integer is never taken for a mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "ModeInFile")]
+pub struct SocketMode(pub u32);
+
+impl FromStr for SocketMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let digits = s.strip_prefix("0o").unwrap_or(s);
+        match u32::from_str_radix(digits, 8) {
+            Ok(m) if !digits.is_empty() && digits.len() <= 4 && m <= 0o777 => Ok(SocketMode(m)),
+            _ => Err(format!(
+                "'{s}' is not a permission mode: octal digits from 0 to 0777, such as 0660"
+            )),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ModeInFile {
+    Text(String),
+    Number(i64),
+}
+
+impl TryFrom<ModeInFile> for SocketMode {
+    type Error = String;
+    fn try_from(m: ModeInFile) -> Result<Self, String> {
+        match m {
+            ModeInFile::Text(s) => s.parse(),
+            ModeInFile::Number(n) => Err(format!(
+                "{n}: write the mode as a string of octal digits, such as \"0660\""
+            )),
+        }
+    }
+}
+
+/// The file's `listen`: a list, and never an empty one (leaving the key
+/// out means the default; an empty list would listen nowhere).
+fn listen_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let list = Vec::<String>::deserialize(d)?;
+    if list.is_empty() {
+        return Err(serde::de::Error::custom(format!(
+            "listen is empty: leave the key out for the default {}",
+            defaults::LISTEN
+        )));
+    }
+    Ok(list)
+}
+
+/// Every option, as given on the command line or in the file.
+///
+/// `None` (or an empty list) means "not given here"; [`load`] supplies the
+/// defaults. Fields marked `serde(skip)` exist only on the command line.
+#[derive(Parser, Deserialize, Debug, Default, Clone)]
+#[command(
+    name = "echo-forkd",
+    version,
+    long_about = None,
+    about = "Echo (RFC 862) daemon with the classic process models: pre-forked workers or a child per connection",
+    after_help = "Signals to the master: TERM/INT graceful stop, QUIT immediate stop, HUP reload,\nUSR1 status line, TTIN/TTOU one worker more/less.\nSee echo-forkd(8)."
+)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Options {
+    /// Do not detach; log to stderr
+    #[arg(short = 'f', long)]
+    #[serde(skip)]
+    pub foreground: bool,
+
+    /// Read settings from this TOML file (keys are the long option names)
+    #[arg(short = 'c', long, value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+
+    /// Validate the configuration and exit: 0 if good, 1 if not; binds nothing
+    #[arg(short = 't', long)]
+    #[serde(skip)]
+    pub check: bool,
+
+    /// Address to listen on: HOST:PORT, [V6]:PORT, *:PORT or unix:/PATH (repeatable) [default: [::]:7]
+    #[arg(short = 'l', long = "listen", value_name = "ADDR")]
+    #[serde(default, deserialize_with = "listen_list")]
+    pub listen: Vec<String>,
+
+    /// Process model: prefork or fork [default: prefork]
+    #[arg(short = 'm', long, value_name = "MODE")]
+    pub mode: Option<Mode>,
+
+    /// prefork: workers started at launch, the pool's floor; N or auto [default: 4]
+    #[arg(short = 'w', long, value_name = "N|auto")]
+    pub workers: Option<Workers>,
+
+    /// prefork: ceiling of the pool [default: 256]
+    #[arg(long, value_name = "N")]
+    pub max_workers: Option<u32>,
+
+    /// prefork: fewest idle workers kept ready [default: 2]
+    #[arg(long, value_name = "N")]
+    pub min_spare: Option<u32>,
+
+    /// prefork: most idle workers kept ready [default: 8]
+    #[arg(long, value_name = "N")]
+    pub max_spare: Option<u32>,
+
+    /// fork: connections served at once; past it new clients wait in the backlog [default: 256]
+    #[arg(long, value_name = "N")]
+    pub max_children: Option<u32>,
+
+    /// prefork: a worker exits after N connections and is replaced; 0 = never [default: 0]
+    #[arg(long, value_name = "N")]
+    pub max_requests: Option<u32>,
+
+    /// prefork: add a random 0..=N to each worker's max-requests [default: 0]
+    #[arg(long, value_name = "N")]
+    pub max_requests_jitter: Option<u32>,
+
+    /// Simultaneous connections from one client address; 0 = no limit [default: 0]
+    #[arg(long, value_name = "N")]
+    pub max_per_ip: Option<u32>,
+
+    /// New connections per second from one client address; 0 = no limit [default: 0]
+    #[arg(long, value_name = "N")]
+    pub max_conn_rate: Option<u32>,
+
+    /// Allow clients in this CIDR (repeatable; most specific rule wins)
+    #[arg(long, value_name = "CIDR")]
+    #[serde(default)]
+    pub allow: Vec<String>,
+
+    /// Deny clients in this CIDR (repeatable; most specific rule wins)
+    #[arg(long, value_name = "CIDR")]
+    #[serde(default)]
+    pub deny: Vec<String>,
+
+    /// Close a connection with no progress for SECS; 0 = never [default: 300]
+    #[arg(long, value_name = "SECS")]
+    pub idle_timeout: Option<u64>,
+
+    /// Cap one connection's lifetime; 0 = no cap [default: 0]
+    #[arg(long, value_name = "SECS")]
+    pub max_session: Option<u64>,
+
+    /// Cap the bytes echoed on one connection; 0 = no cap [default: 0]
+    #[arg(long, value_name = "N")]
+    pub max_bytes: Option<u64>,
+
+    /// On stop, how long open connections may continue before they are killed [default: 10]
+    #[arg(long, value_name = "SECS")]
+    pub shutdown_timeout: Option<u64>,
+
+    /// Listen backlog [default: 1024]
+    #[arg(long, value_name = "N")]
+    pub backlog: Option<u32>,
+
+    /// Permissions of the unix: socket files it creates, in octal [default: 0666]
+    #[arg(long, value_name = "MODE")]
+    pub socket_mode: Option<SocketMode>,
+
+    /// Run workers and fork-mode children as this user
+    #[arg(short = 'u', long, value_name = "USER")]
+    pub user: Option<String>,
+
+    /// Run workers and fork-mode children with this group
+    #[arg(short = 'g', long, value_name = "GROUP")]
+    pub group: Option<String>,
+
+    /// Confine workers and fork-mode children to this directory
+    #[arg(long, value_name = "DIR")]
+    pub chroot: Option<PathBuf>,
+
+    /// Write the master's pid here and hold a lock on it while running
+    #[arg(short = 'p', long, value_name = "FILE")]
+    pub pidfile: Option<PathBuf>,
+
+    /// Where logs go: stderr or syslog [default: stderr with -f, else syslog]
+    #[arg(long, value_name = "TARGET")]
+    pub log: Option<LogTarget>,
+
+    /// The syslog socket [default: /dev/log]
+    #[arg(long, value_name = "PATH")]
+    pub syslog_socket: Option<PathBuf>,
+
+    /// Syslog facility: daemon, user, local0..local7 [default: daemon]
+    #[arg(long, value_name = "NAME")]
+    pub syslog_facility: Option<Facility>,
+
+    /// Most verbose level logged: error, warn, info, debug [default: info]
+    #[arg(long, value_name = "LEVEL")]
+    pub log_level: Option<LogLevel>,
+
+    /// Serve the one connection on stdin/stdout and exit
+    #[arg(long)]
+    #[serde(skip)]
+    pub inetd: bool,
+}
+
+impl Options {
+    /// `self` (the command line) over `file`: a value given here wins.
+    pub(super) fn over(mut self, file: Options) -> Options {
+        macro_rules! fill {
+            ($($field:ident),* $(,)?) => {
+                $( if self.$field.is_none() { self.$field = file.$field; } )*
+            };
+        }
+        fill!(
+            mode,
+            workers,
+            max_workers,
+            min_spare,
+            max_spare,
+            max_children,
+            max_requests,
+            max_requests_jitter,
+            max_per_ip,
+            max_conn_rate,
+            idle_timeout,
+            max_session,
+            max_bytes,
+            shutdown_timeout,
+            backlog,
+            socket_mode,
+            user,
+            group,
+            chroot,
+            pidfile,
+            log,
+            syslog_socket,
+            syslog_facility,
+            log_level,
+        );
+        for (mine, theirs) in [
+            (&mut self.listen, file.listen),
+            (&mut self.allow, file.allow),
+            (&mut self.deny, file.deny),
+        ] {
+            if mine.is_empty() {
+                *mine = theirs;
+            }
+        }
+        self
+    }
+}
+
+/// The settings in force: every value resolved and checked.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub foreground: bool,
+    /// Serve the connection on stdin and exit.
+    pub inetd: bool,
+    pub pidfile: Option<PathBuf>,
+    pub user: Option<String>,
+    pub group: Option<String>,
+    pub chroot: Option<PathBuf>,
+    /// The file the settings came from, re-read on reload.
+    pub config_file: Option<PathBuf>,
+    pub listen: Vec<ListenAddr>,
+    pub mode: Mode,
+    pub workers: u32,
+    pub max_workers: u32,
+    pub min_spare: u32,
+    pub max_spare: u32,
+    pub max_children: u32,
+    pub max_requests: u32,
+    pub max_requests_jitter: u32,
+    /// 0 = no limit.
+    pub max_per_ip: u32,
+    /// New connections per second per client address; 0 = no limit.
+    pub max_conn_rate: u32,
+    pub rules: Rules,
+    pub idle_timeout: Option<Duration>,
+    pub max_session: Option<Duration>,
+    /// 0 = no cap.
+    pub max_bytes: u64,
+    pub shutdown_timeout: Duration,
+    pub backlog: i32,
+    /// Permission bits of the unix socket files we bind.
+    pub socket_mode: u32,
+    pub log: LogTarget,
+    pub syslog_socket: PathBuf,
+    pub syslog_facility: Facility,
+    pub log_level: LogLevel,
+}

@@ -1,0 +1,292 @@
+//! The configuration's unit tests: parsing, merging, defaults, every
+//! error, and a property test over the whole option space.
+
+use super::options::SocketMode;
+use super::*;
+use clap::Parser;
+
+fn cli(args: &[&str]) -> Options {
+    let mut all = vec!["echo-forkd", "-f"];
+    all.extend_from_slice(args);
+    Options::try_parse_from(all).expect("valid command line")
+}
+
+#[test]
+fn defaults_match_the_contract() {
+    let c = resolve(cli(&[])).unwrap();
+    assert_eq!(c.mode, Mode::Prefork);
+    assert_eq!(c.workers, 4);
+    assert_eq!(c.max_workers, 256);
+    assert_eq!((c.min_spare, c.max_spare), (2, 8));
+    assert_eq!(c.max_children, 256);
+    assert_eq!(c.idle_timeout, Some(Duration::from_secs(300)));
+    assert_eq!(c.shutdown_timeout, Duration::from_secs(10));
+    assert_eq!(c.backlog, 1024);
+    assert_eq!(c.log, LogTarget::Stderr);
+    assert_eq!(c.listen, vec!["[::]:7".parse::<ListenAddr>().unwrap()]);
+}
+
+#[test]
+fn file_keys_are_long_option_names() {
+    let o = parse_file(
+        "mode = \"fork\"\nmax-children = 64\nlisten = [\"127.0.0.1:7\"]\nworkers = \"auto\"\n",
+    )
+    .unwrap();
+    assert_eq!(o.mode, Some(Mode::Fork));
+    assert_eq!(o.max_children, Some(64));
+    assert_eq!(o.listen, vec!["127.0.0.1:7".to_string()]);
+    assert_eq!(o.workers, Some(Workers::Auto));
+    assert_eq!(
+        parse_file("workers = 3").unwrap().workers,
+        Some(Workers::Count(3))
+    );
+}
+
+#[test]
+fn unknown_key_is_named_with_its_line() {
+    let err = parse_file("mode = \"fork\"\n\nmax-chidlren = 3\n").unwrap_err();
+    assert!(err.contains("line 3"), "{err}");
+    assert!(err.contains("max-chidlren"), "{err}");
+}
+
+#[test]
+fn command_line_only_options_are_not_keys() {
+    for key in [
+        "foreground = true",
+        "config = \"x\"",
+        "check = true",
+        "inetd = true",
+    ] {
+        assert!(
+            parse_file(key).is_err(),
+            "{key} should be refused in a file"
+        );
+    }
+}
+
+#[test]
+fn flags_win_over_the_file() {
+    let file = parse_file("listen = [\"127.0.0.1:1\"]\nworkers = 9\nidle-timeout = 5").unwrap();
+    let c = resolve(cli(&["-l", "127.0.0.1:2", "-w", "3"]).over(file)).unwrap();
+    assert_eq!(c.listen, vec!["127.0.0.1:2".parse::<ListenAddr>().unwrap()]);
+    assert_eq!(c.workers, 3);
+    assert_eq!(c.idle_timeout, Some(Duration::from_secs(5)));
+}
+
+#[test]
+fn contradictions_are_errors() {
+    assert!(resolve(cli(&["--min-spare", "5", "--max-spare", "4"])).is_err());
+    assert!(resolve(cli(&["-w", "10", "--max-workers", "5"])).is_err());
+    assert!(resolve(cli(&["-w", "0"])).is_err());
+    assert!(resolve(cli(&["--max-children", "0"])).is_err());
+    assert!(resolve(cli(&["-l", "127.0.0.1:1", "-l", "127.0.0.1:1"])).is_err());
+    assert!(resolve(cli(&["-l", "127.0.0.1:0", "-l", "127.0.0.1:0"])).is_ok());
+    // Raising workers alone lifts the default ceiling with it.
+    assert_eq!(resolve(cli(&["-w", "300"])).unwrap().max_workers, 300);
+    assert!(resolve(cli(&["--max-workers", "4097"])).is_err());
+}
+
+#[test]
+fn values_above_their_ceiling_are_errors_naming_the_key() {
+    let over = (ceiling::SECONDS + 1).to_string();
+    for key in ["--idle-timeout", "--max-session", "--shutdown-timeout"] {
+        let err = resolve(cli(&[key, &over])).unwrap_err();
+        assert!(err.contains(&key[2..]) && err.contains("30 days"), "{err}");
+        assert!(resolve(cli(&[key, &ceiling::SECONDS.to_string()])).is_ok());
+    }
+    let err = resolve(cli(&["--max-bytes", &u64::MAX.to_string()])).unwrap_err();
+    assert!(err.contains("max-bytes"), "{err}");
+    assert!(resolve(cli(&["--max-children", "65537"])).is_err());
+    assert!(resolve(cli(&["--max-spare", "5000"])).is_err());
+    let err = parse_file("shutdown-timeout = 9223372036854775807")
+        .and_then(|o| resolve(cli(&[]).over(o)))
+        .unwrap_err();
+    assert!(err.contains("shutdown-timeout"), "{err}");
+}
+
+#[test]
+fn contradictions_and_empty_values_are_errors() {
+    let err = resolve(cli(&["--min-spare", "300", "--max-spare", "300"])).unwrap_err();
+    assert!(err.contains("max-workers"), "{err}");
+    let err = resolve(cli(&["-l", "*:7007", "-l", "[::]:7007"])).unwrap_err();
+    assert!(err.contains("overlap"), "{err}");
+    // clap refuses an empty path on the command line; a file may not.
+    for key in ["pidfile", "chroot", "syslog-socket"] {
+        let o = parse_file(&format!("{key} = \"\"")).unwrap();
+        let err = resolve(cli(&[]).over(o)).unwrap_err();
+        assert!(err.contains(key) && err.contains("empty"), "{err}");
+    }
+    let err = parse_file("listen = []").unwrap_err();
+    assert!(err.contains("line 1") && err.contains("listen"), "{err}");
+    let long = format!("unix:/{}", "d".repeat(120));
+    let err = load(cli(&["-l", &long]), Path::new("/")).unwrap_err();
+    assert!(err.contains("bytes"), "{err}");
+    // A relative path is measured once it is absolute.
+    let short = "unix:s".to_string();
+    let deep = Path::new("/").join("d".repeat(110));
+    assert!(load(cli(&["-l", &short]), &deep).is_err());
+}
+
+#[test]
+fn socket_mode_is_octal_and_a_string_in_the_file() {
+    assert_eq!(resolve(cli(&[])).unwrap().socket_mode, 0o666);
+    let c = resolve(cli(&["--socket-mode", "0660"])).unwrap();
+    assert_eq!(c.socket_mode, 0o660);
+    assert_eq!("600".parse::<SocketMode>(), Ok(SocketMode(0o600)));
+    for bad in ["", "0800", "1777", "rw", "07777"] {
+        assert!(bad.parse::<SocketMode>().is_err(), "{bad}");
+    }
+    let o = parse_file("socket-mode = \"0640\"").unwrap();
+    assert_eq!(o.socket_mode, Some(SocketMode(0o640)));
+    let err = parse_file("socket-mode = 640").unwrap_err();
+    assert!(err.contains("string"), "{err}");
+}
+
+#[test]
+fn config_files_must_be_small_regular_files() {
+    let err = read_file(Path::new("/dev/zero")).unwrap_err();
+    assert!(err.contains("not a regular file"), "{err}");
+    let dir = std::env::temp_dir().join(format!("echo-forkd-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    // Opening a FIFO for reading would wait for a writer: it must not.
+    let err = read_file(&fifo).unwrap_err();
+    assert!(err.contains("not a regular file"), "{err}");
+    let big = dir.join("big.conf");
+    std::fs::write(&big, vec![b'#'; ceiling::CONFIG_BYTES as usize + 1]).unwrap();
+    let err = read_file(&big).unwrap_err();
+    assert!(err.contains("bytes"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Nothing `-t` accepts may panic at run time: random settings over the
+/// whole option space, the edges included; every one that resolves is
+/// run through the computations the daemon makes with it.
+#[test]
+fn nothing_that_resolves_overflows_at_run_time() {
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    // The edges of every ceiling and type, and values of every size.
+    let edges = [
+        0,
+        1,
+        2,
+        59,
+        4095,
+        4096,
+        4097,
+        65_536,
+        ceiling::SECONDS,
+        ceiling::SECONDS + 1,
+        i32::MAX as u64,
+        u32::MAX as u64,
+        u32::MAX as u64 + 1,
+        i64::MAX as u64,
+        u64::MAX,
+    ];
+    let flags = [
+        "--workers",
+        "--max-workers",
+        "--min-spare",
+        "--max-spare",
+        "--max-children",
+        "--max-requests",
+        "--max-requests-jitter",
+        "--max-per-ip",
+        "--max-conn-rate",
+        "--idle-timeout",
+        "--max-session",
+        "--max-bytes",
+        "--shutdown-timeout",
+        "--backlog",
+    ];
+    let mut accepted = 0;
+    for _ in 0..20_000 {
+        // As -t takes them: a command line, each flag given a third of the
+        // time (so that most draws resolve).
+        let mut args = vec!["echo-forkd".to_string(), "-f".to_string()];
+        for flag in flags {
+            let r = next();
+            if r % 3 == 0 {
+                let value = match (r >> 2) % 3 {
+                    0 => edges[(r >> 3) as usize % edges.len()],
+                    1 => r >> (r % 64),
+                    _ => r % 10_000,
+                };
+                args.extend([flag.to_string(), value.to_string()]);
+            }
+        }
+        let Ok(o) = Options::try_parse_from(&args) else {
+            continue;
+        };
+        let Ok(c) = resolve(o) else { continue };
+        accepted += 1;
+        let now = std::time::Instant::now();
+        let _ = crate::time::after(now, c.shutdown_timeout);
+        let limits = c.limits();
+        let later = limits.next_deadline(now, now);
+        let _ = limits.expired(now, now, now);
+        let _ = crate::time::poll_timeout(later.map(|t| t - now));
+        let _ = limits.room(65_536, c.max_bytes.saturating_sub(1));
+        let mut s = next() | 1;
+        let _ = crate::pool::max_requests(c.max_requests, c.max_requests_jitter, &mut s);
+        let b = crate::pool::Bounds {
+            workers: c.workers,
+            max_workers: c.max_workers,
+            min_spare: c.min_spare,
+            max_spare: c.max_spare,
+        };
+        let mut pool = crate::pool::Pool::default();
+        for (idle, total) in [(0, 0), (0, c.max_workers), (c.max_spare, c.workers)] {
+            let _ = pool.decide(now, (idle, total), total, Some(next() as u32), b);
+            let _ = pool.decide(now, (0, idle), total, None, b);
+        }
+        let _ = c.bind_options(None);
+    }
+    assert!(accepted > 1000, "only {accepted} settings resolved");
+}
+
+#[test]
+fn access_rules_are_parsed_with_the_rest() {
+    let c = resolve(cli(&["--allow", "10.0.0.0/8", "--deny", "10.1.0.0/16"])).unwrap();
+    assert!(!c.rules.is_empty());
+    let err = resolve(cli(&["--deny", "10.0.0.1/8"])).unwrap_err();
+    assert!(err.contains("10.0.0.1/8"), "{err}");
+}
+
+#[test]
+fn relative_paths_are_taken_from_the_start_directory() {
+    let o = cli(&[
+        "-l",
+        "unix:run/echo.sock",
+        "-l",
+        "unix:/abs.sock",
+        "-p",
+        "echo.pid",
+        "--chroot",
+        "/var/empty",
+    ]);
+    let c = resolve(o).unwrap().anchored(Path::new("/srv/echo"));
+    assert_eq!(c.pidfile.as_deref(), Some(Path::new("/srv/echo/echo.pid")));
+    assert_eq!(c.chroot.as_deref(), Some(Path::new("/var/empty")));
+    assert_eq!(
+        c.listen,
+        [
+            ListenAddr::Unix("/srv/echo/run/echo.sock".into()),
+            ListenAddr::Unix("/abs.sock".into())
+        ]
+    );
+    assert_eq!(c.syslog_socket, Path::new("/dev/log"));
+}
+
+#[test]
+fn workers_auto_is_at_least_one() {
+    assert!(resolve(cli(&["-w", "auto"])).unwrap().workers >= 1);
+    assert!("many".parse::<Workers>().is_err());
+}

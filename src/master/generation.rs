@@ -1,0 +1,250 @@
+//! Configurations and their generations: announcing readiness at startup,
+//! and a reload on SIGHUP, which prepares the new generation (the file
+//! read and checked, new listeners bound, new workers forked), commits it
+//! once every new worker is ready (then the old ones retire), or abandons
+//! it and keeps the configuration in force.
+
+use std::time::Instant;
+
+use log::{error, info, warn};
+
+use super::{nofile_need, Master, READY_TIMEOUT};
+use crate::accept::Acceptor;
+use crate::config::{self, Config, LogTarget, Mode};
+use crate::daemon::Identity;
+use crate::listen::{self, Listener};
+use crate::reload::{self, Planned};
+use crate::time::after;
+
+/// A reload under way: the new generation is starting and the old one
+/// still serves.
+pub(super) struct Pending {
+    pub(super) generation: u32,
+    pub(super) cfg: Config,
+    pub(super) identity: Identity,
+    /// The new listener set, in the new configuration's order.
+    pub(super) plan: Vec<Planned>,
+    /// When the reload is abandoned if the new workers are not all ready.
+    pub(super) deadline: Instant,
+}
+
+/// Which configuration a worker is started for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Target {
+    /// The one in force.
+    InForce,
+    /// The one a reload is starting.
+    Pending,
+}
+
+impl Master {
+    /// Announces readiness, completes or abandons a reload, and starts a
+    /// reload that had to wait, as the workers' states allow.
+    pub(super) fn progress(&mut self, now: Instant) {
+        if let Some(deadline) = self.life.unannounced {
+            if self.cfg.mode == Mode::Fork
+                || self.ready_workers(self.life.generation) >= self.cfg.workers as usize
+            {
+                self.life.unannounced = None;
+                info!("ready");
+                self.announce_ready(now);
+                if let Some(ready) = self.handoff.ready.take() {
+                    ready.ready();
+                }
+            } else if now >= deadline {
+                self.fatal(
+                    now,
+                    &format!(
+                        "the workers did not become ready within {} s",
+                        READY_TIMEOUT.as_secs()
+                    ),
+                );
+                return;
+            }
+        }
+        if let Some(p) = &self.life.pending {
+            if p.cfg.mode == Mode::Fork
+                || self.ready_workers(p.generation) >= p.cfg.workers as usize
+            {
+                self.commit(now);
+            } else if now >= p.deadline {
+                self.abandon(&format!(
+                    "the new workers did not become ready within {} s",
+                    READY_TIMEOUT.as_secs()
+                ));
+            }
+        }
+        if self.life.hup_deferred && self.life.pending.is_none() && self.life.unannounced.is_none()
+        {
+            self.life.hup_deferred = false;
+            self.reload(now);
+        }
+    }
+
+    /// Startup failed after the master began: stop and exit 1.
+    pub(super) fn fatal(&mut self, now: Instant, why: &str) {
+        error!("{why}; stopping");
+        if self.handoff.ready.is_some() && self.cfg.log == LogTarget::Syslog {
+            // The launcher is still waiting, and its stderr is still ours.
+            crate::logging::say(why);
+        }
+        self.life.exit_code = 1;
+        self.stop(now, true, "startup failed");
+    }
+
+    pub(super) fn hup(&mut self, now: Instant) {
+        if self.life.stop_deadline.is_some() {
+            info!("SIGHUP ignored: stopping");
+        } else if self.life.pending.is_some() || self.life.unannounced.is_some() {
+            info!("SIGHUP: will reload once the workers being started are ready");
+            self.life.hup_deferred = true;
+        } else {
+            self.reload(now);
+        }
+    }
+
+    /// SIGHUP: reads the configuration again and, if it is valid, starts
+    /// the new generation; the old one is retired once it is ready.
+    pub(super) fn reload(&mut self, now: Instant) {
+        match &self.cfg.config_file {
+            Some(f) => info!("SIGHUP: reloading {}", f.display()),
+            None => info!("SIGHUP: reloading (no config file: restarting the workers)"),
+        }
+        self.notify(&format!(
+            "RELOADING=1\nMONOTONIC_USEC={}",
+            crate::time::monotonic_usec()
+        ));
+        if let Err(e) = self.prepare(now) {
+            self.abandon(&e);
+        } else {
+            self.progress(now);
+        }
+    }
+
+    /// Validates the new configuration, binds its new listeners and forks
+    /// its workers.
+    pub(super) fn prepare(&mut self, now: Instant) -> Result<(), String> {
+        let mut cfg = config::load(self.source.cli.clone(), &self.source.base)?;
+        for name in reload::keep_fixed(&self.cfg, &mut cfg) {
+            warn!("{name} cannot change on reload; restart echo-forkd to change it");
+        }
+        let identity = Identity::resolve(
+            cfg.user.as_deref(),
+            cfg.group.as_deref(),
+            cfg.chroot.as_deref(),
+        )?;
+        let opts = cfg.bind_options(identity.socket_group());
+        let plan = if self.source.activated {
+            (0..self.acceptor.listeners().len())
+                .map(Planned::Kept)
+                .collect()
+        } else {
+            let current: Vec<_> = self
+                .acceptor
+                .listeners()
+                .iter()
+                .map(Listener::configured)
+                .collect();
+            let matched = reload::match_listeners(&current, &cfg.listen);
+            let mut plan = Vec::with_capacity(matched.len());
+            for (addr, m) in cfg.listen.iter().zip(matched) {
+                plan.push(match m {
+                    Some(i) => Planned::Kept(i),
+                    None => Planned::Bound(listen::bind(addr, &opts)?),
+                });
+            }
+            plan
+        };
+        for p in &plan {
+            if let Planned::Bound(l) = p {
+                info!("listening on {}", l.name());
+            }
+        }
+        let workers = if cfg.mode == Mode::Prefork {
+            cfg.workers
+        } else {
+            0
+        };
+        // Each new worker costs the master a descriptor until the old
+        // generation is gone: check for room before forking any.
+        let open = crate::sys::open_fds().unwrap_or(0);
+        crate::daemon::ensure_nofile(open + u64::from(workers) + 8, "the reload")?;
+        if let Err(e) = crate::daemon::ensure_nofile(nofile_need(&cfg, plan.len()), "max-workers") {
+            warn!("{e}");
+        }
+        self.life.pending = Some(Pending {
+            generation: self.life.generation + 1,
+            cfg,
+            identity,
+            plan,
+            deadline: now + READY_TIMEOUT,
+        });
+        for _ in 0..workers {
+            self.spawn_worker(Target::Pending, now)
+                .map_err(|e| format!("cannot fork a new worker: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// The new generation is ready: switch to its listeners and settings,
+    /// and tell the old workers to stop accepting.
+    pub(super) fn commit(&mut self, now: Instant) {
+        let Some(p) = self.life.pending.take() else {
+            return;
+        };
+        let mut current: Vec<Option<Listener>> =
+            self.acceptor.take().into_iter().map(Some).collect();
+        self.acceptor = Acceptor::new(take_planned(&mut current, p.plan));
+        for l in current.into_iter().flatten() {
+            info!("no longer listening on {}", l.name());
+        }
+        let opts = p.cfg.bind_options(p.identity.socket_group());
+        if opts != self.cfg.bind_options(self.identity.socket_group()) {
+            for l in self.acceptor.listeners() {
+                if let Err(e) = l.set_backlog(opts.backlog).and(l.set_permissions(&opts)) {
+                    warn!("{e}");
+                }
+            }
+        }
+        let generation = p.generation;
+        let retiring = self
+            .children
+            .retire_where(after(now, p.cfg.shutdown_timeout), |g| g < generation);
+        self.life.generation = generation;
+        self.cfg = p.cfg;
+        self.identity = p.identity;
+        self.fork.policy = self.cfg.policy();
+        log::set_max_level(self.cfg.log_level.filter());
+        info!("reloaded: generation {generation} serves; {retiring} old workers retiring");
+        self.announce_ready(now);
+    }
+
+    /// Gives up a reload: the new workers (if any) are retired and the
+    /// configuration in force stays.
+    pub(super) fn abandon(&mut self, why: &str) {
+        error!("reload failed: {why}; the configuration in force is unchanged");
+        let now = Instant::now();
+        if let Some(p) = self.life.pending.take() {
+            self.children
+                .retire_where(after(now, self.cfg.shutdown_timeout), |g| g == p.generation);
+        }
+        self.announce_ready(now);
+    }
+
+    /// Tells systemd the daemon serves (at startup, and at the end of a
+    /// reload, good or bad), with the status line.
+    pub(super) fn announce_ready(&self, now: Instant) {
+        self.notify(&format!("READY=1\nSTATUS={}", self.status_text(now)));
+    }
+}
+
+/// Builds a listener set from a plan, taking kept listeners out of
+/// `current` (what is left there is what the plan dropped).
+pub(super) fn take_planned(current: &mut [Option<Listener>], plan: Vec<Planned>) -> Vec<Listener> {
+    plan.into_iter()
+        .filter_map(|p| match p {
+            Planned::Kept(i) => current.get_mut(i).and_then(Option::take),
+            Planned::Bound(l) => Some(l),
+        })
+        .collect()
+}

@@ -1,0 +1,513 @@
+//! The master: one supervisor for every process model.
+//!
+//! It is single-threaded and sleeps in one `poll` on the signal pipe and
+//! the workers' notice pipe (plus, in fork mode, the listeners while it is
+//! under `max-children`), with a timeout that is the nearest deadline. On
+//! each wake-up it drains signals, acts on stop requests, reaps every
+//! exited child, then accepts (fork) or tends the pool (prefork). Like
+//! nginx's master cycle, the order is fixed, and handlers only set flags.
+//!
+//! Each concern has a room: `generation` (startup readiness, SIGHUP:
+//! prepare, commit or abandon a reload), `prefork` (the pool: filling,
+//! spares, retiring, spawning workers, TTIN/TTOU), `fork` (accepting and
+//! forking per connection, per-address counts, the max-children bound),
+//! `reap` (children's deaths and crash-loop protection) and `status`
+//! (USR1, STATUS=, periodic reports). This file holds the struct, the
+//! loop, the wait, and stopping.
+
+mod fork;
+mod generation;
+mod prefork;
+mod reap;
+mod status;
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime};
+
+use log::{error, info, warn};
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::poll::{poll, PollFd, PollFlags};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::{getpid, pipe2, Pid};
+
+use crate::accept::Acceptor;
+use crate::access::{PerIp, Policy};
+use crate::children::{Backoff, Children, EXIT_SETUP};
+use crate::config::{Config, Mode, Options, MAX_WORKERS_LIMIT};
+use crate::daemon::{Identity, PidFile, ReadyPipe};
+use crate::listen::Listener;
+use crate::logging::{RateLimit, REPORT_EVERY};
+use crate::pool::{Pool, Saturation};
+use crate::reload::Planned;
+use crate::scoreboard::Scoreboard;
+use crate::signals::Signals;
+use crate::sys::IoBuffer;
+use crate::systemd::Notify;
+use crate::time::after;
+
+use generation::Pending;
+
+/// How long a new generation of workers may take to become ready, at
+/// startup or on reload.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often the master looks at the pool and the refusal counters even
+/// when nothing woke it.
+const TICK: Duration = Duration::from_secs(1);
+
+/// What startup hands to the master besides the configuration and the
+/// listeners. Children drop all of it right after fork.
+pub struct Handoff {
+    /// Locked for the master's life, removed when it exits.
+    pub pidfile: Option<PidFile>,
+    /// Detached: the launcher waits on this for "ready".
+    pub ready: Option<ReadyPipe>,
+    /// systemd's notification socket.
+    pub notify: Option<Notify>,
+}
+
+/// Where the configuration came from, to read it again on SIGHUP.
+pub struct Source {
+    /// The command line, whose flags win over the file.
+    pub cli: Options,
+    /// The directory relative paths are taken from.
+    pub base: PathBuf,
+    /// The listeners were passed by the service manager: a reload keeps
+    /// them and binds nothing.
+    pub activated: bool,
+}
+
+/// Runs the master until it is stopped; returns the exit status.
+pub fn run(
+    cfg: Config,
+    listeners: Vec<Listener>,
+    identity: Identity,
+    handoff: Handoff,
+    source: Source,
+) -> i32 {
+    let fail = |what: &str, e: std::io::Error| {
+        error!("cannot create {what}: {}", crate::logging::error_text(&e));
+        1
+    };
+    let signals = match Signals::install() {
+        Ok(s) => s,
+        Err(e) => return fail("the signal handlers", e),
+    };
+    let (ctl_r, ctl_w) = match pipe2(OFlag::O_CLOEXEC) {
+        Ok(p) => p,
+        Err(e) => return fail("the control pipe", e.into()),
+    };
+    let (notice_r, notice_w) = match pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK) {
+        Ok(p) => p,
+        Err(e) => return fail("the notice pipe", e.into()),
+    };
+    // Two generations of a full pool may overlap during a reload.
+    let scoreboard = match Scoreboard::new(2 * MAX_WORKERS_LIMIT as usize, seed()) {
+        Ok(s) => s,
+        Err(e) => return fail("the scoreboard", e),
+    };
+    // The master holds one descriptor per worker, and a reload may run
+    // two full generations at once.
+    if let Err(e) = crate::daemon::ensure_nofile(nofile_need(&cfg, listeners.len()), "max-workers")
+    {
+        warn!("{e}");
+    }
+    let now = Instant::now();
+    let mut master = Master {
+        pid: getpid(),
+        identity,
+        handoff,
+        source,
+        acceptor: Acceptor::new(listeners),
+        signals: Some(signals),
+        notice_r: Some(notice_r),
+        notice_w: Some(notice_w),
+        scoreboard,
+        children: Children::default(),
+        backoff: Backoff::default(),
+        life: Lifecycle {
+            started: now,
+            generation: 1,
+            pending: None,
+            hup_deferred: false,
+            unannounced: Some(now + READY_TIMEOUT),
+            exit_code: 0,
+            stop_deadline: None,
+            killed: false,
+        },
+        fork: ForkState {
+            ctl_r,
+            ctl_w: Some(ctl_w),
+            conn_buf: None,
+            accepted: 0,
+            policy: cfg.policy(),
+            per_ip: PerIp::default(),
+            saturation: Saturation::new(REPORT_EVERY),
+        },
+        prefork: PreforkState {
+            pool: Pool::default(),
+            served_by_gone: 0,
+            seed: seed(),
+            at_max: RateLimit::new(REPORT_EVERY),
+        },
+        reports: Reports {
+            next_tick: now + TICK,
+            reported: [0; 3],
+            last_report: None,
+            errors: RateLimit::new(REPORT_EVERY),
+            crash: RateLimit::new(REPORT_EVERY),
+        },
+        cfg,
+    };
+    master.run()
+}
+
+/// Where the master is in its life: starting, serving the n-th
+/// configuration, reloading, stopping.
+struct Lifecycle {
+    started: Instant,
+    /// The configuration in force is the n-th one (1 at startup).
+    generation: u32,
+    pending: Option<Pending>,
+    /// A SIGHUP arrived while a reload or the startup was under way.
+    hup_deferred: bool,
+    /// Until "ready" is announced: when startup is given up.
+    unannounced: Option<Instant>,
+    exit_code: i32,
+    /// Set once a stop began: when the remaining children are killed.
+    stop_deadline: Option<Instant>,
+    killed: bool,
+}
+
+/// Fork mode's state. It lives beside the pool's whatever the mode, as a
+/// reload may switch between them.
+struct ForkState {
+    /// The control pipe: children hold the read end; the master holds the
+    /// only write end, and closing it tells them to stop. (Each prefork
+    /// worker has a pipe of its own, in `children`.)
+    ctl_r: OwnedFd,
+    ctl_w: Option<OwnedFd>,
+    /// The children's buffer, mapped once and never touched here, so each
+    /// child writes only its own zero-filled pages.
+    conn_buf: Option<IoBuffer>,
+    /// Connections handed to a child.
+    accepted: u64,
+    /// The client checks the master makes before forking.
+    policy: Policy,
+    /// Children serving each client address (max-per-ip).
+    per_ip: PerIp,
+    /// `max-children` reached, counted and reported.
+    saturation: Saturation,
+}
+
+/// The prefork pool's state.
+struct PreforkState {
+    /// The spare policy's state.
+    pool: Pool,
+    /// Connections served by workers that have exited.
+    served_by_gone: u64,
+    /// For each worker's share of `max-requests-jitter`.
+    seed: u64,
+    /// `max-workers` reached with every worker busy, counted and reported.
+    at_max: RateLimit,
+}
+
+/// When the master reports, and what it reported last.
+struct Reports {
+    next_tick: Instant,
+    /// Refusal counts as last logged, and when.
+    reported: [u64; 3],
+    last_report: Option<Instant>,
+    /// accept or fork errors.
+    errors: RateLimit,
+    /// Escalations of the crash-loop back-off after the first.
+    crash: RateLimit,
+}
+
+struct Master {
+    pid: Pid,
+    /// Who children run as.
+    identity: Identity,
+    handoff: Handoff,
+    source: Source,
+    cfg: Config,
+    /// The listeners in force, and (fork mode) accepting from them.
+    acceptor: Acceptor,
+    /// `None` only in a child, after it closed the self-pipe.
+    signals: Option<Signals>,
+    /// Workers write a byte here once they are ready.
+    notice_r: Option<OwnedFd>,
+    notice_w: Option<OwnedFd>,
+    scoreboard: Scoreboard,
+    children: Children,
+    backoff: Backoff,
+    life: Lifecycle,
+    fork: ForkState,
+    prefork: PreforkState,
+    reports: Reports,
+}
+
+impl Master {
+    /// The master cycle, in a fixed order: wait, read the workers'
+    /// notices and the signals, act on them, then tend the pool or accept
+    /// while running, or finish the stop.
+    fn run(&mut self) -> i32 {
+        let now = Instant::now();
+        self.fill_pool(now);
+        self.progress(now);
+        loop {
+            let (noticed, ready) = self.wait();
+            let now = Instant::now();
+            if noticed {
+                self.drain_notices();
+            }
+            let Some(signals) = self.signals.as_mut() else {
+                return 1;
+            };
+            let p = signals.drain();
+            self.on_signals(p, now);
+            match self.life.stop_deadline {
+                None => self.tend(now, ready.contains(&true)),
+                Some(_) if self.children.is_empty() => break,
+                Some(deadline) if now >= deadline && !self.life.killed => {
+                    warn!(
+                        "shutdown timeout ({} s) reached: killing {} children",
+                        self.cfg.shutdown_timeout.as_secs(),
+                        self.children.len()
+                    );
+                    self.kill_all();
+                }
+                Some(_) => {}
+            }
+        }
+        info!("exiting");
+        self.life.exit_code
+    }
+
+    /// Acts on the signals that came, stops first.
+    fn on_signals(&mut self, p: crate::signals::Pending, now: Instant) {
+        if p.quit {
+            self.stop(now, true, "SIGQUIT");
+        }
+        if p.term || p.int {
+            // A second TERM/INT during a graceful stop makes it immediate.
+            let again = self.life.stop_deadline.is_some();
+            self.stop(now, again, if p.term { "SIGTERM" } else { "SIGINT" });
+        }
+        if p.chld {
+            self.reap(now);
+        }
+        if p.hup {
+            self.hup(now);
+        }
+        if p.usr1 {
+            self.status(now);
+        }
+        if p.ttin {
+            self.resize(true, now);
+        }
+        if p.ttou {
+            self.resize(false, now);
+        }
+    }
+
+    /// While running: readiness and reloads, overdue children, crash-loop
+    /// probes, accepting (fork mode; `readable`: a listener is), the pool,
+    /// and the periodic reports.
+    fn tend(&mut self, now: Instant, readable: bool) {
+        self.progress(now);
+        self.kill_overdue(now);
+        self.check_probes(now);
+        if self.cfg.mode == Mode::Fork {
+            // Only when a listener is readable: no EAGAIN per wake-up.
+            if readable {
+                self.accept(now);
+            }
+            self.watch_limit(now);
+        }
+        self.fill_pool(now);
+        self.maintain(now);
+        self.tick(now);
+    }
+
+    /// Sleeps until a signal, a worker's notice, a listener (fork mode,
+    /// under the limit) or the nearest deadline. Returns whether a notice
+    /// came, and which listeners are readable.
+    fn wait(&self) -> (bool, Vec<bool>) {
+        let now = Instant::now();
+        let serving = self.serving();
+        let accepting = self.cfg.mode == Mode::Fork
+            && self.life.stop_deadline.is_none()
+            && self.acceptor.paused_until(now).is_none()
+            // Crash-loop back-off: clients wait in the backlog rather than
+            // meet a child that fails to start.
+            && self.backoff.hold_until(now, serving).is_none()
+            // Like tcpserver -c: at the limit we stop polling the listeners
+            // and new clients wait in the kernel's backlog.
+            && self.children.len() < self.cfg.max_children as usize;
+        let (Some(signals), Some(notice)) = (&self.signals, &self.notice_r) else {
+            return (false, Vec::new());
+        };
+        let listeners = self.acceptor.listeners();
+        let mut fds = Vec::with_capacity(2 + listeners.len());
+        fds.push(PollFd::new(signals.fd(), PollFlags::POLLIN));
+        fds.push(PollFd::new(notice.as_fd(), PollFlags::POLLIN));
+        if accepting {
+            fds.extend(
+                listeners
+                    .iter()
+                    .map(|l| PollFd::new(l.as_fd(), PollFlags::POLLIN)),
+            );
+        }
+        let running = self.life.stop_deadline.is_none();
+        let deadlines = [
+            self.life.stop_deadline.filter(|_| !self.life.killed),
+            self.acceptor.paused_until(now).filter(|_| running),
+            self.backoff.hold_until(now, serving).filter(|_| running),
+            self.probe_deadline(now).filter(|_| running),
+            self.children.next_deadline().filter(|_| running),
+            self.life.pending.as_ref().map(|p| p.deadline),
+            self.life.unannounced.filter(|_| running),
+            Some(self.reports.next_tick).filter(|_| running),
+        ];
+        let timeout = deadlines
+            .iter()
+            .flatten()
+            .min()
+            .map(|t| t.saturating_duration_since(now));
+        match poll(&mut fds, crate::time::poll_timeout(timeout)) {
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(e) => warn!("poll failed: {e}"),
+        }
+        let ready = |f: &PollFd<'_>| f.revents().is_some_and(|r| !r.is_empty());
+        (ready(&fds[1]), fds[2..].iter().map(ready).collect())
+    }
+
+    /// Empties the notice pipe; what the workers said is in the scoreboard.
+    fn drain_notices(&self) {
+        if let Some(fd) = &self.notice_r {
+            // A short read means the pipe is empty.
+            let mut sink = [0u8; 256];
+            while matches!(nix::unistd::read(fd, &mut sink), Ok(n) if n == sink.len()) {}
+        }
+    }
+
+    /// In a child right after fork: drops what only the master may hold,
+    /// above all every control pipe's write end (or a worker would keep its
+    /// siblings from ever seeing "stop").
+    /// Nothing here is freed: a child that frees writes the allocator's
+    /// metadata, and each heap page so written is copied from the master.
+    fn close_in_child(&mut self) {
+        crate::logging::forked();
+        Listener::close_all_in_child(&mut self.acceptor.take());
+        if let Some(p) = self.life.pending.take() {
+            let mut plan = p.plan;
+            for planned in plan.drain(..) {
+                if let Planned::Bound(l) = planned {
+                    l.close_in_child();
+                }
+            }
+            std::mem::forget((plan, p.cfg, p.identity));
+        }
+        if let Some(s) = self.signals.take() {
+            s.close_in_child();
+        }
+        self.fork.ctl_w = None;
+        std::mem::take(&mut self.children).close_in_child();
+        self.notice_r = None;
+        if let Some(ready) = self.handoff.ready.take() {
+            ready.close_in_child();
+        }
+        if let Some(p) = self.handoff.pidfile.take() {
+            p.close_in_child();
+        }
+        self.handoff.notify = None;
+    }
+
+    /// In a fork-mode child right after fork: drop the master's fds, then
+    /// its privileges. Err is the exit code.
+    fn enter_child(&mut self) -> Result<(), i32> {
+        self.close_in_child();
+        self.notice_w = None;
+        enter(&self.identity, &self.scoreboard)
+    }
+
+    fn notify(&self, msg: &str) {
+        if let Some(n) = &self.handoff.notify {
+            n.send(msg);
+        }
+    }
+
+    /// Begins a stop: listeners are closed at once, children are told to
+    /// stop accepting; `immediate` kills them instead of letting them finish.
+    fn stop(&mut self, now: Instant, immediate: bool, why: &str) {
+        if self.life.stop_deadline.is_none() {
+            if immediate {
+                info!("{why}: stopping now");
+            } else {
+                info!(
+                    "{why}: stopping; open connections may continue for {} s",
+                    self.cfg.shutdown_timeout.as_secs()
+                );
+            }
+            // Closing our copies (and removing unix socket files) plus the
+            // children closing theirs on their pipe's EOF refuses new clients.
+            self.acceptor.close();
+            self.life.pending = None;
+            self.life.hup_deferred = false;
+            self.fork.ctl_w = None;
+            let deadline = after(now, self.cfg.shutdown_timeout);
+            self.children.retire_where(deadline, |_| true);
+            self.life.stop_deadline = Some(deadline);
+            self.notify("STOPPING=1\nSTATUS=stopping");
+        }
+        if immediate && !self.life.killed {
+            self.kill_all();
+        }
+    }
+
+    fn kill_all(&mut self) {
+        for pid in self.children.pids() {
+            let _ = kill(pid, Signal::SIGKILL);
+        }
+        self.life.killed = true;
+    }
+}
+
+/// The descriptors the master may hold with `cfg` in force: its own (the
+/// signal pipe, notice and control pipes, log and notify sockets, pidfile:
+/// under 32), the listeners of two configurations, and one control pipe
+/// per worker of two full generations.
+fn nofile_need(cfg: &Config, listeners: usize) -> u64 {
+    let workers = match cfg.mode {
+        Mode::Prefork => u64::from(cfg.max_workers),
+        Mode::Fork => 0,
+    };
+    32 + 2 * listeners as u64 + 2 * workers
+}
+
+/// In a child: drops privileges as `identity` says; Err is the exit code.
+/// A failure is logged at most once per [`REPORT_EVERY`] across all
+/// children, as in a crash loop every child fails for the same reason.
+fn enter(identity: &Identity, board: &Scoreboard) -> Result<(), i32> {
+    identity.enter().map_err(|e| {
+        if let Some(more) = board.setup_failure_report(REPORT_EVERY) {
+            let more = if more > 0 {
+                format!(" ({more} more children failed so since the last report)")
+            } else {
+                String::new()
+            };
+            error!("cannot drop privileges: {e}{more}");
+        }
+        EXIT_SETUP
+    })
+}
+
+fn seed() -> u64 {
+    let t = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    (t ^ (u64::from(std::process::id()) << 32)) | 1
+}

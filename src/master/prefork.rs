@@ -1,0 +1,310 @@
+//! The prefork pool: keeping it at its size and its spares (pool.rs
+//! decides, this acts), spawning and retiring workers, TTIN/TTOU.
+
+use std::os::fd::AsFd;
+use std::time::{Duration, Instant};
+
+use log::{debug, error, info, warn};
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::unistd::{pipe2, Pid};
+
+use super::generation::{take_planned, Target};
+use super::{enter, Master};
+use crate::children::{Child, Role};
+use crate::config::Mode;
+use crate::listen::Listener;
+use crate::pool;
+use crate::scoreboard::{Entry, State};
+use crate::time::after;
+use crate::{signals, sys, worker};
+
+impl Master {
+    /// SIGTTIN/SIGTTOU: moves the pool's floor by one; TTOU also retires
+    /// one worker (an idle one if there is one) while above the floor.
+    pub(super) fn resize(&mut self, up: bool, now: Instant) {
+        let sig = if up { "SIGTTIN" } else { "SIGTTOU" };
+        if self.cfg.mode != Mode::Prefork {
+            warn!("{sig} ignored: the pool size applies to prefork mode only");
+            return;
+        }
+        let old = self.cfg.workers;
+        let new = if up {
+            (old + 1).min(self.cfg.max_workers)
+        } else {
+            old.saturating_sub(1).max(1)
+        };
+        if new == old {
+            warn!(
+                "{sig}: the pool stays at {old} workers ({})",
+                if up {
+                    "max-workers"
+                } else {
+                    "the least there can be"
+                }
+            );
+        } else {
+            self.cfg.workers = new;
+            info!("{sig}: the pool's floor is now {new} workers");
+            if !up && self.children.active(self.life.generation) > new as usize {
+                self.retire_one(now, "SIGTTOU");
+            }
+        }
+    }
+
+    /// prefork: forks workers until the pool is at its size, unless crash-loop
+    /// back-off holds spawning back. During a reload the new generation's
+    /// pool is kept full too (its workers may recycle before it takes over).
+    pub(super) fn fill_pool(&mut self, now: Instant) {
+        for target in [Target::InForce, Target::Pending] {
+            let (generation, size) = match (target, &self.life.pending) {
+                (Target::InForce, _) if self.cfg.mode == Mode::Prefork => {
+                    (self.life.generation, self.cfg.workers)
+                }
+                (Target::Pending, Some(p)) if p.cfg.mode == Mode::Prefork => {
+                    (p.generation, p.cfg.workers)
+                }
+                _ => continue,
+            };
+            while self.children.active(generation) < size as usize {
+                if !self.try_spawn(target, now) {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Starts a worker unless crash-loop back-off holds spawning back; a
+    /// failed fork starts (or grows) the back-off. False: none started.
+    pub(super) fn try_spawn(&mut self, target: Target, now: Instant) -> bool {
+        if self.backoff.hold_until(now, self.serving()).is_some() {
+            return false;
+        }
+        match self.spawn_worker(target, now) {
+            Ok(_) => {
+                self.backoff.forked(now);
+                true
+            }
+            Err(e) => {
+                self.backoff.fork_failed(now);
+                let wait = self.respawn_wait(now);
+                if let Some(more) = self.reports.errors.hit(now) {
+                    error!(
+                        "cannot fork a worker: {e}; retrying in {} ms ({more} more failures since the last report)",
+                        wait.as_millis()
+                    );
+                }
+                false
+            }
+        }
+    }
+
+    /// Whether the generation in force has a worker accepting or serving
+    /// (fork mode: never, as a held-back master serves no one new).
+    pub(super) fn serving(&self) -> bool {
+        self.cfg.mode == Mode::Prefork && self.ready_workers(self.life.generation) > 0
+    }
+
+    /// How long until the next child may be started.
+    pub(super) fn respawn_wait(&self, now: Instant) -> Duration {
+        self.backoff
+            .hold_until(now, self.serving())
+            .map_or(Duration::ZERO, |t| t - now)
+    }
+
+    /// prefork: the spare policy (pool.rs) for the generation in force:
+    /// starts workers in bursts when idle ones run short, retires one a
+    /// second when there are too many, and arms the workers' wake-up.
+    pub(super) fn maintain(&mut self, now: Instant) {
+        if self.cfg.mode != Mode::Prefork {
+            self.scoreboard.set_wake_below(0);
+            return;
+        }
+        let (mut idle, mut starting, mut total) = (0u32, 0u32, 0u32);
+        for (_, e) in self.pool_of(self.life.generation) {
+            total += 1;
+            match e.map(|e| e.state) {
+                Some(State::Idle) => idle += 1,
+                Some(State::Starting) => starting += 1,
+                _ => {}
+            }
+        }
+        let bounds = pool::Bounds {
+            workers: self.cfg.workers,
+            max_workers: self.cfg.max_workers,
+            min_spare: self.cfg.min_spare,
+            max_spare: self.cfg.max_spare,
+        };
+        let waiting = if idle + starting == 0 {
+            self.acceptor
+                .listeners()
+                .iter()
+                .map(Listener::queued)
+                .try_fold(0u32, |sum, n| Some(sum.saturating_add(n?)))
+        } else {
+            Some(0)
+        };
+        match self
+            .prefork
+            .pool
+            .decide(now, (idle, starting), total, waiting, bounds)
+        {
+            pool::Action::Nothing => {}
+            pool::Action::Spawn(n) => {
+                debug!(
+                    "{idle} idle workers (min-spare {}), {} clients waiting: starting {n}",
+                    bounds.min_spare,
+                    waiting.map_or("some".into(), |w| w.to_string())
+                );
+                for _ in 0..n {
+                    if !self.try_spawn(Target::InForce, now) {
+                        break;
+                    }
+                }
+            }
+            pool::Action::Retire => self.retire_one(now, "more than max-spare idle"),
+            pool::Action::AtMax => {
+                if let Some(more) = self.prefork.at_max.hit(now) {
+                    warn!(
+                        "max-workers ({}) reached: all busy, new clients wait in the backlog ({} times, {more} since the last report)",
+                        bounds.max_workers, self.prefork.at_max.total()
+                    );
+                }
+            }
+        }
+        let total = self.children.active(self.life.generation) as u32;
+        let arm = total < bounds.max_workers;
+        self.scoreboard
+            .set_wake_below(if arm { bounds.min_spare } else { 0 });
+    }
+
+    /// Retires one worker of the generation in force: the one idle the
+    /// longest, else one still starting, else a busy one (it finishes its
+    /// connection first).
+    pub(super) fn retire_one(&mut self, now: Instant, why: &str) {
+        let rank = |s: Option<Entry>| match s {
+            Some(e) if e.state == State::Idle => (0, e.since_ms),
+            Some(e) if e.state == State::Starting => (1, 0),
+            _ => (2, 0),
+        };
+        let victim = self
+            .pool_of(self.life.generation)
+            .map(|(pid, e)| (rank(e), pid))
+            .min()
+            .map(|(_, pid)| pid);
+        if let Some(pid) = victim {
+            if self
+                .children
+                .retire(pid, after(now, self.cfg.shutdown_timeout))
+            {
+                info!("worker {pid} retiring ({why})");
+            }
+        }
+    }
+
+    /// The active workers of `generation`, with what their slots say.
+    pub(super) fn pool_of(
+        &self,
+        generation: u32,
+    ) -> impl Iterator<Item = (Pid, Option<Entry>)> + '_ {
+        self.children
+            .iter()
+            .filter(move |(_, c)| c.active() && c.generation == generation)
+            .map(|(pid, c)| (pid, c.slot.and_then(|s| self.scoreboard.get(s))))
+    }
+
+    /// Workers of `generation` that are accepting or serving.
+    pub(super) fn ready_workers(&self, generation: u32) -> usize {
+        self.pool_of(generation)
+            .filter(|(_, e)| e.is_some_and(|e| matches!(e.state, State::Idle | State::Busy)))
+            .count()
+    }
+
+    /// Forks one worker for `target`'s configuration. Err says why not.
+    pub(super) fn spawn_worker(&mut self, target: Target, now: Instant) -> Result<Pid, String> {
+        let (generation, cfg, identity) = match (&self.life.pending, target) {
+            (Some(p), Target::Pending) => (p.generation, &p.cfg, p.identity.clone()),
+            _ => (self.life.generation, &self.cfg, self.identity.clone()),
+        };
+        let limits = cfg.limits();
+        let policy = cfg.policy();
+        let max_requests = pool::max_requests(
+            cfg.max_requests,
+            cfg.max_requests_jitter,
+            &mut self.prefork.seed,
+        );
+        let Some(slot) = self.scoreboard.claim(generation) else {
+            return Err("every scoreboard slot is taken".into());
+        };
+        let (ctl_r, ctl_w) = match pipe2(OFlag::O_CLOEXEC) {
+            Ok(p) => p,
+            Err(e) => {
+                self.scoreboard.release(slot);
+                let hint = if matches!(e, Errno::EMFILE | Errno::ENFILE) {
+                    let (soft, _) = crate::sys::nofile_limit();
+                    format!(
+                        " (RLIMIT_NOFILE is {soft}; the master holds one descriptor per worker)"
+                    )
+                } else {
+                    String::new()
+                };
+                return Err(format!(
+                    "cannot create a control pipe: {}{hint}",
+                    e.desc().to_lowercase()
+                ));
+            }
+        };
+        let mut ctl_w = Some(ctl_w);
+        let master = self.pid;
+        // SAFETY: the master is single-threaded: it never starts a thread.
+        #[allow(unsafe_code)]
+        let forked = unsafe {
+            sys::spawn(&signals::HANDLED, &signals::CHILD_IGNORED, || {
+                drop(ctl_w.take());
+                let listeners = self.take_listeners(target);
+                self.close_in_child();
+                if let Err(code) = enter(&identity, &self.scoreboard) {
+                    return code;
+                }
+                let ctx = worker::Ctx {
+                    ctl: ctl_r.as_fd(),
+                    master,
+                    limits,
+                    policy,
+                    slot: Some(self.scoreboard.slot(slot)),
+                    notice: self.notice_w.as_ref().map(|f| f.as_fd()),
+                };
+                worker::prefork(listeners, ctx, max_requests)
+            })
+        };
+        match forked {
+            Ok(pid) => {
+                self.scoreboard.set_pid(slot, pid);
+                let mut child = Child::new(Role::Worker, now);
+                child.generation = generation;
+                child.slot = Some(slot);
+                child.ctl = ctl_w;
+                self.children.insert(pid, child);
+                info!("worker {pid} started");
+                Ok(pid)
+            }
+            Err(e) => {
+                self.scoreboard.release(slot);
+                Err(crate::logging::error_text(&e))
+            }
+        }
+    }
+
+    /// The listeners of `target`'s configuration (in a child: the
+    /// master's list is left empty).
+    pub(super) fn take_listeners(&mut self, target: Target) -> Vec<Listener> {
+        let current = self.acceptor.take();
+        match (self.life.pending.as_mut(), target) {
+            (Some(p), Target::Pending) => {
+                let mut current: Vec<Option<Listener>> = current.into_iter().map(Some).collect();
+                take_planned(&mut current, std::mem::take(&mut p.plan))
+            }
+            _ => current,
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! Children's deaths: reaping every exited child, telling how each ended,
+//! and the crash-loop protection that early deaths feed (children.rs
+//! decides, this acts and logs); retiring children that outstay their
+//! deadline.
+
+use std::time::Instant;
+
+use log::{debug, info, warn};
+use nix::errno::Errno;
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+use super::Master;
+use crate::children::{classify, describe, Child, Exit, Role, QUICK_DEATH};
+use crate::scoreboard::State;
+
+impl Master {
+    /// Reaps every exited child: one SIGCHLD may stand for many exits.
+    pub(super) fn reap(&mut self, now: Instant) {
+        loop {
+            let status = match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
+                Ok(s) => s,
+                Err(Errno::EINTR) => continue,
+                Err(e) => {
+                    warn!("waitpid failed: {e}");
+                    return;
+                }
+            };
+            let Some(pid) = status.pid() else { continue };
+            let Some(child) = self.children.remove(pid) else {
+                continue;
+            };
+            if let Some(key) = child.peer {
+                self.fork.per_ip.release(key);
+            }
+            let last = child.slot.and_then(|s| self.scoreboard.release(s));
+            self.prefork.served_by_gone += last.map_or(0, |e| e.served);
+            let never_ready = last.is_some_and(|e| e.state == State::Starting);
+            let (abnormal, how) = describe(&status);
+            let stopping = self.life.stop_deadline.is_some();
+            let pending = self.life.pending.as_ref().map(|p| p.generation);
+            match child.role {
+                Role::Worker if child.killed || stopping => debug!("worker {pid} {how}"),
+                Role::Worker if child.retire_by.is_some() => {
+                    if abnormal {
+                        warn!("retiring worker {pid} {how}");
+                    } else {
+                        info!("worker {pid} {how}");
+                    }
+                }
+                Role::Worker if never_ready && pending == Some(child.generation) => {
+                    self.abandon(&format!("new worker {pid} {how} before it was ready"));
+                }
+                Role::Worker
+                    if never_ready
+                        && self.life.unannounced.is_some()
+                        && child.generation == self.life.generation =>
+                {
+                    self.fatal(now, &format!("worker {pid} {how} before it was ready"));
+                }
+                Role::Conn if self.life.killed => debug!("child {pid} {how}"),
+                role => {
+                    let lived = now.duration_since(child.started);
+                    let exit = classify(&status, role, lived, !never_ready);
+                    self.note_exit(pid, &child, exit, &how, now);
+                }
+            }
+        }
+    }
+
+    /// Logs how a child of the generation in force ended, and feeds the
+    /// crash-loop protection: early deaths may hold spawning back (logged
+    /// once when it starts, then rate-limited), a probe that exits cleanly
+    /// ends it.
+    pub(super) fn note_exit(
+        &mut self,
+        pid: Pid,
+        child: &Child,
+        exit: Exit,
+        how: &str,
+        now: Instant,
+    ) {
+        let who = match child.role {
+            Role::Worker => "worker",
+            Role::Conn => "child",
+        };
+        let probe = self
+            .backoff
+            .probes_since()
+            .is_some_and(|t| child.started >= t);
+        match exit {
+            Exit::Clean => {
+                if child.role == Role::Worker {
+                    info!("worker {pid} {how}");
+                } else {
+                    debug!("child {pid} {how}");
+                }
+                if probe {
+                    self.recovered();
+                }
+            }
+            Exit::Abnormal => warn!("{who} {pid} {how}"),
+            Exit::FailedStart | Exit::DiedYoung => {
+                let was_active = self.backoff.is_active();
+                let escalated = self.backoff.early_death(now, child.started, exit);
+                let when = if exit == Exit::FailedStart && child.role == Role::Worker {
+                    "before it was ready"
+                } else {
+                    "right after it started"
+                };
+                let lived = now.duration_since(child.started).as_millis();
+                let wait = self.respawn_wait(now).as_millis();
+                match escalated {
+                    Some(_) if !was_active => warn!(
+                        "{who} {pid} {how} {lived} ms after it was forked, {when}: children are failing as they start; crash-loop back-off: one at a time, respawning in {wait} ms"
+                    ),
+                    Some(_) => match self.reports.crash.hit(now) {
+                        Some(more) => warn!(
+                            "children still fail as they start ({who} {pid} {how}, {when}); respawning in {wait} ms ({more} more early deaths since the last report)"
+                        ),
+                        None => debug!("{who} {pid} {how}, {when}; respawning in {wait} ms"),
+                    },
+                    None if was_active => debug!("{who} {pid} {how}, {when}"),
+                    None => warn!("{who} {pid} {how}"),
+                }
+            }
+        }
+    }
+
+    /// The probes started during a crash-loop back-off that are alive and
+    /// may yet prove healthy: (started, proved so far).
+    pub(super) fn probes(&self) -> impl Iterator<Item = (Instant, bool)> + '_ {
+        let since = self.backoff.probes_since();
+        self.children
+            .iter()
+            .filter(move |(_, c)| since.is_some_and(|t| c.started >= t) && c.retire_by.is_none())
+            .map(|(_, c)| {
+                let ready = match c.role {
+                    Role::Conn => true,
+                    Role::Worker => c
+                        .slot
+                        .and_then(|s| self.scoreboard.get(s))
+                        .is_some_and(|e| matches!(e.state, State::Idle | State::Busy)),
+                };
+                (c.started, ready)
+            })
+    }
+
+    /// When a probe alive now will have lived long enough to prove healthy.
+    pub(super) fn probe_deadline(&self, now: Instant) -> Option<Instant> {
+        self.probes()
+            .map(|(started, _)| started + QUICK_DEATH)
+            .filter(|&t| t > now)
+            .min()
+    }
+
+    /// Ends a crash-loop back-off once a probe has been ready (a fork-mode
+    /// child: alive) for [`QUICK_DEATH`].
+    pub(super) fn check_probes(&mut self, now: Instant) {
+        if self.backoff.is_active()
+            && self
+                .probes()
+                .any(|(started, ready)| ready && now >= started + QUICK_DEATH)
+        {
+            self.recovered();
+        }
+    }
+
+    pub(super) fn recovered(&mut self) {
+        if let Some(deaths) = self.backoff.healthy() {
+            info!("children start normally again: crash-loop back-off over after {deaths} early deaths");
+        }
+    }
+
+    /// Kills workers that were told to stop but are still serving past
+    /// their `shutdown-timeout`.
+    pub(super) fn kill_overdue(&mut self, now: Instant) {
+        for pid in self.children.overdue(now) {
+            warn!(
+                "worker {pid} still busy {} s after it was told to stop: killing it",
+                self.cfg.shutdown_timeout.as_secs()
+            );
+            let _ = kill(pid, Signal::SIGKILL);
+            self.children.mark_killed(pid);
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! What the master says about itself: the USR1 status line and the list
+//! of workers, systemd's STATUS=, and the periodic report of refusals.
+
+use std::time::Instant;
+
+use log::{info, warn};
+use nix::unistd::Pid;
+
+use super::{Master, TICK};
+use crate::children::Role;
+use crate::config::Mode;
+use crate::logging::REPORT_EVERY;
+use crate::scoreboard::{Refusal, State};
+
+/// The most workers the USR1 line names one by one.
+const NAMED_WORKERS: usize = 64;
+
+impl Master {
+    /// SIGUSR1: the status line, then every worker by pid and state.
+    pub(super) fn status(&self, now: Instant) {
+        let text = self.status_text(now);
+        info!("status: {text}");
+        let mut workers: Vec<(Pid, String)> = self
+            .children
+            .iter()
+            .filter(|(_, c)| c.role == Role::Worker)
+            .filter_map(|(pid, c)| {
+                let e = self.scoreboard.get(c.slot?)?;
+                let retiring = if c.active() { "" } else { ", retiring" };
+                Some((
+                    pid,
+                    format!(
+                        "{pid} {} (generation {}, served {}{retiring})",
+                        e.state.name(),
+                        e.generation,
+                        e.served
+                    ),
+                ))
+            })
+            .collect();
+        if !workers.is_empty() {
+            workers.sort();
+            let more = workers.len().saturating_sub(NAMED_WORKERS);
+            let named: Vec<String> = workers
+                .into_iter()
+                .take(NAMED_WORKERS)
+                .map(|(_, w)| w)
+                .collect();
+            let more = if more > 0 {
+                format!(", and {more} more")
+            } else {
+                String::new()
+            };
+            info!("workers: {}{more}", named.join(", "));
+        }
+        self.notify(&format!("STATUS={text}"));
+    }
+
+    /// The USR1 line and systemd's STATUS=.
+    pub(super) fn status_text(&self, now: Instant) -> String {
+        let uptime = now.duration_since(self.life.started).as_secs();
+        let (mut busy, mut idle, mut other, mut served) = (0, 0, 0, self.prefork.served_by_gone);
+        for (_, c) in self.children.iter() {
+            if let Some(e) = c.slot.and_then(|s| self.scoreboard.get(s)) {
+                served += e.served;
+                match e.state {
+                    State::Busy => busy += 1,
+                    State::Idle if c.active() => idle += 1,
+                    _ => other += 1,
+                }
+            }
+        }
+        let starting = if other > 0 {
+            format!(", starting or stopping {other}")
+        } else {
+            String::new()
+        };
+        let refused = self.scoreboard.refusals();
+        let refused = if refused.iter().any(|&n| n > 0) {
+            let parts: Vec<String> = Refusal::ALL
+                .iter()
+                .zip(refused)
+                .map(|(r, n)| format!("{} {n}", r.name()))
+                .collect();
+            format!(", refused ({})", parts.join(", "))
+        } else {
+            String::new()
+        };
+        match self.cfg.mode {
+            Mode::Prefork => format!(
+                "mode prefork, generation {}, workers {} (busy {busy}, idle {idle}{starting}; floor {}, max {}, max reached {} times), connections served {served}{refused}, uptime {uptime} s",
+                self.life.generation,
+                self.children.workers(),
+                self.cfg.workers,
+                self.cfg.max_workers,
+                self.prefork.at_max.total()
+            ),
+            Mode::Fork => format!(
+                "mode fork, generation {}, children {} of at most {}, connections {}, limit reached {} times{refused}, uptime {uptime} s",
+                self.life.generation,
+                self.children.len() - self.children.workers(),
+                self.cfg.max_children,
+                self.fork.accepted + served,
+                self.fork.saturation.hits
+            ),
+        }
+    }
+
+    /// Once a second: logs refused connections (counted by whoever
+    /// refused them), at most every REPORT_EVERY, never dropping a count.
+    pub(super) fn tick(&mut self, now: Instant) {
+        if now < self.reports.next_tick {
+            return;
+        }
+        self.reports.next_tick = now + TICK;
+        let counts = self.scoreboard.refusals();
+        if counts != self.reports.reported
+            && self
+                .reports
+                .last_report
+                .is_none_or(|t| now >= t + REPORT_EVERY)
+        {
+            for (i, why) in Refusal::ALL.iter().enumerate() {
+                let new = counts[i] - self.reports.reported[i];
+                if new > 0 {
+                    warn!(
+                        "refused {new} connections ({}) since the last report; {} in all",
+                        why.name(),
+                        counts[i]
+                    );
+                }
+            }
+            self.reports.reported = counts;
+            self.reports.last_report = Some(now);
+        }
+    }
+}

@@ -1,0 +1,269 @@
+//! The command line and the config file.
+
+use super::*;
+
+#[test]
+fn check_accepts_a_good_file_and_rejects_a_bad_one() {
+    let dir = TempDir::new("conf");
+    let good = dir.path("good.toml");
+    std::fs::write(
+        &good,
+        "listen = [\"127.0.0.1:7007\"]\nmode = \"fork\"\nmax-children = 64\n",
+    )
+    .unwrap();
+    assert_eq!(launch(&["-t", "-c", good.to_str().unwrap()]).0, 0);
+    let bad = dir.path("bad.toml");
+    std::fs::write(&bad, "min-spare = 9\nmax-spare = 3\n").unwrap();
+    let (code, err) = launch(&["-t", "-c", bad.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("min-spare") && err.contains("max-spare"),
+        "{err}"
+    );
+    assert_eq!(
+        launch(&["-t", "-c", dir.path("absent.toml").to_str().unwrap()]).0,
+        1
+    );
+}
+
+#[test]
+fn unknown_key_is_named_with_its_line() {
+    let dir = TempDir::new("conf");
+    let f = dir.path("typo.toml");
+    std::fs::write(&f, "mode = \"prefork\"\nmax-wrokers = 5\n").unwrap();
+    let (code, err) = launch(&["-t", "-c", f.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("max-wrokers") && err.contains("line 2"),
+        "{err}"
+    );
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    assert_eq!(launch(&["--no-such-flag"]).0, 2);
+    assert_eq!(launch(&["-f", "-m", "threads"]).0, 2);
+    assert_eq!(launch(&["-f", "--workers", "lots"]).0, 2);
+    let help = launch_stdout(&["--help"]);
+    assert_eq!(help.0, 0);
+    assert!(help.1.contains("--max-children"), "{}", help.1);
+}
+
+#[test]
+fn a_bad_cidr_is_a_config_error_naming_it() {
+    let good = launch_stdout(&["-t", "-l", "127.0.0.1:0", "--deny", "10.0.0.0/8"]);
+    assert_eq!(good.0, 0, "{}", good.1);
+    let (code, err) = launch(&["-t", "-l", "127.0.0.1:0", "--allow", "10.0.0.1/8"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("10.0.0.1/8"), "{err}");
+}
+
+#[test]
+fn listen_from_the_file_is_overridden_by_the_flag() {
+    let dir = TempDir::new("conf");
+    let sock = dir.path("from-file.sock");
+    let f = dir.path("c.toml");
+    std::fs::write(
+        &f,
+        format!(
+            "listen = [\"unix:{}\"]\nworkers = 1\nmin-spare = 0\n",
+            sock.display()
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start(&["-c", f.to_str().unwrap(), "-l", "127.0.0.1:0"]);
+    let l = d.listening();
+    assert_eq!(l.len(), 1, "{l:?}");
+    assert!(l[0].starts_with("127.0.0.1:"), "{l:?}");
+    assert!(!exists(&sock));
+    // The file's other settings still apply.
+    d.wait_children(1);
+}
+
+#[test]
+fn values_check_accepts_never_crash_the_daemon() {
+    let dir = TempDir::new("ceiling");
+    let f = dir.path("c.toml");
+    // Accepted by -t before, then a panic of the master on HUP or TERM.
+    std::fs::write(&f, "shutdown-timeout = 9223372036854775807\n").unwrap();
+    let (code, err) = launch(&["-t", "-c", f.to_str().unwrap()]);
+    assert_eq!(code, 1, "-t accepted shutdown-timeout = i64::MAX");
+    assert!(
+        err.contains("shutdown-timeout") && err.contains("30 days"),
+        "{err}"
+    );
+    let (code, err) = launch(&["-t", "--max-session", "18446744073709551615"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("max-session"), "{err}");
+    // Every ceiling at once: served, reloaded and stopped cleanly.
+    let top = "2592000";
+    let mut d = Daemon::start(&[
+        "-l",
+        "127.0.0.1:0",
+        "-w",
+        "2",
+        "--idle-timeout",
+        top,
+        "--max-session",
+        top,
+        "--shutdown-timeout",
+        top,
+        "--max-bytes",
+        "9223372036854775807",
+        "--max-children",
+        "65536",
+    ]);
+    let addr = d.addr();
+    assert_eq!(echo_all(addr, b"ceiling"), b"ceiling");
+    d.signal(Signal::SIGHUP);
+    assert!(
+        d.wait_line("reloaded:", DEADLINE).is_some(),
+        "{}",
+        d.stderr_text()
+    );
+    assert_eq!(echo_all(addr, b"again"), b"again");
+    d.signal(Signal::SIGTERM);
+    let st = d.wait_exit(DEADLINE).expect("still running after TERM");
+    assert_eq!(st.code(), Some(0), "{}", d.stderr_text());
+    assert!(!d.stderr_text().contains("panicked"), "{}", d.stderr_text());
+}
+
+#[test]
+fn check_refuses_what_could_only_fail_later() {
+    let dir = TempDir::new("conf-later");
+    let long = format!("unix:{}/{}", dir.0.display(), "s".repeat(110));
+    let fifo = dir.path("fifo.toml");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let empty_list = dir.path("empty.toml");
+    std::fs::write(&empty_list, "listen = []\n").unwrap();
+    let empty_chroot = dir.path("chroot.toml");
+    std::fs::write(&empty_chroot, "chroot = \"\"\n").unwrap();
+    for (args, want) in [
+        (vec!["-l", "*:7007", "-l", "[::]:7007"], "overlap"),
+        (vec!["-l", &long], "bytes"),
+        (
+            vec!["--min-spare", "300", "--max-spare", "300"],
+            "max-workers",
+        ),
+        (vec!["-c", fifo.to_str().unwrap()], "not a regular file"),
+        (vec!["-c", "/dev/zero"], "not a regular file"),
+        (vec!["-c", empty_list.to_str().unwrap()], "listen"),
+        (vec!["-c", empty_chroot.to_str().unwrap()], "chroot"),
+    ] {
+        let mut all = vec!["-t"];
+        all.extend(&args);
+        // launch() fails the test if -t hangs (a FIFO with no writer).
+        let (code, err) = launch(&all);
+        assert_eq!(code, 1, "-t accepted {args:?}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn unix_sockets_get_the_socket_mode_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("sockmode");
+    let open = dir.path("open.sock");
+    let tight = dir.path("tight.sock");
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    // The packaged unit runs with UMask=0022; a socket must still let
+    // other users connect unless the operator says otherwise.
+    let spawn = |sock: &std::path::Path, extra: &[&str]| {
+        let mut args = vec!["-l".to_string(), format!("unix:{}", sock.display())];
+        args.extend(["-w", "1", "--min-spare", "0"].map(String::from));
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut cmd = std::process::Command::new(BIN);
+        cmd.arg("-f").args(&args);
+        // SAFETY: umask is async-signal-safe and touches only the child.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                libc::umask(0o077);
+                Ok(())
+            });
+        }
+        let d = Daemon::from_command(cmd);
+        assert!(
+            d.wait_line("ready", DEADLINE).is_some(),
+            "{}",
+            d.stderr_text()
+        );
+        d
+    };
+    let a = spawn(&open, &[]);
+    assert_eq!(mode(&open), 0o666);
+    assert_eq!(echo_unix(&open, b"open"), b"open");
+    let b = spawn(&tight, &["--socket-mode", "0600"]);
+    assert_eq!(mode(&tight), 0o600);
+    drop((a, b));
+}
+
+#[test]
+fn a_live_unix_server_with_a_full_backlog_never_blocks_the_master() {
+    use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
+    use std::os::fd::AsRawFd;
+    let dir = TempDir::new("fullbacklog");
+    let path = dir.path("busy.sock");
+    // Another server that listens but never accepts, its queue full.
+    let server = socket::socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    let ua = UnixAddr::new(&path).unwrap();
+    socket::bind(server.as_raw_fd(), &ua).unwrap();
+    socket::listen(&server, Backlog::new(0).unwrap()).unwrap();
+    let mut queued = Vec::new();
+    loop {
+        let c = socket::socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            None,
+        )
+        .unwrap();
+        if socket::connect(c.as_raw_fd(), &ua).is_err() {
+            break;
+        }
+        queued.push(c);
+        assert!(queued.len() < 1000, "the backlog never filled");
+    }
+    let unix = format!("unix:{}", path.display());
+    // At startup: refused at once (launch fails the test if it hangs).
+    let (code, err) = launch(&["-f", "-l", &unix]);
+    assert_eq!(code, 1);
+    assert!(err.contains("listening on it"), "{err}");
+    // On reload: the reload fails, and the master goes on working.
+    let conf = dir.path("c.toml");
+    std::fs::write(
+        &conf,
+        "listen = [\"127.0.0.1:0\"]\nworkers = 1\nmin-spare = 0\n",
+    )
+    .unwrap();
+    let d = Daemon::start(&["-c", conf.to_str().unwrap()]);
+    let addr = d.addr();
+    std::fs::write(
+        &conf,
+        format!("listen = [\"127.0.0.1:0\", \"{unix}\"]\nworkers = 1\nmin-spare = 0\n"),
+    )
+    .unwrap();
+    d.signal(Signal::SIGHUP);
+    let failed = d.wait_line("reload failed", DEADLINE);
+    assert!(failed.is_some(), "{}", d.stderr_text());
+    d.signal(Signal::SIGUSR1);
+    assert!(
+        d.wait_line("status: ", DEADLINE).is_some(),
+        "the master is stuck"
+    );
+    assert_eq!(echo_all(addr, b"alive"), b"alive");
+}
+
+#[test]
+fn address_in_use_fails_startup_with_the_address_named() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let a = taken.local_addr().unwrap().to_string();
+    let (code, err) = launch(&["-f", "-l", &a]);
+    assert_eq!(code, 1);
+    assert!(err.contains(&a) && err.contains("in use"), "{err}");
+}

@@ -1,0 +1,274 @@
+//! The process models: pool size, recycling, the fork-mode limit.
+
+use super::*;
+
+#[test]
+fn prefork_starts_exactly_the_configured_workers() {
+    let d = Daemon::start(&["-l", "127.0.0.1:0", "-w", "3", "--min-spare", "0"]);
+    let kids = d.wait_children(3);
+    assert!(!kids.contains(&d.pid));
+    // And the count stays put under traffic.
+    for _ in 0..20 {
+        assert_eq!(echo_all(d.addr(), b"x"), b"x");
+    }
+    assert_eq!(d.children().len(), 3);
+}
+
+#[test]
+fn fork_master_reaps_while_clients_keep_coming() {
+    // 12 clients reconnecting back to back keep the backlog from ever
+    // emptying. Exited children must still be reaped as they go, not
+    // pile up as zombies until max-children (far above 12) is reached.
+    let _heavy = heavy();
+    let d = Daemon::start(&["-l", "127.0.0.1:0", "-m", "fork", "--max-children", "40"]);
+    let addr = d.addr();
+    let clients: Vec<_> = (0..12u32)
+        .map(|t| {
+            std::thread::spawn(move || {
+                for i in 0..250u32 {
+                    let msg = (t << 16 | i).to_le_bytes();
+                    assert_eq!(echo_all(addr, &msg), msg);
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+    d.signal(Signal::SIGUSR1);
+    let status = d.wait_line("status: ", DEADLINE).unwrap();
+    assert!(status.contains("connections 3000,"), "{status}");
+    assert!(status.contains("limit reached 0 times"), "{status}");
+}
+
+#[test]
+fn max_requests_recycles_a_worker() {
+    let d = Daemon::start(&[
+        "-l",
+        "127.0.0.1:0",
+        "-w",
+        "1",
+        "--min-spare",
+        "0",
+        "--max-requests",
+        "5",
+    ]);
+    let first = d.wait_children(1)[0];
+    for _ in 0..4 {
+        assert_eq!(echo_all(d.addr(), b"ping"), b"ping");
+    }
+    // echo_all waited for the server's EOF, so the worker has finished
+    // each connection; four are not enough to retire it.
+    assert_eq!(d.children(), vec![first]);
+    assert_eq!(echo_all(d.addr(), b"ping"), b"ping");
+    assert!(
+        wait_until(
+            DEADLINE,
+            || matches!(d.children().as_slice(), [p] if *p != first)
+        ),
+        "worker {first} was not replaced after 5 connections: {:?}",
+        d.children()
+    );
+    assert_eq!(echo_all(d.addr(), b"again"), b"again");
+}
+
+#[test]
+fn fork_mode_limit_queues_clients_instead_of_refusing_them() {
+    let d = Daemon::start(&["-l", "127.0.0.1:0", "-m", "fork", "--max-children", "8"]);
+    let addr = d.addr();
+    let mut clients: Vec<TcpStream> = (0..20).map(|_| connect(addr)).collect();
+    for c in &mut clients {
+        c.write_all(b"hi").unwrap();
+        c.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+    }
+    // Served clients stay connected (so their children stay busy) until
+    // no further client gets served; then they are released together.
+    let mut served = [false; 20];
+    let mut open: Vec<usize> = Vec::new();
+    let (mut most_children, mut most_open) = (0, 0);
+    let mut idle_passes = 0;
+    let end = Instant::now() + DEADLINE;
+    while served.iter().any(|s| !s) && Instant::now() < end {
+        let mut progress = false;
+        for i in 0..20 {
+            // Zombies count too: the master may not fork past 8 unreaped children.
+            most_children = most_children.max(d.all_children().len());
+            if served[i] {
+                continue;
+            }
+            let mut buf = [0u8; 2];
+            match clients[i].read_exact(&mut buf) {
+                Ok(()) => {
+                    assert_eq!(&buf, b"hi");
+                    served[i] = true;
+                    open.push(i);
+                    progress = true;
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => panic!("client {i} was refused or reset: {e}"),
+            }
+        }
+        most_open = most_open.max(open.len());
+        idle_passes = if progress { 0 } else { idle_passes + 1 };
+        if idle_passes >= 3 {
+            for i in open.drain(..) {
+                clients[i].shutdown(Shutdown::Both).unwrap();
+            }
+        }
+    }
+    assert_eq!(served.iter().filter(|s| **s).count(), 20, "all 20 served");
+    assert!(
+        most_open <= 8,
+        "{most_open} clients served at once with --max-children 8"
+    );
+    assert!(
+        most_children <= 8,
+        "saw {most_children} children with --max-children 8"
+    );
+    assert_eq!(
+        most_open, 8,
+        "the limit was never reached: the test proves nothing"
+    );
+}
+
+#[test]
+fn fork_mode_at_its_limit_says_so_and_counts_it() {
+    let d = Daemon::start(&["-l", "127.0.0.1:0", "-m", "fork", "--max-children", "4"]);
+    let addr = d.addr();
+    let mut held: Vec<TcpStream> = (0..4).map(|_| connect(addr)).collect();
+    for s in &mut held {
+        assert_eq!(round_trip(s, b"in").unwrap(), b"in");
+    }
+    // Three more wait in the backlog.
+    let waiting: Vec<TcpStream> = (0..3).map(|_| connect(addr)).collect();
+    let line = d.wait_line("max-children (4) reached", DEADLINE);
+    assert!(
+        line.is_some(),
+        "no warning at the limit:\n{}",
+        d.stderr_text()
+    );
+    d.signal(Signal::SIGUSR1);
+    let status = d.wait_line("status: ", DEADLINE).unwrap();
+    assert!(
+        status.contains("limit reached 1 times"),
+        "{status}\n{}",
+        d.stderr_text()
+    );
+    // And again every 10 s while clients wait, with how many.
+    let again = d.wait_line("3 clients wait in the backlog", Duration::from_secs(13));
+    assert!(
+        again.is_some(),
+        "not repeated while clients wait:\n{}",
+        d.stderr_text()
+    );
+    drop(held);
+    for mut s in waiting {
+        assert_eq!(round_trip(&mut s, b"later").unwrap(), b"later");
+    }
+}
+
+#[test]
+fn no_listener_starves_another() {
+    let d = Daemon::start(&[
+        "-l",
+        "127.0.0.1:0",
+        "-l",
+        "127.0.0.1:0",
+        "-w",
+        "1",
+        "--min-spare",
+        "0",
+    ]);
+    let addrs: Vec<std::net::SocketAddr> =
+        d.listening().iter().map(|a| a.parse().unwrap()).collect();
+    let busy = addrs[0];
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hammer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                assert_eq!(echo_all(busy, b"a"), b"a");
+                n += 1;
+            }
+            n
+        })
+    };
+    for _ in 0..20 {
+        assert_eq!(echo_all(addrs[1], b"b"), b"b");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(hammer.join().unwrap() > 0);
+}
+
+#[test]
+fn a_pool_under_load_on_one_listener_still_serves_the_other() {
+    let _heavy = heavy();
+    let d = Daemon::start(&["-l", "127.0.0.1:0", "-l", "127.0.0.1:0", "-w", "8"]);
+    let addrs: Vec<std::net::SocketAddr> =
+        d.listening().iter().map(|a| a.parse().unwrap()).collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hammers: Vec<_> = (0..4)
+        .map(|_| {
+            let (stop, busy) = (stop.clone(), addrs[0]);
+            std::thread::spawn(move || {
+                let mut n = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    assert_eq!(echo_all(busy, b"a"), b"a");
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let start = Instant::now();
+    for _ in 0..200 {
+        let mut s = connect(addrs[1]);
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        assert_eq!(
+            round_trip(&mut s, b"b").unwrap(),
+            b"b",
+            "the quiet listener starved"
+        );
+    }
+    let quiet = start.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let loud: u32 = hammers.into_iter().map(|h| h.join().unwrap()).sum();
+    println!("200 on the quiet listener in {quiet:?} while {loud} went to the busy one");
+    assert!(loud > 200, "the busy listener was not busy: {loud}");
+}
+
+/// Voluntary context switches of a process so far.
+fn voluntary_switches(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_connection_wakes_one_idle_worker_not_all_of_them() {
+    let _heavy = heavy();
+    let d = Daemon::start(&["-l", "127.0.0.1:0", "-w", "32", "--min-spare", "0"]);
+    let addr = d.addr();
+    let workers = d.wait_children(32);
+    let total = || workers.iter().map(|&p| voluntary_switches(p)).sum::<u64>();
+    assert_eq!(echo_all(addr, b"warm"), b"warm");
+    let before = total();
+    for i in 0..200u32 {
+        assert_eq!(echo_all(addr, &i.to_be_bytes()), i.to_be_bytes());
+    }
+    let per = (total() - before) as f64 / 200.0;
+    println!("{per:.2} voluntary context switches per connection among 32 idle workers");
+    // The herd: every idle worker woke for every connection (about 32).
+    assert!(
+        per < 6.0,
+        "{per:.2} switches per connection: the herd is back"
+    );
+}
