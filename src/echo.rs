@@ -10,9 +10,16 @@
 //! release the connection. This module knows nothing of processes or
 //! signals: the caller may hand it one extra fd to watch and decides what
 //! its readiness means.
+//!
+//! [`Conn`] is the same echo as a state machine, for an event loop that
+//! serves many connections at once: the same [`Limits`] rules, one read
+//! buffer shared by all connections, and bytes a slow reader has not taken
+//! yet kept per connection (at most one buffer's worth: until they are
+//! written, that connection is not read again, so a client that does not
+//! read stops only itself).
 
 use std::io;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -91,6 +98,134 @@ pub enum Watch {
     Forget,
     /// End the connection now.
     Abort,
+}
+
+/// One connection of an event loop (see the module's doc): step it when
+/// its socket is ready, close it when a step says it ended.
+pub struct Conn {
+    fd: OwnedFd,
+    start: Instant,
+    last: Instant,
+    bytes: u64,
+    /// Read but not yet written back: empty (and unallocated) unless the
+    /// client reads slower than it writes.
+    pending: Vec<u8>,
+}
+
+/// At most this many reads per step, so that one streaming client does
+/// not hold the loop while others wait.
+const READS_PER_STEP: u32 = 16;
+
+impl Conn {
+    /// A connection accepted at `now`; `fd` is non-blocking.
+    pub fn new(fd: OwnedFd, now: Instant) -> Conn {
+        Conn {
+            fd,
+            start: now,
+            last: now,
+            bytes: 0,
+            pending: Vec::new(),
+        }
+    }
+
+    /// The socket.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// Bytes echoed so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// When it was accepted.
+    pub fn started(&self) -> Instant {
+        self.start
+    }
+
+    /// Whether it waits to write (bytes pending) rather than to read.
+    pub fn wants_write(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Does what can be done now without blocking: writes what is pending,
+    /// then reads and echoes until nothing more comes. `Some` says how the
+    /// connection ended; it is to be closed.
+    pub fn step(&mut self, buf: &mut [u8], limits: &Limits, now: Instant) -> Option<End> {
+        if !self.pending.is_empty() {
+            let pending = std::mem::take(&mut self.pending);
+            let written = match self.write_some(&pending, now) {
+                Ok(k) => k,
+                Err(end) => return Some(end),
+            };
+            if written < pending.len() {
+                self.pending = pending;
+                self.pending.drain(..written);
+                return None;
+            }
+            if limits.bytes_done(self.bytes) {
+                return Some(End::Bytes);
+            }
+        }
+        for _ in 0..READS_PER_STEP {
+            let n = match read(self.fd.as_fd(), buf) {
+                // Nothing is pending here: every byte the client sent is back.
+                Ok(0) => return Some(End::Eof),
+                Ok(n) => n,
+                Err(Errno::EAGAIN) => return None,
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Some(End::Failed(e.into())),
+            };
+            self.last = now;
+            let data = &buf[..limits.room(n, self.bytes)];
+            let written = match self.write_some(data, now) {
+                Ok(k) => k,
+                Err(end) => return Some(end),
+            };
+            if written < data.len() {
+                // The client does not read as fast as it writes: keep the
+                // rest, and read no more until it is written.
+                self.pending.extend_from_slice(&data[written..]);
+                return None;
+            }
+            if limits.bytes_done(self.bytes) {
+                return Some(End::Bytes);
+            }
+            if n < buf.len() {
+                // Drained; the loop is told when more comes.
+                return None;
+            }
+        }
+        None
+    }
+
+    /// Writes as much of `data` as the socket takes now; Err ends it.
+    fn write_some(&mut self, data: &[u8], now: Instant) -> Result<usize, End> {
+        let mut done = 0;
+        while done < data.len() {
+            match write(self.fd.as_fd(), &data[done..]) {
+                Ok(k) => {
+                    done += k;
+                    self.bytes += k as u64;
+                    self.last = now;
+                }
+                Err(Errno::EAGAIN) => break,
+                Err(Errno::EINTR) => {}
+                Err(e) => return Err(End::Failed(e.into())),
+            }
+        }
+        Ok(done)
+    }
+
+    /// The limit that has run out at `now`, if any.
+    pub fn expired(&self, limits: &Limits, now: Instant) -> Option<End> {
+        limits.expired(self.start, self.last, now)
+    }
+
+    /// When the next limit runs out, if one can.
+    pub fn deadline(&self, limits: &Limits) -> Option<Instant> {
+        limits.next_deadline(self.start, self.last)
+    }
 }
 
 /// How a connection went.

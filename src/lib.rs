@@ -20,6 +20,7 @@ mod children;
 mod config;
 mod daemon;
 mod echo;
+mod event;
 mod listen;
 mod logging;
 mod master;

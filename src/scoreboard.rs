@@ -11,7 +11,9 @@
 //! A header holds what all workers share: a running count of idle workers
 //! (a hint that tells a worker when to wake the master because spares ran
 //! short), counters of refused connections, and after the slots a table of
-//! per-address connection counts for `--max-conn-rate`.
+//! per-address connection counts for `--max-conn-rate`, and one of the
+//! connections each address has open in event workers, for `--max-per-ip`
+//! (a prefork worker publishes its one client in its slot instead).
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -74,6 +76,7 @@ const REFUSED: usize = 3; // one word per Refusal
 const HASH_SEED: usize = 6;
 const SETUP_REPORTED_MS: usize = 7; // when a setup failure was last logged (+1)
 const SETUP_UNREPORTED: usize = 8; // setup failures not logged since
+const PEERS_EPOCH: usize = 9; // bumped when the open-connection table is rebuilt
 const HEADER: usize = 16; // two cache lines, so slots stay aligned
 
 // Word offsets within a slot; a slot is one 64-byte cache line.
@@ -84,10 +87,15 @@ const SERVED: usize = 3;
 const SINCE_MS: usize = 4;
 const PEER_HI: usize = 5;
 const PEER_LO: usize = 6;
+const OPEN: usize = 7; // event workers: connections open now
 const WORDS: usize = 8;
 
 /// Buckets of the connection-rate table: (second << 32) | count.
 const RATE_BUCKETS: usize = 8192;
+/// Buckets of the open-connection table of event workers: a count each.
+/// Addresses that share a bucket share a count, which errs towards
+/// refusing (as the rate table does); 64 Ki buckets keep that rare.
+const PEER_BUCKETS: usize = 65_536;
 
 /// Why a connection was closed at once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -132,6 +140,8 @@ pub struct Entry {
     pub served: u64,
     /// Milliseconds since the scoreboard was made, at the last state change.
     pub since_ms: u64,
+    /// Connections open now (event workers; 0 or 1 for the others).
+    pub open: u64,
 }
 
 /// The shared slots, and (in the master) which of them are free.
@@ -147,7 +157,7 @@ impl Scoreboard {
     /// rate table's hash, so clients cannot choose their collisions.
     pub fn new(slots: usize, seed: u64) -> io::Result<Scoreboard> {
         let board = Scoreboard {
-            mem: SharedWords::new(HEADER + slots * WORDS + RATE_BUCKETS)?,
+            mem: SharedWords::new(HEADER + slots * WORDS + RATE_BUCKETS + PEER_BUCKETS)?,
             slots,
             epoch: Instant::now(),
             // Popped from the end: slot 0 is handed out first.
@@ -165,7 +175,8 @@ impl Scoreboard {
         &self.mem.words()[HEADER + slot * WORDS + field]
     }
 
-    fn bucket(&self, key: u128) -> &AtomicU64 {
+    /// The key's hash, seeded so that clients cannot choose collisions.
+    fn hash(&self, key: u128) -> usize {
         let mut h = self.header(HASH_SEED).load(Ordering::Relaxed)
             ^ (key as u64)
             ^ ((key >> 64) as u64).rotate_left(29);
@@ -173,7 +184,65 @@ impl Scoreboard {
         h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         h ^= h >> 31;
-        &self.mem.words()[HEADER + self.slots * WORDS + (h as usize) % RATE_BUCKETS]
+        h as usize
+    }
+
+    fn bucket(&self, key: u128) -> &AtomicU64 {
+        &self.mem.words()[HEADER + self.slots * WORDS + self.hash(key) % RATE_BUCKETS]
+    }
+
+    fn peer_bucket(&self, key: u128) -> &AtomicU64 {
+        let at = HEADER + self.slots * WORDS + RATE_BUCKETS + self.hash(key) % PEER_BUCKETS;
+        &self.mem.words()[at]
+    }
+
+    /// Event workers: counts one more open connection from `key` if that
+    /// keeps it within `limit`; false (nothing counted) if not.
+    pub fn peer_open(&self, key: u128, limit: u32) -> bool {
+        let b = self.peer_bucket(key);
+        let mut cur = b.load(Ordering::Relaxed);
+        loop {
+            if cur >= u64::from(limit) {
+                return false;
+            }
+            match b.compare_exchange_weak(cur, cur + 1, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return true,
+                Err(seen) => cur = seen,
+            }
+        }
+    }
+
+    /// Event workers: counts an open connection from `key` whatever the
+    /// limit (one counted before the table was rebuilt).
+    pub fn peer_recount(&self, key: u128) {
+        self.peer_bucket(key).fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Event workers: a connection from `key` closed.
+    pub fn peer_closed(&self, key: u128) {
+        let b = self.peer_bucket(key);
+        // Never below zero, even for a count a rebuild already dropped.
+        let _ = b.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+    }
+
+    /// The open-connection table's generation: when it changes, every
+    /// event worker counts its open connections into it again.
+    pub fn peers_epoch(&self) -> u64 {
+        self.header(PEERS_EPOCH).load(Ordering::Acquire)
+    }
+
+    /// Master, after an event worker died holding connections (its counts
+    /// would stay forever): empties the table and asks the live workers
+    /// to count theirs again. Until they do, counts are low, which errs
+    /// towards admitting, for a moment.
+    pub fn peers_rebuild(&self) {
+        let start = HEADER + self.slots * WORDS + RATE_BUCKETS;
+        for w in &self.mem.words()[start..start + PEER_BUCKETS] {
+            if w.load(Ordering::Relaxed) != 0 {
+                w.store(0, Ordering::Relaxed);
+            }
+        }
+        self.header(PEERS_EPOCH).fetch_add(1, Ordering::AcqRel);
     }
 
     /// Master: idle workers below this make a worker that turns busy wake
@@ -278,6 +347,7 @@ impl Scoreboard {
         self.word(slot, GENERATION)
             .store(u64::from(generation), Ordering::Relaxed);
         self.word(slot, SERVED).store(0, Ordering::Relaxed);
+        self.word(slot, OPEN).store(0, Ordering::Relaxed);
         self.word(slot, SINCE_MS)
             .store(self.now_ms(), Ordering::Relaxed);
         self.word(slot, STATE)
@@ -317,6 +387,7 @@ impl Scoreboard {
             state,
             served: self.word(slot, SERVED).load(Ordering::Relaxed),
             since_ms: self.word(slot, SINCE_MS).load(Ordering::Relaxed),
+            open: self.word(slot, OPEN).load(Ordering::Relaxed),
         })
     }
 
@@ -370,6 +441,13 @@ impl<'a> Slot<'a> {
         self.board
             .word(self.slot, PEER_LO)
             .store(key as u64, Ordering::Relaxed);
+    }
+
+    /// Publishes how many connections this (event) worker has open.
+    pub fn set_open(&self, n: usize) {
+        self.board
+            .word(self.slot, OPEN)
+            .store(n as u64, Ordering::Relaxed);
     }
 
     /// Counts one more connection served.
@@ -450,6 +528,31 @@ mod tests {
         assert!(!board.conn_rate_ok(y, 3), "a fourth in the same second");
         board.refused(Refusal::Rate);
         assert_eq!(board.refusals(), [0, 0, 1]);
+    }
+
+    #[test]
+    fn open_connections_per_address_are_bounded_and_rebuilt() {
+        let board = Scoreboard::new(1, 3).unwrap();
+        let (x, y) = (
+            crate::access::key([192, 0, 2, 1].into()),
+            crate::access::key([192, 0, 2, 2].into()),
+        );
+        assert!(board.peer_open(x, 2) && board.peer_open(x, 2));
+        assert!(!board.peer_open(x, 2), "a third would be one too many");
+        assert!(board.peer_open(y, 2));
+        board.peer_closed(x);
+        assert!(board.peer_open(x, 2), "a place came free");
+        // A worker died holding connections: the table starts over, and the
+        // live ones count theirs again.
+        let epoch = board.peers_epoch();
+        board.peers_rebuild();
+        assert_ne!(board.peers_epoch(), epoch);
+        board.peer_recount(y);
+        assert!(board.peer_open(x, 2) && board.peer_open(x, 2));
+        assert!(!board.peer_open(y, 1));
+        board.peer_closed(y);
+        board.peer_closed(y);
+        assert!(board.peer_open(y, 1), "never below zero");
     }
 
     #[test]

@@ -44,12 +44,12 @@ pub struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    fn master_gone(&self) -> bool {
+    pub(crate) fn master_gone(&self) -> bool {
         getppid() != self.master
     }
 
     /// Publishes a state; wakes the master if spares just ran short.
-    fn set(&self, state: State) {
+    pub(crate) fn set(&self, state: State) {
         if self.slot.is_some_and(|slot| slot.set(state)) {
             self.wake();
         }
@@ -64,7 +64,7 @@ impl Ctx<'_> {
 
     /// Publishes "ready" and wakes the master, which may be waiting for a
     /// new generation before it retires the old one.
-    fn ready(&self) {
+    pub(crate) fn ready(&self) {
         self.set(State::Idle);
         self.wake();
     }
@@ -108,7 +108,7 @@ impl Ctx<'_> {
 
 /// Arranges for the kernel to kill this child if the master dies, even while
 /// it is blocked; the control pipe covers systems without this.
-fn follow_master(ctx: &Ctx<'_>) -> Result<(), i32> {
+pub(crate) fn follow_master(ctx: &Ctx<'_>) -> Result<(), i32> {
     #[cfg(any(target_os = "linux", target_os = "android"))]
     {
         let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
@@ -272,7 +272,7 @@ pub fn buffer() -> Option<IoBuffer> {
 }
 
 /// The client's numeric address (never resolved to a name).
-fn peer_name(conn: &OwnedFd, tcp: bool) -> String {
+pub(crate) fn peer_name(conn: &OwnedFd, tcp: bool) -> String {
     if !tcp {
         return "a unix socket client".into();
     }
@@ -281,7 +281,7 @@ fn peer_name(conn: &OwnedFd, tcp: bool) -> String {
         .unwrap_or_else(|e| format!("an unknown peer ({e})"))
 }
 
-fn describe(end: &echo::End) -> String {
+pub(crate) fn describe(end: &echo::End) -> String {
     match end {
         echo::End::Eof => "the client".into(),
         echo::End::Idle => "idle timeout".into(),

@@ -169,15 +169,7 @@ fn max_per_ip(mode: &str) {
     assert!(status.contains("max-per-ip "), "{status}");
 }
 
-#[test]
-fn max_per_ip_prefork() {
-    max_per_ip("prefork");
-}
-
-#[test]
-fn max_per_ip_fork() {
-    max_per_ip("fork");
-}
+in_every_mode!(max_per_ip: max_per_ip);
 
 fn allow_and_deny(mode: &str) {
     let d = Daemon::start(&["-l", "127.0.0.1:0", "-m", mode, "--deny", "127.0.0.1/32"]);
@@ -205,15 +197,7 @@ fn allow_and_deny(mode: &str) {
     assert_eq!(round_trip(&mut s, b"from .2").unwrap(), b"from .2");
 }
 
-#[test]
-fn allow_and_deny_prefork() {
-    allow_and_deny("prefork");
-}
-
-#[test]
-fn allow_and_deny_fork() {
-    allow_and_deny("fork");
-}
+in_every_mode!(allow_and_deny: allow_and_deny);
 
 fn conn_rate(mode: &str) {
     let d = Daemon::start(&[
@@ -245,15 +229,7 @@ fn conn_rate(mode: &str) {
     }));
 }
 
-#[test]
-fn conn_rate_prefork() {
-    conn_rate("prefork");
-}
-
-#[test]
-fn conn_rate_fork() {
-    conn_rate("fork");
-}
+in_every_mode!(conn_rate: conn_rate);
 
 #[test]
 fn a_crash_loop_is_slowed_down_and_recovers() {

@@ -33,6 +33,15 @@ fn parse(line: &str) -> (u32, i32, String) {
 
 #[test]
 fn syslog_lines_carry_ident_facility_and_the_writers_pid() {
+    syslog_pids("prefork");
+}
+
+#[test]
+fn syslog_lines_of_event_workers_carry_their_pid() {
+    syslog_pids("event");
+}
+
+fn syslog_pids(mode: &str) {
     let dir = TempDir::new("syslog");
     let path = dir.path("log");
     let sock = UnixDatagram::bind(&path).unwrap();
@@ -40,6 +49,8 @@ fn syslog_lines_carry_ident_facility_and_the_writers_pid() {
     let d = Daemon::spawn(&[
         "-l",
         "127.0.0.1:0",
+        "-m",
+        mode,
         "-w",
         "2",
         "--min-spare",

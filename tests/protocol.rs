@@ -2,9 +2,24 @@
 
 use super::*;
 
-#[test]
-fn sixty_four_mib_concurrent_write_and_read() {
-    let d = Daemon::start(&["-l", "127.0.0.1:0", "-w", "1", "--min-spare", "0"]);
+/// One worker (or a child per connection), for `mode`.
+fn one_worker(mode: &str) -> Daemon {
+    Daemon::start(&[
+        "-l",
+        "127.0.0.1:0",
+        "-m",
+        mode,
+        "-w",
+        "1",
+        "--min-spare",
+        "0",
+    ])
+}
+
+in_every_mode!(sixty_four_mib_concurrent_write_and_read: sixty_four_mib);
+
+fn sixty_four_mib(mode: &str) {
+    let d = one_worker(mode);
     let total: usize = 64 << 20;
     let s = connect(d.addr());
     let mut w = s.try_clone().unwrap();
@@ -41,9 +56,10 @@ fn sixty_four_mib_concurrent_write_and_read() {
     assert_eq!(seen, total);
 }
 
-#[test]
-fn random_size_writes_come_back_as_the_same_stream() {
-    let d = Daemon::start(&["-l", "127.0.0.1:0", "-w", "1", "--min-spare", "0"]);
+in_every_mode!(random_size_writes_come_back_as_the_same_stream: random_sizes);
+
+fn random_sizes(mode: &str) {
+    let d = one_worker(mode);
     let mut gen = Stream::new(99);
     let mut sizes = [0u8; 2000];
     gen.fill(&mut sizes);
@@ -70,9 +86,10 @@ fn random_size_writes_come_back_as_the_same_stream() {
     assert!(back == sent, "the echoed stream differs from the sent one");
 }
 
-#[test]
-fn every_byte_value_and_half_close() {
-    let d = Daemon::start(&["-l", "127.0.0.1:0", "-w", "1", "--min-spare", "0"]);
+in_every_mode!(every_byte_value_and_half_close: every_byte);
+
+fn every_byte(mode: &str) {
+    let d = one_worker(mode);
     let all: Vec<u8> = (0..=255u8).collect();
     // echo_all half-closes and reads to EOF: every byte, then EOF.
     assert_eq!(echo_all(d.addr(), &all), all);
@@ -114,15 +131,7 @@ fn many_clients(mode: &str) {
     assert_eq!(exact, 200, "clients with an exact echo");
 }
 
-#[test]
-fn two_hundred_clients_prefork() {
-    many_clients("prefork");
-}
-
-#[test]
-fn two_hundred_clients_fork() {
-    many_clients("fork");
-}
+in_every_mode!(two_hundred_clients_of_a_mebibyte_each: many_clients);
 
 #[test]
 fn unix_socket_listener_echoes_and_its_file_is_removed_on_exit() {

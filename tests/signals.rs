@@ -6,11 +6,14 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-#[test]
-fn term_refuses_new_clients_at_once_and_lets_open_ones_finish() {
+in_every_mode!(term_refuses_new_clients_at_once_and_lets_open_ones_finish: term);
+
+fn term(mode: &str) {
     let mut d = Daemon::start(&[
         "-l",
         "127.0.0.1:0",
+        "-m",
+        mode,
         "-w",
         "2",
         "--min-spare",
@@ -40,20 +43,24 @@ fn term_refuses_new_clients_at_once_and_lets_open_ones_finish() {
     assert!(d.wait_line("shutdown timeout", DEADLINE).is_some());
 }
 
-#[test]
-fn term_with_no_clients_exits_promptly() {
-    let mut d = Daemon::start(&["-l", "127.0.0.1:0", "-m", "fork"]);
+in_every_mode!(int_with_no_clients_exits_promptly: int_when_idle);
+
+fn int_when_idle(mode: &str) {
+    let mut d = Daemon::start(&["-l", "127.0.0.1:0", "-m", mode]);
     assert_eq!(echo_all(d.addr(), b"x"), b"x");
     d.signal(Signal::SIGINT);
     let st = d.wait_exit(DEADLINE).expect("no exit after INT");
     assert!(st.success());
 }
 
-#[test]
-fn ctrl_c_to_the_process_group_is_a_graceful_stop() {
+in_every_mode!(ctrl_c_to_the_process_group_is_a_graceful_stop: ctrl_c);
+
+fn ctrl_c(mode: &str) {
     let mut d = Daemon::start(&[
         "-l",
         "127.0.0.1:0",
+        "-m",
+        mode,
         "-w",
         "2",
         "--min-spare",
@@ -80,11 +87,14 @@ fn ctrl_c_to_the_process_group_is_a_graceful_stop() {
     );
 }
 
-#[test]
-fn quit_stops_at_once_even_with_open_clients() {
+in_every_mode!(quit_stops_at_once_even_with_open_clients: quit);
+
+fn quit(mode: &str) {
     let mut d = Daemon::start(&[
         "-l",
         "127.0.0.1:0",
+        "-m",
+        mode,
         "-w",
         "1",
         "--min-spare",
@@ -267,10 +277,12 @@ fn reloads_under_load_refuse_reset_and_cut_nothing() {
     let dir = TempDir::new("reload-load");
     let conf = dir.path("echo.toml");
     // Each reload changes something: pool size, timeouts, even the model.
-    let settings = |i: usize| match i % 4 {
+    let settings = |i: usize| match i % 6 {
         0 => "workers = 2\n",
         1 => "workers = 3\nidle-timeout = 60\n",
         2 => "mode = \"fork\"\n",
+        3 => "mode = \"event\"\nworkers = 2\n",
+        4 => "mode = \"event\"\nworkers = 1\nmax-requests = 50\n",
         _ => "workers = 1\nmax-requests = 7\n",
     };
     let text = |i| format!("listen = [\"127.0.0.1:0\"]\n{}", settings(i));

@@ -3,6 +3,29 @@
 
 mod util;
 
+/// One test per process model, each running `$body(mode)`, as
+/// `$name::prefork`, `$name::fork` and `$name::event`.
+macro_rules! in_every_mode {
+    ($name:ident: $body:ident) => {
+        mod $name {
+            #[test]
+            fn prefork() {
+                super::$body("prefork");
+            }
+
+            #[test]
+            fn fork() {
+                super::$body("fork");
+            }
+
+            #[test]
+            fn event() {
+                super::$body("event");
+            }
+        }
+    };
+}
+
 mod config;
 mod daemon;
 mod docs;

@@ -88,6 +88,8 @@ pub mod ceiling {
     pub const SECONDS: u64 = 30 * 24 * 3600;
     /// `max-children`: processes forked at once.
     pub const MAX_CHILDREN: u32 = 65_536;
+    /// `worker-connections`: connections one event worker holds.
+    pub const WORKER_CONNECTIONS: u32 = 1 << 20;
     /// `max-bytes`: the largest integer a TOML file can hold.
     pub const MAX_BYTES: u64 = i64::MAX as u64;
     /// `backlog`: listen(2) takes an int.
@@ -96,7 +98,7 @@ pub mod ceiling {
     pub const CONFIG_BYTES: u64 = 1 << 20;
 }
 
-/// Defaults, as DESIGN.md and the man page state them.
+/// Defaults, as the man page states them.
 pub mod defaults {
     pub const LISTEN: &str = "[::]:7";
     pub const WORKERS: u32 = 4;
@@ -104,6 +106,7 @@ pub mod defaults {
     pub const MIN_SPARE: u32 = 2;
     pub const MAX_SPARE: u32 = 8;
     pub const MAX_CHILDREN: u32 = 256;
+    pub const WORKER_CONNECTIONS: u32 = 1024;
     pub const IDLE_TIMEOUT: u64 = 300;
     pub const SHUTDOWN_TIMEOUT: u64 = 10;
     pub const BACKLOG: u32 = 1024;
@@ -265,7 +268,13 @@ pub fn resolve(o: Options) -> Result<Config, String> {
         ));
     }
 
-    let workers = match o.workers.unwrap_or(Workers::Count(defaults::WORKERS)) {
+    let mode = o.mode.unwrap_or(Mode::Prefork);
+    // An event worker serves many clients: one per CPU is the default.
+    let default_workers = match mode {
+        Mode::Event => Workers::Auto,
+        _ => Workers::Count(defaults::WORKERS),
+    };
+    let workers = match o.workers.unwrap_or(default_workers) {
         Workers::Count(0) => return Err("workers must be at least 1".into()),
         Workers::Count(n) => n,
         Workers::Auto => usable_cpus(),
@@ -300,6 +309,13 @@ pub fn resolve(o: Options) -> Result<Config, String> {
             return Err(format!("{low} ({a}) is greater than {high} ({b}){why}"));
         }
     }
+    let worker_connections = o.worker_connections.unwrap_or(defaults::WORKER_CONNECTIONS);
+    if worker_connections == 0 || worker_connections > ceiling::WORKER_CONNECTIONS {
+        return Err(format!(
+            "worker-connections ({worker_connections}) must be between 1 and {}",
+            ceiling::WORKER_CONNECTIONS
+        ));
+    }
     let max_children = o.max_children.unwrap_or(defaults::MAX_CHILDREN);
     if max_children == 0 || max_children > ceiling::MAX_CHILDREN {
         return Err(format!(
@@ -331,7 +347,8 @@ pub fn resolve(o: Options) -> Result<Config, String> {
         chroot: o.chroot.clone(),
         config_file: o.config,
         listen,
-        mode: o.mode.unwrap_or(Mode::Prefork),
+        mode,
+        worker_connections,
         workers,
         max_workers,
         min_spare,

@@ -23,6 +23,16 @@ pub enum Mode {
     Prefork,
     /// The master accepts and forks one child per connection.
     Fork,
+    /// A few workers that each serve many connections from an event loop.
+    Event,
+}
+
+impl Mode {
+    /// Whether the master keeps a pool of workers that accept (prefork,
+    /// event), rather than accepting itself (fork).
+    pub fn pooled(self) -> bool {
+        self != Mode::Fork
+    }
 }
 
 impl fmt::Display for Mode {
@@ -30,6 +40,7 @@ impl fmt::Display for Mode {
         f.write_str(match self {
             Mode::Prefork => "prefork",
             Mode::Fork => "fork",
+            Mode::Event => "event",
         })
     }
 }
@@ -196,7 +207,7 @@ fn listen_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D:
     name = "echo-forkd",
     version,
     long_about = None,
-    about = "Echo (RFC 862) daemon with the classic process models: pre-forked workers or a child per connection",
+    about = "Echo (RFC 862) daemon with the classic process models: pre-forked workers, a child per connection, or event-driven workers",
     after_help = "Signals to the master: TERM/INT graceful stop, QUIT immediate stop, HUP reload,\nUSR1 status line, TTIN/TTOU one worker more/less.\nSee echo-forkd(8)."
 )]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -221,13 +232,17 @@ pub struct Options {
     #[serde(default, deserialize_with = "listen_list")]
     pub listen: Vec<String>,
 
-    /// Process model: prefork or fork [default: prefork]
+    /// Process model: prefork, fork or event [default: prefork]
     #[arg(short = 'm', long, value_name = "MODE")]
     pub mode: Option<Mode>,
 
-    /// prefork: workers started at launch, the pool's floor; N or auto [default: 4]
+    /// prefork: workers started at launch, the pool's floor; event: the workers; N or auto [default: prefork 4, event auto]
     #[arg(short = 'w', long, value_name = "N|auto")]
     pub workers: Option<Workers>,
+
+    /// event: connections one worker serves at once; at the cap it stops accepting [default: 1024]
+    #[arg(long, value_name = "N")]
+    pub worker_connections: Option<u32>,
 
     /// prefork: ceiling of the pool [default: 256]
     #[arg(long, value_name = "N")]
@@ -344,6 +359,7 @@ impl Options {
         fill!(
             mode,
             workers,
+            worker_connections,
             max_workers,
             min_spare,
             max_spare,
@@ -395,6 +411,8 @@ pub struct Config {
     pub listen: Vec<ListenAddr>,
     pub mode: Mode,
     pub workers: u32,
+    /// event: connections one worker serves at once.
+    pub worker_connections: u32,
     pub max_workers: u32,
     pub min_spare: u32,
     pub max_spare: u32,

@@ -19,6 +19,9 @@ fn defaults_match_the_contract() {
     assert_eq!(c.max_workers, 256);
     assert_eq!((c.min_spare, c.max_spare), (2, 8));
     assert_eq!(c.max_children, 256);
+    assert_eq!(c.worker_connections, 1024);
+    let event = resolve(cli(&["-m", "event"])).unwrap();
+    assert_eq!(event.workers, usable_cpus(), "event: one worker per CPU");
     assert_eq!(c.idle_timeout, Some(Duration::from_secs(300)));
     assert_eq!(c.shutdown_timeout, Duration::from_secs(10));
     assert_eq!(c.backlog, 1024);

@@ -160,11 +160,7 @@ impl Master {
                 info!("listening on {}", l.name());
             }
         }
-        let workers = if cfg.mode == Mode::Prefork {
-            cfg.workers
-        } else {
-            0
-        };
+        let workers = if cfg.mode.pooled() { cfg.workers } else { 0 };
         // Each new worker costs the master a descriptor until the old
         // generation is gone: check for room before forking any.
         let open = crate::sys::open_fds().unwrap_or(0);

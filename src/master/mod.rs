@@ -481,10 +481,16 @@ impl Master {
 /// per worker of two full generations.
 fn nofile_need(cfg: &Config, listeners: usize) -> u64 {
     let workers = match cfg.mode {
-        Mode::Prefork => u64::from(cfg.max_workers),
+        Mode::Prefork | Mode::Event => u64::from(cfg.max_workers),
         Mode::Fork => 0,
     };
-    32 + 2 * listeners as u64 + 2 * workers
+    let per_worker = match cfg.mode {
+        // Each event worker holds its connections itself, in its own
+        // process; the limit is per process, so this is what one needs.
+        Mode::Event => u64::from(cfg.worker_connections) + 64,
+        _ => 0,
+    };
+    (32 + 2 * listeners as u64 + 2 * workers).max(per_worker)
 }
 
 /// In a child: drops privileges as `identity` says; Err is the exit code.

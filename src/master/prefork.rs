@@ -24,8 +24,8 @@ impl Master {
     /// one worker (an idle one if there is one) while above the floor.
     pub(super) fn resize(&mut self, up: bool, now: Instant) {
         let sig = if up { "SIGTTIN" } else { "SIGTTOU" };
-        if self.cfg.mode != Mode::Prefork {
-            warn!("{sig} ignored: the pool size applies to prefork mode only");
+        if !self.cfg.mode.pooled() {
+            warn!("{sig} ignored: the pool size applies to prefork and event modes only");
             return;
         }
         let old = self.cfg.workers;
@@ -58,12 +58,10 @@ impl Master {
     pub(super) fn fill_pool(&mut self, now: Instant) {
         for target in [Target::InForce, Target::Pending] {
             let (generation, size) = match (target, &self.life.pending) {
-                (Target::InForce, _) if self.cfg.mode == Mode::Prefork => {
+                (Target::InForce, _) if self.cfg.mode.pooled() => {
                     (self.life.generation, self.cfg.workers)
                 }
-                (Target::Pending, Some(p)) if p.cfg.mode == Mode::Prefork => {
-                    (p.generation, p.cfg.workers)
-                }
+                (Target::Pending, Some(p)) if p.cfg.mode.pooled() => (p.generation, p.cfg.workers),
                 _ => continue,
             };
             while self.children.active(generation) < size as usize {
@@ -102,7 +100,7 @@ impl Master {
     /// Whether the generation in force has a worker accepting or serving
     /// (fork mode: never, as a held-back master serves no one new).
     pub(super) fn serving(&self) -> bool {
-        self.cfg.mode == Mode::Prefork && self.ready_workers(self.life.generation) > 0
+        self.cfg.mode.pooled() && self.ready_workers(self.life.generation) > 0
     }
 
     /// How long until the next child may be started.
@@ -228,6 +226,7 @@ impl Master {
         };
         let limits = cfg.limits();
         let policy = cfg.policy();
+        let (mode, max_open) = (cfg.mode, cfg.worker_connections as usize);
         let max_requests = pool::max_requests(
             cfg.max_requests,
             cfg.max_requests_jitter,
@@ -274,7 +273,10 @@ impl Master {
                     slot: Some(self.scoreboard.slot(slot)),
                     notice: self.notice_w.as_ref().map(|f| f.as_fd()),
                 };
-                worker::prefork(listeners, ctx, max_requests)
+                match mode {
+                    Mode::Event => crate::event::run(listeners, ctx, max_open, max_requests),
+                    _ => worker::prefork(listeners, ctx, max_requests),
+                }
             })
         };
         match forked {

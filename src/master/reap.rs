@@ -39,6 +39,12 @@ impl Master {
             self.prefork.served_by_gone += last.map_or(0, |e| e.served);
             let never_ready = last.is_some_and(|e| e.state == State::Starting);
             let (abnormal, how) = describe(&status);
+            if abnormal && last.is_some_and(|e| e.open > 0) && self.cfg.max_per_ip > 0 {
+                // An event worker died with connections counted in the
+                // shared per-address table: have the live ones count theirs
+                // again, or its counts would stay, a ban of those clients.
+                self.scoreboard.peers_rebuild();
+            }
             let stopping = self.life.stop_deadline.is_some();
             let pending = self.life.pending.as_ref().map(|p| p.generation);
             match child.role {

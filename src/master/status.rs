@@ -27,10 +27,15 @@ impl Master {
             .filter_map(|(pid, c)| {
                 let e = self.scoreboard.get(c.slot?)?;
                 let retiring = if c.active() { "" } else { ", retiring" };
+                let open = if self.cfg.mode == Mode::Event {
+                    format!("open {}, ", e.open)
+                } else {
+                    String::new()
+                };
                 Some((
                     pid,
                     format!(
-                        "{pid} {} (generation {}, served {}{retiring})",
+                        "{pid} {} (generation {}, {open}served {}{retiring})",
                         e.state.name(),
                         e.generation,
                         e.served
@@ -60,9 +65,11 @@ impl Master {
     pub(super) fn status_text(&self, now: Instant) -> String {
         let uptime = now.duration_since(self.life.started).as_secs();
         let (mut busy, mut idle, mut other, mut served) = (0, 0, 0, self.prefork.served_by_gone);
+        let mut open = 0;
         for (_, c) in self.children.iter() {
             if let Some(e) = c.slot.and_then(|s| self.scoreboard.get(s)) {
                 served += e.served;
+                open += e.open;
                 match e.state {
                     State::Busy => busy += 1,
                     State::Idle if c.active() => idle += 1,
@@ -94,6 +101,12 @@ impl Master {
                 self.cfg.workers,
                 self.cfg.max_workers,
                 self.prefork.at_max.total()
+            ),
+            Mode::Event => format!(
+                "mode event, generation {}, workers {} (busy {busy}, idle {idle}{starting}), open connections {open} (at most {} per worker), connections served {served}{refused}, uptime {uptime} s",
+                self.life.generation,
+                self.children.workers(),
+                self.cfg.worker_connections
             ),
             Mode::Fork => format!(
                 "mode fork, generation {}, children {} of at most {}, connections {}, limit reached {} times{refused}, uptime {uptime} s",

@@ -1,0 +1,392 @@
+//! The event-driven worker, nginx's model: one process, one epoll loop, up
+//! to `--worker-connections` connections at once.
+//!
+//! The listeners are registered with `EPOLLEXCLUSIVE`, as a prefork
+//! worker's are, so a new connection wakes one waiting worker; a busy
+//! worker is not woken at all, which spreads the load. At the cap the
+//! listeners leave the epoll set until a connection closes: new clients
+//! wait in the backlog, none is refused. Each connection is an
+//! [`echo::Conn`] (the same rules as a prefork worker's echo, as a state
+//! machine) in a slab; deadlines (idle, session) sit in a heap, each
+//! connection at most once, and are checked again when they come due
+//! rather than moved on every byte.
+//!
+//! The control pipe works as for every child: end-of-file with the master
+//! alive means stop accepting and finish the open connections (the master
+//! kills what is left after `--shutdown-timeout`); with the master gone,
+//! exit at once.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::os::fd::{AsFd, OwnedFd};
+use std::time::Instant;
+
+use log::{debug, warn};
+use nix::errno::Errno;
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
+
+use crate::accept::Acceptor;
+use crate::echo::{Conn, End};
+use crate::listen::Listener;
+use crate::scoreboard::State;
+use crate::worker::{self, Ctx, EXIT_ORPHAN};
+
+/// The control pipe's token; listeners count down from just below it, and
+/// connections are their slab index.
+const CTL: u64 = u64::MAX;
+/// Connections accepted per wake-up, so that accepting does not starve
+/// the connections already open.
+const ACCEPT_BATCH: usize = 64;
+/// Events taken per `epoll_wait`.
+const EVENTS: usize = 256;
+
+/// One open connection and what the loop keeps beside it.
+struct Open {
+    conn: Conn,
+    /// Distinguishes this connection from a later one in the same slot,
+    /// for deadlines left in the heap.
+    serial: u64,
+    /// Its client, when counted for `--max-per-ip`.
+    peer: Option<u128>,
+    /// Registered for writability (bytes pending) rather than reads.
+    writing: bool,
+    /// debug: the client's address, for the line logged at the end.
+    name: Option<String>,
+}
+
+struct Loop<'a> {
+    ctx: Ctx<'a>,
+    epoll: Epoll,
+    acceptor: Acceptor,
+    /// The listeners are in the epoll set (not at the cap, not paused).
+    listening: bool,
+    stopping: bool,
+    slots: Vec<Option<Open>>,
+    free: Vec<usize>,
+    open: usize,
+    max_open: usize,
+    /// Connections accepted so far, and how many to accept before
+    /// retiring (0: no limit).
+    accepted: u64,
+    max_requests: u64,
+    serial: u64,
+    deadlines: BinaryHeap<Reverse<(Instant, usize, u64)>>,
+    /// The scoreboard's open-connection table generation last seen.
+    peers_epoch: u64,
+    /// What `publish` said last: open connections, and busy.
+    published: (usize, bool),
+}
+
+/// An event worker: serves up to `max_open` connections at once from the
+/// `listeners`, until told to stop and drained, or (`max_requests`, 0 = no
+/// limit) after accepting that many and draining them. Returns the exit
+/// code.
+pub fn run(listeners: Vec<Listener>, ctx: Ctx<'_>, max_open: usize, max_requests: u64) -> i32 {
+    if let Err(code) = worker::follow_master(&ctx) {
+        return code;
+    }
+    let Some(mut buf) = worker::buffer() else {
+        return 1;
+    };
+    let epoll = match Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC) {
+        Ok(e) => e,
+        Err(e) => {
+            warn!("cannot create an epoll set: {e}");
+            return 1;
+        }
+    };
+    if let Err(e) = epoll.add(ctx.ctl, EpollEvent::new(EpollFlags::EPOLLIN, CTL)) {
+        warn!("cannot watch the control pipe: {e}");
+        return 1;
+    }
+    let peers_epoch = ctx.slot.map_or(0, |s| s.board().peers_epoch());
+    let mut l = Loop {
+        ctx,
+        epoll,
+        acceptor: Acceptor::new(listeners),
+        listening: false,
+        stopping: false,
+        slots: Vec::new(),
+        free: Vec::new(),
+        open: 0,
+        max_open: max_open.max(1),
+        accepted: 0,
+        max_requests,
+        serial: 0,
+        deadlines: BinaryHeap::new(),
+        peers_epoch,
+        published: (usize::MAX, false),
+    };
+    if let Err(e) = l.listen(true) {
+        warn!("cannot watch the listeners: {e}");
+        return 1;
+    }
+    l.ctx.ready();
+    l.run(buf.as_mut_slice())
+}
+
+impl Loop<'_> {
+    fn run(&mut self, buf: &mut [u8]) -> i32 {
+        let mut events = [EpollEvent::empty(); EVENTS];
+        loop {
+            let now = Instant::now();
+            let next = [
+                self.deadlines.peek().map(|Reverse((t, _, _))| *t),
+                self.acceptor.paused_until(now),
+            ];
+            let timeout = next
+                .iter()
+                .flatten()
+                .min()
+                .map(|t| t.saturating_duration_since(now));
+            let timeout = crate::time::poll_timeout(timeout);
+            let n = match self.epoll.wait(&mut events, timeout) {
+                Ok(n) => n,
+                Err(Errno::EINTR) => 0,
+                Err(e) => {
+                    warn!("epoll_wait failed: {e}");
+                    return 1;
+                }
+            };
+            let now = Instant::now();
+            let mut accept = false;
+            for ev in &events[..n] {
+                match ev.data() {
+                    CTL => {
+                        if self.ctx.master_gone() {
+                            return EXIT_ORPHAN;
+                        }
+                        self.stop();
+                    }
+                    t if t as usize >= self.slots.len() => accept = true,
+                    t => self.ready(t as usize, buf, now),
+                }
+            }
+            if accept || (!self.listening && self.acceptor.paused_until(now).is_none()) {
+                self.accept(buf, now);
+            }
+            self.expire(now);
+            self.recount_peers();
+            if self.stopping && self.open == 0 {
+                return 0;
+            }
+            self.publish();
+        }
+    }
+
+    /// Puts the listeners in the epoll set, or takes them out; a listener
+    /// a stopping worker closed is in no set any more.
+    fn listen(&mut self, on: bool) -> nix::Result<()> {
+        if on == self.listening {
+            return Ok(());
+        }
+        for (i, l) in self.acceptor.listeners().iter().enumerate() {
+            let token = CTL - 1 - i as u64;
+            if on {
+                let flags = EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE;
+                self.epoll.add(l.as_fd(), EpollEvent::new(flags, token))?;
+            } else {
+                self.epoll.delete(l.as_fd())?;
+            }
+        }
+        self.listening = on;
+        Ok(())
+    }
+
+    /// Told to stop (or retiring): accept no more, close the listeners so
+    /// new clients go to the new generation or are refused, and finish the
+    /// open connections.
+    fn stop(&mut self) {
+        if !self.stopping {
+            let _ = self.listen(false);
+            self.acceptor.close();
+            self.stopping = true;
+            self.ctx.set(State::Stopping);
+        }
+    }
+
+    /// Accepts while there is room, up to a batch; at the cap (or paused
+    /// after a resource error) the listeners leave the set.
+    fn accept(&mut self, buf: &mut [u8], now: Instant) {
+        for _ in 0..ACCEPT_BATCH {
+            if self.stopping || self.open >= self.max_open {
+                break;
+            }
+            let Some((i, conn)) = self.acceptor.accept(now) else {
+                break;
+            };
+            let tcp = self.acceptor.listeners()[i].is_tcp();
+            self.admit(conn, tcp, buf, now);
+            if self.max_requests != 0 && self.accepted >= self.max_requests {
+                debug!(
+                    "accepted {} connections; retiring once they are served",
+                    self.accepted
+                );
+                self.stop();
+            }
+        }
+        let room = !self.stopping && self.open < self.max_open;
+        let paused = self.acceptor.paused_until(now).is_some();
+        if let Err(e) = self.listen(room && !paused) {
+            warn!("cannot watch the listeners: {e}");
+        }
+    }
+
+    /// Checks a new connection's client, then opens it and serves what it
+    /// already sent.
+    fn admit(&mut self, fd: OwnedFd, tcp: bool, buf: &mut [u8], now: Instant) {
+        let policy = &self.ctx.policy;
+        let mut peer = None;
+        if tcp && !policy.is_open() {
+            if let (Some(slot), Some(key)) = (self.ctx.slot, crate::access::peer_key(&fd)) {
+                let board = slot.board();
+                let why = board.screen(policy, key).or_else(|| {
+                    (policy.max_per_ip > 0 && !board.peer_open(key, policy.max_per_ip))
+                        .then_some(crate::scoreboard::Refusal::PerIp)
+                });
+                if let Some(why) = why {
+                    board.refused(why);
+                    return; // closed at once, unread
+                }
+                peer = (policy.max_per_ip > 0).then_some(key);
+            }
+        }
+        let name = log::log_enabled!(log::Level::Debug).then(|| worker::peer_name(&fd, tcp));
+        let conn = Conn::new(fd, now);
+        let index = self.free.pop().unwrap_or(self.slots.len());
+        let token = index as u64;
+        if let Err(e) = self
+            .epoll
+            .add(conn.fd(), EpollEvent::new(EpollFlags::EPOLLIN, token))
+        {
+            warn!("cannot watch a new connection: {e}");
+            self.free.push(index);
+            if let (Some(key), Some(slot)) = (peer, self.ctx.slot) {
+                slot.board().peer_closed(key);
+            }
+            return;
+        }
+        if index == self.slots.len() {
+            self.slots.push(None);
+        }
+        self.serial += 1;
+        if let Some(t) = conn.deadline(&self.ctx.limits) {
+            self.deadlines.push(Reverse((t, index, self.serial)));
+        }
+        self.slots[index] = Some(Open {
+            conn,
+            serial: self.serial,
+            peer,
+            writing: false,
+            name,
+        });
+        self.open += 1;
+        self.accepted += 1;
+        // Clients speak first: their bytes are usually here already.
+        self.ready(index, buf, now);
+    }
+
+    /// Serves a connection whose socket is ready.
+    fn ready(&mut self, index: usize, buf: &mut [u8], now: Instant) {
+        let limits = self.ctx.limits;
+        let Some(Some(o)) = self.slots.get_mut(index) else {
+            return;
+        };
+        match o.conn.step(buf, &limits, now) {
+            Some(end) => self.close(index, end),
+            None if o.conn.wants_write() != o.writing => {
+                o.writing = !o.writing;
+                let flags = if o.writing {
+                    EpollFlags::EPOLLOUT
+                } else {
+                    EpollFlags::EPOLLIN
+                };
+                let mut ev = EpollEvent::new(flags, index as u64);
+                if let Err(e) = self.epoll.modify(o.conn.fd(), &mut ev) {
+                    self.close(index, End::Failed(e.into()));
+                }
+            }
+            None => {}
+        }
+    }
+
+    fn close(&mut self, index: usize, end: End) {
+        let Some(o) = self.slots.get_mut(index).and_then(Option::take) else {
+            return;
+        };
+        self.free.push(index);
+        self.open -= 1;
+        if let Some(slot) = self.ctx.slot {
+            if let Some(key) = o.peer {
+                slot.board().peer_closed(key);
+            }
+            slot.served_one();
+        }
+        if let Some(peer) = o.name {
+            debug!(
+                "connection from {peer}: {} bytes echoed in {:.3} s, ended by {}",
+                o.conn.bytes(),
+                o.conn.started().elapsed().as_secs_f64(),
+                worker::describe(&end)
+            );
+        }
+        // Dropping the connection closes it, which also takes it out of
+        // the epoll set.
+    }
+
+    /// Closes the connections whose idle or session limit ran out; moves
+    /// on the others' deadlines, which progress pushed back.
+    fn expire(&mut self, now: Instant) {
+        let limits = self.ctx.limits;
+        while let Some(&Reverse((t, index, serial))) = self.deadlines.peek() {
+            if t > now {
+                break;
+            }
+            self.deadlines.pop();
+            let Some(Some(o)) = self.slots.get(index) else {
+                continue;
+            };
+            if o.serial != serial {
+                continue; // the connection it was for is gone
+            }
+            match o.conn.expired(&limits, now) {
+                Some(end) => self.close(index, end),
+                None => {
+                    if let Some(t) = o.conn.deadline(&limits) {
+                        self.deadlines.push(Reverse((t, index, serial)));
+                    }
+                }
+            }
+        }
+    }
+
+    /// After a worker died holding connections, the master emptied the
+    /// open-connection table: count this worker's in again.
+    fn recount_peers(&mut self) {
+        let Some(slot) = self.ctx.slot else { return };
+        let board = slot.board();
+        let epoch = board.peers_epoch();
+        if epoch != self.peers_epoch {
+            self.peers_epoch = epoch;
+            for key in self.slots.iter().flatten().filter_map(|o| o.peer) {
+                board.peer_recount(key);
+            }
+        }
+    }
+
+    /// Publishes the open count, and busy or idle, in the scoreboard,
+    /// when they changed.
+    fn publish(&mut self) {
+        let now = (self.open, self.open > 0);
+        if now == self.published {
+            return;
+        }
+        if let Some(slot) = self.ctx.slot {
+            slot.set_open(self.open);
+            if !self.stopping && now.1 != self.published.1 {
+                self.ctx.set(if now.1 { State::Busy } else { State::Idle });
+            }
+        }
+        self.published = now;
+    }
+}
