@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use log::{error, info, warn};
 
-use super::{nofile_need, Master, READY_TIMEOUT};
+use super::{Master, READY_TIMEOUT};
 use crate::accept::Acceptor;
 use crate::config::{self, Config, LogTarget, Mode};
 use crate::daemon::Identity;
@@ -165,9 +165,7 @@ impl Master {
         // generation is gone: check for room before forking any.
         let open = crate::sys::open_fds().unwrap_or(0);
         crate::daemon::ensure_nofile(open + u64::from(workers) + 8, "the reload")?;
-        if let Err(e) = crate::daemon::ensure_nofile(nofile_need(&cfg, plan.len()), "max-workers") {
-            warn!("{e}");
-        }
+        super::make_room_for_descriptors(&cfg, plan.len());
         self.life.pending = Some(Pending {
             generation: self.life.generation + 1,
             cfg,

@@ -107,12 +107,7 @@ pub fn run(
         Ok(s) => s,
         Err(e) => return fail("the scoreboard", e),
     };
-    // The master holds one descriptor per worker, and a reload may run
-    // two full generations at once.
-    if let Err(e) = crate::daemon::ensure_nofile(nofile_need(&cfg, listeners.len()), "max-workers")
-    {
-        warn!("{e}");
-    }
+    make_room_for_descriptors(&cfg, listeners.len());
     let now = Instant::now();
     let mut master = Master {
         pid: getpid(),
@@ -472,6 +467,32 @@ impl Master {
             let _ = kill(pid, Signal::SIGKILL);
         }
         self.life.killed = true;
+    }
+}
+
+/// Raises the soft RLIMIT_NOFILE (as nginx's `worker_rlimit_nofile`) to
+/// what `cfg` may need in one process, warning if the hard limit is in
+/// the way: the master holds one descriptor per worker, a reload may run
+/// two full generations, and an event worker holds each of its
+/// connections. The limit is per process (and children inherit it), so
+/// `workers` × `worker-connections` may well exceed it; that is said once.
+fn make_room_for_descriptors(cfg: &Config, listeners: usize) {
+    let why = match cfg.mode {
+        Mode::Event => "worker-connections",
+        _ => "max-workers",
+    };
+    if let Err(e) = crate::daemon::ensure_nofile(nofile_need(cfg, listeners), why) {
+        warn!("{e}");
+    }
+    if cfg.mode == Mode::Event {
+        let total = u64::from(cfg.workers) * u64::from(cfg.worker_connections);
+        let (soft, _) = crate::sys::nofile_limit();
+        if total > soft {
+            info!(
+                "{} workers × {} worker-connections = {total} connections, more than RLIMIT_NOFILE ({soft}); the limit is per process, so each worker may still hold its {}",
+                cfg.workers, cfg.worker_connections, cfg.worker_connections
+            );
+        }
     }
 }
 
