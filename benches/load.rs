@@ -2,13 +2,13 @@
 //!
 //! It starts each server fresh for each run, on 127.0.0.1, and drives it
 //! from this process with blocking client threads: echo-forkd in prefork
-//! (at several pool sizes) and fork mode; the floors of each model, built
+//! (at several pool sizes), fork and event mode; the floors of each model, built
 //! only for this benchmark (a minimal fork-per-connection server and a
 //! minimal single-threaded epoll echo, this binary re-run as `serve-fork`
 //! and `serve-epoll`); a minimal tokio server (`serve-tokio`); and Python's
 //! `ForkingTCPServer` and `ThreadingTCPServer` (benches/peers.py). It
 //! sweeps what users vary: pool sizes, 1 to 500 ping-ponging clients, a
-//! burst of 2,000 clients at once. Servers take turns within each round,
+//! burst of 2,000 clients at once, 100 and 10,000 idle connections. Servers take turns within each round,
 //! and each round starts one server later (A B C, B C A, C A B …), so that
 //! a noisy neighbour hurts them all alike; the figures that count are
 //! ratios within a round, of which the medians are reported. Every echoed
@@ -41,6 +41,9 @@ const BIN: &str = env!("CARGO_BIN_EXE_echo-forkd");
 /// 1024, serves every other case), so that the burst measures the
 /// servers, not the kernel dropping SYNs beyond the backlog.
 const BACKLOG: i32 = 4096;
+/// Idle connections above which `hold` runs only the servers that hold
+/// many per process.
+const HOLD_PER_PROCESS: usize = 1000;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -68,13 +71,13 @@ const USAGE: &str = "usage: cargo bench --bench load -- [OPTIONS]
   --rounds N          rounds of every server in turn (default 3)
   --secs S            seconds per timed run (default 3)
   --scenarios LIST    conn,rtt,stream,hold,burst (default: all)
-  --servers LIST      prefork,fork,min-fork,epoll,tokio,py-forking,py-threading
-                      (default: all)
+  --servers LIST      prefork,fork,event,min-fork,epoll,tokio,py-forking,
+                      py-threading (default: all)
   --clients N         clients for conn (default 50)
   --rtt-clients LIST  connections for rtt, one run each (default 1,50,500)
   --pools LIST        prefork pool sizes for conn (default 8,64,256)
   --stream-mib N      MiB each stream connection sends (default 256)
-  --hold N            idle connections held (default 100)
+  --hold LIST         idle connections held, one run each (default 100,10000)
   --burst N           clients arriving at once in burst (default 2000)
   --out FILE          also write the markdown tables here
   --baseline BIN      also run this echo-forkd build, after each of ours
@@ -87,6 +90,8 @@ enum Kind {
     PreforkBase,
     Fork,
     ForkBase,
+    Event,
+    EventBase,
     /// The floor of the fork model: fork, read/write, `_exit`.
     MinFork,
     /// The floor of an event loop: one thread, one epoll set.
@@ -101,7 +106,20 @@ impl Kind {
     fn is_ours(self) -> bool {
         matches!(
             self,
-            Kind::Prefork | Kind::Fork | Kind::PreforkBase | Kind::ForkBase
+            Kind::Prefork
+                | Kind::Fork
+                | Kind::Event
+                | Kind::PreforkBase
+                | Kind::ForkBase
+                | Kind::EventBase
+        )
+    }
+
+    /// Whether it holds many connections per process (or thread pool).
+    fn holds_many(self) -> bool {
+        matches!(
+            self,
+            Kind::Event | Kind::EventBase | Kind::Epoll | Kind::Tokio
         )
     }
 
@@ -109,9 +127,10 @@ impl Kind {
         matches!(self, Kind::Prefork | Kind::PreforkBase)
     }
 
-    const ALL: [Kind; 7] = [
+    const ALL: [Kind; 8] = [
         Kind::Prefork,
         Kind::Fork,
+        Kind::Event,
         Kind::MinFork,
         Kind::Epoll,
         Kind::Tokio,
@@ -123,6 +142,7 @@ impl Kind {
         match self {
             Kind::Prefork => "prefork",
             Kind::Fork => "fork",
+            Kind::Event => "event",
             Kind::MinFork => "min-fork",
             Kind::Epoll => "epoll",
             Kind::Tokio => "tokio",
@@ -130,6 +150,7 @@ impl Kind {
             Kind::PyThreading => "py-threading",
             Kind::PreforkBase => "prefork-base",
             Kind::ForkBase => "fork-base",
+            Kind::EventBase => "event-base",
         }
     }
 }
@@ -210,7 +231,7 @@ struct Opts {
     rtt_clients: Vec<usize>,
     pools: Vec<usize>,
     stream_mib: usize,
-    hold: usize,
+    hold: Vec<usize>,
     burst: usize,
     out: Option<PathBuf>,
     baseline: Option<PathBuf>,
@@ -227,7 +248,7 @@ impl Opts {
             rtt_clients: vec![1, 50, 500],
             pools: vec![8, 64, 256],
             stream_mib: 256,
-            hold: 100,
+            hold: vec![100, 10_000],
             burst: 2000,
             out: None,
             baseline: None,
@@ -252,7 +273,7 @@ impl Opts {
                 "--rtt-clients" => o.rtt_clients = numbers(arg, value()?)?,
                 "--pools" => o.pools = numbers(arg, value()?)?,
                 "--stream-mib" => o.stream_mib = number(arg, value()?)?,
-                "--hold" => o.hold = number(arg, value()?)?,
+                "--hold" => o.hold = numbers(arg, value()?)?,
                 "--burst" => o.burst = number(arg, value()?)?,
                 "--out" => o.out = Some(PathBuf::from(value()?)),
                 "--scenarios" => {
@@ -271,6 +292,7 @@ impl Opts {
                 match k {
                     Kind::Prefork => with.push(Kind::PreforkBase),
                     Kind::Fork => with.push(Kind::ForkBase),
+                    Kind::Event => with.push(Kind::EventBase),
                     _ => {}
                 }
             }
@@ -290,7 +312,7 @@ impl Opts {
                 Scenario::Conn => vec![self.clients],
                 Scenario::Rtt => self.rtt_clients.clone(),
                 Scenario::Stream => vec![4],
-                Scenario::Hold => vec![self.hold],
+                Scenario::Hold => self.hold.clone(),
                 Scenario::Burst => vec![self.burst],
             };
             cases.extend(sizes.into_iter().map(|clients| Case { scenario, clients }));
@@ -309,6 +331,11 @@ impl Opts {
                     t.extend(self.pools.iter().map(|&pool| Target { kind, pool }));
                 }
                 (Kind::PyForking | Kind::PyThreading, Scenario::Burst) => {}
+                // Thousands of idle connections are the event model's
+                // case: a process (or a Python thread) each would measure
+                // the machine's process table, and prefork's pool stops
+                // at 4,096 workers.
+                (k, Scenario::Hold) if case.clients > HOLD_PER_PROCESS && !k.holds_many() => {}
                 _ => t.push(Target { kind, pool: 0 }),
             }
         }
@@ -347,9 +374,9 @@ impl Server {
     fn start(t: Target, case: Case, o: &Opts) -> Server {
         let kind = t.kind;
         let mut cmd = match kind {
-            Kind::Prefork | Kind::Fork | Kind::PreforkBase | Kind::ForkBase => {
+            k if k.is_ours() => {
                 let bin = match (kind, &o.baseline) {
-                    (Kind::PreforkBase | Kind::ForkBase, Some(b)) => b.as_path(),
+                    (Kind::PreforkBase | Kind::ForkBase | Kind::EventBase, Some(b)) => b.as_path(),
                     _ => Path::new(BIN),
                 };
                 let mut c = Command::new(bin);
@@ -370,7 +397,7 @@ impl Server {
                     .stdout(Stdio::piped());
                 c
             }
-            Kind::Tokio | Kind::MinFork | Kind::Epoll => {
+            _ => {
                 let mut c = Command::new(std::env::current_exe().expect("own path"));
                 c.arg(match kind {
                     Kind::Tokio => "serve-tokio",
@@ -427,6 +454,20 @@ fn daemon_args(t: Target, case: Case, o: &Opts) -> Vec<String> {
         let backlog = BACKLOG.to_string();
         return args(&["-m", "fork", "--max-children", &max, "--backlog", &backlog]);
     }
+    if matches!(t.kind, Kind::Event | Kind::EventBase) {
+        // One worker per CPU (the default), each with room for every
+        // client, however the kernel spreads them.
+        let conns = case.clients.max(1024).to_string();
+        let backlog = BACKLOG.to_string();
+        return args(&[
+            "-m",
+            "event",
+            "--worker-connections",
+            &conns,
+            "--backlog",
+            &backlog,
+        ]);
+    }
     if case.scenario == Scenario::Burst {
         // A small pool with room to grow: the figure is how fast it does.
         let max = (o.burst + 48).max(256).to_string();
@@ -447,7 +488,7 @@ fn daemon_args(t: Target, case: Case, o: &Opts) -> Vec<String> {
         Scenario::Conn => t.pool,
         Scenario::Rtt => case.clients + 2,
         Scenario::Stream => 6,
-        _ => o.hold + 4,
+        _ => case.clients + 4,
     };
     let w = workers.to_string();
     let max = workers.max(256).to_string();
@@ -1079,10 +1120,10 @@ fn stream(server: &Server, o: &Opts) -> Measure {
 
 /// `hold`: open `hold` connections and leave them idle, measure memory, then
 /// one echo on each.
-fn hold(server: &Server, kind: Kind, o: &Opts) -> Measure {
+fn hold(server: &Server, kind: Kind, n: usize) -> Measure {
     let mut m = Measure::default();
     let mut conns = Vec::new();
-    for i in 0..o.hold {
+    for i in 0..n {
         match connect_from(i, server.addr()) {
             Ok(s) => conns.push(s),
             Err(e) => m.errors.count(&e),
@@ -1231,8 +1272,17 @@ type Results = BTreeMap<(Case, Target), Vec<Measure>>;
 
 fn run(o: &Opts) {
     println!("{}", machine());
+    // Room for the clients of the largest hold, as a server would make.
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let want = (o.hold.iter().copied().max().unwrap_or(0) as u64 + 1024).max(soft);
+        if want > hard {
+            eprintln!("load: RLIMIT_NOFILE's hard limit ({hard}) is too low for the largest hold");
+        }
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, want.min(hard), hard);
+    }
     println!(
-        "rounds {}, {} s per timed run, conn with {} clients, rtt with {:?}, prefork pools {:?}, streams of {} MiB, hold {}, burst {}\n",
+        "rounds {}, {} s per timed run, conn with {} clients, rtt with {:?}, prefork pools {:?}, streams of {} MiB, hold {:?}, burst {}\n",
         o.rounds, o.secs, o.clients, o.rtt_clients, o.pools, o.stream_mib, o.hold, o.burst
     );
     let mut results = Results::new();
@@ -1249,7 +1299,7 @@ fn run(o: &Opts) {
                     Scenario::Conn => conn(&server, case.clients, o),
                     Scenario::Rtt => rtt(&server, case.clients, o),
                     Scenario::Stream => stream(&server, o),
-                    Scenario::Hold => hold(&server, t.kind, o),
+                    Scenario::Hold => hold(&server, t.kind, case.clients),
                     Scenario::Burst => burst(&server, case.clients),
                 };
                 drop(server);
@@ -1381,14 +1431,18 @@ fn report(results: &Results) -> String {
         .iter()
         .filter(|((c, _), _)| c.scenario == Scenario::Hold)
         .collect();
-    if let Some(((case, _), _)) = holds.first() {
-        let _ = writeln!(
-            t,
-            "\n| memory, {} idle connections held | master RSS KiB | processes | their private KiB | per process KiB | largest KiB |",
-            case.clients
-        );
-        let _ = writeln!(t, "|---|---:|---:|---:|---:|---:|");
-        for ((_, target), ms) in holds {
+    let mut shown = None;
+    for ((case, target), ms) in holds {
+        if shown != Some(case.clients) {
+            shown = Some(case.clients);
+            let _ = writeln!(
+                t,
+                "\n| memory, {} idle connections held | master RSS KiB | processes | their private KiB | per process KiB | largest KiB |",
+                case.clients
+            );
+            let _ = writeln!(t, "|---|---:|---:|---:|---:|---:|");
+        }
+        {
             let rss = med(ms, |m| m.master_rss_kib);
             let n = med(ms, |m| m.workers);
             let private = med(ms, |m| m.workers_private_kib);
@@ -1428,6 +1482,7 @@ fn ratios(results: &Results) -> Vec<(String, f64)> {
         match a.kind {
             Kind::Fork => refs.extend([Kind::MinFork, Kind::PyForking, Kind::ForkBase]),
             Kind::Prefork => refs.extend([Kind::PyForking, Kind::PreforkBase]),
+            Kind::Event => refs.push(Kind::EventBase),
             _ => {}
         }
         for b in refs {
