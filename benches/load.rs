@@ -57,13 +57,14 @@ fn main() {
         println!("{USAGE}");
         return;
     }
-    let opts = match Opts::parse(&args) {
+    let mut opts = match Opts::parse(&args) {
         Ok(o) => o,
         Err(e) => {
             eprintln!("load: {e}\n\n{USAGE}");
             std::process::exit(2);
         }
     };
+    make_room_for_clients(&mut opts);
     run(&opts);
 }
 
@@ -1270,17 +1271,31 @@ fn field_kib(path: &str, keys: &[&str]) -> f64 {
 
 type Results = BTreeMap<(Case, Target), Vec<Measure>>;
 
+/// Raises this process's descriptor limit for the clients of the largest
+/// hold (and the burst); a hold the hard limit cannot carry is left out,
+/// with a word.
+fn make_room_for_clients(o: &mut Opts) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    let most = o.hold.iter().copied().chain([o.burst]).max().unwrap_or(0) as u64;
+    let _ = setrlimit(
+        Resource::RLIMIT_NOFILE,
+        (most + 1024).max(soft).min(hard),
+        hard,
+    );
+    o.hold.retain(|&n| {
+        let fits = n as u64 + 1024 <= hard;
+        if !fits {
+            println!("hold {n} left out: RLIMIT_NOFILE's hard limit is {hard}");
+        }
+        fits
+    });
+}
+
 fn run(o: &Opts) {
     println!("{}", machine());
-    // Room for the clients of the largest hold, as a server would make.
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        let want = (o.hold.iter().copied().max().unwrap_or(0) as u64 + 1024).max(soft);
-        if want > hard {
-            eprintln!("load: RLIMIT_NOFILE's hard limit ({hard}) is too low for the largest hold");
-        }
-        let _ = setrlimit(Resource::RLIMIT_NOFILE, want.min(hard), hard);
-    }
     println!(
         "rounds {}, {} s per timed run, conn with {} clients, rtt with {:?}, prefork pools {:?}, streams of {} MiB, hold {:?}, burst {}\n",
         o.rounds, o.secs, o.clients, o.rtt_clients, o.pools, o.stream_mib, o.hold, o.burst

@@ -148,6 +148,29 @@ impl PidFile {
 }
 
 impl PidFile {
+    /// The locked file's descriptor, to pass across a re-exec.
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.file.as_raw_fd()
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The pidfile a previous master passed across its re-exec (USR2): the
+    /// same file, still locked (the lock belongs to the open file, which
+    /// the exec kept), naming this same pid.
+    pub fn adopt(fd: std::os::fd::OwnedFd, path: PathBuf) -> PidFile {
+        PidFile {
+            file: File::from(fd),
+            path,
+            owner: std::process::id(),
+            written: true,
+        }
+    }
+
     /// In a forked child: closes the descriptor (the lock stays the
     /// master's: it belongs to the open file, which the master keeps) and
     /// forgets the path, neither removing the file nor freeing memory.

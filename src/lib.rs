@@ -32,6 +32,7 @@ mod signals;
 mod sys;
 mod systemd;
 mod time;
+mod upgrade;
 mod worker;
 
 use clap::Parser;
@@ -42,8 +43,17 @@ use config::{LogTarget, Options};
 /// Runs echo-forkd with the process's command line; returns the exit status
 /// (0 success, 1 startup or runtime failure, 2 usage error).
 pub fn run() -> i32 {
+    // A master that re-executed itself (USR2) left what it hands over.
+    let handover = master::take_handover();
+    let keep = match &handover {
+        Some(Ok(h)) => h.fds(),
+        _ => Vec::new(),
+    };
     // Before anything of ours is open: what the parent leaked stays here.
-    sys::close_inherited(systemd::is_passed);
+    sys::close_inherited(|fd| systemd::is_passed(fd) || keep.contains(&fd));
+    // Where an upgrade will find the new code, and how to start it again.
+    let exe = std::env::current_exe().unwrap_or_default();
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     // Usage errors exit 2, --help and --version 0 (clap's convention).
     let opts = Options::parse();
     let check = opts.check;
@@ -99,6 +109,11 @@ pub fn run() -> i32 {
     if cfg.inetd {
         return inetd(&cfg, &identity);
     }
+    match handover {
+        Some(Ok(h)) => return upgraded(cfg, identity, h, opts, base, exe, args),
+        Some(Err(e)) => log::warn!("ignoring the upgrade handover in the environment: {e}"),
+        None => {}
+    }
     if cfg.log == LogTarget::Syslog && !logging::syslog_connected() {
         logging::say(format_args!(
             "warning: cannot reach syslog at {}; log lines are dropped until it appears",
@@ -114,8 +129,10 @@ pub fn run() -> i32 {
                 cli: opts,
                 base,
                 activated,
+                exe,
+                args,
             };
-            master::run(cfg, listeners, identity, handoff, source)
+            master::run(cfg, listeners, identity, handoff, source, None)
         }
         Err(e) => {
             if cfg.log == LogTarget::Syslog {
@@ -125,6 +142,40 @@ pub fn run() -> i32 {
             1
         }
     }
+}
+
+/// The new code of a master that re-executed itself (USR2): no binding, no
+/// detaching, no pidfile to lock; all of that was passed on.
+fn upgraded(
+    cfg: config::Config,
+    identity: daemon::Identity,
+    h: upgrade::Handover,
+    cli: Options,
+    base: std::path::PathBuf,
+    exe: std::path::PathBuf,
+    args: Vec<std::ffi::OsString>,
+) -> i32 {
+    let (listeners, pidfile, notify) = match master::take_passed(&h) {
+        Ok(p) => p,
+        Err(e) => {
+            error!("cannot take over after the upgrade: {e}");
+            return 1;
+        }
+    };
+    let activated = !listeners.is_empty() && listeners.iter().all(|l| l.configured().is_none());
+    let handoff = master::Handoff {
+        pidfile,
+        ready: None,
+        notify,
+    };
+    let source = master::Source {
+        cli,
+        base,
+        activated,
+        exe,
+        args,
+    };
+    master::run(cfg, listeners, identity, handoff, source, Some(h))
 }
 
 /// Every startup step that can fail, in an order that lets each failure be

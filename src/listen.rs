@@ -153,6 +153,31 @@ impl Listener {
         &self.name
     }
 
+    /// Whether its socket file is ours to remove (a unix socket we bound).
+    pub fn owns_file(&self) -> bool {
+        self.file.is_some()
+    }
+
+    /// A listener a previous master passed across its re-exec (USR2): as
+    /// [`Listener::from_inherited`], plus what it knew of it.
+    pub fn adopt_passed(
+        fd: OwnedFd,
+        configured: Option<&str>,
+        owns_file: bool,
+    ) -> Result<Listener, String> {
+        let mut l = Listener::from_inherited(fd)?;
+        l.addr = configured.map(str::parse).transpose()?;
+        if owns_file {
+            if let Some(path) = l.name.strip_prefix("unix:") {
+                l.file = Some(SocketFile {
+                    path: PathBuf::from(path),
+                    owner: std::process::id(),
+                });
+            }
+        }
+        Ok(l)
+    }
+
     /// The configured address it was bound for (`None`: passed to us).
     pub fn configured(&self) -> Option<&ListenAddr> {
         self.addr.as_ref()

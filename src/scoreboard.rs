@@ -17,7 +17,6 @@
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
 
 use nix::unistd::Pid;
 
@@ -77,6 +76,7 @@ const HASH_SEED: usize = 6;
 const SETUP_REPORTED_MS: usize = 7; // when a setup failure was last logged (+1)
 const SETUP_UNREPORTED: usize = 8; // setup failures not logged since
 const PEERS_EPOCH: usize = 9; // bumped when the open-connection table is rebuilt
+const EPOCH_US: usize = 10; // CLOCK_MONOTONIC at creation: one clock for every process
 const HEADER: usize = 16; // two cache lines, so slots stay aligned
 
 // Word offsets within a slot; a slot is one 64-byte cache line.
@@ -148,23 +148,66 @@ pub struct Entry {
 pub struct Scoreboard {
     mem: SharedWords,
     slots: usize,
-    epoch: Instant,
     free: Vec<usize>,
 }
 
 impl Scoreboard {
+    fn words(slots: usize) -> usize {
+        HEADER + slots * WORDS + RATE_BUCKETS + PEER_BUCKETS
+    }
+
     /// Maps `slots` slots; call before the first fork. `seed` keys the
     /// rate table's hash, so clients cannot choose their collisions.
     pub fn new(slots: usize, seed: u64) -> io::Result<Scoreboard> {
         let board = Scoreboard {
-            mem: SharedWords::new(HEADER + slots * WORDS + RATE_BUCKETS + PEER_BUCKETS)?,
+            mem: SharedWords::new(Self::words(slots))?,
             slots,
-            epoch: Instant::now(),
             // Popped from the end: slot 0 is handed out first.
             free: (0..slots).rev().collect(),
         };
         board.header(HASH_SEED).store(seed, Ordering::Relaxed);
+        board
+            .header(EPOCH_US)
+            .store(crate::time::monotonic_usec(), Ordering::Relaxed);
         Ok(board)
+    }
+
+    /// A new master after an upgrade: maps again the scoreboard its
+    /// predecessor made (`fd`, of `slots` slots), where the old workers
+    /// still write; the slots in `in_use` are theirs.
+    pub fn adopt(
+        fd: std::os::fd::OwnedFd,
+        slots: usize,
+        in_use: &[usize],
+    ) -> io::Result<Scoreboard> {
+        let mem = SharedWords::adopt(fd, Self::words(slots))?;
+        Ok(Scoreboard {
+            mem,
+            slots,
+            free: (0..slots).rev().filter(|s| !in_use.contains(s)).collect(),
+        })
+    }
+
+    /// The memfd behind the scoreboard, to pass to a new master.
+    pub fn fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.mem.fd()
+    }
+
+    /// How many slots it has.
+    pub fn slots(&self) -> usize {
+        self.slots
+    }
+
+    /// In a forked child: it needs the mapping, not the descriptor.
+    pub fn close_fd_in_child(&mut self) {
+        self.mem.close_fd_in_child();
+    }
+
+    /// Microseconds since the scoreboard was made, on the one clock all
+    /// processes share (CLOCK_MONOTONIC), so old and new workers agree
+    /// across a master's re-exec.
+    fn elapsed_us(&self) -> u64 {
+        crate::time::monotonic_usec().saturating_sub(self.header(EPOCH_US).load(Ordering::Relaxed))
     }
 
     fn header(&self, field: usize) -> &AtomicU64 {
@@ -268,7 +311,7 @@ impl Scoreboard {
     /// bucket share a count, which errs towards refusing; each window
     /// starts from zero, so a refusal is a pause, never a ban.
     pub fn conn_rate_ok(&self, key: u128, limit: u32) -> bool {
-        let second = self.epoch.elapsed().as_secs() & 0xffff_ffff;
+        let second = (self.elapsed_us() / 1_000_000) & 0xffff_ffff;
         let b = self.bucket(key);
         let mut cur = b.load(Ordering::Relaxed);
         loop {
@@ -332,7 +375,7 @@ impl Scoreboard {
     }
 
     fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
+        self.elapsed_us() / 1000
     }
 
     /// Master, before fork: takes a free slot for a worker of `generation`;

@@ -14,12 +14,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use nix::sys::signal::Signal;
 
 /// Every signal the master catches; a child resets them to the default.
-pub const HANDLED: [Signal; 8] = [
+pub const HANDLED: [Signal; 9] = [
     Signal::SIGTERM,
     Signal::SIGINT,
     Signal::SIGQUIT,
     Signal::SIGHUP,
     Signal::SIGUSR1,
+    Signal::SIGUSR2,
     Signal::SIGTTIN,
     Signal::SIGTTOU,
     Signal::SIGCHLD,
@@ -27,8 +28,10 @@ pub const HANDLED: [Signal; 8] = [
 
 /// Signals a child ignores. SIGINT: a terminal's Ctrl-C goes to the whole
 /// process group, and stopping is the master's decision (a graceful stop
-/// lets busy children finish).
-pub const CHILD_IGNORED: [Signal; 1] = [Signal::SIGINT];
+/// lets busy children finish). SIGUSR2: the master's upgrade, whose default
+/// action would kill a child that received it by mistake (a `kill` sent to
+/// the whole group).
+pub const CHILD_IGNORED: [Signal; 2] = [Signal::SIGINT, Signal::SIGUSR2];
 
 static FLAGS: [AtomicBool; HANDLED.len()] = [const { AtomicBool::new(false) }; HANDLED.len()];
 
@@ -40,6 +43,7 @@ pub struct Pending {
     pub quit: bool,
     pub hup: bool,
     pub usr1: bool,
+    pub usr2: bool,
     pub ttin: bool,
     pub ttou: bool,
     pub chld: bool,
@@ -67,6 +71,14 @@ impl Signals {
             // every process, and fewer for each child to close.
             crate::sys::wake_on_signal(sig, writer.as_raw_fd())?;
         }
+        // A master that re-executed itself (USR2) blocked every signal
+        // across the exec: what came meanwhile is delivered now, to the
+        // handlers. (At a first start the mask is empty already.)
+        nix::sys::signal::sigprocmask(
+            nix::sys::signal::SigmaskHow::SIG_SETMASK,
+            Some(&nix::sys::signal::SigSet::empty()),
+            None,
+        )?;
         Ok(Signals {
             reader,
             writer: ManuallyDrop::new(writer),
@@ -93,6 +105,7 @@ impl Signals {
             quit: take(Signal::SIGQUIT),
             hup: take(Signal::SIGHUP),
             usr1: take(Signal::SIGUSR1),
+            usr2: take(Signal::SIGUSR2),
             ttin: take(Signal::SIGTTIN),
             ttou: take(Signal::SIGTTOU),
             chld: take(Signal::SIGCHLD),

@@ -4,7 +4,7 @@
 
 use std::io;
 use std::num::NonZeroUsize;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr::NonNull;
 use std::sync::atomic::AtomicU64;
@@ -306,35 +306,100 @@ pub fn local_time(t: SystemTime) -> (usize, u32, u32, u32, u32) {
 }
 
 /// Zero-filled words shared with every child forked after they were mapped
-/// (`MAP_SHARED|MAP_ANONYMOUS`): the scoreboard's memory. They are reached
-/// only through atomics, so processes may read and write them at once.
+/// (`MAP_SHARED`): the scoreboard's memory. They are reached only through
+/// atomics, so processes may read and write them at once. Where there is
+/// `memfd_create`, the memory is a memfd, so that a master that re-executes
+/// itself (USR2) can map it again and keep seeing its old workers.
 pub struct SharedWords {
     ptr: NonNull<AtomicU64>,
     len: usize,
+    fd: Option<OwnedFd>,
 }
 
 impl SharedWords {
     /// Maps `len` words. Pages are only backed once touched.
     pub fn new(len: usize) -> io::Result<SharedWords> {
-        let bytes = len
-            .checked_mul(std::mem::size_of::<AtomicU64>())
+        let bytes = Self::bytes(len)?;
+        #[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
+        {
+            use nix::sys::memfd::{memfd_create, MFdFlags};
+            let fd = memfd_create("echo-forkd-scoreboard", MFdFlags::MFD_CLOEXEC)?;
+            nix::unistd::ftruncate(&fd, bytes.get() as libc::off_t)?;
+            Self::map(fd, len)
+        }
+        #[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd")))]
+        {
+            use nix::sys::mman::{mmap_anonymous, MapFlags, ProtFlags};
+            // SAFETY: no address hint, so the kernel picks fresh pages that
+            // alias nothing in this process; the result is checked.
+            let ptr = unsafe {
+                mmap_anonymous(
+                    None,
+                    bytes,
+                    ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                    MapFlags::MAP_SHARED,
+                )
+            }?;
+            Ok(SharedWords {
+                ptr: ptr.cast(),
+                len,
+                fd: None,
+            })
+        }
+    }
+
+    /// Maps the `len` words behind `fd` again: the memory a previous master
+    /// made (its [`SharedWords::fd`]), passed across an exec. The file must
+    /// be exactly that size.
+    pub fn adopt(fd: OwnedFd, len: usize) -> io::Result<SharedWords> {
+        let bytes = Self::bytes(len)?;
+        let size = nix::sys::stat::fstat(&fd)?.st_size;
+        if size as u64 != bytes.get() as u64 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("the shared memory passed on is {size} bytes, not {bytes}"),
+            ));
+        }
+        Self::map(fd, len)
+    }
+
+    fn bytes(len: usize) -> io::Result<NonZeroUsize> {
+        len.checked_mul(std::mem::size_of::<AtomicU64>())
             .and_then(NonZeroUsize::new)
-            .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
-        use nix::sys::mman::{mmap_anonymous, MapFlags, ProtFlags};
-        // SAFETY: no address hint, so the kernel picks fresh pages that alias
-        // nothing in this process; the result is checked.
+            .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))
+    }
+
+    fn map(fd: OwnedFd, len: usize) -> io::Result<SharedWords> {
+        use nix::sys::mman::{mmap, MapFlags, ProtFlags};
+        let bytes = Self::bytes(len)?;
+        // SAFETY: no address hint, so the kernel picks fresh addresses that
+        // alias nothing in this process; the file is `bytes` long (made or
+        // checked so by the callers); the result is checked.
         let ptr = unsafe {
-            mmap_anonymous(
+            mmap(
                 None,
                 bytes,
                 ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
                 MapFlags::MAP_SHARED,
+                &fd,
+                0,
             )
         }?;
         Ok(SharedWords {
             ptr: ptr.cast(),
             len,
+            fd: Some(fd),
         })
+    }
+
+    /// The memfd behind the words, if there is one.
+    pub fn fd(&self) -> Option<BorrowedFd<'_>> {
+        self.fd.as_ref().map(|f| f.as_fd())
+    }
+
+    /// In a forked child: closes the memfd (the mapping stays).
+    pub fn close_fd_in_child(&mut self) {
+        self.fd = None;
     }
 
     /// The words.

@@ -34,6 +34,19 @@ impl Notify {
         Some(Notify { sock })
     }
 
+    /// The socket's descriptor, to pass across a re-exec.
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.sock.as_raw_fd()
+    }
+
+    /// The socket a previous master passed across its re-exec (USR2).
+    pub fn adopt(fd: std::os::fd::OwnedFd) -> Notify {
+        let sock = UnixDatagram::from(fd);
+        let _ = sock.set_nonblocking(true);
+        Notify { sock }
+    }
+
     /// Sends one notification (`READY=1`, `STATUS=…`, several lines joined
     /// by newlines). Never blocks; a lost notification is not an error.
     pub fn send(&self, msg: &str) {

@@ -47,19 +47,22 @@ impl Master {
             {
                 self.life.unannounced = None;
                 info!("ready");
+                self.upgrade_done(now);
                 self.announce_ready(now);
                 if let Some(ready) = self.handoff.ready.take() {
                     ready.ready();
                 }
             } else if now >= deadline {
-                self.fatal(
-                    now,
-                    &format!(
-                        "the workers did not become ready within {} s",
-                        READY_TIMEOUT.as_secs()
-                    ),
+                let why = format!(
+                    "the workers did not become ready within {} s",
+                    READY_TIMEOUT.as_secs()
                 );
-                return;
+                if self.life.upgraded_from.is_some() {
+                    self.upgrade_failed(now, &why);
+                } else {
+                    self.fatal(now, &why);
+                    return;
+                }
             }
         }
         if let Some(p) = &self.life.pending {
@@ -74,7 +77,10 @@ impl Master {
                 ));
             }
         }
-        if self.life.hup_deferred && self.life.pending.is_none() && self.life.unannounced.is_none()
+        if self.life.hup_deferred
+            && self.life.pending.is_none()
+            && self.life.unannounced.is_none()
+            && self.life.check.is_none()
         {
             self.life.hup_deferred = false;
             self.reload(now);
@@ -95,8 +101,11 @@ impl Master {
     pub(super) fn hup(&mut self, now: Instant) {
         if self.life.stop_deadline.is_some() {
             info!("SIGHUP ignored: stopping");
-        } else if self.life.pending.is_some() || self.life.unannounced.is_some() {
-            info!("SIGHUP: will reload once the workers being started are ready");
+        } else if self.life.pending.is_some()
+            || self.life.unannounced.is_some()
+            || self.life.check.is_some()
+        {
+            info!("SIGHUP: will reload once what is under way is done");
             self.life.hup_deferred = true;
         } else {
             self.reload(now);
@@ -226,9 +235,14 @@ impl Master {
     }
 
     /// Tells systemd the daemon serves (at startup, and at the end of a
-    /// reload, good or bad), with the status line.
+    /// reload or an upgrade, good or bad), with its pid, which an upgrade
+    /// keeps, and the status line.
     pub(super) fn announce_ready(&self, now: Instant) {
-        self.notify(&format!("READY=1\nSTATUS={}", self.status_text(now)));
+        self.notify(&format!(
+            "READY=1\nMAINPID={}\nSTATUS={}",
+            self.pid,
+            self.status_text(now)
+        ));
     }
 }
 

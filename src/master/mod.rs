@@ -20,6 +20,9 @@ mod generation;
 mod prefork;
 mod reap;
 mod status;
+mod upgrade;
+
+pub use upgrade::{take_handover, take_passed};
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
@@ -76,15 +79,23 @@ pub struct Source {
     /// The listeners were passed by the service manager: a reload keeps
     /// them and binds nothing.
     pub activated: bool,
+    /// The executable it was started from, made absolute at startup: what
+    /// an upgrade (USR2) runs.
+    pub exe: PathBuf,
+    /// The arguments it was started with (not the program's name).
+    pub args: Vec<std::ffi::OsString>,
 }
 
-/// Runs the master until it is stopped; returns the exit status.
+/// Runs the master until it is stopped; returns the exit status. With a
+/// `handover`, this process is a master that just re-executed itself
+/// (USR2): it adopts its predecessor's children, pipes and scoreboard.
 pub fn run(
     cfg: Config,
     listeners: Vec<Listener>,
     identity: Identity,
     handoff: Handoff,
     source: Source,
+    handover: Option<crate::upgrade::Handover>,
 ) -> i32 {
     let fail = |what: &str, e: std::io::Error| {
         error!("cannot create {what}: {}", crate::logging::error_text(&e));
@@ -94,16 +105,36 @@ pub fn run(
         Ok(s) => s,
         Err(e) => return fail("the signal handlers", e),
     };
-    let (ctl_r, ctl_w) = match pipe2(OFlag::O_CLOEXEC) {
-        Ok(p) => p,
-        Err(e) => return fail("the control pipe", e.into()),
+    let mut adopted = handover.map(upgrade::Adopted::new);
+    let (ctl_r, ctl_w) = match adopted.as_mut().and_then(|a| a.fork_ctl.take()) {
+        Some(p) => p,
+        None => match pipe2(OFlag::O_CLOEXEC) {
+            Ok(p) => p,
+            Err(e) => return fail("the control pipe", e.into()),
+        },
     };
-    let (notice_r, notice_w) = match pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK) {
-        Ok(p) => p,
-        Err(e) => return fail("the notice pipe", e.into()),
+    let (notice_r, notice_w) = match adopted.as_mut().and_then(|a| a.notice.take()) {
+        Some(p) => p,
+        None => match pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK) {
+            Ok(p) => p,
+            Err(e) => return fail("the notice pipe", e.into()),
+        },
     };
     // Two generations of a full pool may overlap during a reload.
-    let scoreboard = match Scoreboard::new(2 * MAX_WORKERS_LIMIT as usize, seed()) {
+    let board = match adopted.as_mut().and_then(|a| a.scoreboard.take()) {
+        Some((fd, slots, in_use)) => Scoreboard::adopt(fd, slots, &in_use).or_else(|e| {
+            // Another layout (an older build): the old workers' states
+            // cannot be read; they are retired as soon as the new ones
+            // serve, which does not need them.
+            warn!("cannot read the old workers' scoreboard ({e}); starting a new one");
+            if let Some(a) = adopted.as_mut() {
+                a.forget_slots();
+            }
+            Scoreboard::new(2 * MAX_WORKERS_LIMIT as usize, seed())
+        }),
+        None => Scoreboard::new(2 * MAX_WORKERS_LIMIT as usize, seed()),
+    };
+    let scoreboard = match board {
         Ok(s) => s,
         Err(e) => return fail("the scoreboard", e),
     };
@@ -130,6 +161,9 @@ pub fn run(
             exit_code: 0,
             stop_deadline: None,
             killed: false,
+            check: None,
+            usr2_deferred: false,
+            upgraded_from: None,
         },
         fork: ForkState {
             ctl_r,
@@ -155,6 +189,9 @@ pub fn run(
         },
         cfg,
     };
+    if let Some(a) = adopted {
+        master.adopt(a, now);
+    }
     master.run()
 }
 
@@ -173,6 +210,13 @@ struct Lifecycle {
     /// Set once a stop began: when the remaining children are killed.
     stop_deadline: Option<Instant>,
     killed: bool,
+    /// USR2: the new executable's `-t`, while it runs.
+    check: Option<upgrade::Check>,
+    /// A SIGUSR2 arrived while something else was under way.
+    usr2_deferred: bool,
+    /// This master re-executed itself: the generation its predecessor had
+    /// in force, retired once the new one is ready.
+    upgraded_from: Option<u32>,
 }
 
 /// Fork mode's state. It lives beside the pool's whatever the mode, as a
@@ -299,6 +343,9 @@ impl Master {
         if p.usr1 {
             self.status(now);
         }
+        if p.usr2 {
+            self.usr2(now);
+        }
         if p.ttin {
             self.resize(true, now);
         }
@@ -313,6 +360,8 @@ impl Master {
     fn tend(&mut self, now: Instant, readable: bool) {
         self.progress(now);
         self.kill_overdue(now);
+        self.check_overdue(now);
+        self.deferred_upgrade(now);
         self.check_probes(now);
         if self.cfg.mode == Mode::Fork {
             // Only when a listener is readable: no EAGAIN per wake-up.
@@ -364,6 +413,7 @@ impl Master {
             self.children.next_deadline().filter(|_| running),
             self.life.pending.as_ref().map(|p| p.deadline),
             self.life.unannounced.filter(|_| running),
+            self.life.check.as_ref().map(|c| c.deadline),
             Some(self.reports.next_tick).filter(|_| running),
         ];
         let timeout = deadlines
@@ -410,6 +460,8 @@ impl Master {
         }
         self.fork.ctl_w = None;
         std::mem::take(&mut self.children).close_in_child();
+        self.scoreboard.close_fd_in_child();
+        self.life.check = None;
         self.notice_r = None;
         if let Some(ready) = self.handoff.ready.take() {
             ready.close_in_child();

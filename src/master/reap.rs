@@ -29,6 +29,10 @@ impl Master {
                 }
             };
             let Some(pid) = status.pid() else { continue };
+            if self.life.check.as_ref().is_some_and(|c| c.pid == pid) {
+                self.check_done(status, now);
+                continue;
+            }
             let Some(child) = self.children.remove(pid) else {
                 continue;
             };
@@ -64,7 +68,12 @@ impl Master {
                         && self.life.unannounced.is_some()
                         && child.generation == self.life.generation =>
                 {
-                    self.fatal(now, &format!("worker {pid} {how} before it was ready"));
+                    let why = format!("worker {pid} {how} before it was ready");
+                    if self.life.upgraded_from.is_some() {
+                        self.upgrade_failed(now, &why);
+                    } else {
+                        self.fatal(now, &why);
+                    }
                 }
                 Role::Conn if self.life.killed => debug!("child {pid} {how}"),
                 role => {

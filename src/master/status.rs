@@ -93,7 +93,7 @@ impl Master {
         } else {
             String::new()
         };
-        match self.cfg.mode {
+        let text = match self.cfg.mode {
             Mode::Prefork => format!(
                 "mode prefork, generation {}, workers {} (busy {busy}, idle {idle}{starting}; floor {}, max {}, max reached {} times), connections served {served}{refused}, uptime {uptime} s",
                 self.life.generation,
@@ -116,7 +116,8 @@ impl Master {
                 self.fork.accepted + served,
                 self.fork.saturation.hits
             ),
-        }
+        };
+        format!("{text}, version {}", env!("CARGO_PKG_VERSION"))
     }
 
     /// Once a second: logs refused connections (counted by whoever

@@ -1,0 +1,447 @@
+//! USR2: upgrading the binary in place, HAProxy's way rather than nginx's.
+//! The master checks the executable now at the path it was started from
+//! (`-t`, in a child it does not wait for), then re-executes it with the
+//! same pid and arguments, keeping open across `execve` what the new code
+//! needs: the listeners (never closed, so no connection attempt is
+//! refused), the locked pidfile, systemd's socket, the scoreboard's memfd,
+//! the notice pipe, and every child's control pipe, described in the
+//! handover (upgrade.rs). The new master adopts the children as the
+//! previous generation, starts its own, and retires the old ones once its
+//! own are ready, as a reload does. If the check or the exec fails, the
+//! running code goes on.
+
+use std::ffi::{CString, OsString};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::time::{Duration, Instant};
+
+use log::{error, info};
+use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
+use nix::sys::signal::{sigprocmask, SigSet, SigmaskHow};
+use nix::sys::wait::WaitStatus;
+use nix::unistd::{pipe2, Pid};
+
+use super::Master;
+use crate::children::describe;
+use crate::upgrade::{Handover, PassedChild, PassedListener, ENV};
+use crate::{signals, sys};
+
+/// How long the new executable's `-t` may take.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The new executable's `-t`, running.
+pub(super) struct Check {
+    pub(super) pid: Pid,
+    /// Its standard output and error, read when it has exited.
+    output: OwnedFd,
+    pub(super) deadline: Instant,
+}
+
+impl Master {
+    /// SIGUSR2: checks the new executable, unless a reload, an upgrade or
+    /// the startup is under way (then it waits for it) or the master stops.
+    pub(super) fn usr2(&mut self, now: Instant) {
+        if self.life.stop_deadline.is_some() {
+            info!("SIGUSR2 ignored: stopping");
+        } else if self.life.check.is_some()
+            || self.life.pending.is_some()
+            || self.life.unannounced.is_some()
+        {
+            info!("SIGUSR2: will upgrade once what is under way is done");
+            self.life.usr2_deferred = true;
+        } else {
+            self.start_check(now);
+        }
+    }
+
+    fn start_check(&mut self, now: Instant) {
+        let exe = self.source.exe.clone();
+        info!("SIGUSR2: checking {} before upgrading to it", exe.display());
+        let argv = match self.argv(true) {
+            Ok(a) => a,
+            Err(e) => return error!("upgrade refused: {e}; the running code goes on"),
+        };
+        let (out_r, out_w) = match pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK) {
+            Ok(p) => p,
+            Err(e) => return error!("upgrade refused: cannot create a pipe: {e}"),
+        };
+        let mut out_w = Some(out_w);
+        // SAFETY: the master is single-threaded: it never starts a thread.
+        #[allow(unsafe_code)]
+        let forked = unsafe {
+            sys::spawn(&signals::HANDLED, &signals::CHILD_IGNORED, || {
+                let w = out_w.take();
+                self.close_in_child();
+                if let Some(w) = &w {
+                    let _ = nix::unistd::dup2_stdout(w);
+                    let _ = nix::unistd::dup2_stderr(w);
+                }
+                let e = nix::unistd::execv(&argv[0], &argv).err();
+                crate::logging::say(format_args!(
+                    "cannot run {}: {}",
+                    argv[0].to_string_lossy(),
+                    e.map_or("".into(), |e| e.desc().to_lowercase())
+                ));
+                127
+            })
+        };
+        drop(out_w);
+        match forked {
+            Ok(pid) => {
+                self.life.check = Some(Check {
+                    pid,
+                    output: out_r,
+                    deadline: now + CHECK_TIMEOUT,
+                })
+            }
+            Err(e) => error!("upgrade refused: cannot fork the check: {e}"),
+        }
+    }
+
+    /// The check exited: upgrade if it passed.
+    pub(super) fn check_done(&mut self, status: WaitStatus, now: Instant) {
+        let Some(check) = self.life.check.take() else {
+            return;
+        };
+        let mut buf = [0u8; 4096];
+        let n = nix::unistd::read(&check.output, &mut buf).unwrap_or(0);
+        let said = String::from_utf8_lossy(&buf[..n]);
+        let said = said.trim().replace('\n', "; ");
+        if matches!(status, WaitStatus::Exited(_, 0)) {
+            self.exec(now);
+        } else {
+            let (_, how) = describe(&status);
+            error!(
+                "upgrade refused: {} -t {how}{}{said}; the running code goes on",
+                self.source.exe.display(),
+                if said.is_empty() { "" } else { ": " }
+            );
+        }
+    }
+
+    /// Gives up a check that takes too long.
+    pub(super) fn check_overdue(&mut self, now: Instant) {
+        if self.life.check.as_ref().is_some_and(|c| now >= c.deadline) {
+            if let Some(c) = &self.life.check {
+                let _ = nix::sys::signal::kill(c.pid, nix::sys::signal::Signal::SIGKILL);
+            }
+            error!(
+                "upgrade refused: {} -t took more than {} s; the running code goes on",
+                self.source.exe.display(),
+                CHECK_TIMEOUT.as_secs()
+            );
+            // Its exit is reaped as any child's, and ignored.
+            self.life.check = None;
+        }
+    }
+
+    /// The argument vector: the executable, then (for the check) `-t`,
+    /// then the arguments the daemon was started with.
+    fn argv(&self, check: bool) -> Result<Vec<CString>, String> {
+        let exe = self.source.exe.as_os_str().as_bytes();
+        let mut all: Vec<&[u8]> = vec![exe];
+        if check {
+            all.push(b"-t");
+        }
+        all.extend(self.source.args.iter().map(|a| a.as_bytes()));
+        all.into_iter()
+            .map(|a| CString::new(a).map_err(|_| "an argument holds a NUL byte".to_string()))
+            .collect()
+    }
+
+    /// What the new master needs, by descriptor.
+    fn handover(&self, now: Instant) -> Handover {
+        let raw = |f: &OwnedFd| f.as_raw_fd();
+        Handover {
+            pid: std::process::id(),
+            generation: self.life.generation,
+            started_secs_ago: now.duration_since(self.life.started).as_secs(),
+            listeners: self
+                .acceptor
+                .listeners()
+                .iter()
+                .map(|l| PassedListener {
+                    fd: l.as_fd().as_raw_fd(),
+                    configured: l.configured().map(|a| a.to_string()),
+                    owns_file: l.owns_file(),
+                })
+                .collect(),
+            pidfile: self
+                .handoff
+                .pidfile
+                .as_ref()
+                .map(|p| (p.raw_fd(), p.path().to_path_buf())),
+            notify: self.handoff.notify.as_ref().map(|n| n.raw_fd()),
+            scoreboard: self
+                .scoreboard
+                .fd()
+                .map(|f| (f.as_raw_fd(), self.scoreboard.slots())),
+            notice: match (&self.notice_r, &self.notice_w) {
+                (Some(r), Some(w)) => Some((raw(r), raw(w))),
+                _ => None,
+            },
+            fork_ctl: self
+                .fork
+                .ctl_w
+                .as_ref()
+                .map(|w| (raw(&self.fork.ctl_r), raw(w))),
+            children: self
+                .children
+                .iter()
+                .map(|(pid, c)| PassedChild {
+                    pid: pid.as_raw(),
+                    generation: c.generation,
+                    worker: c.role == crate::children::Role::Worker,
+                    slot: c.slot,
+                    ctl: c.ctl.as_ref().map(raw),
+                    retiring: c.retire_by.is_some(),
+                    peer: c.peer,
+                })
+                .collect(),
+            served_by_gone: self.prefork.served_by_gone,
+            accepted: self.fork.accepted,
+        }
+    }
+
+    /// Re-executes the new code with the handover; returns only if that
+    /// failed, having put everything back.
+    fn exec(&mut self, now: Instant) {
+        let argv = match self.argv(false) {
+            Ok(a) => a,
+            Err(e) => return error!("upgrade failed: {e}; the running code goes on"),
+        };
+        let handover = self.handover(now);
+        let fds = handover.fds();
+        info!(
+            "upgrading: re-executing {} with the same pid; {} children handed over",
+            self.source.exe.display(),
+            handover.children.len()
+        );
+        self.notify(&format!(
+            "RELOADING=1\nMONOTONIC_USEC={}",
+            crate::time::monotonic_usec()
+        ));
+        set_cloexec(&fds, false);
+        std::env::set_var(ENV, handover.encode());
+        // Blocked across the exec, so that no signal finds the new code
+        // before its handlers; it unblocks them once they are installed.
+        let mut old = SigSet::empty();
+        let _ = sigprocmask(
+            SigmaskHow::SIG_SETMASK,
+            Some(&SigSet::all()),
+            Some(&mut old),
+        );
+        let e = nix::unistd::execv(&argv[0], &argv).err();
+        let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
+        std::env::remove_var(ENV);
+        set_cloexec(&fds, true);
+        error!(
+            "upgrade failed: cannot execute {}: {}; the running code goes on",
+            self.source.exe.display(),
+            e.map_or("".into(), |e| e.desc().to_lowercase())
+        );
+        self.announce_ready(now);
+    }
+
+    /// Called when the master has nothing else under way: an upgrade asked
+    /// for meanwhile starts now.
+    pub(super) fn deferred_upgrade(&mut self, now: Instant) {
+        if self.life.usr2_deferred
+            && self.life.check.is_none()
+            && self.life.pending.is_none()
+            && self.life.unannounced.is_none()
+        {
+            self.life.usr2_deferred = false;
+            self.start_check(now);
+        }
+    }
+}
+
+/// Sets or clears close-on-exec on `fds`.
+fn set_cloexec(fds: &[RawFd], on: bool) {
+    let flag = if on {
+        FdFlag::FD_CLOEXEC
+    } else {
+        FdFlag::empty()
+    };
+    for &fd in fds {
+        // SAFETY: the descriptors are the master's own and open (they were
+        // just read from its live objects); F_SETFD only changes a flag.
+        #[allow(unsafe_code)]
+        let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        let _ = fcntl(borrowed, FcntlArg::F_SETFD(flag));
+    }
+}
+
+/// The new master, at startup: the handover its predecessor left in the
+/// environment, if any was left for this process (removed from the
+/// environment, so that nothing this process starts inherits it).
+pub fn take_handover() -> Option<Result<Handover, String>> {
+    let text: OsString = std::env::var_os(ENV)?;
+    std::env::remove_var(ENV);
+    let text = text.to_string_lossy().into_owned();
+    Some(Handover::decode(&text).and_then(|h| {
+        if h.pid == std::process::id() {
+            Ok(h)
+        } else {
+            Err(format!(
+                "it was left for pid {}, not for this one: ignored",
+                h.pid
+            ))
+        }
+    }))
+}
+
+/// The new master's side: the handover's descriptors, now owned.
+pub(super) struct Adopted {
+    handover: Handover,
+    pub(super) fork_ctl: Option<(OwnedFd, OwnedFd)>,
+    pub(super) notice: Option<(OwnedFd, OwnedFd)>,
+    /// The scoreboard's memfd, its slots and those the children hold.
+    pub(super) scoreboard: Option<(OwnedFd, usize, Vec<usize>)>,
+    children: Vec<(PassedChild, Option<OwnedFd>)>,
+}
+
+/// Takes a descriptor the handover names.
+fn own(fd: RawFd) -> Option<OwnedFd> {
+    // SAFETY: the handover names each descriptor once, as the previous
+    // code of this very process left it open across execve for us; lib.rs
+    // took the listeners, pidfile and notify socket, this takes the rest,
+    // and nothing else in this process owns any of them.
+    #[allow(unsafe_code)]
+    let fd = unsafe { sys::inherited_fd(fd) }?;
+    // Close-on-exec again, as every descriptor of ours is.
+    let _ = fcntl(&fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
+    Some(fd)
+}
+
+fn own_pair(p: Option<(RawFd, RawFd)>) -> Option<(OwnedFd, OwnedFd)> {
+    let (a, b) = p?;
+    Some((own(a)?, own(b)?))
+}
+
+impl Adopted {
+    /// The slots the children name are not this scoreboard's.
+    pub(super) fn forget_slots(&mut self) {
+        self.children.iter_mut().for_each(|(c, _)| c.slot = None);
+    }
+
+    /// Owns what `handover` names (besides the listeners, the pidfile and
+    /// systemd's socket, which startup takes).
+    pub(super) fn new(handover: Handover) -> Adopted {
+        let children: Vec<(PassedChild, Option<OwnedFd>)> = handover
+            .children
+            .iter()
+            .map(|c| (c.clone(), c.ctl.and_then(own)))
+            .collect();
+        let in_use: Vec<usize> = children.iter().filter_map(|(c, _)| c.slot).collect();
+        Adopted {
+            fork_ctl: own_pair(handover.fork_ctl),
+            notice: own_pair(handover.notice),
+            scoreboard: handover
+                .scoreboard
+                .and_then(|(fd, n)| Some((own(fd)?, n, in_use))),
+            children,
+            handover,
+        }
+    }
+}
+
+impl Master {
+    /// Takes over its predecessor's children as the previous generation;
+    /// the pool fills with a new one, and once that is ready the old one
+    /// retires (`progress`).
+    pub(super) fn adopt(&mut self, a: Adopted, now: Instant) {
+        use crate::children::{Child, Role};
+        let h = a.handover;
+        let old = h.generation;
+        self.life.generation = old.saturating_add(1);
+        self.life.upgraded_from = Some(old);
+        self.life.started = now
+            .checked_sub(Duration::from_secs(h.started_secs_ago))
+            .unwrap_or(now);
+        self.prefork.served_by_gone = h.served_by_gone;
+        self.fork.accepted = h.accepted;
+        let retire_by = crate::time::after(now, self.cfg.shutdown_timeout);
+        let n = a.children.len();
+        for (c, ctl) in a.children {
+            let role = if c.worker { Role::Worker } else { Role::Conn };
+            let mut child = Child::new(role, now);
+            child.generation = c.generation;
+            child.slot = c.slot;
+            child.ctl = ctl;
+            child.retire_by = c.retiring.then_some(retire_by);
+            child.peer = c.peer;
+            if let (Role::Conn, Some(key)) = (role, c.peer) {
+                self.fork.per_ip.add(key);
+            }
+            self.children.insert(Pid::from_raw(c.pid), child);
+        }
+        info!(
+            "upgraded to version {}: {n} children of generation {old} adopted; generation {} starting",
+            env!("CARGO_PKG_VERSION"),
+            self.life.generation
+        );
+    }
+
+    /// The new generation is ready after an upgrade: the old one retires.
+    pub(super) fn upgrade_done(&mut self, now: Instant) {
+        if let Some(old) = self.life.upgraded_from.take() {
+            let retiring = self
+                .children
+                .retire_where(crate::time::after(now, self.cfg.shutdown_timeout), |g| {
+                    g <= old
+                });
+            info!(
+                "upgraded: generation {} serves; {retiring} old workers retiring",
+                self.life.generation
+            );
+        }
+    }
+
+    /// The new code's workers did not start: the old ones go on serving.
+    pub(super) fn upgrade_failed(&mut self, now: Instant, why: &str) {
+        let Some(old) = self.life.upgraded_from.take() else {
+            return;
+        };
+        error!("after the upgrade, {why}; the old workers go on serving");
+        let new = self.life.generation;
+        self.children
+            .retire_where(crate::time::after(now, self.cfg.shutdown_timeout), |g| {
+                g == new
+            });
+        self.life.generation = old;
+        self.life.unannounced = None;
+        self.announce_ready(now);
+    }
+}
+
+/// The listeners, the pidfile and systemd's socket a master passed on.
+pub type Passed = (
+    Vec<crate::listen::Listener>,
+    Option<crate::daemon::PidFile>,
+    Option<crate::systemd::Notify>,
+);
+
+/// The new master, at startup: the listeners, the pidfile and systemd's
+/// socket its predecessor passed on, owned again.
+pub fn take_passed(h: &Handover) -> Result<Passed, String> {
+    let mut listeners = Vec::with_capacity(h.listeners.len());
+    for l in &h.listeners {
+        let fd = own(l.fd).ok_or(format!("listener fd {} is not open", l.fd))?;
+        listeners.push(crate::listen::Listener::adopt_passed(
+            fd,
+            l.configured.as_deref(),
+            l.owns_file,
+        )?);
+    }
+    let pidfile = match &h.pidfile {
+        Some((fd, path)) => {
+            let fd = own(*fd).ok_or(format!("pidfile fd {fd} is not open"))?;
+            Some(crate::daemon::PidFile::adopt(fd, path.clone()))
+        }
+        None => None,
+    };
+    let notify = h.notify.and_then(own).map(crate::systemd::Notify::adopt);
+    Ok((listeners, pidfile, notify))
+}

@@ -1,0 +1,235 @@
+//! USR2: the binary upgraded in place, under load, with the same pid.
+
+use super::*;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// Puts `content` at `path` by rename, as a package manager replaces a
+/// binary: the running processes keep the old file.
+fn replace(dir: &TempDir, path: &Path, content: &[u8], mode: u32) {
+    let tmp = dir.path("incoming");
+    std::fs::write(&tmp, content).unwrap();
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// A copy of the binary in `dir`, to start from and to replace.
+fn installed(dir: &TempDir) -> PathBuf {
+    let bin = dir.path("echo-forkd");
+    replace(dir, &bin, &std::fs::read(BIN).unwrap(), 0o755);
+    bin
+}
+
+/// The file a process runs, as the kernel names it.
+fn exe_of(pid: i32) -> String {
+    std::fs::read_link(format!("/proc/{pid}/exe"))
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+fn start_from(bin: &Path, args: &[&str], env: Option<(&str, &Path)>) -> Daemon {
+    let mut cmd = Command::new(bin);
+    cmd.arg("-f").args(args);
+    if let Some((k, v)) = env {
+        cmd.env(k, v);
+    }
+    let d = Daemon::from_command(cmd);
+    assert!(
+        d.wait_line("ready", DEADLINE).is_some(),
+        "{}",
+        d.stderr_text()
+    );
+    d
+}
+
+in_every_mode!(usr2_upgrades_in_place_under_load: under_load);
+
+fn under_load(mode: &str) {
+    let _heavy = heavy();
+    let dir = TempDir::new("upgrade");
+    let bin = installed(&dir);
+    let pidfile = dir.path("pid");
+    let p = pidfile.to_str().unwrap();
+    let args = ["-l", "127.0.0.1:0", "-m", mode, "-w", "3", "-p", p];
+    let d = start_from(&bin, &args, None);
+    let addr = d.addr();
+    let master = d.pid;
+    let stop = Arc::new(AtomicBool::new(false));
+    let tally = Arc::new(Tally::default());
+    let threads = clients(addr, 6, &stop, &tally);
+    for round in 1..=2 {
+        let done = tally.total();
+        assert!(
+            wait_until(DEADLINE, || tally.total() >= done + 100),
+            "clients stalled"
+        );
+        replace(&dir, &bin, &std::fs::read(BIN).unwrap(), 0o755);
+        d.signal(Signal::SIGUSR2);
+        let upgraded = d.wait_lines("upgraded: generation", round, DEADLINE);
+        assert!(upgraded.is_some(), "upgrade {round}:\n{}", d.stderr_text());
+    }
+    let done = tally.total();
+    assert!(
+        wait_until(DEADLINE, || tally.total() >= done + 100),
+        "stalled after"
+    );
+    stop.store(true, Ordering::SeqCst);
+    for t in threads {
+        t.join().unwrap();
+    }
+    let counts = tally.counts();
+    println!("2 upgrades under load ({mode}): {counts:?}");
+    assert_eq!(tally.get(Outcome::Echoed), tally.total(), "{counts:?}");
+    // The same master, running the new file; its children too, once the
+    // old ones are gone.
+    assert!(!is_dead(master));
+    let new = bin.to_string_lossy().into_owned();
+    assert_eq!(exe_of(master), new);
+    assert!(
+        wait_until(DEADLINE, || d.children().iter().all(|&c| exe_of(c) == new)),
+        "children still run the old file: {:?}",
+        d.children().iter().map(|&c| exe_of(c)).collect::<Vec<_>>()
+    );
+    // The pidfile still names it, and still keeps a second instance out.
+    assert_eq!(
+        std::fs::read_to_string(&pidfile).unwrap().trim(),
+        master.to_string()
+    );
+    let (code, err) = launch(&["-l", "127.0.0.1:0", "-p", p]);
+    assert_eq!(code, 1);
+    assert!(err.contains("already running"), "{err}");
+}
+
+#[test]
+fn a_broken_new_binary_is_refused_and_the_old_code_goes_on() {
+    let dir = TempDir::new("upgrade-broken");
+    let bin = installed(&dir);
+    let d = start_from(
+        &bin,
+        &["-l", "127.0.0.1:0", "-w", "2", "--min-spare", "0"],
+        None,
+    );
+    let addr = d.addr();
+    let workers = {
+        let mut w = d.wait_children(2);
+        w.sort();
+        w
+    };
+    // A script that fails its -t, then a file that cannot be run at all.
+    let broken: [(&[u8], u32); 2] = [
+        (b"#!/bin/sh\necho broken >&2\nexit 1\n", 0o755),
+        (b"not a program", 0o644),
+    ];
+    for (n, (content, mode)) in broken.iter().enumerate() {
+        replace(&dir, &bin, content, *mode);
+        d.signal(Signal::SIGUSR2);
+        let refused = d.wait_lines("upgrade refused", n + 1, DEADLINE);
+        assert!(refused.is_some(), "{}", d.stderr_text());
+        assert_eq!(echo_all(addr, b"still the old code"), b"still the old code");
+        let mut now = d.children();
+        now.sort();
+        assert_eq!(now, workers, "the workers changed");
+    }
+    assert!(
+        d.stderr_text().contains("broken"),
+        "the check's words are not logged"
+    );
+    // A good one afterwards works.
+    replace(&dir, &bin, &std::fs::read(BIN).unwrap(), 0o755);
+    d.signal(Signal::SIGUSR2);
+    assert!(
+        d.wait_line("upgraded: generation", DEADLINE).is_some(),
+        "{}",
+        d.stderr_text()
+    );
+    assert_eq!(echo_all(addr, b"new code"), b"new code");
+}
+
+#[test]
+fn systemd_sees_reloading_then_ready_from_the_same_pid() {
+    let dir = TempDir::new("upgrade-notify");
+    let bin = installed(&dir);
+    let path = dir.path("notify");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let recv = |what: &str| {
+        let end = Instant::now() + DEADLINE;
+        let mut buf = [0u8; 4096];
+        while Instant::now() < end {
+            if let Ok(n) = sock.recv(&mut buf) {
+                let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                if msg.lines().any(|l| l == what) {
+                    return Some(msg);
+                }
+            }
+        }
+        None
+    };
+    let args = ["-l", "127.0.0.1:0", "-w", "1", "--min-spare", "0"];
+    let d = start_from(&bin, &args, Some(("NOTIFY_SOCKET", &path)));
+    let mainpid = format!("MAINPID={}", d.pid);
+    let first = recv("READY=1").expect("no READY=1");
+    assert!(first.lines().any(|l| l == mainpid), "{first}");
+    replace(&dir, &bin, &std::fs::read(BIN).unwrap(), 0o755);
+    d.signal(Signal::SIGUSR2);
+    recv("RELOADING=1").expect("no RELOADING=1");
+    let ready = recv("READY=1").expect("no READY=1 after the upgrade");
+    assert!(ready.lines().any(|l| l == mainpid), "{ready}");
+    assert!(ready.contains("version "), "{ready}");
+}
+
+/// The master's resident memory, in KiB.
+fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn ten_upgrades_leak_neither_descriptors_nor_memory() {
+    let dir = TempDir::new("upgrade-leak");
+    let bin = installed(&dir);
+    let d = start_from(
+        &bin,
+        &["-l", "127.0.0.1:0", "-w", "2", "--min-spare", "0"],
+        None,
+    );
+    let addr = d.addr();
+    d.wait_children(2);
+    // The master holds one control pipe per worker: count the rest.
+    let own_fds = || d.fd_count() - d.children().len();
+    let settle = |n: usize| {
+        assert!(
+            d.wait_lines("upgraded: generation", n, DEADLINE).is_some(),
+            "{}",
+            d.stderr_text()
+        );
+        assert!(wait_until(DEADLINE, || d.children().len() == 2
+            && d.zombies().is_empty()));
+        assert_eq!(echo_all(addr, b"up"), b"up");
+    };
+    replace(&dir, &bin, &std::fs::read(BIN).unwrap(), 0o755);
+    d.signal(Signal::SIGUSR2);
+    settle(1);
+    let (fds, rss) = (own_fds(), rss_kib(d.pid));
+    for n in 2..=11 {
+        replace(&dir, &bin, &std::fs::read(BIN).unwrap(), 0o755);
+        d.signal(Signal::SIGUSR2);
+        settle(n);
+    }
+    let grew = rss_kib(d.pid).saturating_sub(rss);
+    println!(
+        "10 upgrades: master fds {fds} -> {}, RSS {rss} KiB, grew {grew} KiB",
+        own_fds()
+    );
+    assert_eq!(own_fds(), fds, "descriptors leaked across upgrades");
+    assert!(grew <= 256, "master RSS grew {grew} KiB over 10 upgrades");
+}
