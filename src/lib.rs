@@ -52,7 +52,7 @@ pub fn run() -> i32 {
     // Before anything of ours is open: what the parent leaked stays here.
     sys::close_inherited(|fd| systemd::is_passed(fd) || keep.contains(&fd));
     // Where an upgrade will find the new code, and how to start it again.
-    let exe = std::env::current_exe().unwrap_or_default();
+    let exe = started_from();
     let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     // Usage errors exit 2, --help and --version 0 (clap's convention).
     let opts = Options::parse();
@@ -142,6 +142,33 @@ pub fn run() -> i32 {
             1
         }
     }
+}
+
+/// The path this program was started from, absolute but with its links
+/// kept (an upgrade that moves a link must find the new target): argv[0]
+/// under the start directory, or found along PATH as the shell found it;
+/// else the file the kernel says we run.
+fn started_from() -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let exe = || std::env::current_exe().unwrap_or_default();
+    let Some(arg0) = std::env::args_os().next().map(std::path::PathBuf::from) else {
+        return exe();
+    };
+    if arg0.as_os_str().as_encoded_bytes().contains(&b'/') {
+        return match std::env::current_dir() {
+            Ok(cwd) if arg0.is_relative() => cwd.join(arg0),
+            _ => arg0,
+        };
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(&arg0))
+        .find(|p| {
+            p.is_absolute()
+                && std::fs::metadata(p)
+                    .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+        .unwrap_or_else(exe)
 }
 
 /// The new code of a master that re-executed itself (USR2): no binding, no
