@@ -20,6 +20,7 @@ mod children;
 mod config;
 mod daemon;
 mod echo;
+#[cfg(any(target_os = "linux", target_os = "android"))]
 mod event;
 mod listen;
 mod logging;

@@ -31,15 +31,32 @@ pub struct PassedListener {
 pub struct PassedChild {
     pub pid: i32,
     pub generation: u32,
-    /// A worker (else a fork-mode child serving one connection).
-    pub worker: bool,
-    pub slot: Option<usize>,
-    /// The write end of its control pipe (workers).
-    pub ctl: Option<RawFd>,
-    /// Already told to stop.
-    pub retiring: bool,
-    /// fork mode: its client, counted for `--max-per-ip`.
-    pub peer: Option<u128>,
+    pub role: PassedRole,
+}
+
+/// What a passed child is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PassedRole {
+    /// A worker: its scoreboard slot, the write end of its control pipe,
+    /// and whether it was already told to stop.
+    Worker {
+        slot: Option<usize>,
+        ctl: Option<RawFd>,
+        retiring: bool,
+    },
+    /// A fork-mode child serving one connection, and its client if it is
+    /// counted for `--max-per-ip`.
+    Conn { peer: Option<u128> },
+}
+
+impl PassedChild {
+    /// The write end of its control pipe, if it has one.
+    pub fn ctl(&self) -> Option<RawFd> {
+        match self.role {
+            PassedRole::Worker { ctl, .. } => ctl,
+            PassedRole::Conn { .. } => None,
+        }
+    }
 }
 
 /// Everything the new master needs to take over.
@@ -111,17 +128,25 @@ impl Handover {
         let children: Vec<String> = self
             .children
             .iter()
-            .map(|c| {
-                format!(
-                    "{}/{}/{}/{}/{}/{}/{}",
+            .map(|c| match &c.role {
+                PassedRole::Worker {
+                    slot,
+                    ctl,
+                    retiring,
+                } => format!(
+                    "{}/{}/w/{}/{}/{}",
                     c.pid,
                     c.generation,
-                    if c.worker { "w" } else { "c" },
-                    opt(c.slot),
-                    opt(c.ctl),
-                    u8::from(c.retiring),
-                    c.peer.map_or("-".into(), |p| format!("{p:x}"))
-                )
+                    opt(*slot),
+                    opt(*ctl),
+                    u8::from(*retiring)
+                ),
+                PassedRole::Conn { peer } => format!(
+                    "{}/{}/c/{}",
+                    c.pid,
+                    c.generation,
+                    peer.map_or("-".into(), |p| format!("{p:x}"))
+                ),
             })
             .collect();
         let mut out = vec![
@@ -230,24 +255,29 @@ impl Handover {
                 }
                 "c" => {
                     for item in v.split(',').filter(|i| !i.is_empty()) {
+                        let bad = || format!("child '{item}'");
                         let f: Vec<&str> = item.split('/').collect();
-                        let [pid, generation, role, slot, ctl, retiring, peer] = f[..] else {
-                            return Err(format!("child '{item}'"));
+                        let role = match f[..] {
+                            [_, _, "w", slot, ctl, retiring] => PassedRole::Worker {
+                                slot: maybe(slot)
+                                    .map(|s| num("slot", s))
+                                    .transpose()?
+                                    .map(|s| s as usize),
+                                ctl: maybe(ctl).map(fd).transpose()?,
+                                retiring: retiring == "1",
+                            },
+                            [_, _, "c", peer] => PassedRole::Conn {
+                                peer: maybe(peer)
+                                    .map(|p| u128::from_str_radix(p, 16))
+                                    .transpose()
+                                    .map_err(|_| bad())?,
+                            },
+                            _ => return Err(bad()),
                         };
                         h.children.push(PassedChild {
-                            pid: pid.parse().map_err(|_| format!("child '{item}'"))?,
-                            generation: num("generation", generation)? as u32,
-                            worker: role == "w",
-                            slot: maybe(slot)
-                                .map(|s| num("slot", s))
-                                .transpose()?
-                                .map(|s| s as usize),
-                            ctl: maybe(ctl).map(fd).transpose()?,
-                            retiring: retiring == "1",
-                            peer: maybe(peer)
-                                .map(|p| u128::from_str_radix(p, 16))
-                                .transpose()
-                                .map_err(|_| format!("child '{item}': bad peer"))?,
+                            pid: f[0].parse().map_err(|_| bad())?,
+                            generation: num("generation", f[1])? as u32,
+                            role,
                         });
                     }
                 }
@@ -270,7 +300,7 @@ impl Handover {
         for (a, b) in [self.notice, self.fork_ctl].into_iter().flatten() {
             v.extend([a, b]);
         }
-        v.extend(self.children.iter().filter_map(|c| c.ctl));
+        v.extend(self.children.iter().filter_map(PassedChild::ctl));
         v
     }
 }
@@ -310,20 +340,18 @@ mod tests {
                 PassedChild {
                     pid: 100,
                     generation: 3,
-                    worker: true,
-                    slot: Some(0),
-                    ctl: Some(15),
-                    retiring: false,
-                    peer: None,
+                    role: PassedRole::Worker {
+                        slot: Some(0),
+                        ctl: Some(15),
+                        retiring: false,
+                    },
                 },
                 PassedChild {
                     pid: 101,
                     generation: 2,
-                    worker: false,
-                    slot: None,
-                    ctl: None,
-                    retiring: true,
-                    peer: Some(0xffff_7f00_0001),
+                    role: PassedRole::Conn {
+                        peer: Some(0xffff_7f00_0001),
+                    },
                 },
             ],
             served_by_gone: 77,

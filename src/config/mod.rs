@@ -269,6 +269,10 @@ pub fn resolve(o: Options) -> Result<Config, String> {
     }
 
     let mode = o.mode.unwrap_or(Mode::Prefork);
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    if mode == Mode::Event {
+        return Err("mode event needs epoll, which only Linux has; use prefork".into());
+    }
     // An event worker serves many clients: one per CPU is the default.
     let default_workers = match mode {
         Mode::Event => Workers::Auto,

@@ -28,6 +28,15 @@ pub(super) struct Pending {
     pub(super) deadline: Instant,
 }
 
+/// When a request (HUP, USR2) is carried out.
+pub(super) enum When {
+    Now,
+    /// Once the startup, reload or upgrade under way is done.
+    Later,
+    /// Not at all: the master stops.
+    Never,
+}
+
 /// Which configuration a worker is started for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Target {
@@ -77,11 +86,7 @@ impl Master {
                 ));
             }
         }
-        if self.life.hup_deferred
-            && self.life.pending.is_none()
-            && self.life.unannounced.is_none()
-            && self.life.check.is_none()
-        {
+        if self.life.hup_deferred && !self.under_way() {
             self.life.hup_deferred = false;
             self.reload(now);
         }
@@ -98,17 +103,31 @@ impl Master {
         self.stop(now, true, "startup failed");
     }
 
-    pub(super) fn hup(&mut self, now: Instant) {
+    /// Whether a startup, a reload or an upgrade is under way: a HUP or a
+    /// USR2 that comes meanwhile waits for it.
+    pub(super) fn under_way(&self) -> bool {
+        self.life.pending.is_some() || self.life.unannounced.is_some() || self.life.check.is_some()
+    }
+
+    /// Whether a HUP or a USR2 (`sig`, asking to `what`) is carried out
+    /// now, later or never; said in the log unless now.
+    pub(super) fn when(&self, sig: &str, what: &str) -> When {
         if self.life.stop_deadline.is_some() {
-            info!("SIGHUP ignored: stopping");
-        } else if self.life.pending.is_some()
-            || self.life.unannounced.is_some()
-            || self.life.check.is_some()
-        {
-            info!("SIGHUP: will reload once what is under way is done");
-            self.life.hup_deferred = true;
+            info!("{sig} ignored: stopping");
+            When::Never
+        } else if self.under_way() {
+            info!("{sig}: will {what} once what is under way is done");
+            When::Later
         } else {
-            self.reload(now);
+            When::Now
+        }
+    }
+
+    pub(super) fn hup(&mut self, now: Instant) {
+        match self.when("SIGHUP", "reload") {
+            When::Now => self.reload(now),
+            When::Later => self.life.hup_deferred = true,
+            When::Never => {}
         }
     }
 

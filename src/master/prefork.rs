@@ -274,6 +274,7 @@ impl Master {
                     notice: self.notice_w.as_ref().map(|f| f.as_fd()),
                 };
                 match mode {
+                    #[cfg(any(target_os = "linux", target_os = "android"))]
                     Mode::Event => crate::event::run(listeners, ctx, max_open, max_requests),
                     _ => worker::prefork(listeners, ctx, max_requests),
                 }

@@ -21,9 +21,10 @@ use nix::sys::signal::{sigprocmask, SigSet, SigmaskHow};
 use nix::sys::wait::WaitStatus;
 use nix::unistd::{pipe2, Pid};
 
+use super::generation::When;
 use super::Master;
 use crate::children::describe;
-use crate::upgrade::{Handover, PassedChild, PassedListener, ENV};
+use crate::upgrade::{Handover, PassedChild, PassedListener, PassedRole, ENV};
 use crate::{signals, sys};
 
 /// How long the new executable's `-t` may take.
@@ -41,16 +42,10 @@ impl Master {
     /// SIGUSR2: checks the new executable, unless a reload, an upgrade or
     /// the startup is under way (then it waits for it) or the master stops.
     pub(super) fn usr2(&mut self, now: Instant) {
-        if self.life.stop_deadline.is_some() {
-            info!("SIGUSR2 ignored: stopping");
-        } else if self.life.check.is_some()
-            || self.life.pending.is_some()
-            || self.life.unannounced.is_some()
-        {
-            info!("SIGUSR2: will upgrade once what is under way is done");
-            self.life.usr2_deferred = true;
-        } else {
-            self.start_check(now);
+        match self.when("SIGUSR2", "upgrade") {
+            When::Now => self.start_check(now),
+            When::Later => self.life.usr2_deferred = true,
+            When::Never => {}
         }
     }
 
@@ -191,11 +186,14 @@ impl Master {
                 .map(|(pid, c)| PassedChild {
                     pid: pid.as_raw(),
                     generation: c.generation,
-                    worker: c.role == crate::children::Role::Worker,
-                    slot: c.slot,
-                    ctl: c.ctl.as_ref().map(raw),
-                    retiring: c.retire_by.is_some(),
-                    peer: c.peer,
+                    role: match c.role {
+                        crate::children::Role::Worker => PassedRole::Worker {
+                            slot: c.slot,
+                            ctl: c.ctl.as_ref().map(raw),
+                            retiring: c.retire_by.is_some(),
+                        },
+                        crate::children::Role::Conn => PassedRole::Conn { peer: c.peer },
+                    },
                 })
                 .collect(),
             served_by_gone: self.prefork.served_by_gone,
@@ -246,11 +244,7 @@ impl Master {
     /// Called when the master has nothing else under way: an upgrade asked
     /// for meanwhile starts now.
     pub(super) fn deferred_upgrade(&mut self, now: Instant) {
-        if self.life.usr2_deferred
-            && self.life.check.is_none()
-            && self.life.pending.is_none()
-            && self.life.unannounced.is_none()
-        {
+        if self.life.usr2_deferred && !self.under_way() {
             self.life.usr2_deferred = false;
             self.start_check(now);
         }
@@ -323,7 +317,11 @@ fn own_pair(p: Option<(RawFd, RawFd)>) -> Option<(OwnedFd, OwnedFd)> {
 impl Adopted {
     /// The slots the children name are not this scoreboard's.
     pub(super) fn forget_slots(&mut self) {
-        self.children.iter_mut().for_each(|(c, _)| c.slot = None);
+        for (c, _) in &mut self.children {
+            if let PassedRole::Worker { slot, .. } = &mut c.role {
+                *slot = None;
+            }
+        }
     }
 
     /// Owns what `handover` names (besides the listeners, the pidfile and
@@ -332,9 +330,15 @@ impl Adopted {
         let children: Vec<(PassedChild, Option<OwnedFd>)> = handover
             .children
             .iter()
-            .map(|c| (c.clone(), c.ctl.and_then(own)))
+            .map(|c| (c.clone(), c.ctl().and_then(own)))
             .collect();
-        let in_use: Vec<usize> = children.iter().filter_map(|(c, _)| c.slot).collect();
+        let in_use: Vec<usize> = children
+            .iter()
+            .filter_map(|(c, _)| match c.role {
+                PassedRole::Worker { slot, .. } => slot,
+                PassedRole::Conn { .. } => None,
+            })
+            .collect();
         Adopted {
             fork_ctl: own_pair(handover.fork_ctl),
             notice: own_pair(handover.notice),
@@ -365,16 +369,24 @@ impl Master {
         let retire_by = crate::time::after(now, self.cfg.shutdown_timeout);
         let n = a.children.len();
         for (c, ctl) in a.children {
-            let role = if c.worker { Role::Worker } else { Role::Conn };
-            let mut child = Child::new(role, now);
+            let mut child = match c.role {
+                PassedRole::Worker { slot, retiring, .. } => {
+                    let mut w = Child::new(Role::Worker, now);
+                    w.slot = slot;
+                    w.ctl = ctl;
+                    w.retire_by = retiring.then_some(retire_by);
+                    w
+                }
+                PassedRole::Conn { peer } => {
+                    let mut conn = Child::new(Role::Conn, now);
+                    conn.peer = peer;
+                    if let Some(key) = peer {
+                        self.fork.per_ip.add(key);
+                    }
+                    conn
+                }
+            };
             child.generation = c.generation;
-            child.slot = c.slot;
-            child.ctl = ctl;
-            child.retire_by = c.retiring.then_some(retire_by);
-            child.peer = c.peer;
-            if let (Role::Conn, Some(key)) = (role, c.peer) {
-                self.fork.per_ip.add(key);
-            }
             self.children.insert(Pid::from_raw(c.pid), child);
         }
         info!(
