@@ -163,23 +163,29 @@ pub fn prefork(listeners: Vec<Listener>, ctx: Ctx<'_>, max_requests: u64) -> i32
             continue;
         }
         ctx.set(State::Busy);
-        let bytes = serve_conn(conn, tcp, &ctx, &mut buf, &mut acceptor);
+        let bytes = serve_conn(&conn, tcp, &ctx, &mut buf, &mut acceptor);
+        served += 1;
+        ctx.served();
+        let retire = max_requests != 0 && served >= max_requests;
+        // Say so before the close that lets the client come back: a client
+        // that reconnects at once must find this worker idle again, or the
+        // pool would count one busy worker too many and grow on it.
+        if !acceptor.is_empty() {
+            ctx.set(if retire { State::Stopping } else { State::Idle });
+        }
+        drop(conn);
         // A connection that wrote past the first page leaves the buffer's
         // pages private to this worker; give them back so that it idles small.
         if bytes > TRIM_ABOVE {
             buf.trim();
         }
-        served += 1;
-        ctx.served();
         if acceptor.is_empty() {
             break; // told to stop while serving: already marked stopping
         }
-        if max_requests != 0 && served >= max_requests {
-            ctx.set(State::Stopping);
+        if retire {
             debug!("served {served} connections; exiting to be replaced");
             return 0;
         }
-        ctx.set(State::Idle);
     }
     0
 }
@@ -199,7 +205,7 @@ pub fn fork_child(conn: OwnedFd, tcp: bool, ctx: Ctx<'_>, buf: Option<&mut IoBuf
             &mut own
         }
     };
-    serve_conn(conn, tcp, &ctx, buf, &mut Acceptor::new(Vec::new()));
+    serve_conn(&conn, tcp, &ctx, buf, &mut Acceptor::new(Vec::new()));
     0
 }
 
@@ -223,7 +229,7 @@ pub fn inetd(conn: OwnedFd, limits: Limits) -> i32 {
 /// refused, not queued) and the connection goes on; if the master is gone,
 /// the connection ends.
 fn serve_conn(
-    conn: OwnedFd,
+    conn: &OwnedFd,
     tcp: bool,
     ctx: &Ctx<'_>,
     buf: &mut IoBuffer,
@@ -232,12 +238,12 @@ fn serve_conn(
     #[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd")))]
     if tcp {
         // Elsewhere TCP_NODELAY may not be inherited from the listener.
-        let _ = nix::sys::socket::setsockopt(&conn, nix::sys::socket::sockopt::TcpNoDelay, &true);
+        let _ = nix::sys::socket::setsockopt(conn, nix::sys::socket::sockopt::TcpNoDelay, &true);
     }
     let _ = tcp;
     // Only for the debug line; read before serving, as the peer may be gone after.
     let started =
-        log::log_enabled!(log::Level::Debug).then(|| (Instant::now(), peer_name(&conn, tcp)));
+        log::log_enabled!(log::Level::Debug).then(|| (Instant::now(), peer_name(conn, tcp)));
     let summary = echo::serve(
         conn.as_fd(),
         buf.as_mut_slice(),
