@@ -100,6 +100,15 @@ impl Acceptor {
         &self.listeners
     }
 
+    /// The listeners connections are accepted from, with their index:
+    /// not the `udp:` ones, which UDP workers read.
+    pub fn streams(&self) -> impl Iterator<Item = (usize, &Listener)> + '_ {
+        self.listeners
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| !l.is_udp())
+    }
+
     /// Takes the listeners out (the acceptor is left with none).
     pub fn take(&mut self) -> Vec<Listener> {
         self.drop_waiter();
@@ -140,6 +149,9 @@ impl Acceptor {
         let n = self.listeners.len();
         for k in 0..n {
             let i = (self.next + k) % n;
+            if self.listeners[i].is_udp() {
+                continue;
+            }
             match self.listeners[i].accept() {
                 Ok(conn) => {
                     self.next = i + 1;
@@ -200,7 +212,7 @@ impl Acceptor {
         if self.epoll.is_none() {
             let ep = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
             ep.add(watched, EpollEvent::new(EpollFlags::EPOLLIN, WATCHED))?;
-            for (i, l) in self.listeners.iter().enumerate() {
+            for (i, l) in self.streams() {
                 let flags = EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE;
                 ep.add(l.as_fd(), EpollEvent::new(flags, i as u64))?;
             }
@@ -232,9 +244,8 @@ impl Acceptor {
         let mut fds = Vec::with_capacity(self.listeners.len() + 1);
         fds.push(PollFd::new(watched, PollFlags::POLLIN));
         fds.extend(
-            self.listeners
-                .iter()
-                .map(|l| PollFd::new(l.as_fd(), PollFlags::POLLIN)),
+            self.streams()
+                .map(|(_, l)| PollFd::new(l.as_fd(), PollFlags::POLLIN)),
         );
         match poll(&mut fds, PollTimeout::NONE) {
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}

@@ -16,6 +16,9 @@ pub enum Role {
     Worker,
     /// A fork-mode child serving one connection.
     Conn,
+    /// A process serving the `udp:` listeners (any mode), apart from the
+    /// pool.
+    Udp,
 }
 
 /// One live child.
@@ -57,6 +60,11 @@ impl Child {
     pub fn active(&self) -> bool {
         self.role == Role::Worker && self.retire_by.is_none()
     }
+
+    /// A worker or UDP worker not told to stop: the master may retire it.
+    fn retirable(&self) -> bool {
+        self.role != Role::Conn && self.retire_by.is_none()
+    }
 }
 
 /// Every live child of the master, by pid.
@@ -66,14 +74,19 @@ pub struct Children {
     /// How many hold a control pipe (workers not yet retired), so that a
     /// fork-mode child, whose siblings hold none, need not look at them.
     pipes: usize,
+    /// How many of each role, in [`Role`] order: the fork-mode master
+    /// checks `max-children` on every wake-up.
+    counts: [usize; 3],
 }
 
 impl Children {
     /// Records a child just forked.
     pub fn insert(&mut self, pid: Pid, child: Child) {
         self.pipes += usize::from(child.ctl.is_some());
+        self.counts[child.role as usize] += 1;
         if let Some(old) = self.map.insert(pid, child) {
             self.pipes -= usize::from(old.ctl.is_some());
+            self.counts[old.role as usize] -= 1;
         }
     }
 
@@ -81,6 +94,7 @@ impl Children {
     pub fn remove(&mut self, pid: Pid) -> Option<Child> {
         let child = self.map.remove(&pid)?;
         self.pipes -= usize::from(child.ctl.is_some());
+        self.counts[child.role as usize] -= 1;
         Some(child)
     }
 
@@ -115,7 +129,25 @@ impl Children {
 
     /// Live prefork workers, retiring ones included.
     pub fn workers(&self) -> usize {
-        self.map.values().filter(|c| c.role == Role::Worker).count()
+        self.counts[Role::Worker as usize]
+    }
+
+    /// Live fork-mode children serving a connection.
+    pub fn conns(&self) -> usize {
+        self.counts[Role::Conn as usize]
+    }
+
+    /// Live UDP workers, retiring ones included.
+    pub fn udp_workers(&self) -> usize {
+        self.counts[Role::Udp as usize]
+    }
+
+    /// UDP workers of `generation` not told to stop.
+    pub fn udp(&self, generation: u32) -> usize {
+        self.map
+            .values()
+            .filter(|c| c.role == Role::Udp && c.retirable() && c.generation == generation)
+            .count()
     }
 
     /// Active workers of `generation`.
@@ -136,11 +168,12 @@ impl Children {
         self.map.iter().map(|(p, c)| (*p, c))
     }
 
-    /// Tells one worker to stop accepting (closes its control pipe); it
-    /// must be gone by `deadline`. False if it is not an active worker.
+    /// Tells one worker (or UDP worker) to stop (closes its control
+    /// pipe); it must be gone by `deadline`. False if it is neither, or
+    /// was told already.
     pub fn retire(&mut self, pid: Pid, deadline: Instant) -> bool {
         match self.map.get_mut(&pid) {
-            Some(c) if c.active() => {
+            Some(c) if c.retirable() => {
                 if c.ctl.take().is_some() {
                     self.pipes -= 1;
                 }
@@ -151,13 +184,13 @@ impl Children {
         }
     }
 
-    /// Retires every active worker whose generation `retire` selects;
-    /// returns how many.
+    /// Retires every worker and UDP worker whose generation `retire`
+    /// selects; returns how many.
     pub fn retire_where(&mut self, deadline: Instant, retire: impl Fn(u32) -> bool) -> usize {
         let pids: Vec<Pid> = self
             .map
             .iter()
-            .filter(|(_, c)| c.active() && retire(c.generation))
+            .filter(|(_, c)| c.retirable() && retire(c.generation))
             .map(|(p, _)| *p)
             .collect();
         pids.iter().filter(|&&p| self.retire(p, deadline)).count()
@@ -242,7 +275,7 @@ pub fn classify(status: &WaitStatus, role: Role, lived: Duration, ready: bool) -
     };
     match (abnormal, role) {
         (false, _) => Exit::Clean,
-        (true, Role::Worker) if !ready => Exit::FailedStart,
+        (true, Role::Worker | Role::Udp) if !ready => Exit::FailedStart,
         (true, _) if lived < QUICK_DEATH => Exit::DiedYoung,
         (true, _) => Exit::Abnormal,
     }

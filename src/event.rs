@@ -180,7 +180,7 @@ impl Loop<'_> {
         if on == self.listening {
             return Ok(());
         }
-        for (i, l) in self.acceptor.listeners().iter().enumerate() {
+        for (i, l) in self.acceptor.streams() {
             let token = CTL - 1 - i as u64;
             if on {
                 let flags = EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE;

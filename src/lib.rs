@@ -33,6 +33,7 @@ mod signals;
 mod sys;
 mod systemd;
 mod time;
+mod udp;
 mod upgrade;
 mod worker;
 

@@ -35,6 +35,8 @@ pub enum ListenAddr {
     Any(u16),
     /// `unix:/PATH`.
     Unix(PathBuf),
+    /// `udp:` and an address of the first two forms: UDP echo.
+    Udp(Box<ListenAddr>),
 }
 
 impl FromStr for ListenAddr {
@@ -42,6 +44,15 @@ impl FromStr for ListenAddr {
 
     fn from_str(s: &str) -> Result<Self, String> {
         let bad = |why: &str| format!("listen address '{s}': {why}");
+        if let Some(rest) = s.strip_prefix("udp:") {
+            return match rest.parse::<ListenAddr>() {
+                Ok(a @ (ListenAddr::Tcp(_) | ListenAddr::Any(_))) => {
+                    Ok(ListenAddr::Udp(Box::new(a)))
+                }
+                Ok(_) => Err(bad("UDP takes HOST:PORT, [V6]:PORT or *:PORT")),
+                Err(e) => Err(e.replace(&format!("'{rest}'"), &format!("'{s}'"))),
+            };
+        }
         if let Some(path) = s.strip_prefix("unix:") {
             if path.is_empty() {
                 return Err(bad("the unix socket path is empty"));
@@ -77,14 +88,25 @@ impl FromStr for ListenAddr {
 impl ListenAddr {
     /// Whether the port is 0, to be picked by the kernel at bind time.
     pub fn is_ephemeral(&self) -> bool {
-        matches!(self, ListenAddr::Tcp(a) if a.port() == 0) || *self == ListenAddr::Any(0)
+        match self {
+            ListenAddr::Tcp(a) => a.port() == 0,
+            ListenAddr::Any(port) => *port == 0,
+            ListenAddr::Unix(_) => false,
+            ListenAddr::Udp(a) => a.is_ephemeral(),
+        }
     }
 
     /// Whether binding both would collide: the same address twice, or a
     /// wildcard and an address it covers on the same port (without
     /// SO_REUSEPORT the second bind fails). Port 0 twice is two ports.
     pub fn overlaps(&self, other: &ListenAddr) -> bool {
-        use ListenAddr::{Any, Tcp, Unix};
+        use ListenAddr::{Any, Tcp, Udp, Unix};
+        // UDP and TCP ports are apart.
+        match (self, other) {
+            (Udp(a), Udp(b)) => return a.overlaps(b),
+            (Udp(_), _) | (_, Udp(_)) => return false,
+            _ => {}
+        }
         // (port, IPv4 covered, IPv6 covered, the one address if not a wildcard)
         let scope = |a: &ListenAddr| match *a {
             Any(port) => Some((port, true, true, None)),
@@ -92,7 +114,7 @@ impl ListenAddr {
                 Some((sa.port(), sa.is_ipv4(), sa.is_ipv6(), None))
             }
             Tcp(sa) => Some((sa.port(), false, false, Some(sa.ip()))),
-            Unix(_) => None,
+            Unix(_) | Udp(_) => None,
         };
         match (self, other) {
             (Unix(a), Unix(b)) => a == b,
@@ -128,6 +150,7 @@ impl fmt::Display for ListenAddr {
             ListenAddr::Tcp(a) => write!(f, "{a}"),
             ListenAddr::Any(port) => write!(f, "*:{port}"),
             ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+            ListenAddr::Udp(a) => write!(f, "udp:{a}"),
         }
     }
 }
@@ -138,6 +161,8 @@ pub struct Listener {
     fd: OwnedFd,
     name: String,
     tcp: bool,
+    /// A UDP socket: read with recvmsg, never accepted from.
+    udp: bool,
     /// The address it was bound for; `None` if a service manager passed it.
     addr: Option<ListenAddr>,
     /// The socket file of a unix listener we bound: held only so that its
@@ -217,6 +242,7 @@ impl Listener {
             fd,
             name,
             tcp: _,
+            udp: _,
             addr,
             file,
         } = self;
@@ -232,8 +258,25 @@ impl Listener {
         taken.drain(..).for_each(Listener::close_in_child);
     }
 
+    /// In a forked child: keeps the listeners of `list` that `keep`
+    /// selects and closes the others (see [`Listener::close_in_child`]),
+    /// freeing nothing.
+    pub fn keep_in_child(list: &mut Vec<Listener>, keep: impl Fn(&Listener) -> bool) {
+        let mut i = 0;
+        while i < list.len() {
+            if keep(&list[i]) {
+                i += 1;
+            } else {
+                list.swap_remove(i).close_in_child();
+            }
+        }
+    }
+
     /// Changes the listen backlog of the bound socket (a reload may).
     pub fn set_backlog(&self, backlog: i32) -> Result<(), String> {
+        if self.udp {
+            return Ok(());
+        }
         listen(&self.fd, backlog)
             .map_err(|e| format!("cannot change the backlog of {}: {e}", self.name))
     }
@@ -278,6 +321,12 @@ impl Listener {
         }
     }
 
+    /// Whether this is a UDP socket (served by UDP workers, not accepted
+    /// from).
+    pub fn is_udp(&self) -> bool {
+        self.udp
+    }
+
     /// Whether this is a TCP listener (its connections get TCP_NODELAY).
     pub fn is_tcp(&self) -> bool {
         self.tcp
@@ -288,19 +337,29 @@ impl Listener {
     /// its bound address. Its socket file, if any, is not ours to remove.
     pub fn from_inherited(fd: OwnedFd) -> Result<Listener, String> {
         use nix::fcntl::{fcntl, FcntlArg, FdFlag};
-        let listening = socket::getsockopt(&fd, sockopt::AcceptConn)
-            .map_err(|e| format!("not a socket: {e}"))?;
-        if !listening || socket::getsockopt(&fd, sockopt::SockType).ok() != Some(SockType::Stream) {
-            return Err("not a listening stream socket".into());
+        let kind =
+            socket::getsockopt(&fd, sockopt::SockType).map_err(|e| format!("not a socket: {e}"))?;
+        let udp = kind == SockType::Datagram;
+        let listening = socket::getsockopt(&fd, sockopt::AcceptConn).unwrap_or(false);
+        let stream = listening && kind == SockType::Stream;
+        if !(udp || stream) {
+            return Err("neither a listening stream socket nor a datagram socket".into());
         }
         fcntl(&fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).map_err(|e| e.to_string())?;
         crate::sys::set_nonblocking(&fd).map_err(|e| e.to_string())?;
         let local: SockaddrStorage =
             socket::getsockname(fd.as_raw_fd()).map_err(|e| e.to_string())?;
-        let (name, tcp) = if let Some(a) = local.as_sockaddr_in() {
-            (SocketAddr::from(*a).to_string(), true)
-        } else if let Some(a) = local.as_sockaddr_in6() {
-            (SocketAddr::from(*a).to_string(), true)
+        let ip = local
+            .as_sockaddr_in()
+            .map(|a| SocketAddr::from(*a))
+            .or_else(|| local.as_sockaddr_in6().map(|a| SocketAddr::from(*a)));
+        let (name, tcp) = if let Some(a) = ip.filter(|_| udp) {
+            pktinfo(&fd, &a);
+            (format!("udp:{a}"), false)
+        } else if let Some(a) = ip {
+            (a.to_string(), true)
+        } else if udp {
+            return Err("a datagram socket that is not IP".into());
         } else if let Some(u) = local.as_unix_addr() {
             let path = u
                 .path()
@@ -317,9 +376,23 @@ impl Listener {
             fd,
             name,
             tcp,
+            udp,
             addr: None,
             file: None,
         })
+    }
+}
+
+/// On a wildcard UDP socket, asks for the address each datagram was sent
+/// to, so that the reply leaves from it (IP_PKTINFO, IPV6_RECVPKTINFO).
+fn pktinfo(fd: &OwnedFd, local: &SocketAddr) {
+    if !local.ip().is_unspecified() {
+        return;
+    }
+    // A dual-stack socket gets IPv4 datagrams too: ask for both.
+    let _ = setsockopt(fd, sockopt::Ipv4PacketInfo, &true);
+    if local.is_ipv6() {
+        let _ = setsockopt(fd, sockopt::Ipv6RecvPacketInfo, &true);
     }
 }
 
@@ -358,22 +431,27 @@ pub struct BindOptions {
 /// Binds and listens on `addr`. The error names the address and the cause.
 pub fn bind(addr: &ListenAddr, opts: &BindOptions) -> Result<Listener, String> {
     let backlog = opts.backlog;
-    match addr {
-        ListenAddr::Tcp(sa) => bind_tcp(*sa, backlog, false),
+    let ip = |a: &ListenAddr, udp: bool| match a {
         ListenAddr::Any(port) => {
             let v6 = SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), *port);
-            match bind_tcp(v6, backlog, true) {
+            match bind_ip(v6, backlog, true, udp) {
                 Err(BindError {
                     errno: Errno::EAFNOSUPPORT | Errno::EADDRNOTAVAIL,
                     ..
                 }) => {
                     let v4 = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), *port);
-                    bind_tcp(v4, backlog, false)
+                    bind_ip(v4, backlog, false, udp)
                 }
                 other => other,
             }
         }
+        ListenAddr::Tcp(sa) => bind_ip(*sa, backlog, false, udp),
+        _ => unreachable!("only IP addresses come here"),
+    };
+    match addr {
+        ListenAddr::Udp(inner) => ip(inner, true),
         ListenAddr::Unix(path) => bind_unix(path, opts),
+        other => ip(other, false),
     }
     .map(|l| Listener {
         addr: Some(addr.clone()),
@@ -400,9 +478,20 @@ impl fmt::Display for BindError {
     }
 }
 
-fn bind_tcp(sa: SocketAddr, backlog: i32, dual_stack: bool) -> Result<Listener, BindError> {
+/// Binds a TCP listener, or a UDP socket (`udp`).
+fn bind_ip(
+    sa: SocketAddr,
+    backlog: i32,
+    dual_stack: bool,
+    udp: bool,
+) -> Result<Listener, BindError> {
+    let shown = if udp {
+        format!("udp:{sa}")
+    } else {
+        sa.to_string()
+    };
     let fail = |step: &str| {
-        let what = format!("cannot {step} {sa}");
+        let what = format!("cannot {step} {shown}");
         move |errno| BindError { what, errno }
     };
     let family = if sa.is_ipv4() {
@@ -410,9 +499,14 @@ fn bind_tcp(sa: SocketAddr, backlog: i32, dual_stack: bool) -> Result<Listener, 
     } else {
         AddressFamily::Inet6
     };
+    let kind = if udp {
+        SockType::Datagram
+    } else {
+        SockType::Stream
+    };
     let fd = socket::socket(
         family,
-        SockType::Stream,
+        kind,
         SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
         None,
     )
@@ -421,15 +515,21 @@ fn bind_tcp(sa: SocketAddr, backlog: i32, dual_stack: bool) -> Result<Listener, 
     if dual_stack {
         setsockopt(&fd, sockopt::Ipv6V6Only, &false).map_err(fail("make dual-stack"))?;
     }
-    // Accepted sockets inherit TCP_NODELAY from the listener (Linux, BSD);
-    // workers set it again only where that is not so.
-    setsockopt(&fd, sockopt::TcpNoDelay, &true).map_err(fail("set TCP_NODELAY on"))?;
+    if !udp {
+        // Accepted sockets inherit TCP_NODELAY from the listener (Linux,
+        // BSD); workers set it again only where that is not so.
+        setsockopt(&fd, sockopt::TcpNoDelay, &true).map_err(fail("set TCP_NODELAY on"))?;
+    }
     let bound = match sa {
         SocketAddr::V4(a) => socket::bind(fd.as_raw_fd(), &SockaddrIn::from(a)),
         SocketAddr::V6(a) => socket::bind(fd.as_raw_fd(), &SockaddrIn6::from(a)),
     };
     bound.map_err(fail("bind"))?;
-    listen(&fd, backlog).map_err(fail("listen on"))?;
+    if udp {
+        pktinfo(&fd, &sa);
+    } else {
+        listen(&fd, backlog).map_err(fail("listen on"))?;
+    }
     let local: SockaddrStorage =
         socket::getsockname(fd.as_raw_fd()).map_err(fail("read the address of"))?;
     let real = local
@@ -439,8 +539,13 @@ fn bind_tcp(sa: SocketAddr, backlog: i32, dual_stack: bool) -> Result<Listener, 
         .unwrap_or(sa);
     Ok(Listener {
         fd,
-        name: real.to_string(),
-        tcp: true,
+        name: if udp {
+            format!("udp:{real}")
+        } else {
+            real.to_string()
+        },
+        tcp: !udp,
+        udp,
         addr: None,
         file: None,
     })
@@ -496,6 +601,7 @@ fn bind_unix(path: &Path, opts: &BindOptions) -> Result<Listener, BindError> {
         fd,
         name,
         tcp: false,
+        udp: false,
         addr: None,
         file: Some(file),
     })

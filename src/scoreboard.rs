@@ -77,7 +77,9 @@ const SETUP_REPORTED_MS: usize = 7; // when a setup failure was last logged (+1)
 const SETUP_UNREPORTED: usize = 8; // setup failures not logged since
 const PEERS_EPOCH: usize = 9; // bumped when the open-connection table is rebuilt
 const EPOCH_US: usize = 10; // CLOCK_MONOTONIC at creation: one clock for every process
-const HEADER: usize = 16; // two cache lines, so slots stay aligned
+const UDP_ECHOED: usize = 16; // datagrams answered
+const UDP_DROPPED: usize = 17; // one word per Dropped
+const HEADER: usize = 24; // three cache lines, so slots stay aligned
 
 // Word offsets within a slot; a slot is one 64-byte cache line.
 const PID: usize = 0;
@@ -96,6 +98,10 @@ const RATE_BUCKETS: usize = 8192;
 /// Addresses that share a bucket share a count, which errs towards
 /// refusing (as the rate table does); 64 Ki buckets keep that rare.
 const PEER_BUCKETS: usize = 65_536;
+/// Buckets of the datagram-rate table of `--udp-rate`, as the
+/// connection-rate table, apart so that a flood of datagrams never
+/// counts against a TCP client.
+const UDP_RATE_BUCKETS: usize = 8192;
 
 /// Why a connection was closed at once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -130,6 +136,59 @@ impl Refusal {
     }
 }
 
+/// Why a datagram was dropped unanswered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dropped {
+    /// From a source port below 1024: another service's, which would echo
+    /// the echo back (the classic echo/chargen loop).
+    Port,
+    /// From a broadcast, multicast or unspecified address: forged.
+    Source,
+    /// `--deny`, or no `--allow` matched.
+    Denied,
+    /// Over `--udp-rate` from its source.
+    Rate,
+    /// Larger than the buffer: never echoed short.
+    Truncated,
+}
+
+impl Dropped {
+    /// Every kind, in counter order.
+    pub const ALL: [Dropped; 5] = [
+        Dropped::Port,
+        Dropped::Source,
+        Dropped::Denied,
+        Dropped::Rate,
+        Dropped::Truncated,
+    ];
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The reason in words, for the log.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Dropped::Port => "source port below 1024",
+            Dropped::Source => "broadcast, multicast or unspecified source",
+            Dropped::Denied => "allow/deny rules",
+            Dropped::Rate => "over udp-rate",
+            Dropped::Truncated => "larger than the buffer",
+        }
+    }
+
+    /// The reason's name, for the log and the metrics' `reason` label.
+    pub fn name(self) -> &'static str {
+        match self {
+            Dropped::Port => "port",
+            Dropped::Source => "source",
+            Dropped::Denied => "deny",
+            Dropped::Rate => "rate",
+            Dropped::Truncated => "truncated",
+        }
+    }
+}
+
 /// A copy of one slot, as the master reads it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Entry {
@@ -153,7 +212,7 @@ pub struct Scoreboard {
 
 impl Scoreboard {
     fn words(slots: usize) -> usize {
-        HEADER + slots * WORDS + RATE_BUCKETS + PEER_BUCKETS
+        HEADER + slots * WORDS + RATE_BUCKETS + PEER_BUCKETS + UDP_RATE_BUCKETS
     }
 
     /// Maps `slots` slots; call before the first fork. `seed` keys the
@@ -306,17 +365,51 @@ impl Scoreboard {
         Refusal::ALL.map(|r| self.header(REFUSED + r.index()).load(Ordering::Relaxed))
     }
 
+    /// Counts `n` datagrams answered.
+    pub fn udp_echoed(&self, n: u64) {
+        self.header(UDP_ECHOED).fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts a datagram dropped unanswered.
+    pub fn udp_dropped(&self, why: Dropped) {
+        self.header(UDP_DROPPED + why.index())
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Datagrams answered, and dropped by reason (in [`Dropped::ALL`]
+    /// order).
+    pub fn udp_counts(&self) -> (u64, [u64; 5]) {
+        let dropped =
+            Dropped::ALL.map(|d| self.header(UDP_DROPPED + d.index()).load(Ordering::Relaxed));
+        (self.header(UDP_ECHOED).load(Ordering::Relaxed), dropped)
+    }
+
     /// Counts a new connection from `key` in the current one-second window
     /// and says whether it is within `limit`. Addresses that share a
     /// bucket share a count, which errs towards refusing; each window
     /// starts from zero, so a refusal is a pause, never a ban.
     pub fn conn_rate_ok(&self, key: u128, limit: u32) -> bool {
+        self.count_in_window(self.bucket(key), limit)
+    }
+
+    /// As [`Scoreboard::conn_rate_ok`], for a datagram from `key`
+    /// (`--udp-rate`), in a table of its own.
+    pub fn datagram_rate_ok(&self, key: u128, limit: u32) -> bool {
+        let at = HEADER
+            + self.slots * WORDS
+            + RATE_BUCKETS
+            + PEER_BUCKETS
+            + self.hash(key) % UDP_RATE_BUCKETS;
+        self.count_in_window(&self.mem.words()[at], limit)
+    }
+
+    fn count_in_window(&self, b: &AtomicU64, limit: u32) -> bool {
         let second = (self.elapsed_us() / 1_000_000) & 0xffff_ffff;
-        let b = self.bucket(key);
         let mut cur = b.load(Ordering::Relaxed);
         loop {
             let next = if cur >> 32 == second {
-                cur.saturating_add(1)
+                // The count stays in its 32 bits.
+                (cur & !0xffff_ffff) | ((cur & 0xffff_ffff) + 1).min(0xffff_ffff)
             } else {
                 (second << 32) | 1
             };

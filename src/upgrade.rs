@@ -38,11 +38,13 @@ pub struct PassedChild {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PassedRole {
     /// A worker: its scoreboard slot, the write end of its control pipe,
-    /// and whether it was already told to stop.
+    /// whether it was already told to stop, and whether it serves the
+    /// `udp:` listeners rather than the pool's.
     Worker {
         slot: Option<usize>,
         ctl: Option<RawFd>,
         retiring: bool,
+        udp: bool,
     },
     /// A fork-mode child serving one connection, and its client if it is
     /// counted for `--max-per-ip`.
@@ -133,10 +135,12 @@ impl Handover {
                     slot,
                     ctl,
                     retiring,
+                    udp,
                 } => format!(
-                    "{}/{}/w/{}/{}/{}",
+                    "{}/{}/{}/{}/{}/{}",
                     c.pid,
                     c.generation,
+                    if *udp { "u" } else { "w" },
                     opt(*slot),
                     opt(*ctl),
                     u8::from(*retiring)
@@ -258,7 +262,8 @@ impl Handover {
                         let bad = || format!("child '{item}'");
                         let f: Vec<&str> = item.split('/').collect();
                         let role = match f[..] {
-                            [_, _, "w", slot, ctl, retiring] => PassedRole::Worker {
+                            [_, _, kind @ ("w" | "u"), slot, ctl, retiring] => PassedRole::Worker {
+                                udp: kind == "u",
                                 slot: maybe(slot)
                                     .map(|s| num("slot", s))
                                     .transpose()?
@@ -344,6 +349,17 @@ mod tests {
                         slot: Some(0),
                         ctl: Some(15),
                         retiring: false,
+                        udp: false,
+                    },
+                },
+                PassedChild {
+                    pid: 102,
+                    generation: 3,
+                    role: PassedRole::Worker {
+                        slot: Some(1),
+                        ctl: Some(16),
+                        retiring: true,
+                        udp: true,
                     },
                 },
                 PassedChild {
@@ -375,7 +391,7 @@ mod tests {
     fn every_passed_descriptor_is_named() {
         let mut fds = sample().fds();
         fds.sort();
-        assert_eq!(fds, (5..=15).collect::<Vec<_>>());
+        assert_eq!(fds, (5..=16).collect::<Vec<_>>());
     }
 
     #[test]

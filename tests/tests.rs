@@ -36,6 +36,7 @@ mod protocol;
 mod signals;
 mod supervision;
 mod systemd;
+mod udp;
 mod upgrade;
 
 use std::io::{Read, Write};

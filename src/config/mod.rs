@@ -90,6 +90,10 @@ pub mod ceiling {
     pub const MAX_CHILDREN: u32 = 65_536;
     /// `worker-connections`: connections one event worker holds.
     pub const WORKER_CONNECTIONS: u32 = 1 << 20;
+    /// `udp-workers`.
+    pub const UDP_WORKERS: u32 = 256;
+    /// `udp-rate`: datagrams per second from one source.
+    pub const UDP_RATE: u32 = 10_000_000;
     /// `max-bytes`: the largest integer a TOML file can hold.
     pub const MAX_BYTES: u64 = i64::MAX as u64;
     /// `backlog`: listen(2) takes an int.
@@ -107,6 +111,8 @@ pub mod defaults {
     pub const MAX_SPARE: u32 = 8;
     pub const MAX_CHILDREN: u32 = 256;
     pub const WORKER_CONNECTIONS: u32 = 1024;
+    pub const UDP_WORKERS: u32 = 1;
+    pub const UDP_RATE: u32 = 1000;
     pub const IDLE_TIMEOUT: u64 = 300;
     pub const SHUTDOWN_TIMEOUT: u64 = 10;
     pub const BACKLOG: u32 = 1024;
@@ -327,6 +333,20 @@ pub fn resolve(o: Options) -> Result<Config, String> {
             ceiling::MAX_CHILDREN
         ));
     }
+    let udp_workers = o.udp_workers.unwrap_or(defaults::UDP_WORKERS);
+    if udp_workers == 0 || udp_workers > ceiling::UDP_WORKERS {
+        return Err(format!(
+            "udp-workers ({udp_workers}) must be between 1 and {}",
+            ceiling::UDP_WORKERS
+        ));
+    }
+    let udp_rate = o.udp_rate.unwrap_or(defaults::UDP_RATE);
+    if udp_rate > ceiling::UDP_RATE {
+        return Err(format!(
+            "udp-rate ({udp_rate}) is above the ceiling of {}",
+            ceiling::UDP_RATE
+        ));
+    }
     let backlog = o.backlog.unwrap_or(defaults::BACKLOG);
     if backlog == 0 || backlog > ceiling::BACKLOG {
         return Err(format!(
@@ -362,6 +382,8 @@ pub fn resolve(o: Options) -> Result<Config, String> {
         max_requests_jitter: o.max_requests_jitter.unwrap_or(0),
         max_per_ip: o.max_per_ip.unwrap_or(0),
         max_conn_rate: o.max_conn_rate.unwrap_or(0),
+        udp_workers,
+        udp_rate,
         rules,
         idle_timeout: nonzero(idle_timeout),
         max_session: nonzero(max_session),

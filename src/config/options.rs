@@ -227,7 +227,7 @@ pub struct Options {
     #[serde(skip)]
     pub check: bool,
 
-    /// Address to listen on: HOST:PORT, [V6]:PORT, *:PORT or unix:/PATH (repeatable) [default: [::]:7]
+    /// Address to listen on: HOST:PORT, [V6]:PORT, *:PORT or unix:/PATH; udp:HOST:PORT, udp:[V6]:PORT or udp:*:PORT for UDP (repeatable) [default: [::]:7]
     #[arg(short = 'l', long = "listen", value_name = "ADDR")]
     #[serde(default, deserialize_with = "listen_list")]
     pub listen: Vec<String>,
@@ -275,6 +275,14 @@ pub struct Options {
     /// New connections per second from one client address; 0 = no limit [default: 0]
     #[arg(long, value_name = "N")]
     pub max_conn_rate: Option<u32>,
+
+    /// Processes serving the udp: listeners (every mode) [default: 1]
+    #[arg(long, value_name = "N")]
+    pub udp_workers: Option<u32>,
+
+    /// Datagrams per second answered from one source address; more are dropped; 0 = no limit [default: 1000]
+    #[arg(long, value_name = "N")]
+    pub udp_rate: Option<u32>,
 
     /// Allow clients in this CIDR (repeatable; most specific rule wins)
     #[arg(long, value_name = "CIDR")]
@@ -368,6 +376,8 @@ impl Options {
             max_requests_jitter,
             max_per_ip,
             max_conn_rate,
+            udp_workers,
+            udp_rate,
             idle_timeout,
             max_session,
             max_bytes,
@@ -423,6 +433,10 @@ pub struct Config {
     pub max_per_ip: u32,
     /// New connections per second per client address; 0 = no limit.
     pub max_conn_rate: u32,
+    /// Processes serving the `udp:` listeners.
+    pub udp_workers: u32,
+    /// Datagrams per second answered from one source; 0 = no limit.
+    pub udp_rate: u32,
     pub rules: Rules,
     pub idle_timeout: Option<Duration>,
     pub max_session: Option<Duration>,

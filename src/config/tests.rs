@@ -20,6 +20,9 @@ fn defaults_match_the_contract() {
     assert_eq!((c.min_spare, c.max_spare), (2, 8));
     assert_eq!(c.max_children, 256);
     assert_eq!(c.worker_connections, 1024);
+    assert_eq!((c.udp_workers, c.udp_rate), (1, 1000));
+    let udp = |a: &ListenAddr| matches!(a, ListenAddr::Udp(_));
+    assert!(!c.listen.iter().any(udp), "no UDP unless asked");
     let event = resolve(cli(&["-m", "event"])).unwrap();
     assert_eq!(event.workers, usable_cpus(), "event: one worker per CPU");
     assert_eq!(c.idle_timeout, Some(Duration::from_secs(300)));
@@ -101,6 +104,12 @@ fn values_above_their_ceiling_are_errors_naming_the_key() {
     assert!(err.contains("max-bytes"), "{err}");
     assert!(resolve(cli(&["--max-children", "65537"])).is_err());
     assert!(resolve(cli(&["--max-spare", "5000"])).is_err());
+    let err = resolve(cli(&["--udp-workers", "0"])).unwrap_err();
+    assert!(err.contains("udp-workers"), "{err}");
+    assert!(resolve(cli(&["--udp-workers", "257"])).is_err());
+    assert!(resolve(cli(&["--udp-rate", "0"])).is_ok(), "0 = no limit");
+    let err = resolve(cli(&["--udp-rate", "10000001"])).unwrap_err();
+    assert!(err.contains("udp-rate"), "{err}");
     let err = parse_file("shutdown-timeout = 9223372036854775807")
         .and_then(|o| resolve(cli(&[]).over(o)))
         .unwrap_err();
@@ -203,6 +212,8 @@ fn nothing_that_resolves_overflows_at_run_time() {
         "--max-requests-jitter",
         "--max-per-ip",
         "--max-conn-rate",
+        "--udp-workers",
+        "--udp-rate",
         "--idle-timeout",
         "--max-session",
         "--max-bytes",
@@ -292,4 +303,23 @@ fn relative_paths_are_taken_from_the_start_directory() {
 fn workers_auto_is_at_least_one() {
     assert!(resolve(cli(&["-w", "auto"])).unwrap().workers >= 1);
     assert!("many".parse::<Workers>().is_err());
+}
+
+#[test]
+fn udp_addresses_are_apart_from_tcp() {
+    let c = resolve(cli(&["-l", "udp:127.0.0.1:7007", "-l", "127.0.0.1:7007"])).unwrap();
+    let udp = |a: &ListenAddr| matches!(a, ListenAddr::Udp(_));
+    assert!(udp(&c.listen[0]) && !udp(&c.listen[1]));
+    assert_eq!(c.listen[0].to_string(), "udp:127.0.0.1:7007");
+    for ok in ["udp:[::1]:7", "udp:*:0", "udp:[::]:7"] {
+        let a: ListenAddr = ok.parse().unwrap();
+        assert!(udp(&a), "{ok}");
+    }
+    assert!("udp:*:0".parse::<ListenAddr>().unwrap().is_ephemeral());
+    for bad in ["udp:unix:/x", "udp:", "udp:127.0.0.1", "udp:udp:*:7"] {
+        let err = bad.parse::<ListenAddr>().unwrap_err();
+        assert!(err.contains(bad), "{bad}: {err}");
+    }
+    let err = resolve(cli(&["-l", "udp:*:7007", "-l", "udp:127.0.0.1:7007"])).unwrap_err();
+    assert!(err.contains("overlap"), "{err}");
 }

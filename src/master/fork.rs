@@ -10,7 +10,6 @@ use log::{error, warn};
 use super::Master;
 use crate::access::Policy;
 use crate::children::{Child, Role};
-use crate::listen::Listener;
 use crate::pool;
 use crate::scoreboard::Refusal;
 use crate::{signals, sys, worker};
@@ -27,7 +26,7 @@ impl Master {
     /// reached, or [`ACCEPT_BATCH`] were taken.
     pub(super) fn accept(&mut self, now: Instant) {
         for _ in 0..ACCEPT_BATCH {
-            if self.children.len() >= self.cfg.max_children as usize
+            if self.children.conns() >= self.cfg.max_children as usize
                 || self.backoff.hold_until(now, false).is_some()
             {
                 return;
@@ -126,9 +125,9 @@ impl Master {
     /// polling the listeners and clients wait in the backlog; counted, and
     /// logged when it happens and every [`REPORT_EVERY`] while clients wait.
     pub(super) fn watch_limit(&mut self, now: Instant) {
-        let full = self.children.len() >= self.cfg.max_children as usize;
-        let listeners = self.acceptor.listeners();
-        let waiting = || listeners.iter().map(Listener::waiting).sum::<u32>();
+        let full = self.children.conns() >= self.cfg.max_children as usize;
+        let acceptor = &self.acceptor;
+        let waiting = || acceptor.streams().map(|(_, l)| l.waiting()).sum::<u32>();
         let report = self.fork.saturation.observe(now, full, || waiting() > 0);
         let max = self.cfg.max_children;
         match report {

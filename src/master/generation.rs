@@ -202,7 +202,7 @@ impl Master {
             deadline: now + READY_TIMEOUT,
         });
         for _ in 0..workers {
-            self.spawn_worker(Target::Pending, now)
+            self.spawn_worker(Target::Pending, crate::children::Role::Worker, now)
                 .map_err(|e| format!("cannot fork a new worker: {e}"))?;
         }
         Ok(())

@@ -184,6 +184,8 @@ pub fn run(
             next_tick: now + TICK,
             reported: [0; 3],
             last_report: None,
+            udp_reported: [0; 5],
+            udp_last_report: None,
             errors: RateLimit::new(REPORT_EVERY),
             crash: RateLimit::new(REPORT_EVERY),
         },
@@ -258,6 +260,9 @@ struct Reports {
     /// Refusal counts as last logged, and when.
     reported: [u64; 3],
     last_report: Option<Instant>,
+    /// Dropped datagrams as last logged, and when.
+    udp_reported: [u64; 5],
+    udp_last_report: Option<Instant>,
     /// accept or fork errors.
     errors: RateLimit,
     /// Escalations of the crash-loop back-off after the first.
@@ -389,19 +394,18 @@ impl Master {
             && self.backoff.hold_until(now, serving).is_none()
             // Like tcpserver -c: at the limit we stop polling the listeners
             // and new clients wait in the kernel's backlog.
-            && self.children.len() < self.cfg.max_children as usize;
+            && self.children.conns() < self.cfg.max_children as usize;
         let (Some(signals), Some(notice)) = (&self.signals, &self.notice_r) else {
             return (false, Vec::new());
         };
-        let listeners = self.acceptor.listeners();
-        let mut fds = Vec::with_capacity(2 + listeners.len());
+        let mut fds = Vec::with_capacity(2 + self.acceptor.listeners().len());
         fds.push(PollFd::new(signals.fd(), PollFlags::POLLIN));
         fds.push(PollFd::new(notice.as_fd(), PollFlags::POLLIN));
         if accepting {
             fds.extend(
-                listeners
-                    .iter()
-                    .map(|l| PollFd::new(l.as_fd(), PollFlags::POLLIN)),
+                self.acceptor
+                    .streams()
+                    .map(|(_, l)| PollFd::new(l.as_fd(), PollFlags::POLLIN)),
             );
         }
         let running = self.life.stop_deadline.is_none();

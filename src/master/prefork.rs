@@ -65,20 +65,38 @@ impl Master {
                 _ => continue,
             };
             while self.children.active(generation) < size as usize {
-                if !self.try_spawn(target, now) {
+                if !self.try_spawn(target, Role::Worker, now) {
                     break;
                 }
+            }
+        }
+        self.fill_udp(now);
+    }
+
+    /// Forks UDP workers until the generation in force has
+    /// `udp-workers` of them, if it has `udp:` listeners. (A reload's new
+    /// generation gets its own once it is in force: until then the old
+    /// ones answer, and datagrams wait in the socket meanwhile.)
+    fn fill_udp(&mut self, now: Instant) {
+        if self.life.stop_deadline.is_some()
+            || !self.acceptor.listeners().iter().any(Listener::is_udp)
+        {
+            return;
+        }
+        while self.children.udp(self.life.generation) < self.cfg.udp_workers as usize {
+            if !self.try_spawn(Target::InForce, Role::Udp, now) {
+                break;
             }
         }
     }
 
     /// Starts a worker unless crash-loop back-off holds spawning back; a
     /// failed fork starts (or grows) the back-off. False: none started.
-    pub(super) fn try_spawn(&mut self, target: Target, now: Instant) -> bool {
+    pub(super) fn try_spawn(&mut self, target: Target, role: Role, now: Instant) -> bool {
         if self.backoff.hold_until(now, self.serving()).is_some() {
             return false;
         }
-        match self.spawn_worker(target, now) {
+        match self.spawn_worker(target, role, now) {
             Ok(_) => {
                 self.backoff.forked(now);
                 true
@@ -135,9 +153,8 @@ impl Master {
         };
         let waiting = if idle + starting == 0 {
             self.acceptor
-                .listeners()
-                .iter()
-                .map(Listener::queued)
+                .streams()
+                .map(|(_, l)| l.queued())
                 .try_fold(0u32, |sum, n| Some(sum.saturating_add(n?)))
         } else {
             Some(0)
@@ -155,7 +172,7 @@ impl Master {
                     waiting.map_or("some".into(), |w| w.to_string())
                 );
                 for _ in 0..n {
-                    if !self.try_spawn(Target::InForce, now) {
+                    if !self.try_spawn(Target::InForce, Role::Worker, now) {
                         break;
                     }
                 }
@@ -218,15 +235,21 @@ impl Master {
             .count()
     }
 
-    /// Forks one worker for `target`'s configuration. Err says why not.
-    pub(super) fn spawn_worker(&mut self, target: Target, now: Instant) -> Result<Pid, String> {
+    /// Forks one worker (`role`: of the pool, or for UDP) for `target`'s
+    /// configuration. Err says why not.
+    pub(super) fn spawn_worker(
+        &mut self,
+        target: Target,
+        role: Role,
+        now: Instant,
+    ) -> Result<Pid, String> {
         let (generation, cfg, identity) = match (&self.life.pending, target) {
             (Some(p), Target::Pending) => (p.generation, &p.cfg, p.identity.clone()),
             _ => (self.life.generation, &self.cfg, self.identity.clone()),
         };
         let limits = cfg.limits();
         let policy = cfg.policy();
-        let (mode, max_open) = (cfg.mode, cfg.worker_connections as usize);
+        let (mode, max_open, udp_rate) = (cfg.mode, cfg.worker_connections as usize, cfg.udp_rate);
         let max_requests = pool::max_requests(
             cfg.max_requests,
             cfg.max_requests_jitter,
@@ -260,7 +283,8 @@ impl Master {
         let forked = unsafe {
             sys::spawn(&signals::HANDLED, &signals::CHILD_IGNORED, || {
                 drop(ctl_w.take());
-                let listeners = self.take_listeners(target);
+                let mut listeners = self.take_listeners(target);
+                Listener::keep_in_child(&mut listeners, |l| l.is_udp() == (role == Role::Udp));
                 self.close_in_child();
                 if let Err(code) = enter(&identity, &self.scoreboard) {
                     return code;
@@ -274,6 +298,7 @@ impl Master {
                     notice: self.notice_w.as_ref().map(|f| f.as_fd()),
                 };
                 match mode {
+                    _ if role == Role::Udp => crate::udp::run(listeners, ctx, udp_rate),
                     #[cfg(any(target_os = "linux", target_os = "android"))]
                     Mode::Event => crate::event::run(listeners, ctx, max_open, max_requests),
                     _ => worker::prefork(listeners, ctx, max_requests),
@@ -283,12 +308,16 @@ impl Master {
         match forked {
             Ok(pid) => {
                 self.scoreboard.set_pid(slot, pid);
-                let mut child = Child::new(Role::Worker, now);
+                let mut child = Child::new(role, now);
                 child.generation = generation;
                 child.slot = Some(slot);
                 child.ctl = ctl_w;
                 self.children.insert(pid, child);
-                info!("worker {pid} started");
+                if role == Role::Udp {
+                    info!("udp worker {pid} started");
+                } else {
+                    info!("worker {pid} started");
+                }
                 Ok(pid)
             }
             Err(e) => {

@@ -52,12 +52,14 @@ impl Master {
             let stopping = self.life.stop_deadline.is_some();
             let pending = self.life.pending.as_ref().map(|p| p.generation);
             match child.role {
-                Role::Worker if child.killed || stopping => debug!("worker {pid} {how}"),
-                Role::Worker if child.retire_by.is_some() => {
+                Role::Worker | Role::Udp if child.killed || stopping => {
+                    debug!("{} {pid} {how}", who(child.role))
+                }
+                Role::Worker | Role::Udp if child.retire_by.is_some() => {
                     if abnormal {
-                        warn!("retiring worker {pid} {how}");
+                        warn!("retiring {} {pid} {how}", who(child.role));
                     } else {
-                        info!("worker {pid} {how}");
+                        info!("{} {pid} {how}", who(child.role));
                     }
                 }
                 Role::Worker if never_ready && pending == Some(child.generation) => {
@@ -97,18 +99,15 @@ impl Master {
         how: &str,
         now: Instant,
     ) {
-        let who = match child.role {
-            Role::Worker => "worker",
-            Role::Conn => "child",
-        };
+        let who = who(child.role);
         let probe = self
             .backoff
             .probes_since()
             .is_some_and(|t| child.started >= t);
         match exit {
             Exit::Clean => {
-                if child.role == Role::Worker {
-                    info!("worker {pid} {how}");
+                if child.role != Role::Conn {
+                    info!("{who} {pid} {how}");
                 } else {
                     debug!("child {pid} {how}");
                 }
@@ -120,7 +119,7 @@ impl Master {
             Exit::FailedStart | Exit::DiedYoung => {
                 let was_active = self.backoff.is_active();
                 let escalated = self.backoff.early_death(now, child.started, exit);
-                let when = if exit == Exit::FailedStart && child.role == Role::Worker {
+                let when = if exit == Exit::FailedStart && child.role != Role::Conn {
                     "before it was ready"
                 } else {
                     "right after it started"
@@ -154,7 +153,7 @@ impl Master {
             .map(|(_, c)| {
                 let ready = match c.role {
                     Role::Conn => true,
-                    Role::Worker => c
+                    Role::Worker | Role::Udp => c
                         .slot
                         .and_then(|s| self.scoreboard.get(s))
                         .is_some_and(|e| matches!(e.state, State::Idle | State::Busy)),
@@ -200,5 +199,14 @@ impl Master {
             let _ = kill(pid, Signal::SIGKILL);
             self.children.mark_killed(pid);
         }
+    }
+}
+
+/// What the log calls a child of `role`.
+fn who(role: Role) -> &'static str {
+    match role {
+        Role::Worker => "worker",
+        Role::Conn => "child",
+        Role::Udp => "udp worker",
     }
 }

@@ -10,7 +10,7 @@ use super::{Master, TICK};
 use crate::children::Role;
 use crate::config::Mode;
 use crate::logging::REPORT_EVERY;
-use crate::scoreboard::{Refusal, State};
+use crate::scoreboard::{Dropped, Refusal, State};
 
 /// The most workers the USR1 line names one by one.
 const NAMED_WORKERS: usize = 64;
@@ -23,10 +23,20 @@ impl Master {
         let mut workers: Vec<(Pid, String)> = self
             .children
             .iter()
-            .filter(|(_, c)| c.role == Role::Worker)
+            .filter(|(_, c)| c.role != Role::Conn)
             .filter_map(|(pid, c)| {
                 let e = self.scoreboard.get(c.slot?)?;
-                let retiring = if c.active() { "" } else { ", retiring" };
+                let retiring = if c.retire_by.is_none() {
+                    ""
+                } else {
+                    ", retiring"
+                };
+                if c.role == Role::Udp {
+                    return Some((
+                        pid,
+                        format!("{pid} udp (generation {}{retiring})", e.generation),
+                    ));
+                }
                 let open = if self.cfg.mode == Mode::Event {
                     format!("open {}, ", e.open)
                 } else {
@@ -66,7 +76,7 @@ impl Master {
         let uptime = now.duration_since(self.life.started).as_secs();
         let (mut busy, mut idle, mut other, mut served) = (0, 0, 0, self.prefork.served_by_gone);
         let mut open = 0;
-        for (_, c) in self.children.iter() {
+        for (_, c) in self.children.iter().filter(|(_, c)| c.role != Role::Udp) {
             if let Some(e) = c.slot.and_then(|s| self.scoreboard.get(s)) {
                 served += e.served;
                 open += e.open;
@@ -111,13 +121,38 @@ impl Master {
             Mode::Fork => format!(
                 "mode fork, generation {}, children {} of at most {}, connections {}, limit reached {} times{refused}, uptime {uptime} s",
                 self.life.generation,
-                self.children.len() - self.children.workers(),
+                self.children.conns(),
                 self.cfg.max_children,
                 self.fork.accepted + served,
                 self.fork.saturation.hits
             ),
         };
-        format!("{text}, version {}", env!("CARGO_PKG_VERSION"))
+        format!(
+            "{text}{}, version {}",
+            self.udp_status(),
+            env!("CARGO_PKG_VERSION")
+        )
+    }
+
+    /// The UDP part of the status line: empty without UDP workers.
+    fn udp_status(&self) -> String {
+        let workers = self.children.udp_workers();
+        let (echoed, dropped) = self.scoreboard.udp_counts();
+        if workers == 0 && echoed == 0 && dropped.iter().all(|&n| n == 0) {
+            return String::new();
+        }
+        let parts: Vec<String> = Dropped::ALL
+            .iter()
+            .zip(dropped)
+            .filter(|(_, n)| *n > 0)
+            .map(|(d, n)| format!("{} {n}", d.name()))
+            .collect();
+        let dropped = if parts.is_empty() {
+            String::new()
+        } else {
+            format!(", dropped ({})", parts.join(", "))
+        };
+        format!(", udp workers {workers}, datagrams echoed {echoed}{dropped}")
     }
 
     /// Once a second: logs refused connections (counted by whoever
@@ -146,6 +181,26 @@ impl Master {
             }
             self.reports.reported = counts;
             self.reports.last_report = Some(now);
+        }
+        let (_, dropped) = self.scoreboard.udp_counts();
+        if dropped != self.reports.udp_reported
+            && self
+                .reports
+                .udp_last_report
+                .is_none_or(|t| now >= t + REPORT_EVERY)
+        {
+            for (i, why) in Dropped::ALL.iter().enumerate() {
+                let new = dropped[i] - self.reports.udp_reported[i];
+                if new > 0 {
+                    warn!(
+                        "dropped {new} datagrams unanswered ({}) since the last report; {} in all",
+                        why.describe(),
+                        dropped[i]
+                    );
+                }
+            }
+            self.reports.udp_reported = dropped;
+            self.reports.udp_last_report = Some(now);
         }
     }
 }

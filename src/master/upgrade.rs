@@ -23,7 +23,7 @@ use nix::unistd::{pipe2, Pid};
 
 use super::generation::When;
 use super::Master;
-use crate::children::describe;
+use crate::children::{describe, Role};
 use crate::upgrade::{Handover, PassedChild, PassedListener, PassedRole, ENV};
 use crate::{signals, sys};
 
@@ -187,12 +187,13 @@ impl Master {
                     pid: pid.as_raw(),
                     generation: c.generation,
                     role: match c.role {
-                        crate::children::Role::Worker => PassedRole::Worker {
+                        Role::Worker | Role::Udp => PassedRole::Worker {
                             slot: c.slot,
                             ctl: c.ctl.as_ref().map(raw),
                             retiring: c.retire_by.is_some(),
+                            udp: c.role == Role::Udp,
                         },
-                        crate::children::Role::Conn => PassedRole::Conn { peer: c.peer },
+                        Role::Conn => PassedRole::Conn { peer: c.peer },
                     },
                 })
                 .collect(),
@@ -370,8 +371,14 @@ impl Master {
         let n = a.children.len();
         for (c, ctl) in a.children {
             let mut child = match c.role {
-                PassedRole::Worker { slot, retiring, .. } => {
-                    let mut w = Child::new(Role::Worker, now);
+                PassedRole::Worker {
+                    slot,
+                    retiring,
+                    udp,
+                    ..
+                } => {
+                    let role = if udp { Role::Udp } else { Role::Worker };
+                    let mut w = Child::new(role, now);
                     w.slot = slot;
                     w.ctl = ctl;
                     w.retire_by = retiring.then_some(retire_by);
