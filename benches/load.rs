@@ -8,7 +8,10 @@
 //! and `serve-epoll`); a minimal tokio server (`serve-tokio`); and Python's
 //! `ForkingTCPServer` and `ThreadingTCPServer` (benches/peers.py). It
 //! sweeps what users vary: pool sizes, 1 to 500 ping-ponging clients, a
-//! burst of 2,000 clients at once, 100 and 10,000 idle connections. Servers take turns within each round,
+//! burst of 2,000 clients at once, 100 and 10,000 idle connections, and a
+//! UDP flood (echo-forkd's UDP worker against Python's `UDPServer`, a
+//! minimal tokio UDP echo and a bare recvfrom/sendto loop, `serve-udp`).
+//! Servers take turns within each round,
 //! and each round starts one server later (A B C, B C A, C A B …), so that
 //! a noisy neighbour hurts them all alike; the figures that count are
 //! ratios within a round, of which the medians are reported. Every echoed
@@ -51,6 +54,8 @@ fn main() {
         Some("serve-tokio") => return serve_tokio(),
         Some("serve-fork") => return serve_fork(),
         Some("serve-epoll") => return serve_epoll(),
+        Some("serve-tokio-udp") => return serve_tokio_udp(),
+        Some("serve-udp") => return serve_udp(),
         _ => {}
     }
     if args.iter().any(|a| a == "--help" || a == "-h") {
@@ -71,15 +76,16 @@ fn main() {
 const USAGE: &str = "usage: cargo bench --bench load -- [OPTIONS]
   --rounds N          rounds of every server in turn (default 3)
   --secs S            seconds per timed run (default 3)
-  --scenarios LIST    conn,rtt,stream,hold,burst (default: all)
+  --scenarios LIST    conn,rtt,stream,hold,burst,udp (default: all)
   --servers LIST      prefork,fork,event,min-fork,epoll,tokio,py-forking,
-                      py-threading (default: all)
+                      py-threading,min-udp,py-udp (default: all)
   --clients N         clients for conn (default 50)
   --rtt-clients LIST  connections for rtt, one run each (default 1,50,500)
   --pools LIST        prefork pool sizes for conn (default 8,64,256)
   --stream-mib N      MiB each stream connection sends (default 256)
   --hold LIST         idle connections held, one run each (default 100,10000)
   --burst N           clients arriving at once in burst (default 2000)
+  --udp-clients LIST  UDP clients flooding, one run each (default 1,16,64)
   --out FILE          also write the markdown tables here
   --baseline BIN      also run this echo-forkd build, after each of ours
   --quick             1 round of 1 s, 32 MiB streams: a smoke test";
@@ -100,6 +106,10 @@ enum Kind {
     Tokio,
     PyForking,
     PyThreading,
+    /// The floor of a UDP echo: one blocking recvfrom/sendto loop.
+    MinUdp,
+    /// Python's `socketserver.UDPServer`.
+    PyUdp,
 }
 
 impl Kind {
@@ -128,7 +138,7 @@ impl Kind {
         matches!(self, Kind::Prefork | Kind::PreforkBase)
     }
 
-    const ALL: [Kind; 8] = [
+    const ALL: [Kind; 10] = [
         Kind::Prefork,
         Kind::Fork,
         Kind::Event,
@@ -137,7 +147,18 @@ impl Kind {
         Kind::Tokio,
         Kind::PyForking,
         Kind::PyThreading,
+        Kind::MinUdp,
+        Kind::PyUdp,
     ];
+
+    /// Whether it takes part in the UDP case: echo-forkd (one mode: the
+    /// UDP worker is the same in all), tokio and the UDP servers.
+    fn serves_udp(self) -> bool {
+        matches!(
+            self,
+            Kind::Prefork | Kind::PreforkBase | Kind::Tokio | Kind::MinUdp | Kind::PyUdp
+        )
+    }
 
     fn name(self) -> &'static str {
         match self {
@@ -149,6 +170,8 @@ impl Kind {
             Kind::Tokio => "tokio",
             Kind::PyForking => "py-forking",
             Kind::PyThreading => "py-threading",
+            Kind::MinUdp => "min-udp",
+            Kind::PyUdp => "py-udp",
             Kind::PreforkBase => "prefork-base",
             Kind::ForkBase => "fork-base",
             Kind::EventBase => "event-base",
@@ -181,15 +204,17 @@ enum Scenario {
     Stream,
     Hold,
     Burst,
+    Udp,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 5] = [
+    const ALL: [Scenario; 6] = [
         Scenario::Conn,
         Scenario::Rtt,
         Scenario::Stream,
         Scenario::Hold,
         Scenario::Burst,
+        Scenario::Udp,
     ];
 
     fn name(self) -> &'static str {
@@ -199,6 +224,7 @@ impl Scenario {
             Scenario::Stream => "stream",
             Scenario::Hold => "hold",
             Scenario::Burst => "burst",
+            Scenario::Udp => "udp",
         }
     }
 }
@@ -213,7 +239,7 @@ struct Case {
 impl Case {
     fn label(self) -> String {
         match self.scenario {
-            Scenario::Conn | Scenario::Rtt | Scenario::Stream => {
+            Scenario::Conn | Scenario::Rtt | Scenario::Stream | Scenario::Udp => {
                 format!("{} c={}", self.scenario.name(), self.clients)
             }
             Scenario::Hold | Scenario::Burst => {
@@ -234,6 +260,7 @@ struct Opts {
     stream_mib: usize,
     hold: Vec<usize>,
     burst: usize,
+    udp_clients: Vec<usize>,
     out: Option<PathBuf>,
     baseline: Option<PathBuf>,
 }
@@ -251,6 +278,7 @@ impl Opts {
             stream_mib: 256,
             hold: vec![100, 10_000],
             burst: 2000,
+            udp_clients: vec![1, 16, 64],
             out: None,
             baseline: None,
         };
@@ -276,6 +304,7 @@ impl Opts {
                 "--stream-mib" => o.stream_mib = number(arg, value()?)?,
                 "--hold" => o.hold = numbers(arg, value()?)?,
                 "--burst" => o.burst = number(arg, value()?)?,
+                "--udp-clients" => o.udp_clients = numbers(arg, value()?)?,
                 "--out" => o.out = Some(PathBuf::from(value()?)),
                 "--scenarios" => {
                     o.scenarios = pick(value()?, &Scenario::ALL, |s| s.name())?;
@@ -299,8 +328,13 @@ impl Opts {
             }
             o.servers = with;
         }
-        if o.rounds == 0 || o.secs <= 0.0 || o.clients == 0 || o.pools.contains(&0) {
-            return Err("rounds, secs, clients and pools must be positive".into());
+        if o.rounds == 0
+            || o.secs <= 0.0
+            || o.clients == 0
+            || o.pools.contains(&0)
+            || o.udp_clients.contains(&0)
+        {
+            return Err("rounds, secs, clients, pools and udp-clients must be positive".into());
         }
         Ok(o)
     }
@@ -315,6 +349,7 @@ impl Opts {
                 Scenario::Stream => vec![4],
                 Scenario::Hold => self.hold.clone(),
                 Scenario::Burst => vec![self.burst],
+                Scenario::Udp => self.udp_clients.clone(),
             };
             cases.extend(sizes.into_iter().map(|clients| Case { scenario, clients }));
         }
@@ -328,6 +363,10 @@ impl Opts {
         let mut t = Vec::new();
         for &kind in &self.servers {
             match (kind, case.scenario) {
+                (k, Scenario::Udp) if !k.serves_udp() => {}
+                (k, _)
+                    if case.scenario != Scenario::Udp
+                        && matches!(k, Kind::MinUdp | Kind::PyUdp) => {}
                 (k, Scenario::Conn) if k.is_prefork() => {
                     t.extend(self.pools.iter().map(|&pool| Target { kind, pool }));
                 }
@@ -386,14 +425,14 @@ impl Server {
                 c.stderr(Stdio::piped()).stdout(Stdio::null());
                 c
             }
-            Kind::PyForking | Kind::PyThreading => {
+            Kind::PyForking | Kind::PyThreading | Kind::PyUdp => {
                 let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/peers.py");
                 let mut c = Command::new("python3");
                 c.arg(script)
-                    .arg(if kind == Kind::PyForking {
-                        "forking"
-                    } else {
-                        "threading"
+                    .arg(match kind {
+                        Kind::PyForking => "forking",
+                        Kind::PyThreading => "threading",
+                        _ => "udp",
                     })
                     .stdout(Stdio::piped());
                 c
@@ -401,8 +440,10 @@ impl Server {
             _ => {
                 let mut c = Command::new(std::env::current_exe().expect("own path"));
                 c.arg(match kind {
+                    Kind::Tokio if case.scenario == Scenario::Udp => "serve-tokio-udp",
                     Kind::Tokio => "serve-tokio",
                     Kind::MinFork => "serve-fork",
+                    Kind::MinUdp => "serve-udp",
                     _ => "serve-epoll",
                 })
                 .stdout(Stdio::piped());
@@ -416,7 +457,7 @@ impl Server {
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", kind.name()));
         let port = if kind.is_ours() {
             let err = child.stderr.take().expect("piped stderr");
-            daemon_port(err)
+            daemon_port(err, case.scenario == Scenario::Udp)
         } else {
             let out = child.stdout.take().expect("piped stdout");
             let mut line = String::new();
@@ -469,6 +510,21 @@ fn daemon_args(t: Target, case: Case, o: &Opts) -> Vec<String> {
             &backlog,
         ]);
     }
+    if case.scenario == Scenario::Udp {
+        // The UDP worker (one, the default) with no per-source limit: a
+        // benchmark is the flood an operator asks for. The pool is kept
+        // to one idle TCP worker.
+        return args(&[
+            "-l",
+            "udp:127.0.0.1:0",
+            "--udp-rate",
+            "0",
+            "-w",
+            "1",
+            "--min-spare",
+            "0",
+        ]);
+    }
     if case.scenario == Scenario::Burst {
         // A small pool with room to grow: the figure is how fast it does.
         let max = (o.burst + 48).max(256).to_string();
@@ -507,12 +563,17 @@ fn daemon_args(t: Target, case: Case, o: &Opts) -> Vec<String> {
 
 /// Reads echo-forkd's log until `ready`; returns the port of its `listening
 /// on` line and leaves a thread draining the rest.
-fn daemon_port(err: std::process::ChildStderr) -> Option<u16> {
+fn daemon_port(err: std::process::ChildStderr, udp: bool) -> Option<u16> {
     let mut lines = BufReader::new(err).lines();
     let mut port = None;
+    let listening = if udp {
+        "listening on udp:127.0.0.1:"
+    } else {
+        "listening on 127.0.0.1:"
+    };
     for line in lines.by_ref() {
         let line = line.ok()?;
-        if let Some(rest) = line.split("listening on 127.0.0.1:").nth(1) {
+        if let Some(rest) = line.split(listening).nth(1) {
             port = rest.trim().parse().ok();
         }
         if line.ends_with(": ready") {
@@ -1297,8 +1358,8 @@ fn make_room_for_clients(o: &mut Opts) {
 fn run(o: &Opts) {
     println!("{}", machine());
     println!(
-        "rounds {}, {} s per timed run, conn with {} clients, rtt with {:?}, prefork pools {:?}, streams of {} MiB, hold {:?}, burst {}\n",
-        o.rounds, o.secs, o.clients, o.rtt_clients, o.pools, o.stream_mib, o.hold, o.burst
+        "rounds {}, {} s per timed run, conn with {} clients, rtt with {:?}, prefork pools {:?}, streams of {} MiB, hold {:?}, burst {}, udp with {:?} clients\n",
+        o.rounds, o.secs, o.clients, o.rtt_clients, o.pools, o.stream_mib, o.hold, o.burst, o.udp_clients
     );
     let mut results = Results::new();
     for round in 1..=o.rounds {
@@ -1316,6 +1377,7 @@ fn run(o: &Opts) {
                     Scenario::Stream => stream(&server, o),
                     Scenario::Hold => hold(&server, t.kind, case.clients),
                     Scenario::Burst => burst(&server, case.clients),
+                    Scenario::Udp => udp(&server, case.clients, o),
                 };
                 drop(server);
                 println!(
@@ -1382,6 +1444,7 @@ fn unit(s: Scenario) -> &'static str {
         Scenario::Stream => "MB/s",
         Scenario::Hold => "echoed after holding",
         Scenario::Burst => "echoed",
+        Scenario::Udp => "replies/s",
     }
 }
 
@@ -1493,7 +1556,7 @@ fn ratios(results: &Results) -> Vec<(String, f64)> {
         if !a.kind.is_ours() || matches!(case.scenario, Scenario::Hold | Scenario::Burst) {
             continue;
         }
-        let mut refs = vec![Kind::Tokio, Kind::Epoll];
+        let mut refs = vec![Kind::Tokio, Kind::Epoll, Kind::MinUdp, Kind::PyUdp];
         match a.kind {
             Kind::Fork => refs.extend([Kind::MinFork, Kind::PyForking, Kind::ForkBase]),
             Kind::Prefork => refs.extend([Kind::PyForking, Kind::PreforkBase]),
@@ -1532,4 +1595,140 @@ fn machine() -> String {
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     format!("machine: {cpus} CPUs ({cpu}), Linux {}", kernel.trim())
+}
+
+// -------------------------------------------------------------------- udp
+
+/// Datagrams in flight at once, over all UDP clients: well within a
+/// socket's default receive buffer (some 270 small datagrams on Linux),
+/// so that a server that keeps up loses none.
+const UDP_IN_FLIGHT: usize = 128;
+/// How long a UDP client waits for a reply before it counts the window
+/// as lost and sends a new one.
+const UDP_LOST_AFTER: Duration = Duration::from_millis(200);
+
+/// A UDP server socket on 127.0.0.1:0; prints the port.
+fn bench_udp_socket() -> std::net::UdpSocket {
+    let s = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind UDP");
+    println!("{}", s.local_addr().expect("local addr").port());
+    s
+}
+
+/// The minimal tokio UDP echo: one task, `recv_from` then `send_to`.
+fn serve_tokio_udp() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_io()
+        .build()
+        .expect("tokio runtime");
+    rt.block_on(async {
+        let std_socket = bench_udp_socket();
+        std_socket.set_nonblocking(true).expect("non-blocking");
+        let socket = tokio::net::UdpSocket::from_std(std_socket).expect("tokio socket");
+        let mut buf = vec![0u8; 65_536];
+        loop {
+            if let Ok((n, from)) = socket.recv_from(&mut buf).await {
+                let _ = socket.send_to(&buf[..n], from).await;
+            }
+        }
+    });
+}
+
+/// The floor of a UDP echo: a blocking `recv_from`/`send_to` loop.
+fn serve_udp() {
+    let s = bench_udp_socket();
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        if let Ok((n, from)) = s.recv_from(&mut buf) {
+            let _ = s.send_to(&buf[..n], from);
+        }
+    }
+}
+
+/// A datagram's bytes: its number, then bytes drawn from it, so that a
+/// reply is checked against what was sent without keeping it.
+fn udp_payload(client: usize, seq: u64) -> [u8; PAYLOAD] {
+    let mut p = [0u8; PAYLOAD];
+    p[..8].copy_from_slice(&seq.to_le_bytes());
+    Rng(seq.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (client as u64 + 1) | 1).fill(&mut p[8..]);
+    p
+}
+
+/// `udp`: `clients` sockets (from 127.0.0.1 to .16), each keeping a
+/// window of 64-byte datagrams in flight; a reply is checked, then
+/// answered with the next datagram. A window with no reply within
+/// [`UDP_LOST_AFTER`] counts its datagrams as lost (timeouts) and starts
+/// again.
+fn udp(server: &Server, clients: usize, o: &Opts) -> Measure {
+    let addr = server.addr();
+    let window = (UDP_IN_FLIGHT / clients).clamp(1, 32);
+    let (results, cpu) = timed(server.pid(), clients, o.secs, move |i, warm, end, stop| {
+        let mut err = Errors::default();
+        let mut lat = Vec::with_capacity(1 << 18);
+        let mut done = 0;
+        let from = Ipv4Addr::new(127, 0, 0, 1 + (i % SOURCES as usize) as u8);
+        let s = match std::net::UdpSocket::bind((from, 0)).and_then(|s| {
+            s.connect(addr)?;
+            s.set_read_timeout(Some(UDP_LOST_AFTER))?;
+            Ok(s)
+        }) {
+            Ok(s) => s,
+            Err(e) => {
+                err.count(&e);
+                return (0, lat, err);
+            }
+        };
+        // Sent and not yet answered: sequence number → when.
+        let mut flying: std::collections::HashMap<u64, Instant> =
+            std::collections::HashMap::with_capacity(window * 2);
+        let mut next = 0u64;
+        let mut buf = [0u8; 2 * PAYLOAD];
+        let mut send = |flying: &mut std::collections::HashMap<u64, Instant>, err: &mut Errors| {
+            let t = Instant::now();
+            match s.send(&udp_payload(i, next)) {
+                Ok(_) => {
+                    flying.insert(next, t);
+                }
+                Err(e) => err.count(&e),
+            }
+            next += 1;
+        };
+        while Instant::now() < stop {
+            while flying.len() < window {
+                send(&mut flying, &mut err);
+            }
+            match s.recv(&mut buf) {
+                Ok(n) => {
+                    let seq = u64::from_le_bytes(buf[..8].try_into().unwrap_or_default());
+                    let sent = flying.remove(&seq);
+                    match sent {
+                        Some(t) if n == PAYLOAD && buf[..n] == udp_payload(i, seq) => {
+                            if t >= warm && t < end {
+                                done += 1;
+                                lat.push(elapsed_ns(t));
+                            }
+                        }
+                        _ => err.mismatch += 1,
+                    }
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    // Lost in the warm-up or the timed part: an error.
+                    if Instant::now() < end {
+                        err.timeout += flying.len() as u64;
+                    }
+                    flying.clear();
+                }
+                Err(e) => {
+                    err.count(&e);
+                    flying.clear();
+                }
+            }
+        }
+        (done, lat, err)
+    });
+    summarize(results, o.secs, cpu)
 }

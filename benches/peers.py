@@ -2,12 +2,13 @@
 """Reference echo servers for `cargo bench`: Python's socketserver, the
 design echo-forkd comes from.
 
-    python3 benches/peers.py forking|threading
+    python3 benches/peers.py forking|threading|udp
 
 Binds 127.0.0.1:0, prints the port on stdout, serves until killed. Each is
 the stock class with its queue and child limits raised so that it can carry
 the benchmark's 50 concurrent clients (the stock listen backlog of 5 and
-ForkingTCPServer's 40 children would make it refuse or stall instead).
+ForkingTCPServer's 40 children would make it refuse or stall instead);
+`udp` is the stock UDPServer answering each datagram with its bytes.
 """
 
 import socket
@@ -28,6 +29,12 @@ class Echo(socketserver.BaseRequestHandler):
             sendall(data)
 
 
+class UdpEcho(socketserver.BaseRequestHandler):
+    def handle(self):
+        data, sock = self.request
+        sock.sendto(data, self.client_address)
+
+
 class Forking(socketserver.ForkingTCPServer):
     allow_reuse_address = True
     request_queue_size = 1024
@@ -41,10 +48,15 @@ class Threading(socketserver.ThreadingTCPServer):
 
 
 def main():
-    kinds = {"forking": Forking, "threading": Threading}
+    kinds = {
+        "forking": (Forking, Echo),
+        "threading": (Threading, Echo),
+        "udp": (socketserver.UDPServer, UdpEcho),
+    }
     if len(sys.argv) != 2 or sys.argv[1] not in kinds:
-        sys.exit("usage: peers.py forking|threading")
-    with kinds[sys.argv[1]](("127.0.0.1", 0), Echo) as server:
+        sys.exit("usage: peers.py forking|threading|udp")
+    server_class, handler = kinds[sys.argv[1]]
+    with server_class(("127.0.0.1", 0), handler) as server:
         print(server.server_address[1], flush=True)
         server.serve_forever()
 
