@@ -19,7 +19,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, IoSlice, IoSliceMut, Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -28,8 +28,8 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use nix::sys::socket::{
-    bind, connect, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType,
-    SockaddrIn,
+    bind, connect, recvmmsg, sendmmsg, setsockopt, socket, sockopt, AddressFamily, Backlog,
+    MsgFlags, MultiHeaders, SockFlag, SockType, SockaddrIn,
 };
 use nix::sys::time::TimeVal;
 
@@ -1603,6 +1603,8 @@ fn machine() -> String {
 /// socket's default receive buffer (some 270 small datagrams on Linux),
 /// so that a server that keeps up loses none.
 const UDP_IN_FLIGHT: usize = 128;
+/// Datagrams a UDP client sends or reads per system call at most.
+const UDP_BATCH: usize = 32;
 /// How long a UDP client waits for a reply before it counts the window
 /// as lost and sends a new one.
 const UDP_LOST_AFTER: Duration = Duration::from_millis(200);
@@ -1681,49 +1683,85 @@ fn udp(server: &Server, clients: usize, o: &Opts) -> Measure {
         let mut flying: std::collections::HashMap<u64, Instant> =
             std::collections::HashMap::with_capacity(window * 2);
         let mut next = 0u64;
-        let mut buf = [0u8; 2 * PAYLOAD];
-        let mut send = |flying: &mut std::collections::HashMap<u64, Instant>, err: &mut Errors| {
-            let t = Instant::now();
-            match s.send(&udp_payload(i, next)) {
-                Ok(_) => {
-                    flying.insert(next, t);
-                }
-                Err(e) => err.count(&e),
-            }
-            next += 1;
-        };
+        // A flood is sent and read a batch per system call (sendmmsg,
+        // recvmmsg), so that the clients are not what is measured.
+        let fd = s.as_raw_fd();
+        let mut send_h = MultiHeaders::<SockaddrIn>::preallocate(UDP_BATCH, None);
+        let mut recv_h = MultiHeaders::<SockaddrIn>::preallocate(UDP_BATCH, None);
+        let mut out = [[0u8; PAYLOAD]; UDP_BATCH];
+        let mut back = [[0u8; 2 * PAYLOAD]; UDP_BATCH];
+        let to = [None::<SockaddrIn>; UDP_BATCH];
         while Instant::now() < stop {
-            while flying.len() < window {
-                send(&mut flying, &mut err);
-            }
-            match s.recv(&mut buf) {
-                Ok(n) => {
-                    let seq = u64::from_le_bytes(buf[..8].try_into().unwrap_or_default());
-                    let sent = flying.remove(&seq);
-                    match sent {
-                        Some(t) if n == PAYLOAD && buf[..n] == udp_payload(i, seq) => {
-                            if t >= warm && t < end {
-                                done += 1;
-                                lat.push(elapsed_ns(t));
-                            }
+            let k = window.saturating_sub(flying.len()).min(UDP_BATCH);
+            if k > 0 {
+                for (j, o) in out[..k].iter_mut().enumerate() {
+                    *o = udp_payload(i, next + j as u64);
+                }
+                let slices: Vec<[IoSlice<'_>; 1]> =
+                    out[..k].iter().map(|o| [IoSlice::new(o)]).collect();
+                let t = Instant::now();
+                match sendmmsg(
+                    fd,
+                    &mut send_h,
+                    slices.iter(),
+                    &to[..k],
+                    [],
+                    MsgFlags::empty(),
+                ) {
+                    Ok(r) => {
+                        for _ in r {
+                            flying.insert(next, t);
+                            next += 1;
                         }
-                        _ => err.mismatch += 1,
+                    }
+                    Err(e) => err.count(&e.into()),
+                }
+            }
+            let mut lens = [0usize; UDP_BATCH];
+            let got = {
+                let mut iovs: Vec<[IoSliceMut<'_>; 1]> =
+                    back.iter_mut().map(|b| [IoSliceMut::new(b)]).collect();
+                recvmmsg(
+                    fd,
+                    &mut recv_h,
+                    iovs.iter_mut(),
+                    MsgFlags::MSG_WAITFORONE,
+                    None,
+                )
+                .map(|r| {
+                    let mut n = 0;
+                    for (j, m) in r.enumerate() {
+                        lens[j] = m.bytes;
+                        n += 1;
+                    }
+                    n
+                })
+            };
+            match got {
+                Ok(n) => {
+                    for (b, &len) in back[..n].iter().zip(&lens) {
+                        let seq = u64::from_le_bytes(b[..8].try_into().unwrap_or_default());
+                        match flying.remove(&seq) {
+                            Some(t) if len == PAYLOAD && b[..len] == udp_payload(i, seq) => {
+                                if t >= warm && t < end {
+                                    done += 1;
+                                    lat.push(elapsed_ns(t));
+                                }
+                            }
+                            _ => err.mismatch += 1,
+                        }
                     }
                 }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
-                {
+                Err(nix::errno::Errno::EAGAIN) => {
                     // Lost in the warm-up or the timed part: an error.
                     if Instant::now() < end {
                         err.timeout += flying.len() as u64;
                     }
                     flying.clear();
                 }
+                Err(nix::errno::Errno::EINTR) => {}
                 Err(e) => {
-                    err.count(&e);
+                    err.count(&e.into());
                     flying.clear();
                 }
             }

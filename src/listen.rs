@@ -327,6 +327,17 @@ impl Listener {
         self.udp
     }
 
+    /// Whether it is bound to every address (`*`, `[::]`, `0.0.0.0`), so
+    /// that each datagram must say which local address it came to.
+    pub fn is_wildcard(&self) -> bool {
+        socket::getsockname::<SockaddrStorage>(self.fd.as_raw_fd()).is_ok_and(|a| {
+            a.as_sockaddr_in()
+                .is_some_and(|v4| v4.ip().is_unspecified())
+                || a.as_sockaddr_in6()
+                    .is_some_and(|v6| v6.ip().is_unspecified())
+        })
+    }
+
     /// Whether this is a TCP listener (its connections get TCP_NODELAY).
     pub fn is_tcp(&self) -> bool {
         self.tcp

@@ -450,6 +450,13 @@ impl IoBuffer {
         })
     }
 
+    /// The buffer, to read.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: the mapping holds `len` readable bytes for as long as
+        // `self` lives, and `&self` rules out a mutable borrow meanwhile.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
     /// The buffer, zero-filled where it was never written or was trimmed.
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: the mapping holds `len` readable, writable bytes for as
