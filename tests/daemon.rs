@@ -336,6 +336,9 @@ fn workers_and_fork_children_run_as_the_given_user() {
         let d = Daemon::start(&[
             "-l",
             "127.0.0.1:0",
+            // Its UDP worker is one of the children checked below.
+            "-l",
+            "udp:127.0.0.1:0",
             "-m",
             mode,
             "-w",
@@ -350,8 +353,9 @@ fn workers_and_fork_children_run_as_the_given_user() {
         // In fork mode the child exists while its client is connected.
         let mut held = connect(d.addr());
         assert_eq!(round_trip(&mut held, b"who").unwrap(), b"who");
+        assert!(d.wait_line("udp worker", DEADLINE).is_some());
         let kids = d.children();
-        assert!(!kids.is_empty());
+        assert!(kids.len() >= 2, "{kids:?}");
         for pid in kids {
             assert!(
                 wait_until(DEADLINE, || unprivileged(pid, gid)),

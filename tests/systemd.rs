@@ -78,14 +78,17 @@ fn uses_sockets_passed_by_socket_activation() {
     let addr = tcp.local_addr().unwrap();
     let upath = dir.path("activated.sock");
     let unix = UnixListener::bind(&upath).unwrap();
-    let fds: [OwnedFd; 2] = [tcp.into(), unix.into()];
-    let raw = [fds[0].as_raw_fd(), fds[1].as_raw_fd()];
+    // A datagram socket too, as a .socket unit's ListenDatagram= passes.
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let uaddr = udp.local_addr().unwrap();
+    let fds: [OwnedFd; 3] = [tcp.into(), unix.into(), udp.into()];
+    let raw = [fds[0].as_raw_fd(), fds[1].as_raw_fd(), fds[2].as_raw_fd()];
     let mut cmd = Command::new("/bin/sh");
     // LISTEN_PID must be the daemon's own pid: set it in the process
     // that then execs echo-forkd. No --listen: it is optional here.
     cmd.args([
         "-c",
-        "LISTEN_PID=$$ LISTEN_FDS=2 exec \"$0\" \"$@\"",
+        "LISTEN_PID=$$ LISTEN_FDS=3 exec \"$0\" \"$@\"",
         BIN,
         "-f",
         "-w",
@@ -95,11 +98,11 @@ fn uses_sockets_passed_by_socket_activation() {
     ]);
     // SAFETY: fcntl and dup2 are async-signal-safe. The sockets are
     // first copied above every target (one of them may sit at fd 3 and
-    // be overwritten otherwise), then placed at fds 3 and 4 without
+    // be overwritten otherwise), then placed at fds 3 to 5 without
     // close-on-exec, as a service manager does.
     unsafe {
         cmd.pre_exec(move || {
-            let mut high = [0; 2];
+            let mut high = [0; 3];
             for (h, &fd) in high.iter_mut().zip(raw.iter()) {
                 *h = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 64);
                 if *h < 0 {
@@ -129,6 +132,16 @@ fn uses_sockets_passed_by_socket_activation() {
     );
     assert_eq!(echo_all(addr, b"activated"), b"activated");
     assert_eq!(echo_unix(&upath, b"unix too"), b"unix too");
+    assert!(names.contains(&format!("udp:{uaddr}")), "{names:?}");
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    client.connect(uaddr).unwrap();
+    client.set_read_timeout(Some(DEADLINE)).unwrap();
+    client.send(b"datagram").unwrap();
+    let mut buf = [0u8; 16];
+    let n = client
+        .recv(&mut buf)
+        .expect("the passed UDP socket answers");
+    assert_eq!(&buf[..n], b"datagram");
 }
 
 #[test]

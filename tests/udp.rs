@@ -285,3 +285,13 @@ fn no_udp_unless_asked(mode: &str) {
     );
     assert!(!d.stderr_text().contains("udp"), "{}", d.stderr_text());
 }
+
+#[test]
+fn a_udp_port_in_use_is_a_startup_error() {
+    let taken = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = format!("udp:{}", taken.local_addr().unwrap());
+    let (code, err) = launch(&["-l", "127.0.0.1:0", "-l", &addr]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains(&format!("cannot bind {addr}")), "{err}");
+    assert!(err.contains("in use"), "{err}");
+}

@@ -54,7 +54,18 @@ fn under_load(mode: &str) {
     let bin = installed(&dir);
     let pidfile = dir.path("pid");
     let p = pidfile.to_str().unwrap();
-    let args = ["-l", "127.0.0.1:0", "-m", mode, "-w", "3", "-p", p];
+    let args = [
+        "-l",
+        "127.0.0.1:0",
+        "-l",
+        "udp:127.0.0.1:0",
+        "-m",
+        mode,
+        "-w",
+        "3",
+        "-p",
+        p,
+    ];
     let d = start_from(&bin, &args, None);
     let addr = d.addr();
     let master = d.pid;
@@ -84,8 +95,27 @@ fn under_load(mode: &str) {
     let counts = tally.counts();
     println!("2 upgrades under load ({mode}): {counts:?}");
     assert_eq!(tally.get(Outcome::Echoed), tally.total(), "{counts:?}");
-    // The same master, running the new file; its children too, once the
-    // old ones are gone.
+    // The UDP socket was passed on: the same port answers, from the new
+    // generation's UDP worker.
+    let udp = d
+        .listening()
+        .iter()
+        .find_map(|a| {
+            a.strip_prefix("udp:")
+                .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+        })
+        .expect("the udp: listener");
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    client.connect(udp).unwrap();
+    client.set_read_timeout(Some(DEADLINE)).unwrap();
+    client.send(b"after USR2").unwrap();
+    let mut buf = [0u8; 16];
+    let n = client
+        .recv(&mut buf)
+        .expect("the UDP port answers after USR2");
+    assert_eq!(&buf[..n], b"after USR2");
+    // The same master, running the new file; its children too (the UDP
+    // worker among them), once the old ones are gone.
     assert!(!is_dead(master));
     let new = bin.to_string_lossy().into_owned();
     assert_eq!(exe_of(master), new);
