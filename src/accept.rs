@@ -160,7 +160,7 @@ impl Acceptor {
                 Err(e) => match classify(&e) {
                     Failure::Empty | Failure::Transient => {}
                     Failure::Resource => {
-                        self.pause(now, i, &e);
+                        self.pause(now, Some(i), &e);
                         return None;
                     }
                 },
@@ -175,12 +175,17 @@ impl Acceptor {
         self.paused_until = Some(now + PAUSE);
     }
 
-    fn pause(&mut self, now: Instant, i: usize, e: &io::Error) {
+    /// Pauses accepting after a resource error, on listener `i` or (None)
+    /// while setting up the wait; logged rate-limited.
+    fn pause(&mut self, now: Instant, i: Option<usize>, e: &io::Error) {
         self.paused_until = Some(now + PAUSE);
         if let Some(more) = self.errors.hit(now) {
+            let what = match i {
+                Some(i) => format!("accept on {}", self.listeners[i].name()),
+                None => "waiting for connections".into(),
+            };
             warn!(
-                "accept on {} failed: {}; pausing {} ms ({more} more since the last report)",
-                self.listeners[i].name(),
+                "{what} failed: {}; pausing {} ms ({more} more since the last report)",
                 crate::logging::error_text(e),
                 PAUSE.as_millis()
             );
@@ -210,13 +215,27 @@ impl Acceptor {
     fn wait_listeners(&mut self, watched: BorrowedFd<'_>) -> io::Result<Wake> {
         use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
         if self.epoll.is_none() {
-            let ep = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
-            ep.add(watched, EpollEvent::new(EpollFlags::EPOLLIN, WATCHED))?;
-            for (i, l) in self.streams() {
-                let flags = EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE;
-                ep.add(l.as_fd(), EpollEvent::new(flags, i as u64))?;
+            let made = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).and_then(|ep| {
+                ep.add(watched, EpollEvent::new(EpollFlags::EPOLLIN, WATCHED))?;
+                for (i, l) in self.streams() {
+                    let flags = EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE;
+                    ep.add(l.as_fd(), EpollEvent::new(flags, i as u64))?;
+                }
+                Ok(ep)
+            });
+            match made {
+                Ok(ep) => self.epoll = Some(ep),
+                // Out of descriptors or memory (EMFILE, ENOMEM...): pause
+                // as after a failed accept, and try again, rather than exit.
+                Err(e) => {
+                    let e = io::Error::from(e);
+                    if classify(&e) != Failure::Resource {
+                        return Err(e);
+                    }
+                    self.pause(Instant::now(), None, &e);
+                    return Ok(Wake::Ready);
+                }
             }
-            self.epoll = Some(ep);
         }
         let Some(ep) = &self.epoll else {
             return Ok(Wake::Ready);

@@ -523,6 +523,9 @@ fn emfile_pauses_the_worker_instead_of_spinning() {
     let d = Daemon::start(&["-l", "127.0.0.1:0", "-w", "1", "--min-spare", "0"]);
     let addr = d.addr();
     let worker = d.wait_children(1)[0];
+    // Once it has served a client, the worker waits in its accept loop
+    // with everything it needs open: only accept can fail now.
+    assert_eq!(echo_all(addr, b"first"), b"first");
     // The lowest free descriptor number becomes the limit: no room
     // for one more, so accept fails with EMFILE.
     let used: Vec<u64> = std::fs::read_dir(format!("/proc/{worker}/fd"))
