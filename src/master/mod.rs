@@ -182,10 +182,8 @@ pub fn run(
         },
         reports: Reports {
             next_tick: now + TICK,
-            reported: [0; 3],
-            last_report: None,
-            udp_reported: [0; 5],
-            udp_last_report: None,
+            refused: status::Counted::default(),
+            dropped: status::Counted::default(),
             errors: RateLimit::new(REPORT_EVERY),
             crash: RateLimit::new(REPORT_EVERY),
         },
@@ -257,12 +255,10 @@ struct PreforkState {
 /// When the master reports, and what it reported last.
 struct Reports {
     next_tick: Instant,
-    /// Refusal counts as last logged, and when.
-    reported: [u64; 3],
-    last_report: Option<Instant>,
-    /// Dropped datagrams as last logged, and when.
-    udp_reported: [u64; 5],
-    udp_last_report: Option<Instant>,
+    /// Refused connections, by kind, as last logged.
+    refused: status::Counted<3>,
+    /// Dropped datagrams, by reason, as last logged.
+    dropped: status::Counted<5>,
     /// accept or fork errors.
     errors: RateLimit,
     /// Escalations of the crash-loop back-off after the first.

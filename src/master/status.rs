@@ -162,45 +162,86 @@ impl Master {
             return;
         }
         self.reports.next_tick = now + TICK;
-        let counts = self.scoreboard.refusals();
-        if counts != self.reports.reported
-            && self
-                .reports
-                .last_report
-                .is_none_or(|t| now >= t + REPORT_EVERY)
-        {
-            for (i, why) in Refusal::ALL.iter().enumerate() {
-                let new = counts[i] - self.reports.reported[i];
-                if new > 0 {
+        if let Some(new) = self.reports.refused.due(now, self.scoreboard.refusals()) {
+            for ((why, n), all) in Refusal::ALL
+                .iter()
+                .zip(new)
+                .zip(self.reports.refused.logged())
+            {
+                if n > 0 {
                     warn!(
-                        "refused {new} connections ({}) since the last report; {} in all",
-                        why.name(),
-                        counts[i]
+                        "refused {n} connections ({}) since the last report; {all} in all",
+                        why.name()
                     );
                 }
             }
-            self.reports.reported = counts;
-            self.reports.last_report = Some(now);
         }
         let (_, dropped) = self.scoreboard.udp_counts();
-        if dropped != self.reports.udp_reported
-            && self
-                .reports
-                .udp_last_report
-                .is_none_or(|t| now >= t + REPORT_EVERY)
-        {
-            for (i, why) in Dropped::ALL.iter().enumerate() {
-                let new = dropped[i] - self.reports.udp_reported[i];
-                if new > 0 {
+        if let Some(new) = self.reports.dropped.due(now, dropped) {
+            for ((why, n), all) in Dropped::ALL
+                .iter()
+                .zip(new)
+                .zip(self.reports.dropped.logged())
+            {
+                if n > 0 {
                     warn!(
-                        "dropped {new} datagrams unanswered ({}) since the last report; {} in all",
-                        why.describe(),
-                        dropped[i]
+                        "dropped {n} datagrams unanswered ({}) since the last report; {all} in all",
+                        why.describe()
                     );
                 }
             }
-            self.reports.udp_reported = dropped;
-            self.reports.udp_last_report = Some(now);
         }
+    }
+}
+
+/// Counters logged at most every [`REPORT_EVERY`], never losing a count:
+/// the values last logged, and when.
+pub(super) struct Counted<const N: usize> {
+    logged: [u64; N],
+    at: Option<Instant>,
+}
+
+impl<const N: usize> Default for Counted<N> {
+    fn default() -> Self {
+        Counted {
+            logged: [0; N],
+            at: None,
+        }
+    }
+}
+
+impl<const N: usize> Counted<N> {
+    /// If some counter grew and the last report is old enough: how much
+    /// each grew since (and `counts` become the ones logged).
+    pub(super) fn due(&mut self, now: Instant, counts: [u64; N]) -> Option<[u64; N]> {
+        if counts == self.logged || self.at.is_some_and(|t| now < t + REPORT_EVERY) {
+            return None;
+        }
+        let new = std::array::from_fn(|i| counts[i].saturating_sub(self.logged[i]));
+        self.logged = counts;
+        self.at = Some(now);
+        Some(new)
+    }
+
+    /// The counts as last logged.
+    pub(super) fn logged(&self) -> [u64; N] {
+        self.logged
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_are_reported_at_most_every_interval_and_never_lost() {
+        let mut c = Counted::<2>::default();
+        let t = Instant::now();
+        assert_eq!(c.due(t, [0, 0]), None, "nothing new");
+        assert_eq!(c.due(t, [3, 0]), Some([3, 0]));
+        assert_eq!(c.due(t + REPORT_EVERY / 2, [5, 1]), None, "too soon");
+        // What came meanwhile is in the next report.
+        assert_eq!(c.due(t + REPORT_EVERY, [7, 1]), Some([4, 1]));
+        assert_eq!(c.logged(), [7, 1]);
     }
 }
