@@ -133,15 +133,8 @@ fn uses_sockets_passed_by_socket_activation() {
     assert_eq!(echo_all(addr, b"activated"), b"activated");
     assert_eq!(echo_unix(&upath, b"unix too"), b"unix too");
     assert!(names.contains(&format!("udp:{uaddr}")), "{names:?}");
-    let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    client.connect(uaddr).unwrap();
-    client.set_read_timeout(Some(DEADLINE)).unwrap();
-    client.send(b"datagram").unwrap();
-    let mut buf = [0u8; 16];
-    let n = client
-        .recv(&mut buf)
-        .expect("the passed UDP socket answers");
-    assert_eq!(&buf[..n], b"datagram");
+    let got = echo_udp(uaddr, b"datagram").expect("the passed UDP socket answers");
+    assert_eq!(got, b"datagram");
 }
 
 #[test]

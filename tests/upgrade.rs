@@ -105,15 +105,8 @@ fn under_load(mode: &str) {
                 .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
         })
         .expect("the udp: listener");
-    let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    client.connect(udp).unwrap();
-    client.set_read_timeout(Some(DEADLINE)).unwrap();
-    client.send(b"after USR2").unwrap();
-    let mut buf = [0u8; 16];
-    let n = client
-        .recv(&mut buf)
-        .expect("the UDP port answers after USR2");
-    assert_eq!(&buf[..n], b"after USR2");
+    let got = echo_udp(udp, b"after USR2").expect("the UDP port answers after USR2");
+    assert_eq!(got, b"after USR2");
     // The same master, running the new file; its children too (the UDP
     // worker among them), once the old ones are gone.
     assert!(!is_dead(master));

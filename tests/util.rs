@@ -340,6 +340,19 @@ pub fn echo_all(addr: SocketAddr, data: &[u8]) -> Vec<u8> {
 }
 
 /// `echo_all` over a unix socket.
+/// Sends one datagram to `addr` from 127.0.0.1 and returns its answer,
+/// waiting up to [`DEADLINE`].
+pub fn echo_udp(addr: SocketAddr, data: &[u8]) -> std::io::Result<Vec<u8>> {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    s.connect(addr)?;
+    s.set_read_timeout(Some(DEADLINE))?;
+    s.send(data)?;
+    let mut buf = vec![0u8; 65_536];
+    let n = s.recv(&mut buf)?;
+    buf.truncate(n);
+    Ok(buf)
+}
+
 pub fn echo_unix(path: &Path, data: &[u8]) -> Vec<u8> {
     let mut s = std::os::unix::net::UnixStream::connect(path).expect("connect");
     s.set_read_timeout(Some(DEADLINE)).unwrap();
