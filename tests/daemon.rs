@@ -380,6 +380,8 @@ fn chroot_confines_the_workers() {
     let d = Daemon::start(&[
         "-l",
         "127.0.0.1:0",
+        "-l",
+        "udp:127.0.0.1:0",
         "-w",
         "1",
         "--min-spare",
@@ -390,11 +392,20 @@ fn chroot_confines_the_workers() {
         root.to_str().unwrap(),
     ]);
     assert_eq!(echo_all(d.addr(), b"jailed"), b"jailed");
-    let worker = d.wait_children(1)[0];
-    assert_eq!(
-        std::fs::read_link(format!("/proc/{worker}/root")).unwrap(),
-        root
-    );
+    let udp = d
+        .listening()
+        .iter()
+        .find_map(|a| a.strip_prefix("udp:").and_then(|a| a.parse().ok()))
+        .expect("the udp: listener");
+    assert_eq!(echo_udp(udp, b"jailed too").unwrap(), b"jailed too");
+    // The pool's worker and the UDP worker.
+    for pid in d.wait_children(2) {
+        assert_eq!(
+            std::fs::read_link(format!("/proc/{pid}/root")).unwrap(),
+            root,
+            "child {pid}"
+        );
+    }
 }
 
 #[test]
