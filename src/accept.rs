@@ -100,13 +100,14 @@ impl Acceptor {
         &self.listeners
     }
 
-    /// The listeners connections are accepted from, with their index:
-    /// not the `udp:` ones, which UDP workers read.
+    /// The listeners echo connections are accepted from, with their
+    /// index: not the `udp:` ones, which UDP workers read, nor the
+    /// metrics', which the metrics worker accepts from.
     pub fn streams(&self) -> impl Iterator<Item = (usize, &Listener)> + '_ {
         self.listeners
             .iter()
             .enumerate()
-            .filter(|(_, l)| !l.is_udp())
+            .filter(|(_, l)| !l.is_udp() && !l.is_metrics())
     }
 
     /// Takes the listeners out (the acceptor is left with none).
@@ -149,7 +150,7 @@ impl Acceptor {
         let n = self.listeners.len();
         for k in 0..n {
             let i = (self.next + k) % n;
-            if self.listeners[i].is_udp() {
+            if self.listeners[i].is_udp() || self.listeners[i].is_metrics() {
                 continue;
             }
             match self.listeners[i].accept() {

@@ -19,6 +19,8 @@ pub enum Role {
     /// A process serving the `udp:` listeners (any mode), apart from the
     /// pool.
     Udp,
+    /// The process serving `--metrics` (any mode).
+    Metrics,
 }
 
 /// One live child.
@@ -76,7 +78,7 @@ pub struct Children {
     pipes: usize,
     /// How many of each role, in [`Role`] order: the fork-mode master
     /// checks `max-children` on every wake-up.
-    counts: [usize; 3],
+    counts: [usize; 4],
 }
 
 impl Children {
@@ -142,11 +144,12 @@ impl Children {
         self.counts[Role::Udp as usize]
     }
 
-    /// UDP workers of `generation` not told to stop.
-    pub fn udp(&self, generation: u32) -> usize {
+    /// Children of `role` (UDP or metrics workers) of `generation` not
+    /// told to stop.
+    pub fn serving(&self, role: Role, generation: u32) -> usize {
         self.map
             .values()
-            .filter(|c| c.role == Role::Udp && c.retirable() && c.generation == generation)
+            .filter(|c| c.role == role && c.retirable() && c.generation == generation)
             .count()
     }
 
@@ -275,7 +278,7 @@ pub fn classify(status: &WaitStatus, role: Role, lived: Duration, ready: bool) -
     };
     match (abnormal, role) {
         (false, _) => Exit::Clean,
-        (true, Role::Worker | Role::Udp) if !ready => Exit::FailedStart,
+        (true, Role::Worker | Role::Udp | Role::Metrics) if !ready => Exit::FailedStart,
         (true, _) if lived < QUICK_DEATH => Exit::DiedYoung,
         (true, _) => Exit::Abnormal,
     }

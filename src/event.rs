@@ -316,6 +316,7 @@ impl Loop<'_> {
         };
         self.free.push(index);
         self.open -= 1;
+        self.ctx.board.served(o.conn.bytes());
         if let Some(slot) = self.ctx.slot {
             if let Some(key) = o.peer {
                 slot.board().peer_closed(key);

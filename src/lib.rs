@@ -25,6 +25,7 @@ mod event;
 mod listen;
 mod logging;
 mod master;
+mod metrics;
 mod pool;
 mod reload;
 mod scoreboard;
@@ -41,6 +42,7 @@ use clap::Parser;
 use log::{error, info};
 
 use config::{LogTarget, Options};
+use listen::ListenAddr;
 
 /// Runs echo-forkd with the process's command line; returns the exit status
 /// (0 success, 1 startup or runtime failure, 2 usage error).
@@ -191,7 +193,9 @@ fn upgraded(
             return 1;
         }
     };
-    let activated = !listeners.is_empty() && listeners.iter().all(|l| l.configured().is_none());
+    // The metrics' listener is ours even under socket activation.
+    let mut echo = listeners.iter().filter(|l| !l.is_metrics()).peekable();
+    let activated = echo.peek().is_some() && echo.all(|l| l.configured().is_none());
     let handoff = master::Handoff {
         pidfile,
         ready: None,
@@ -255,14 +259,23 @@ fn listeners(
     cfg: &config::Config,
     identity: &daemon::Identity,
 ) -> Result<(Vec<listen::Listener>, bool), String> {
-    if let Some(passed) = systemd::listeners_from_env()? {
+    let opts = cfg.bind_options(identity.socket_group());
+    if let Some(mut passed) = systemd::listeners_from_env()? {
         info!(
             "using {} sockets passed by the service manager instead of binding",
             passed.len()
         );
+        // The service manager passes the echo sockets; --metrics is bound
+        // here all the same.
+        for a in cfg
+            .listen
+            .iter()
+            .filter(|a| matches!(a, ListenAddr::Metrics(_)))
+        {
+            passed.push(listen::bind(a, &opts)?);
+        }
         return Ok((passed, true));
     }
-    let opts = cfg.bind_options(identity.socket_group());
     let bound = cfg
         .listen
         .iter()

@@ -37,6 +37,9 @@ pub enum ListenAddr {
     Unix(PathBuf),
     /// `udp:` and an address of the first two forms: UDP echo.
     Udp(Box<ListenAddr>),
+    /// `--metrics`: an address of the first three forms where the metrics
+    /// are served, not echo (`metrics:` when written out).
+    Metrics(Box<ListenAddr>),
 }
 
 impl FromStr for ListenAddr {
@@ -50,6 +53,17 @@ impl FromStr for ListenAddr {
                     Ok(ListenAddr::Udp(Box::new(a)))
                 }
                 Ok(_) => Err(bad("UDP takes HOST:PORT, [V6]:PORT or *:PORT")),
+                Err(e) => Err(e.replace(&format!("'{rest}'"), &format!("'{s}'"))),
+            };
+        }
+        if let Some(rest) = s.strip_prefix("metrics:") {
+            return match rest.parse::<ListenAddr>() {
+                Ok(a @ (ListenAddr::Tcp(_) | ListenAddr::Any(_) | ListenAddr::Unix(_))) => {
+                    Ok(ListenAddr::Metrics(Box::new(a)))
+                }
+                Ok(_) => Err(bad(
+                    "metrics take HOST:PORT, [V6]:PORT, *:PORT or unix:/PATH",
+                )),
                 Err(e) => Err(e.replace(&format!("'{rest}'"), &format!("'{s}'"))),
             };
         }
@@ -92,7 +106,7 @@ impl ListenAddr {
             ListenAddr::Tcp(a) => a.port() == 0,
             ListenAddr::Any(port) => *port == 0,
             ListenAddr::Unix(_) => false,
-            ListenAddr::Udp(a) => a.is_ephemeral(),
+            ListenAddr::Udp(a) | ListenAddr::Metrics(a) => a.is_ephemeral(),
         }
     }
 
@@ -100,11 +114,14 @@ impl ListenAddr {
     /// wildcard and an address it covers on the same port (without
     /// SO_REUSEPORT the second bind fails). Port 0 twice is two ports.
     pub fn overlaps(&self, other: &ListenAddr) -> bool {
-        use ListenAddr::{Any, Tcp, Udp, Unix};
-        // UDP and TCP ports are apart.
+        use ListenAddr::{Any, Metrics, Tcp, Udp, Unix};
+        // UDP and TCP ports are apart; the metrics' address is a stream
+        // socket like the others.
         match (self, other) {
             (Udp(a), Udp(b)) => return a.overlaps(b),
             (Udp(_), _) | (_, Udp(_)) => return false,
+            (Metrics(a), b) => return a.overlaps(b),
+            (a, Metrics(b)) => return a.overlaps(b),
             _ => {}
         }
         // (port, IPv4 covered, IPv6 covered, the one address if not a wildcard)
@@ -114,7 +131,7 @@ impl ListenAddr {
                 Some((sa.port(), sa.is_ipv4(), sa.is_ipv6(), None))
             }
             Tcp(sa) => Some((sa.port(), false, false, Some(sa.ip()))),
-            Unix(_) | Udp(_) => None,
+            Unix(_) | Udp(_) | Metrics(_) => None,
         };
         match (self, other) {
             (Unix(a), Unix(b)) => a == b,
@@ -151,6 +168,7 @@ impl fmt::Display for ListenAddr {
             ListenAddr::Any(port) => write!(f, "*:{port}"),
             ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
             ListenAddr::Udp(a) => write!(f, "udp:{a}"),
+            ListenAddr::Metrics(a) => write!(f, "metrics:{a}"),
         }
     }
 }
@@ -163,6 +181,8 @@ pub struct Listener {
     tcp: bool,
     /// A UDP socket: read with recvmsg, never accepted from.
     udp: bool,
+    /// The metrics' listener: accepted from by the metrics worker only.
+    metrics: bool,
     /// The address it was bound for; `None` if a service manager passed it.
     addr: Option<ListenAddr>,
     /// The socket file of a unix listener we bound: held only so that its
@@ -192,6 +212,10 @@ impl Listener {
     ) -> Result<Listener, String> {
         let mut l = Listener::from_inherited(fd)?;
         l.addr = configured.map(str::parse).transpose()?;
+        if matches!(l.addr, Some(ListenAddr::Metrics(_))) {
+            l.metrics = true;
+            l.name = format!("metrics:{}", l.name);
+        }
         if owns_file {
             if let Some(path) = l.name.strip_prefix("unix:") {
                 l.file = Some(SocketFile {
@@ -243,6 +267,7 @@ impl Listener {
             name,
             tcp: _,
             udp: _,
+            metrics: _,
             addr,
             file,
         } = self;
@@ -321,6 +346,11 @@ impl Listener {
         }
     }
 
+    /// Whether this is the metrics' listener (`--metrics`).
+    pub fn is_metrics(&self) -> bool {
+        self.metrics
+    }
+
     /// Whether this is a UDP socket (served by UDP workers, not accepted
     /// from).
     pub fn is_udp(&self) -> bool {
@@ -388,6 +418,7 @@ impl Listener {
             name,
             tcp,
             udp,
+            metrics: false,
             addr: None,
             file: None,
         })
@@ -459,6 +490,15 @@ pub fn bind(addr: &ListenAddr, opts: &BindOptions) -> Result<Listener, String> {
         ListenAddr::Tcp(sa) => bind_ip(*sa, backlog, false, udp),
         _ => unreachable!("only IP addresses come here"),
     };
+    if let ListenAddr::Metrics(inner) = addr {
+        let l = bind(inner, opts)?;
+        return Ok(Listener {
+            name: format!("metrics:{}", l.name),
+            metrics: true,
+            addr: Some(addr.clone()),
+            ..l
+        });
+    }
     match addr {
         ListenAddr::Udp(inner) => ip(inner, true),
         ListenAddr::Unix(path) => bind_unix(path, opts),
@@ -557,6 +597,7 @@ fn bind_ip(
         },
         tcp: !udp,
         udp,
+        metrics: false,
         addr: None,
         file: None,
     })
@@ -613,6 +654,7 @@ fn bind_unix(path: &Path, opts: &BindOptions) -> Result<Listener, BindError> {
         name,
         tcp: false,
         udp: false,
+        metrics: false,
         addr: None,
         file: Some(file),
     })

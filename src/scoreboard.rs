@@ -71,7 +71,6 @@ impl State {
 const IDLE: usize = 0;
 const WAKE_BELOW: usize = 1;
 const HIGH: usize = 2;
-const REFUSED: usize = 3; // one word per Refusal
 const HASH_SEED: usize = 6;
 const SETUP_REPORTED_MS: usize = 7; // when a setup failure was last logged (+1)
 const SETUP_UNREPORTED: usize = 8; // setup failures not logged since
@@ -79,7 +78,14 @@ const PEERS_EPOCH: usize = 9; // bumped when the open-connection table is rebuil
 const EPOCH_US: usize = 10; // CLOCK_MONOTONIC at creation: one clock for every process
 const UDP_ECHOED: usize = 16; // datagrams answered
 const UDP_DROPPED: usize = 17; // one word per Dropped
-const HEADER: usize = 24; // three cache lines, so slots stay aligned
+const REFUSED: usize = 24; // one word per Refusal, room for 8
+const CONNECTIONS: usize = 32; // connections served, all modes
+const BYTES: usize = 33; // bytes echoed back on them
+const FORK_CHILDREN: usize = 34; // fork-mode children alive (the master writes it)
+const RELOADS: usize = 35; // configurations put in force by SIGHUP
+const EXITS: usize = 36; // one word per Exited
+const START_SECS: usize = 39; // when the daemon started, Unix seconds
+const HEADER: usize = 40; // five cache lines, so slots stay aligned
 
 // Word offsets within a slot; a slot is one 64-byte cache line.
 const PID: usize = 0;
@@ -123,6 +129,15 @@ impl Refusal {
             Refusal::Denied => 0,
             Refusal::PerIp => 1,
             Refusal::Rate => 2,
+        }
+    }
+
+    /// The `reason` label of the metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::Denied => "deny",
+            Refusal::PerIp => "per_ip",
+            Refusal::Rate => "rate",
         }
     }
 
@@ -185,6 +200,32 @@ impl Dropped {
             Dropped::Denied => "deny",
             Dropped::Rate => "rate",
             Dropped::Truncated => "truncated",
+        }
+    }
+}
+
+/// How a worker (of the pool, or for UDP or metrics) ended, for the
+/// metrics' `echo_forkd_worker_exits_total{cause}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exited {
+    /// Exit status 0: retired, recycled (`max-requests`), or told to stop.
+    Clean,
+    /// Killed by a signal.
+    Signal,
+    /// A non-zero exit status.
+    Error,
+}
+
+impl Exited {
+    /// Every kind, in counter order.
+    pub const ALL: [Exited; 3] = [Exited::Clean, Exited::Signal, Exited::Error];
+
+    /// The `cause` label.
+    pub fn name(self) -> &'static str {
+        match self {
+            Exited::Clean => "exit",
+            Exited::Signal => "signal",
+            Exited::Error => "error",
         }
     }
 }
@@ -363,6 +404,68 @@ impl Scoreboard {
     /// Refused connections so far, by kind (in [`Refusal::ALL`] order).
     pub fn refusals(&self) -> [u64; 3] {
         Refusal::ALL.map(|r| self.header(REFUSED + r.index()).load(Ordering::Relaxed))
+    }
+
+    /// Counts a connection served, and the bytes echoed on it.
+    pub fn served(&self, bytes: u64) {
+        self.header(CONNECTIONS).fetch_add(1, Ordering::Relaxed);
+        self.header(BYTES).fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Connections served, and bytes echoed on them, so far.
+    pub fn served_totals(&self) -> (u64, u64) {
+        (
+            self.header(CONNECTIONS).load(Ordering::Relaxed),
+            self.header(BYTES).load(Ordering::Relaxed),
+        )
+    }
+
+    /// Master: publishes how many fork-mode children are alive.
+    pub fn set_fork_children(&self, n: usize) {
+        self.header(FORK_CHILDREN)
+            .store(n as u64, Ordering::Relaxed);
+    }
+
+    /// Fork-mode children alive, as the master last said.
+    pub fn fork_children(&self) -> u64 {
+        self.header(FORK_CHILDREN).load(Ordering::Relaxed)
+    }
+
+    /// Master: counts a reload put in force.
+    pub fn reloaded(&self) {
+        self.header(RELOADS).fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Reloads put in force so far.
+    pub fn reloads(&self) -> u64 {
+        self.header(RELOADS).load(Ordering::Relaxed)
+    }
+
+    /// Master: counts a worker's end.
+    pub fn exited(&self, how: Exited) {
+        self.header(EXITS + how as usize)
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Workers' ends so far, in [`Exited::ALL`] order.
+    pub fn exits(&self) -> [u64; 3] {
+        Exited::ALL.map(|e| self.header(EXITS + e as usize).load(Ordering::Relaxed))
+    }
+
+    /// Master: records when the daemon started (kept across an upgrade).
+    pub fn set_start_secs(&self, secs: u64) {
+        self.header(START_SECS).store(secs, Ordering::Relaxed);
+    }
+
+    /// When the daemon started, in Unix seconds.
+    pub fn start_secs(&self) -> u64 {
+        self.header(START_SECS).load(Ordering::Relaxed)
+    }
+
+    /// Every slot in use, as it reads now.
+    pub fn entries(&self) -> impl Iterator<Item = Entry> + '_ {
+        let high = self.header(HIGH).load(Ordering::Relaxed) as usize;
+        (0..high.min(self.slots)).filter_map(|s| self.get(s))
     }
 
     /// Counts `n` datagrams answered.

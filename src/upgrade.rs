@@ -38,17 +38,38 @@ pub struct PassedChild {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PassedRole {
     /// A worker: its scoreboard slot, the write end of its control pipe,
-    /// whether it was already told to stop, and whether it serves the
-    /// `udp:` listeners rather than the pool's.
+    /// whether it was already told to stop, and what it serves.
     Worker {
         slot: Option<usize>,
         ctl: Option<RawFd>,
         retiring: bool,
-        udp: bool,
+        serves: Serves,
     },
     /// A fork-mode child serving one connection, and its client if it is
     /// counted for `--max-per-ip`.
     Conn { peer: Option<u128> },
+}
+
+/// What a passed worker serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Serves {
+    /// Echo connections, as a member of the pool.
+    Pool,
+    /// The `udp:` listeners.
+    Udp,
+    /// `--metrics`.
+    Metrics,
+}
+
+impl Serves {
+    /// Its letter in the handover.
+    fn letter(self) -> &'static str {
+        match self {
+            Serves::Pool => "w",
+            Serves::Udp => "u",
+            Serves::Metrics => "m",
+        }
+    }
 }
 
 impl PassedChild {
@@ -135,12 +156,12 @@ impl Handover {
                     slot,
                     ctl,
                     retiring,
-                    udp,
+                    serves,
                 } => format!(
                     "{}/{}/{}/{}/{}/{}",
                     c.pid,
                     c.generation,
-                    if *udp { "u" } else { "w" },
+                    serves.letter(),
                     opt(*slot),
                     opt(*ctl),
                     u8::from(*retiring)
@@ -262,15 +283,21 @@ impl Handover {
                         let bad = || format!("child '{item}'");
                         let f: Vec<&str> = item.split('/').collect();
                         let role = match f[..] {
-                            [_, _, kind @ ("w" | "u"), slot, ctl, retiring] => PassedRole::Worker {
-                                udp: kind == "u",
-                                slot: maybe(slot)
-                                    .map(|s| num("slot", s))
-                                    .transpose()?
-                                    .map(|s| s as usize),
-                                ctl: maybe(ctl).map(fd).transpose()?,
-                                retiring: retiring == "1",
-                            },
+                            [_, _, kind @ ("w" | "u" | "m"), slot, ctl, retiring] => {
+                                PassedRole::Worker {
+                                    serves: match kind {
+                                        "u" => Serves::Udp,
+                                        "m" => Serves::Metrics,
+                                        _ => Serves::Pool,
+                                    },
+                                    slot: maybe(slot)
+                                        .map(|s| num("slot", s))
+                                        .transpose()?
+                                        .map(|s| s as usize),
+                                    ctl: maybe(ctl).map(fd).transpose()?,
+                                    retiring: retiring == "1",
+                                }
+                            }
                             [_, _, "c", peer] => PassedRole::Conn {
                                 peer: maybe(peer)
                                     .map(|p| u128::from_str_radix(p, 16))
@@ -349,7 +376,7 @@ mod tests {
                         slot: Some(0),
                         ctl: Some(15),
                         retiring: false,
-                        udp: false,
+                        serves: Serves::Pool,
                     },
                 },
                 PassedChild {
@@ -359,7 +386,7 @@ mod tests {
                         slot: Some(1),
                         ctl: Some(16),
                         retiring: true,
-                        udp: true,
+                        serves: Serves::Udp,
                     },
                 },
                 PassedChild {

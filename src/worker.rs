@@ -17,7 +17,7 @@ use crate::accept::{Acceptor, Wake};
 use crate::access::{self, Policy};
 use crate::echo::{self, Limits, Watch};
 use crate::listen::Listener;
-use crate::scoreboard::{Refusal, Slot, State};
+use crate::scoreboard::{Refusal, Scoreboard, Slot, State};
 use crate::sys::IoBuffer;
 
 pub use crate::children::{EXIT_ORPHAN, EXIT_SETUP};
@@ -39,6 +39,8 @@ pub struct Ctx<'a> {
     pub policy: Policy,
     /// A prefork worker's scoreboard slot.
     pub slot: Option<Slot<'a>>,
+    /// The scoreboard, where every child counts what it served.
+    pub board: &'a Scoreboard,
     /// Where a worker tells the master it is ready (one byte).
     pub notice: Option<BorrowedFd<'a>>,
 }
@@ -96,7 +98,8 @@ impl Ctx<'_> {
         why
     }
 
-    fn served(&self) {
+    fn served(&self, bytes: u64) {
+        self.board.served(bytes);
         if let Some(slot) = &self.slot {
             slot.served_one();
             if self.policy.max_per_ip > 0 {
@@ -163,9 +166,15 @@ pub fn prefork(listeners: Vec<Listener>, ctx: Ctx<'_>, max_requests: u64) -> i32
             continue;
         }
         ctx.set(State::Busy);
+        if let Some(slot) = &ctx.slot {
+            slot.set_open(1);
+        }
         let bytes = serve_conn(&conn, tcp, &ctx, &mut buf, &mut acceptor);
+        if let Some(slot) = &ctx.slot {
+            slot.set_open(0);
+        }
         served += 1;
-        ctx.served();
+        ctx.served(bytes);
         let retire = max_requests != 0 && served >= max_requests;
         // Say so before the close that lets the client come back: a client
         // that reconnects at once must find this worker idle again, or the
@@ -205,7 +214,8 @@ pub fn fork_child(conn: OwnedFd, tcp: bool, ctx: Ctx<'_>, buf: Option<&mut IoBuf
             &mut own
         }
     };
-    serve_conn(&conn, tcp, &ctx, buf, &mut Acceptor::new(Vec::new()));
+    let bytes = serve_conn(&conn, tcp, &ctx, buf, &mut Acceptor::new(Vec::new()));
+    ctx.board.served(bytes);
     0
 }
 

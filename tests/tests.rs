@@ -31,6 +31,7 @@ mod daemon;
 mod docs;
 mod limits;
 mod logging;
+mod metrics;
 mod models;
 mod protocol;
 mod signals;

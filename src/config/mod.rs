@@ -37,8 +37,14 @@ impl Config {
             anchor(p);
         }
         for a in &mut self.listen {
-            if let ListenAddr::Unix(p) = a {
-                anchor(p);
+            match a {
+                ListenAddr::Unix(p) => anchor(p),
+                ListenAddr::Metrics(inner) => {
+                    if let ListenAddr::Unix(p) = &mut **inner {
+                        anchor(p);
+                    }
+                }
+                _ => {}
             }
         }
         self
@@ -133,8 +139,14 @@ pub fn load(cli: Options, base: &Path) -> Result<Config, String> {
     };
     let cfg = resolve(merged)?.anchored(base);
     for a in &cfg.listen {
-        if let ListenAddr::Unix(path) = a {
-            check_unix_path(path)?;
+        match a {
+            ListenAddr::Unix(path) => check_unix_path(path)?,
+            ListenAddr::Metrics(inner) => {
+                if let ListenAddr::Unix(path) = &**inner {
+                    check_unix_path(path)?;
+                }
+            }
+            _ => {}
         }
     }
     Ok(cfg)
@@ -227,10 +239,27 @@ pub fn resolve(o: Options) -> Result<Config, String> {
     } else {
         o.listen.clone()
     };
-    let listen = listen
+    let mut listen = listen
         .iter()
         .map(|a| a.parse::<ListenAddr>())
         .collect::<Result<Vec<_>, _>>()?;
+    if let Some(a) = listen.iter().find(|a| matches!(a, ListenAddr::Metrics(_))) {
+        return Err(format!(
+            "listen address {a}: the metrics' address is given with --metrics"
+        ));
+    }
+    // The metrics' listener is bound, kept on reload and passed on USR2
+    // with the others; only the metrics worker accepts from it.
+    if let Some(m) = &o.metrics {
+        let bad = |why: &str| format!("metrics address '{m}': {why}");
+        match m.parse::<ListenAddr>() {
+            Ok(a @ (ListenAddr::Tcp(_) | ListenAddr::Any(_) | ListenAddr::Unix(_))) => {
+                listen.push(ListenAddr::Metrics(Box::new(a)))
+            }
+            Ok(_) => return Err(bad("HOST:PORT, [V6]:PORT, *:PORT or unix:/PATH")),
+            Err(e) => return Err(e.replace("listen address", "metrics address")),
+        }
+    }
     for (i, a) in listen.iter().enumerate() {
         if let Some(b) = listen[..i].iter().find(|b| a.overlaps(b)) {
             return Err(if a == b {

@@ -284,6 +284,10 @@ pub struct Options {
     #[arg(long, value_name = "N")]
     pub udp_rate: Option<u32>,
 
+    /// Serve Prometheus metrics at GET /metrics on HOST:PORT or unix:/PATH [default: off]
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
+
     /// Allow clients in this CIDR (repeatable; most specific rule wins)
     #[arg(long, value_name = "CIDR")]
     #[serde(default)]
@@ -378,6 +382,7 @@ impl Options {
             max_conn_rate,
             udp_workers,
             udp_rate,
+            metrics,
             idle_timeout,
             max_session,
             max_bytes,

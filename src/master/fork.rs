@@ -73,6 +73,7 @@ impl Master {
                     limits,
                     policy: Policy::default(),
                     slot: None,
+                    board: &self.scoreboard,
                     notice: None,
                 };
                 worker::fork_child(conn, tcp, ctx, self.fork.conn_buf.as_mut())

@@ -233,6 +233,7 @@ impl Master {
             .children
             .retire_where(after(now, p.cfg.shutdown_timeout), |g| g < generation);
         self.life.generation = generation;
+        self.scoreboard.reloaded();
         self.cfg = p.cfg;
         self.identity = p.identity;
         self.fork.policy = self.cfg.policy();

@@ -192,6 +192,15 @@ pub fn run(
     if let Some(a) = adopted {
         master.adopt(a, now);
     }
+    if master.scoreboard.start_secs() == 0 {
+        // A new scoreboard: the start is now, or the predecessor's.
+        let up = now.duration_since(master.life.started);
+        let secs = SystemTime::now()
+            .checked_sub(up)
+            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_secs());
+        master.scoreboard.set_start_secs(secs);
+    }
     master.run()
 }
 
@@ -307,6 +316,8 @@ impl Master {
             };
             let p = signals.drain();
             self.on_signals(p, now);
+            // For the metrics: fork-mode children are the busy ones.
+            self.scoreboard.set_fork_children(self.children.conns());
             match self.life.stop_deadline {
                 None => self.tend(now, ready.contains(&true)),
                 Some(_) if self.children.is_empty() => break,

@@ -70,22 +70,30 @@ impl Master {
                 }
             }
         }
-        self.fill_udp(now);
+        self.fill_helpers(now);
     }
 
-    /// Forks UDP workers until the generation in force has
-    /// `udp-workers` of them, if it has `udp:` listeners. (A reload's new
-    /// generation gets its own once it is in force: until then the old
-    /// ones answer, and datagrams wait in the socket meanwhile.)
-    fn fill_udp(&mut self, now: Instant) {
-        if self.life.stop_deadline.is_some()
-            || !self.acceptor.listeners().iter().any(Listener::is_udp)
-        {
+    /// Forks the helpers the generation in force needs: `udp-workers`
+    /// UDP workers if it has `udp:` listeners, one metrics worker with
+    /// `--metrics`. (A reload's new generation gets its own once it is in
+    /// force: until then the old ones serve, and clients wait in the
+    /// sockets meanwhile.)
+    fn fill_helpers(&mut self, now: Instant) {
+        if self.life.stop_deadline.is_some() {
             return;
         }
-        while self.children.udp(self.life.generation) < self.cfg.udp_workers as usize {
-            if !self.try_spawn(Target::InForce, Role::Udp, now) {
-                break;
+        let listeners = self.acceptor.listeners();
+        let udp = if listeners.iter().any(Listener::is_udp) {
+            self.cfg.udp_workers as usize
+        } else {
+            0
+        };
+        let metrics = usize::from(listeners.iter().any(Listener::is_metrics));
+        for (role, want) in [(Role::Udp, udp), (Role::Metrics, metrics)] {
+            while self.children.serving(role, self.life.generation) < want {
+                if !self.try_spawn(Target::InForce, role, now) {
+                    return;
+                }
             }
         }
     }
@@ -284,7 +292,11 @@ impl Master {
             sys::spawn(&signals::HANDLED, &signals::CHILD_IGNORED, || {
                 drop(ctl_w.take());
                 let mut listeners = self.take_listeners(target);
-                Listener::keep_in_child(&mut listeners, |l| l.is_udp() == (role == Role::Udp));
+                Listener::keep_in_child(&mut listeners, |l| match role {
+                    Role::Udp => l.is_udp(),
+                    Role::Metrics => l.is_metrics(),
+                    _ => !l.is_udp() && !l.is_metrics(),
+                });
                 self.close_in_child();
                 if let Err(code) = enter(&identity, &self.scoreboard) {
                     return code;
@@ -295,10 +307,12 @@ impl Master {
                     limits,
                     policy,
                     slot: Some(self.scoreboard.slot(slot)),
+                    board: &self.scoreboard,
                     notice: self.notice_w.as_ref().map(|f| f.as_fd()),
                 };
                 match mode {
                     _ if role == Role::Udp => crate::udp::run(listeners, ctx, udp_rate),
+                    _ if role == Role::Metrics => crate::metrics::run(listeners, ctx),
                     #[cfg(any(target_os = "linux", target_os = "android"))]
                     Mode::Event => crate::event::run(listeners, ctx, max_open, max_requests),
                     _ => worker::prefork(listeners, ctx, max_requests),
@@ -313,11 +327,7 @@ impl Master {
                 child.slot = Some(slot);
                 child.ctl = ctl_w;
                 self.children.insert(pid, child);
-                if role == Role::Udp {
-                    info!("udp worker {pid} started");
-                } else {
-                    info!("worker {pid} started");
-                }
+                info!("{} {pid} started", super::reap::who(role));
                 Ok(pid)
             }
             Err(e) => {

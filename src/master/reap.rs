@@ -13,7 +13,7 @@ use nix::unistd::Pid;
 
 use super::Master;
 use crate::children::{classify, describe, Child, Exit, Role, QUICK_DEATH};
-use crate::scoreboard::State;
+use crate::scoreboard::{Exited, State};
 
 impl Master {
     /// Reaps every exited child: one SIGCHLD may stand for many exits.
@@ -49,13 +49,20 @@ impl Master {
                 // again, or its counts would stay, a ban of those clients.
                 self.scoreboard.peers_rebuild();
             }
+            if child.role != Role::Conn {
+                self.scoreboard.exited(match status {
+                    WaitStatus::Exited(_, 0) => Exited::Clean,
+                    WaitStatus::Signaled(..) => Exited::Signal,
+                    _ => Exited::Error,
+                });
+            }
             let stopping = self.life.stop_deadline.is_some();
             let pending = self.life.pending.as_ref().map(|p| p.generation);
             match child.role {
-                Role::Worker | Role::Udp if child.killed || stopping => {
+                Role::Worker | Role::Udp | Role::Metrics if child.killed || stopping => {
                     debug!("{} {pid} {how}", who(child.role))
                 }
-                Role::Worker | Role::Udp if child.retire_by.is_some() => {
+                Role::Worker | Role::Udp | Role::Metrics if child.retire_by.is_some() => {
                     if abnormal {
                         warn!("retiring {} {pid} {how}", who(child.role));
                     } else {
@@ -153,7 +160,7 @@ impl Master {
             .map(|(_, c)| {
                 let ready = match c.role {
                     Role::Conn => true,
-                    Role::Worker | Role::Udp => c
+                    Role::Worker | Role::Udp | Role::Metrics => c
                         .slot
                         .and_then(|s| self.scoreboard.get(s))
                         .is_some_and(|e| matches!(e.state, State::Idle | State::Busy)),
@@ -203,10 +210,11 @@ impl Master {
 }
 
 /// What the log calls a child of `role`.
-fn who(role: Role) -> &'static str {
+pub(super) fn who(role: Role) -> &'static str {
     match role {
         Role::Worker => "worker",
         Role::Conn => "child",
         Role::Udp => "udp worker",
+        Role::Metrics => "metrics worker",
     }
 }

@@ -31,10 +31,14 @@ impl Master {
                 } else {
                     ", retiring"
                 };
-                if c.role == Role::Udp {
+                if let Some(what) = match c.role {
+                    Role::Udp => Some("udp"),
+                    Role::Metrics => Some("metrics"),
+                    _ => None,
+                } {
                     return Some((
                         pid,
-                        format!("{pid} udp (generation {}{retiring})", e.generation),
+                        format!("{pid} {what} (generation {}{retiring})", e.generation),
                     ));
                 }
                 let open = if self.cfg.mode == Mode::Event {
@@ -76,7 +80,11 @@ impl Master {
         let uptime = now.duration_since(self.life.started).as_secs();
         let (mut busy, mut idle, mut other, mut served) = (0, 0, 0, self.prefork.served_by_gone);
         let mut open = 0;
-        for (_, c) in self.children.iter().filter(|(_, c)| c.role != Role::Udp) {
+        for (_, c) in self
+            .children
+            .iter()
+            .filter(|(_, c)| matches!(c.role, Role::Worker | Role::Conn))
+        {
             if let Some(e) = c.slot.and_then(|s| self.scoreboard.get(s)) {
                 served += e.served;
                 open += e.open;

@@ -24,7 +24,7 @@ use nix::unistd::{pipe2, Pid};
 use super::generation::When;
 use super::Master;
 use crate::children::{describe, Role};
-use crate::upgrade::{Handover, PassedChild, PassedListener, PassedRole, ENV};
+use crate::upgrade::{Handover, PassedChild, PassedListener, PassedRole, Serves, ENV};
 use crate::{signals, sys};
 
 /// How long the new executable's `-t` may take.
@@ -187,11 +187,15 @@ impl Master {
                     pid: pid.as_raw(),
                     generation: c.generation,
                     role: match c.role {
-                        Role::Worker | Role::Udp => PassedRole::Worker {
+                        Role::Worker | Role::Udp | Role::Metrics => PassedRole::Worker {
                             slot: c.slot,
                             ctl: c.ctl.as_ref().map(raw),
                             retiring: c.retire_by.is_some(),
-                            udp: c.role == Role::Udp,
+                            serves: match c.role {
+                                Role::Udp => Serves::Udp,
+                                Role::Metrics => Serves::Metrics,
+                                _ => Serves::Pool,
+                            },
                         },
                         Role::Conn => PassedRole::Conn { peer: c.peer },
                     },
@@ -374,10 +378,14 @@ impl Master {
                 PassedRole::Worker {
                     slot,
                     retiring,
-                    udp,
+                    serves,
                     ..
                 } => {
-                    let role = if udp { Role::Udp } else { Role::Worker };
+                    let role = match serves {
+                        Serves::Pool => Role::Worker,
+                        Serves::Udp => Role::Udp,
+                        Serves::Metrics => Role::Metrics,
+                    };
                     let mut w = Child::new(role, now);
                     w.slot = slot;
                     w.ctl = ctl;

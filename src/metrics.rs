@@ -1,0 +1,404 @@
+//! `--metrics`: the Prometheus text exposition (format 0.0.4) of the
+//! scoreboard, served at `GET /metrics` by a worker of its own.
+//!
+//! Why a worker and not the master: the master runs as root and must never
+//! wait on a client, and a scrape reads nothing the master alone knows —
+//! every counter is in the shared scoreboard, where workers and the master
+//! write them. The metrics worker drops privileges and is chrooted like
+//! the others, is respawned if it dies, and retires on reload and stop.
+//! It serves at most [`MAX_CLIENTS`] clients at once from one `poll` loop:
+//! each request must arrive within [`DEADLINE`] and fit in [`REQUEST_MAX`]
+//! bytes, and each answer must be taken within the same deadline, so a
+//! client that sends nothing, too much, or never reads is dropped while
+//! the others are served. HTTP requests are parsed by `httparse`.
+
+use std::fmt::Write as _;
+use std::os::fd::{AsFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use log::warn;
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags};
+
+use crate::accept::{classify, Failure};
+use crate::listen::Listener;
+use crate::scoreboard::{Dropped, Exited, Refusal, Scoreboard, State};
+use crate::worker::{self, Ctx, EXIT_ORPHAN};
+
+/// Clients served at once; more wait in the listen backlog.
+pub const MAX_CLIENTS: usize = 16;
+/// How long a client has to send its request and take the answer.
+pub const DEADLINE: Duration = Duration::from_secs(2);
+/// The largest request read (headers included).
+pub const REQUEST_MAX: usize = 8192;
+
+/// The metrics worker: serves `listeners` (the metrics' listener) until
+/// the control pipe closes. Returns the exit code.
+pub fn run(listeners: Vec<Listener>, ctx: Ctx<'_>) -> i32 {
+    if let Err(code) = worker::follow_master(&ctx) {
+        return code;
+    }
+    let mut clients: Vec<Client> = Vec::with_capacity(MAX_CLIENTS);
+    ctx.set(State::Busy);
+    loop {
+        let now = Instant::now();
+        clients.retain(|c| c.deadline > now);
+        let room = clients.len() < MAX_CLIENTS;
+        let mut fds = Vec::with_capacity(1 + listeners.len() + clients.len());
+        fds.push(PollFd::new(ctx.ctl, PollFlags::POLLIN));
+        if room {
+            fds.extend(
+                listeners
+                    .iter()
+                    .map(|l| PollFd::new(l.as_fd(), PollFlags::POLLIN)),
+            );
+        }
+        fds.extend(clients.iter().map(|c| {
+            let want = if c.answer.is_some() {
+                PollFlags::POLLOUT
+            } else {
+                PollFlags::POLLIN
+            };
+            PollFd::new(c.conn.as_fd(), want)
+        }));
+        let next = clients.iter().map(|c| c.deadline).min();
+        let timeout = crate::time::poll_timeout(next.map(|t| t.saturating_duration_since(now)));
+        match poll(&mut fds, timeout) {
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(e) => {
+                warn!("metrics: waiting for clients failed: {e}");
+                return 1;
+            }
+        }
+        let ready: Vec<bool> = fds
+            .iter()
+            .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
+            .collect();
+        drop(fds);
+        if ready[0] {
+            ctx.set(State::Stopping);
+            return if ctx.master_gone() { EXIT_ORPHAN } else { 0 };
+        }
+        let (accepting, served) = ready[1..].split_at(if room { listeners.len() } else { 0 });
+        // Clients first: the indices in `served` are theirs as polled.
+        let mut done = Vec::new();
+        for (i, c) in clients.iter_mut().enumerate() {
+            if served[i] && !c.step(ctx.board) {
+                done.push(i);
+            }
+        }
+        for i in done.into_iter().rev() {
+            clients.swap_remove(i);
+        }
+        for (l, _) in listeners.iter().zip(accepting).filter(|(_, &r)| r) {
+            while clients.len() < MAX_CLIENTS {
+                match l.accept() {
+                    Ok(conn) => clients.push(Client::new(conn)),
+                    Err(e) if classify(&e) == Failure::Resource => {
+                        warn!("metrics: accept on {} failed: {e}", l.name());
+                        std::thread::sleep(crate::accept::PAUSE);
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+    }
+}
+
+/// One metrics client: its request so far, then its answer.
+struct Client {
+    conn: OwnedFd,
+    request: Vec<u8>,
+    /// The answer and how much of it is written.
+    answer: Option<(Vec<u8>, usize)>,
+    deadline: Instant,
+}
+
+impl Client {
+    fn new(conn: OwnedFd) -> Client {
+        Client {
+            conn,
+            request: Vec::new(),
+            answer: None,
+            deadline: Instant::now() + DEADLINE,
+        }
+    }
+
+    /// Reads or writes what it can; false when the client is done with.
+    fn step(&mut self, board: &Scoreboard) -> bool {
+        if let Some((answer, written)) = &mut self.answer {
+            return match nix::unistd::write(&self.conn, &answer[*written..]) {
+                Ok(n) => {
+                    *written += n;
+                    *written < answer.len()
+                }
+                Err(Errno::EAGAIN | Errno::EINTR) => true,
+                Err(_) => false,
+            };
+        }
+        let mut chunk = [0u8; 2048];
+        let n = match nix::unistd::read(&self.conn, &mut chunk) {
+            Ok(0) => return false,
+            Ok(n) => n,
+            Err(Errno::EAGAIN | Errno::EINTR) => return true,
+            Err(_) => return false,
+        };
+        let room = REQUEST_MAX - self.request.len();
+        self.request.extend_from_slice(&chunk[..n.min(room)]);
+        let answer = match parse(&self.request) {
+            Parsed::Partial if self.request.len() >= REQUEST_MAX => {
+                status(431, "Request Header Fields Too Large")
+            }
+            Parsed::Partial => return true,
+            Parsed::Bad => status(400, "Bad Request"),
+            Parsed::Get { path, head } => respond(path_only(&path), head, board),
+            Parsed::Other => {
+                let mut a = status(405, "Method Not Allowed");
+                a.splice(a.len() - 2..a.len() - 2, *b"Allow: GET, HEAD\r\n");
+                a
+            }
+        };
+        self.answer = Some((answer, 0));
+        // Most answers fit the socket buffer: write at once.
+        self.step(board)
+    }
+}
+
+/// A request, as far as it has come.
+#[derive(Debug, PartialEq, Eq)]
+enum Parsed {
+    /// The headers are not all here yet.
+    Partial,
+    /// Not HTTP.
+    Bad,
+    /// `GET` or `HEAD` (`head`) of `path`.
+    Get { path: String, head: bool },
+    /// Another method.
+    Other,
+}
+
+fn parse(request: &[u8]) -> Parsed {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(request) {
+        Ok(httparse::Status::Partial) => Parsed::Partial,
+        Err(_) => Parsed::Bad,
+        Ok(httparse::Status::Complete(_)) => match (req.method, req.path) {
+            (Some(m @ ("GET" | "HEAD")), Some(path)) => Parsed::Get {
+                path: path.to_string(),
+                head: m == "HEAD",
+            },
+            (Some(_), Some(_)) => Parsed::Other,
+            _ => Parsed::Bad,
+        },
+    }
+}
+
+/// The path without its query string.
+fn path_only(target: &str) -> &str {
+    target.split('?').next().unwrap_or(target)
+}
+
+/// The answer to `GET path` (without the body for `HEAD`).
+fn respond(path: &str, head: bool, board: &Scoreboard) -> Vec<u8> {
+    if path != "/metrics" {
+        return status(404, "Not Found");
+    }
+    let body = render(board);
+    let mut answer = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    if !head {
+        answer.extend_from_slice(body.as_bytes());
+    }
+    answer
+}
+
+/// A bodiless answer with `code`.
+fn status(code: u16, reason: &str) -> Vec<u8> {
+    format!("HTTP/1.1 {code} {reason}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        .into_bytes()
+}
+
+/// The exposition of everything the scoreboard counts.
+pub fn render(board: &Scoreboard) -> String {
+    let mut out = String::with_capacity(4096);
+    let mut family = |name: &str, kind: &str, help: &str, samples: &[(String, u64)]| {
+        let _ = writeln!(out, "# HELP echo_forkd_{name} {help}");
+        let _ = writeln!(out, "# TYPE echo_forkd_{name} {kind}");
+        for (labels, value) in samples {
+            let _ = writeln!(out, "echo_forkd_{name}{labels} {value}");
+        }
+    };
+    let one = |v: u64| vec![(String::new(), v)];
+    let label = |key: &str, value: &str| format!("{{{key}=\"{value}\"}}");
+    let (connections, bytes) = board.served_totals();
+    family(
+        "connections_total",
+        "counter",
+        "Connections served, in every mode.",
+        &one(connections),
+    );
+    family(
+        "bytes_total",
+        "counter",
+        "Bytes echoed back, counted as each connection ends.",
+        &one(bytes),
+    );
+    let refused: Vec<(String, u64)> = Refusal::ALL
+        .iter()
+        .zip(board.refusals())
+        .map(|(r, n)| (label("reason", r.label()), n))
+        .collect();
+    family(
+        "refused_total",
+        "counter",
+        "Connections closed at once, unread, by reason.",
+        &refused,
+    );
+    let mut states = [0u64; 4];
+    let mut open = board.fork_children();
+    for e in board.entries() {
+        states[e.state as usize] += 1;
+        open += e.open;
+    }
+    states[State::Busy as usize] += board.fork_children();
+    let workers: Vec<(String, u64)> = [State::Starting, State::Idle, State::Busy, State::Stopping]
+        .iter()
+        .map(|s| (label("state", s.name()), states[*s as usize]))
+        .collect();
+    family(
+        "workers",
+        "gauge",
+        "Processes serving clients, by state (fork-mode children, UDP and metrics workers are busy).",
+        &workers,
+    );
+    family(
+        "open_connections",
+        "gauge",
+        "Connections open now.",
+        &one(open),
+    );
+    let (echoed, dropped) = board.udp_counts();
+    family(
+        "datagrams_total",
+        "counter",
+        "UDP datagrams answered.",
+        &one(echoed),
+    );
+    let dropped: Vec<(String, u64)> = Dropped::ALL
+        .iter()
+        .zip(dropped)
+        .map(|(d, n)| (label("reason", d.name()), n))
+        .collect();
+    family(
+        "datagrams_dropped_total",
+        "counter",
+        "UDP datagrams dropped unanswered, by reason.",
+        &dropped,
+    );
+    family(
+        "reloads_total",
+        "counter",
+        "Configurations put in force by SIGHUP.",
+        &one(board.reloads()),
+    );
+    let exits: Vec<(String, u64)> = Exited::ALL
+        .iter()
+        .zip(board.exits())
+        .map(|(e, n)| (label("cause", e.name()), n))
+        .collect();
+    family(
+        "worker_exits_total",
+        "counter",
+        "Workers (of the pool, UDP, metrics) that ended, by how.",
+        &exits,
+    );
+    family(
+        "start_time_seconds",
+        "gauge",
+        "When the daemon started, in seconds since the Unix epoch.",
+        &one(board.start_secs()),
+    );
+    family(
+        "build_info",
+        "gauge",
+        "The version running: always 1.",
+        &[(label("version", env!("CARGO_PKG_VERSION")), 1)],
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_parsed_by_what_they_ask() {
+        assert_eq!(parse(b"GET /metrics HTTP/1.1\r\nHost: x"), Parsed::Partial);
+        assert_eq!(
+            parse(b"GET /metrics?x=1 HTTP/1.0\r\n\r\n"),
+            Parsed::Get {
+                path: "/metrics?x=1".into(),
+                head: false
+            }
+        );
+        assert_eq!(
+            parse(b"HEAD / HTTP/1.1\r\n\r\n"),
+            Parsed::Get {
+                path: "/".into(),
+                head: true
+            }
+        );
+        assert_eq!(parse(b"DELETE /metrics HTTP/1.1\r\n\r\n"), Parsed::Other);
+        assert_eq!(parse(b"\x00\x01 nonsense\r\n\r\n"), Parsed::Bad);
+        assert_eq!(path_only("/metrics?name[]=x"), "/metrics");
+    }
+
+    #[test]
+    fn answers_say_what_was_found() {
+        let board = Scoreboard::new(2, 1).unwrap();
+        let ok = String::from_utf8(respond("/metrics", false, &board)).unwrap();
+        assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
+        let (head, body) = ok.split_once("\r\n\r\n").unwrap();
+        assert!(head.contains(&format!("Content-Length: {}", body.len())));
+        let head_only = respond("/metrics", true, &board);
+        assert!(head_only.ends_with(b"\r\n\r\n"));
+        assert!(respond("/", false, &board).starts_with(b"HTTP/1.1 404"));
+    }
+
+    #[test]
+    fn every_metric_of_the_contract_is_exposed_with_its_type() {
+        let board = Scoreboard::new(2, 1).unwrap();
+        board.served(10);
+        board.served(5);
+        let text = render(&board);
+        for (name, kind) in [
+            ("connections_total", "counter"),
+            ("refused_total", "counter"),
+            ("bytes_total", "counter"),
+            ("workers", "gauge"),
+            ("open_connections", "gauge"),
+            ("datagrams_total", "counter"),
+            ("datagrams_dropped_total", "counter"),
+            ("reloads_total", "counter"),
+            ("worker_exits_total", "counter"),
+            ("start_time_seconds", "gauge"),
+            ("build_info", "gauge"),
+        ] {
+            let line = format!("# TYPE echo_forkd_{name} {kind}\n");
+            assert!(text.contains(&line), "{line}{text}");
+        }
+        assert!(text.contains("echo_forkd_connections_total 2\n"), "{text}");
+        assert!(text.contains("echo_forkd_bytes_total 15\n"), "{text}");
+        // Every sample line is `name[{labels}] value`.
+        for l in text.lines().filter(|l| !l.starts_with('#')) {
+            let (name, value) = l.rsplit_once(' ').unwrap();
+            assert!(name.starts_with("echo_forkd_"), "{l}");
+            assert!(value.parse::<u64>().is_ok(), "{l}");
+        }
+    }
+}
