@@ -408,8 +408,19 @@ impl Scoreboard {
 
     /// Counts a connection served, and the bytes echoed on it.
     pub fn served(&self, bytes: u64) {
-        self.header(CONNECTIONS).fetch_add(1, Ordering::Relaxed);
-        self.header(BYTES).fetch_add(bytes, Ordering::Relaxed);
+        self.connections_ended(1);
+        self.echoed_bytes(bytes);
+    }
+
+    /// Counts `n` connections served (the fork-mode master, as it reaps
+    /// their children).
+    pub fn connections_ended(&self, n: u64) {
+        self.header(CONNECTIONS).fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts bytes echoed back.
+    pub fn echoed_bytes(&self, n: u64) {
+        self.header(BYTES).fetch_add(n, Ordering::Relaxed);
     }
 
     /// Connections served, and bytes echoed on them, so far.

@@ -41,6 +41,9 @@ pub struct Ctx<'a> {
     pub slot: Option<Slot<'a>>,
     /// The scoreboard, where every child counts what it served.
     pub board: &'a Scoreboard,
+    /// fork mode: whether the child adds its bytes to the scoreboard
+    /// (only for `--metrics`: the shared page costs each child a fault).
+    pub count_bytes: bool,
     /// Where a worker tells the master it is ready (one byte).
     pub notice: Option<BorrowedFd<'a>>,
 }
@@ -215,7 +218,10 @@ pub fn fork_child(conn: OwnedFd, tcp: bool, ctx: Ctx<'_>, buf: Option<&mut IoBuf
         }
     };
     let bytes = serve_conn(&conn, tcp, &ctx, buf, &mut Acceptor::new(Vec::new()));
-    ctx.board.served(bytes);
+    // The master counts the connection as it reaps this child.
+    if ctx.count_bytes {
+        ctx.board.echoed_bytes(bytes);
+    }
     0
 }
 

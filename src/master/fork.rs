@@ -10,6 +10,7 @@ use log::{error, warn};
 use super::Master;
 use crate::access::Policy;
 use crate::children::{Child, Role};
+use crate::listen::Listener;
 use crate::pool;
 use crate::scoreboard::Refusal;
 use crate::{signals, sys, worker};
@@ -57,6 +58,7 @@ impl Master {
         }
         let master = self.pid;
         let limits = self.cfg.limits();
+        let count_bytes = self.acceptor.listeners().iter().any(Listener::is_metrics);
         if self.fork.conn_buf.is_none() {
             self.fork.conn_buf = worker::buffer();
         }
@@ -74,6 +76,7 @@ impl Master {
                     policy: Policy::default(),
                     slot: None,
                     board: &self.scoreboard,
+                    count_bytes,
                     notice: None,
                 };
                 worker::fork_child(conn, tcp, ctx, self.fork.conn_buf.as_mut())

@@ -308,6 +308,7 @@ impl Master {
                     policy,
                     slot: Some(self.scoreboard.slot(slot)),
                     board: &self.scoreboard,
+                    count_bytes: true,
                     notice: self.notice_w.as_ref().map(|f| f.as_fd()),
                 };
                 match mode {

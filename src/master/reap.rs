@@ -49,7 +49,9 @@ impl Master {
                 // again, or its counts would stay, a ban of those clients.
                 self.scoreboard.peers_rebuild();
             }
-            if child.role != Role::Conn {
+            if child.role == Role::Conn {
+                self.scoreboard.connections_ended(1);
+            } else {
                 self.scoreboard.exited(match status {
                     WaitStatus::Exited(_, 0) => Exited::Clean,
                     WaitStatus::Signaled(..) => Exited::Signal,
