@@ -95,7 +95,8 @@ fn mask(len: u8) -> u128 {
 }
 
 impl Cidr {
-    fn contains(&self, key: u128) -> bool {
+    /// Whether `key` is within the network.
+    pub fn contains(&self, key: u128) -> bool {
         key & mask(self.len) == self.net
     }
 }
@@ -183,12 +184,17 @@ pub struct Policy {
     pub max_per_ip: u32,
     /// 0 = no limit.
     pub max_conn_rate: u32,
+    /// `--proxy-protocol`: the proxies trusted to send the header.
+    pub proxy: Option<crate::proxy::Trusted>,
 }
 
 impl Policy {
     /// Whether every client passes without a look at its address.
     pub fn is_open(&self) -> bool {
-        self.rules.is_empty() && self.max_per_ip == 0 && self.max_conn_rate == 0
+        self.rules.is_empty()
+            && self.max_per_ip == 0
+            && self.max_conn_rate == 0
+            && self.proxy.is_none()
     }
 }
 

@@ -41,6 +41,9 @@ pub struct Child {
     pub killed: bool,
     /// fork mode: its client's address, counted for max-per-ip.
     pub peer: Option<u128>,
+    /// fork mode behind a proxy: its index in the scoreboard's table of
+    /// fork-mode clients (see [`IndexPool`]).
+    pub fork_slot: Option<usize>,
 }
 
 impl Child {
@@ -55,6 +58,7 @@ impl Child {
             retire_by: None,
             killed: false,
             peer: None,
+            fork_slot: None,
         }
     }
 
@@ -221,6 +225,39 @@ impl Children {
     pub fn mark_killed(&mut self, pid: Pid) {
         if let Some(c) = self.map.get_mut(&pid) {
             c.killed = true;
+        }
+    }
+}
+
+/// Small indices handed out and given back: the lowest free first, so
+/// that they stay below the number alive at once.
+#[derive(Debug, Default)]
+pub struct IndexPool {
+    free: Vec<usize>,
+    next: usize,
+}
+
+impl IndexPool {
+    /// An index no one holds.
+    pub fn take(&mut self) -> usize {
+        self.free.pop().unwrap_or_else(|| {
+            self.next += 1;
+            self.next - 1
+        })
+    }
+
+    /// `index` is free again.
+    pub fn give_back(&mut self, index: usize) {
+        self.free.push(index);
+    }
+
+    /// Marks `index` as held (by a child adopted after an upgrade).
+    pub fn reserve(&mut self, index: usize) {
+        if index >= self.next {
+            self.free.extend(self.next..index);
+            self.next = index + 1;
+        } else {
+            self.free.retain(|&i| i != index);
         }
     }
 }
@@ -419,6 +456,20 @@ impl Backoff {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn indices_are_reused_lowest_first_and_reserved_on_adoption() {
+        let mut p = IndexPool::default();
+        assert_eq!((p.take(), p.take(), p.take()), (0, 1, 2));
+        p.give_back(1);
+        assert_eq!(p.take(), 1);
+        let mut adopted = IndexPool::default();
+        adopted.reserve(3);
+        adopted.reserve(1);
+        let mut got: Vec<usize> = (0..4).map(|_| adopted.take()).collect();
+        got.sort();
+        assert_eq!(got, [0, 2, 4, 5], "3 and 1 are held by adopted children");
+    }
+
     use super::*;
     use nix::sys::signal::Signal;
 

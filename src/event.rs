@@ -25,9 +25,14 @@ use log::{debug, warn};
 use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
 
+use std::net::SocketAddr;
+
 use crate::accept::Acceptor;
+use crate::access;
 use crate::echo::{Conn, End};
 use crate::listen::Listener;
+use crate::proxy;
+use crate::scoreboard::Refusal;
 use crate::scoreboard::State;
 use crate::worker::{self, Ctx, EXIT_ORPHAN};
 
@@ -52,6 +57,9 @@ struct Open {
     writing: bool,
     /// debug: the client's address, for the line logged at the end.
     name: Option<String>,
+    /// Behind a proxy: the header still being read, and the proxy's own
+    /// address (the client's for a `LOCAL` header).
+    header: Option<(Box<proxy::Reader>, SocketAddr)>,
 }
 
 struct Loop<'a> {
@@ -232,26 +240,57 @@ impl Loop<'_> {
         }
     }
 
+    /// Checks a client at `key` against the rules and limits, counting it
+    /// for `--max-per-ip`: the key counted, if any, or why it is refused.
+    fn check(&self, key: u128) -> Result<Option<u128>, Refusal> {
+        let policy = &self.ctx.policy;
+        let board = self.ctx.board;
+        if let Some(why) = board.screen(policy, key) {
+            return Err(why);
+        }
+        if policy.max_per_ip == 0 {
+            return Ok(None);
+        }
+        if board.peer_open(key, policy.max_per_ip) {
+            Ok(Some(key))
+        } else {
+            Err(Refusal::PerIp)
+        }
+    }
+
     /// Checks a new connection's client, then opens it and serves what it
-    /// already sent.
+    /// already sent. Behind a proxy only the proxy is checked here; the
+    /// client is, once its header is read.
     fn admit(&mut self, fd: OwnedFd, tcp: bool, buf: &mut [u8], now: Instant) {
         let policy = &self.ctx.policy;
         let mut peer = None;
-        if tcp && !policy.is_open() {
-            if let (Some(slot), Some(key)) = (self.ctx.slot, crate::access::peer_key(&fd)) {
-                let board = slot.board();
-                let why = board.screen(policy, key).or_else(|| {
-                    (policy.max_per_ip > 0 && !board.peer_open(key, policy.max_per_ip))
-                        .then_some(crate::scoreboard::Refusal::PerIp)
-                });
-                if let Some(why) = why {
-                    board.refused(why);
-                    return; // closed at once, unread
+        let mut header = None;
+        if tcp && policy.proxy.is_some() {
+            let proxy = worker::peer_addr(&fd).filter(|p| {
+                policy
+                    .proxy
+                    .as_ref()
+                    .is_some_and(|t| t.contains(access::key(p.ip())))
+            });
+            let Some(proxy) = proxy else {
+                self.ctx.board.refused(Refusal::Proxy);
+                debug!("PROXY protocol: not from a trusted proxy; connection closed");
+                return;
+            };
+            header = Some((Box::new(proxy::Reader::new(now)), proxy));
+        } else if tcp && !policy.is_open() {
+            if let Some(key) = access::peer_key(&fd) {
+                match self.check(key) {
+                    Ok(counted) => peer = counted,
+                    Err(why) => {
+                        self.ctx.board.refused(why);
+                        return; // closed at once, unread
+                    }
                 }
-                peer = (policy.max_per_ip > 0).then_some(key);
             }
         }
-        let name = log::log_enabled!(log::Level::Debug).then(|| worker::peer_name(&fd, tcp));
+        let name = (header.is_none() && log::log_enabled!(log::Level::Debug))
+            .then(|| worker::peer_name(&fd, tcp));
         let conn = Conn::new(fd, now);
         let index = self.free.pop().unwrap_or(self.slots.len());
         let token = index as u64;
@@ -261,8 +300,8 @@ impl Loop<'_> {
         {
             warn!("cannot watch a new connection: {e}");
             self.free.push(index);
-            if let (Some(key), Some(slot)) = (peer, self.ctx.slot) {
-                slot.board().peer_closed(key);
+            if let Some(key) = peer {
+                self.ctx.board.peer_closed(key);
             }
             return;
         }
@@ -273,12 +312,17 @@ impl Loop<'_> {
         if let Some(t) = conn.deadline(&self.ctx.limits) {
             self.deadlines.push(Reverse((t, index, self.serial)));
         }
+        if let Some((r, _)) = &header {
+            self.deadlines
+                .push(Reverse((r.deadline, index, self.serial)));
+        }
         self.slots[index] = Some(Open {
             conn,
             serial: self.serial,
             peer,
             writing: false,
             name,
+            header,
         });
         self.open += 1;
         self.accepted += 1;
@@ -286,8 +330,59 @@ impl Loop<'_> {
         self.ready(index, buf, now);
     }
 
+    /// Behind a proxy: reads the header of the connection at `index`.
+    /// True once it is read and its client admitted; false while it is
+    /// still coming, or when the connection was refused (and closed).
+    fn header(&mut self, index: usize) -> bool {
+        let Some(Some(o)) = self.slots.get_mut(index) else {
+            return false;
+        };
+        let Some((reader, proxy)) = &mut o.header else {
+            return true;
+        };
+        let client = match reader.pull(o.conn.fd()) {
+            None => return false,
+            Some(Ok(proxy::Header::Proxied { src, .. })) => src,
+            Some(Ok(proxy::Header::Local)) => *proxy,
+            Some(Err(why)) => {
+                debug!("PROXY protocol: {why}; connection closed");
+                self.refuse(index, Refusal::Proxy);
+                return false;
+            }
+        };
+        match self.check(access::key(client.ip())) {
+            Ok(counted) => {
+                if let Some(Some(o)) = self.slots.get_mut(index) {
+                    o.header = None;
+                    o.peer = counted;
+                    if log::log_enabled!(log::Level::Debug) {
+                        o.name = Some(client.to_string());
+                    }
+                }
+                true
+            }
+            Err(why) => {
+                self.refuse(index, why);
+                false
+            }
+        }
+    }
+
+    /// Closes a connection refused before it was served, unread, and
+    /// counts why.
+    fn refuse(&mut self, index: usize, why: Refusal) {
+        if self.slots.get_mut(index).and_then(Option::take).is_some() {
+            self.free.push(index);
+            self.open -= 1;
+            self.ctx.board.refused(why);
+        }
+    }
+
     /// Serves a connection whose socket is ready.
     fn ready(&mut self, index: usize, buf: &mut [u8], now: Instant) {
+        if !self.header(index) {
+            return;
+        }
         let limits = self.ctx.limits;
         let Some(Some(o)) = self.slots.get_mut(index) else {
             return;
@@ -317,10 +412,10 @@ impl Loop<'_> {
         self.free.push(index);
         self.open -= 1;
         self.ctx.board.served(o.conn.bytes());
+        if let Some(key) = o.peer {
+            self.ctx.board.peer_closed(key);
+        }
         if let Some(slot) = self.ctx.slot {
-            if let Some(key) = o.peer {
-                slot.board().peer_closed(key);
-            }
             slot.served_one();
         }
         if let Some(peer) = o.name {
@@ -349,6 +444,11 @@ impl Loop<'_> {
             };
             if o.serial != serial {
                 continue; // the connection it was for is gone
+            }
+            if o.header.as_ref().is_some_and(|(r, _)| now >= r.deadline) {
+                debug!("PROXY protocol: {}; connection closed", proxy::LATE);
+                self.refuse(index, Refusal::Proxy);
+                continue;
             }
             match o.conn.expired(&limits, now) {
                 Some(end) => self.close(index, end),

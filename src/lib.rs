@@ -27,6 +27,7 @@ mod logging;
 mod master;
 mod metrics;
 mod pool;
+mod proxy;
 mod reload;
 mod scoreboard;
 mod signals;

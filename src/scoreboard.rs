@@ -108,6 +108,10 @@ const PEER_BUCKETS: usize = 65_536;
 /// connection-rate table, apart so that a flood of datagrams never
 /// counts against a TCP client.
 const UDP_RATE_BUCKETS: usize = 8192;
+/// fork mode behind a proxy: the client of each child, by its index (two
+/// words each), so that the master can take it off the open-connection
+/// table however the child ends. One per `max-children` at most.
+const FORK_PEERS: usize = crate::config::ceiling::MAX_CHILDREN as usize;
 
 /// Why a connection was closed at once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -118,17 +122,26 @@ pub enum Refusal {
     PerIp,
     /// `--max-conn-rate`.
     Rate,
+    /// `--proxy-protocol`: not from a trusted proxy, or no valid header
+    /// in time.
+    Proxy,
 }
 
 impl Refusal {
     /// Every kind, in counter order.
-    pub const ALL: [Refusal; 3] = [Refusal::Denied, Refusal::PerIp, Refusal::Rate];
+    pub const ALL: [Refusal; 4] = [
+        Refusal::Denied,
+        Refusal::PerIp,
+        Refusal::Rate,
+        Refusal::Proxy,
+    ];
 
     fn index(self) -> usize {
         match self {
             Refusal::Denied => 0,
             Refusal::PerIp => 1,
             Refusal::Rate => 2,
+            Refusal::Proxy => 3,
         }
     }
 
@@ -138,6 +151,7 @@ impl Refusal {
             Refusal::Denied => "deny",
             Refusal::PerIp => "per_ip",
             Refusal::Rate => "rate",
+            Refusal::Proxy => "proxy",
         }
     }
 
@@ -147,6 +161,7 @@ impl Refusal {
             Refusal::Denied => "allow/deny rules",
             Refusal::PerIp => "max-per-ip",
             Refusal::Rate => "max-conn-rate",
+            Refusal::Proxy => "PROXY protocol",
         }
     }
 }
@@ -253,7 +268,7 @@ pub struct Scoreboard {
 
 impl Scoreboard {
     fn words(slots: usize) -> usize {
-        HEADER + slots * WORDS + RATE_BUCKETS + PEER_BUCKETS + UDP_RATE_BUCKETS
+        HEADER + slots * WORDS + RATE_BUCKETS + PEER_BUCKETS + UDP_RATE_BUCKETS + 2 * FORK_PEERS
     }
 
     /// Maps `slots` slots; call before the first fork. `seed` keys the
@@ -402,7 +417,7 @@ impl Scoreboard {
     }
 
     /// Refused connections so far, by kind (in [`Refusal::ALL`] order).
-    pub fn refusals(&self) -> [u64; 3] {
+    pub fn refusals(&self) -> [u64; 4] {
         Refusal::ALL.map(|r| self.header(REFUSED + r.index()).load(Ordering::Relaxed))
     }
 
@@ -477,6 +492,34 @@ impl Scoreboard {
     pub fn entries(&self) -> impl Iterator<Item = Entry> + '_ {
         let high = self.header(HIGH).load(Ordering::Relaxed) as usize;
         (0..high.min(self.slots)).filter_map(|s| self.get(s))
+    }
+
+    fn fork_peer(&self, index: usize) -> (&AtomicU64, &AtomicU64) {
+        let at = HEADER
+            + self.slots * WORDS
+            + RATE_BUCKETS
+            + PEER_BUCKETS
+            + UDP_RATE_BUCKETS
+            + 2 * (index % FORK_PEERS);
+        let w = self.mem.words();
+        (&w[at], &w[at + 1])
+    }
+
+    /// A fork-mode child behind a proxy, at `index`: publishes its client
+    /// (0: none), before it counts it in the open-connection table.
+    pub fn set_fork_peer(&self, index: usize, key: u128) {
+        let (hi, lo) = self.fork_peer(index);
+        hi.store((key >> 64) as u64, Ordering::Relaxed);
+        lo.store(key as u64, Ordering::Relaxed);
+    }
+
+    /// Master, reaping the child at `index`: its client, if it published
+    /// one; the index is free again.
+    pub fn take_fork_peer(&self, index: usize) -> Option<u128> {
+        let (hi, lo) = self.fork_peer(index);
+        let key = (u128::from(hi.swap(0, Ordering::Relaxed)) << 64)
+            | u128::from(lo.swap(0, Ordering::Relaxed));
+        (key != 0).then_some(key)
     }
 
     /// Counts `n` datagrams answered.
@@ -777,7 +820,7 @@ mod tests {
         assert!((0..3).all(|_| board.conn_rate_ok(y, 3)));
         assert!(!board.conn_rate_ok(y, 3), "a fourth in the same second");
         board.refused(Refusal::Rate);
-        assert_eq!(board.refusals(), [0, 0, 1]);
+        assert_eq!(board.refusals(), [0, 0, 1, 0]);
     }
 
     #[test]

@@ -45,9 +45,13 @@ pub enum PassedRole {
         retiring: bool,
         serves: Serves,
     },
-    /// A fork-mode child serving one connection, and its client if it is
-    /// counted for `--max-per-ip`.
-    Conn { peer: Option<u128> },
+    /// A fork-mode child serving one connection, its client if the
+    /// master counts it for `--max-per-ip`, and (behind a proxy) its index
+    /// in the scoreboard's table of fork-mode clients.
+    Conn {
+        peer: Option<u128>,
+        slot: Option<usize>,
+    },
 }
 
 /// What a passed worker serves.
@@ -166,11 +170,12 @@ impl Handover {
                     opt(*ctl),
                     u8::from(*retiring)
                 ),
-                PassedRole::Conn { peer } => format!(
-                    "{}/{}/c/{}",
+                PassedRole::Conn { peer, slot } => format!(
+                    "{}/{}/c/{}/{}",
                     c.pid,
                     c.generation,
-                    peer.map_or("-".into(), |p| format!("{p:x}"))
+                    peer.map_or("-".into(), |p| format!("{p:x}")),
+                    opt(*slot)
                 ),
             })
             .collect();
@@ -298,12 +303,21 @@ impl Handover {
                                     retiring: retiring == "1",
                                 }
                             }
-                            [_, _, "c", peer] => PassedRole::Conn {
-                                peer: maybe(peer)
-                                    .map(|p| u128::from_str_radix(p, 16))
-                                    .transpose()
-                                    .map_err(|_| bad())?,
-                            },
+                            [_, _, "c", peer, ref slot @ ..] if slot.len() <= 1 => {
+                                PassedRole::Conn {
+                                    peer: maybe(peer)
+                                        .map(|p| u128::from_str_radix(p, 16))
+                                        .transpose()
+                                        .map_err(|_| bad())?,
+                                    // An older master passes no index.
+                                    slot: slot
+                                        .first()
+                                        .and_then(|s| maybe(s))
+                                        .map(|s| num("slot", s))
+                                        .transpose()?
+                                        .map(|s| s as usize),
+                                }
+                            }
                             _ => return Err(bad()),
                         };
                         h.children.push(PassedChild {
@@ -394,6 +408,7 @@ mod tests {
                     generation: 2,
                     role: PassedRole::Conn {
                         peer: Some(0xffff_7f00_0001),
+                        slot: Some(3),
                     },
                 },
             ],

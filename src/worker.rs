@@ -17,8 +17,10 @@ use crate::accept::{Acceptor, Wake};
 use crate::access::{self, Policy};
 use crate::echo::{self, Limits, Watch};
 use crate::listen::Listener;
+use crate::proxy;
 use crate::scoreboard::{Refusal, Scoreboard, Slot, State};
 use crate::sys::IoBuffer;
+use std::net::SocketAddr;
 
 pub use crate::children::{EXIT_ORPHAN, EXIT_SETUP};
 
@@ -41,6 +43,9 @@ pub struct Ctx<'a> {
     pub slot: Option<Slot<'a>>,
     /// The scoreboard, where every child counts what it served.
     pub board: &'a Scoreboard,
+    /// fork mode behind a proxy with `--max-per-ip`: the child's index in
+    /// the scoreboard's table of fork-mode clients.
+    pub fork_slot: Option<usize>,
     /// fork mode: whether the child adds its bytes to the scoreboard
     /// (only for `--metrics`: the shared page costs each child a fault).
     pub count_bytes: bool,
@@ -74,15 +79,16 @@ impl Ctx<'_> {
         self.wake();
     }
 
-    /// prefork: checks a new connection's client against the rules and
-    /// limits; `Some` says why it is refused. While it is served, its
-    /// address stays published in this worker's slot (`--max-per-ip`).
-    fn admit(&self, conn: &OwnedFd, tcp: bool) -> Option<Refusal> {
+    /// prefork: checks a new connection's client (at `client`, see
+    /// [`identify`]) against the rules and limits; `Some` says why it is
+    /// refused. While it is served, its address stays published in this
+    /// worker's slot (`--max-per-ip`).
+    fn admit(&self, client: Option<SocketAddr>) -> Option<Refusal> {
         let slot = self.slot?;
-        if !tcp || self.policy.is_open() {
+        if self.policy.is_open() {
             return None;
         }
-        let key = access::peer_key(conn)?;
+        let key = access::key(client?.ip());
         let board = slot.board();
         let why = if let Some(why) = board.screen(&self.policy, key) {
             Some(why)
@@ -99,6 +105,25 @@ impl Ctx<'_> {
             board.refused(why);
         }
         why
+    }
+
+    /// fork mode behind a proxy: the checks the master could not make
+    /// before it forked, with the client's real address; `Some` says why
+    /// it is refused.
+    fn fork_admit(&self, key: u128) -> Option<Refusal> {
+        if let Some(why) = self.board.screen(&self.policy, key) {
+            return Some(why);
+        }
+        if let (true, Some(index)) = (self.policy.max_per_ip > 0, self.fork_slot) {
+            // Published first: the master takes it off the table when it
+            // reaps this child, however it ends.
+            self.board.set_fork_peer(index, key);
+            if !self.board.peer_open(key, self.policy.max_per_ip) {
+                self.board.set_fork_peer(index, 0);
+                return Some(Refusal::PerIp);
+            }
+        }
+        None
     }
 
     fn served(&self, bytes: u64) {
@@ -164,15 +189,35 @@ pub fn prefork(listeners: Vec<Listener>, ctx: Ctx<'_>, max_requests: u64) -> i32
         let Some((i, conn)) = accepted else { continue };
         try_first = true;
         let tcp = acceptor.listeners()[i].is_tcp();
-        if ctx.admit(&conn, tcp).is_some() {
-            // Closed at once, unread; the master reports the count.
-            continue;
+        let proxied = ctx.policy.proxy.is_some() && tcp;
+        if proxied {
+            // The header may take a while to come: this worker is taken.
+            ctx.set(State::Busy);
         }
+        let client = identify(&conn, tcp, &ctx.policy);
+        let refused = match client {
+            Ok(client) => ctx.admit(client),
+            Err(why) => {
+                ctx.board.refused(Refusal::Proxy);
+                debug!("PROXY protocol: {why}; connection closed");
+                Some(Refusal::Proxy)
+            }
+        };
+        let client = match (client, refused) {
+            (Ok(client), None) => client,
+            _ => {
+                // Closed at once, unread; the master reports the count.
+                if proxied {
+                    ctx.set(State::Idle);
+                }
+                continue;
+            }
+        };
         ctx.set(State::Busy);
         if let Some(slot) = &ctx.slot {
             slot.set_open(1);
         }
-        let bytes = serve_conn(&conn, tcp, &ctx, &mut buf, &mut acceptor);
+        let bytes = serve_conn(&conn, tcp, client, &ctx, &mut buf, &mut acceptor);
         if let Some(slot) = &ctx.slot {
             slot.set_open(0);
         }
@@ -217,7 +262,30 @@ pub fn fork_child(conn: OwnedFd, tcp: bool, ctx: Ctx<'_>, buf: Option<&mut IoBuf
             &mut own
         }
     };
-    let bytes = serve_conn(&conn, tcp, &ctx, buf, &mut Acceptor::new(Vec::new()));
+    let client = match identify(&conn, tcp, &ctx.policy) {
+        Ok(client) => client,
+        Err(why) => {
+            ctx.board.refused(Refusal::Proxy);
+            debug!("PROXY protocol: {why}; connection closed");
+            return 0;
+        }
+    };
+    if let (Some(client), Some(_)) = (client, &ctx.policy.proxy) {
+        // Behind a proxy the master could not check the client: the real
+        // address is known only now.
+        if let Some(why) = ctx.fork_admit(access::key(client.ip())) {
+            ctx.board.refused(why);
+            return 0;
+        }
+    }
+    let bytes = serve_conn(
+        &conn,
+        tcp,
+        client,
+        &ctx,
+        buf,
+        &mut Acceptor::new(Vec::new()),
+    );
     // The master counts the connection as it reaps this child.
     if ctx.count_bytes {
         ctx.board.echoed_bytes(bytes);
@@ -247,6 +315,7 @@ pub fn inetd(conn: OwnedFd, limits: Limits) -> i32 {
 fn serve_conn(
     conn: &OwnedFd,
     tcp: bool,
+    client: Option<SocketAddr>,
     ctx: &Ctx<'_>,
     buf: &mut IoBuffer,
     acceptor: &mut Acceptor,
@@ -258,8 +327,10 @@ fn serve_conn(
     }
     let _ = tcp;
     // Only for the debug line; read before serving, as the peer may be gone after.
-    let started =
-        log::log_enabled!(log::Level::Debug).then(|| (Instant::now(), peer_name(conn, tcp)));
+    let started = log::log_enabled!(log::Level::Debug).then(|| {
+        let name = client.map_or_else(|| peer_name(conn, tcp), |a| a.to_string());
+        (Instant::now(), name)
+    });
     let summary = echo::serve(
         conn.as_fd(),
         buf.as_mut_slice(),
@@ -284,6 +355,43 @@ fn serve_conn(
         );
     }
     summary.bytes
+}
+
+/// The client of a new connection, as the per-address checks and the log
+/// see it: the peer's address, or, with `--proxy-protocol` on a TCP
+/// listener, the one the header from a trusted proxy carries (read here,
+/// waiting up to 5 s). `None`: a unix socket client, or no check needs the
+/// address. Err: refused for the PROXY protocol, and why.
+pub(crate) fn identify(
+    conn: &OwnedFd,
+    tcp: bool,
+    policy: &Policy,
+) -> Result<Option<SocketAddr>, &'static str> {
+    if !tcp || (policy.is_open() && !log::log_enabled!(log::Level::Debug)) {
+        return Ok(None);
+    }
+    let peer = peer_addr(conn);
+    let Some(trusted) = &policy.proxy else {
+        return Ok(peer);
+    };
+    let Some(proxy) = peer else {
+        return Err("the peer's address is unknown");
+    };
+    if !trusted.contains(access::key(proxy.ip())) {
+        return Err("not from a trusted proxy");
+    }
+    match proxy::Reader::new(Instant::now()).read(conn.as_fd())? {
+        proxy::Header::Proxied { src, .. } => Ok(Some(src)),
+        proxy::Header::Local => Ok(Some(proxy)),
+    }
+}
+
+/// The peer's IP address and port, if it has one.
+pub(crate) fn peer_addr(conn: &OwnedFd) -> Option<SocketAddr> {
+    let a = getpeername::<SockaddrStorage>(std::os::fd::AsRawFd::as_raw_fd(conn)).ok()?;
+    a.as_sockaddr_in()
+        .map(|v4| SocketAddr::from(*v4))
+        .or_else(|| a.as_sockaddr_in6().map(|v6| SocketAddr::from(*v6)))
 }
 
 /// A worker's buffer, or `None` after logging why there is none.

@@ -34,6 +34,7 @@ mod logging;
 mod metrics;
 mod models;
 mod protocol;
+mod proxy;
 mod signals;
 mod supervision;
 mod systemd;

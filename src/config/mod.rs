@@ -56,6 +56,7 @@ impl Config {
             rules: self.rules.clone(),
             max_per_ip: self.max_per_ip,
             max_conn_rate: self.max_conn_rate,
+            proxy: self.proxy.clone(),
         }
     }
 
@@ -233,6 +234,15 @@ fn nonzero(secs: u64) -> Option<Duration> {
 /// Fills in the defaults and checks that the settings make sense together.
 pub fn resolve(o: Options) -> Result<Config, String> {
     let rules = Rules::new(&o.allow, &o.deny)?;
+    let trusted = crate::proxy::Trusted::new(&o.trusted_proxy)?;
+    let proxy = match (o.proxy_protocol, trusted.is_empty()) {
+        (true, true) => return Err(
+            "proxy-protocol needs trusted-proxy: the addresses of the proxies that send the header"
+                .into(),
+        ),
+        (true, false) => Some(trusted),
+        (false, _) => None,
+    };
 
     let listen = if o.listen.is_empty() {
         vec![defaults::LISTEN.to_string()]
@@ -414,6 +424,7 @@ pub fn resolve(o: Options) -> Result<Config, String> {
         udp_workers,
         udp_rate,
         rules,
+        proxy,
         idle_timeout: nonzero(idle_timeout),
         max_session: nonzero(max_session),
         max_bytes,

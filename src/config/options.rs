@@ -288,6 +288,16 @@ pub struct Options {
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<String>,
 
+    /// TCP clients must begin with a PROXY protocol header (v1 or v2) and come from a --trusted-proxy
+    #[arg(long)]
+    #[serde(default)]
+    pub proxy_protocol: bool,
+
+    /// A proxy allowed, and required, to send the PROXY header: CIDR (repeatable)
+    #[arg(long, value_name = "CIDR")]
+    #[serde(default)]
+    pub trusted_proxy: Vec<String>,
+
     /// Allow clients in this CIDR (repeatable; most specific rule wins)
     #[arg(long, value_name = "CIDR")]
     #[serde(default)]
@@ -398,10 +408,12 @@ impl Options {
             syslog_facility,
             log_level,
         );
+        self.proxy_protocol |= file.proxy_protocol;
         for (mine, theirs) in [
             (&mut self.listen, file.listen),
             (&mut self.allow, file.allow),
             (&mut self.deny, file.deny),
+            (&mut self.trusted_proxy, file.trusted_proxy),
         ] {
             if mine.is_empty() {
                 *mine = theirs;
@@ -443,6 +455,8 @@ pub struct Config {
     /// Datagrams per second answered from one source; 0 = no limit.
     pub udp_rate: u32,
     pub rules: Rules,
+    /// `--proxy-protocol`: the proxies trusted to send the header.
+    pub proxy: Option<crate::proxy::Trusted>,
     pub idle_timeout: Option<Duration>,
     pub max_session: Option<Duration>,
     /// 0 = no cap.

@@ -50,12 +50,27 @@ impl Master {
         } else {
             None
         };
-        if let Some(key) = peer {
-            if let Some(why) = self.admit(key) {
-                self.scoreboard.refused(why);
-                return true;
-            }
+        // Behind a proxy the client's address is in the header, which the
+        // child reads: here only the proxy is checked.
+        let proxied = tcp && self.fork.policy.proxy.is_some();
+        let refused = match (&self.fork.policy.proxy, peer) {
+            (Some(trusted), Some(key)) if tcp && !trusted.contains(key) => Some(Refusal::Proxy),
+            (Some(_), None) if tcp => Some(Refusal::Proxy),
+            (None, Some(key)) => self.admit(key),
+            _ => None,
+        };
+        if let Some(why) = refused {
+            self.scoreboard.refused(why);
+            return true;
         }
+        let peer = peer.filter(|_| !proxied);
+        let policy = if proxied {
+            self.fork.policy.clone()
+        } else {
+            Policy::default()
+        };
+        let fork_slot =
+            (proxied && self.fork.policy.max_per_ip > 0).then(|| self.fork.slots.take());
         let master = self.pid;
         let limits = self.cfg.limits();
         let count_bytes = self.acceptor.listeners().iter().any(Listener::is_metrics);
@@ -73,10 +88,11 @@ impl Master {
                     ctl: self.fork.ctl_r.as_fd(),
                     master,
                     limits,
-                    policy: Policy::default(),
+                    policy,
                     slot: None,
                     board: &self.scoreboard,
                     count_bytes,
+                    fork_slot,
                     notice: None,
                 };
                 worker::fork_child(conn, tcp, ctx, self.fork.conn_buf.as_mut())
@@ -87,6 +103,7 @@ impl Master {
         match forked {
             Ok(pid) => {
                 let mut child = Child::new(Role::Conn, now);
+                child.fork_slot = fork_slot;
                 if self.fork.policy.max_per_ip > 0 {
                     child.peer = peer;
                     if let Some(key) = peer {
@@ -99,6 +116,9 @@ impl Master {
                 true
             }
             Err(e) => {
+                if let Some(index) = fork_slot {
+                    self.fork.slots.give_back(index);
+                }
                 self.acceptor.pause_for_a_while(now);
                 if let Some(more) = self.reports.errors.hit(now) {
                     error!(

@@ -37,7 +37,7 @@ use nix::unistd::{getpid, pipe2, Pid};
 
 use crate::accept::Acceptor;
 use crate::access::{PerIp, Policy};
-use crate::children::{Backoff, Children, EXIT_SETUP};
+use crate::children::{Backoff, Children, IndexPool, EXIT_SETUP};
 use crate::config::{Config, Mode, Options, MAX_WORKERS_LIMIT};
 use crate::daemon::{Identity, PidFile, ReadyPipe};
 use crate::listen::Listener;
@@ -173,6 +173,7 @@ pub fn run(
             policy: cfg.policy(),
             per_ip: PerIp::default(),
             saturation: Saturation::new(REPORT_EVERY),
+            slots: IndexPool::default(),
         },
         prefork: PreforkState {
             pool: Pool::default(),
@@ -247,6 +248,9 @@ struct ForkState {
     per_ip: PerIp,
     /// `max-children` reached, counted and reported.
     saturation: Saturation,
+    /// Behind a proxy: the children's indices in the scoreboard's table
+    /// of fork-mode clients.
+    slots: IndexPool,
 }
 
 /// The prefork pool's state.
@@ -265,7 +269,7 @@ struct PreforkState {
 struct Reports {
     next_tick: Instant,
     /// Refused connections, by kind, as last logged.
-    refused: status::Counted<3>,
+    refused: status::Counted<4>,
     /// Dropped datagrams, by reason, as last logged.
     dropped: status::Counted<5>,
     /// accept or fork errors.

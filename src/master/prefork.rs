@@ -309,6 +309,7 @@ impl Master {
                     slot: Some(self.scoreboard.slot(slot)),
                     board: &self.scoreboard,
                     count_bytes: true,
+                    fork_slot: None,
                     notice: self.notice_w.as_ref().map(|f| f.as_fd()),
                 };
                 match mode {

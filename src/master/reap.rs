@@ -39,6 +39,12 @@ impl Master {
             if let Some(key) = child.peer {
                 self.fork.per_ip.release(key);
             }
+            if let Some(index) = child.fork_slot {
+                if let Some(key) = self.scoreboard.take_fork_peer(index) {
+                    self.scoreboard.peer_closed(key);
+                }
+                self.fork.slots.give_back(index);
+            }
             let last = child.slot.and_then(|s| self.scoreboard.release(s));
             self.prefork.served_by_gone += last.map_or(0, |e| e.served);
             let never_ready = last.is_some_and(|e| e.state == State::Starting);

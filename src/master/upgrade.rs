@@ -197,7 +197,10 @@ impl Master {
                                 _ => Serves::Pool,
                             },
                         },
-                        Role::Conn => PassedRole::Conn { peer: c.peer },
+                        Role::Conn => PassedRole::Conn {
+                            peer: c.peer,
+                            slot: c.fork_slot,
+                        },
                     },
                 })
                 .collect(),
@@ -392,9 +395,13 @@ impl Master {
                     w.retire_by = retiring.then_some(retire_by);
                     w
                 }
-                PassedRole::Conn { peer } => {
+                PassedRole::Conn { peer, slot } => {
                     let mut conn = Child::new(Role::Conn, now);
                     conn.peer = peer;
+                    conn.fork_slot = slot;
+                    if let Some(index) = slot {
+                        self.fork.slots.reserve(index);
+                    }
                     if let Some(key) = peer {
                         self.fork.per_ip.add(key);
                     }
