@@ -229,7 +229,10 @@ fn max_per_ip_behind_a_proxy(mode: &str) {
     // proxy's own address is the same for all.
     let mut second = from("10.0.0.1");
     second.write_all(b"two").unwrap();
-    assert!(closed_unread(second), "a second connection from 10.0.0.1 was served");
+    assert!(
+        closed_unread(second),
+        "a second connection from 10.0.0.1 was served"
+    );
     let mut other = from("10.0.0.2");
     assert_eq!(round_trip(&mut other, b"other").unwrap(), b"other");
     // Once the first is gone, its place is free again.
