@@ -59,6 +59,8 @@ fn under_load(mode: &str) {
         "127.0.0.1:0",
         "-l",
         "udp:127.0.0.1:0",
+        "--metrics",
+        "127.0.0.1:0",
         "-m",
         mode,
         "-w",
@@ -107,6 +109,29 @@ fn under_load(mode: &str) {
         .expect("the udp: listener");
     let got = echo_udp(udp, b"after USR2").expect("the UDP port answers after USR2");
     assert_eq!(got, b"after USR2");
+    // So was the metrics' listener, and the counts went on.
+    let metrics: std::net::SocketAddr = d
+        .listening()
+        .iter()
+        .find_map(|a| a.strip_prefix("metrics:").and_then(|a| a.parse().ok()))
+        .expect("the metrics listener");
+    let served = || {
+        let mut m = connect(metrics);
+        m.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut text = String::new();
+        m.read_to_string(&mut text).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix("echo_forkd_connections_total "))
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or_else(|| panic!("{text}"))
+    };
+    // Each connection is counted as it ends, just after its client.
+    assert!(
+        wait_until(DEADLINE, || served() >= tally.total()),
+        "{} served, {} echoed",
+        served(),
+        tally.total()
+    );
     // The same master, running the new file; its children too (the UDP
     // worker among them), once the old ones are gone.
     assert!(!is_dead(master));
