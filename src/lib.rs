@@ -76,6 +76,16 @@ pub fn run() -> i32 {
     let cfg = match config::load(opts.clone(), &base) {
         Ok(c) => c,
         Err(e) => {
+            // A bad value given on the command line is a usage error, as
+            // clap's own are; one in the file (or the two together) is not.
+            let flags = Options {
+                config: None,
+                ..opts.clone()
+            };
+            if let Err(e) = config::load(flags, &base) {
+                logging::say(&e);
+                return 2;
+            }
             logging::say(&e);
             return 1;
         }
@@ -222,9 +232,6 @@ fn start(
     notify: Option<systemd::Notify>,
 ) -> Result<(Vec<listen::Listener>, master::Handoff, bool), String> {
     let (mut listeners, activated) = listeners(cfg, identity)?;
-    for l in &listeners {
-        info!("listening on {}", l.name());
-    }
     let mut pidfile = cfg
         .pidfile
         .as_deref()
@@ -239,6 +246,10 @@ fn start(
         }
         Some(ready)
     };
+    // Said once detached, so that the lines carry the master's pid.
+    for l in &listeners {
+        info!("listening on {}", l.name());
+    }
     if let Some(p) = &mut pidfile {
         p.write_pid()
             .map_err(|e| format!("cannot write the pidfile: {}", logging::error_text(&e)))?;
@@ -296,8 +307,11 @@ fn inetd(cfg: &config::Config, identity: &daemon::Identity) -> i32 {
     let stdin = unsafe { sys::inherited_fd(0) };
     let Some(conn) = stdin.filter(|fd| getsockopt(fd, sockopt::SockType).is_ok()) else {
         error!("--inetd: standard input is not a socket");
-        // Not a socket, so not the client either: safe to say it there too.
-        logging::say("--inetd: standard input is not a socket");
+        if cfg.log != LogTarget::Stderr {
+            // Not a socket, so not the client either: safe to say it there
+            // too (unless the line above just went there).
+            logging::say("--inetd: standard input is not a socket");
+        }
         return 1;
     };
     if let Err(e) = sys::set_nonblocking(&conn) {

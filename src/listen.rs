@@ -127,9 +127,9 @@ impl ListenAddr {
         // (port, IPv4 covered, IPv6 covered, the one address if not a wildcard)
         let scope = |a: &ListenAddr| match *a {
             Any(port) => Some((port, true, true, None)),
-            Tcp(sa) if sa.ip().is_unspecified() => {
-                Some((sa.port(), sa.is_ipv4(), sa.is_ipv6(), None))
-            }
+            // `[::]` is dual-stack (IPV6_V6ONLY off, Linux's default, and
+            // what the daemon asks for): it takes the IPv4 port too.
+            Tcp(sa) if sa.ip().is_unspecified() => Some((sa.port(), true, sa.is_ipv6(), None)),
             Tcp(sa) => Some((sa.port(), false, false, Some(sa.ip()))),
             Unix(_) | Udp(_) | Metrics(_) => None,
         };
@@ -487,7 +487,9 @@ pub fn bind(addr: &ListenAddr, opts: &BindOptions) -> Result<Listener, String> {
                 other => other,
             }
         }
-        ListenAddr::Tcp(sa) => bind_ip(*sa, backlog, false, udp),
+        // `[::]` given explicitly is dual-stack too, whatever the
+        // system's default (net.ipv6.bindv6only).
+        ListenAddr::Tcp(sa) => bind_ip(*sa, backlog, sa.is_ipv6() && sa.ip().is_unspecified(), udp),
         _ => unreachable!("only IP addresses come here"),
     };
     if let ListenAddr::Metrics(inner) = addr {

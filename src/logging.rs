@@ -303,6 +303,12 @@ pub fn error_text(e: &io::Error) -> String {
     }
 }
 
+/// `n` and `one` or `many`, as `n` says: "1 connection", "2 connections".
+pub fn counted(n: impl Into<u64>, one: &str, many: &str) -> String {
+    let n = n.into();
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 /// How often a repeated warning (a limit hit, an accept or fork error) is
 /// logged at most.
 pub const REPORT_EVERY: Duration = Duration::from_secs(10);

@@ -85,12 +85,12 @@ mod tests {
     #[test]
     fn fixed_settings_are_kept_and_named() {
         let conf = |args: &[&str]| {
-            let mut all = vec!["echo-forkd"];
+            let mut all = vec!["echo-forkd", "-f"];
             all.extend_from_slice(args);
             resolve(Options::parse_from(all)).unwrap()
         };
         let current = conf(&["-p", "/run/a.pid", "-w", "2"]);
-        let mut new = conf(&["-p", "/run/b.pid", "-w", "5", "--log", "stderr"]);
+        let mut new = conf(&["-p", "/run/b.pid", "-w", "5", "--log", "syslog"]);
         let mut kept = keep_fixed(&current, &mut new);
         kept.sort();
         assert_eq!(kept, ["log", "pidfile"]);

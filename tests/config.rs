@@ -54,8 +54,103 @@ fn a_bad_cidr_is_a_config_error_naming_it() {
     let good = launch_stdout(&["-t", "-l", "127.0.0.1:0", "--deny", "10.0.0.0/8"]);
     assert_eq!(good.0, 0, "{}", good.1);
     let (code, err) = launch(&["-t", "-l", "127.0.0.1:0", "--allow", "10.0.0.1/8"]);
-    assert_eq!(code, 1);
+    assert_eq!(code, 2, "a bad value given as a flag is a usage error");
     assert!(err.contains("10.0.0.1/8"), "{err}");
+}
+
+#[test]
+fn bad_values_given_as_flags_exit_2_naming_them() {
+    for (args, says) in [
+        (&["-l", "example.com:7"][..], "names are not resolved"),
+        (&["-l", "::1:7107"], "IPv6 in brackets"),
+        (&["-l", "127.0.0.1:70000"], "from 0 to 65535"),
+        (&["-w", "0"], "workers must be at least 1"),
+        (&["--max-workers", "5000"], "max-workers (5000)"),
+        (&["-l", "[::]:7107", "-l", "0.0.0.0:7107"], "dual-stack"),
+        (&["-l", "*:7107", "-l", "127.0.0.1:7107"], "dual-stack"),
+        (&["-l", "127.0.0.1:0", "--log", "stderr"], "needs -f"),
+    ] {
+        let mut all = vec!["-t"];
+        all.extend_from_slice(args);
+        let (code, err) = launch(&all);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "one line: {err}");
+    }
+    // The same clash in a file is the file's: exit 1, named with its line.
+    let dir = TempDir::new("dual");
+    let f = dir.path("dual.toml");
+    std::fs::write(
+        &f,
+        "mode = \"fork\"\nlisten = [\"[::]:7107\", \"0.0.0.0:7107\"]\n",
+    )
+    .unwrap();
+    let (code, err) = launch(&["-t", "-c", f.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("line 2") && err.contains("dual-stack"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_values_in_the_file_name_the_file_and_line_also_on_reload() {
+    let dir = TempDir::new("fileline");
+    let f = dir.path("echo.toml");
+    let path = f.to_str().unwrap();
+    let bad = "listen = [\"127.0.0.1:0\"]\n# a comment\nworkers = 0\n";
+    std::fs::write(&f, bad).unwrap();
+    let (code, err) = launch(&["-t", "-c", path]);
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(
+        err.trim(),
+        format!("echo-forkd: config {path}: line 3: workers must be at least 1")
+    );
+    // A slip of the keyboard gets a suggestion, as on the command line.
+    std::fs::write(&f, "max-chidlren = 3\n").unwrap();
+    let (code, err) = launch(&["-t", "-c", path]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("line 1") && err.contains("did you mean `max-children`"),
+        "{err}"
+    );
+    // The same words when a reload finds it.
+    std::fs::write(
+        &f,
+        "listen = [\"127.0.0.1:0\"]\nworkers = 1\nmin-spare = 0\n",
+    )
+    .unwrap();
+    let d = Daemon::start(&["-c", path]);
+    std::fs::write(&f, bad).unwrap();
+    d.signal(Signal::SIGHUP);
+    let line = d
+        .wait_line("reload failed", DEADLINE)
+        .expect("a failed reload");
+    assert!(
+        line.contains(&format!(
+            "config {path}: line 3: workers must be at least 1"
+        )),
+        "{line}"
+    );
+}
+
+#[test]
+fn localhost_is_the_loopback_address() {
+    let d = Daemon::start(&["-l", "localhost:0", "-w", "1", "--min-spare", "0"]);
+    let addr = d.addr();
+    assert_eq!(addr.ip(), std::net::Ipv4Addr::LOCALHOST);
+    assert_eq!(echo_all(addr, b"local"), b"local");
+}
+
+#[test]
+fn inetd_mode_says_its_error_once() {
+    let (code, err) = launch(&["--inetd", "--log", "stderr"]);
+    assert_eq!(code, 1);
+    assert_eq!(
+        err.matches("standard input is not a socket").count(),
+        1,
+        "{err}"
+    );
 }
 
 #[test]
@@ -93,7 +188,7 @@ fn values_check_accepts_never_crash_the_daemon() {
         "{err}"
     );
     let (code, err) = launch(&["-t", "--max-session", "18446744073709551615"]);
-    assert_eq!(code, 1);
+    assert_eq!(code, 2, "a flag's value: a usage error");
     assert!(err.contains("max-session"), "{err}");
     // Every ceiling at once: served, reloaded and stopped cleanly.
     let top = "2592000";
@@ -154,7 +249,9 @@ fn check_refuses_what_could_only_fail_later() {
         all.extend(&args);
         // launch() fails the test if -t hangs (a FIFO with no writer).
         let (code, err) = launch(&all);
-        assert_eq!(code, 1, "-t accepted {args:?}");
+        // A flag's value is a usage error (2), a file's is not (1).
+        let flags_only = !args.contains(&"-c");
+        assert_eq!(code, if flags_only { 2 } else { 1 }, "-t accepted {args:?}");
         assert!(err.contains(want), "{args:?}: {err}");
     }
 }

@@ -232,3 +232,30 @@ fn serves_while_its_stderr_reader_is_stalled() {
     }
     assert!(reported, "the dropped lines were never reported");
 }
+
+#[test]
+fn a_detached_daemon_logs_its_listeners_with_the_masters_pid() {
+    let dir = TempDir::new("detached-log");
+    let path = dir.path("log");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    let pidfile = dir.path("pid");
+    let d = Detached::start(
+        &[
+            "-l",
+            "127.0.0.1:0",
+            "-w",
+            "1",
+            "--min-spare",
+            "0",
+            "--syslog-socket",
+            path.to_str().unwrap(),
+            "-p",
+            pidfile.to_str().unwrap(),
+        ],
+        &pidfile,
+    )
+    .unwrap_or_else(|e| panic!("did not start: {e:?}"));
+    let line = recv_until(&sock, |l| l.contains("listening on ")).expect("no listening line");
+    let (_, pid, _) = parse(&line);
+    assert_eq!(pid, d.pid, "logged by the launcher, not the master: {line}");
+}

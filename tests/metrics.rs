@@ -252,7 +252,7 @@ fn stuck_metrics_clients_delay_neither_echo_nor_a_second_scrape() {
 #[test]
 fn the_metrics_address_is_checked_like_a_listener() {
     let (code, err) = launch(&["-l", "127.0.0.1:7107", "--metrics", "127.0.0.1:7107", "-t"]);
-    assert_eq!(code, 1);
+    assert_eq!(code, 2);
     assert!(err.contains("overlap"), "{err}");
     let (code, err) = launch(&["--metrics", "udp:127.0.0.1:9"]);
     assert_ne!(code, 0);

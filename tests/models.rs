@@ -154,7 +154,7 @@ fn fork_mode_at_its_limit_says_so_and_counts_it() {
     d.signal(Signal::SIGUSR1);
     let status = d.wait_line("status: ", DEADLINE).unwrap();
     assert!(
-        status.contains("limit reached 1 times"),
+        status.contains("limit reached 1 time,"),
         "{status}\n{}",
         d.stderr_text()
     );

@@ -249,7 +249,7 @@ fn max_per_ip_behind_a_proxy(mode: &str) {
 #[test]
 fn proxy_protocol_needs_trusted_proxies() {
     let (code, err) = launch(&["-l", "127.0.0.1:0", "--proxy-protocol", "-t"]);
-    assert_eq!(code, 1);
+    assert_eq!(code, 2);
     assert!(err.contains("trusted-proxy"), "{err}");
     let (code, err) = launch(&[
         "-l",
@@ -259,7 +259,7 @@ fn proxy_protocol_needs_trusted_proxies() {
         "10.0.0.1/8",
         "-t",
     ]);
-    assert_eq!(code, 1);
+    assert_eq!(code, 2);
     assert!(
         err.contains("trusted-proxy") && err.contains("10.0.0.1/8"),
         "{err}"

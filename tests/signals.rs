@@ -376,3 +376,64 @@ fn usr1_logs_a_status_line_naming_each_worker() {
     assert_eq!(named.matches(" busy ").count(), 1, "{named}");
     assert_eq!(named.matches(" idle ").count(), 2, "{named}");
 }
+
+#[test]
+fn a_second_term_makes_the_stop_immediate_and_says_so() {
+    let mut d = Daemon::start(&[
+        "-l",
+        "127.0.0.1:0",
+        "-w",
+        "1",
+        "--min-spare",
+        "0",
+        "--shutdown-timeout",
+        "60",
+    ]);
+    let mut held = connect(d.addr());
+    assert_eq!(round_trip(&mut held, b"hold").unwrap(), b"hold");
+    d.signal(Signal::SIGTERM);
+    assert!(d
+        .wait_line("stopping; open connections may continue", DEADLINE)
+        .is_some());
+    d.signal(Signal::SIGTERM);
+    assert!(
+        d.wait_line(
+            "SIGTERM again: the stop is now immediate; killing 1 child",
+            DEADLINE
+        )
+        .is_some(),
+        "{}",
+        d.stderr_text()
+    );
+    let status = d.wait_exit(DEADLINE).expect("it exits now, not in 60 s");
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn refusals_are_reported_in_words_that_agree_with_the_count() {
+    let d = Daemon::start(&[
+        "-l",
+        "127.0.0.1:0",
+        "-w",
+        "1",
+        "--min-spare",
+        "0",
+        "--deny",
+        "127.0.0.1/32",
+    ]);
+    let mut s = connect(d.addr());
+    let mut b = [0u8; 1];
+    assert!(
+        matches!(s.read(&mut b), Ok(0) | Err(_)),
+        "denied, yet served"
+    );
+    assert!(
+        d.wait_line(
+            "refused 1 connection (allow/deny rules) since the last report; 1 in all",
+            DEADLINE
+        )
+        .is_some(),
+        "{}",
+        d.stderr_text()
+    );
+}

@@ -162,7 +162,7 @@ fn filtered_sources_get_no_answer(mode: &str) {
         assert!(line.contains("port 1"), "{line}");
     }
     assert!(
-        d.wait_line("datagrams unanswered (allow/deny rules)", DEADLINE)
+        d.wait_line("dropped 1 datagram unanswered (allow/deny rules)", DEADLINE)
             .is_some(),
         "the drop was not logged"
     );

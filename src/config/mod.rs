@@ -134,11 +134,20 @@ pub mod defaults {
 ///
 /// Errors are one line, naming the file (and line) or the option at fault.
 pub fn load(cli: Options, base: &Path) -> Result<Config, String> {
-    let merged = match &cli.config {
-        Some(path) => cli.clone().over(read_file(&base.join(path))?),
-        None => cli,
+    let Some(path) = cli.config.clone() else {
+        return checked(resolve(cli)?.anchored(base));
     };
-    let cfg = resolve(merged)?.anchored(base);
+    let path = base.join(path);
+    let (file, text) = read_file(&path)?;
+    // A setting wrong in the file is named with its line.
+    resolve(cli.over(file))
+        .map(|c| c.anchored(base))
+        .and_then(checked)
+        .map_err(|e| format!("config {}: {}", path.display(), locate(&text, e)))
+}
+
+/// The checks made once relative paths are anchored.
+fn checked(cfg: Config) -> Result<Config, String> {
     for a in &cfg.listen {
         match a {
             ListenAddr::Unix(path) => check_unix_path(path)?,
@@ -151,6 +160,73 @@ pub fn load(cli: Options, base: &Path) -> Result<Config, String> {
         }
     }
     Ok(cfg)
+}
+
+/// Every key a config file may have (the long options that are not
+/// command-line only).
+fn keys() -> Vec<String> {
+    use clap::CommandFactory;
+    const CLI_ONLY: [&str; 6] = ["foreground", "config", "check", "inetd", "help", "version"];
+    Options::command()
+        .get_arguments()
+        .filter_map(|a| a.get_long())
+        .filter(|l| !CLI_ONLY.contains(l))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Prefixes `msg`, an error about a setting, with the line of the file
+/// `text` that sets the key it names first (`line 3: …`), if any does.
+fn locate(text: &str, msg: String) -> String {
+    let named = keys()
+        .into_iter()
+        .filter_map(|k| {
+            // A whole word of the message: "max-workers" is not "workers".
+            let at = msg.match_indices(k.as_str()).find(|(i, _)| {
+                let before = msg[..*i].chars().next_back();
+                let after = msg[i + k.len()..].chars().next();
+                !before.is_some_and(|c| c.is_alphanumeric() || c == '-')
+                    && !after.is_some_and(|c| c.is_alphanumeric() || c == '-')
+            })?;
+            let line = text.lines().position(|l| {
+                l.trim_start()
+                    .strip_prefix(k.as_str())
+                    .is_some_and(|rest| rest.trim_start().starts_with('='))
+            })?;
+            Some((at.0, line + 1))
+        })
+        .min();
+    match named {
+        Some((_, line)) => format!("line {line}: {msg}"),
+        None => msg,
+    }
+}
+
+/// The key of `keys` nearest to `word` (a typing slip away), if one is.
+fn nearest(word: &str, keys: &[String]) -> Option<String> {
+    keys.iter()
+        .map(|k| (edit_distance(word, k), k))
+        .filter(|(d, k)| *d <= 2.max(k.len() / 4))
+        .min()
+        .map(|(_, k)| k.clone())
+}
+
+/// Levenshtein distance, for "did you mean".
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diag = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let next = (row[j + 1] + 1)
+                .min(row[j] + 1)
+                .min(diag + usize::from(ca != *cb));
+            diag = row[j + 1];
+            row[j + 1] = next;
+        }
+    }
+    row[b.len()]
 }
 
 /// A unix socket path must fit in `sockaddr_un` (with its NUL), once it
@@ -173,7 +249,8 @@ fn check_unix_path(path: &Path) -> Result<(), String> {
 /// The file is opened without blocking (a FIFO would otherwise wait for a
 /// writer, and the master with it) and must be a regular file of at most
 /// [`ceiling::CONFIG_BYTES`].
-pub fn read_file(path: &Path) -> Result<Options, String> {
+/// Returns the options and the text they were read from.
+pub fn read_file(path: &Path) -> Result<(Options, String), String> {
     use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
     let shown = path.display();
@@ -210,13 +287,24 @@ pub fn read_file(path: &Path) -> Result<Options, String> {
             ceiling::CONFIG_BYTES
         ));
     }
-    parse_file(&text).map_err(|e| format!("config {shown}: {e}"))
+    let options = parse_file(&text).map_err(|e| format!("config {shown}: {e}"))?;
+    Ok((options, text))
 }
 
 /// Parses the text of a config file; errors say the line and the key.
 pub fn parse_file(text: &str) -> Result<Options, String> {
     toml::from_str::<Options>(text).map_err(|e| {
-        let what = e.message().trim_end().replace('\n', " ");
+        let mut what = e.message().trim_end().replace('\n', " ");
+        // serde lists every key; one near the slip says more.
+        if let Some(word) = what
+            .strip_prefix("unknown field `")
+            .and_then(|r| r.split('`').next())
+        {
+            what = match nearest(word, &keys()) {
+                Some(k) => format!("unknown key `{word}`; did you mean `{k}`?"),
+                None => format!("unknown key `{word}` (the keys are the long options of --help)"),
+            };
+        }
         match e.span() {
             Some(span) => {
                 let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
@@ -275,7 +363,16 @@ pub fn resolve(o: Options) -> Result<Config, String> {
             return Err(if a == b {
                 format!("listen address {a} is given twice")
             } else {
-                format!("listen addresses {b} and {a} overlap: both would take the same port on the same address")
+                let dual = |x: &ListenAddr| {
+                    matches!(x, ListenAddr::Any(_))
+                        || matches!(x, ListenAddr::Tcp(sa) if sa.is_ipv6() && sa.ip().is_unspecified())
+                };
+                let why = if dual(a) || dual(b) {
+                    "the IPv6 wildcard is dual-stack and takes the IPv4 port too"
+                } else {
+                    "both would take the same port on the same address"
+                };
+                format!("listen addresses {b} and {a} overlap: {why}")
             });
         }
     }
@@ -394,6 +491,12 @@ pub fn resolve(o: Options) -> Result<Config, String> {
         ));
     }
 
+    if o.log == Some(LogTarget::Stderr) && !o.foreground && !o.inetd {
+        return Err(
+            "log stderr needs -f: once detached, standard error is /dev/null (use syslog, or -f under a service manager)"
+                .into(),
+        );
+    }
     // Under inetd stderr may be the client's socket: never log there unasked.
     let log = o.log.unwrap_or(if o.foreground && !o.inetd {
         LogTarget::Stderr

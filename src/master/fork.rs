@@ -156,8 +156,8 @@ impl Master {
         let max = self.cfg.max_children;
         match report {
             Some(pool::Report::Reached { unreported }) => warn!(
-                "max-children ({max}) reached: not accepting, new clients wait in the backlog ({} times, {unreported} more since the last report)",
-                self.fork.saturation.hits
+                "max-children ({max}) reached: not accepting, new clients wait in the backlog ({}, {unreported} more since the last report)",
+                crate::logging::counted(self.fork.saturation.hits, "time", "times")
             ),
             Some(pool::Report::Held(d)) => warn!(
                 "max-children ({max}) reached {} s ago: {} clients wait in the backlog",

@@ -238,7 +238,10 @@ impl Master {
         self.identity = p.identity;
         self.fork.policy = self.cfg.policy();
         log::set_max_level(self.cfg.log_level.filter());
-        info!("reloaded: generation {generation} serves; {retiring} old workers retiring");
+        info!(
+            "reloaded: generation {generation} serves; {} retiring",
+            crate::logging::counted(retiring as u64, "old worker", "old workers")
+        );
         self.announce_ready(now);
     }
 

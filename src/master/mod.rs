@@ -41,7 +41,7 @@ use crate::children::{Backoff, Children, IndexPool, EXIT_SETUP};
 use crate::config::{Config, Mode, Options, MAX_WORKERS_LIMIT};
 use crate::daemon::{Identity, PidFile, ReadyPipe};
 use crate::listen::Listener;
-use crate::logging::{RateLimit, REPORT_EVERY};
+use crate::logging::{counted, RateLimit, REPORT_EVERY};
 use crate::pool::{Pool, Saturation};
 use crate::reload::Planned;
 use crate::scoreboard::Scoreboard;
@@ -327,9 +327,9 @@ impl Master {
                 Some(_) if self.children.is_empty() => break,
                 Some(deadline) if now >= deadline && !self.life.killed => {
                     warn!(
-                        "shutdown timeout ({} s) reached: killing {} children",
+                        "shutdown timeout ({} s) reached: killing {}",
                         self.cfg.shutdown_timeout.as_secs(),
-                        self.children.len()
+                        counted(self.children.len() as u64, "child", "children")
                     );
                     self.kill_all();
                 }
@@ -504,7 +504,8 @@ impl Master {
     /// Begins a stop: listeners are closed at once, children are told to
     /// stop accepting; `immediate` kills them instead of letting them finish.
     fn stop(&mut self, now: Instant, immediate: bool, why: &str) {
-        if self.life.stop_deadline.is_none() {
+        let again = self.life.stop_deadline.is_some();
+        if !again {
             if immediate {
                 info!("{why}: stopping now");
             } else {
@@ -525,6 +526,12 @@ impl Master {
             self.notify("STOPPING=1\nSTATUS=stopping");
         }
         if immediate && !self.life.killed {
+            if again && !self.children.is_empty() {
+                info!(
+                    "{why} again: the stop is now immediate; killing {}",
+                    counted(self.children.len() as u64, "child", "children")
+                );
+            }
             self.kill_all();
         }
     }

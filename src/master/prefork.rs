@@ -189,8 +189,9 @@ impl Master {
             pool::Action::AtMax => {
                 if let Some(more) = self.prefork.at_max.hit(now) {
                     warn!(
-                        "max-workers ({}) reached: all busy, new clients wait in the backlog ({} times, {more} since the last report)",
-                        bounds.max_workers, self.prefork.at_max.total()
+                        "max-workers ({}) reached: all busy, new clients wait in the backlog ({}, {more} since the last report)",
+                        bounds.max_workers,
+                        crate::logging::counted(self.prefork.at_max.total(), "time", "times")
                     );
                 }
             }

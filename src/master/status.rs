@@ -9,7 +9,7 @@ use nix::unistd::Pid;
 use super::{Master, TICK};
 use crate::children::Role;
 use crate::config::Mode;
-use crate::logging::REPORT_EVERY;
+use crate::logging::{counted, REPORT_EVERY};
 use crate::scoreboard::{Dropped, Refusal, State};
 
 /// The most workers the USR1 line names one by one.
@@ -113,12 +113,12 @@ impl Master {
         };
         let text = match self.cfg.mode {
             Mode::Prefork => format!(
-                "mode prefork, generation {}, workers {} (busy {busy}, idle {idle}{starting}; floor {}, max {}, max reached {} times), connections served {served}{refused}, uptime {uptime} s",
+                "mode prefork, generation {}, workers {} (busy {busy}, idle {idle}{starting}; floor {}, max {}, max reached {}), connections served {served}{refused}, uptime {uptime} s",
                 self.life.generation,
                 self.children.workers(),
                 self.cfg.workers,
                 self.cfg.max_workers,
-                self.prefork.at_max.total()
+                counted(self.prefork.at_max.total(), "time", "times")
             ),
             Mode::Event => format!(
                 "mode event, generation {}, workers {} (busy {busy}, idle {idle}{starting}), open connections {open} (at most {} per worker), connections served {served}{refused}, uptime {uptime} s",
@@ -127,12 +127,12 @@ impl Master {
                 self.cfg.worker_connections
             ),
             Mode::Fork => format!(
-                "mode fork, generation {}, children {} of at most {}, connections {}, limit reached {} times{refused}, uptime {uptime} s",
+                "mode fork, generation {}, children {} of at most {}, connections {}, limit reached {}{refused}, uptime {uptime} s",
                 self.life.generation,
                 self.children.conns(),
                 self.cfg.max_children,
                 self.fork.accepted + served,
-                self.fork.saturation.hits
+                counted(self.fork.saturation.hits, "time", "times")
             ),
         };
         format!(
@@ -178,7 +178,8 @@ impl Master {
             {
                 if n > 0 {
                     warn!(
-                        "refused {n} connections ({}) since the last report; {all} in all",
+                        "refused {} ({}) since the last report; {all} in all",
+                        counted(n, "connection", "connections"),
                         why.name()
                     );
                 }
@@ -193,7 +194,8 @@ impl Master {
             {
                 if n > 0 {
                     warn!(
-                        "dropped {n} datagrams unanswered ({}) since the last report; {all} in all",
+                        "dropped {} unanswered ({}) since the last report; {all} in all",
+                        counted(n, "datagram", "datagrams"),
                         why.describe()
                     );
                 }

@@ -219,9 +219,9 @@ impl Master {
         let handover = self.handover(now);
         let fds = handover.fds();
         info!(
-            "upgrading: re-executing {} with the same pid; {} children handed over",
+            "upgrading: re-executing {} with the same pid; {} handed over",
             self.source.exe.display(),
-            handover.children.len()
+            crate::logging::counted(handover.children.len() as u64, "child", "children")
         );
         self.notify(&format!(
             "RELOADING=1\nMONOTONIC_USEC={}",
@@ -412,8 +412,9 @@ impl Master {
             self.children.insert(Pid::from_raw(c.pid), child);
         }
         info!(
-            "upgraded to version {}: {n} children of generation {old} adopted; generation {} starting",
+            "upgraded to version {}: {} of generation {old} adopted; generation {} starting",
             env!("CARGO_PKG_VERSION"),
+            crate::logging::counted(n as u64, "child", "children"),
             self.life.generation
         );
     }
@@ -427,8 +428,9 @@ impl Master {
                     g <= old
                 });
             info!(
-                "upgraded: generation {} serves; {retiring} old workers retiring",
-                self.life.generation
+                "upgraded: generation {} serves; {} retiring",
+                self.life.generation,
+                crate::logging::counted(retiring as u64, "old worker", "old workers")
             );
         }
     }
