@@ -200,3 +200,229 @@ fn man_page_parser_sees_flags_in_all_their_forms() {
     let found: Vec<String> = man_options(page).into_iter().collect();
     assert_eq!(found, ["--foreground", "--log", "--max-workers"]);
 }
+
+/// The commands of the man page's EXAMPLES (after `# `) and of the
+/// README's `sh` blocks, continuation lines joined, comments dropped: (where
+/// it is written, the command).
+fn documented_commands() -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let man = read("man/echo-forkd.8");
+    let examples = man
+        .split(".Sh EXAMPLES")
+        .nth(1)
+        .and_then(|s| s.split("\n.Sh ").next())
+        .unwrap_or_default();
+    let mut pending = String::new();
+    for line in examples.lines() {
+        let line = line.strip_prefix(".Dl ").unwrap_or(line);
+        let text = if pending.is_empty() {
+            match line.strip_prefix("# ") {
+                Some(t) => t,
+                None => continue,
+            }
+        } else {
+            line.trim_start()
+        };
+        match text.strip_suffix("\\e") {
+            Some(head) => pending.push_str(head),
+            None => {
+                pending.push_str(text);
+                out.push(("man page".to_string(), std::mem::take(&mut pending)));
+            }
+        }
+    }
+    let readme = read("README.md");
+    for block in readme.split("```sh\n").skip(1) {
+        let block = block.split("```").next().unwrap_or_default();
+        let mut pending = String::new();
+        for line in block.lines() {
+            let line = line.split("  #").next().unwrap_or(line).trim_end();
+            match line.strip_suffix('\\') {
+                Some(head) => pending.push_str(head),
+                None => {
+                    pending.push_str(line);
+                    let cmd = std::mem::take(&mut pending).trim().to_string();
+                    if !cmd.is_empty() {
+                        out.push(("README".to_string(), cmd));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The words of a command line: split at blanks, quotes removed.
+fn words(cmd: &str) -> Vec<String> {
+    cmd.split_whitespace()
+        .map(|w| w.trim_matches(|c| c == '\'' || c == '"').to_string())
+        .collect()
+}
+
+/// Every documented command that runs echo-forkd is run as written on this
+/// machine, with what must differ here substituted: a free port for the
+/// one written, a scratch pidfile, `nobody` for the `echo-forkd` user and
+/// an empty directory for the chroot where the package is not installed.
+/// A daemon it starts must echo, then is stopped. Commands that need root
+/// are skipped, saying so, without it; systemctl lines run under a real
+/// systemd in CI (`.ci/systemd-check`).
+#[test]
+fn documented_commands_run_as_written() {
+    use crate::util::{echo_all, Daemon, TempDir};
+    let root = nix::unistd::geteuid().is_root();
+    let dir = TempDir::new("examples");
+    let pidfile = dir.path("echo-forkd.pid");
+    let jail = dir.path("jail");
+    std::fs::create_dir(&jail).unwrap();
+    let user = if nix::unistd::User::from_name("echo-forkd")
+        .ok()
+        .flatten()
+        .is_some()
+    {
+        "echo-forkd"
+    } else {
+        "nobody"
+    };
+    // The packaged config, with its user where the package is missing.
+    let conf = dir.path("echo-forkd.conf");
+    let packaged =
+        read("packaging/echo-forkd.conf").replace("\"echo-forkd\"", &format!("\"{user}\""));
+    let group = if user == "nobody" {
+        "nogroup"
+    } else {
+        "echo-forkd"
+    };
+    std::fs::write(
+        &conf,
+        packaged.replacen(
+            &format!("group = \"{user}\""),
+            &format!("group = \"{group}\""),
+            1,
+        ),
+    )
+    .unwrap();
+    let mut ran = 0;
+    for (place, cmd) in documented_commands() {
+        let steps: Vec<&str> = cmd.split("&&").map(str::trim).collect();
+        let Some(first) = steps.first() else { continue };
+        let mut w = words(first);
+        if w.first().map(String::as_str) == Some("cargo") && w.iter().any(|x| x == "--") {
+            // `cargo run --release -- ARGS`: the built binary with ARGS.
+            let at = w.iter().position(|x| x == "--").unwrap_or(0);
+            w = std::iter::once("echo-forkd".to_string())
+                .chain(w[at + 1..].iter().cloned())
+                .collect();
+        }
+        if w.first().map(String::as_str) != Some("echo-forkd") {
+            continue;
+        }
+        let needs_root = w.iter().any(|x| x == "-u" || x == "--chroot");
+        if needs_root && !root {
+            println!("skipped (needs root): {cmd}");
+            continue;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let listen = format!("127.0.0.1:{port}");
+        let mut args: Vec<String> = Vec::new();
+        let mut has_listen = false;
+        let mut it = w[1..].iter();
+        while let Some(a) = it.next() {
+            let value =
+                |it: &mut std::slice::Iter<'_, String>| it.next().cloned().unwrap_or_default();
+            match a.as_str() {
+                "-l" | "--listen" => {
+                    value(&mut it);
+                    args.extend(["-l".to_string(), listen.clone()]);
+                    has_listen = true;
+                }
+                "-p" | "--pidfile" => {
+                    value(&mut it);
+                    args.extend(["-p".to_string(), pidfile.display().to_string()]);
+                }
+                "-u" | "--user" => {
+                    value(&mut it);
+                    args.extend(["-u".to_string(), user.to_string()]);
+                }
+                "--chroot" => {
+                    let written = value(&mut it);
+                    let there = Path::new(&written).is_dir();
+                    let d = if there {
+                        written
+                    } else {
+                        jail.display().to_string()
+                    };
+                    args.extend(["--chroot".to_string(), d]);
+                }
+                "-c" | "--config" => {
+                    value(&mut it);
+                    args.extend(["-c".to_string(), conf.display().to_string()]);
+                }
+                _ => args.push(a.clone()),
+            }
+        }
+        let check = args.iter().any(|a| a == "-t");
+        if !has_listen && !check {
+            // The default [::]:7 is written as such; here, a free port.
+            args.extend(["-l".to_string(), listen.clone()]);
+        }
+        let addr: std::net::SocketAddr = listen.parse().unwrap();
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        println!("{place}: {cmd}\n  runs as: echo-forkd {}", args.join(" "));
+        ran += 1;
+        if check {
+            // Checked and, if it says so, HUP sent to a daemon running with
+            // the written pidfile.
+            let (code, err) = crate::util::launch(&refs);
+            assert_eq!(code, 0, "{place}: {cmd}: {err}");
+            if steps.len() > 1 {
+                let d = crate::util::Detached::start(
+                    &[
+                        "-l",
+                        &listen,
+                        "-p",
+                        pidfile.to_str().unwrap(),
+                        "--log",
+                        "syslog",
+                        "--syslog-socket",
+                        "/nonexistent",
+                    ],
+                    &pidfile,
+                )
+                .unwrap_or_else(|e| panic!("{place}: {cmd}: {e:?}"));
+                let hup = format!("kill -HUP \"$(cat {})\"", pidfile.display());
+                assert!(steps[1].starts_with("kill -HUP"), "{place}: {cmd}");
+                let ok = Command::new("sh").args(["-c", &hup]).status().unwrap();
+                assert!(ok.success(), "{place}: {hup}");
+                assert_eq!(echo_all(addr, b"after HUP"), b"after HUP", "{place}: {cmd}");
+                drop(d);
+            }
+            continue;
+        }
+        if args.iter().any(|a| a == "-f") {
+            let d = Daemon::start(
+                &refs[..]
+                    .iter()
+                    .filter(|a| **a != "-f")
+                    .copied()
+                    .collect::<Vec<_>>(),
+            );
+            assert_eq!(echo_all(addr, b"example"), b"example", "{place}: {cmd}");
+            drop(d);
+        } else {
+            let mut all = refs.clone();
+            if !args.iter().any(|a| a == "-p") {
+                all.extend(["-p", pidfile.to_str().unwrap()]);
+            }
+            let d = crate::util::Detached::start(&all, &pidfile)
+                .unwrap_or_else(|e| panic!("{place}: {cmd}: {e:?}"));
+            assert_eq!(echo_all(addr, b"example"), b"example", "{place}: {cmd}");
+            drop(d);
+            let _ = std::fs::remove_file(&pidfile);
+        }
+    }
+    assert!(ran >= 3, "only {ran} documented commands found");
+}
