@@ -264,8 +264,10 @@ fn words(cmd: &str) -> Vec<String> {
 /// one written, a scratch pidfile, `nobody` for the `echo-forkd` user and
 /// an empty directory for the chroot where the package is not installed.
 /// A daemon it starts must echo, then is stopped. Commands that need root
-/// are skipped, saying so, without it; systemctl lines run under a real
-/// systemd in CI (`.ci/systemd-check`).
+/// are skipped, saying so, without it. The other commands run in CI, as
+/// written: the systemctl lines under a real systemd (`.ci/systemd-check`),
+/// the README's package install (`.ci/package-check`) and its install from
+/// source (`.ci/source-install-check`).
 #[test]
 fn documented_commands_run_as_written() {
     use crate::util::{echo_all, Daemon, TempDir};
