@@ -428,3 +428,111 @@ fn documented_commands_run_as_written() {
     }
     assert!(ran >= 3, "only {ran} documented commands found");
 }
+
+/// The man page's `/etc/inetd.conf` line, under OpenBSD's inetd (Debian's
+/// openbsd-inetd, installed by CI): only the service (a free port on
+/// loopback), the user where the package is not installed, and the
+/// program's path differ. Two clients at once each get their own process.
+#[test]
+fn the_man_pages_inetd_line_serves_under_a_real_inetd() {
+    use crate::util::{wait_until, DEADLINE};
+    use std::io::{Read, Write};
+    use std::net::{SocketAddr, TcpListener, TcpStream};
+    let inetd = "/usr/sbin/inetd";
+    if !Path::new(inetd).exists() {
+        println!("skipped: no inetd here (Debian package openbsd-inetd)");
+        return;
+    }
+    if !nix::unistd::geteuid().is_root() {
+        println!("skipped: inetd runs a service as another user only as root");
+        return;
+    }
+    let man = read("man/echo-forkd.8");
+    let line = man
+        .split(".Pa /etc/inetd.conf :\n.Bd -literal -offset indent\n")
+        .nth(1)
+        .and_then(|s| s.lines().next())
+        .expect("the man page's EXAMPLES has an inetd.conf line");
+    let mut fields: Vec<String> = line.split_whitespace().map(String::from).collect();
+    assert!(fields.len() >= 7, "inetd.conf has 7 fields: {line}");
+    assert_eq!(fields[1..4], ["stream", "tcp", "nowait"], "{line}");
+    assert_eq!(fields[5], "/usr/sbin/echo-forkd", "{line}");
+    let user = if nix::unistd::User::from_name(&fields[4])
+        .ok()
+        .flatten()
+        .is_some()
+    {
+        fields[4].clone()
+    } else {
+        "nobody".to_string()
+    };
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    fields[0] = format!("127.0.0.1:{port}");
+    fields[4] = user.clone();
+    fields[5] = BIN.to_string();
+    let dir = crate::util::TempDir::new("inetd");
+    let conf = dir.path("inetd.conf");
+    std::fs::write(&conf, fields.join(" ") + "\n").unwrap();
+
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    // -d keeps it in the foreground; its chatter goes nowhere.
+    let inetd = Killed(
+        Command::new(inetd)
+            .args(["-d", "-i"])
+            .arg(&conf)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut a = None;
+    assert!(
+        wait_until(DEADLINE, || {
+            a = TcpStream::connect(addr).ok();
+            a.is_some()
+        }),
+        "inetd did not listen on {addr}"
+    );
+    let mut a = a.unwrap();
+    let mut b = TcpStream::connect(addr).unwrap();
+    for s in [&a, &b] {
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+    }
+    // b is served while a is still open: a process each.
+    for (s, msg) in [(&mut b, &b"second"[..]), (&mut a, &b"first"[..])] {
+        s.write_all(msg).unwrap();
+        let mut got = vec![0; msg.len()];
+        s.read_exact(&mut got).unwrap();
+        assert_eq!(got, msg, "{line}");
+    }
+    let served_as: Vec<String> = crate::util::proc_children(inetd.0.id() as i32)
+        .into_iter()
+        .filter_map(|(p, _)| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
+        .filter_map(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(String::from))
+        })
+        .collect();
+    let uid = nix::unistd::User::from_name(&user)
+        .unwrap()
+        .unwrap()
+        .uid
+        .to_string();
+    assert!(
+        served_as.iter().filter(|u| **u == uid).count() >= 2,
+        "two echo-forkd processes as {user} ({uid}) under inetd: {served_as:?}"
+    );
+}
