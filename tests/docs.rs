@@ -536,3 +536,86 @@ fn the_man_pages_inetd_line_serves_under_a_real_inetd() {
         "two echo-forkd processes as {user} ({uid}) under inetd: {served_as:?}"
     );
 }
+
+/// The man page's sample startup errors (DIAGNOSTICS) are what the binary
+/// says, word for word, with only the pid, the path and the line breaks of
+/// the page differing.
+#[test]
+fn the_man_pages_sample_errors_are_the_binarys() {
+    use crate::util::{launch, Detached, TempDir};
+    use std::os::unix::process::CommandExt;
+    let man = read("man/echo-forkd.8");
+    let block = man
+        .split("Startup errors name the thing and the cause, for example:\n.Bd -literal -offset indent\n")
+        .nth(1)
+        .and_then(|s| s.split("\n.Ed").next())
+        .expect("DIAGNOSTICS has sample errors");
+    let samples: Vec<String> = block
+        .replace("\n  ", " ")
+        .replace("\\(ga", "`")
+        .lines()
+        .map(String::from)
+        .collect();
+    let find = |start: &str| {
+        samples
+            .iter()
+            .find(|s| s.starts_with(start))
+            .unwrap_or_else(|| panic!("no sample starting {start:?}: {samples:?}"))
+            .clone()
+    };
+    // The error is the last line; a warning about syslog may come first.
+    let said = |err: &str| {
+        err.lines()
+            .last()
+            .unwrap_or_default()
+            .trim_start_matches("echo-forkd: ")
+            .to_string()
+    };
+
+    // A config with the sample's mistake on its line 3.
+    let dir = TempDir::new("samples");
+    let conf = dir.path("echo-forkd.conf");
+    std::fs::write(&conf, "mode = \"fork\"\n\nmax-chidlren = 100\n").unwrap();
+    let (code, err) = launch(&["-t", "-c", conf.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(
+        said(&err),
+        find("config ").replace("/etc/echo-forkd/echo-forkd.conf", conf.to_str().unwrap())
+    );
+
+    // A second start on the pidfile of a running daemon.
+    let pidfile = dir.path("echo-forkd.pid");
+    let p = pidfile.to_str().unwrap();
+    let args = ["-l", "127.0.0.1:0", "-w", "1", "--min-spare", "0", "-p", p];
+    let first = Detached::start(&args, &pidfile).unwrap();
+    let (code, err) = launch(&args);
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(
+        said(&err),
+        find("already running")
+            .replace("pid 812", &format!("pid {}", first.pid))
+            .replace("/run/echo-forkd/echo-forkd.pid", p)
+    );
+    drop(first);
+
+    // Port 7 without the privilege to bind it.
+    let start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        .ok()
+        .and_then(|s| s.trim().parse::<u16>().ok())
+        .unwrap_or(1024);
+    if start <= 7 {
+        println!("skipped the bind sample: ports from {start} need no privilege here");
+        return;
+    }
+    let mut cmd = Command::new("timeout");
+    cmd.args(["10", BIN, "-f", "-l", "0.0.0.0:7"]);
+    if nix::unistd::geteuid().is_root() {
+        cmd.uid(65534).gid(65534);
+    }
+    let out = cmd.output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(
+        said(&String::from_utf8_lossy(&out.stderr)),
+        find("cannot bind")
+    );
+}
