@@ -2,6 +2,7 @@
 //! (beyond closing a retired worker's control pipe), so it is unit-tested
 //! without forking.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
@@ -263,20 +264,24 @@ impl IndexPool {
 }
 
 /// How a reaped child ended, in words for the log; `abnormal` is true for a
-/// signal or a non-zero exit code.
-pub fn describe(status: &WaitStatus) -> (bool, String) {
+/// signal or a non-zero exit code. A clean exit, the common case,
+/// allocates nothing: in fork mode the
+/// master reaps a child per connection, and a heap write after a fork
+/// copies the page it lands on.
+pub fn describe(status: &WaitStatus) -> (bool, Cow<'static, str>) {
     match *status {
-        WaitStatus::Exited(_, 0) => (false, "exited".into()),
-        WaitStatus::Exited(_, code) => (true, format!("exited with status {code}")),
+        WaitStatus::Exited(_, 0) => (false, Cow::Borrowed("exited")),
+        WaitStatus::Exited(_, code) => (true, format!("exited with status {code}").into()),
         WaitStatus::Signaled(_, sig, core) => (
             true,
             format!(
                 "killed by signal {}{}",
                 sig.as_str(),
                 if core { " (core dumped)" } else { "" }
-            ),
+            )
+            .into(),
         ),
-        ref other => (false, format!("changed state ({other:?})")),
+        ref other => (false, format!("changed state ({other:?})").into()),
     }
 }
 

@@ -323,7 +323,7 @@ impl Master {
             // For the metrics: fork-mode children are the busy ones.
             self.scoreboard.set_fork_children(self.children.conns());
             match self.life.stop_deadline {
-                None => self.tend(now, ready.contains(&true)),
+                None => self.tend(now, ready),
                 Some(_) if self.children.is_empty() => break,
                 Some(deadline) if now >= deadline && !self.life.killed => {
                     warn!(
@@ -393,8 +393,8 @@ impl Master {
 
     /// Sleeps until a signal, a worker's notice, a listener (fork mode,
     /// under the limit) or the nearest deadline. Returns whether a notice
-    /// came, and which listeners are readable.
-    fn wait(&self) -> (bool, Vec<bool>) {
+    /// came, and whether a listener is readable.
+    fn wait(&self) -> (bool, bool) {
         let now = Instant::now();
         let serving = self.serving();
         let accepting = self.cfg.mode == Mode::Fork
@@ -407,7 +407,7 @@ impl Master {
             // and new clients wait in the kernel's backlog.
             && self.children.conns() < self.cfg.max_children as usize;
         let (Some(signals), Some(notice)) = (&self.signals, &self.notice_r) else {
-            return (false, Vec::new());
+            return (false, false);
         };
         let mut fds = Vec::with_capacity(2 + self.acceptor.listeners().len());
         fds.push(PollFd::new(signals.fd(), PollFlags::POLLIN));
@@ -441,7 +441,7 @@ impl Master {
             Err(e) => warn!("poll failed: {e}"),
         }
         let ready = |f: &PollFd<'_>| f.revents().is_some_and(|r| !r.is_empty());
-        (ready(&fds[1]), fds[2..].iter().map(ready).collect())
+        (ready(&fds[1]), fds[2..].iter().any(ready))
     }
 
     /// Empties the notice pipe; what the workers said is in the scoreboard.
