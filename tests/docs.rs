@@ -323,11 +323,7 @@ fn documented_commands_run_as_written() {
             println!("skipped (needs root): {cmd}");
             continue;
         }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = crate::util::free_port();
         let listen = format!("127.0.0.1:{port}");
         let mut args: Vec<String> = Vec::new();
         let mut has_listen = false;
@@ -437,7 +433,7 @@ fn documented_commands_run_as_written() {
 fn the_man_pages_inetd_line_serves_under_a_real_inetd() {
     use crate::util::{wait_until, DEADLINE};
     use std::io::{Read, Write};
-    use std::net::{SocketAddr, TcpListener, TcpStream};
+    use std::net::{SocketAddr, TcpStream};
     let inetd = "/usr/sbin/inetd";
     if !Path::new(inetd).exists() {
         println!("skipped: no inetd here (Debian package openbsd-inetd)");
@@ -466,27 +462,15 @@ fn the_man_pages_inetd_line_serves_under_a_real_inetd() {
     } else {
         "nobody".to_string()
     };
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = crate::util::free_port();
     fields[0] = format!("127.0.0.1:{port}");
     fields[4] = user.clone();
     fields[5] = BIN.to_string();
     let dir = crate::util::TempDir::new("inetd");
     let conf = dir.path("inetd.conf");
     std::fs::write(&conf, fields.join(" ") + "\n").unwrap();
-
-    struct Killed(std::process::Child);
-    impl Drop for Killed {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     // -d keeps it in the foreground; its chatter goes nowhere.
-    let inetd = Killed(
+    let inetd = crate::util::Killed(
         Command::new(inetd)
             .args(["-d", "-i"])
             .arg(&conf)

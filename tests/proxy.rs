@@ -2,34 +2,15 @@
 //! refused: an untrusted source, a trusted one without a header, one that
 //! sends nothing.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
 
 use super::*;
-
-/// A running HAProxy, killed on drop.
-struct Haproxy(Child);
-
-impl Drop for Haproxy {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A port free now on 127.0.0.1.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// HAProxy listening on two ports that forward to `backend`, one with
 /// `send-proxy` (v1), one with `send-proxy-v2`; `None` if it is not
 /// installed.
-fn haproxy(dir: &TempDir, backend: SocketAddr) -> Option<(Haproxy, SocketAddr, SocketAddr)> {
+fn haproxy(dir: &TempDir, backend: SocketAddr) -> Option<(Killed, SocketAddr, SocketAddr)> {
     let bin = ["/usr/sbin/haproxy", "haproxy"].into_iter().find(|b| {
         Command::new(b)
             .arg("-v")
@@ -59,7 +40,7 @@ fn haproxy(dir: &TempDir, backend: SocketAddr) -> Option<(Haproxy, SocketAddr, S
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let h = Haproxy(child);
+    let h = Killed(child);
     let (a, b) = (
         SocketAddr::from(([127, 0, 0, 1], v1)),
         SocketAddr::from(([127, 0, 0, 1], v2)),
