@@ -231,16 +231,25 @@ fn conn_rate(mode: &str) {
 
 in_every_mode!(conn_rate: conn_rate);
 
+/// A chroot directory for tests that remove it to make children fail to
+/// start (and bring it back); `None`, saying why, without root.
+fn jail(tag: &str) -> Option<(TempDir, std::path::PathBuf)> {
+    if !nix::unistd::geteuid().is_root() {
+        println!("skipped: needs root (a chroot that vanishes makes children fail to start)");
+        return None;
+    }
+    let dir = TempDir::new(tag);
+    let jail = dir.path("jail");
+    std::fs::create_dir(&jail).unwrap();
+    Some((dir, jail))
+}
+
 #[test]
 fn a_crash_loop_is_slowed_down_and_recovers() {
     let _heavy = heavy();
-    if !nix::unistd::geteuid().is_root() {
-        println!("skipped: needs root (a chroot that vanishes makes workers fail to start)");
+    let Some((_dir, jail)) = jail("crash") else {
         return;
-    }
-    let dir = TempDir::new("crash");
-    let jail = dir.path("jail");
-    std::fs::create_dir(&jail).unwrap();
+    };
     let d = Daemon::start(&[
         "-l",
         "127.0.0.1:0",
@@ -329,13 +338,9 @@ fn workers_killed_as_soon_as_they_appear_are_respawned_slowly() {
 #[test]
 fn one_failed_round_of_every_worker_costs_a_moment_not_half_a_minute() {
     let _heavy = heavy();
-    if !nix::unistd::geteuid().is_root() {
-        println!("skipped: needs root (a chroot that vanishes makes workers fail to start)");
+    let Some((_dir, jail)) = jail("badround") else {
         return;
-    }
-    let dir = TempDir::new("badround");
-    let jail = dir.path("jail");
-    std::fs::create_dir(&jail).unwrap();
+    };
     let d = Daemon::start(&[
         "-l",
         "127.0.0.1:0",
@@ -384,13 +389,9 @@ fn one_failed_round_of_every_worker_costs_a_moment_not_half_a_minute() {
 #[test]
 fn fork_mode_holds_clients_back_while_its_children_fail_to_start() {
     let _heavy = heavy();
-    if !nix::unistd::geteuid().is_root() {
-        println!("skipped: needs root (a chroot that vanishes makes children fail to start)");
+    let Some((_dir, jail)) = jail("forkfail") else {
         return;
-    }
-    let dir = TempDir::new("forkfail");
-    let jail = dir.path("jail");
-    std::fs::create_dir(&jail).unwrap();
+    };
     let d = Daemon::start(&[
         "-l",
         "127.0.0.1:0",
