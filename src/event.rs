@@ -170,31 +170,54 @@ impl Loop<'_> {
                     t => self.ready(t as usize, buf, now),
                 }
             }
-            if accept || (!self.listening && self.acceptor.paused_until(now).is_none()) {
+            self.expire(now);
+            if accept {
                 self.accept(buf, now);
             }
-            self.expire(now);
             self.recount_peers();
             if self.stopping && self.open == 0 {
                 return 0;
             }
+            // Last, after everything that may have freed room (a client's
+            // close, a deadline, a refusal) or ended a pause: whichever
+            // path it was, accepting resumes here.
+            self.arm(now);
             self.publish();
         }
     }
 
+    /// Puts the listeners in the epoll set while there is room and
+    /// accepting is not paused, and takes them out otherwise. A listener
+    /// put back with clients waiting is reported by the next wait. If
+    /// the set cannot take them (out of memory), accepting pauses, so
+    /// that the loop wakes to try again rather than sleep without them.
+    fn arm(&mut self, now: Instant) {
+        let room = !self.stopping && self.open < self.max_open;
+        let paused = self.acceptor.paused_until(now).is_some();
+        if let Err(e) = self.listen(room && !paused) {
+            warn!("cannot watch the listeners: {e}; retrying shortly");
+            self.acceptor.pause_for_a_while(now);
+        }
+    }
+
     /// Puts the listeners in the epoll set, or takes them out; a listener
-    /// a stopping worker closed is in no set any more.
+    /// a stopping worker closed is in no set any more. A listener already
+    /// there (or already gone) after a partial failure counts as done.
     fn listen(&mut self, on: bool) -> nix::Result<()> {
         if on == self.listening {
             return Ok(());
         }
         for (i, l) in self.acceptor.streams() {
             let token = CTL - 1 - i as u64;
-            if on {
+            let done = if on {
                 let flags = EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE;
-                self.epoll.add(l.as_fd(), EpollEvent::new(flags, token))?;
+                self.epoll.add(l.as_fd(), EpollEvent::new(flags, token))
             } else {
-                self.epoll.delete(l.as_fd())?;
+                self.epoll.delete(l.as_fd())
+            };
+            match done {
+                Ok(()) | Err(Errno::EEXIST | Errno::ENOENT) => {}
+                Err(e) => return Err(e),
             }
         }
         self.listening = on;
@@ -214,7 +237,7 @@ impl Loop<'_> {
     }
 
     /// Accepts while there is room, up to a batch; at the cap (or paused
-    /// after a resource error) the listeners leave the set.
+    /// after a resource error) [`Loop::arm`] takes the listeners out.
     fn accept(&mut self, buf: &mut [u8], now: Instant) {
         for _ in 0..ACCEPT_BATCH {
             if self.stopping || self.open >= self.max_open {
@@ -232,11 +255,6 @@ impl Loop<'_> {
                 );
                 self.stop();
             }
-        }
-        let room = !self.stopping && self.open < self.max_open;
-        let paused = self.acceptor.paused_until(now).is_some();
-        if let Err(e) = self.listen(room && !paused) {
-            warn!("cannot watch the listeners: {e}");
         }
     }
 

@@ -323,6 +323,68 @@ fn an_event_worker_at_its_cap_lets_the_next_client_wait_not_fail() {
     assert_eq!(round_trip(&mut second, b"still").unwrap(), b"still");
 }
 
+/// Fills every event worker to its cap with silent clients, lets a
+/// server-side limit (`limit`: `--idle-timeout` or `--max-session`, 1 s)
+/// close them all, closes them on the client side too, then checks that
+/// the next client is served: the room the deadlines freed must bring the
+/// listeners back, though nothing else happens to wake the loop.
+fn serves_again_once_deadlines_free_the_cap(workers: u32, cap: u32, limit: &str) {
+    let (w, c) = (workers.to_string(), cap.to_string());
+    let d = Daemon::start(&[
+        "-l",
+        "127.0.0.1:0",
+        "-m",
+        "event",
+        "-w",
+        &w,
+        "--worker-connections",
+        &c,
+        limit,
+        "1",
+    ]);
+    let addr = d.addr();
+    let mut held: Vec<TcpStream> = (0..workers * cap).map(|_| connect(addr)).collect();
+    // Every one of them is served (so each worker is at its cap) ...
+    for (i, s) in held.iter_mut().enumerate() {
+        let msg = format!("{i}");
+        assert_eq!(round_trip(s, msg.as_bytes()).unwrap(), msg.as_bytes());
+    }
+    // ... then goes quiet until the server ends it.
+    for s in &mut held {
+        let mut buf = [0u8; 1];
+        assert!(
+            matches!(s.read(&mut buf), Ok(0)),
+            "{limit} did not close a held connection"
+        );
+    }
+    drop(held);
+    let mut next = connect(addr);
+    assert_eq!(
+        round_trip(&mut next, b"next").ok().as_deref(),
+        Some(&b"next"[..]),
+        "the worker never accepted again after {limit} freed its cap of {cap}"
+    );
+}
+
+#[test]
+fn an_event_worker_at_its_cap_accepts_again_after_idle_timeouts() {
+    for cap in [1, 2, 3] {
+        serves_again_once_deadlines_free_the_cap(1, cap, "--idle-timeout");
+    }
+}
+
+#[test]
+fn an_event_worker_at_its_cap_accepts_again_after_max_session() {
+    for cap in [2, 8] {
+        serves_again_once_deadlines_free_the_cap(1, cap, "--max-session");
+    }
+}
+
+#[test]
+fn event_workers_at_their_caps_accept_again_after_a_quiet_slowloris() {
+    serves_again_once_deadlines_free_the_cap(2, 10, "--max-session");
+}
+
 /// Private memory (Private_Clean + Private_Dirty) of a process, in KiB.
 fn private_kib(pid: i32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
