@@ -271,6 +271,7 @@ impl IndexPool {
 pub fn describe(status: &WaitStatus) -> (bool, Cow<'static, str>) {
     match *status {
         WaitStatus::Exited(_, 0) => (false, Cow::Borrowed("exited")),
+        WaitStatus::Exited(_, EXIT_REFUSED) => (false, Cow::Borrowed("refused its client")),
         WaitStatus::Exited(_, code) => (true, format!("exited with status {code}").into()),
         WaitStatus::Signaled(_, sig, core) => (
             true,
@@ -306,12 +307,18 @@ pub const EXIT_ORPHAN: i32 = 3;
 pub const EXIT_SETUP: i32 = 4;
 /// Exit code of a child whose code panicked.
 pub const EXIT_PANIC: i32 = 70;
+/// Exit code of a fork-mode child that refused its client after reading
+/// what the master could not (behind a proxy: the header, then the rules
+/// and limits for the address it carries): a refusal, counted as such by
+/// the child, not a connection served. A clean end, not a failure.
+pub const EXIT_REFUSED: i32 = 5;
 
 /// Classifies a reaped child: `lived` since its fork; `ready` for a worker
 /// is whether it ever said so (a fork-mode child has nothing to say).
 pub fn classify(status: &WaitStatus, role: Role, lived: Duration, ready: bool) -> Exit {
     let abnormal = match *status {
         WaitStatus::Exited(_, 0) => false,
+        WaitStatus::Exited(_, EXIT_REFUSED) if role == Role::Conn => false,
         WaitStatus::Exited(_, code) if role == Role::Conn && code == EXIT_SETUP => {
             return Exit::FailedStart
         }
@@ -557,6 +564,11 @@ mod tests {
         assert_eq!(
             classify(&WaitStatus::Exited(pid, 0), c, young, false),
             Exit::Clean
+        );
+        assert_eq!(
+            classify(&WaitStatus::Exited(pid, EXIT_REFUSED), c, young, false),
+            Exit::Clean,
+            "a refusal is not a failure to start"
         );
         assert_eq!(classify(&killed, c, young, false), Exit::DiedYoung);
         assert_eq!(

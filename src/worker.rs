@@ -22,7 +22,7 @@ use crate::scoreboard::{Refusal, Scoreboard, Slot, State};
 use crate::sys::IoBuffer;
 use std::net::SocketAddr;
 
-pub use crate::children::{EXIT_ORPHAN, EXIT_SETUP};
+pub use crate::children::{EXIT_ORPHAN, EXIT_REFUSED, EXIT_SETUP};
 
 /// One buffer per process, reused for every connection.
 const BUF_SIZE: usize = 64 * 1024;
@@ -262,12 +262,14 @@ pub fn fork_child(conn: OwnedFd, tcp: bool, ctx: Ctx<'_>, buf: Option<&mut IoBuf
             &mut own
         }
     };
+    // A refusal is counted here, and the exit code tells the master not
+    // to count a connection served.
     let client = match identify(&conn, tcp, &ctx.policy) {
         Ok(client) => client,
         Err(why) => {
             ctx.board.refused(Refusal::Proxy);
             debug!("PROXY protocol: {why}; connection closed");
-            return 0;
+            return EXIT_REFUSED;
         }
     };
     if let (Some(client), Some(_)) = (client, &ctx.policy.proxy) {
@@ -275,7 +277,7 @@ pub fn fork_child(conn: OwnedFd, tcp: bool, ctx: Ctx<'_>, buf: Option<&mut IoBuf
         // address is known only now.
         if let Some(why) = ctx.fork_admit(access::key(client.ip())) {
             ctx.board.refused(why);
-            return 0;
+            return EXIT_REFUSED;
         }
     }
     let bytes = serve_conn(

@@ -142,7 +142,11 @@ in_every_mode!(untrusted_or_headerless_or_silent_is_refused: refused);
 
 fn refused(mode: &str) {
     // Only 127.0.0.7 may send a header.
-    let d = proxied(mode, "127.0.0.7/32", &["--metrics", "127.0.0.1:0"]);
+    let d = proxied(
+        mode,
+        "127.0.0.7/32",
+        &["--metrics", "127.0.0.1:0", "--deny", "10.6.6.6/32"],
+    );
     let addr = d.addr();
     // A valid header from anyone else is refused.
     let mut forged = connect_from([127, 0, 0, 1], addr);
@@ -154,6 +158,12 @@ fn refused(mode: &str) {
     let mut bare = connect_from([127, 0, 0, 7], addr);
     bare.write_all(b"no header here\r\n").unwrap();
     assert!(closed_unread(bare), "served without a header");
+    // A well-formed header whose client the rules deny.
+    let mut denied = connect_from([127, 0, 0, 7], addr);
+    denied
+        .write_all(b"PROXY TCP4 10.6.6.6 127.0.0.1 4000 7\r\ndenied")
+        .unwrap();
+    assert!(closed_unread(denied), "a denied client was served");
     // The header and the client's first bytes in one segment: the bytes
     // are the client's, and come back.
     let mut both = connect_from([127, 0, 0, 7], addr);
@@ -190,6 +200,16 @@ fn refused(mode: &str) {
     assert!(
         text.contains("echo_forkd_refused_total{reason=\"proxy\"} 3\n"),
         "{text}"
+    );
+    assert!(
+        text.contains("echo_forkd_refused_total{reason=\"deny\"} 1\n"),
+        "{text}"
+    );
+    // One meaning in every mode: of the five connections only one was
+    // served; the refused ones are refusals, not connections.
+    assert!(
+        text.contains("echo_forkd_connections_total 1\n"),
+        "{mode}: {text}"
     );
 }
 

@@ -12,7 +12,7 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 use super::Master;
-use crate::children::{classify, describe, Child, Exit, Role, QUICK_DEATH};
+use crate::children::{classify, describe, Child, Exit, Role, EXIT_REFUSED, QUICK_DEATH};
 use crate::scoreboard::{Exited, State};
 
 impl Master {
@@ -56,7 +56,9 @@ impl Master {
                 self.scoreboard.peers_rebuild();
             }
             if child.role == Role::Conn {
-                self.scoreboard.connections_ended(1);
+                if !matches!(status, WaitStatus::Exited(_, EXIT_REFUSED)) {
+                    self.scoreboard.connections_ended(1);
+                }
             } else {
                 self.scoreboard.exited(match status {
                     WaitStatus::Exited(_, 0) => Exited::Clean,
