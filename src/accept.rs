@@ -1,8 +1,9 @@
 //! Accepting connections, in one place for every process that does it
-//! (prefork workers, the fork-mode master): a fair rotation over the
-//! listeners, which accept errors are transient, the pause after a
-//! resource error (EMFILE returns at once, forever: retrying at once would
-//! spin), its rate-limited report, and a worker's wait for a connection.
+//! (prefork and event workers, the fork-mode master, the metrics worker):
+//! a fair rotation over the listeners, which accept errors are transient,
+//! the pause after a resource error (EMFILE returns at once, forever:
+//! retrying at once would spin), its rate-limited report, and a worker's
+//! wait for a connection.
 //!
 //! The wait wakes one process per connection, whatever the pool size. On
 //! Linux each worker has its own epoll instance in which every listener is
@@ -67,9 +68,19 @@ pub enum Wake {
     Stop,
 }
 
+/// Which stream listeners an acceptor takes connections from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Purpose {
+    /// The echo listeners (not `udp:`, not the metrics').
+    Echo,
+    /// The metrics' listener.
+    Metrics,
+}
+
 /// The listeners one process accepts from, and its accept state.
 pub struct Acceptor {
     listeners: Vec<Listener>,
+    purpose: Purpose,
     /// Where the next fair scan starts: after the listener served last.
     next: usize,
     paused_until: Option<Instant>,
@@ -83,10 +94,20 @@ pub struct Acceptor {
 const WATCHED: u64 = u64::MAX;
 
 impl Acceptor {
-    /// Accepts from `listeners`.
+    /// Accepts echo connections from `listeners`.
     pub fn new(listeners: Vec<Listener>) -> Acceptor {
+        Acceptor::with(listeners, Purpose::Echo)
+    }
+
+    /// Accepts metrics clients from `listeners`.
+    pub fn metrics(listeners: Vec<Listener>) -> Acceptor {
+        Acceptor::with(listeners, Purpose::Metrics)
+    }
+
+    fn with(listeners: Vec<Listener>, purpose: Purpose) -> Acceptor {
         Acceptor {
             listeners,
+            purpose,
             next: 0,
             paused_until: None,
             errors: RateLimit::new(REPORT_EVERY),
@@ -100,14 +121,21 @@ impl Acceptor {
         &self.listeners
     }
 
-    /// The listeners echo connections are accepted from, with their
-    /// index: not the `udp:` ones, which UDP workers read, nor the
+    /// The listeners connections are accepted from, with their index:
+    /// for echo, not the `udp:` ones, which UDP workers read, nor the
     /// metrics', which the metrics worker accepts from.
     pub fn streams(&self) -> impl Iterator<Item = (usize, &Listener)> + '_ {
         self.listeners
             .iter()
             .enumerate()
-            .filter(|(_, l)| !l.is_udp() && !l.is_metrics())
+            .filter(|(_, l)| self.takes(l))
+    }
+
+    fn takes(&self, l: &Listener) -> bool {
+        match self.purpose {
+            Purpose::Echo => !l.is_udp() && !l.is_metrics(),
+            Purpose::Metrics => l.is_metrics(),
+        }
     }
 
     /// Takes the listeners out (the acceptor is left with none).
@@ -150,7 +178,7 @@ impl Acceptor {
         let n = self.listeners.len();
         for k in 0..n {
             let i = (self.next + k) % n;
-            if self.listeners[i].is_udp() || self.listeners[i].is_metrics() {
+            if !self.takes(&self.listeners[i]) {
                 continue;
             }
             match self.listeners[i].accept() {

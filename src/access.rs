@@ -16,6 +16,18 @@ pub fn key(ip: IpAddr) -> u128 {
     }
 }
 
+/// What the per-source limits count a client at `key` by: an IPv4 client
+/// by its address, an IPv6 one by its first `ipv6_prefix` bits (a site
+/// gives a host a whole /64, so counting by address would let one host
+/// take 2^64 shares).
+pub fn source(key: u128, ipv6_prefix: u8) -> u128 {
+    if Ipv6Addr::from(key).to_ipv4_mapped().is_some() {
+        key
+    } else {
+        key & mask(ipv6_prefix.min(128))
+    }
+}
+
 /// The client's address as an [`key`], if it is an IP client.
 pub fn peer_key(conn: &std::os::fd::OwnedFd) -> Option<u128> {
     let addr = nix::sys::socket::getpeername::<nix::sys::socket::SockaddrStorage>(
@@ -184,11 +196,25 @@ pub struct Policy {
     pub max_per_ip: u32,
     /// 0 = no limit.
     pub max_conn_rate: u32,
+    /// IPv6 sources share the per-source limits by this prefix (0 is
+    /// taken as 128: every address on its own).
+    pub ipv6_prefix: u8,
     /// `--proxy-protocol`: the proxies trusted to send the header.
     pub proxy: Option<crate::proxy::Trusted>,
+    /// How long a trusted proxy has to send the header.
+    pub proxy_timeout: std::time::Duration,
 }
 
 impl Policy {
+    /// The source a client at `key` is counted as by the per-source
+    /// limits (see [`source`]).
+    pub fn source(&self, key: u128) -> u128 {
+        match self.ipv6_prefix {
+            0 => key,
+            len => source(key, len),
+        }
+    }
+
     /// Whether every client passes without a look at its address.
     pub fn is_open(&self) -> bool {
         self.rules.is_empty()
@@ -272,6 +298,30 @@ mod tests {
         assert_eq!(p.count(b), 0, "a release without an add is ignored");
         p.release(a);
         assert_eq!(p.count(a), 1);
+    }
+
+    #[test]
+    fn ipv6_sources_are_counted_by_their_network_ipv4_by_address() {
+        for (a, b, len, same) in [
+            ("2001:db8:1:2::1", "2001:db8:1:2:ffff::9", 64, true),
+            ("2001:db8:1:2::1", "2001:db8:1:3::1", 64, false),
+            ("2001:db8:1:2::1", "2001:db8:1:2::2", 128, false),
+            ("2001:db8:1:2::1", "2001:db8:1:3::1", 48, true),
+            ("192.0.2.1", "192.0.2.2", 64, false),
+            ("::ffff:192.0.2.1", "192.0.2.1", 64, true),
+        ] {
+            assert_eq!(
+                source(k(a), len) == source(k(b), len),
+                same,
+                "{a} and {b} by /{len}"
+            );
+        }
+        let p = Policy {
+            ipv6_prefix: 64,
+            ..Policy::default()
+        };
+        assert_eq!(p.source(k("192.0.2.7")), k("192.0.2.7"));
+        assert_eq!(p.source(k("2001:db8::7")), k("2001:db8::"));
     }
 
     #[test]

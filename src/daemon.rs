@@ -317,8 +317,9 @@ impl Drop for PidFile {
 
 /// Makes room for `need` open descriptors: raises the soft RLIMIT_NOFILE
 /// (never above the hard one) if it is lower. Err says, with the numbers,
-/// why there cannot be room; `why` names what needs them.
-pub fn ensure_nofile(need: u64, why: &str) -> Result<(), String> {
+/// why there cannot be room; `why` names what needs them, and `lower` the
+/// setting that would need fewer.
+pub fn ensure_nofile(need: u64, why: &str, lower: &str) -> Result<(), String> {
     let (soft, hard) = sys::nofile_limit();
     if need <= soft {
         return Ok(());
@@ -334,7 +335,7 @@ pub fn ensure_nofile(need: u64, why: &str) -> Result<(), String> {
         return Ok(());
     }
     Err(format!(
-        "{why} needs about {need} open descriptors, but RLIMIT_NOFILE is {soft} (hard limit {hard}); raise it (LimitNOFILE= under systemd, ulimit -n) or lower max-workers"
+        "{why} needs about {need} open descriptors, but RLIMIT_NOFILE is {soft} (hard limit {hard}); raise it (LimitNOFILE= under systemd, ulimit -n) or lower {lower}"
     ))
 }
 

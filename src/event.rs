@@ -259,7 +259,7 @@ impl Loop<'_> {
     }
 
     /// Checks a client at `key` against the rules and limits, counting it
-    /// for `--max-per-ip`: the key counted, if any, or why it is refused.
+    /// for `--max-per-ip`: the source counted, if any, or why it is refused.
     fn check(&self, key: u128) -> Result<Option<u128>, Refusal> {
         let policy = &self.ctx.policy;
         let board = self.ctx.board;
@@ -269,8 +269,9 @@ impl Loop<'_> {
         if policy.max_per_ip == 0 {
             return Ok(None);
         }
-        if board.peer_open(key, policy.max_per_ip) {
-            Ok(Some(key))
+        let source = policy.source(key);
+        if board.peer_open(source, policy.max_per_ip) {
+            Ok(Some(source))
         } else {
             Err(Refusal::PerIp)
         }
@@ -295,7 +296,10 @@ impl Loop<'_> {
                 debug!("PROXY protocol: not from a trusted proxy; connection closed");
                 return;
             };
-            header = Some((Box::new(proxy::Reader::new(now)), proxy));
+            header = Some((
+                Box::new(proxy::Reader::new(now, policy.proxy_timeout)),
+                proxy,
+            ));
         } else if tcp && !policy.is_open() {
             if let Some(key) = access::peer_key(&fd) {
                 match self.check(key) {

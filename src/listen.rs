@@ -617,7 +617,10 @@ fn bind_unix(path: &Path, opts: &BindOptions) -> Result<Listener, BindError> {
         move |errno| BindError { what, errno }
     };
     remove_stale(path).map_err(|(why, errno)| BindError {
-        what: format!("cannot bind {name}: {why}"),
+        what: match why {
+            Some(why) => format!("cannot bind {name}: {why}"),
+            None => format!("cannot bind {name}"),
+        },
         errno,
     })?;
     let fd = socket::socket(
@@ -663,35 +666,34 @@ fn bind_unix(path: &Path, opts: &BindOptions) -> Result<Listener, BindError> {
 }
 
 /// A socket file left by a dead server is removed; one that a live server
-/// answers on, or anything that is not a socket, is left alone.
-fn remove_stale(path: &Path) -> Result<(), (&'static str, Errno)> {
+/// answers on, or anything that is not a socket, is left alone. Err: why
+/// not, where the error's own words do not say it (a server answering
+/// is EADDRINUSE, whose hint says the rest), and the error.
+fn remove_stale(path: &Path) -> Result<(), (Option<&'static str>, Errno)> {
     let meta = match std::fs::symlink_metadata(path) {
         Ok(m) => m,
         Err(_) => return Ok(()),
     };
     if !meta.file_type().is_socket() {
-        return Err(("the path exists and is not a socket", Errno::EEXIST));
+        return Err((Some("the path exists and is not a socket"), Errno::EEXIST));
     }
     // A probe that never blocks: a live server with a full backlog answers
     // EAGAIN at once, where a blocking connect would wait for it to accept
     // (and hang startup, or the master during a reload).
-    let in_use = Err((
-        "a server is listening on it (is echo-forkd already running?)",
-        Errno::EADDRINUSE,
-    ));
+    let in_use = Err((None, Errno::EADDRINUSE));
     let probe = socket::socket(
         AddressFamily::Unix,
         SockType::Stream,
         SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
         None,
     )
-    .map_err(|e| ("cannot create a socket to probe it", e))?;
-    let ua = UnixAddr::new(path).map_err(|e| ("cannot use the path", e))?;
+    .map_err(|e| (Some("cannot create a socket to probe it"), e))?;
+    let ua = UnixAddr::new(path).map_err(|e| (Some("cannot use the path"), e))?;
     match socket::connect(probe.as_raw_fd(), &ua) {
         Ok(()) | Err(Errno::EAGAIN | Errno::EINPROGRESS) => in_use,
         Err(Errno::ECONNREFUSED) => std::fs::remove_file(path).map_err(|e| {
             (
-                "cannot remove the stale socket file",
+                Some("cannot remove the stale socket file"),
                 Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
             )
         }),

@@ -6,31 +6,45 @@
 //! every counter is in the shared scoreboard, where workers and the master
 //! write them. The metrics worker drops privileges and is chrooted like
 //! the others, is respawned if it dies, and retires on reload and stop.
-//! It serves at most [`MAX_CLIENTS`] clients at once from one `poll` loop:
-//! each request must arrive within [`DEADLINE`] and fit in [`REQUEST_MAX`]
-//! bytes, and each answer must be taken within the same deadline, so a
-//! client that sends nothing, too much, or never reads is dropped while
-//! the others are served. HTTP requests are parsed by `httparse`.
+//! It serves at most [`MAX_CLIENTS`] clients at once, and [`PER_SOURCE`]
+//! from one source address, from one `poll` loop: each request must
+//! arrive within [`DEADLINE`] of the connection and fit in
+//! [`REQUEST_MAX`] bytes, and each answer must be taken within
+//! [`DEADLINE`] of being ready, so a client that sends nothing, too much,
+//! or never reads is dropped while the others are served. A new client
+//! never waits behind silent ones: when its source already has its share,
+//! or every place is taken, the oldest client still sending its request
+//! (of that source, or of all) is dropped to make room, and a request
+//! already in the socket is answered as the client is accepted. So a
+//! flood of silent connections, from one host or many, delays a scrape
+//! by the time it takes to accept past them, not by their deadlines.
+//! HTTP requests are parsed by `httparse`.
 
 use std::fmt::Write as _;
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-use log::warn;
+use log::{debug, warn};
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags};
 
-use crate::accept::{classify, Failure};
+use crate::accept::Acceptor;
 use crate::listen::Listener;
 use crate::scoreboard::{Dropped, Exited, Refusal, Scoreboard, State};
 use crate::worker::{self, Ctx, EXIT_ORPHAN};
 
-/// Clients served at once; more wait in the listen backlog.
+/// Clients served at once.
 pub const MAX_CLIENTS: usize = 16;
-/// How long a client has to send its request and take the answer.
+/// Clients from one source address (an IPv6 source: its network, as the
+/// per-source limits count it) served at once.
+pub const PER_SOURCE: usize = 4;
+/// How long a client has to send its request, and then to take the answer.
 pub const DEADLINE: Duration = Duration::from_secs(2);
 /// The largest request read (headers included).
 pub const REQUEST_MAX: usize = 8192;
+/// Connections accepted per wake-up, so that the clients already in hand
+/// are served between batches.
+const ACCEPT_BATCH: usize = 64;
 
 /// The metrics worker: serves `listeners` (the metrics' listener) until
 /// the control pipe closes. Returns the exit code.
@@ -38,30 +52,39 @@ pub fn run(listeners: Vec<Listener>, ctx: Ctx<'_>) -> i32 {
     if let Err(code) = worker::follow_master(&ctx) {
         return code;
     }
+    let mut acceptor = Acceptor::metrics(listeners);
     let mut clients: Vec<Client> = Vec::with_capacity(MAX_CLIENTS);
     ctx.set(State::Busy);
     loop {
         let now = Instant::now();
         clients.retain(|c| c.deadline > now);
-        let room = clients.len() < MAX_CLIENTS;
-        let mut fds = Vec::with_capacity(1 + listeners.len() + clients.len());
+        // A new client is taken while there is a place, or one that a
+        // client still sending its request can be made to give up.
+        let accepting = acceptor.paused_until(now).is_none()
+            && (clients.len() < MAX_CLIENTS || clients.iter().any(Client::reading));
+        let mut fds = Vec::with_capacity(1 + acceptor.listeners().len() + clients.len());
         fds.push(PollFd::new(ctx.ctl, PollFlags::POLLIN));
-        if room {
+        if accepting {
             fds.extend(
-                listeners
-                    .iter()
-                    .map(|l| PollFd::new(l.as_fd(), PollFlags::POLLIN)),
+                acceptor
+                    .streams()
+                    .map(|(_, l)| PollFd::new(l.as_fd(), PollFlags::POLLIN)),
             );
         }
+        let listening = fds.len() - 1;
         fds.extend(clients.iter().map(|c| {
-            let want = if c.answer.is_some() {
-                PollFlags::POLLOUT
-            } else {
+            let want = if c.reading() {
                 PollFlags::POLLIN
+            } else {
+                PollFlags::POLLOUT
             };
             PollFd::new(c.conn.as_fd(), want)
         }));
-        let next = clients.iter().map(|c| c.deadline).min();
+        let next = clients
+            .iter()
+            .map(|c| c.deadline)
+            .chain(acceptor.paused_until(now))
+            .min();
         let timeout = crate::time::poll_timeout(next.map(|t| t.saturating_duration_since(now)));
         match poll(&mut fds, timeout) {
             Ok(_) | Err(Errno::EINTR) => {}
@@ -79,54 +102,106 @@ pub fn run(listeners: Vec<Listener>, ctx: Ctx<'_>) -> i32 {
             ctx.set(State::Stopping);
             return if ctx.master_gone() { EXIT_ORPHAN } else { 0 };
         }
-        let (accepting, served) = ready[1..].split_at(if room { listeners.len() } else { 0 });
+        let (accept, served) = ready[1..].split_at(listening);
+        let now = Instant::now();
         // Clients first: the indices in `served` are theirs as polled.
         let mut done = Vec::new();
         for (i, c) in clients.iter_mut().enumerate() {
-            if served[i] && !c.step(ctx.board) {
+            if served[i] && !c.step(ctx.board, now) {
                 done.push(i);
             }
         }
         for i in done.into_iter().rev() {
             clients.swap_remove(i);
         }
-        for (l, _) in listeners.iter().zip(accepting).filter(|(_, &r)| r) {
-            while clients.len() < MAX_CLIENTS {
-                match l.accept() {
-                    Ok(conn) => clients.push(Client::new(conn)),
-                    Err(e) if classify(&e) == Failure::Resource => {
-                        warn!("metrics: accept on {} failed: {e}", l.name());
-                        std::thread::sleep(crate::accept::PAUSE);
-                        break;
-                    }
-                    Err(_) => break,
-                }
+        if accept.iter().any(|&r| r) {
+            for _ in 0..ACCEPT_BATCH {
+                let Some((_, conn)) = acceptor.accept(now) else {
+                    break;
+                };
+                admit(&mut clients, conn, &ctx.policy, ctx.board, now);
             }
         }
+    }
+}
+
+/// Takes a new client: makes room for it if its source has its share or
+/// every place is taken (see the module's doc), then serves what it
+/// already sent. Without room (every client in question is taking its
+/// answer) the new one is closed.
+fn admit(
+    clients: &mut Vec<Client>,
+    conn: OwnedFd,
+    policy: &crate::access::Policy,
+    board: &Scoreboard,
+    now: Instant,
+) {
+    let source = crate::access::peer_key(&conn).map(|k| policy.source(k));
+    let of_source = |c: &&Client| source.is_some() && c.source == source;
+    let oldest_reading = |pick: &dyn Fn(&&Client) -> bool| {
+        clients
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.reading() && pick(c))
+            .min_by_key(|(_, c)| c.since)
+            .map(|(i, _)| i)
+    };
+    let full = if clients.iter().filter(of_source).count() >= PER_SOURCE {
+        Some(oldest_reading(&of_source))
+    } else if clients.len() >= MAX_CLIENTS {
+        Some(oldest_reading(&|_| true))
+    } else {
+        None
+    };
+    match full {
+        Some(Some(i)) => {
+            debug!("metrics: dropping a client that sent no request yet, to take a new one");
+            clients.swap_remove(i);
+        }
+        Some(None) => return,
+        None => {}
+    }
+    let mut c = Client::new(conn, source, now);
+    // Most scrapers send their request with the connection.
+    if c.step(board, now) {
+        clients.push(c);
     }
 }
 
 /// One metrics client: its request so far, then its answer.
 struct Client {
     conn: OwnedFd,
+    /// Its source, as the per-source share counts it (`None`: a unix
+    /// socket client).
+    source: Option<u128>,
+    /// When it was accepted.
+    since: Instant,
     request: Vec<u8>,
     /// The answer and how much of it is written.
     answer: Option<(Vec<u8>, usize)>,
+    /// For its request, then (once answered) for taking the answer.
     deadline: Instant,
 }
 
 impl Client {
-    fn new(conn: OwnedFd) -> Client {
+    fn new(conn: OwnedFd, source: Option<u128>, now: Instant) -> Client {
         Client {
             conn,
+            source,
+            since: now,
             request: Vec::new(),
             answer: None,
-            deadline: Instant::now() + DEADLINE,
+            deadline: now + DEADLINE,
         }
     }
 
+    /// Whether it is still sending its request.
+    fn reading(&self) -> bool {
+        self.answer.is_none()
+    }
+
     /// Reads or writes what it can; false when the client is done with.
-    fn step(&mut self, board: &Scoreboard) -> bool {
+    fn step(&mut self, board: &Scoreboard, now: Instant) -> bool {
         if let Some((answer, written)) = &mut self.answer {
             return match nix::unistd::write(&self.conn, &answer[*written..]) {
                 Ok(n) => {
@@ -160,8 +235,9 @@ impl Client {
             }
         };
         self.answer = Some((answer, 0));
+        self.deadline = now + DEADLINE;
         // Most answers fit the socket buffer: write at once.
-        self.step(board)
+        self.step(board, now)
     }
 }
 

@@ -26,8 +26,6 @@ use crate::access::Cidr;
 pub const MAX_HEADER: usize = 4096;
 /// The longest version 1 line, CRLF included (the spec's 107).
 const V1_MAX: usize = 107;
-/// How long a trusted proxy has to send the whole header.
-pub const TIMEOUT: Duration = Duration::from_secs(5);
 /// Version 2's signature.
 const SIG: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
 
@@ -220,17 +218,18 @@ pub struct Reader {
 }
 
 /// Why no header came.
-pub const LATE: &str = "no complete header within 5 s";
+pub const LATE: &str = "no complete header within proxy-protocol-timeout";
 /// The connection closed before its header was complete.
 pub const CLOSED: &str = "the connection closed before the header was complete";
 
 impl Reader {
-    /// A reader for a connection accepted at `now`.
-    pub fn new(now: Instant) -> Reader {
+    /// A reader for a connection accepted at `now`, whose proxy has
+    /// `timeout` to send the header.
+    pub fn new(now: Instant, timeout: Duration) -> Reader {
         Reader {
             buf: [0; MAX_HEADER],
             len: 0,
-            deadline: now + TIMEOUT,
+            deadline: crate::time::after(now, timeout),
         }
     }
 

@@ -77,7 +77,7 @@ const SETUP_UNREPORTED: usize = 8; // setup failures not logged since
 const PEERS_EPOCH: usize = 9; // bumped when the open-connection table is rebuilt
 const EPOCH_US: usize = 10; // CLOCK_MONOTONIC at creation: one clock for every process
 const UDP_ECHOED: usize = 16; // datagrams answered
-const UDP_DROPPED: usize = 17; // one word per Dropped
+const UDP_DROPPED: usize = 17; // one word per Dropped, room for 7
 const REFUSED: usize = 24; // one word per Refusal, room for 8
 const CONNECTIONS: usize = 32; // connections served, all modes
 const BYTES: usize = 33; // bytes echoed back on them
@@ -180,16 +180,20 @@ pub enum Dropped {
     Rate,
     /// Larger than the buffer: never echoed short.
     Truncated,
+    /// The same bytes from one source again and again: an echo loop with
+    /// another service (see `udp::screen`).
+    Loop,
 }
 
 impl Dropped {
     /// Every kind, in counter order.
-    pub const ALL: [Dropped; 5] = [
+    pub const ALL: [Dropped; 6] = [
         Dropped::Port,
         Dropped::Source,
         Dropped::Denied,
         Dropped::Rate,
         Dropped::Truncated,
+        Dropped::Loop,
     ];
 
     fn index(self) -> usize {
@@ -204,6 +208,7 @@ impl Dropped {
             Dropped::Denied => "allow/deny rules",
             Dropped::Rate => "over udp-rate",
             Dropped::Truncated => "larger than the buffer",
+            Dropped::Loop => "an echo loop",
         }
     }
 
@@ -215,6 +220,7 @@ impl Dropped {
             Dropped::Denied => "deny",
             Dropped::Rate => "rate",
             Dropped::Truncated => "truncated",
+            Dropped::Loop => "loop",
         }
     }
 }
@@ -535,7 +541,7 @@ impl Scoreboard {
 
     /// Datagrams answered, and dropped by reason (in [`Dropped::ALL`]
     /// order).
-    pub fn udp_counts(&self) -> (u64, [u64; 5]) {
+    pub fn udp_counts(&self) -> (u64, [u64; 6]) {
         let dropped =
             Dropped::ALL.map(|d| self.header(UDP_DROPPED + d.index()).load(Ordering::Relaxed));
         (self.header(UDP_ECHOED).load(Ordering::Relaxed), dropped)
@@ -578,12 +584,15 @@ impl Scoreboard {
     }
 
     /// The checks every accepting process makes the same way: the
-    /// allow/deny rules, then the connection rate (which counts this
-    /// attempt). `--max-per-ip` is counted by the caller.
+    /// allow/deny rules for the address, then the connection rate of its
+    /// source (which counts this attempt). `--max-per-ip` is counted by
+    /// the caller, by source too.
     pub fn screen(&self, policy: &Policy, key: u128) -> Option<Refusal> {
         if !policy.rules.allows(key) {
             Some(Refusal::Denied)
-        } else if policy.max_conn_rate > 0 && !self.conn_rate_ok(key, policy.max_conn_rate) {
+        } else if policy.max_conn_rate > 0
+            && !self.conn_rate_ok(policy.source(key), policy.max_conn_rate)
+        {
             Some(Refusal::Rate)
         } else {
             None

@@ -110,6 +110,10 @@ pub struct Handover {
     /// children, so that the counts go on.
     pub served_by_gone: u64,
     pub accepted: u64,
+    /// The refusals and datagram drops, by kind, as the log last reported
+    /// them, so that the new master reports only what is new. `None` from
+    /// an older master.
+    pub reported: Option<(Vec<u64>, Vec<u64>)>,
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -204,6 +208,10 @@ impl Handover {
         ];
         out.push(format!("served={}", self.served_by_gone));
         out.push(format!("accepted={}", self.accepted));
+        if let Some((refused, dropped)) = &self.reported {
+            let list = |v: &[u64]| v.iter().map(u64::to_string).collect::<Vec<_>>().join("/");
+            out.push(format!("reported={},{}", list(refused), list(dropped)));
+        }
         out.join(";")
     }
 
@@ -239,6 +247,16 @@ impl Handover {
                 "up" => h.started_secs_ago = num(k, v)?,
                 "served" => h.served_by_gone = num(k, v)?,
                 "accepted" => h.accepted = num(k, v)?,
+                "reported" => {
+                    let (r, d) = v.split_once(',').ok_or(format!("reported '{v}'"))?;
+                    let list = |s: &str| {
+                        s.split('/')
+                            .filter(|n| !n.is_empty())
+                            .map(|n| num(k, n))
+                            .collect::<Result<Vec<u64>, String>>()
+                    };
+                    h.reported = Some((list(r)?, list(d)?));
+                }
                 "notify" => h.notify = maybe(v).map(fd).transpose()?,
                 "notice" => h.notice = pair(v)?,
                 "ctl" => h.fork_ctl = pair(v)?,
@@ -414,6 +432,7 @@ mod tests {
             ],
             served_by_gone: 77,
             accepted: 88,
+            reported: Some((vec![1, 0, 2, 0], vec![0, 0, 0, 5, 0, 1])),
         }
     }
 

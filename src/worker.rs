@@ -95,8 +95,9 @@ impl Ctx<'_> {
         } else if self.policy.max_per_ip > 0 {
             // Publish first, then count: of two racing workers at most
             // both refuse, never both admit one too many.
-            slot.set_peer(key);
-            (board.peers(key) > self.policy.max_per_ip).then_some(Refusal::PerIp)
+            let source = self.policy.source(key);
+            slot.set_peer(source);
+            (board.peers(source) > self.policy.max_per_ip).then_some(Refusal::PerIp)
         } else {
             None
         };
@@ -117,8 +118,9 @@ impl Ctx<'_> {
         if let (true, Some(index)) = (self.policy.max_per_ip > 0, self.fork_slot) {
             // Published first: the master takes it off the table when it
             // reaps this child, however it ends.
-            self.board.set_fork_peer(index, key);
-            if !self.board.peer_open(key, self.policy.max_per_ip) {
+            let source = self.policy.source(key);
+            self.board.set_fork_peer(index, source);
+            if !self.board.peer_open(source, self.policy.max_per_ip) {
                 self.board.set_fork_peer(index, 0);
                 return Some(Refusal::PerIp);
             }
@@ -382,7 +384,7 @@ pub(crate) fn identify(
     if !trusted.contains(access::key(proxy.ip())) {
         return Err("not from a trusted proxy");
     }
-    match proxy::Reader::new(Instant::now()).read(conn.as_fd())? {
+    match proxy::Reader::new(Instant::now(), policy.proxy_timeout).read(conn.as_fd())? {
         proxy::Header::Proxied { src, .. } => Ok(Some(src)),
         proxy::Header::Local => Ok(Some(proxy)),
     }

@@ -330,7 +330,7 @@ fn a_live_unix_server_with_a_full_backlog_never_blocks_the_master() {
     // At startup: refused at once (launch fails the test if it hangs).
     let (code, err) = launch(&["-f", "-l", &unix]);
     assert_eq!(code, 1);
-    assert!(err.contains("listening on it"), "{err}");
+    assert!(err.contains("another process listens there"), "{err}");
     // On reload: the reload fails, and the master goes on working.
     let conf = dir.path("c.toml");
     std::fs::write(
@@ -363,4 +363,33 @@ fn address_in_use_fails_startup_with_the_address_named() {
     let (code, err) = launch(&["-f", "-l", &a]);
     assert_eq!(code, 1);
     assert!(err.contains(&a) && err.contains("in use"), "{err}");
+}
+
+#[test]
+fn a_unix_socket_in_use_is_named_once() {
+    let dir = TempDir::new("unix-busy");
+    let path = dir.path("busy.sock");
+    let _other = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let (code, err) = launch(&["-f", "-l", &format!("unix:{}", path.display())]);
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(
+        err.matches("already running").count(),
+        1,
+        "the hint is given once: {err}"
+    );
+    assert!(err.contains("address already in use"), "{err}");
+}
+
+/// Event mode's descriptor warning names the setting that needs them.
+#[test]
+fn event_mode_short_of_descriptors_names_worker_connections() {
+    let mut cmd = std::process::Command::new("prlimit");
+    cmd.args(["--nofile=256:256", "--", BIN, "-f", "-l", "127.0.0.1:0"])
+        .args(["-m", "event", "-w", "1", "--worker-connections", "5000"]);
+    let d = Daemon::from_command(cmd);
+    let line = d
+        .wait_line("RLIMIT_NOFILE", DEADLINE)
+        .unwrap_or_else(|| panic!("no warning:\n{}", d.stderr_text()));
+    assert!(line.contains("or lower worker-connections"), "{line}");
+    assert!(!line.contains("max-workers"), "{line}");
 }

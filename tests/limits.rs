@@ -696,3 +696,63 @@ fn a_hundred_thousand_connections_leave_the_master_as_it_was() {
     println!("master RSS {rss} KiB, grew {grew} KiB");
     assert!(grew <= 256, "master RSS grew {grew} KiB");
 }
+
+/// A TCP connection from the IPv6 address `src` (a local one) to `to`.
+fn connect_from6(src: &str, to: std::net::SocketAddr) -> TcpStream {
+    use nix::sys::socket::{bind, connect, socket, AddressFamily, SockFlag, SockType};
+    use nix::sys::socket::{SockaddrIn6, SockaddrStorage};
+    use std::os::fd::AsRawFd;
+    let fd = socket(
+        AddressFamily::Inet6,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    let from: std::net::SocketAddrV6 = format!("[{src}]:0").parse().unwrap();
+    bind(fd.as_raw_fd(), &SockaddrIn6::from(from)).unwrap();
+    connect(fd.as_raw_fd(), &SockaddrStorage::from(to)).unwrap();
+    let s = TcpStream::from(fd);
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    s
+}
+
+/// An IPv6 host gets a /64: two of its addresses are one client for
+/// `--max-per-ip`, unless `--ipv6-prefix 128` counts each on its own.
+fn max_per_ip_counts_an_ipv6_network(mode: &'static str) {
+    const A: &str = "2001:db8:1:2::a";
+    const B: &str = "2001:db8:1:2:ffff::b";
+    let run = move |prefix: &str| {
+        let d = Daemon::start(&[
+            "-l",
+            "[2001:db8:1:2::1]:0",
+            "-m",
+            mode,
+            "-w",
+            "4",
+            "--max-per-ip",
+            "1",
+            "--ipv6-prefix",
+            prefix,
+        ]);
+        let addr = d.addr();
+        let mut a = connect_from6(A, addr);
+        assert_eq!(round_trip(&mut a, b"a").unwrap(), b"a");
+        let mut b = connect_from6(B, addr);
+        let b_served = !closed_unserved(&mut b);
+        drop(a);
+        b_served
+    };
+    let Some((by_64, by_128)) =
+        in_netns(&["2001:db8:1:2::1", A, B], move || (run("64"), run("128")))
+    else {
+        return;
+    };
+    assert!(!by_64, "{mode}: a second address of one /64 was served");
+    assert!(
+        by_128,
+        "{mode}: with --ipv6-prefix 128 the other address was refused"
+    );
+}
+
+in_every_mode!(max_per_ip_counts_an_ipv6_network: max_per_ip_counts_an_ipv6_network);

@@ -261,3 +261,79 @@ fn the_metrics_address_is_checked_like_a_listener() {
     assert_ne!(code, 0);
     assert!(err.contains("--metrics"), "{err}");
 }
+
+/// 200 clients that connect, send nothing and reconnect as soon as they
+/// are dropped: a scrape from another host, and one from their own,
+/// still answers within a second (each silent client may hold its place
+/// for 2 s, so a scrape that queued behind them waited tens of seconds).
+#[test]
+fn a_scrape_behind_two_hundred_silent_clients_answers_within_a_second() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let _heavy = heavy();
+    let d = Daemon::start(&["-l", "127.0.0.1:0", "--metrics", "127.0.0.1:0"]);
+    let m = metrics_addr(&d);
+    let stop = Arc::new(AtomicBool::new(false));
+    let silent: Vec<_> = (0..200)
+        .map(|_| {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    let Ok(s) = TcpStream::connect_timeout(&m, Duration::from_secs(1)) else {
+                        continue;
+                    };
+                    let _ = s.set_read_timeout(Some(Duration::from_millis(100)));
+                    // Held, silent, until the server lets go (or the end).
+                    let mut buf = [0u8; 16];
+                    while !stop.load(Ordering::SeqCst) {
+                        match (&s).read(&mut buf) {
+                            Ok(0) => break,
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+                            _ => break,
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    // Let the crowd fill every place and the backlog behind it.
+    assert!(wait_until(DEADLINE, || {
+        let established = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+        let port = format!(":{:04X} ", m.port());
+        established
+            .lines()
+            .filter(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .is_some_and(|a| a.ends_with(port.trim()))
+            })
+            .count()
+            >= 150
+    }));
+    let mut took = Vec::new();
+    for from in ["127.0.0.2", "127.0.0.1"] {
+        let started = Instant::now();
+        let mut s = connect_from_ip(from, m);
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        took.push((from, started.elapsed()));
+        assert!(
+            answer.starts_with("HTTP/1.1 200") && answer.contains("echo_forkd_build_info"),
+            "from {from}: {answer:?}"
+        );
+    }
+    stop.store(true, Ordering::SeqCst);
+    for t in silent {
+        let _ = t.join();
+    }
+    for (from, t) in took {
+        assert!(
+            t < Duration::from_secs(1),
+            "a scrape from {from} took {t:?}"
+        );
+    }
+}

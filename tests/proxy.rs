@@ -266,3 +266,29 @@ fn proxy_protocol_needs_trusted_proxies() {
         "{err}"
     );
 }
+
+in_every_mode!(the_header_deadline_is_the_operators: header_deadline);
+
+/// `--proxy-protocol-timeout` sets how long a trusted proxy may take to
+/// send its header (5 s by default).
+fn header_deadline(mode: &str) {
+    let d = proxied(mode, "127.0.0.1/32", &["--proxy-protocol-timeout", "1"]);
+    let silent = connect_from([127, 0, 0, 1], d.addr());
+    let started = Instant::now();
+    assert!(closed_unread(silent), "a silent proxy was served");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(3),
+        "dropped after {waited:?}, not after 1 s"
+    );
+    let (code, err) = launch(&[
+        "--proxy-protocol",
+        "--trusted-proxy",
+        "127.0.0.1",
+        "--proxy-protocol-timeout",
+        "0",
+        "-t",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("proxy-protocol-timeout"), "{err}");
+}

@@ -183,9 +183,13 @@ fn a_burst_is_cut(mode: &str) {
     let mut answered = 0;
     let mut buf = [0u8; 64];
     s.set_nonblocking(true).unwrap();
-    for _ in 0..BURST / 50 {
-        for _ in 0..50 {
-            s.send(&[7u8; 64]).unwrap();
+    for k in 0..BURST / 50 {
+        for j in 0..50 {
+            // Each one different, as a real client's are (the same bytes
+            // again and again look like an echo loop).
+            let mut d = [7u8; 64];
+            d[..4].copy_from_slice(&((k * 50 + j) as u32).to_le_bytes());
+            s.send(&d).unwrap();
         }
         barrier(addr);
         while s.recv(&mut buf).is_ok() {
@@ -306,4 +310,108 @@ fn a_udp_port_in_use_is_a_startup_error() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains(&format!("cannot bind {addr}")), "{err}");
     assert!(err.contains("in use"), "{err}");
+}
+
+/// An IPv6 host gets a /64: twenty addresses of one share one
+/// `--udp-rate`, unless `--ipv6-prefix 128` counts each on its own.
+#[test]
+fn ipv6_sources_share_the_rate_of_their_network() {
+    const CLIENTS: [&str; 20] = [
+        "2001:db8:1:2::a0",
+        "2001:db8:1:2::a1",
+        "2001:db8:1:2::a2",
+        "2001:db8:1:2::a3",
+        "2001:db8:1:2::a4",
+        "2001:db8:1:2::a5",
+        "2001:db8:1:2::a6",
+        "2001:db8:1:2::a7",
+        "2001:db8:1:2::a8",
+        "2001:db8:1:2::a9",
+        "2001:db8:1:2:1::a0",
+        "2001:db8:1:2:1::a1",
+        "2001:db8:1:2:1::a2",
+        "2001:db8:1:2:1::a3",
+        "2001:db8:1:2:1::a4",
+        "2001:db8:1:2:ffff::a5",
+        "2001:db8:1:2:ffff::a6",
+        "2001:db8:1:2:ffff::a7",
+        "2001:db8:1:2:ffff::a8",
+        "2001:db8:1:2:ffff::a9",
+    ];
+    const SERVER: &str = "2001:db8:1:2::1";
+    // Another network: never rate-limited along with the clients.
+    const BARRIER: &str = "2001:db8:9:9::1";
+    let mut addrs = vec![SERVER, BARRIER];
+    addrs.extend(CLIENTS);
+    let answered = |prefix: &'static str| {
+        let d = Daemon::start(&[
+            "-l",
+            "udp:[2001:db8:1:2::1]:0",
+            "-l",
+            "[2001:db8:1:2::1]:0",
+            "--udp-rate",
+            "5",
+            "--ipv6-prefix",
+            prefix,
+        ]);
+        let to = udp_addr(&d);
+        let socks: Vec<UdpSocket> = CLIENTS.iter().map(|ip| client(ip, to)).collect();
+        for s in &socks {
+            for _ in 0..10 {
+                s.send(b"one of many").unwrap();
+            }
+        }
+        let b = client(BARRIER, to);
+        assert_eq!(echo(&b, b"barrier").as_deref(), Some(&b"barrier"[..]));
+        socks
+            .iter()
+            .map(|s| {
+                s.set_nonblocking(true).unwrap();
+                std::iter::from_fn(|| s.recv(&mut [0u8; 64]).ok()).count()
+            })
+            .sum::<usize>()
+    };
+    let Some((by_64, by_128)) = in_netns(&addrs, move || (answered("64"), answered("128"))) else {
+        return;
+    };
+    // 200 sent, 5 a second per source: one source gets at most two
+    // windows' worth in a burst this short; twenty get at least one each.
+    assert!(
+        (1..=10).contains(&by_64),
+        "{by_64} answered to one /64 at 5/s"
+    );
+    assert!(by_128 >= 100, "{by_128} answered to 20 sources at 5/s each");
+}
+
+/// Another echo service on a high port, 2 ms away, and one datagram that
+/// starts the two answering each other (as a forged one would): the
+/// loop is broken after at most a hundred bounces, though every bounce
+/// is within the per-source rate, and counted as such.
+#[test]
+fn an_echo_loop_with_another_service_is_broken() {
+    let d = udp_daemon("prefork", &["-l", "udp:127.0.0.1:0"]);
+    let to = udp_addr(&d);
+    // The other service: echoes whatever comes, 2 ms later.
+    let reflector = client("127.0.0.1", to);
+    reflector
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    reflector.send(b"a loop, started by one datagram").unwrap();
+    let mut bounces = 0;
+    let mut buf = [0u8; 64];
+    let end = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < end {
+        let Ok(n) = reflector.recv(&mut buf) else {
+            break; // the loop is over
+        };
+        bounces += 1;
+        std::thread::sleep(Duration::from_millis(2));
+        reflector.send(&buf[..n]).unwrap();
+    }
+    assert!(
+        bounces <= 101,
+        "{bounces} bounces in 3 s: the loop was not broken"
+    );
+    let line = status(&d, 1);
+    assert!(line.contains("loop 1"), "{line}");
 }

@@ -281,3 +281,49 @@ fn ten_upgrades_leak_neither_descriptors_nor_memory() {
     assert_eq!(own_fds(), fds, "descriptors leaked across upgrades");
     assert!(grew <= 256, "master RSS grew {grew} KiB over 10 upgrades");
 }
+
+/// What the old code logged is not logged again by the new: after an
+/// upgrade, the next report of dropped datagrams counts only new ones.
+#[test]
+fn an_upgrade_does_not_report_old_drops_again() {
+    let d = Daemon::start(&[
+        "-l",
+        "127.0.0.1:0",
+        "-l",
+        "udp:127.0.0.1:0",
+        "--deny",
+        "127.0.0.2/32",
+        "-w",
+        "1",
+        "--min-spare",
+        "0",
+    ]);
+    let udp: std::net::SocketAddr = {
+        d.wait_line("listening on udp:", DEADLINE);
+        d.listening()
+            .iter()
+            .find_map(|a| a.strip_prefix("udp:").and_then(|a| a.parse().ok()))
+            .expect("a UDP listener")
+    };
+    let denied = std::net::UdpSocket::bind("127.0.0.2:0").unwrap();
+    denied.send_to(b"refused", udp).unwrap();
+    assert!(
+        d.wait_line("dropped 1 datagram", DEADLINE).is_some(),
+        "{}",
+        d.stderr_text()
+    );
+    d.signal(Signal::SIGUSR2);
+    assert!(
+        d.wait_line("upgraded: generation", DEADLINE).is_some(),
+        "{}",
+        d.stderr_text()
+    );
+    denied.send_to(b"refused again", udp).unwrap();
+    let lines = d
+        .wait_lines("dropped 1 datagram", 2, DEADLINE)
+        .unwrap_or_else(|| panic!("no second report:\n{}", d.stderr_text()));
+    assert!(
+        lines[1].contains("2 in all"),
+        "the old drop was reported again: {lines:?}"
+    );
+}

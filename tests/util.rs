@@ -715,3 +715,54 @@ pub fn heavy() -> std::sync::MutexGuard<'static, ()> {
     static HEAVY: Mutex<()> = Mutex::new(());
     HEAVY.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+/// Runs `f` on a thread of its own in a new network namespace whose
+/// loopback is up and also holds the IPv6 addresses `addrs` (with their
+/// /64), so that a test can be several IPv6 hosts of one network without
+/// touching the machine's. Daemons and sockets made on that thread live
+/// in the namespace, which goes when they do. `None`, saying why, where
+/// namespaces need root or `ip` (iproute2) is missing.
+pub fn in_netns<T: Send + 'static>(
+    addrs: &[&'static str],
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Option<T> {
+    if !nix::unistd::geteuid().is_root() {
+        println!("skipped: a private network namespace needs root");
+        return None;
+    }
+    let addrs = addrs.to_vec();
+    std::thread::spawn(move || {
+        // SAFETY: unshare(2) with CLONE_NEWNET only moves this thread to a
+        // new network namespace; it touches no memory of ours.
+        #[allow(unsafe_code)]
+        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        if rc != 0 {
+            println!(
+                "skipped: cannot make a network namespace: {}",
+                std::io::Error::last_os_error()
+            );
+            return None;
+        }
+        let ip = |args: &[&str]| {
+            Command::new("ip")
+                .args(args)
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if !ip(&["link", "set", "lo", "up"]) {
+            println!("skipped: cannot run ip (iproute2) in a network namespace");
+            return None;
+        }
+        for a in &addrs {
+            // nodad: usable at once, not after duplicate detection.
+            let cidr = format!("{a}/64");
+            assert!(
+                ip(&["-6", "addr", "add", &cidr, "dev", "lo", "nodad"]),
+                "ip -6 addr add {cidr}"
+            );
+        }
+        Some(f())
+    })
+    .join()
+    .expect("the test's namespace thread")
+}

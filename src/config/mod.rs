@@ -56,7 +56,9 @@ impl Config {
             rules: self.rules.clone(),
             max_per_ip: self.max_per_ip,
             max_conn_rate: self.max_conn_rate,
+            ipv6_prefix: self.ipv6_prefix,
             proxy: self.proxy.clone(),
+            proxy_timeout: self.proxy_timeout,
         }
     }
 
@@ -120,6 +122,9 @@ pub mod defaults {
     pub const WORKER_CONNECTIONS: u32 = 1024;
     pub const UDP_WORKERS: u32 = 1;
     pub const UDP_RATE: u32 = 1000;
+    /// A site gives an IPv6 host a /64 (RFC 6177): one host, one count.
+    pub const IPV6_PREFIX: u8 = 64;
+    pub const PROXY_PROTOCOL_TIMEOUT: u64 = 5;
     pub const IDLE_TIMEOUT: u64 = 300;
     pub const SHUTDOWN_TIMEOUT: u64 = 10;
     pub const BACKLOG: u32 = 1024;
@@ -402,6 +407,20 @@ pub fn resolve(o: Options) -> Result<Config, String> {
         o.shutdown_timeout,
         defaults::SHUTDOWN_TIMEOUT,
     )?;
+    let proxy_timeout = seconds(
+        "proxy-protocol-timeout",
+        o.proxy_protocol_timeout,
+        defaults::PROXY_PROTOCOL_TIMEOUT,
+    )?;
+    if proxy_timeout == 0 {
+        return Err("proxy-protocol-timeout must be at least 1 second".into());
+    }
+    let ipv6_prefix = o.ipv6_prefix.unwrap_or(defaults::IPV6_PREFIX);
+    if !(1..=128).contains(&ipv6_prefix) {
+        return Err(format!(
+            "ipv6-prefix ({ipv6_prefix}) must be between 1 and 128 (64: a host's usual network; 128: one address)"
+        ));
+    }
     let max_bytes = o.max_bytes.unwrap_or(0);
     if max_bytes > ceiling::MAX_BYTES {
         return Err(format!(
@@ -524,10 +543,12 @@ pub fn resolve(o: Options) -> Result<Config, String> {
         max_requests_jitter: o.max_requests_jitter.unwrap_or(0),
         max_per_ip: o.max_per_ip.unwrap_or(0),
         max_conn_rate: o.max_conn_rate.unwrap_or(0),
+        ipv6_prefix,
         udp_workers,
         udp_rate,
         rules,
         proxy,
+        proxy_timeout: Duration::from_secs(proxy_timeout),
         idle_timeout: nonzero(idle_timeout),
         max_session: nonzero(max_session),
         max_bytes,

@@ -276,6 +276,10 @@ pub struct Options {
     #[arg(long, value_name = "N")]
     pub max_conn_rate: Option<u32>,
 
+    /// IPv6 sources share the per-source limits by this prefix; IPv4 ones count by address [default: 64]
+    #[arg(long, value_name = "LEN")]
+    pub ipv6_prefix: Option<u8>,
+
     /// Processes serving the udp: listeners (every mode) [default: 1]
     #[arg(long, value_name = "N")]
     pub udp_workers: Option<u32>,
@@ -292,6 +296,10 @@ pub struct Options {
     #[arg(long)]
     #[serde(default)]
     pub proxy_protocol: bool,
+
+    /// How long a trusted proxy has to send the whole PROXY header [default: 5]
+    #[arg(long, value_name = "SECS")]
+    pub proxy_protocol_timeout: Option<u64>,
 
     /// A proxy allowed, and required, to send the PROXY header: CIDR (repeatable)
     #[arg(long, value_name = "CIDR")]
@@ -390,9 +398,11 @@ impl Options {
             max_requests_jitter,
             max_per_ip,
             max_conn_rate,
+            ipv6_prefix,
             udp_workers,
             udp_rate,
             metrics,
+            proxy_protocol_timeout,
             idle_timeout,
             max_session,
             max_bytes,
@@ -450,6 +460,8 @@ pub struct Config {
     pub max_per_ip: u32,
     /// New connections per second per client address; 0 = no limit.
     pub max_conn_rate: u32,
+    /// The prefix length by which IPv6 sources share the per-source limits.
+    pub ipv6_prefix: u8,
     /// Processes serving the `udp:` listeners.
     pub udp_workers: u32,
     /// Datagrams per second answered from one source; 0 = no limit.
@@ -457,6 +469,8 @@ pub struct Config {
     pub rules: Rules,
     /// `--proxy-protocol`: the proxies trusted to send the header.
     pub proxy: Option<crate::proxy::Trusted>,
+    /// How long a trusted proxy has to send the header.
+    pub proxy_timeout: Duration,
     pub idle_timeout: Option<Duration>,
     pub max_session: Option<Duration>,
     /// 0 = no cap.

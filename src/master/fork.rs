@@ -50,6 +50,8 @@ impl Master {
         } else {
             None
         };
+        // What --max-per-ip counts it by.
+        let source = peer.map(|key| self.fork.policy.source(key));
         // Behind a proxy the client's address is in the header, which the
         // child reads: here only the proxy is checked.
         let proxied = tcp && self.fork.policy.proxy.is_some();
@@ -63,7 +65,7 @@ impl Master {
             self.scoreboard.refused(why);
             return true;
         }
-        let peer = peer.filter(|_| !proxied);
+        let source = source.filter(|_| !proxied);
         let policy = if proxied {
             self.fork.policy.clone()
         } else {
@@ -105,9 +107,9 @@ impl Master {
                 let mut child = Child::new(Role::Conn, now);
                 child.fork_slot = fork_slot;
                 if self.fork.policy.max_per_ip > 0 {
-                    child.peer = peer;
-                    if let Some(key) = peer {
-                        self.fork.per_ip.add(key);
+                    child.peer = source;
+                    if let Some(source) = source {
+                        self.fork.per_ip.add(source);
                     }
                 }
                 self.children.insert(pid, child);
@@ -137,7 +139,7 @@ impl Master {
         if let Some(why) = self.scoreboard.screen(&self.fork.policy, key) {
             Some(why)
         } else if self.fork.policy.max_per_ip > 0
-            && self.fork.per_ip.count(key) >= self.fork.policy.max_per_ip
+            && self.fork.per_ip.count(self.fork.policy.source(key)) >= self.fork.policy.max_per_ip
         {
             Some(Refusal::PerIp)
         } else {

@@ -192,7 +192,7 @@ impl Master {
         // Each new worker costs the master a descriptor until the old
         // generation is gone: check for room before forking any.
         let open = crate::sys::open_fds().unwrap_or(0);
-        crate::daemon::ensure_nofile(open + u64::from(workers) + 8, "the reload")?;
+        crate::daemon::ensure_nofile(open + u64::from(workers) + 8, "the reload", "workers")?;
         super::make_room_for_descriptors(&cfg, plan.len());
         self.life.pending = Some(Pending {
             generation: self.life.generation + 1,

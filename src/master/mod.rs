@@ -271,7 +271,7 @@ struct Reports {
     /// Refused connections, by kind, as last logged.
     refused: status::Counted<4>,
     /// Dropped datagrams, by reason, as last logged.
-    dropped: status::Counted<5>,
+    dropped: status::Counted<6>,
     /// accept or fork errors.
     errors: RateLimit,
     /// Escalations of the crash-loop back-off after the first.
@@ -555,7 +555,7 @@ fn make_room_for_descriptors(cfg: &Config, listeners: usize) {
         Mode::Event => "worker-connections",
         _ => "max-workers",
     };
-    if let Err(e) = crate::daemon::ensure_nofile(nofile_need(cfg, listeners), why) {
+    if let Err(e) = crate::daemon::ensure_nofile(nofile_need(cfg, listeners), why, why) {
         warn!("{e}");
     }
     if cfg.mode == Mode::Event {

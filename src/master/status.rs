@@ -221,6 +221,15 @@ impl<const N: usize> Default for Counted<N> {
 }
 
 impl<const N: usize> Counted<N> {
+    /// Counts that were logged already (by the code before an upgrade),
+    /// as many as there are of them; the rest as none.
+    pub(super) fn from_logged(logged: &[u64]) -> Counted<N> {
+        Counted {
+            logged: std::array::from_fn(|i| logged.get(i).copied().unwrap_or(0)),
+            at: None,
+        }
+    }
+
     /// If some counter grew and the last report is old enough: how much
     /// each grew since (and `counts` become the ones logged).
     pub(super) fn due(&mut self, now: Instant, counts: [u64; N]) -> Option<[u64; N]> {

@@ -206,6 +206,10 @@ impl Master {
                 .collect(),
             served_by_gone: self.prefork.served_by_gone,
             accepted: self.fork.accepted,
+            reported: Some((
+                self.reports.refused.logged().to_vec(),
+                self.reports.dropped.logged().to_vec(),
+            )),
         }
     }
 
@@ -374,6 +378,15 @@ impl Master {
             .unwrap_or(now);
         self.prefork.served_by_gone = h.served_by_gone;
         self.fork.accepted = h.accepted;
+        // The log goes on from what the old code reported; from an older
+        // master, which does not say, from the counts as they are (what
+        // it had not reported yet is in the status line and the metrics).
+        let (refused, dropped) = h.reported.unwrap_or_else(|| {
+            let (_, dropped) = self.scoreboard.udp_counts();
+            (self.scoreboard.refusals().to_vec(), dropped.to_vec())
+        });
+        self.reports.refused = super::status::Counted::from_logged(&refused);
+        self.reports.dropped = super::status::Counted::from_logged(&dropped);
         let retire_by = crate::time::after(now, self.cfg.shutdown_timeout);
         let n = a.children.len();
         for (c, ctl) in a.children {

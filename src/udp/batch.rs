@@ -14,8 +14,7 @@ use nix::sys::socket::{
     recvmmsg, sendmmsg, ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage,
 };
 
-use super::{screen, socket_addr, Local, Served};
-use crate::access::Policy;
+use super::{socket_addr, Local, Screen, Served};
 use crate::scoreboard::{Dropped, Scoreboard};
 use crate::sys::IoBuffer;
 
@@ -65,8 +64,7 @@ impl Batch {
         &mut self,
         fd: RawFd,
         wildcard: bool,
-        policy: &Policy,
-        rate: u32,
+        screen: &mut Screen,
         board: &Scoreboard,
     ) -> nix::Result<Served> {
         self.answer.clear();
@@ -98,10 +96,6 @@ impl Batch {
                     board.udp_dropped(Dropped::Truncated);
                     continue;
                 }
-                if let Some(why) = screen(&src, policy, rate, board) {
-                    board.udp_dropped(why);
-                    continue;
-                }
                 let local = match msg.cmsgs() {
                     Ok(cmsgs) => super::local_of(cmsgs, &src),
                     Err(_) => Local::None,
@@ -111,6 +105,17 @@ impl Batch {
             }
             n
         };
+        // Screened once the batch is in: the check reads each datagram.
+        let now = std::time::Instant::now();
+        let buf = self.buf.as_slice();
+        self.answer.retain(|&(slot, len, src, _)| {
+            let data = &buf[slot * SLOT..slot * SLOT + len];
+            let why = socket_addr(&src).and_then(|src| screen.check(&src, data, board, now));
+            if let Some(why) = why {
+                board.udp_dropped(why);
+            }
+            why.is_none()
+        });
         let (echoed, error) = self.answer_all(fd);
         if largest > TRIM_ABOVE {
             self.buf.trim();

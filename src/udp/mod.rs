@@ -6,13 +6,15 @@
 //! (CERT CA-1996-01, "Loop DoS" CVE-2024-2169). So, as the BSD inetds do,
 //! a datagram is answered only if its source is an ordinary unicast
 //! address with a port of 1024 or above that the rules allow and that
-//! stays within `--udp-rate`; anything else is dropped unanswered and
-//! counted in the scoreboard (the master logs the counts, rate-limited).
+//! stays within `--udp-rate`, and that is not bouncing the same bytes
+//! back and forth with another echo service (screen.rs); anything else
+//! is dropped unanswered and counted in the scoreboard (the master logs
+//! the counts, rate-limited).
 //! A reply is exactly the datagram's bytes, sent to its source from the
 //! address it was sent to; a datagram larger than the buffer is dropped,
 //! never echoed short.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd};
 use std::time::Instant;
 
@@ -21,14 +23,16 @@ use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::SockaddrStorage;
 
-use crate::access::{self, Policy};
 use crate::listen::Listener;
 use crate::logging::{RateLimit, REPORT_EVERY};
-use crate::scoreboard::{Dropped, Scoreboard, State};
+use crate::scoreboard::{Scoreboard, State};
+
 use crate::worker::{self, Ctx, EXIT_ORPHAN};
+pub use screen::Screen;
 
 #[cfg(any(target_os = "linux", target_os = "android"))]
 mod batch;
+mod screen;
 // Compiled everywhere, so that it is built and tested on Linux too, where
 // batches serve instead.
 #[cfg_attr(any(target_os = "linux", target_os = "android"), allow(dead_code))]
@@ -43,49 +47,6 @@ use single::Single as Engine;
 
 /// Datagrams taken from one socket before the next gets its turn.
 const BURST: usize = 256;
-
-/// Why a datagram from `src` is dropped for its address alone, if it is:
-/// a broadcast, multicast or unspecified source cannot be a real client
-/// (it is forged, and a reply would reach many or none), and a source
-/// port below 1024 is another service's (echo, chargen, DNS...), which
-/// would answer the answer.
-pub fn by_address(src: &SocketAddr) -> Option<Dropped> {
-    let forged = match canonical(src.ip()) {
-        IpAddr::V4(a) => a.is_unspecified() || a.is_broadcast() || a.is_multicast(),
-        IpAddr::V6(a) => a.is_unspecified() || a.is_multicast(),
-    };
-    if forged {
-        Some(Dropped::Source)
-    } else if src.port() < 1024 {
-        Some(Dropped::Port)
-    } else {
-        None
-    }
-}
-
-/// An IPv4 client of a dual-stack socket as IPv4.
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    }
-}
-
-/// The checks a datagram from `src` passes before it is answered:
-/// address, rules, then the rate (which counts this datagram).
-fn screen(src: &SocketAddr, policy: &Policy, rate: u32, board: &Scoreboard) -> Option<Dropped> {
-    if let Some(why) = by_address(src) {
-        return Some(why);
-    }
-    let key = access::key(src.ip());
-    if !policy.rules.allows(key) {
-        Some(Dropped::Denied)
-    } else if rate > 0 && !board.datagram_rate_ok(key, rate) {
-        Some(Dropped::Rate)
-    } else {
-        None
-    }
-}
 
 /// The local address a datagram was sent to, as the kernel reported it
 /// on a wildcard socket: the reply leaves from it.
@@ -173,6 +134,7 @@ pub fn run(listeners: Vec<Listener>, ctx: Ctx<'_>, rate: u32) -> i32 {
         }
     };
     let mut errors = RateLimit::new(REPORT_EVERY);
+    let mut screen = Screen::new(ctx.policy.clone(), rate, seed());
     let wildcard: Vec<bool> = listeners.iter().map(Listener::is_wildcard).collect();
     // Serving from the start: there is no idle state for a datagram
     // worker, and no pool counts it.
@@ -192,19 +154,19 @@ pub fn run(listeners: Vec<Listener>, ctx: Ctx<'_>, rate: u32) -> i32 {
         }
         for (i, l) in listeners.iter().enumerate() {
             if ready(&fds[i + 1]) {
-                let echoed = serve(
-                    &mut engine,
-                    l,
-                    wildcard[i],
-                    &ctx.policy,
-                    rate,
-                    board,
-                    &mut errors,
-                );
+                let echoed = serve(&mut engine, l, wildcard[i], &mut screen, board, &mut errors);
                 board.udp_echoed(echoed);
             }
         }
     }
+}
+
+/// A seed for this worker's loop table.
+fn seed() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    t ^ (u64::from(std::process::id()) << 40)
 }
 
 /// What one call of an engine received and sent.
@@ -225,8 +187,7 @@ fn serve(
     engine: &mut Engine,
     l: &Listener,
     wildcard: bool,
-    policy: &Policy,
-    rate: u32,
+    screen: &mut Screen,
     board: &Scoreboard,
     errors: &mut RateLimit,
 ) -> u64 {
@@ -242,7 +203,7 @@ fn serve(
     };
     let (mut echoed, mut taken) = (0, 0);
     while taken < BURST {
-        match engine.serve(fd, wildcard, policy, rate, board) {
+        match engine.serve(fd, wildcard, screen, board) {
             Ok(served) => {
                 echoed += served.echoed;
                 taken += served.received.max(1);
@@ -265,36 +226,11 @@ fn serve(
 mod tests {
     use super::*;
 
-    fn addr(s: &str) -> SocketAddr {
-        s.parse().unwrap()
-    }
-
-    #[test]
-    fn forged_and_service_sources_are_dropped() {
-        for (src, want) in [
-            ("192.0.2.1:40000", None),
-            ("[2001:db8::1]:1024", None),
-            ("[::ffff:192.0.2.1]:5000", None),
-            ("192.0.2.1:1023", Some(Dropped::Port)),
-            ("192.0.2.1:7", Some(Dropped::Port)),
-            ("192.0.2.1:0", Some(Dropped::Port)),
-            ("[::ffff:192.0.2.1]:19", Some(Dropped::Port)),
-            ("255.255.255.255:40000", Some(Dropped::Source)),
-            ("0.0.0.0:40000", Some(Dropped::Source)),
-            ("224.0.0.1:40000", Some(Dropped::Source)),
-            ("[::ffff:255.255.255.255]:40000", Some(Dropped::Source)),
-            ("[::]:40000", Some(Dropped::Source)),
-            ("[ff02::1]:40000", Some(Dropped::Source)),
-        ] {
-            assert_eq!(by_address(&addr(src)), want, "{src}");
-        }
-    }
-
     /// Datagrams sent to a bound `udp:` socket come back exactly from
     /// `serve` (through whichever engine `serve` drives), and a denied
     /// source's do not.
     fn engine_echoes(
-        engine: &mut impl FnMut(std::os::fd::RawFd, &Policy, &Scoreboard) -> nix::Result<Served>,
+        engine: &mut impl FnMut(std::os::fd::RawFd, &mut Screen, &Scoreboard) -> nix::Result<Served>,
     ) {
         use std::net::UdpSocket;
         let opts = crate::listen::BindOptions {
@@ -312,10 +248,11 @@ mod tests {
             .unwrap();
         let denied = UdpSocket::bind("127.0.0.3:0").unwrap();
         denied.connect(to).unwrap();
-        let policy = Policy {
+        let policy = crate::access::Policy {
             rules: crate::access::Rules::new(&[], &["127.0.0.3/32".into()]).unwrap(),
-            ..Policy::default()
+            ..Default::default()
         };
+        let mut screen = Screen::new(policy, 0, 1);
         let sizes = [1usize, 1472, 8192, 65_507];
         denied.send(b"no").unwrap();
         for (i, &n) in sizes.iter().enumerate() {
@@ -324,7 +261,7 @@ mod tests {
         let mut echoed = 0;
         let deadline = Instant::now() + std::time::Duration::from_secs(5);
         while echoed < sizes.len() as u64 && Instant::now() < deadline {
-            if let Ok(served) = engine(l.as_fd().as_raw_fd(), &policy, &board) {
+            if let Ok(served) = engine(l.as_fd().as_raw_fd(), &mut screen, &board) {
                 board.udp_echoed(served.echoed);
                 echoed += served.echoed;
             }
@@ -335,7 +272,7 @@ mod tests {
             assert_eq!(got, n);
             assert!(buf[..n].iter().all(|&b| b == i as u8 + 1), "{n} bytes");
         }
-        assert_eq!(board.udp_counts(), (4, [0, 0, 1, 0, 0]));
+        assert_eq!(board.udp_counts(), (4, [0, 0, 1, 0, 0, 0]));
         denied.set_nonblocking(true).unwrap();
         assert!(
             denied.recv(&mut buf).is_err(),
@@ -346,35 +283,13 @@ mod tests {
     #[test]
     fn one_at_a_time_echoes_exactly() {
         let mut e = single::Single::new().unwrap();
-        engine_echoes(&mut |fd, policy, board| e.serve(fd, false, policy, 0, board));
+        engine_echoes(&mut |fd, screen, board| e.serve(fd, false, screen, board));
     }
 
     #[cfg(any(target_os = "linux", target_os = "android"))]
     #[test]
     fn batches_echo_exactly() {
         let mut e = batch::Batch::new().unwrap();
-        engine_echoes(&mut |fd, policy, board| e.serve(fd, false, policy, 0, board));
-    }
-
-    #[test]
-    fn the_rate_is_counted_per_source_in_its_own_table() {
-        let board = Scoreboard::new(1, 7).unwrap();
-        let policy = Policy::default();
-        let (a, b) = (addr("192.0.2.1:40000"), addr("192.0.2.2:40000"));
-        let passed = (0..10)
-            .filter(|_| screen(&a, &policy, 3, &board).is_none())
-            .count();
-        // Within one second-long window (the test takes microseconds) three
-        // pass; a window that turns mid-way lets at most three more.
-        assert!((3..=6).contains(&passed), "{passed}");
-        assert_eq!(screen(&b, &policy, 3, &board), None, "another source");
-        assert!(
-            board.conn_rate_ok(access::key(a.ip()), 1),
-            "TCP's table untouched"
-        );
-        assert!(
-            (0..10).all(|_| screen(&a, &policy, 0, &board).is_none()),
-            "0 = no limit"
-        );
+        engine_echoes(&mut |fd, screen, board| e.serve(fd, false, screen, board));
     }
 }

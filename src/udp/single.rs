@@ -7,8 +7,7 @@ use std::os::fd::RawFd;
 
 use nix::sys::socket::{recvmsg, sendmsg, MsgFlags, SockaddrStorage};
 
-use super::{screen, socket_addr, Local, Served};
-use crate::access::Policy;
+use super::{socket_addr, Local, Screen, Served};
 use crate::scoreboard::{Dropped, Scoreboard};
 use crate::sys::IoBuffer;
 
@@ -36,8 +35,7 @@ impl Single {
         &mut self,
         fd: RawFd,
         _wildcard: bool,
-        policy: &Policy,
-        rate: u32,
+        screen: &mut Screen,
         board: &Scoreboard,
     ) -> nix::Result<Served> {
         let buf = self.buf.as_mut_slice();
@@ -68,7 +66,7 @@ impl Single {
             }
             (msg.bytes, src, local)
         };
-        if let Some(why) = screen(&src, policy, rate, board) {
+        if let Some(why) = screen.check(&src, &buf[..n], board, std::time::Instant::now()) {
             board.udp_dropped(why);
             return Ok(Served {
                 received: 1,
