@@ -126,7 +126,17 @@ pub fn run() -> i32 {
     }
     match handover {
         Some(Ok(h)) => return upgraded(cfg, identity, h, opts, base, exe, args),
-        Some(Err(e)) => log::warn!("ignoring the upgrade handover in the environment: {e}"),
+        // The old code of this process exec'd us and is gone: starting
+        // afresh would detach again, under another pid. Fail, non-zero,
+        // so that a service manager restarts it.
+        Some(Err(e)) if e.ours => {
+            error!("cannot take over after the upgrade: {}", e.why);
+            return 1;
+        }
+        Some(Err(e)) => log::warn!(
+            "ignoring the upgrade handover in the environment: {}",
+            e.why
+        ),
         None => {}
     }
     if cfg.log == LogTarget::Syslog && !logging::syslog_connected() {

@@ -327,3 +327,63 @@ fn an_upgrade_does_not_report_old_drops_again() {
         "the old drop was reported again: {lines:?}"
     );
 }
+
+/// A new executable whose `-t` hangs is given up after 10 s, and so is
+/// everything it started: the check runs in a process group of its own.
+#[test]
+fn a_hanging_check_is_ended_with_everything_it_started() {
+    let dir = TempDir::new("upgrade-hang");
+    let bin = installed(&dir);
+    let d = start_from(&bin, &["-l", "127.0.0.1:0", "-w", "1"], None);
+    let addr = d.addr();
+    let left = dir.path("left.pid");
+    let script = format!(
+        "#!/bin/sh\nsleep 300 &\necho $! > {}\nwait\n",
+        left.display()
+    );
+    replace(&dir, &bin, script.as_bytes(), 0o755);
+    d.signal(Signal::SIGUSR2);
+    let line = d.wait_line("took more than", Duration::from_secs(15));
+    assert!(line.is_some(), "{}", d.stderr_text());
+    let child: i32 = std::fs::read_to_string(&left)
+        .expect("the script said its child's pid")
+        .trim()
+        .parse()
+        .unwrap();
+    let gone = wait_until(DEADLINE, || is_dead(child));
+    if !gone {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child), Signal::SIGKILL);
+    }
+    assert!(gone, "the check's child {child} was left running");
+    assert_eq!(echo_all(addr, b"old code"), b"old code");
+}
+
+/// The same pid cannot fall back to the code it replaced: a new program
+/// that fails after the exec ends the daemon, and with a non-zero status
+/// (so that Restart=on-failure restarts it). Here the new code cannot
+/// take the handover, as a build that reads another format could not.
+#[test]
+fn new_code_that_cannot_take_over_exits_non_zero() {
+    let dir = TempDir::new("upgrade-garbled");
+    let bin = installed(&dir);
+    let real = dir.path("real-echo-forkd");
+    replace(&dir, &real, &std::fs::read(BIN).unwrap(), 0o755);
+    let mut d = start_from(&bin, &["-l", "127.0.0.1:0", "-w", "1"], None);
+    // Passes -t, then garbles what the old code passed on.
+    let script = format!(
+        "#!/bin/sh\ncase \" $* \" in *\" -t \"*) exec {real} \"$@\";; esac\nECHO_FORKD_UPGRADE=\"v=1;pid=$$;l=bad\" exec {real} \"$@\"\n",
+        real = real.display()
+    );
+    replace(&dir, &bin, script.as_bytes(), 0o755);
+    d.signal(Signal::SIGUSR2);
+    let status = d
+        .wait_exit(DEADLINE)
+        .unwrap_or_else(|| panic!("still running:\n{}", d.stderr_text()));
+    assert_eq!(status.code(), Some(1), "{}", d.stderr_text());
+    assert!(
+        d.stderr_text()
+            .contains("cannot take over after the upgrade"),
+        "{}",
+        d.stderr_text()
+    );
+}

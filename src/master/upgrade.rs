@@ -67,6 +67,12 @@ impl Master {
             sys::spawn(&signals::HANDLED, &signals::CHILD_IGNORED, || {
                 let w = out_w.take();
                 self.close_in_child();
+                // A group of its own, so that giving it up ends whatever
+                // it started too (a script's children).
+                let _ = nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0));
+                // And it does not outlive a master killed meanwhile.
+                #[cfg(any(target_os = "linux", target_os = "android"))]
+                let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
                 if let Some(w) = &w {
                     let _ = nix::unistd::dup2_stdout(w);
                     let _ = nix::unistd::dup2_stderr(w);
@@ -83,6 +89,9 @@ impl Master {
         drop(out_w);
         match forked {
             Ok(pid) => {
+                // Set on both sides, so that the group exists whichever
+                // runs first (the child may fail before it sets it).
+                let _ = nix::unistd::setpgid(pid, pid);
                 self.life.check = Some(Check {
                     pid,
                     output: out_r,
@@ -98,6 +107,8 @@ impl Master {
         let Some(check) = self.life.check.take() else {
             return;
         };
+        // Whatever it left running in its group goes with it.
+        end_group(check.pid);
         let mut buf = [0u8; 4096];
         let n = nix::unistd::read(&check.output, &mut buf).unwrap_or(0);
         let said = String::from_utf8_lossy(&buf[..n]);
@@ -118,7 +129,7 @@ impl Master {
     pub(super) fn check_overdue(&mut self, now: Instant) {
         if self.life.check.as_ref().is_some_and(|c| now >= c.deadline) {
             if let Some(c) = &self.life.check {
-                let _ = nix::sys::signal::kill(c.pid, nix::sys::signal::Signal::SIGKILL);
+                end_group(c.pid);
             }
             error!(
                 "upgrade refused: {} -t took more than {} s; the running code goes on",
@@ -263,6 +274,13 @@ impl Master {
     }
 }
 
+/// Kills the check's process group (its group id is its pid), the check
+/// and whatever it started. A group with no one left is ESRCH, ignored;
+/// its id is not reused while any member lives.
+fn end_group(check: Pid) {
+    let _ = nix::sys::signal::killpg(check, nix::sys::signal::Signal::SIGKILL);
+}
+
 /// Sets or clears close-on-exec on `fds`.
 fn set_cloexec(fds: &[RawFd], on: bool) {
     let flag = if on {
@@ -279,23 +297,31 @@ fn set_cloexec(fds: &[RawFd], on: bool) {
     }
 }
 
+/// A handover in the environment that cannot be taken.
+pub struct Untaken {
+    /// It names this process: the old code of this very process exec'd
+    /// us and is gone, so there is nothing to go back to.
+    pub ours: bool,
+    pub why: String,
+}
+
 /// The new master, at startup: the handover its predecessor left in the
-/// environment, if any was left for this process (removed from the
-/// environment, so that nothing this process starts inherits it).
-pub fn take_handover() -> Option<Result<Handover, String>> {
+/// environment, if any (removed from the environment, so that nothing
+/// this process starts inherits it).
+pub fn take_handover() -> Option<Result<Handover, Untaken>> {
     let text: OsString = std::env::var_os(ENV)?;
     std::env::remove_var(ENV);
     let text = text.to_string_lossy().into_owned();
-    Some(Handover::decode(&text).and_then(|h| {
-        if h.pid == std::process::id() {
-            Ok(h)
-        } else {
-            Err(format!(
-                "it was left for pid {}, not for this one: ignored",
-                h.pid
-            ))
-        }
-    }))
+    let me = std::process::id();
+    let ours = text.split(';').any(|part| part == format!("pid={me}"));
+    Some(match Handover::decode(&text) {
+        Ok(h) if h.pid == me => Ok(h),
+        Ok(h) => Err(Untaken {
+            ours: false,
+            why: format!("it was left for pid {}, not for this one", h.pid),
+        }),
+        Err(why) => Err(Untaken { ours, why }),
+    })
 }
 
 /// The new master's side: the handover's descriptors, now owned.
