@@ -816,7 +816,9 @@ mod tests {
         let path = dir.join("s");
         let addr = ListenAddr::Unix(path.clone());
         let l = bind(&addr, &opts(4)).unwrap();
-        assert!(bind(&addr, &opts(4)).unwrap_err().contains("listening"));
+        assert!(bind(&addr, &opts(4))
+            .unwrap_err()
+            .contains("another process listens there"));
         // A stale file: bound socket gone, file left behind.
         std::mem::forget(l.file);
         drop(l.fd);

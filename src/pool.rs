@@ -5,8 +5,13 @@
 //! spares, plus, when every worker is busy, the clients already waiting in
 //! the listeners' accept queues, as the kernel counts them. Where it does
 //! not count them, keep doubling the burst while every new worker turns
-//! busy at once. When there are too many idle, retire one a second. Pure,
-//! so it is unit-tested; the master counts the workers and acts.
+//! busy at once. A shortfall with at most one client waiting may be a
+//! moment's (one client that reconnects at once: its next connection is
+//! taken by the spare, or waits for it, while the worker that served the
+//! last one is still closing it), so it is met only once it has lasted
+//! [`SETTLE`]; one with more clients waiting is met at once. When there are too many idle, retire one a
+//! second. Pure, so it is unit-tested; the master counts the workers and
+//! acts.
 
 use std::time::{Duration, Instant};
 
@@ -14,6 +19,10 @@ use std::time::{Duration, Instant};
 /// clients wait.
 pub const MAX_BURST: u32 = 1024;
 const RETIRE_EVERY: Duration = Duration::from_secs(1);
+/// How long a shortfall of spares with nobody waiting must last before
+/// it is met: far longer than a worker takes to finish a connection, far
+/// shorter than a person notices.
+pub const SETTLE: Duration = Duration::from_millis(100);
 
 /// The pool's bounds, from the configuration.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,6 +43,9 @@ pub enum Action {
     Retire,
     /// Every worker is busy and the pool is at `max-workers`.
     AtMax,
+    /// Spares are short with nobody waiting, maybe for a moment: decide
+    /// again after this long.
+    Recheck(Duration),
 }
 
 /// The burst size where the queue is unknown, and when a worker was last
@@ -56,14 +68,16 @@ impl Default for Pool {
 impl Pool {
     /// Decides, given `idle` workers and `starting` ones (which count as
     /// spares: they will be, but are not yet surplus) out of `total`
-    /// active ones, and `waiting` clients in the accept queues (`None`:
-    /// the kernel does not say). `min-spare` 0 pins the pool at `workers`.
+    /// active ones, `waiting` clients in the accept queues (`None`: the
+    /// kernel does not say), and how long ago the last worker turned busy
+    /// (`busy_for`: how long the present shortfall may have lasted).
+    /// `min-spare` 0 pins the pool at `workers`.
     pub fn decide(
         &mut self,
         now: Instant,
         (idle, starting): (u32, u32),
         total: u32,
-        waiting: Option<u32>,
+        (waiting, busy_for): (Option<u32>, Duration),
         b: Bounds,
     ) -> Action {
         let surplus = idle;
@@ -85,6 +99,13 @@ impl Pool {
                 } else {
                     Action::Nothing
                 };
+            }
+            // One client that reconnects at once shows as a worker just
+            // turned busy and at most one client (itself) in the queue:
+            // that may be gone in microseconds. More waiting, or a
+            // shortfall that lasts, is real.
+            if queued.is_some_and(|q| q <= 1) && busy_for < SETTLE {
+                return Action::Recheck(SETTLE - busy_for);
             }
             let mut n = want - idle;
             if queued.is_none() {
@@ -193,6 +214,9 @@ pub fn max_requests(base: u32, jitter: u32, seed: &mut u64) -> u64 {
 mod tests {
     use super::*;
 
+    /// A shortfall that has lasted: met at once.
+    const LONG: Duration = Duration::from_secs(5);
+
     const B: Bounds = Bounds {
         workers: 2,
         max_workers: 10,
@@ -215,15 +239,50 @@ mod tests {
         let (mut p, t) = (Pool::default(), Instant::now());
         let big = bounds(2048, 2, 8);
         // 2,000 clients arrive at a pool of 2, both busy.
-        assert_eq!(p.decide(t, (0, 0), 2, Some(1998), big), Action::Spawn(2000));
+        assert_eq!(
+            p.decide(t, (0, 0), 2, (Some(1998), LONG), big),
+            Action::Spawn(2000)
+        );
         // They start (and count as spares, not as surplus): nothing more.
         assert_eq!(
-            p.decide(t, (0, 2000), 2002, Some(1998), big),
+            p.decide(t, (0, 2000), 2002, (Some(1998), LONG), big),
             Action::Nothing
         );
         // Never past max-workers.
-        assert_eq!(p.decide(t, (0, 0), 2000, Some(500), big), Action::Spawn(48));
-        assert_eq!(p.decide(t, (0, 0), 2048, Some(500), big), Action::AtMax);
+        assert_eq!(
+            p.decide(t, (0, 0), 2000, (Some(500), LONG), big),
+            Action::Spawn(48)
+        );
+        assert_eq!(
+            p.decide(t, (0, 0), 2048, (Some(500), LONG), big),
+            Action::AtMax
+        );
+    }
+
+    #[test]
+    fn a_momentary_shortfall_with_nobody_waiting_is_rechecked_not_met() {
+        let (mut p, t) = (Pool::default(), Instant::now());
+        let b = Bounds { min_spare: 1, ..B };
+        // One client reconnecting: both workers busy for an instant.
+        let just = Duration::from_micros(300);
+        assert_eq!(
+            p.decide(t, (0, 0), 2, (Some(0), just), b),
+            Action::Recheck(SETTLE - just)
+        );
+        // Still short a while later, nobody waiting: a real shortfall.
+        assert_eq!(
+            p.decide(t, (0, 0), 2, (Some(0), SETTLE), b),
+            Action::Spawn(1)
+        );
+        // So is one in the queue: the same client, reconnecting.
+        assert_eq!(
+            p.decide(t, (0, 0), 2, (Some(1), just), b),
+            Action::Recheck(SETTLE - just)
+        );
+        // More clients waiting are met at once, however young the shortfall.
+        assert_eq!(p.decide(t, (0, 0), 2, (Some(3), just), b), Action::Spawn(4));
+        // Where the queue is unknown, as before: at once.
+        assert_eq!(p.decide(t, (0, 0), 2, (None, just), b), Action::Spawn(1));
     }
 
     #[test]
@@ -233,23 +292,26 @@ mod tests {
         let b = Bounds { min_spare: 1, ..B };
         // One client, one connection after another: one busy, one idle;
         // a client caught in the queue is the idle worker's.
-        assert_eq!(p.decide(t, (1, 0), 2, Some(1), b), Action::Nothing);
-        assert_eq!(p.decide(t, (2, 0), 2, Some(0), b), Action::Nothing);
+        assert_eq!(p.decide(t, (1, 0), 2, (Some(1), LONG), b), Action::Nothing);
+        assert_eq!(p.decide(t, (2, 0), 2, (Some(0), LONG), b), Action::Nothing);
         // min-spare 0 pins the pool, however many wait.
         let pinned = Bounds { min_spare: 0, ..B };
-        assert_eq!(p.decide(t, (0, 0), 2, Some(50), pinned), Action::Nothing);
+        assert_eq!(
+            p.decide(t, (0, 0), 2, (Some(50), LONG), pinned),
+            Action::Nothing
+        );
     }
 
     #[test]
     fn without_a_queue_count_bursts_double_while_every_worker_is_busy() {
         let (mut p, t) = (Pool::default(), Instant::now());
         let big = bounds(1000, 1, B.max_spare);
-        assert_eq!(p.decide(t, (0, 0), 2, None, big), Action::Spawn(1));
-        assert_eq!(p.decide(t, (0, 0), 3, None, big), Action::Spawn(2));
-        assert_eq!(p.decide(t, (0, 0), 5, None, big), Action::Spawn(4));
+        assert_eq!(p.decide(t, (0, 0), 2, (None, LONG), big), Action::Spawn(1));
+        assert_eq!(p.decide(t, (0, 0), 3, (None, LONG), big), Action::Spawn(2));
+        assert_eq!(p.decide(t, (0, 0), 5, (None, LONG), big), Action::Spawn(4));
         // Spares are back: the next burst starts small again.
-        assert_eq!(p.decide(t, (1, 0), 9, None, big), Action::Nothing);
-        assert_eq!(p.decide(t, (0, 0), 9, None, big), Action::Spawn(1));
+        assert_eq!(p.decide(t, (1, 0), 9, (None, LONG), big), Action::Nothing);
+        assert_eq!(p.decide(t, (0, 0), 9, (None, LONG), big), Action::Spawn(1));
     }
 
     #[test]
@@ -257,34 +319,43 @@ mod tests {
         let mut p = Pool::default();
         let t = Instant::now();
         let wide = Bounds { min_spare: 3, ..B };
-        assert_eq!(p.decide(t, (1, 0), 4, Some(0), wide), Action::Spawn(2));
         assert_eq!(
-            p.decide(t, (0, 0), 9, Some(0), wide),
+            p.decide(t, (1, 0), 4, (Some(0), LONG), wide),
+            Action::Spawn(2)
+        );
+        assert_eq!(
+            p.decide(t, (0, 0), 9, (Some(0), LONG), wide),
             Action::Spawn(1),
             "one slot left"
         );
-        assert_eq!(p.decide(t, (0, 0), 10, Some(0), wide), Action::AtMax);
+        assert_eq!(
+            p.decide(t, (0, 0), 10, (Some(0), LONG), wide),
+            Action::AtMax
+        );
     }
 
     #[test]
     fn retires_one_idle_worker_a_second_down_to_the_floor() {
         let mut p = Pool::default();
         let t = Instant::now();
-        assert_eq!(p.decide(t, (6, 0), 8, Some(0), B), Action::Retire);
+        assert_eq!(p.decide(t, (6, 0), 8, (Some(0), LONG), B), Action::Retire);
         assert_eq!(
-            p.decide(t, (5, 0), 7, Some(0), B),
+            p.decide(t, (5, 0), 7, (Some(0), LONG), B),
             Action::Nothing,
             "one a second"
         );
         let later = t + Duration::from_secs(1);
-        assert_eq!(p.decide(later, (5, 0), 7, Some(0), B), Action::Retire);
         assert_eq!(
-            p.decide(later + RETIRE_EVERY, (4, 0), 2, Some(0), B),
+            p.decide(later, (5, 0), 7, (Some(0), LONG), B),
+            Action::Retire
+        );
+        assert_eq!(
+            p.decide(later + RETIRE_EVERY, (4, 0), 2, (Some(0), LONG), B),
             Action::Nothing,
             "floor"
         );
         assert_eq!(
-            p.decide(later + RETIRE_EVERY, (3, 0), 5, Some(0), B),
+            p.decide(later + RETIRE_EVERY, (3, 0), 5, (Some(0), LONG), B),
             Action::Nothing,
             "within spares"
         );

@@ -637,6 +637,11 @@ impl Scoreboard {
         self.elapsed_us() / 1000
     }
 
+    /// How long ago a slot's state changed, from its `since_ms`.
+    pub fn age(&self, since_ms: u64) -> std::time::Duration {
+        std::time::Duration::from_millis(self.now_ms().saturating_sub(since_ms))
+    }
+
     /// Master, before fork: takes a free slot for a worker of `generation`;
     /// `None` when every slot is taken.
     pub fn claim(&mut self, generation: u32) -> Option<usize> {

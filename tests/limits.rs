@@ -136,6 +136,29 @@ fn one_client_after_another_does_not_grow_the_pool() {
     assert_eq!(d.fd_count(), fds, "the master's descriptors changed");
 }
 
+/// As a typical client does it: connect, send, read the echo back and
+/// close at once, without waiting for the server's end. The worker that
+/// served one connection is still closing it when the next is accepted
+/// by the spare: for a moment no worker is idle, and nobody waits.
+#[test]
+fn a_client_that_reconnects_at_once_does_not_grow_the_pool() {
+    let d = Daemon::start(&["-l", "127.0.0.1:0", "-w", "2", "--min-spare", "1"]);
+    let addr = d.addr();
+    let workers = {
+        let mut w = d.wait_children(2);
+        w.sort();
+        w
+    };
+    for i in 0..2000u32 {
+        let mut s = connect(addr);
+        let msg = [i.to_be_bytes(), (!i).to_be_bytes(), [7; 4], [9; 4]].concat();
+        assert_eq!(round_trip(&mut s, &msg).unwrap(), msg);
+    }
+    let mut now = d.children();
+    now.sort();
+    assert_eq!(now, workers, "the pool changed:\n{}", d.stderr_text());
+}
+
 fn max_per_ip(mode: &str) {
     let d = Daemon::start(&[
         "-l",

@@ -180,6 +180,7 @@ pub fn run(
             served_by_gone: 0,
             seed: seed(),
             at_max: RateLimit::new(REPORT_EVERY),
+            recheck: None,
         },
         reports: Reports {
             next_tick: now + TICK,
@@ -263,6 +264,8 @@ struct PreforkState {
     seed: u64,
     /// `max-workers` reached with every worker busy, counted and reported.
     at_max: RateLimit,
+    /// When to look at spares again, short for what may be a moment.
+    recheck: Option<Instant>,
 }
 
 /// When the master reports, and what it reported last.
@@ -426,6 +429,7 @@ impl Master {
             self.backoff.hold_until(now, serving).filter(|_| running),
             self.probe_deadline(now).filter(|_| running),
             self.children.next_deadline().filter(|_| running),
+            self.prefork.recheck.filter(|_| running),
             self.life.pending.as_ref().map(|p| p.deadline),
             self.life.unannounced.filter(|_| running),
             self.life.check.as_ref().map(|c| c.deadline),

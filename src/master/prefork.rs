@@ -145,14 +145,20 @@ impl Master {
             return;
         }
         let (mut idle, mut starting, mut total) = (0u32, 0u32, 0u32);
+        // When the last worker turned busy: how long spares may have been short.
+        let mut last_busy = None;
         for (_, e) in self.pool_of(self.life.generation) {
             total += 1;
-            match e.map(|e| e.state) {
-                Some(State::Idle) => idle += 1,
-                Some(State::Starting) => starting += 1,
+            match e {
+                Some(e) if e.state == State::Idle => idle += 1,
+                Some(e) if e.state == State::Starting => starting += 1,
+                Some(e) if e.state == State::Busy => {
+                    last_busy = last_busy.max(Some(e.since_ms));
+                }
                 _ => {}
             }
         }
+        let busy_for = last_busy.map_or(Duration::MAX, |ms| self.scoreboard.age(ms));
         let bounds = pool::Bounds {
             workers: self.cfg.workers,
             max_workers: self.cfg.max_workers,
@@ -167,12 +173,14 @@ impl Master {
         } else {
             Some(0)
         };
+        self.prefork.recheck = None;
         match self
             .prefork
             .pool
-            .decide(now, (idle, starting), total, waiting, bounds)
+            .decide(now, (idle, starting), total, (waiting, busy_for), bounds)
         {
             pool::Action::Nothing => {}
+            pool::Action::Recheck(after) => self.prefork.recheck = Some(now + after),
             pool::Action::Spawn(n) => {
                 debug!(
                     "{idle} idle workers (min-spare {}), {} clients waiting: starting {n}",
