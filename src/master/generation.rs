@@ -1,14 +1,16 @@
-//! Configurations and their generations: announcing readiness at startup,
-//! and a reload on SIGHUP, which prepares the new generation (the file
-//! read and checked, new listeners bound, new workers forked), commits it
-//! once every new worker is ready (then the old ones retire), or abandons
-//! it and keeps the configuration in force.
+//! Configurations and their generations: readiness at startup (and after
+//! an upgrade), told to the lifecycle, and a reload on SIGHUP, which
+//! prepares the new generation (the file read and checked, new listeners
+//! bound, new workers forked), commits it once every new worker is ready
+//! (then the old ones retire), or abandons it and keeps the configuration
+//! in force. The lifecycle decides when; this does it.
 
 use std::time::Instant;
 
 use log::{error, info, warn};
 
-use super::{Master, READY_TIMEOUT};
+use super::lifecycle::Event;
+use super::Master;
 use crate::accept::Acceptor;
 use crate::config::{self, Config, LogTarget, Mode};
 use crate::daemon::Identity;
@@ -19,22 +21,10 @@ use crate::time::after;
 /// A reload under way: the new generation is starting and the old one
 /// still serves.
 pub(super) struct Pending {
-    pub(super) generation: u32,
     pub(super) cfg: Config,
     pub(super) identity: Identity,
     /// The new listener set, in the new configuration's order.
     pub(super) plan: Vec<Planned>,
-    /// When the reload is abandoned if the new workers are not all ready.
-    pub(super) deadline: Instant,
-}
-
-/// When a request (HUP, USR2) is carried out.
-pub(super) enum When {
-    Now,
-    /// Once the startup, reload or upgrade under way is done.
-    Later,
-    /// Not at all: the master stops.
-    Never,
 }
 
 /// Which configuration a worker is started for.
@@ -47,93 +37,42 @@ pub(super) enum Target {
 }
 
 impl Master {
-    /// Announces readiness, completes or abandons a reload, and starts a
-    /// reload that had to wait, as the workers' states allow.
+    /// Tells the lifecycle what it waits for: a starting generation whose
+    /// workers are all ready, and the time (its deadlines).
     pub(super) fn progress(&mut self, now: Instant) {
-        if let Some(deadline) = self.life.unannounced {
-            if self.cfg.mode == Mode::Fork
-                || self.ready_workers(self.life.generation) >= self.cfg.workers as usize
-            {
-                self.life.unannounced = None;
-                info!("ready");
-                self.upgrade_done(now);
-                self.announce_ready(now);
-                if let Some(ready) = self.handoff.ready.take() {
-                    ready.ready();
-                }
-            } else if now >= deadline {
-                let why = format!(
-                    "the workers did not become ready within {} s",
-                    READY_TIMEOUT.as_secs()
-                );
-                if self.life.upgraded_from.is_some() {
-                    self.upgrade_failed(now, &why);
-                } else {
-                    self.fatal(now, &why);
-                    return;
-                }
+        let generation = self.life.generation();
+        if self.life.starting()
+            && (self.cfg.mode == Mode::Fork
+                || self.ready_workers(generation) >= self.cfg.workers as usize)
+        {
+            self.apply(Event::Ready, now);
+        }
+        let next_ready = match (self.life.next(), &self.pending) {
+            (Some(next), Some(p)) => {
+                p.cfg.mode == Mode::Fork || self.ready_workers(next) >= p.cfg.workers as usize
             }
+            _ => false,
+        };
+        if next_ready {
+            self.apply(Event::NextReady, now);
         }
-        if let Some(p) = &self.life.pending {
-            if p.cfg.mode == Mode::Fork
-                || self.ready_workers(p.generation) >= p.cfg.workers as usize
-            {
-                self.commit(now);
-            } else if now >= p.deadline {
-                self.abandon(&format!(
-                    "the new workers did not become ready within {} s",
-                    READY_TIMEOUT.as_secs()
-                ));
-            }
-        }
-        if self.life.hup_deferred && !self.under_way() {
-            self.life.hup_deferred = false;
-            self.reload(now);
-        }
+        self.apply(Event::Tick, now);
     }
 
-    /// Startup failed after the master began: stop and exit 1.
-    pub(super) fn fatal(&mut self, now: Instant, why: &str) {
+    /// Startup failed after the master began: say why (the stop and the
+    /// exit status 1 follow).
+    pub(super) fn fatal(&mut self, why: &str) {
         error!("{why}; stopping");
         if self.handoff.ready.is_some() && self.cfg.log == LogTarget::Syslog {
             // The launcher is still waiting, and its stderr is still ours.
             crate::logging::say(why);
         }
-        self.life.exit_code = 1;
-        self.stop(now, true, "startup failed");
-    }
-
-    /// Whether a startup, a reload or an upgrade is under way: a HUP or a
-    /// USR2 that comes meanwhile waits for it.
-    pub(super) fn under_way(&self) -> bool {
-        self.life.pending.is_some() || self.life.unannounced.is_some() || self.life.check.is_some()
-    }
-
-    /// Whether a HUP or a USR2 (`sig`, asking to `what`) is carried out
-    /// now, later or never; said in the log unless now.
-    pub(super) fn when(&self, sig: &str, what: &str) -> When {
-        if self.life.stop_deadline.is_some() {
-            info!("{sig} ignored: stopping");
-            When::Never
-        } else if self.under_way() {
-            info!("{sig}: will {what} once what is under way is done");
-            When::Later
-        } else {
-            When::Now
-        }
-    }
-
-    pub(super) fn hup(&mut self, now: Instant) {
-        match self.when("SIGHUP", "reload") {
-            When::Now => self.reload(now),
-            When::Later => self.life.hup_deferred = true,
-            When::Never => {}
-        }
     }
 
     /// SIGHUP: reads the configuration again and, if it is valid, starts
-    /// the new generation; the old one is retired once it is ready.
-    pub(super) fn reload(&mut self, now: Instant) {
+    /// generation `next`; the old one is retired once it is ready. `Some`:
+    /// it could not be prepared.
+    pub(super) fn reload(&mut self, now: Instant, next: u32) -> Option<Event> {
         match &self.cfg.config_file {
             Some(f) => info!("SIGHUP: reloading {}", f.display()),
             None => info!("SIGHUP: reloading (no config file: restarting the workers)"),
@@ -142,16 +81,12 @@ impl Master {
             "RELOADING=1\nMONOTONIC_USEC={}",
             crate::time::monotonic_usec()
         ));
-        if let Err(e) = self.prepare(now) {
-            self.abandon(&e);
-        } else {
-            self.progress(now);
-        }
+        self.prepare(now, next).err().map(Event::ReloadFailed)
     }
 
     /// Validates the new configuration, binds its new listeners and forks
-    /// its workers.
-    pub(super) fn prepare(&mut self, now: Instant) -> Result<(), String> {
+    /// its workers (generation `next`).
+    fn prepare(&mut self, now: Instant, next: u32) -> Result<(), String> {
         let mut cfg = config::load(self.source.cli.clone(), &self.source.base)?;
         for name in reload::keep_fixed(&self.cfg, &mut cfg) {
             warn!("{name} cannot change on reload; restart echo-forkd to change it");
@@ -194,24 +129,23 @@ impl Master {
         let open = crate::sys::open_fds().unwrap_or(0);
         crate::daemon::ensure_nofile(open + u64::from(workers) + 8, "the reload", "workers")?;
         super::make_room_for_descriptors(&cfg, plan.len());
-        self.life.pending = Some(Pending {
-            generation: self.life.generation + 1,
+        self.pending = Some(Pending {
             cfg,
             identity,
             plan,
-            deadline: now + READY_TIMEOUT,
         });
         for _ in 0..workers {
             self.spawn_worker(Target::Pending, crate::children::Role::Worker, now)
                 .map_err(|e| format!("cannot fork a new worker: {e}"))?;
         }
+        debug_assert_eq!(self.life.next(), Some(next));
         Ok(())
     }
 
     /// The new generation is ready: switch to its listeners and settings,
     /// and tell the old workers to stop accepting.
     pub(super) fn commit(&mut self, now: Instant) {
-        let Some(p) = self.life.pending.take() else {
+        let Some(p) = self.pending.take() else {
             return;
         };
         let mut current: Vec<Option<Listener>> =
@@ -228,12 +162,13 @@ impl Master {
                 }
             }
         }
-        let generation = p.generation;
+        // The lifecycle has put it in force.
+        let generation = self.life.generation();
         let retiring = self
             .children
             .retire_where(after(now, p.cfg.shutdown_timeout), |g| g < generation);
-        self.life.generation = generation;
         self.scoreboard.reloaded();
+        self.life.set_shutdown(p.cfg.shutdown_timeout);
         self.cfg = p.cfg;
         self.identity = p.identity;
         self.fork.policy = self.cfg.policy();
@@ -250,10 +185,11 @@ impl Master {
     pub(super) fn abandon(&mut self, why: &str) {
         error!("reload failed: {why}; the configuration in force is unchanged");
         let now = Instant::now();
-        if let Some(p) = self.life.pending.take() {
-            self.children
-                .retire_where(after(now, self.cfg.shutdown_timeout), |g| g == p.generation);
-        }
+        self.pending = None;
+        // Workers newer than the generation in force are the reload's.
+        let in_force = self.life.generation();
+        self.children
+            .retire_where(after(now, self.cfg.shutdown_timeout), |g| g > in_force);
         self.announce_ready(now);
     }
 

@@ -7,16 +7,21 @@
 //! exited child, then accepts (fork) or tends the pool (prefork). Like
 //! nginx's master cycle, the order is fixed, and handlers only set flags.
 //!
-//! Each concern has a room: `generation` (startup readiness, SIGHUP:
-//! prepare, commit or abandon a reload), `prefork` (the pool: filling,
-//! spares, retiring, spawning workers, TTIN/TTOU), `fork` (accepting and
-//! forking per connection, per-address counts, the max-children bound),
-//! `reap` (children's deaths and crash-loop protection) and `status`
-//! (USR1, STATUS=, periodic reports). This file holds the struct, the
-//! loop, the wait, and stopping.
+//! Where the master is in its life (starting, serving, reloading,
+//! checking an upgrade, stopping) is decided in `lifecycle`, pure and
+//! unit-tested: the master tells it what happened ([`Event`]) and does
+//! what it says ([`Action`], in [`Master::act`]). Each concern has a
+//! room: `generation` (SIGHUP: prepare, commit or abandon a reload),
+//! `prefork` (the pool: filling, spares, retiring, spawning workers,
+//! TTIN/TTOU), `fork` (accepting and forking per connection, the
+//! max-children bound), `reap` (children's deaths and crash-loop
+//! protection), `upgrade` (USR2) and `status` (USR1, STATUS=, periodic
+//! reports). This file holds the struct, the loop, the wait, and the
+//! acting on the lifecycle's decisions.
 
 mod fork;
 mod generation;
+mod lifecycle;
 mod prefork;
 mod reap;
 mod status;
@@ -51,10 +56,8 @@ use crate::systemd::Notify;
 use crate::time::after;
 
 use generation::Pending;
+use lifecycle::{Action, Event, Life};
 
-/// How long a new generation of workers may take to become ready, at
-/// startup or on reload.
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often the master looks at the pool and the refusal counters even
 /// when nothing woke it.
 const TICK: Duration = Duration::from_secs(1);
@@ -140,6 +143,7 @@ pub fn run(
     };
     make_room_for_descriptors(&cfg, listeners.len());
     let now = Instant::now();
+    let upgraded_from = adopted.as_ref().map(upgrade::Adopted::generation);
     let mut master = Master {
         pid: getpid(),
         identity,
@@ -152,19 +156,11 @@ pub fn run(
         scoreboard,
         children: Children::default(),
         backoff: Backoff::default(),
-        life: Lifecycle {
-            started: now,
-            generation: 1,
-            pending: None,
-            hup_deferred: false,
-            unannounced: Some(now + READY_TIMEOUT),
-            exit_code: 0,
-            stop_deadline: None,
-            killed: false,
-            check: None,
-            usr2_deferred: false,
-            upgraded_from: None,
-        },
+        life: Life::new(now, upgraded_from, cfg.shutdown_timeout),
+        started: now,
+        pending: None,
+        check: None,
+        exit: None,
         fork: ForkState {
             ctl_r,
             ctl_w: Some(ctl_w),
@@ -196,7 +192,7 @@ pub fn run(
     }
     if master.scoreboard.start_secs() == 0 {
         // A new scoreboard: the start is now, or the predecessor's.
-        let up = now.duration_since(master.life.started);
+        let up = now.duration_since(master.started);
         let secs = SystemTime::now()
             .checked_sub(up)
             .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
@@ -204,30 +200,6 @@ pub fn run(
         master.scoreboard.set_start_secs(secs);
     }
     master.run()
-}
-
-/// Where the master is in its life: starting, serving the n-th
-/// configuration, reloading, stopping.
-struct Lifecycle {
-    started: Instant,
-    /// The configuration in force is the n-th one (1 at startup).
-    generation: u32,
-    pending: Option<Pending>,
-    /// A SIGHUP arrived while a reload or the startup was under way.
-    hup_deferred: bool,
-    /// Until "ready" is announced: when startup is given up.
-    unannounced: Option<Instant>,
-    exit_code: i32,
-    /// Set once a stop began: when the remaining children are killed.
-    stop_deadline: Option<Instant>,
-    killed: bool,
-    /// USR2: the new executable's `-t`, while it runs.
-    check: Option<upgrade::Check>,
-    /// A SIGUSR2 arrived while something else was under way.
-    usr2_deferred: bool,
-    /// This master re-executed itself: the generation its predecessor had
-    /// in force, retired once the new one is ready.
-    upgraded_from: Option<u32>,
 }
 
 /// Fork mode's state. It lives beside the pool's whatever the mode, as a
@@ -298,7 +270,16 @@ struct Master {
     scoreboard: Scoreboard,
     children: Children,
     backoff: Backoff,
-    life: Lifecycle,
+    /// The phase, the generation in force, the requests that wait.
+    life: Life,
+    /// When the daemon started (an upgrade keeps it).
+    started: Instant,
+    /// The reload under way: its configuration and listeners.
+    pending: Option<Pending>,
+    /// USR2: the new executable's `-t`, while it runs.
+    check: Option<upgrade::Check>,
+    /// Set by the lifecycle's last word: the exit status.
+    exit: Option<i32>,
     fork: ForkState,
     prefork: PreforkState,
     reports: Reports,
@@ -325,45 +306,108 @@ impl Master {
             self.on_signals(p, now);
             // For the metrics: fork-mode children are the busy ones.
             self.scoreboard.set_fork_children(self.children.conns());
-            match self.life.stop_deadline {
-                None => self.tend(now, ready),
-                Some(_) if self.children.is_empty() => break,
-                Some(deadline) if now >= deadline && !self.life.killed => {
-                    warn!(
-                        "shutdown timeout ({} s) reached: killing {}",
-                        self.cfg.shutdown_timeout.as_secs(),
-                        counted(self.children.len() as u64, "child", "children")
-                    );
-                    self.kill_all();
-                }
-                Some(_) => {}
+            if !self.life.stopping() {
+                self.tend(now, ready);
+            } else if self.children.is_empty() {
+                self.apply(Event::ChildrenGone, now);
+            } else {
+                self.apply(Event::Tick, now);
+            }
+            if let Some(code) = self.exit {
+                info!("exiting");
+                return code;
             }
         }
-        info!("exiting");
-        self.life.exit_code
+    }
+
+    /// Tells the lifecycle what happened and does what it decides, in
+    /// order; what the doing brings about (a reload that could not be
+    /// prepared, say) is told next.
+    fn apply(&mut self, event: Event, now: Instant) {
+        let mut events = std::collections::VecDeque::from([event]);
+        while let Some(event) = events.pop_front() {
+            for action in self.life.on(event, now) {
+                events.extend(self.act(action, now));
+            }
+        }
+    }
+
+    /// Does one of the lifecycle's decisions; `Some` is what came of it.
+    fn act(&mut self, action: Action, now: Instant) -> Option<Event> {
+        match action {
+            Action::AnnounceReady => {
+                info!("ready");
+                self.announce_ready(now);
+                if let Some(ready) = self.handoff.ready.take() {
+                    ready.ready();
+                }
+            }
+            Action::RetireUpgraded { old } => self.upgrade_done(now, old),
+            Action::UpgradeFailed { old, why } => self.upgrade_failed(now, old, &why),
+            Action::Fatal(why) => self.fatal(&why),
+            Action::PrepareReload { next } => return self.reload(now, next),
+            Action::Commit => self.commit(now),
+            Action::Abandon(why) => self.abandon(&why),
+            Action::DropReload => self.pending = None,
+            Action::StartCheck => return self.start_check(now),
+            Action::EndCheck => self.end_check(),
+            Action::RefuseUpgrade(why) => error!(
+                "upgrade refused: {} {why}; the running code goes on",
+                self.source.exe.display()
+            ),
+            Action::Exec => return self.exec(now),
+            Action::ExecFailed(why) => {
+                error!("upgrade failed: {why}; the running code goes on");
+                self.announce_ready(now);
+            }
+            Action::Defer(sig) => {
+                let what = if sig == "SIGHUP" { "reload" } else { "upgrade" };
+                info!("{sig}: will {what} once what is under way is done");
+            }
+            Action::Ignore(sig) => info!("{sig} ignored: stopping"),
+            Action::BeginStop { why, immediate } => self.stop(now, why, immediate),
+            Action::StopNow(why) => {
+                if !self.children.is_empty() {
+                    info!(
+                        "{why} again: the stop is now immediate; killing {}",
+                        counted(self.children.len() as u64, "child", "children")
+                    );
+                }
+                self.kill_all();
+            }
+            Action::KillAll => {
+                warn!(
+                    "shutdown timeout ({} s) reached: killing {}",
+                    self.cfg.shutdown_timeout.as_secs(),
+                    counted(self.children.len() as u64, "child", "children")
+                );
+                self.kill_all();
+            }
+            Action::Exit(code) => self.exit = Some(code),
+        }
+        None
     }
 
     /// Acts on the signals that came, stops first.
     fn on_signals(&mut self, p: crate::signals::Pending, now: Instant) {
         if p.quit {
-            self.stop(now, true, "SIGQUIT");
+            self.apply(Event::Quit, now);
         }
         if p.term || p.int {
-            // A second TERM/INT during a graceful stop makes it immediate.
-            let again = self.life.stop_deadline.is_some();
-            self.stop(now, again, if p.term { "SIGTERM" } else { "SIGINT" });
+            let why = if p.term { "SIGTERM" } else { "SIGINT" };
+            self.apply(Event::Stop(why), now);
         }
         if p.chld {
             self.reap(now);
         }
         if p.hup {
-            self.hup(now);
+            self.apply(Event::Hup, now);
         }
         if p.usr1 {
             self.status(now);
         }
         if p.usr2 {
-            self.usr2(now);
+            self.apply(Event::Usr2, now);
         }
         if p.ttin {
             self.resize(true, now);
@@ -379,8 +423,6 @@ impl Master {
     fn tend(&mut self, now: Instant, readable: bool) {
         self.progress(now);
         self.kill_overdue(now);
-        self.check_overdue(now);
-        self.deferred_upgrade(now);
         self.check_probes(now);
         if self.cfg.mode == Mode::Fork {
             // Only when a listener is readable: no EAGAIN per wake-up.
@@ -400,8 +442,9 @@ impl Master {
     fn wait(&self) -> (bool, bool) {
         let now = Instant::now();
         let serving = self.serving();
+        let running = !self.life.stopping();
         let accepting = self.cfg.mode == Mode::Fork
-            && self.life.stop_deadline.is_none()
+            && running
             && self.acceptor.paused_until(now).is_none()
             // Crash-loop back-off: clients wait in the backlog rather than
             // meet a child that fails to start.
@@ -422,17 +465,13 @@ impl Master {
                     .map(|(_, l)| PollFd::new(l.as_fd(), PollFlags::POLLIN)),
             );
         }
-        let running = self.life.stop_deadline.is_none();
         let deadlines = [
-            self.life.stop_deadline.filter(|_| !self.life.killed),
+            self.life.deadline(),
             self.acceptor.paused_until(now).filter(|_| running),
             self.backoff.hold_until(now, serving).filter(|_| running),
             self.probe_deadline(now).filter(|_| running),
             self.children.next_deadline().filter(|_| running),
             self.prefork.recheck.filter(|_| running),
-            self.life.pending.as_ref().map(|p| p.deadline),
-            self.life.unannounced.filter(|_| running),
-            self.life.check.as_ref().map(|c| c.deadline),
             Some(self.reports.next_tick).filter(|_| running),
         ];
         let timeout = deadlines
@@ -465,7 +504,7 @@ impl Master {
     fn close_in_child(&mut self) {
         crate::logging::forked();
         Listener::close_all_in_child(&mut self.acceptor.take());
-        if let Some(p) = self.life.pending.take() {
+        if let Some(p) = self.pending.take() {
             let mut plan = p.plan;
             for planned in plan.drain(..) {
                 if let Planned::Bound(l) = planned {
@@ -480,7 +519,7 @@ impl Master {
         self.fork.ctl_w = None;
         std::mem::take(&mut self.children).close_in_child();
         self.scoreboard.close_fd_in_child();
-        self.life.check = None;
+        self.check = None;
         self.notice_r = None;
         if let Some(ready) = self.handoff.ready.take() {
             ready.close_in_child();
@@ -507,35 +546,24 @@ impl Master {
 
     /// Begins a stop: listeners are closed at once, children are told to
     /// stop accepting; `immediate` kills them instead of letting them finish.
-    fn stop(&mut self, now: Instant, immediate: bool, why: &str) {
-        let again = self.life.stop_deadline.is_some();
-        if !again {
-            if immediate {
-                info!("{why}: stopping now");
-            } else {
-                info!(
-                    "{why}: stopping; open connections may continue for {} s",
-                    self.cfg.shutdown_timeout.as_secs()
-                );
-            }
-            // Closing our copies (and removing unix socket files) plus the
-            // children closing theirs on their pipe's EOF refuses new clients.
-            self.acceptor.close();
-            self.life.pending = None;
-            self.life.hup_deferred = false;
-            self.fork.ctl_w = None;
-            let deadline = after(now, self.cfg.shutdown_timeout);
-            self.children.retire_where(deadline, |_| true);
-            self.life.stop_deadline = Some(deadline);
-            self.notify("STOPPING=1\nSTATUS=stopping");
+    fn stop(&mut self, now: Instant, why: &str, immediate: bool) {
+        if immediate {
+            info!("{why}: stopping now");
+        } else {
+            info!(
+                "{why}: stopping; open connections may continue for {} s",
+                self.cfg.shutdown_timeout.as_secs()
+            );
         }
-        if immediate && !self.life.killed {
-            if again && !self.children.is_empty() {
-                info!(
-                    "{why} again: the stop is now immediate; killing {}",
-                    counted(self.children.len() as u64, "child", "children")
-                );
-            }
+        // Closing our copies (and removing unix socket files) plus the
+        // children closing theirs on their pipe's EOF refuses new clients.
+        self.acceptor.close();
+        self.pending = None;
+        self.fork.ctl_w = None;
+        self.children
+            .retire_where(after(now, self.cfg.shutdown_timeout), |_| true);
+        self.notify("STOPPING=1\nSTATUS=stopping");
+        if immediate {
             self.kill_all();
         }
     }
@@ -544,7 +572,6 @@ impl Master {
         for pid in self.children.pids() {
             let _ = kill(pid, Signal::SIGKILL);
         }
-        self.life.killed = true;
     }
 }
 

@@ -46,7 +46,7 @@ impl Master {
         } else {
             self.cfg.workers = new;
             info!("{sig}: the pool's floor is now {new} workers");
-            if !up && self.children.active(self.life.generation) > new as usize {
+            if !up && self.children.active(self.life.generation()) > new as usize {
                 self.retire_one(now, "SIGTTOU");
             }
         }
@@ -57,11 +57,13 @@ impl Master {
     /// pool is kept full too (its workers may recycle before it takes over).
     pub(super) fn fill_pool(&mut self, now: Instant) {
         for target in [Target::InForce, Target::Pending] {
-            let (generation, size) = match (target, &self.life.pending) {
-                (Target::InForce, _) if self.cfg.mode.pooled() => {
-                    (self.life.generation, self.cfg.workers)
+            let (generation, size) = match (target, &self.pending, self.life.next()) {
+                (Target::InForce, _, _) if self.cfg.mode.pooled() => {
+                    (self.life.generation(), self.cfg.workers)
                 }
-                (Target::Pending, Some(p)) if p.cfg.mode.pooled() => (p.generation, p.cfg.workers),
+                (Target::Pending, Some(p), Some(next)) if p.cfg.mode.pooled() => {
+                    (next, p.cfg.workers)
+                }
                 _ => continue,
             };
             while self.children.active(generation) < size as usize {
@@ -79,7 +81,7 @@ impl Master {
     /// force: until then the old ones serve, and clients wait in the
     /// sockets meanwhile.)
     fn fill_helpers(&mut self, now: Instant) {
-        if self.life.stop_deadline.is_some() {
+        if self.life.stopping() {
             return;
         }
         let listeners = self.acceptor.listeners();
@@ -90,7 +92,7 @@ impl Master {
         };
         let metrics = usize::from(listeners.iter().any(Listener::is_metrics));
         for (role, want) in [(Role::Udp, udp), (Role::Metrics, metrics)] {
-            while self.children.serving(role, self.life.generation) < want {
+            while self.children.serving(role, self.life.generation()) < want {
                 if !self.try_spawn(Target::InForce, role, now) {
                     return;
                 }
@@ -126,7 +128,7 @@ impl Master {
     /// Whether the generation in force has a worker accepting or serving
     /// (fork mode: never, as a held-back master serves no one new).
     pub(super) fn serving(&self) -> bool {
-        self.cfg.mode.pooled() && self.ready_workers(self.life.generation) > 0
+        self.cfg.mode.pooled() && self.ready_workers(self.life.generation()) > 0
     }
 
     /// How long until the next child may be started.
@@ -147,7 +149,7 @@ impl Master {
         let (mut idle, mut starting, mut total) = (0u32, 0u32, 0u32);
         // When the last worker turned busy: how long spares may have been short.
         let mut last_busy = None;
-        for (_, e) in self.pool_of(self.life.generation) {
+        for (_, e) in self.pool_of(self.life.generation()) {
             total += 1;
             match e {
                 Some(e) if e.state == State::Idle => idle += 1,
@@ -204,7 +206,7 @@ impl Master {
                 }
             }
         }
-        let total = self.children.active(self.life.generation) as u32;
+        let total = self.children.active(self.life.generation()) as u32;
         let arm = total < bounds.max_workers;
         self.scoreboard
             .set_wake_below(if arm { bounds.min_spare } else { 0 });
@@ -220,7 +222,7 @@ impl Master {
             _ => (2, 0),
         };
         let victim = self
-            .pool_of(self.life.generation)
+            .pool_of(self.life.generation())
             .map(|(pid, e)| (rank(e), pid))
             .min()
             .map(|(_, pid)| pid);
@@ -260,9 +262,9 @@ impl Master {
         role: Role,
         now: Instant,
     ) -> Result<Pid, String> {
-        let (generation, cfg, identity) = match (&self.life.pending, target) {
-            (Some(p), Target::Pending) => (p.generation, &p.cfg, p.identity.clone()),
-            _ => (self.life.generation, &self.cfg, self.identity.clone()),
+        let (generation, cfg, identity) = match (&self.pending, self.life.next(), target) {
+            (Some(p), Some(next), Target::Pending) => (next, &p.cfg, p.identity.clone()),
+            _ => (self.life.generation(), &self.cfg, self.identity.clone()),
         };
         let limits = cfg.limits();
         let policy = cfg.policy();
@@ -352,7 +354,7 @@ impl Master {
     /// master's list is left empty).
     pub(super) fn take_listeners(&mut self, target: Target) -> Vec<Listener> {
         let current = self.acceptor.take();
-        match (self.life.pending.as_mut(), target) {
+        match (self.pending.as_mut(), target) {
             (Some(p), Target::Pending) => {
                 let mut current: Vec<Option<Listener>> = current.into_iter().map(Some).collect();
                 take_planned(&mut current, std::mem::take(&mut p.plan))

@@ -11,6 +11,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
+use super::lifecycle::Event;
 use super::Master;
 use crate::children::{classify, describe, Child, Exit, Role, EXIT_REFUSED, QUICK_DEATH};
 use crate::scoreboard::{Exited, State};
@@ -29,7 +30,7 @@ impl Master {
                 }
             };
             let Some(pid) = status.pid() else { continue };
-            if self.life.check.as_ref().is_some_and(|c| c.pid == pid) {
+            if self.check.as_ref().is_some_and(|c| c.pid == pid) {
                 self.check_done(status, now);
                 continue;
             }
@@ -66,8 +67,8 @@ impl Master {
                     _ => Exited::Error,
                 });
             }
-            let stopping = self.life.stop_deadline.is_some();
-            let pending = self.life.pending.as_ref().map(|p| p.generation);
+            let stopping = self.life.stopping();
+            let starting = self.life.starting().then_some(self.life.generation());
             match child.role {
                 Role::Worker | Role::Udp | Role::Metrics if child.killed || stopping => {
                     debug!("{} {pid} {how}", who(child.role))
@@ -79,22 +80,15 @@ impl Master {
                         info!("{} {pid} {how}", who(child.role));
                     }
                 }
-                Role::Worker if never_ready && pending == Some(child.generation) => {
-                    self.abandon(&format!("new worker {pid} {how} before it was ready"));
+                Role::Worker if never_ready && self.life.next() == Some(child.generation) => {
+                    let why = format!("new worker {pid} {how} before it was ready");
+                    self.apply(Event::DiedBeforeReady { next: true, why }, now);
                 }
-                Role::Worker
-                    if never_ready
-                        && self.life.unannounced.is_some()
-                        && child.generation == self.life.generation =>
-                {
+                Role::Worker if never_ready && starting == Some(child.generation) => {
                     let why = format!("worker {pid} {how} before it was ready");
-                    if self.life.upgraded_from.is_some() {
-                        self.upgrade_failed(now, &why);
-                    } else {
-                        self.fatal(now, &why);
-                    }
+                    self.apply(Event::DiedBeforeReady { next: false, why }, now);
                 }
-                Role::Conn if self.life.killed => debug!("child {pid} {how}"),
+                Role::Conn if self.life.killed() => debug!("child {pid} {how}"),
                 role => {
                     let lived = now.duration_since(child.started);
                     let exit = classify(&status, role, lived, !never_ready);

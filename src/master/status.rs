@@ -77,7 +77,7 @@ impl Master {
 
     /// The USR1 line and systemd's STATUS=.
     pub(super) fn status_text(&self, now: Instant) -> String {
-        let uptime = now.duration_since(self.life.started).as_secs();
+        let uptime = now.duration_since(self.started).as_secs();
         let (mut busy, mut idle, mut other, mut served) = (0, 0, 0, self.prefork.served_by_gone);
         let mut open = 0;
         for (_, c) in self
@@ -114,7 +114,7 @@ impl Master {
         let text = match self.cfg.mode {
             Mode::Prefork => format!(
                 "mode prefork, generation {}, workers {} (busy {busy}, idle {idle}{starting}; floor {}, max {}, max reached {}), connections served {served}{refused}, uptime {uptime} s",
-                self.life.generation,
+                self.life.generation(),
                 self.children.workers(),
                 self.cfg.workers,
                 self.cfg.max_workers,
@@ -122,13 +122,13 @@ impl Master {
             ),
             Mode::Event => format!(
                 "mode event, generation {}, workers {} (busy {busy}, idle {idle}{starting}), open connections {open} (at most {} per worker), connections served {served}{refused}, uptime {uptime} s",
-                self.life.generation,
+                self.life.generation(),
                 self.children.workers(),
                 self.cfg.worker_connections
             ),
             Mode::Fork => format!(
                 "mode fork, generation {}, children {} of at most {}, connections {}, limit reached {}{refused}, uptime {uptime} s",
-                self.life.generation,
+                self.life.generation(),
                 self.children.conns(),
                 self.cfg.max_children,
                 self.fork.accepted + served,

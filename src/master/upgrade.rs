@@ -21,44 +21,36 @@ use nix::sys::signal::{sigprocmask, SigSet, SigmaskHow};
 use nix::sys::wait::WaitStatus;
 use nix::unistd::{pipe2, Pid};
 
-use super::generation::When;
+use super::lifecycle::Event;
 use super::Master;
 use crate::children::{describe, Role};
 use crate::upgrade::{Handover, PassedChild, PassedListener, PassedRole, Serves, ENV};
 use crate::{signals, sys};
-
-/// How long the new executable's `-t` may take.
-const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The new executable's `-t`, running.
 pub(super) struct Check {
     pub(super) pid: Pid,
     /// Its standard output and error, read when it has exited.
     output: OwnedFd,
-    pub(super) deadline: Instant,
 }
 
 impl Master {
-    /// SIGUSR2: checks the new executable, unless a reload, an upgrade or
-    /// the startup is under way (then it waits for it) or the master stops.
-    pub(super) fn usr2(&mut self, now: Instant) {
-        match self.when("SIGUSR2", "upgrade") {
-            When::Now => self.start_check(now),
-            When::Later => self.life.usr2_deferred = true,
-            When::Never => {}
-        }
-    }
-
-    fn start_check(&mut self, now: Instant) {
+    /// SIGUSR2, as the lifecycle allows it: starts the new executable's
+    /// `-t` in a child it does not wait for. `Some`: it could not be.
+    pub(super) fn start_check(&mut self, _now: Instant) -> Option<Event> {
         let exe = self.source.exe.clone();
         info!("SIGUSR2: checking {} before upgrading to it", exe.display());
         let argv = match self.argv(true) {
             Ok(a) => a,
-            Err(e) => return error!("upgrade refused: {e}; the running code goes on"),
+            Err(e) => return Some(Event::CheckNotStarted(format!("cannot be run: {e}"))),
         };
         let (out_r, out_w) = match pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK) {
             Ok(p) => p,
-            Err(e) => return error!("upgrade refused: cannot create a pipe: {e}"),
+            Err(e) => {
+                return Some(Event::CheckNotStarted(format!(
+                    "cannot be checked: cannot create a pipe: {e}"
+                )))
+            }
         };
         let mut out_w = Some(out_w);
         // SAFETY: the master is single-threaded: it never starts a thread.
@@ -92,19 +84,19 @@ impl Master {
                 // Set on both sides, so that the group exists whichever
                 // runs first (the child may fail before it sets it).
                 let _ = nix::unistd::setpgid(pid, pid);
-                self.life.check = Some(Check {
-                    pid,
-                    output: out_r,
-                    deadline: now + CHECK_TIMEOUT,
-                })
+                self.check = Some(Check { pid, output: out_r });
+                None
             }
-            Err(e) => error!("upgrade refused: cannot fork the check: {e}"),
+            Err(e) => Some(Event::CheckNotStarted(format!(
+                "cannot be checked: cannot fork: {e}"
+            ))),
         }
     }
 
-    /// The check exited: upgrade if it passed.
+    /// The check exited (reaped as `status`): tells the lifecycle whether
+    /// it passed, with what it said if not.
     pub(super) fn check_done(&mut self, status: WaitStatus, now: Instant) {
-        let Some(check) = self.life.check.take() else {
+        let Some(check) = self.check.take() else {
             return;
         };
         // Whatever it left running in its group goes with it.
@@ -113,31 +105,23 @@ impl Master {
         let n = nix::unistd::read(&check.output, &mut buf).unwrap_or(0);
         let said = String::from_utf8_lossy(&buf[..n]);
         let said = said.trim().replace('\n', "; ");
-        if matches!(status, WaitStatus::Exited(_, 0)) {
-            self.exec(now);
+        let result = if matches!(status, WaitStatus::Exited(_, 0)) {
+            Ok(())
         } else {
             let (_, how) = describe(&status);
-            error!(
-                "upgrade refused: {} -t {how}{}{said}; the running code goes on",
-                self.source.exe.display(),
+            Err(format!(
+                "-t {how}{}{said}",
                 if said.is_empty() { "" } else { ": " }
-            );
-        }
+            ))
+        };
+        self.apply(Event::Checked(result), now);
     }
 
-    /// Gives up a check that takes too long.
-    pub(super) fn check_overdue(&mut self, now: Instant) {
-        if self.life.check.as_ref().is_some_and(|c| now >= c.deadline) {
-            if let Some(c) = &self.life.check {
-                end_group(c.pid);
-            }
-            error!(
-                "upgrade refused: {} -t took more than {} s; the running code goes on",
-                self.source.exe.display(),
-                CHECK_TIMEOUT.as_secs()
-            );
-            // Its exit is reaped as any child's, and ignored.
-            self.life.check = None;
+    /// Gives the check up (it took too long, or the master stops): its
+    /// group is killed, and its exit is reaped as any child's, unheeded.
+    pub(super) fn end_check(&mut self) {
+        if let Some(c) = self.check.take() {
+            end_group(c.pid);
         }
     }
 
@@ -160,8 +144,8 @@ impl Master {
         let raw = |f: &OwnedFd| f.as_raw_fd();
         Handover {
             pid: std::process::id(),
-            generation: self.life.generation,
-            started_secs_ago: now.duration_since(self.life.started).as_secs(),
+            generation: self.life.generation(),
+            started_secs_ago: now.duration_since(self.started).as_secs(),
             listeners: self
                 .acceptor
                 .listeners()
@@ -225,11 +209,11 @@ impl Master {
     }
 
     /// Re-executes the new code with the handover; returns only if that
-    /// failed, having put everything back.
-    fn exec(&mut self, now: Instant) {
+    /// failed, having put everything back, with why.
+    pub(super) fn exec(&mut self, now: Instant) -> Option<Event> {
         let argv = match self.argv(false) {
             Ok(a) => a,
-            Err(e) => return error!("upgrade failed: {e}; the running code goes on"),
+            Err(e) => return Some(Event::ExecFailed(e)),
         };
         let handover = self.handover(now);
         let fds = handover.fds();
@@ -256,21 +240,11 @@ impl Master {
         let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
         std::env::remove_var(ENV);
         set_cloexec(&fds, true);
-        error!(
-            "upgrade failed: cannot execute {}: {}; the running code goes on",
+        Some(Event::ExecFailed(format!(
+            "cannot execute {}: {}",
             self.source.exe.display(),
             e.map_or("".into(), |e| e.desc().to_lowercase())
-        );
-        self.announce_ready(now);
-    }
-
-    /// Called when the master has nothing else under way: an upgrade asked
-    /// for meanwhile starts now.
-    pub(super) fn deferred_upgrade(&mut self, now: Instant) {
-        if self.life.usr2_deferred && !self.under_way() {
-            self.life.usr2_deferred = false;
-            self.start_check(now);
-        }
+        )))
     }
 }
 
@@ -353,6 +327,11 @@ fn own_pair(p: Option<(RawFd, RawFd)>) -> Option<(OwnedFd, OwnedFd)> {
 }
 
 impl Adopted {
+    /// The generation the old code had in force.
+    pub(super) fn generation(&self) -> u32 {
+        self.handover.generation
+    }
+
     /// The slots the children name are not this scoreboard's.
     pub(super) fn forget_slots(&mut self) {
         for (c, _) in &mut self.children {
@@ -397,9 +376,7 @@ impl Master {
         use crate::children::{Child, Role};
         let h = a.handover;
         let old = h.generation;
-        self.life.generation = old.saturating_add(1);
-        self.life.upgraded_from = Some(old);
-        self.life.started = now
+        self.started = now
             .checked_sub(Duration::from_secs(h.started_secs_ago))
             .unwrap_or(now);
         self.prefork.served_by_gone = h.served_by_gone;
@@ -454,39 +431,34 @@ impl Master {
             "upgraded to version {}: {} of generation {old} adopted; generation {} starting",
             env!("CARGO_PKG_VERSION"),
             crate::logging::counted(n as u64, "child", "children"),
-            self.life.generation
+            self.life.generation()
         );
     }
 
-    /// The new generation is ready after an upgrade: the old one retires.
-    pub(super) fn upgrade_done(&mut self, now: Instant) {
-        if let Some(old) = self.life.upgraded_from.take() {
-            let retiring = self
-                .children
-                .retire_where(crate::time::after(now, self.cfg.shutdown_timeout), |g| {
-                    g <= old
-                });
-            info!(
-                "upgraded: generation {} serves; {} retiring",
-                self.life.generation,
-                crate::logging::counted(retiring as u64, "old worker", "old workers")
-            );
-        }
+    /// The new generation is ready after an upgrade: the old code's
+    /// generation `old` (and any before it) retires.
+    pub(super) fn upgrade_done(&mut self, now: Instant, old: u32) {
+        let retiring = self
+            .children
+            .retire_where(crate::time::after(now, self.cfg.shutdown_timeout), |g| {
+                g <= old
+            });
+        info!(
+            "upgraded: generation {} serves; {} retiring",
+            self.life.generation(),
+            crate::logging::counted(retiring as u64, "old worker", "old workers")
+        );
     }
 
-    /// The new code's workers did not start: the old ones go on serving.
-    pub(super) fn upgrade_failed(&mut self, now: Instant, why: &str) {
-        let Some(old) = self.life.upgraded_from.take() else {
-            return;
-        };
+    /// The new code's workers did not start: they retire, and the old
+    /// code's, of generation `old`, go on serving (the lifecycle has put
+    /// it back in force).
+    pub(super) fn upgrade_failed(&mut self, now: Instant, old: u32, why: &str) {
         error!("after the upgrade, {why}; the old workers go on serving");
-        let new = self.life.generation;
         self.children
             .retire_where(crate::time::after(now, self.cfg.shutdown_timeout), |g| {
-                g == new
+                g > old
             });
-        self.life.generation = old;
-        self.life.unannounced = None;
         self.announce_ready(now);
     }
 }
