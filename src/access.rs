@@ -1,7 +1,7 @@
-//! Who may connect: `--allow`/`--deny` CIDR rules, and the client address
-//! as one number for the per-address limits. Pure, so it is unit-tested.
+//! Client addresses: one number for an address (IPv4 and IPv6 alike), its
+//! source for the per-source limits, and the `--allow`/`--deny` CIDR
+//! rules. Pure, so it is unit-tested; `admission` applies them.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv6Addr};
 use std::str::FromStr;
@@ -153,77 +153,6 @@ impl Rules {
     }
 }
 
-/// Connections being served from each client address, for
-/// `--max-per-ip` where one process counts them all (the fork-mode
-/// master; prefork workers count through the scoreboard).
-#[derive(Debug, Default)]
-pub struct PerIp(HashMap<u128, u32>);
-
-impl PerIp {
-    /// Connections now counted for `key`.
-    pub fn count(&self, key: u128) -> u32 {
-        self.0.get(&key).copied().unwrap_or(0)
-    }
-
-    /// One more connection from `key`.
-    pub fn add(&mut self, key: u128) {
-        *self.0.entry(key).or_insert(0) += 1;
-    }
-
-    /// A connection from `key` ended; an address with none left is
-    /// forgotten, so the map holds only clients being served.
-    pub fn release(&mut self, key: u128) {
-        if let Some(n) = self.0.get_mut(&key) {
-            *n -= 1;
-            if *n == 0 {
-                self.0.remove(&key);
-            }
-        }
-    }
-
-    /// How many addresses are counted.
-    #[cfg(test)]
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-}
-
-/// The checks a client address must pass before it is served.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Policy {
-    pub rules: Rules,
-    /// 0 = no limit.
-    pub max_per_ip: u32,
-    /// 0 = no limit.
-    pub max_conn_rate: u32,
-    /// IPv6 sources share the per-source limits by this prefix (0 is
-    /// taken as 128: every address on its own).
-    pub ipv6_prefix: u8,
-    /// `--proxy-protocol`: the proxies trusted to send the header.
-    pub proxy: Option<crate::proxy::Trusted>,
-    /// How long a trusted proxy has to send the header.
-    pub proxy_timeout: std::time::Duration,
-}
-
-impl Policy {
-    /// The source a client at `key` is counted as by the per-source
-    /// limits (see [`source`]).
-    pub fn source(&self, key: u128) -> u128 {
-        match self.ipv6_prefix {
-            0 => key,
-            len => source(key, len),
-        }
-    }
-
-    /// Whether every client passes without a look at its address.
-    pub fn is_open(&self) -> bool {
-        self.rules.is_empty()
-            && self.max_per_ip == 0
-            && self.max_conn_rate == 0
-            && self.proxy.is_none()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -281,26 +210,6 @@ mod tests {
     }
 
     #[test]
-    fn per_ip_counts_up_and_down_and_forgets_idle_addresses() {
-        let mut p = PerIp::default();
-        let (a, b) = (k("192.0.2.1"), k("192.0.2.2"));
-        p.add(a);
-        p.add(a);
-        p.add(b);
-        assert_eq!((p.count(a), p.count(b), p.len()), (2, 1, 2));
-        p.release(b);
-        assert_eq!(
-            (p.count(b), p.len()),
-            (0, 1),
-            "an address with none left is forgotten"
-        );
-        p.release(b);
-        assert_eq!(p.count(b), 0, "a release without an add is ignored");
-        p.release(a);
-        assert_eq!(p.count(a), 1);
-    }
-
-    #[test]
     fn ipv6_sources_are_counted_by_their_network_ipv4_by_address() {
         for (a, b, len, same) in [
             ("2001:db8:1:2::1", "2001:db8:1:2:ffff::9", 64, true),
@@ -316,12 +225,8 @@ mod tests {
                 "{a} and {b} by /{len}"
             );
         }
-        let p = Policy {
-            ipv6_prefix: 64,
-            ..Policy::default()
-        };
-        assert_eq!(p.source(k("192.0.2.7")), k("192.0.2.7"));
-        assert_eq!(p.source(k("2001:db8::7")), k("2001:db8::"));
+        assert_eq!(source(k("192.0.2.7"), 64), k("192.0.2.7"));
+        assert_eq!(source(k("2001:db8::7"), 64), k("2001:db8::"));
     }
 
     #[test]

@@ -40,8 +40,9 @@ pub struct Child {
     pub retire_by: Option<Instant>,
     /// It was sent SIGKILL.
     pub killed: bool,
-    /// fork mode: its client's address, counted for max-per-ip.
-    pub peer: Option<u128>,
+    /// fork mode: its client's place in `--max-per-ip`, which the master
+    /// keeps and gives back when it reaps the child.
+    pub place: Option<crate::scoreboard::Place>,
     /// fork mode behind a proxy: its index in the scoreboard's table of
     /// fork-mode clients (see [`IndexPool`]).
     pub fork_slot: Option<usize>,
@@ -58,7 +59,7 @@ impl Child {
             ctl: None,
             retire_by: None,
             killed: false,
-            peer: None,
+            place: None,
             fork_slot: None,
         }
     }

@@ -29,10 +29,10 @@ use std::net::SocketAddr;
 
 use crate::accept::Acceptor;
 use crate::access;
+use crate::admission::{Holder, Refusal, Ticket};
 use crate::echo::{Conn, End};
 use crate::listen::Listener;
 use crate::proxy;
-use crate::scoreboard::Refusal;
 use crate::scoreboard::State;
 use crate::worker::{self, Ctx, EXIT_ORPHAN};
 
@@ -46,13 +46,13 @@ const ACCEPT_BATCH: usize = 64;
 const EVENTS: usize = 256;
 
 /// One open connection and what the loop keeps beside it.
-struct Open {
+struct Open<'a> {
     conn: Conn,
     /// Distinguishes this connection from a later one in the same slot,
     /// for deadlines left in the heap.
     serial: u64,
-    /// Its client, when counted for `--max-per-ip`.
-    peer: Option<u128>,
+    /// Its client's place, once admitted (given back on close).
+    ticket: Option<Ticket<'a>>,
     /// Registered for writability (bytes pending) rather than reads.
     writing: bool,
     /// debug: the client's address, for the line logged at the end.
@@ -69,7 +69,7 @@ struct Loop<'a> {
     /// The listeners are in the epoll set (not at the cap, not paused).
     listening: bool,
     stopping: bool,
-    slots: Vec<Option<Open>>,
+    slots: Vec<Option<Open<'a>>>,
     free: Vec<usize>,
     open: usize,
     max_open: usize,
@@ -79,8 +79,8 @@ struct Loop<'a> {
     max_requests: u64,
     serial: u64,
     deadlines: BinaryHeap<Reverse<(Instant, usize, u64)>>,
-    /// The scoreboard's open-connection table generation last seen.
-    peers_epoch: u64,
+    /// The scoreboard's places table generation last seen.
+    places_epoch: u64,
     /// What `publish` said last: open connections, and busy.
     published: (usize, bool),
 }
@@ -107,7 +107,7 @@ pub fn run(listeners: Vec<Listener>, ctx: Ctx<'_>, max_open: usize, max_requests
         warn!("cannot watch the control pipe: {e}");
         return 1;
     }
-    let peers_epoch = ctx.slot.map_or(0, |s| s.board().peers_epoch());
+    let places_epoch = ctx.board.places_epoch();
     let mut l = Loop {
         ctx,
         epoll,
@@ -122,7 +122,7 @@ pub fn run(listeners: Vec<Listener>, ctx: Ctx<'_>, max_open: usize, max_requests
         max_requests,
         serial: 0,
         deadlines: BinaryHeap::new(),
-        peers_epoch,
+        places_epoch,
         published: (usize::MAX, false),
     };
     if let Err(e) = l.listen(true) {
@@ -133,7 +133,7 @@ pub fn run(listeners: Vec<Listener>, ctx: Ctx<'_>, max_open: usize, max_requests
     l.run(buf.as_mut_slice())
 }
 
-impl Loop<'_> {
+impl<'a> Loop<'a> {
     fn run(&mut self, buf: &mut [u8]) -> i32 {
         let mut events = [EpollEvent::empty(); EVENTS];
         loop {
@@ -174,7 +174,7 @@ impl Loop<'_> {
             if accept {
                 self.accept(buf, now);
             }
-            self.recount_peers();
+            self.recount_places();
             if self.stopping && self.open == 0 {
                 return 0;
             }
@@ -258,23 +258,9 @@ impl Loop<'_> {
         }
     }
 
-    /// Checks a client at `key` against the rules and limits, counting it
-    /// for `--max-per-ip`: the source counted, if any, or why it is refused.
-    fn check(&self, key: u128) -> Result<Option<u128>, Refusal> {
-        let policy = &self.ctx.policy;
-        let board = self.ctx.board;
-        if let Some(why) = board.screen(policy, key) {
-            return Err(why);
-        }
-        if policy.max_per_ip == 0 {
-            return Ok(None);
-        }
-        let source = policy.source(key);
-        if board.peer_open(source, policy.max_per_ip) {
-            Ok(Some(source))
-        } else {
-            Err(Refusal::PerIp)
-        }
+    /// Checks a client at `key` and takes its place.
+    fn check(&self, key: u128) -> Result<Ticket<'a>, Refusal> {
+        self.ctx.policy.admit(self.ctx.board, key, Holder::Here)
     }
 
     /// Checks a new connection's client, then opens it and serves what it
@@ -282,16 +268,10 @@ impl Loop<'_> {
     /// client is, once its header is read.
     fn admit(&mut self, fd: OwnedFd, tcp: bool, buf: &mut [u8], now: Instant) {
         let policy = &self.ctx.policy;
-        let mut peer = None;
+        let mut ticket = None;
         let mut header = None;
         if tcp && policy.proxy.is_some() {
-            let proxy = worker::peer_addr(&fd).filter(|p| {
-                policy
-                    .proxy
-                    .as_ref()
-                    .is_some_and(|t| t.contains(access::key(p.ip())))
-            });
-            let Some(proxy) = proxy else {
+            let Ok(Some(proxy)) = policy.proxy_of(worker::peer_addr(&fd)) else {
                 self.ctx.board.refused(Refusal::Proxy);
                 debug!("PROXY protocol: not from a trusted proxy; connection closed");
                 return;
@@ -303,7 +283,7 @@ impl Loop<'_> {
         } else if tcp && !policy.is_open() {
             if let Some(key) = access::peer_key(&fd) {
                 match self.check(key) {
-                    Ok(counted) => peer = counted,
+                    Ok(t) => ticket = Some(t),
                     Err(why) => {
                         self.ctx.board.refused(why);
                         return; // closed at once, unread
@@ -322,9 +302,6 @@ impl Loop<'_> {
         {
             warn!("cannot watch a new connection: {e}");
             self.free.push(index);
-            if let Some(key) = peer {
-                self.ctx.board.peer_closed(key);
-            }
             return;
         }
         if index == self.slots.len() {
@@ -341,7 +318,7 @@ impl Loop<'_> {
         self.slots[index] = Some(Open {
             conn,
             serial: self.serial,
-            peer,
+            ticket,
             writing: false,
             name,
             header,
@@ -373,10 +350,10 @@ impl Loop<'_> {
             }
         };
         match self.check(access::key(client.ip())) {
-            Ok(counted) => {
+            Ok(ticket) => {
                 if let Some(Some(o)) = self.slots.get_mut(index) {
                     o.header = None;
-                    o.peer = counted;
+                    o.ticket = Some(ticket);
                     if log::log_enabled!(log::Level::Debug) {
                         o.name = Some(client.to_string());
                     }
@@ -434,9 +411,6 @@ impl Loop<'_> {
         self.free.push(index);
         self.open -= 1;
         self.ctx.board.served(o.conn.bytes());
-        if let Some(key) = o.peer {
-            self.ctx.board.peer_closed(key);
-        }
         if let Some(slot) = self.ctx.slot {
             slot.served_one();
         }
@@ -449,7 +423,7 @@ impl Loop<'_> {
             );
         }
         // Dropping the connection closes it, which also takes it out of
-        // the epoll set.
+        // the epoll set; dropping its ticket gives its place back.
     }
 
     /// Closes the connections whose idle or session limit ran out; moves
@@ -483,16 +457,16 @@ impl Loop<'_> {
         }
     }
 
-    /// After a worker died holding connections, the master emptied the
-    /// open-connection table: count this worker's in again.
-    fn recount_peers(&mut self) {
-        let Some(slot) = self.ctx.slot else { return };
-        let board = slot.board();
-        let epoch = board.peers_epoch();
-        if epoch != self.peers_epoch {
-            self.peers_epoch = epoch;
-            for key in self.slots.iter().flatten().filter_map(|o| o.peer) {
-                board.peer_recount(key);
+    /// After a worker died holding places, the master emptied the places
+    /// table: count this worker's in again.
+    fn recount_places(&mut self) {
+        let board = self.ctx.board;
+        let epoch = board.places_epoch();
+        if epoch != self.places_epoch {
+            self.places_epoch = epoch;
+            let held = self.slots.iter().flatten();
+            for place in held.filter_map(|o| o.ticket.as_ref()?.place()) {
+                board.recount_place(place);
             }
         }
     }

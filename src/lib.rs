@@ -16,6 +16,7 @@
 
 mod accept;
 mod access;
+mod admission;
 mod children;
 mod config;
 mod daemon;

@@ -29,8 +29,9 @@ use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags};
 
 use crate::accept::Acceptor;
+use crate::admission::Refusal;
 use crate::listen::Listener;
-use crate::scoreboard::{Dropped, Exited, Refusal, Scoreboard, State};
+use crate::scoreboard::{Dropped, Exited, Scoreboard, State};
 use crate::worker::{self, Ctx, EXIT_ORPHAN};
 
 /// Clients served at once.
@@ -132,7 +133,7 @@ pub fn run(listeners: Vec<Listener>, ctx: Ctx<'_>) -> i32 {
 fn admit(
     clients: &mut Vec<Client>,
     conn: OwnedFd,
-    policy: &crate::access::Policy,
+    policy: &crate::admission::Policy,
     board: &Scoreboard,
     now: Instant,
 ) {

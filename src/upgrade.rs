@@ -45,11 +45,12 @@ pub enum PassedRole {
         retiring: bool,
         serves: Serves,
     },
-    /// A fork-mode child serving one connection, its client if the
-    /// master counts it for `--max-per-ip`, and (behind a proxy) its index
-    /// in the scoreboard's table of fork-mode clients.
+    /// A fork-mode child serving one connection, the place its client
+    /// holds in `--max-per-ip` if the master keeps it (see
+    /// [`Handover::places`]), and (behind a proxy) its word in the
+    /// scoreboard's fork table.
     Conn {
-        peer: Option<u128>,
+        place: Option<u128>,
         slot: Option<usize>,
     },
 }
@@ -114,6 +115,10 @@ pub struct Handover {
     /// them, so that the new master reports only what is new. `None` from
     /// an older master.
     pub reported: Option<(Vec<u64>, Vec<u64>)>,
+    /// A fork-mode child's `place` is its index in the scoreboard's places
+    /// table, counted there; false from an older master, which passes its
+    /// client's address, counted in that master's memory only.
+    pub places: bool,
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -174,11 +179,11 @@ impl Handover {
                     opt(*ctl),
                     u8::from(*retiring)
                 ),
-                PassedRole::Conn { peer, slot } => format!(
+                PassedRole::Conn { place, slot } => format!(
                     "{}/{}/c/{}/{}",
                     c.pid,
                     c.generation,
-                    peer.map_or("-".into(), |p| format!("{p:x}")),
+                    place.map_or("-".into(), |p| format!("{p:x}")),
                     opt(*slot)
                 ),
             })
@@ -208,6 +213,9 @@ impl Handover {
         ];
         out.push(format!("served={}", self.served_by_gone));
         out.push(format!("accepted={}", self.accepted));
+        if self.places {
+            out.push("places=1".into());
+        }
         if let Some((refused, dropped)) = &self.reported {
             let list = |v: &[u64]| v.iter().map(u64::to_string).collect::<Vec<_>>().join("/");
             out.push(format!("reported={},{}", list(refused), list(dropped)));
@@ -247,6 +255,7 @@ impl Handover {
                 "up" => h.started_secs_ago = num(k, v)?,
                 "served" => h.served_by_gone = num(k, v)?,
                 "accepted" => h.accepted = num(k, v)?,
+                "places" => h.places = v == "1",
                 "reported" => {
                     let (r, d) = v.split_once(',').ok_or(format!("reported '{v}'"))?;
                     let list = |s: &str| {
@@ -323,7 +332,7 @@ impl Handover {
                             }
                             [_, _, "c", peer, ref slot @ ..] if slot.len() <= 1 => {
                                 PassedRole::Conn {
-                                    peer: maybe(peer)
+                                    place: maybe(peer)
                                         .map(|p| u128::from_str_radix(p, 16))
                                         .transpose()
                                         .map_err(|_| bad())?,
@@ -425,7 +434,7 @@ mod tests {
                     pid: 101,
                     generation: 2,
                     role: PassedRole::Conn {
-                        peer: Some(0xffff_7f00_0001),
+                        place: Some(0x7f01),
                         slot: Some(3),
                     },
                 },
@@ -433,6 +442,7 @@ mod tests {
             served_by_gone: 77,
             accepted: 88,
             reported: Some((vec![1, 0, 2, 0], vec![0, 0, 0, 5, 0, 1])),
+            places: true,
         }
     }
 

@@ -14,11 +14,12 @@ use nix::sys::socket::{getpeername, SockaddrStorage};
 use nix::unistd::{getppid, Pid};
 
 use crate::accept::{Acceptor, Wake};
-use crate::access::{self, Policy};
+use crate::access;
+use crate::admission::{Holder, Policy, Refusal, Ticket};
 use crate::echo::{self, Limits, Watch};
 use crate::listen::Listener;
 use crate::proxy;
-use crate::scoreboard::{Refusal, Scoreboard, Slot, State};
+use crate::scoreboard::{Scoreboard, Slot, State};
 use crate::sys::IoBuffer;
 use std::net::SocketAddr;
 
@@ -37,14 +38,15 @@ pub struct Ctx<'a> {
     pub ctl: BorrowedFd<'a>,
     pub master: Pid,
     pub limits: Limits,
-    /// Which clients are served (prefork: checked here; fork: by the master).
+    /// Which clients are served (prefork and event: checked here; fork:
+    /// by the master, or behind a proxy by the child).
     pub policy: Policy,
     /// A prefork worker's scoreboard slot.
     pub slot: Option<Slot<'a>>,
     /// The scoreboard, where every child counts what it served.
     pub board: &'a Scoreboard,
-    /// fork mode behind a proxy with `--max-per-ip`: the child's index in
-    /// the scoreboard's table of fork-mode clients.
+    /// fork mode behind a proxy with `--max-per-ip`: the child's word in
+    /// the scoreboard's fork table, where it publishes its client's place.
     pub fork_slot: Option<usize>,
     /// fork mode: whether the child adds its bytes to the scoreboard
     /// (only for `--metrics`: the shared page costs each child a fault).
@@ -79,62 +81,27 @@ impl Ctx<'_> {
         self.wake();
     }
 
-    /// prefork: checks a new connection's client (at `client`, see
-    /// [`identify`]) against the rules and limits; `Some` says why it is
-    /// refused. While it is served, its address stays published in this
-    /// worker's slot (`--max-per-ip`).
-    fn admit(&self, client: Option<SocketAddr>) -> Option<Refusal> {
-        let slot = self.slot?;
-        if self.policy.is_open() {
-            return None;
-        }
-        let key = access::key(client?.ip());
-        let board = slot.board();
-        let why = if let Some(why) = board.screen(&self.policy, key) {
-            Some(why)
-        } else if self.policy.max_per_ip > 0 {
-            // Publish first, then count: of two racing workers at most
-            // both refuse, never both admit one too many.
-            let source = self.policy.source(key);
-            slot.set_peer(source);
-            (board.peers(source) > self.policy.max_per_ip).then_some(Refusal::PerIp)
-        } else {
-            None
+    /// Checks a new connection's client (at `client`, see [`identify`];
+    /// `None`: nothing to check) and takes its place, published where
+    /// this child publishes places (its slot, or its fork-table word).
+    fn admit(&self, client: Option<SocketAddr>) -> Result<Option<Ticket<'_>>, Refusal> {
+        let Some(client) = client.filter(|_| !self.policy.is_open()) else {
+            return Ok(None);
         };
-        if let Some(why) = why {
-            slot.set_peer(0);
-            board.refused(why);
-        }
-        why
-    }
-
-    /// fork mode behind a proxy: the checks the master could not make
-    /// before it forked, with the client's real address; `Some` says why
-    /// it is refused.
-    fn fork_admit(&self, key: u128) -> Option<Refusal> {
-        if let Some(why) = self.board.screen(&self.policy, key) {
-            return Some(why);
-        }
-        if let (true, Some(index)) = (self.policy.max_per_ip > 0, self.fork_slot) {
-            // Published first: the master takes it off the table when it
-            // reaps this child, however it ends.
-            let source = self.policy.source(key);
-            self.board.set_fork_peer(index, source);
-            if !self.board.peer_open(source, self.policy.max_per_ip) {
-                self.board.set_fork_peer(index, 0);
-                return Some(Refusal::PerIp);
-            }
-        }
-        None
+        let holder = match (self.slot, self.fork_slot) {
+            (Some(slot), _) => Holder::Slot(slot),
+            (None, Some(index)) => Holder::Fork(index),
+            (None, None) => Holder::Here,
+        };
+        self.policy
+            .admit(self.board, access::key(client.ip()), holder)
+            .map(Some)
     }
 
     fn served(&self, bytes: u64) {
         self.board.served(bytes);
         if let Some(slot) = &self.slot {
             slot.served_one();
-            if self.policy.max_per_ip > 0 {
-                slot.set_peer(0);
-            }
         }
     }
 }
@@ -196,19 +163,18 @@ pub fn prefork(listeners: Vec<Listener>, ctx: Ctx<'_>, max_requests: u64) -> i32
             // The header may take a while to come: this worker is taken.
             ctx.set(State::Busy);
         }
-        let client = identify(&conn, tcp, &ctx.policy);
-        let refused = match client {
-            Ok(client) => ctx.admit(client),
+        let admitted = match identify(&conn, tcp, &ctx.policy) {
+            Ok(client) => ctx.admit(client).map(|ticket| (client, ticket)),
             Err(why) => {
-                ctx.board.refused(Refusal::Proxy);
                 debug!("PROXY protocol: {why}; connection closed");
-                Some(Refusal::Proxy)
+                Err(Refusal::Proxy)
             }
         };
-        let client = match (client, refused) {
-            (Ok(client), None) => client,
-            _ => {
+        let (client, ticket) = match admitted {
+            Ok(a) => a,
+            Err(why) => {
                 // Closed at once, unread; the master reports the count.
+                ctx.board.refused(why);
                 if proxied {
                     ctx.set(State::Idle);
                 }
@@ -229,6 +195,8 @@ pub fn prefork(listeners: Vec<Listener>, ctx: Ctx<'_>, max_requests: u64) -> i32
         // Say so before the close that lets the client come back: a client
         // that reconnects at once must find this worker idle again, or the
         // pool would count one busy worker too many and grow on it.
+        // Its place too, before the close.
+        drop(ticket);
         if !acceptor.is_empty() {
             ctx.set(if retire { State::Stopping } else { State::Idle });
         }
@@ -265,23 +233,23 @@ pub fn fork_child(conn: OwnedFd, tcp: bool, ctx: Ctx<'_>, buf: Option<&mut IoBuf
         }
     };
     // A refusal is counted here, and the exit code tells the master not
-    // to count a connection served.
-    let client = match identify(&conn, tcp, &ctx.policy) {
-        Ok(client) => client,
+    // to count a connection served. Behind a proxy the master could not
+    // check the client: its real address is known only now (without one,
+    // the master checked it and this policy is open).
+    let admitted = match identify(&conn, tcp, &ctx.policy) {
+        Ok(client) => ctx.admit(client).map(|ticket| (client, ticket)),
         Err(why) => {
-            ctx.board.refused(Refusal::Proxy);
             debug!("PROXY protocol: {why}; connection closed");
-            return EXIT_REFUSED;
+            Err(Refusal::Proxy)
         }
     };
-    if let (Some(client), Some(_)) = (client, &ctx.policy.proxy) {
-        // Behind a proxy the master could not check the client: the real
-        // address is known only now.
-        if let Some(why) = ctx.fork_admit(access::key(client.ip())) {
+    let (client, _ticket) = match admitted {
+        Ok(a) => a,
+        Err(why) => {
             ctx.board.refused(why);
             return EXIT_REFUSED;
         }
-    }
+    };
     let bytes = serve_conn(
         &conn,
         tcp,
@@ -375,15 +343,11 @@ pub(crate) fn identify(
         return Ok(None);
     }
     let peer = peer_addr(conn);
-    let Some(trusted) = &policy.proxy else {
-        return Ok(peer);
+    let proxy = match policy.proxy_of(peer) {
+        Ok(None) => return Ok(peer),
+        Ok(Some(proxy)) => proxy,
+        Err(_) => return Err("not from a trusted proxy"),
     };
-    let Some(proxy) = peer else {
-        return Err("the peer's address is unknown");
-    };
-    if !trusted.contains(access::key(proxy.ip())) {
-        return Err("not from a trusted proxy");
-    }
     match proxy::Reader::new(Instant::now(), policy.proxy_timeout).read(conn.as_fd())? {
         proxy::Header::Proxied { src, .. } => Ok(Some(src)),
         proxy::Header::Local => Ok(Some(proxy)),

@@ -51,8 +51,8 @@ impl Config {
     }
 
     /// The per-address checks, as the accepting process takes them.
-    pub fn policy(&self) -> crate::access::Policy {
-        crate::access::Policy {
+    pub fn policy(&self) -> crate::admission::Policy {
+        crate::admission::Policy {
             rules: self.rules.clone(),
             max_per_ip: self.max_per_ip,
             max_conn_rate: self.max_conn_rate,

@@ -1,6 +1,7 @@
 //! Fork mode: the master accepts and forks one child per connection, like
-//! tcpserver and inetd `nowait`; the per-address checks it makes before
-//! forking, and the `max-children` bound, at which it stops accepting.
+//! tcpserver and inetd `nowait`, after admitting its client (or, behind
+//! a proxy, its proxy); and the `max-children` bound, at which it stops
+//! accepting.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::Instant;
@@ -8,11 +9,10 @@ use std::time::Instant;
 use log::{error, warn};
 
 use super::Master;
-use crate::access::Policy;
+use crate::admission::{self, Holder, Policy, Ticket};
 use crate::children::{Child, Role};
 use crate::listen::Listener;
 use crate::pool;
-use crate::scoreboard::Refusal;
 use crate::{signals, sys, worker};
 
 /// Connections accepted per wakeup. Under steady load the backlog never
@@ -45,34 +45,39 @@ impl Master {
     /// Forks the child that serves `conn`, unless its client is refused
     /// (closed at once, unread); false when fork failed.
     pub(super) fn fork_for(&mut self, conn: OwnedFd, tcp: bool, now: Instant) -> bool {
-        let peer = if tcp && !self.fork.policy.is_open() {
-            crate::access::peer_key(&conn)
-        } else {
-            None
-        };
-        // What --max-per-ip counts it by.
-        let source = peer.map(|key| self.fork.policy.source(key));
         // Behind a proxy the client's address is in the header, which the
-        // child reads: here only the proxy is checked.
-        let proxied = tcp && self.fork.policy.proxy.is_some();
-        let refused = match (&self.fork.policy.proxy, peer) {
-            (Some(trusted), Some(key)) if tcp && !trusted.contains(key) => Some(Refusal::Proxy),
-            (Some(_), None) if tcp => Some(Refusal::Proxy),
-            (None, Some(key)) => self.admit(key),
-            _ => None,
+        // child reads (and checks): here only the proxy is checked.
+        // Otherwise the client is checked here, and its place kept by the
+        // master until it reaps the child.
+        let policy = &self.fork.policy;
+        let proxied = tcp && policy.proxy.is_some();
+        let admitted = if proxied {
+            policy.proxy_of(worker::peer_addr(&conn)).map(|_| None)
+        } else if tcp && !policy.is_open() {
+            match crate::access::peer_key(&conn) {
+                Some(key) => policy
+                    .admit(&self.scoreboard, key, Holder::Here)
+                    .map(Ticket::into_place),
+                None => Ok(None),
+            }
+        } else {
+            Ok(None)
         };
-        if let Some(why) = refused {
-            self.scoreboard.refused(why);
-            return true;
-        }
-        let source = source.filter(|_| !proxied);
+        let place = match admitted {
+            Ok(place) => place,
+            Err(why) => {
+                self.scoreboard.refused(why);
+                return true;
+            }
+        };
         let policy = if proxied {
-            self.fork.policy.clone()
+            policy.clone()
         } else {
             Policy::default()
         };
-        let fork_slot =
-            (proxied && self.fork.policy.max_per_ip > 0).then(|| self.fork.slots.take());
+        // Behind a proxy the child takes its client's place itself, and
+        // publishes it in its word of the fork table.
+        let fork_slot = proxied.then(|| self.fork.slots.take());
         let master = self.pid;
         let limits = self.cfg.limits();
         let count_bytes = self.acceptor.listeners().iter().any(Listener::is_metrics);
@@ -106,12 +111,7 @@ impl Master {
             Ok(pid) => {
                 let mut child = Child::new(Role::Conn, now);
                 child.fork_slot = fork_slot;
-                if self.fork.policy.max_per_ip > 0 {
-                    child.peer = source;
-                    if let Some(source) = source {
-                        self.fork.per_ip.add(source);
-                    }
-                }
+                child.place = place;
                 self.children.insert(pid, child);
                 self.fork.accepted += 1;
                 self.backoff.forked(now);
@@ -120,6 +120,9 @@ impl Master {
             Err(e) => {
                 if let Some(index) = fork_slot {
                     self.fork.slots.give_back(index);
+                }
+                if let Some(place) = place {
+                    admission::give_back(&self.scoreboard, place);
                 }
                 self.acceptor.pause_for_a_while(now);
                 if let Some(more) = self.reports.errors.hit(now) {
@@ -131,19 +134,6 @@ impl Master {
                 }
                 false
             }
-        }
-    }
-
-    /// fork mode: checks a client before a child is forked for it.
-    pub(super) fn admit(&mut self, key: u128) -> Option<Refusal> {
-        if let Some(why) = self.scoreboard.screen(&self.fork.policy, key) {
-            Some(why)
-        } else if self.fork.policy.max_per_ip > 0
-            && self.fork.per_ip.count(self.fork.policy.source(key)) >= self.fork.policy.max_per_ip
-        {
-            Some(Refusal::PerIp)
-        } else {
-            None
         }
     }
 

@@ -41,7 +41,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::{getpid, pipe2, Pid};
 
 use crate::accept::Acceptor;
-use crate::access::{PerIp, Policy};
+use crate::admission::Policy;
 use crate::children::{Backoff, Children, IndexPool, EXIT_SETUP};
 use crate::config::{Config, Mode, Options, MAX_WORKERS_LIMIT};
 use crate::daemon::{Identity, PidFile, ReadyPipe};
@@ -167,7 +167,6 @@ pub fn run(
             conn_buf: None,
             accepted: 0,
             policy: cfg.policy(),
-            per_ip: PerIp::default(),
             saturation: Saturation::new(REPORT_EVERY),
             slots: IndexPool::default(),
         },
@@ -217,12 +216,10 @@ struct ForkState {
     accepted: u64,
     /// The client checks the master makes before forking.
     policy: Policy,
-    /// Children serving each client address (max-per-ip).
-    per_ip: PerIp,
     /// `max-children` reached, counted and reported.
     saturation: Saturation,
-    /// Behind a proxy: the children's indices in the scoreboard's table
-    /// of fork-mode clients.
+    /// Behind a proxy: the children's words in the scoreboard's fork
+    /// table, where each publishes its client's place.
     slots: IndexPool,
 }
 

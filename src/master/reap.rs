@@ -13,6 +13,7 @@ use nix::unistd::Pid;
 
 use super::lifecycle::Event;
 use super::Master;
+use crate::admission;
 use crate::children::{classify, describe, Child, Exit, Role, EXIT_REFUSED, QUICK_DEATH};
 use crate::scoreboard::{Exited, State};
 
@@ -37,25 +38,23 @@ impl Master {
             let Some(child) = self.children.remove(pid) else {
                 continue;
             };
-            if let Some(key) = child.peer {
-                self.fork.per_ip.release(key);
+            let (abnormal, how) = describe(&status);
+            // The places it held for its clients, before its slot goes.
+            if let Some(place) = child.place {
+                admission::give_back(&self.scoreboard, place);
             }
+            let held = admission::Held {
+                slot: child.slot,
+                fork: child.fork_slot,
+                abnormal,
+            };
+            self.fork.policy.reclaim(&self.scoreboard, held);
             if let Some(index) = child.fork_slot {
-                if let Some(key) = self.scoreboard.take_fork_peer(index) {
-                    self.scoreboard.peer_closed(key);
-                }
                 self.fork.slots.give_back(index);
             }
             let last = child.slot.and_then(|s| self.scoreboard.release(s));
             self.prefork.served_by_gone += last.map_or(0, |e| e.served);
             let never_ready = last.is_some_and(|e| e.state == State::Starting);
-            let (abnormal, how) = describe(&status);
-            if abnormal && last.is_some_and(|e| e.open > 0) && self.cfg.max_per_ip > 0 {
-                // An event worker died with connections counted in the
-                // shared per-address table: have the live ones count theirs
-                // again, or its counts would stay, a ban of those clients.
-                self.scoreboard.peers_rebuild();
-            }
             if child.role == Role::Conn {
                 if !matches!(status, WaitStatus::Exited(_, EXIT_REFUSED)) {
                     self.scoreboard.connections_ended(1);

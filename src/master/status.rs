@@ -7,10 +7,11 @@ use log::{info, warn};
 use nix::unistd::Pid;
 
 use super::{Master, TICK};
+use crate::admission::Refusal;
 use crate::children::Role;
 use crate::config::Mode;
 use crate::logging::{counted, REPORT_EVERY};
-use crate::scoreboard::{Dropped, Refusal, State};
+use crate::scoreboard::{Dropped, State};
 
 /// The most workers the USR1 line names one by one.
 const NAMED_WORKERS: usize = 64;

@@ -24,6 +24,7 @@ use nix::unistd::{pipe2, Pid};
 use super::lifecycle::Event;
 use super::Master;
 use crate::children::{describe, Role};
+use crate::scoreboard::Place;
 use crate::upgrade::{Handover, PassedChild, PassedListener, PassedRole, Serves, ENV};
 use crate::{signals, sys};
 
@@ -193,7 +194,7 @@ impl Master {
                             },
                         },
                         Role::Conn => PassedRole::Conn {
-                            peer: c.peer,
+                            place: c.place.map(|p| p.index() as u128),
                             slot: c.fork_slot,
                         },
                     },
@@ -201,6 +202,7 @@ impl Master {
                 .collect(),
             served_by_gone: self.prefork.served_by_gone,
             accepted: self.fork.accepted,
+            places: true,
             reported: Some((
                 self.reports.refused.logged().to_vec(),
                 self.reports.dropped.logged().to_vec(),
@@ -332,11 +334,15 @@ impl Adopted {
         self.handover.generation
     }
 
-    /// The slots the children name are not this scoreboard's.
+    /// The slots and places the children name are not this scoreboard's.
     pub(super) fn forget_slots(&mut self) {
         for (c, _) in &mut self.children {
-            if let PassedRole::Worker { slot, .. } = &mut c.role {
-                *slot = None;
+            match &mut c.role {
+                PassedRole::Worker { slot, .. } => *slot = None,
+                PassedRole::Conn { place, slot } => {
+                    *place = None;
+                    *slot = None;
+                }
             }
         }
     }
@@ -411,15 +417,22 @@ impl Master {
                     w.retire_by = retiring.then_some(retire_by);
                     w
                 }
-                PassedRole::Conn { peer, slot } => {
+                PassedRole::Conn { place, slot } => {
                     let mut conn = Child::new(Role::Conn, now);
-                    conn.peer = peer;
+                    conn.place = match (place, h.places) {
+                        (Some(p), true) => Place::from_index(p as usize),
+                        // An older master counted its client in its own
+                        // memory: count it in the shared table now.
+                        (Some(key), false) => {
+                            let p = self.scoreboard.place_of(self.fork.policy.source(key));
+                            self.scoreboard.recount_place(p);
+                            Some(p)
+                        }
+                        (None, _) => None,
+                    };
                     conn.fork_slot = slot;
                     if let Some(index) = slot {
                         self.fork.slots.reserve(index);
-                    }
-                    if let Some(key) = peer {
-                        self.fork.per_ip.add(key);
                     }
                     conn
                 }

@@ -248,7 +248,7 @@ mod tests {
             .unwrap();
         let denied = UdpSocket::bind("127.0.0.3:0").unwrap();
         denied.connect(to).unwrap();
-        let policy = crate::access::Policy {
+        let policy = crate::admission::Policy {
             rules: crate::access::Rules::new(&[], &["127.0.0.3/32".into()]).unwrap(),
             ..Default::default()
         };

@@ -18,7 +18,8 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use crate::access::{self, Policy};
+use crate::access;
+use crate::admission::{Policy, Refusal};
 use crate::scoreboard::{Dropped, Scoreboard};
 
 /// Identical datagrams in a row from one source answered before one is
@@ -102,14 +103,11 @@ impl Screen {
             return Some(why);
         }
         let key = access::key(src.ip());
-        if !self.policy.rules.allows(key) {
-            Some(Dropped::Denied)
-        } else if self.rate > 0 && !board.datagram_rate_ok(self.policy.source(key), self.rate) {
-            Some(Dropped::Rate)
-        } else if self.repeats(key, src.port(), data, now) {
-            Some(Dropped::Loop)
-        } else {
-            None
+        match self.policy.admit_datagram(board, key, self.rate) {
+            Err(Refusal::Rate) => Some(Dropped::Rate),
+            Err(_) => Some(Dropped::Denied),
+            Ok(()) if self.repeats(key, src.port(), data, now) => Some(Dropped::Loop),
+            Ok(()) => None,
         }
     }
 

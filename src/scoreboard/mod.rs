@@ -1,27 +1,31 @@
-//! The scoreboard: one slot per prefork worker in memory shared by the
-//! master and its workers (Apache's scoreboard).
+//! The scoreboard: memory shared by the master and every child (Apache's
+//! scoreboard), and nothing but storage: what the words mean to the
+//! pool, the admission of clients or the metrics is decided elsewhere.
 //!
-//! The master claims a slot before it forks a worker and releases it once
-//! the worker is reaped; in between only the worker writes its state,
-//! count and current client. Every field is an atomic word, so nobody ever
-//! waits on a lock held by a process that died. The master reads the slots
-//! to know which workers are ready, idle or busy: for reloads, the spare
-//! policy, TTIN/TTOU and the status line.
+//! Every field is an atomic word, so nobody ever waits on a lock held by a
+//! process that died. The memory is laid out in regions ([`Region`]), each
+//! reached through its own accessor:
 //!
-//! A header holds what all workers share: a running count of idle workers
-//! (a hint that tells a worker when to wake the master because spares ran
-//! short), counters of refused connections, and after the slots a table of
-//! per-address connection counts for `--max-conn-rate`, and one of the
-//! connections each address has open in event workers, for `--max-per-ip`
-//! (a prefork worker publishes its one client in its slot instead).
+//! - the header: counters every process adds to (connections, bytes,
+//!   refusals, datagrams, exits, reloads), the idle count that tells a
+//!   worker when to wake the master, and the seed and clock all share;
+//! - one slot per worker (pool, UDP, metrics): the master claims it before
+//!   the fork and releases it once the worker is reaped; in between only
+//!   the worker writes its state, counts and the place it holds;
+//! - the tables (tables.rs): per-source counts in one-second windows for
+//!   the connection and datagram rates, per-source places for
+//!   `--max-per-ip`, and the place each fork-mode child holds.
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use nix::unistd::Pid;
 
-use crate::access::Policy;
+use crate::admission::Refusal;
 use crate::sys::SharedWords;
+
+mod tables;
+pub use tables::{hold, take_held, Place};
 
 /// What a worker is doing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,8 +78,9 @@ const HIGH: usize = 2;
 const HASH_SEED: usize = 6;
 const SETUP_REPORTED_MS: usize = 7; // when a setup failure was last logged (+1)
 const SETUP_UNREPORTED: usize = 8; // setup failures not logged since
-const PEERS_EPOCH: usize = 9; // bumped when the open-connection table is rebuilt
+const PLACES_EPOCH: usize = 9; // bumped when the places table is rebuilt
 const EPOCH_US: usize = 10; // CLOCK_MONOTONIC at creation: one clock for every process
+const LAYOUT_WORD: usize = 11; // which layout this is, for a new master adopting it
 const UDP_ECHOED: usize = 16; // datagrams answered
 const UDP_DROPPED: usize = 17; // one word per Dropped, room for 7
 const REFUSED: usize = 24; // one word per Refusal, room for 8
@@ -87,82 +92,66 @@ const EXITS: usize = 36; // one word per Exited
 const START_SECS: usize = 39; // when the daemon started, Unix seconds
 const HEADER: usize = 40; // five cache lines, so slots stay aligned
 
+/// Changes whenever a word changes meaning, so that a new master never
+/// reads an old layout as its own (it starts a new scoreboard instead).
+const LAYOUT: u64 = 2;
+
 // Word offsets within a slot; a slot is one 64-byte cache line.
 const PID: usize = 0;
 const GENERATION: usize = 1;
 const STATE: usize = 2;
 const SERVED: usize = 3;
 const SINCE_MS: usize = 4;
-const PEER_HI: usize = 5;
-const PEER_LO: usize = 6;
+const HELD: usize = 5; // the place this worker holds for its client (+1; 0: none)
 const OPEN: usize = 7; // event workers: connections open now
 const WORDS: usize = 8;
 
-/// Buckets of the connection-rate table: (second << 32) | count.
-const RATE_BUCKETS: usize = 8192;
-/// Buckets of the open-connection table of event workers: a count each.
-/// Addresses that share a bucket share a count, which errs towards
-/// refusing (as the rate table does); 64 Ki buckets keep that rare.
-const PEER_BUCKETS: usize = 65_536;
-/// Buckets of the datagram-rate table of `--udp-rate`, as the
-/// connection-rate table, apart so that a flood of datagrams never
-/// counts against a TCP client.
-const UDP_RATE_BUCKETS: usize = 8192;
-/// fork mode behind a proxy: the client of each child, by its index (two
-/// words each), so that the master can take it off the open-connection
-/// table however the child ends. One per `max-children` at most.
-const FORK_PEERS: usize = crate::config::ceiling::MAX_CHILDREN as usize;
-
-/// Why a connection was closed at once.
+/// The regions of the shared memory, in order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Refusal {
-    /// `--deny`, or no `--allow` matched.
-    Denied,
-    /// `--max-per-ip`.
-    PerIp,
-    /// `--max-conn-rate`.
-    Rate,
-    /// `--proxy-protocol`: not from a trusted proxy, or no valid header
-    /// in time.
-    Proxy,
+enum Region {
+    Header,
+    Slots,
+    /// `--max-conn-rate`: (second << 32) | count, per bucket.
+    ConnRate,
+    /// `--max-per-ip`: places taken, per bucket.
+    Places,
+    /// `--udp-rate`, apart so that a flood of datagrams never counts
+    /// against a TCP client.
+    DatagramRate,
+    /// The place each fork-mode child behind a proxy holds (+1; 0: none).
+    ForkHeld,
 }
 
-impl Refusal {
-    /// Every kind, in counter order.
-    pub const ALL: [Refusal; 4] = [
-        Refusal::Denied,
-        Refusal::PerIp,
-        Refusal::Rate,
-        Refusal::Proxy,
+impl Region {
+    const ALL: [Region; 6] = [
+        Region::Header,
+        Region::Slots,
+        Region::ConnRate,
+        Region::Places,
+        Region::DatagramRate,
+        Region::ForkHeld,
     ];
 
-    fn index(self) -> usize {
+    /// Its length in words, for a board of `slots` slots.
+    fn len(self, slots: usize) -> usize {
         match self {
-            Refusal::Denied => 0,
-            Refusal::PerIp => 1,
-            Refusal::Rate => 2,
-            Refusal::Proxy => 3,
+            Region::Header => HEADER,
+            Region::Slots => slots * WORDS,
+            Region::ConnRate => tables::RATE_BUCKETS,
+            Region::Places => tables::PLACE_BUCKETS,
+            Region::DatagramRate => tables::RATE_BUCKETS,
+            Region::ForkHeld => tables::FORK_HELD,
         }
     }
 
-    /// The `reason` label of the metrics.
-    pub fn label(self) -> &'static str {
-        match self {
-            Refusal::Denied => "deny",
-            Refusal::PerIp => "per_ip",
-            Refusal::Rate => "rate",
-            Refusal::Proxy => "proxy",
-        }
-    }
-
-    /// The limit's name, for the log.
-    pub fn name(self) -> &'static str {
-        match self {
-            Refusal::Denied => "allow/deny rules",
-            Refusal::PerIp => "max-per-ip",
-            Refusal::Rate => "max-conn-rate",
-            Refusal::Proxy => "PROXY protocol",
-        }
+    /// Where it starts and ends, in words.
+    fn range(self, slots: usize) -> std::ops::Range<usize> {
+        let start = Region::ALL
+            .iter()
+            .take_while(|&&r| r != self)
+            .map(|r| r.len(slots))
+            .sum();
+        start..start + self.len(slots)
     }
 }
 
@@ -274,7 +263,7 @@ pub struct Scoreboard {
 
 impl Scoreboard {
     fn words(slots: usize) -> usize {
-        HEADER + slots * WORDS + RATE_BUCKETS + PEER_BUCKETS + UDP_RATE_BUCKETS + 2 * FORK_PEERS
+        Region::ALL.iter().map(|r| r.len(slots)).sum()
     }
 
     /// Maps `slots` slots; call before the first fork. `seed` keys the
@@ -287,6 +276,7 @@ impl Scoreboard {
             free: (0..slots).rev().collect(),
         };
         board.header(HASH_SEED).store(seed, Ordering::Relaxed);
+        board.header(LAYOUT_WORD).store(LAYOUT, Ordering::Relaxed);
         board
             .header(EPOCH_US)
             .store(crate::time::monotonic_usec(), Ordering::Relaxed);
@@ -302,11 +292,19 @@ impl Scoreboard {
         in_use: &[usize],
     ) -> io::Result<Scoreboard> {
         let mem = SharedWords::adopt(fd, Self::words(slots))?;
-        Ok(Scoreboard {
+        let board = Scoreboard {
             mem,
             slots,
             free: (0..slots).rev().filter(|s| !in_use.contains(s)).collect(),
-        })
+        };
+        let layout = board.header(LAYOUT_WORD).load(Ordering::Relaxed);
+        if layout != LAYOUT {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("its layout is {layout}, not {LAYOUT}"),
+            ));
+        }
+        Ok(board)
     }
 
     /// The memfd behind the scoreboard, to pass to a new master.
@@ -332,81 +330,11 @@ impl Scoreboard {
     }
 
     fn header(&self, field: usize) -> &AtomicU64 {
-        &self.mem.words()[field]
+        &self.region(Region::Header)[field]
     }
 
     fn word(&self, slot: usize, field: usize) -> &AtomicU64 {
-        &self.mem.words()[HEADER + slot * WORDS + field]
-    }
-
-    /// The key's hash, seeded so that clients cannot choose collisions.
-    fn hash(&self, key: u128) -> usize {
-        let mut h = self.header(HASH_SEED).load(Ordering::Relaxed)
-            ^ (key as u64)
-            ^ ((key >> 64) as u64).rotate_left(29);
-        // splitmix64's finaliser.
-        h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        h ^= h >> 31;
-        h as usize
-    }
-
-    fn bucket(&self, key: u128) -> &AtomicU64 {
-        &self.mem.words()[HEADER + self.slots * WORDS + self.hash(key) % RATE_BUCKETS]
-    }
-
-    fn peer_bucket(&self, key: u128) -> &AtomicU64 {
-        let at = HEADER + self.slots * WORDS + RATE_BUCKETS + self.hash(key) % PEER_BUCKETS;
-        &self.mem.words()[at]
-    }
-
-    /// Event workers: counts one more open connection from `key` if that
-    /// keeps it within `limit`; false (nothing counted) if not.
-    pub fn peer_open(&self, key: u128, limit: u32) -> bool {
-        let b = self.peer_bucket(key);
-        let mut cur = b.load(Ordering::Relaxed);
-        loop {
-            if cur >= u64::from(limit) {
-                return false;
-            }
-            match b.compare_exchange_weak(cur, cur + 1, Ordering::Relaxed, Ordering::Relaxed) {
-                Ok(_) => return true,
-                Err(seen) => cur = seen,
-            }
-        }
-    }
-
-    /// Event workers: counts an open connection from `key` whatever the
-    /// limit (one counted before the table was rebuilt).
-    pub fn peer_recount(&self, key: u128) {
-        self.peer_bucket(key).fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Event workers: a connection from `key` closed.
-    pub fn peer_closed(&self, key: u128) {
-        let b = self.peer_bucket(key);
-        // Never below zero, even for a count a rebuild already dropped.
-        let _ = b.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
-    }
-
-    /// The open-connection table's generation: when it changes, every
-    /// event worker counts its open connections into it again.
-    pub fn peers_epoch(&self) -> u64 {
-        self.header(PEERS_EPOCH).load(Ordering::Acquire)
-    }
-
-    /// Master, after an event worker died holding connections (its counts
-    /// would stay forever): empties the table and asks the live workers
-    /// to count theirs again. Until they do, counts are low, which errs
-    /// towards admitting, for a moment.
-    pub fn peers_rebuild(&self) {
-        let start = HEADER + self.slots * WORDS + RATE_BUCKETS;
-        for w in &self.mem.words()[start..start + PEER_BUCKETS] {
-            if w.load(Ordering::Relaxed) != 0 {
-                w.store(0, Ordering::Relaxed);
-            }
-        }
-        self.header(PEERS_EPOCH).fetch_add(1, Ordering::AcqRel);
+        &self.region(Region::Slots)[slot * WORDS + field]
     }
 
     /// Master: idle workers below this make a worker that turns busy wake
@@ -500,34 +428,6 @@ impl Scoreboard {
         (0..high.min(self.slots)).filter_map(|s| self.get(s))
     }
 
-    fn fork_peer(&self, index: usize) -> (&AtomicU64, &AtomicU64) {
-        let at = HEADER
-            + self.slots * WORDS
-            + RATE_BUCKETS
-            + PEER_BUCKETS
-            + UDP_RATE_BUCKETS
-            + 2 * (index % FORK_PEERS);
-        let w = self.mem.words();
-        (&w[at], &w[at + 1])
-    }
-
-    /// A fork-mode child behind a proxy, at `index`: publishes its client
-    /// (0: none), before it counts it in the open-connection table.
-    pub fn set_fork_peer(&self, index: usize, key: u128) {
-        let (hi, lo) = self.fork_peer(index);
-        hi.store((key >> 64) as u64, Ordering::Relaxed);
-        lo.store(key as u64, Ordering::Relaxed);
-    }
-
-    /// Master, reaping the child at `index`: its client, if it published
-    /// one; the index is free again.
-    pub fn take_fork_peer(&self, index: usize) -> Option<u128> {
-        let (hi, lo) = self.fork_peer(index);
-        let key = (u128::from(hi.swap(0, Ordering::Relaxed)) << 64)
-            | u128::from(lo.swap(0, Ordering::Relaxed));
-        (key != 0).then_some(key)
-    }
-
     /// Counts `n` datagrams answered.
     pub fn udp_echoed(&self, n: u64) {
         self.header(UDP_ECHOED).fetch_add(n, Ordering::Relaxed);
@@ -545,58 +445,6 @@ impl Scoreboard {
         let dropped =
             Dropped::ALL.map(|d| self.header(UDP_DROPPED + d.index()).load(Ordering::Relaxed));
         (self.header(UDP_ECHOED).load(Ordering::Relaxed), dropped)
-    }
-
-    /// Counts a new connection from `key` in the current one-second window
-    /// and says whether it is within `limit`. Addresses that share a
-    /// bucket share a count, which errs towards refusing; each window
-    /// starts from zero, so a refusal is a pause, never a ban.
-    pub fn conn_rate_ok(&self, key: u128, limit: u32) -> bool {
-        self.count_in_window(self.bucket(key), limit)
-    }
-
-    /// As [`Scoreboard::conn_rate_ok`], for a datagram from `key`
-    /// (`--udp-rate`), in a table of its own.
-    pub fn datagram_rate_ok(&self, key: u128, limit: u32) -> bool {
-        let at = HEADER
-            + self.slots * WORDS
-            + RATE_BUCKETS
-            + PEER_BUCKETS
-            + self.hash(key) % UDP_RATE_BUCKETS;
-        self.count_in_window(&self.mem.words()[at], limit)
-    }
-
-    fn count_in_window(&self, b: &AtomicU64, limit: u32) -> bool {
-        let second = (self.elapsed_us() / 1_000_000) & 0xffff_ffff;
-        let mut cur = b.load(Ordering::Relaxed);
-        loop {
-            let next = if cur >> 32 == second {
-                // The count stays in its 32 bits.
-                (cur & !0xffff_ffff) | ((cur & 0xffff_ffff) + 1).min(0xffff_ffff)
-            } else {
-                (second << 32) | 1
-            };
-            match b.compare_exchange_weak(cur, next, Ordering::Relaxed, Ordering::Relaxed) {
-                Ok(_) => return next & 0xffff_ffff <= u64::from(limit),
-                Err(seen) => cur = seen,
-            }
-        }
-    }
-
-    /// The checks every accepting process makes the same way: the
-    /// allow/deny rules for the address, then the connection rate of its
-    /// source (which counts this attempt). `--max-per-ip` is counted by
-    /// the caller, by source too.
-    pub fn screen(&self, policy: &Policy, key: u128) -> Option<Refusal> {
-        if !policy.rules.allows(key) {
-            Some(Refusal::Denied)
-        } else if policy.max_conn_rate > 0
-            && !self.conn_rate_ok(policy.source(key), policy.max_conn_rate)
-        {
-            Some(Refusal::Rate)
-        } else {
-            None
-        }
     }
 
     /// A child that failed to set itself up asks whether to log it: yes at
@@ -621,18 +469,6 @@ impl Scoreboard {
         }
     }
 
-    /// Workers now serving a client at `key` (slots in use only).
-    pub fn peers(&self, key: u128) -> u32 {
-        let (hi, lo) = ((key >> 64) as u64, key as u64);
-        let high = (self.header(HIGH).load(Ordering::Relaxed) as usize).min(self.slots);
-        (0..high)
-            .filter(|&s| {
-                self.word(s, PEER_LO).load(Ordering::Relaxed) == lo
-                    && self.word(s, PEER_HI).load(Ordering::Relaxed) == hi
-            })
-            .count() as u32
-    }
-
     fn now_ms(&self) -> u64 {
         self.elapsed_us() / 1000
     }
@@ -649,8 +485,7 @@ impl Scoreboard {
         self.header(HIGH)
             .fetch_max(slot as u64 + 1, Ordering::Relaxed);
         self.word(slot, PID).store(0, Ordering::Relaxed);
-        self.word(slot, PEER_HI).store(0, Ordering::Relaxed);
-        self.word(slot, PEER_LO).store(0, Ordering::Relaxed);
+        self.word(slot, HELD).store(0, Ordering::Relaxed);
         self.word(slot, GENERATION)
             .store(u64::from(generation), Ordering::Relaxed);
         self.word(slot, SERVED).store(0, Ordering::Relaxed);
@@ -668,6 +503,11 @@ impl Scoreboard {
             .store(pid.as_raw() as u64, Ordering::Relaxed);
     }
 
+    /// The word where the worker in `slot` publishes the place it holds.
+    pub fn slot_held(&self, slot: usize) -> &AtomicU64 {
+        self.word(slot, HELD)
+    }
+
     /// Master, after reaping the worker: frees its slot and returns what it
     /// last said.
     pub fn release(&mut self, slot: usize) -> Option<Entry> {
@@ -677,8 +517,7 @@ impl Scoreboard {
             self.header(IDLE).fetch_sub(1, Ordering::Relaxed);
         }
         self.word(slot, PID).store(0, Ordering::Relaxed);
-        self.word(slot, PEER_HI).store(0, Ordering::Relaxed);
-        self.word(slot, PEER_LO).store(0, Ordering::Relaxed);
+        self.word(slot, HELD).store(0, Ordering::Relaxed);
         // Each claimed slot is released once: by the reap of its worker,
         // or by the failed spawn that claimed it.
         self.free.push(slot);
@@ -740,14 +579,11 @@ impl<'a> Slot<'a> {
         false
     }
 
-    /// Publishes the client being served (0: none), for `--max-per-ip`.
-    pub fn set_peer(&self, key: u128) {
-        self.board
-            .word(self.slot, PEER_HI)
-            .store((key >> 64) as u64, Ordering::Relaxed);
-        self.board
-            .word(self.slot, PEER_LO)
-            .store(key as u64, Ordering::Relaxed);
+    /// Where this worker publishes the place it holds for its client
+    /// (`--max-per-ip`), so that the master can take it back if the
+    /// worker dies.
+    pub fn held(&self) -> &'a AtomicU64 {
+        self.board.word(self.slot, HELD)
     }
 
     /// Publishes how many connections this (event) worker has open.
@@ -766,131 +602,4 @@ impl<'a> Slot<'a> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn slots_are_claimed_written_and_released() {
-        let mut board = Scoreboard::new(2, 1).unwrap();
-        let a = board.claim(1).unwrap();
-        let b = board.claim(1).unwrap();
-        assert_ne!(a, b);
-        assert!(board.claim(1).is_none(), "only two slots");
-        board.set_pid(a, Pid::from_raw(42));
-        let e = board.get(a).unwrap();
-        assert_eq!(
-            (e.pid.as_raw(), e.generation, e.state),
-            (42, 1, State::Starting)
-        );
-        let slot = board.slot(a);
-        slot.set(State::Busy);
-        slot.served_one();
-        slot.set(State::Idle);
-        let e = board.release(a).unwrap();
-        assert_eq!((e.state, e.served), (State::Idle, 1));
-        assert!(board.get(a).is_none());
-        // A reused slot starts from scratch.
-        let c = board.claim(2).unwrap();
-        assert_eq!(c, a);
-        let e = board.get(c).unwrap();
-        assert_eq!((e.generation, e.served, e.state), (2, 0, State::Starting));
-    }
-
-    #[test]
-    fn idle_count_wakes_the_master_only_when_spares_run_short() {
-        let mut board = Scoreboard::new(3, 1).unwrap();
-        let (a, b) = (board.claim(1).unwrap(), board.claim(1).unwrap());
-        board.set_wake_below(1);
-        assert!(!board.slot(a).set(State::Idle));
-        assert!(!board.slot(b).set(State::Idle));
-        assert!(!board.slot(a).set(State::Busy), "one idle left");
-        assert!(board.slot(b).set(State::Busy), "none idle left");
-        board.set_wake_below(0);
-        assert!(!board.slot(b).set(State::Idle));
-        assert!(!board.slot(b).set(State::Busy), "waking disarmed");
-        // A worker that dies idle is taken off the count by the master.
-        board.set_wake_below(1);
-        board.slot(a).set(State::Idle);
-        board.release(a);
-        assert!(!board.slot(b).set(State::Idle));
-        assert!(board.slot(b).set(State::Busy), "a's death was counted");
-    }
-
-    #[test]
-    fn peers_and_rates_are_counted_per_address() {
-        let mut board = Scoreboard::new(4, 7).unwrap();
-        let (a, b) = (board.claim(1).unwrap(), board.claim(1).unwrap());
-        let (x, y) = (
-            crate::access::key([127, 0, 0, 1].into()),
-            crate::access::key([127, 0, 0, 2].into()),
-        );
-        board.slot(a).set_peer(x);
-        board.slot(b).set_peer(x);
-        assert_eq!((board.peers(x), board.peers(y)), (2, 0));
-        board.slot(b).set_peer(0);
-        assert_eq!(board.peers(x), 1);
-        board.release(a);
-        assert_eq!(board.peers(x), 0, "a released slot frees its peer");
-        assert!((0..3).all(|_| board.conn_rate_ok(y, 3)));
-        assert!(!board.conn_rate_ok(y, 3), "a fourth in the same second");
-        board.refused(Refusal::Rate);
-        assert_eq!(board.refusals(), [0, 0, 1, 0]);
-    }
-
-    #[test]
-    fn open_connections_per_address_are_bounded_and_rebuilt() {
-        let board = Scoreboard::new(1, 3).unwrap();
-        let (x, y) = (
-            crate::access::key([192, 0, 2, 1].into()),
-            crate::access::key([192, 0, 2, 2].into()),
-        );
-        assert!(board.peer_open(x, 2) && board.peer_open(x, 2));
-        assert!(!board.peer_open(x, 2), "a third would be one too many");
-        assert!(board.peer_open(y, 2));
-        board.peer_closed(x);
-        assert!(board.peer_open(x, 2), "a place came free");
-        // A worker died holding connections: the table starts over, and the
-        // live ones count theirs again.
-        let epoch = board.peers_epoch();
-        board.peers_rebuild();
-        assert_ne!(board.peers_epoch(), epoch);
-        board.peer_recount(y);
-        assert!(board.peer_open(x, 2) && board.peer_open(x, 2));
-        assert!(!board.peer_open(y, 1));
-        board.peer_closed(y);
-        board.peer_closed(y);
-        assert!(board.peer_open(y, 1), "never below zero");
-    }
-
-    #[test]
-    fn setup_failures_are_reported_once_per_interval() {
-        let board = Scoreboard::new(1, 1).unwrap();
-        let every = std::time::Duration::from_secs(3600);
-        assert_eq!(board.setup_failure_report(every), Some(0));
-        assert_eq!(board.setup_failure_report(every), None);
-        assert_eq!(board.setup_failure_report(every), None);
-        let now = std::time::Duration::ZERO;
-        assert_eq!(board.setup_failure_report(now), Some(2));
-    }
-
-    #[test]
-    fn a_child_writes_what_the_parent_reads() {
-        let mut board = Scoreboard::new(1, 1).unwrap();
-        let s = board.claim(1).unwrap();
-        // SAFETY: the test harness has other threads, but this child only
-        // touches atomics in the shared mapping and `_exit`s: no heap, no
-        // lock, which is what spawn's contract guards.
-        #[allow(unsafe_code)]
-        let pid = unsafe {
-            crate::sys::spawn(&[], &[], || {
-                board.slot(s).served_one();
-                board.slot(s).set(State::Busy);
-                0
-            })
-        }
-        .unwrap();
-        let _ = nix::sys::wait::waitpid(pid, None).unwrap();
-        let e = board.get(s).unwrap();
-        assert_eq!((e.state, e.served), (State::Busy, 1));
-    }
-}
+mod tests;
