@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use log::warn;
 
-use crate::listen::Listener;
+use crate::listen::{Listener, Service};
 use crate::logging::{RateLimit, REPORT_EVERY};
 
 /// How long accepting pauses after a resource error (EMFILE, ENFILE,
@@ -68,19 +68,11 @@ pub enum Wake {
     Stop,
 }
 
-/// Which stream listeners an acceptor takes connections from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Purpose {
-    /// The echo listeners (not `udp:`, not the metrics').
-    Echo,
-    /// The metrics' listener.
-    Metrics,
-}
-
 /// The listeners one process accepts from, and its accept state.
 pub struct Acceptor {
     listeners: Vec<Listener>,
-    purpose: Purpose,
+    /// Which of them it accepts from (the fork-mode master holds all).
+    service: Service,
     /// Where the next fair scan starts: after the listener served last.
     next: usize,
     paused_until: Option<Instant>,
@@ -96,18 +88,14 @@ const WATCHED: u64 = u64::MAX;
 impl Acceptor {
     /// Accepts echo connections from `listeners`.
     pub fn new(listeners: Vec<Listener>) -> Acceptor {
-        Acceptor::with(listeners, Purpose::Echo)
+        Acceptor::serving(Service::Echo, listeners)
     }
 
-    /// Accepts metrics clients from `listeners`.
-    pub fn metrics(listeners: Vec<Listener>) -> Acceptor {
-        Acceptor::with(listeners, Purpose::Metrics)
-    }
-
-    fn with(listeners: Vec<Listener>, purpose: Purpose) -> Acceptor {
+    /// Accepts connections from those of `listeners` for `service`.
+    pub fn serving(service: Service, listeners: Vec<Listener>) -> Acceptor {
         Acceptor {
             listeners,
-            purpose,
+            service,
             next: 0,
             paused_until: None,
             errors: RateLimit::new(REPORT_EVERY),
@@ -121,9 +109,7 @@ impl Acceptor {
         &self.listeners
     }
 
-    /// The listeners connections are accepted from, with their index:
-    /// for echo, not the `udp:` ones, which UDP workers read, nor the
-    /// metrics', which the metrics worker accepts from.
+    /// The listeners connections are accepted from, with their index.
     pub fn streams(&self) -> impl Iterator<Item = (usize, &Listener)> + '_ {
         self.listeners
             .iter()
@@ -132,10 +118,7 @@ impl Acceptor {
     }
 
     fn takes(&self, l: &Listener) -> bool {
-        match self.purpose {
-            Purpose::Echo => !l.is_udp() && !l.is_metrics(),
-            Purpose::Metrics => l.is_metrics(),
-        }
+        l.service() == self.service
     }
 
     /// Takes the listeners out (the acceptor is left with none).

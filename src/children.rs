@@ -10,24 +10,12 @@ use std::time::{Duration, Instant};
 use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 
-/// What a child is for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Role {
-    /// A prefork worker, part of the pool.
-    Worker,
-    /// A fork-mode child serving one connection.
-    Conn,
-    /// A process serving the `udp:` listeners (any mode), apart from the
-    /// pool.
-    Udp,
-    /// The process serving `--metrics` (any mode).
-    Metrics,
-}
+pub use crate::kind::Kind;
 
 /// One live child.
 #[derive(Debug)]
 pub struct Child {
-    pub role: Role,
+    pub kind: Kind,
     pub started: Instant,
     /// The configuration generation it was started with (workers).
     pub generation: u32,
@@ -50,9 +38,9 @@ pub struct Child {
 
 impl Child {
     /// A child just forked.
-    pub fn new(role: Role, started: Instant) -> Child {
+    pub fn new(kind: Kind, started: Instant) -> Child {
         Child {
-            role,
+            kind,
             started,
             generation: 0,
             slot: None,
@@ -66,12 +54,12 @@ impl Child {
 
     /// A pool member still expected to accept: a worker not told to stop.
     pub fn active(&self) -> bool {
-        self.role == Role::Worker && self.retire_by.is_none()
+        self.kind == Kind::Pool && self.retire_by.is_none()
     }
 
-    /// A worker or UDP worker not told to stop: the master may retire it.
+    /// A worker (of any kind) not told to stop: the master may retire it.
     fn retirable(&self) -> bool {
-        self.role != Role::Conn && self.retire_by.is_none()
+        self.kind.is_worker() && self.retire_by.is_none()
     }
 }
 
@@ -82,19 +70,19 @@ pub struct Children {
     /// How many hold a control pipe (workers not yet retired), so that a
     /// fork-mode child, whose siblings hold none, need not look at them.
     pipes: usize,
-    /// How many of each role, in [`Role`] order: the fork-mode master
+    /// How many of each kind, in [`Kind`] order: the fork-mode master
     /// checks `max-children` on every wake-up.
-    counts: [usize; 4],
+    counts: [usize; crate::kind::KINDS.len()],
 }
 
 impl Children {
     /// Records a child just forked.
     pub fn insert(&mut self, pid: Pid, child: Child) {
         self.pipes += usize::from(child.ctl.is_some());
-        self.counts[child.role as usize] += 1;
+        self.counts[child.kind.index()] += 1;
         if let Some(old) = self.map.insert(pid, child) {
             self.pipes -= usize::from(old.ctl.is_some());
-            self.counts[old.role as usize] -= 1;
+            self.counts[old.kind.index()] -= 1;
         }
     }
 
@@ -102,7 +90,7 @@ impl Children {
     pub fn remove(&mut self, pid: Pid) -> Option<Child> {
         let child = self.map.remove(&pid)?;
         self.pipes -= usize::from(child.ctl.is_some());
-        self.counts[child.role as usize] -= 1;
+        self.counts[child.kind.index()] -= 1;
         Some(child)
     }
 
@@ -135,27 +123,26 @@ impl Children {
         self.map.is_empty()
     }
 
-    /// Live prefork workers, retiring ones included.
+    /// Live children of `kind`, retiring ones included.
+    pub fn count(&self, kind: Kind) -> usize {
+        self.counts[kind.index()]
+    }
+
+    /// Live pool workers, retiring ones included.
     pub fn workers(&self) -> usize {
-        self.counts[Role::Worker as usize]
+        self.count(Kind::Pool)
     }
 
     /// Live fork-mode children serving a connection.
     pub fn conns(&self) -> usize {
-        self.counts[Role::Conn as usize]
+        self.count(Kind::Conn)
     }
 
-    /// Live UDP workers, retiring ones included.
-    pub fn udp_workers(&self) -> usize {
-        self.counts[Role::Udp as usize]
-    }
-
-    /// Children of `role` (UDP or metrics workers) of `generation` not
-    /// told to stop.
-    pub fn serving(&self, role: Role, generation: u32) -> usize {
+    /// Workers of `kind` (UDP or metrics) of `generation` not told to stop.
+    pub fn serving(&self, kind: Kind, generation: u32) -> usize {
         self.map
             .values()
-            .filter(|c| c.role == role && c.retirable() && c.generation == generation)
+            .filter(|c| c.kind == kind && c.retirable() && c.generation == generation)
             .count()
     }
 
@@ -316,19 +303,19 @@ pub const EXIT_REFUSED: i32 = 5;
 
 /// Classifies a reaped child: `lived` since its fork; `ready` for a worker
 /// is whether it ever said so (a fork-mode child has nothing to say).
-pub fn classify(status: &WaitStatus, role: Role, lived: Duration, ready: bool) -> Exit {
+pub fn classify(status: &WaitStatus, kind: Kind, lived: Duration, ready: bool) -> Exit {
     let abnormal = match *status {
         WaitStatus::Exited(_, 0) => false,
-        WaitStatus::Exited(_, EXIT_REFUSED) if role == Role::Conn => false,
-        WaitStatus::Exited(_, code) if role == Role::Conn && code == EXIT_SETUP => {
+        WaitStatus::Exited(_, EXIT_REFUSED) if kind == Kind::Conn => false,
+        WaitStatus::Exited(_, code) if kind == Kind::Conn && code == EXIT_SETUP => {
             return Exit::FailedStart
         }
         WaitStatus::Exited(..) | WaitStatus::Signaled(..) => true,
         _ => false,
     };
-    match (abnormal, role) {
+    match (abnormal, kind) {
         (false, _) => Exit::Clean,
-        (true, Role::Worker | Role::Udp | Role::Metrics) if !ready => Exit::FailedStart,
+        (true, Kind::Pool | Kind::Udp | Kind::Metrics) if !ready => Exit::FailedStart,
         (true, _) if lived < QUICK_DEATH => Exit::DiedYoung,
         (true, _) => Exit::Abnormal,
     }
@@ -490,11 +477,11 @@ mod tests {
     fn counts_workers_apart_from_connection_children() {
         let mut c = Children::default();
         let now = Instant::now();
-        c.insert(Pid::from_raw(10), Child::new(Role::Worker, now));
-        c.insert(Pid::from_raw(11), Child::new(Role::Conn, now));
+        c.insert(Pid::from_raw(10), Child::new(Kind::Pool, now));
+        c.insert(Pid::from_raw(11), Child::new(Kind::Conn, now));
         assert_eq!((c.len(), c.workers()), (2, 1));
         assert!(c.remove(Pid::from_raw(12)).is_none());
-        assert_eq!(c.remove(Pid::from_raw(10)).unwrap().role, Role::Worker);
+        assert_eq!(c.remove(Pid::from_raw(10)).unwrap().kind, Kind::Pool);
         assert_eq!((c.len(), c.workers()), (1, 0));
     }
 
@@ -503,11 +490,11 @@ mod tests {
         let mut c = Children::default();
         let now = Instant::now();
         for (pid, generation) in [(1, 1), (2, 1), (3, 2)] {
-            let mut child = Child::new(Role::Worker, now);
+            let mut child = Child::new(Kind::Pool, now);
             child.generation = generation;
             c.insert(Pid::from_raw(pid), child);
         }
-        c.insert(Pid::from_raw(4), Child::new(Role::Conn, now));
+        c.insert(Pid::from_raw(4), Child::new(Kind::Conn, now));
         let by = now + Duration::from_secs(10);
         assert_eq!(c.retire_where(by, |g| g < 2), 2);
         assert_eq!((c.active(1), c.active(2), c.workers()), (0, 1, 3));
@@ -544,7 +531,7 @@ mod tests {
         let young = Duration::from_millis(10);
         let old = Duration::from_secs(5);
         let killed = WaitStatus::Signaled(pid, Signal::SIGKILL, false);
-        let w = Role::Worker;
+        let w = Kind::Pool;
         assert_eq!(
             classify(&WaitStatus::Exited(pid, 0), w, young, true),
             Exit::Clean
@@ -557,7 +544,7 @@ mod tests {
         );
         assert_eq!(classify(&killed, w, young, true), Exit::DiedYoung);
         assert_eq!(classify(&killed, w, old, true), Exit::Abnormal);
-        let c = Role::Conn;
+        let c = Kind::Conn;
         assert_eq!(
             classify(&WaitStatus::Exited(pid, EXIT_SETUP), c, young, false),
             Exit::FailedStart

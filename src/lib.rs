@@ -23,6 +23,7 @@ mod daemon;
 mod echo;
 #[cfg(any(target_os = "linux", target_os = "android"))]
 mod event;
+mod kind;
 mod listen;
 mod logging;
 mod master;
@@ -216,7 +217,10 @@ fn upgraded(
         }
     };
     // The metrics' listener is ours even under socket activation.
-    let mut echo = listeners.iter().filter(|l| !l.is_metrics()).peekable();
+    let mut echo = listeners
+        .iter()
+        .filter(|l| l.service() != listen::Service::Metrics)
+        .peekable();
     let activated = echo.peek().is_some() && echo.all(|l| l.configured().is_none());
     let handoff = master::Handoff {
         pidfile,

@@ -30,7 +30,7 @@ use nix::poll::{poll, PollFd, PollFlags};
 
 use crate::accept::Acceptor;
 use crate::admission::Refusal;
-use crate::listen::Listener;
+use crate::listen::{Listener, Service};
 use crate::scoreboard::{Dropped, Exited, Scoreboard, State};
 use crate::worker::{self, Ctx, EXIT_ORPHAN};
 
@@ -53,7 +53,7 @@ pub fn run(listeners: Vec<Listener>, ctx: Ctx<'_>) -> i32 {
     if let Err(code) = worker::follow_master(&ctx) {
         return code;
     }
-    let mut acceptor = Acceptor::metrics(listeners);
+    let mut acceptor = Acceptor::serving(Service::Metrics, listeners);
     let mut clients: Vec<Client> = Vec::with_capacity(MAX_CLIENTS);
     ctx.set(State::Busy);
     loop {

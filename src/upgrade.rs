@@ -12,6 +12,8 @@
 use std::os::fd::RawFd;
 use std::path::PathBuf;
 
+use crate::kind::Kind;
+
 /// The environment variable the handover travels in.
 pub const ENV: &str = "ECHO_FORKD_UPGRADE";
 const VERSION: &str = "1";
@@ -37,13 +39,13 @@ pub struct PassedChild {
 /// What a passed child is.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PassedRole {
-    /// A worker: its scoreboard slot, the write end of its control pipe,
-    /// whether it was already told to stop, and what it serves.
+    /// A worker: its kind, its scoreboard slot, the write end of its
+    /// control pipe, and whether it was already told to stop.
     Worker {
+        kind: Kind,
         slot: Option<usize>,
         ctl: Option<RawFd>,
         retiring: bool,
-        serves: Serves,
     },
     /// A fork-mode child serving one connection, the place its client
     /// holds in `--max-per-ip` if the master keeps it (see
@@ -53,28 +55,6 @@ pub enum PassedRole {
         place: Option<u128>,
         slot: Option<usize>,
     },
-}
-
-/// What a passed worker serves.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Serves {
-    /// Echo connections, as a member of the pool.
-    Pool,
-    /// The `udp:` listeners.
-    Udp,
-    /// `--metrics`.
-    Metrics,
-}
-
-impl Serves {
-    /// Its letter in the handover.
-    fn letter(self) -> &'static str {
-        match self {
-            Serves::Pool => "w",
-            Serves::Udp => "u",
-            Serves::Metrics => "m",
-        }
-    }
 }
 
 impl PassedChild {
@@ -166,15 +146,15 @@ impl Handover {
             .iter()
             .map(|c| match &c.role {
                 PassedRole::Worker {
+                    kind,
                     slot,
                     ctl,
                     retiring,
-                    serves,
                 } => format!(
                     "{}/{}/{}/{}/{}/{}",
                     c.pid,
                     c.generation,
-                    serves.letter(),
+                    kind.row().tag,
                     opt(*slot),
                     opt(*ctl),
                     u8::from(*retiring)
@@ -315,13 +295,11 @@ impl Handover {
                         let bad = || format!("child '{item}'");
                         let f: Vec<&str> = item.split('/').collect();
                         let role = match f[..] {
-                            [_, _, kind @ ("w" | "u" | "m"), slot, ctl, retiring] => {
+                            [_, _, tag, slot, ctl, retiring]
+                                if Kind::from_tag(tag).is_some_and(Kind::is_worker) =>
+                            {
                                 PassedRole::Worker {
-                                    serves: match kind {
-                                        "u" => Serves::Udp,
-                                        "m" => Serves::Metrics,
-                                        _ => Serves::Pool,
-                                    },
+                                    kind: Kind::from_tag(tag).ok_or_else(bad)?,
                                     slot: maybe(slot)
                                         .map(|s| num("slot", s))
                                         .transpose()?
@@ -417,7 +395,7 @@ mod tests {
                         slot: Some(0),
                         ctl: Some(15),
                         retiring: false,
-                        serves: Serves::Pool,
+                        kind: Kind::Pool,
                     },
                 },
                 PassedChild {
@@ -427,7 +405,7 @@ mod tests {
                         slot: Some(1),
                         ctl: Some(16),
                         retiring: true,
-                        serves: Serves::Udp,
+                        kind: Kind::Udp,
                     },
                 },
                 PassedChild {

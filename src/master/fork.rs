@@ -10,8 +10,8 @@ use log::{error, warn};
 
 use super::Master;
 use crate::admission::{self, Holder, Policy, Ticket};
-use crate::children::{Child, Role};
-use crate::listen::Listener;
+use crate::children::{Child, Kind};
+use crate::listen::Service;
 use crate::pool;
 use crate::{signals, sys, worker};
 
@@ -80,7 +80,11 @@ impl Master {
         let fork_slot = proxied.then(|| self.fork.slots.take());
         let master = self.pid;
         let limits = self.cfg.limits();
-        let count_bytes = self.acceptor.listeners().iter().any(Listener::is_metrics);
+        let count_bytes = self
+            .acceptor
+            .listeners()
+            .iter()
+            .any(|l| l.service() == Service::Metrics);
         if self.fork.conn_buf.is_none() {
             self.fork.conn_buf = worker::buffer();
         }
@@ -109,7 +113,7 @@ impl Master {
         // the master's copy of the socket) was dropped here.
         match forked {
             Ok(pid) => {
-                let mut child = Child::new(Role::Conn, now);
+                let mut child = Child::new(Kind::Conn, now);
                 child.fork_slot = fork_slot;
                 child.place = place;
                 self.children.insert(pid, child);

@@ -135,7 +135,7 @@ impl Master {
             plan,
         });
         for _ in 0..workers {
-            self.spawn_worker(Target::Pending, crate::children::Role::Worker, now)
+            self.spawn_worker(Target::Pending, crate::children::Kind::Pool, now)
                 .map_err(|e| format!("cannot fork a new worker: {e}"))?;
         }
         debug_assert_eq!(self.life.next(), Some(next));

@@ -22,10 +22,10 @@
 mod fork;
 mod generation;
 mod lifecycle;
-mod prefork;
 mod reap;
 mod status;
 mod upgrade;
+mod workers;
 
 pub use upgrade::{take_handover, take_passed};
 

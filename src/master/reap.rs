@@ -14,7 +14,7 @@ use nix::unistd::Pid;
 use super::lifecycle::Event;
 use super::Master;
 use crate::admission;
-use crate::children::{classify, describe, Child, Exit, Role, EXIT_REFUSED, QUICK_DEATH};
+use crate::children::{classify, describe, Child, Exit, Kind, EXIT_REFUSED, QUICK_DEATH};
 use crate::scoreboard::{Exited, State};
 
 impl Master {
@@ -55,7 +55,7 @@ impl Master {
             let last = child.slot.and_then(|s| self.scoreboard.release(s));
             self.prefork.served_by_gone += last.map_or(0, |e| e.served);
             let never_ready = last.is_some_and(|e| e.state == State::Starting);
-            if child.role == Role::Conn {
+            if child.kind == Kind::Conn {
                 if !matches!(status, WaitStatus::Exited(_, EXIT_REFUSED)) {
                     self.scoreboard.connections_ended(1);
                 }
@@ -68,26 +68,26 @@ impl Master {
             }
             let stopping = self.life.stopping();
             let starting = self.life.starting().then_some(self.life.generation());
-            match child.role {
-                Role::Worker | Role::Udp | Role::Metrics if child.killed || stopping => {
-                    debug!("{} {pid} {how}", who(child.role))
+            match child.kind {
+                kind if kind.is_worker() && (child.killed || stopping) => {
+                    debug!("{} {pid} {how}", kind.name())
                 }
-                Role::Worker | Role::Udp | Role::Metrics if child.retire_by.is_some() => {
+                kind if kind.is_worker() && child.retire_by.is_some() => {
                     if abnormal {
-                        warn!("retiring {} {pid} {how}", who(child.role));
+                        warn!("retiring {} {pid} {how}", child.kind.name());
                     } else {
-                        info!("{} {pid} {how}", who(child.role));
+                        info!("{} {pid} {how}", child.kind.name());
                     }
                 }
-                Role::Worker if never_ready && self.life.next() == Some(child.generation) => {
+                Kind::Pool if never_ready && self.life.next() == Some(child.generation) => {
                     let why = format!("new worker {pid} {how} before it was ready");
                     self.apply(Event::DiedBeforeReady { next: true, why }, now);
                 }
-                Role::Worker if never_ready && starting == Some(child.generation) => {
+                Kind::Pool if never_ready && starting == Some(child.generation) => {
                     let why = format!("worker {pid} {how} before it was ready");
                     self.apply(Event::DiedBeforeReady { next: false, why }, now);
                 }
-                Role::Conn if self.life.killed() => debug!("child {pid} {how}"),
+                Kind::Conn if self.life.killed() => debug!("child {pid} {how}"),
                 role => {
                     let lived = now.duration_since(child.started);
                     let exit = classify(&status, role, lived, !never_ready);
@@ -109,14 +109,14 @@ impl Master {
         how: &str,
         now: Instant,
     ) {
-        let who = who(child.role);
+        let who = child.kind.name();
         let probe = self
             .backoff
             .probes_since()
             .is_some_and(|t| child.started >= t);
         match exit {
             Exit::Clean => {
-                if child.role != Role::Conn {
+                if child.kind != Kind::Conn {
                     info!("{who} {pid} {how}");
                 } else {
                     debug!("child {pid} {how}");
@@ -129,7 +129,7 @@ impl Master {
             Exit::FailedStart | Exit::DiedYoung => {
                 let was_active = self.backoff.is_active();
                 let escalated = self.backoff.early_death(now, child.started, exit);
-                let when = if exit == Exit::FailedStart && child.role != Role::Conn {
+                let when = if exit == Exit::FailedStart && child.kind != Kind::Conn {
                     "before it was ready"
                 } else {
                     "right after it started"
@@ -161,9 +161,9 @@ impl Master {
             .iter()
             .filter(move |(_, c)| since.is_some_and(|t| c.started >= t) && c.retire_by.is_none())
             .map(|(_, c)| {
-                let ready = match c.role {
-                    Role::Conn => true,
-                    Role::Worker | Role::Udp | Role::Metrics => c
+                let ready = match c.kind {
+                    Kind::Conn => true,
+                    Kind::Pool | Kind::Udp | Kind::Metrics => c
                         .slot
                         .and_then(|s| self.scoreboard.get(s))
                         .is_some_and(|e| matches!(e.state, State::Idle | State::Busy)),
@@ -209,15 +209,5 @@ impl Master {
             let _ = kill(pid, Signal::SIGKILL);
             self.children.mark_killed(pid);
         }
-    }
-}
-
-/// What the log calls a child of `role`.
-pub(super) fn who(role: Role) -> &'static str {
-    match role {
-        Role::Worker => "worker",
-        Role::Conn => "child",
-        Role::Udp => "udp worker",
-        Role::Metrics => "metrics worker",
     }
 }

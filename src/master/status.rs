@@ -8,7 +8,7 @@ use nix::unistd::Pid;
 
 use super::{Master, TICK};
 use crate::admission::Refusal;
-use crate::children::Role;
+use crate::children::Kind;
 use crate::config::Mode;
 use crate::logging::{counted, REPORT_EVERY};
 use crate::scoreboard::{Dropped, State};
@@ -24,7 +24,7 @@ impl Master {
         let mut workers: Vec<(Pid, String)> = self
             .children
             .iter()
-            .filter(|(_, c)| c.role != Role::Conn)
+            .filter(|(_, c)| c.kind != Kind::Conn)
             .filter_map(|(pid, c)| {
                 let e = self.scoreboard.get(c.slot?)?;
                 let retiring = if c.retire_by.is_none() {
@@ -32,14 +32,14 @@ impl Master {
                 } else {
                     ", retiring"
                 };
-                if let Some(what) = match c.role {
-                    Role::Udp => Some("udp"),
-                    Role::Metrics => Some("metrics"),
-                    _ => None,
-                } {
+                if c.kind != Kind::Pool {
                     return Some((
                         pid,
-                        format!("{pid} {what} (generation {}{retiring})", e.generation),
+                        format!(
+                            "{pid} {} (generation {}{retiring})",
+                            c.kind.name(),
+                            e.generation
+                        ),
                     ));
                 }
                 let open = if self.cfg.mode == Mode::Event {
@@ -84,7 +84,7 @@ impl Master {
         for (_, c) in self
             .children
             .iter()
-            .filter(|(_, c)| matches!(c.role, Role::Worker | Role::Conn))
+            .filter(|(_, c)| matches!(c.kind, Kind::Pool | Kind::Conn))
         {
             if let Some(e) = c.slot.and_then(|s| self.scoreboard.get(s)) {
                 served += e.served;
@@ -145,7 +145,7 @@ impl Master {
 
     /// The UDP part of the status line: empty without UDP workers.
     fn udp_status(&self) -> String {
-        let workers = self.children.udp_workers();
+        let workers = self.children.count(Kind::Udp);
         let (echoed, dropped) = self.scoreboard.udp_counts();
         if workers == 0 && echoed == 0 && dropped.iter().all(|&n| n == 0) {
             return String::new();

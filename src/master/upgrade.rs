@@ -23,9 +23,9 @@ use nix::unistd::{pipe2, Pid};
 
 use super::lifecycle::Event;
 use super::Master;
-use crate::children::{describe, Role};
+use crate::children::describe;
 use crate::scoreboard::Place;
-use crate::upgrade::{Handover, PassedChild, PassedListener, PassedRole, Serves, ENV};
+use crate::upgrade::{Handover, PassedChild, PassedListener, PassedRole, ENV};
 use crate::{signals, sys};
 
 /// The new executable's `-t`, running.
@@ -182,21 +182,18 @@ impl Master {
                 .map(|(pid, c)| PassedChild {
                     pid: pid.as_raw(),
                     generation: c.generation,
-                    role: match c.role {
-                        Role::Worker | Role::Udp | Role::Metrics => PassedRole::Worker {
+                    role: if c.kind.is_worker() {
+                        PassedRole::Worker {
+                            kind: c.kind,
                             slot: c.slot,
                             ctl: c.ctl.as_ref().map(raw),
                             retiring: c.retire_by.is_some(),
-                            serves: match c.role {
-                                Role::Udp => Serves::Udp,
-                                Role::Metrics => Serves::Metrics,
-                                _ => Serves::Pool,
-                            },
-                        },
-                        Role::Conn => PassedRole::Conn {
+                        }
+                    } else {
+                        PassedRole::Conn {
                             place: c.place.map(|p| p.index() as u128),
                             slot: c.fork_slot,
-                        },
+                        }
                     },
                 })
                 .collect(),
@@ -379,7 +376,7 @@ impl Master {
     /// the pool fills with a new one, and once that is ready the old one
     /// retires (`progress`).
     pub(super) fn adopt(&mut self, a: Adopted, now: Instant) {
-        use crate::children::{Child, Role};
+        use crate::children::{Child, Kind};
         let h = a.handover;
         let old = h.generation;
         self.started = now
@@ -401,24 +398,19 @@ impl Master {
         for (c, ctl) in a.children {
             let mut child = match c.role {
                 PassedRole::Worker {
+                    kind,
                     slot,
                     retiring,
-                    serves,
                     ..
                 } => {
-                    let role = match serves {
-                        Serves::Pool => Role::Worker,
-                        Serves::Udp => Role::Udp,
-                        Serves::Metrics => Role::Metrics,
-                    };
-                    let mut w = Child::new(role, now);
+                    let mut w = Child::new(kind, now);
                     w.slot = slot;
                     w.ctl = ctl;
                     w.retire_by = retiring.then_some(retire_by);
                     w
                 }
                 PassedRole::Conn { place, slot } => {
-                    let mut conn = Child::new(Role::Conn, now);
+                    let mut conn = Child::new(Kind::Conn, now);
                     conn.place = match (place, h.places) {
                         (Some(p), true) => Place::from_index(p as usize),
                         // An older master counted its client in its own

@@ -12,7 +12,6 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, AT_FDCWD};
@@ -25,152 +24,18 @@ use nix::unistd::fchownat;
 
 use crate::sys;
 
-/// An address to listen on, as the operator wrote it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ListenAddr {
-    /// A numeric address and port.
-    Tcp(SocketAddr),
-    /// `*:PORT` and the default: `[::]` dual-stack, or `0.0.0.0` where IPv6
-    /// is not available.
-    Any(u16),
-    /// `unix:/PATH`.
-    Unix(PathBuf),
-    /// `udp:` and an address of the first two forms: UDP echo.
-    Udp(Box<ListenAddr>),
-    /// `--metrics`: an address of the first three forms where the metrics
-    /// are served, not echo (`metrics:` when written out).
-    Metrics(Box<ListenAddr>),
-}
+mod addr;
+pub use addr::ListenAddr;
 
-impl FromStr for ListenAddr {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad = |why: &str| format!("listen address '{s}': {why}");
-        if let Some(rest) = s.strip_prefix("udp:") {
-            return match rest.parse::<ListenAddr>() {
-                Ok(a @ (ListenAddr::Tcp(_) | ListenAddr::Any(_))) => {
-                    Ok(ListenAddr::Udp(Box::new(a)))
-                }
-                Ok(_) => Err(bad("UDP takes HOST:PORT, [V6]:PORT or *:PORT")),
-                Err(e) => Err(e.replace(&format!("'{rest}'"), &format!("'{s}'"))),
-            };
-        }
-        if let Some(rest) = s.strip_prefix("metrics:") {
-            return match rest.parse::<ListenAddr>() {
-                Ok(a @ (ListenAddr::Tcp(_) | ListenAddr::Any(_) | ListenAddr::Unix(_))) => {
-                    Ok(ListenAddr::Metrics(Box::new(a)))
-                }
-                Ok(_) => Err(bad(
-                    "metrics take HOST:PORT, [V6]:PORT, *:PORT or unix:/PATH",
-                )),
-                Err(e) => Err(e.replace(&format!("'{rest}'"), &format!("'{s}'"))),
-            };
-        }
-        if let Some(path) = s.strip_prefix("unix:") {
-            if path.is_empty() {
-                return Err(bad("the unix socket path is empty"));
-            }
-            return Ok(ListenAddr::Unix(PathBuf::from(path)));
-        }
-        let (host, port) = s
-            .rsplit_once(':')
-            .ok_or_else(|| bad("expected HOST:PORT, [V6]:PORT, *:PORT or unix:/PATH"))?;
-        let port: u16 = port
-            .parse()
-            .map_err(|_| bad("the port must be a number from 0 to 65535"))?;
-        if host == "*" {
-            return Ok(ListenAddr::Any(port));
-        }
-        let ip = if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
-            IpAddr::V6(
-                v6.parse::<Ipv6Addr>()
-                    .map_err(|_| bad("not an IPv6 address"))?,
-            )
-        } else if host == "localhost" {
-            // The one name we know without asking a resolver.
-            IpAddr::V4(Ipv4Addr::LOCALHOST)
-        } else {
-            IpAddr::V4(host.parse::<Ipv4Addr>().map_err(|_| {
-                bad("the host must be a numeric address (IPv6 in brackets); names are not resolved")
-            })?)
-        };
-        Ok(ListenAddr::Tcp(SocketAddr::new(ip, port)))
-    }
-}
-
-impl ListenAddr {
-    /// Whether the port is 0, to be picked by the kernel at bind time.
-    pub fn is_ephemeral(&self) -> bool {
-        match self {
-            ListenAddr::Tcp(a) => a.port() == 0,
-            ListenAddr::Any(port) => *port == 0,
-            ListenAddr::Unix(_) => false,
-            ListenAddr::Udp(a) | ListenAddr::Metrics(a) => a.is_ephemeral(),
-        }
-    }
-
-    /// Whether binding both would collide: the same address twice, or a
-    /// wildcard and an address it covers on the same port (without
-    /// SO_REUSEPORT the second bind fails). Port 0 twice is two ports.
-    pub fn overlaps(&self, other: &ListenAddr) -> bool {
-        use ListenAddr::{Any, Metrics, Tcp, Udp, Unix};
-        // UDP and TCP ports are apart; the metrics' address is a stream
-        // socket like the others.
-        match (self, other) {
-            (Udp(a), Udp(b)) => return a.overlaps(b),
-            (Udp(_), _) | (_, Udp(_)) => return false,
-            (Metrics(a), b) => return a.overlaps(b),
-            (a, Metrics(b)) => return a.overlaps(b),
-            _ => {}
-        }
-        // (port, IPv4 covered, IPv6 covered, the one address if not a wildcard)
-        let scope = |a: &ListenAddr| match *a {
-            Any(port) => Some((port, true, true, None)),
-            // `[::]` is dual-stack (IPV6_V6ONLY off, Linux's default, and
-            // what the daemon asks for): it takes the IPv4 port too.
-            Tcp(sa) if sa.ip().is_unspecified() => Some((sa.port(), true, sa.is_ipv6(), None)),
-            Tcp(sa) => Some((sa.port(), false, false, Some(sa.ip()))),
-            Unix(_) | Udp(_) | Metrics(_) => None,
-        };
-        match (self, other) {
-            (Unix(a), Unix(b)) => a == b,
-            _ if self.is_ephemeral() || other.is_ephemeral() => false,
-            _ => match (scope(self), scope(other)) {
-                (Some((p, v4, v6, ip)), Some((q, w4, w6, jp))) if p == q => match (ip, jp) {
-                    (Some(a), Some(b)) => a == b,
-                    (Some(a), None) => {
-                        if a.is_ipv4() {
-                            w4
-                        } else {
-                            w6
-                        }
-                    }
-                    (None, Some(b)) => {
-                        if b.is_ipv4() {
-                            v4
-                        } else {
-                            v6
-                        }
-                    }
-                    (None, None) => (v4 && w4) || (v6 && w6),
-                },
-                _ => false,
-            },
-        }
-    }
-}
-
-impl fmt::Display for ListenAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ListenAddr::Tcp(a) => write!(f, "{a}"),
-            ListenAddr::Any(port) => write!(f, "*:{port}"),
-            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
-            ListenAddr::Udp(a) => write!(f, "udp:{a}"),
-            ListenAddr::Metrics(a) => write!(f, "metrics:{a}"),
-        }
-    }
+/// What a listener is for: which kind of child takes what comes to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Service {
+    /// Echo connections, accepted by the pool (or the fork-mode master).
+    Echo,
+    /// Echo datagrams, read by the UDP workers, never accepted from.
+    Datagrams,
+    /// `--metrics`: accepted from by the metrics worker only.
+    Metrics,
 }
 
 /// A bound, listening socket.
@@ -178,16 +43,12 @@ impl fmt::Display for ListenAddr {
 pub struct Listener {
     fd: OwnedFd,
     name: String,
+    /// A TCP socket (not a unix one, nor UDP).
     tcp: bool,
-    /// A UDP socket: read with recvmsg, never accepted from.
-    udp: bool,
-    /// The metrics' listener: accepted from by the metrics worker only.
-    metrics: bool,
+    service: Service,
     /// The address it was bound for; `None` if a service manager passed it.
     addr: Option<ListenAddr>,
-    /// The socket file of a unix listener we bound: held only so that its
-    /// drop removes the file.
-    #[allow(dead_code)]
+    /// The socket file of a unix listener we bound, removed when it drops.
     file: Option<SocketFile>,
 }
 
@@ -213,7 +74,7 @@ impl Listener {
         let mut l = Listener::from_inherited(fd)?;
         l.addr = configured.map(str::parse).transpose()?;
         if matches!(l.addr, Some(ListenAddr::Metrics(_))) {
-            l.metrics = true;
+            l.service = Service::Metrics;
             l.name = format!("metrics:{}", l.name);
         }
         if owns_file {
@@ -266,8 +127,7 @@ impl Listener {
             fd,
             name,
             tcp: _,
-            udp: _,
-            metrics: _,
+            service: _,
             addr,
             file,
         } = self;
@@ -299,7 +159,7 @@ impl Listener {
 
     /// Changes the listen backlog of the bound socket (a reload may).
     pub fn set_backlog(&self, backlog: i32) -> Result<(), String> {
-        if self.udp {
+        if self.service == Service::Datagrams {
             return Ok(());
         }
         listen(&self.fd, backlog)
@@ -346,15 +206,9 @@ impl Listener {
         }
     }
 
-    /// Whether this is the metrics' listener (`--metrics`).
-    pub fn is_metrics(&self) -> bool {
-        self.metrics
-    }
-
-    /// Whether this is a UDP socket (served by UDP workers, not accepted
-    /// from).
-    pub fn is_udp(&self) -> bool {
-        self.udp
+    /// What it is for.
+    pub fn service(&self) -> Service {
+        self.service
     }
 
     /// Whether it is bound to every address (`*`, `[::]`, `0.0.0.0`), so
@@ -417,8 +271,11 @@ impl Listener {
             fd,
             name,
             tcp,
-            udp,
-            metrics: false,
+            service: if udp {
+                Service::Datagrams
+            } else {
+                Service::Echo
+            },
             addr: None,
             file: None,
         })
@@ -496,7 +353,7 @@ pub fn bind(addr: &ListenAddr, opts: &BindOptions) -> Result<Listener, String> {
         let l = bind(inner, opts)?;
         return Ok(Listener {
             name: format!("metrics:{}", l.name),
-            metrics: true,
+            service: Service::Metrics,
             addr: Some(addr.clone()),
             ..l
         });
@@ -598,8 +455,11 @@ fn bind_ip(
             real.to_string()
         },
         tcp: !udp,
-        udp,
-        metrics: false,
+        service: if udp {
+            Service::Datagrams
+        } else {
+            Service::Echo
+        },
         addr: None,
         file: None,
     })
@@ -658,8 +518,7 @@ fn bind_unix(path: &Path, opts: &BindOptions) -> Result<Listener, BindError> {
         fd,
         name,
         tcp: false,
-        udp: false,
-        metrics: false,
+        service: Service::Echo,
         addr: None,
         file: Some(file),
     })
@@ -704,128 +563,4 @@ fn remove_stale(path: &Path) -> Result<(), (Option<&'static str>, Errno)> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn opts(backlog: i32) -> BindOptions {
-        BindOptions {
-            backlog,
-            socket_mode: 0o666,
-            socket_group: None,
-        }
-    }
-
-    #[test]
-    fn parses_every_form() {
-        assert_eq!(
-            "127.0.0.1:7".parse::<ListenAddr>().unwrap(),
-            ListenAddr::Tcp("127.0.0.1:7".parse().unwrap())
-        );
-        assert_eq!(
-            "[::1]:0".parse::<ListenAddr>().unwrap(),
-            ListenAddr::Tcp("[::1]:0".parse().unwrap())
-        );
-        assert_eq!("*:7".parse::<ListenAddr>().unwrap(), ListenAddr::Any(7));
-        assert_eq!(
-            "unix:/run/echo.sock".parse::<ListenAddr>().unwrap(),
-            ListenAddr::Unix("/run/echo.sock".into())
-        );
-        assert_eq!(
-            "localhost:9".parse::<ListenAddr>().unwrap(),
-            ListenAddr::Tcp("127.0.0.1:9".parse().unwrap())
-        );
-    }
-
-    #[test]
-    fn refuses_what_it_would_have_to_resolve_or_guess() {
-        for bad in [
-            "example.org:7",
-            "127.0.0.1",
-            "127.0.0.1:70000",
-            "::1:7",
-            "unix:",
-            "[::1:7",
-        ] {
-            let err = bad.parse::<ListenAddr>().unwrap_err();
-            assert!(err.contains(bad), "{err}");
-        }
-    }
-
-    #[test]
-    fn overlapping_addresses_are_found() {
-        let o = |a: &str, b: &str| {
-            let (a, b): (ListenAddr, ListenAddr) = (a.parse().unwrap(), b.parse().unwrap());
-            assert_eq!(a.overlaps(&b), b.overlaps(&a), "{a} {b}");
-            a.overlaps(&b)
-        };
-        assert!(o("*:7", "[::]:7"));
-        assert!(o("*:7", "0.0.0.0:7"));
-        assert!(o("*:7", "127.0.0.1:7"));
-        assert!(o("*:7", "[::1]:7"));
-        assert!(o("0.0.0.0:7", "127.0.0.1:7"));
-        assert!(o("[::]:7", "[::1]:7"));
-        assert!(o("127.0.0.1:7", "127.0.0.1:7"));
-        assert!(o("unix:/a", "unix:/a"));
-        assert!(!o("*:7", "*:8"));
-        assert!(!o("127.0.0.1:7", "127.0.0.2:7"));
-        assert!(!o("0.0.0.0:7", "[::1]:7"));
-        assert!(!o("127.0.0.1:0", "127.0.0.1:0"));
-        assert!(!o("*:0", "[::]:0"));
-        assert!(!o("unix:/a", "unix:/b"));
-        assert!(!o("unix:/a", "*:7"));
-    }
-
-    #[test]
-    fn port_zero_is_resolved_in_the_name() {
-        let l = bind(&"127.0.0.1:0".parse().unwrap(), &opts(16)).unwrap();
-        let port: u16 = l.name().rsplit_once(':').unwrap().1.parse().unwrap();
-        assert_ne!(port, 0);
-    }
-
-    #[test]
-    fn accepted_connections_inherit_tcp_nodelay() {
-        // worker.rs relies on this on Linux and FreeBSD instead of a
-        // setsockopt per connection.
-        let l = bind(&"127.0.0.1:0".parse().unwrap(), &opts(16)).unwrap();
-        let _c = std::net::TcpStream::connect(l.name()).unwrap();
-        let mut conn = None;
-        for _ in 0..1000 {
-            match l.accept() {
-                Ok(c) => {
-                    conn = Some(c);
-                    break;
-                }
-                Err(_) => std::thread::sleep(std::time::Duration::from_millis(1)),
-            }
-        }
-        let conn = conn.expect("accept");
-        assert!(nix::sys::socket::getsockopt(&conn, sockopt::TcpNoDelay).unwrap());
-    }
-
-    #[test]
-    fn address_in_use_is_explained() {
-        let l = bind(&"127.0.0.1:0".parse().unwrap(), &opts(16)).unwrap();
-        let err = bind(&l.name().parse().unwrap(), &opts(16)).unwrap_err();
-        assert!(err.contains(l.name()) && err.contains("in use"), "{err}");
-    }
-
-    #[test]
-    fn unix_socket_file_is_removed_on_drop_and_stale_files_replaced() {
-        let dir = std::env::temp_dir().join(format!("echo-forkd-listen-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("s");
-        let addr = ListenAddr::Unix(path.clone());
-        let l = bind(&addr, &opts(4)).unwrap();
-        assert!(bind(&addr, &opts(4))
-            .unwrap_err()
-            .contains("another process listens there"));
-        // A stale file: bound socket gone, file left behind.
-        std::mem::forget(l.file);
-        drop(l.fd);
-        assert!(path.exists());
-        let l = bind(&addr, &opts(4)).unwrap();
-        drop(l);
-        assert!(!path.exists());
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-}
+mod tests;

@@ -1,5 +1,7 @@
-//! The prefork pool: keeping it at its size and its spares (pool.rs
-//! decides, this acts), spawning and retiring workers, TTIN/TTOU.
+//! The workers: keeping the pool (prefork or event) at its size and its
+//! spares (pool.rs decides, this acts), the helpers beside it, spawning
+//! any kind of worker from the kinds table (kind.rs) and retiring them,
+//! TTIN/TTOU.
 
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
@@ -11,8 +13,9 @@ use nix::unistd::{pipe2, Pid};
 
 use super::generation::{take_planned, Target};
 use super::{enter, Master};
-use crate::children::{Child, Role};
+use crate::children::{Child, Kind};
 use crate::config::Mode;
+use crate::kind::Params;
 use crate::listen::Listener;
 use crate::pool;
 use crate::scoreboard::{Entry, State};
@@ -67,7 +70,7 @@ impl Master {
                 _ => continue,
             };
             while self.children.active(generation) < size as usize {
-                if !self.try_spawn(target, Role::Worker, now) {
+                if !self.try_spawn(target, Kind::Pool, now) {
                     break;
                 }
             }
@@ -75,25 +78,26 @@ impl Master {
         self.fill_helpers(now);
     }
 
-    /// Forks the helpers the generation in force needs: `udp-workers`
-    /// UDP workers if it has `udp:` listeners, one metrics worker with
-    /// `--metrics`. (A reload's new generation gets its own once it is in
-    /// force: until then the old ones serve, and clients wait in the
-    /// sockets meanwhile.)
+    /// Forks the helpers the generation in force needs: as many of each
+    /// helper kind as its row wants while a listener of its service is
+    /// open (`udp-workers` for `udp:`, one for `--metrics`). (A reload's
+    /// new generation gets its own once it is in force: until then the
+    /// old ones serve, and clients wait in the sockets meanwhile.)
     fn fill_helpers(&mut self, now: Instant) {
         if self.life.stopping() {
             return;
         }
-        let listeners = self.acceptor.listeners();
-        let udp = if listeners.iter().any(Listener::is_udp) {
-            self.cfg.udp_workers as usize
-        } else {
-            0
-        };
-        let metrics = usize::from(listeners.iter().any(Listener::is_metrics));
-        for (role, want) in [(Role::Udp, udp), (Role::Metrics, metrics)] {
-            while self.children.serving(role, self.life.generation()) < want {
-                if !self.try_spawn(Target::InForce, role, now) {
+        for kind in Kind::helpers() {
+            let row = kind.row();
+            let listens = row.keeps.is_some_and(|service| {
+                self.acceptor
+                    .listeners()
+                    .iter()
+                    .any(|l| l.service() == service)
+            });
+            let want = if listens { (row.wanted)(&self.cfg) } else { 0 };
+            while self.children.serving(kind, self.life.generation()) < want {
+                if !self.try_spawn(Target::InForce, kind, now) {
                     return;
                 }
             }
@@ -102,11 +106,11 @@ impl Master {
 
     /// Starts a worker unless crash-loop back-off holds spawning back; a
     /// failed fork starts (or grows) the back-off. False: none started.
-    pub(super) fn try_spawn(&mut self, target: Target, role: Role, now: Instant) -> bool {
+    pub(super) fn try_spawn(&mut self, target: Target, kind: Kind, now: Instant) -> bool {
         if self.backoff.hold_until(now, self.serving()).is_some() {
             return false;
         }
-        match self.spawn_worker(target, role, now) {
+        match self.spawn_worker(target, kind, now) {
             Ok(_) => {
                 self.backoff.forked(now);
                 true
@@ -190,7 +194,7 @@ impl Master {
                     waiting.map_or("some".into(), |w| w.to_string())
                 );
                 for _ in 0..n {
-                    if !self.try_spawn(Target::InForce, Role::Worker, now) {
+                    if !self.try_spawn(Target::InForce, Kind::Pool, now) {
                         break;
                     }
                 }
@@ -254,26 +258,35 @@ impl Master {
             .count()
     }
 
-    /// Forks one worker (`role`: of the pool, or for UDP) for `target`'s
-    /// configuration. Err says why not.
+    /// Forks one worker of `kind` for `target`'s configuration: it keeps
+    /// the listeners of its service and runs its row's function. Err says
+    /// why not.
     pub(super) fn spawn_worker(
         &mut self,
         target: Target,
-        role: Role,
+        kind: Kind,
         now: Instant,
     ) -> Result<Pid, String> {
+        let row = kind.row();
+        let Some(run) = row.run else {
+            return Err(format!("a {} is forked for a connection", row.name));
+        };
         let (generation, cfg, identity) = match (&self.pending, self.life.next(), target) {
             (Some(p), Some(next), Target::Pending) => (next, &p.cfg, p.identity.clone()),
             _ => (self.life.generation(), &self.cfg, self.identity.clone()),
         };
         let limits = cfg.limits();
         let policy = cfg.policy();
-        let (mode, max_open, udp_rate) = (cfg.mode, cfg.worker_connections as usize, cfg.udp_rate);
-        let max_requests = pool::max_requests(
-            cfg.max_requests,
-            cfg.max_requests_jitter,
-            &mut self.prefork.seed,
-        );
+        let params = Params {
+            mode: cfg.mode,
+            max_open: cfg.worker_connections as usize,
+            max_requests: pool::max_requests(
+                cfg.max_requests,
+                cfg.max_requests_jitter,
+                &mut self.prefork.seed,
+            ),
+            udp_rate: cfg.udp_rate,
+        };
         let Some(slot) = self.scoreboard.claim(generation) else {
             return Err("every scoreboard slot is taken".into());
         };
@@ -303,11 +316,7 @@ impl Master {
             sys::spawn(&signals::HANDLED, &signals::CHILD_IGNORED, || {
                 drop(ctl_w.take());
                 let mut listeners = self.take_listeners(target);
-                Listener::keep_in_child(&mut listeners, |l| match role {
-                    Role::Udp => l.is_udp(),
-                    Role::Metrics => l.is_metrics(),
-                    _ => !l.is_udp() && !l.is_metrics(),
-                });
+                Listener::keep_in_child(&mut listeners, |l| row.keeps == Some(l.service()));
                 self.close_in_child();
                 if let Err(code) = enter(&identity, &self.scoreboard) {
                     return code;
@@ -323,24 +332,18 @@ impl Master {
                     fork_slot: None,
                     notice: self.notice_w.as_ref().map(|f| f.as_fd()),
                 };
-                match mode {
-                    _ if role == Role::Udp => crate::udp::run(listeners, ctx, udp_rate),
-                    _ if role == Role::Metrics => crate::metrics::run(listeners, ctx),
-                    #[cfg(any(target_os = "linux", target_os = "android"))]
-                    Mode::Event => crate::event::run(listeners, ctx, max_open, max_requests),
-                    _ => worker::prefork(listeners, ctx, max_requests),
-                }
+                run(listeners, ctx, params)
             })
         };
         match forked {
             Ok(pid) => {
                 self.scoreboard.set_pid(slot, pid);
-                let mut child = Child::new(role, now);
+                let mut child = Child::new(kind, now);
                 child.generation = generation;
                 child.slot = Some(slot);
                 child.ctl = ctl_w;
                 self.children.insert(pid, child);
-                info!("{} {pid} started", super::reap::who(role));
+                info!("{} {pid} started", row.name);
                 Ok(pid)
             }
             Err(e) => {
