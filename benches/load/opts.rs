@@ -1,0 +1,320 @@
+//! What the benchmark runs: the servers (kinds and targets), the
+//! scenarios and cases, and the options that pick them.
+
+use super::*;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Kind {
+    Prefork,
+    /// `--baseline`: another echo-forkd build, for before/after figures.
+    PreforkBase,
+    Fork,
+    ForkBase,
+    Event,
+    EventBase,
+    /// The floor of the fork model: fork, read/write, `_exit`.
+    MinFork,
+    /// The floor of an event loop: one thread, one epoll set.
+    Epoll,
+    Tokio,
+    PyForking,
+    PyThreading,
+    /// The floor of a UDP echo: one blocking recvfrom/sendto loop.
+    MinUdp,
+    /// Python's `socketserver.UDPServer`.
+    PyUdp,
+}
+
+impl Kind {
+    /// An echo-forkd build, as opposed to a peer.
+    pub(crate) fn is_ours(self) -> bool {
+        matches!(
+            self,
+            Kind::Prefork
+                | Kind::Fork
+                | Kind::Event
+                | Kind::PreforkBase
+                | Kind::ForkBase
+                | Kind::EventBase
+        )
+    }
+
+    /// Whether it holds many connections per process (or thread pool).
+    pub(crate) fn holds_many(self) -> bool {
+        matches!(
+            self,
+            Kind::Event | Kind::EventBase | Kind::Epoll | Kind::Tokio
+        )
+    }
+
+    pub(crate) fn is_prefork(self) -> bool {
+        matches!(self, Kind::Prefork | Kind::PreforkBase)
+    }
+
+    const ALL: [Kind; 10] = [
+        Kind::Prefork,
+        Kind::Fork,
+        Kind::Event,
+        Kind::MinFork,
+        Kind::Epoll,
+        Kind::Tokio,
+        Kind::PyForking,
+        Kind::PyThreading,
+        Kind::MinUdp,
+        Kind::PyUdp,
+    ];
+
+    /// Whether it takes part in the UDP case: echo-forkd (one mode: the
+    /// UDP worker is the same in all), tokio and the UDP servers.
+    pub(crate) fn serves_udp(self) -> bool {
+        matches!(
+            self,
+            Kind::Prefork | Kind::PreforkBase | Kind::Tokio | Kind::MinUdp | Kind::PyUdp
+        )
+    }
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Kind::Prefork => "prefork",
+            Kind::Fork => "fork",
+            Kind::Event => "event",
+            Kind::MinFork => "min-fork",
+            Kind::Epoll => "epoll",
+            Kind::Tokio => "tokio",
+            Kind::PyForking => "py-forking",
+            Kind::PyThreading => "py-threading",
+            Kind::MinUdp => "min-udp",
+            Kind::PyUdp => "py-udp",
+            Kind::PreforkBase => "prefork-base",
+            Kind::ForkBase => "fork-base",
+            Kind::EventBase => "event-base",
+        }
+    }
+}
+
+/// A server as run in one case: its kind and, for prefork in `conn`, the
+/// pool size (0: the case's own choice).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Target {
+    pub(crate) kind: Kind,
+    pub(crate) pool: usize,
+}
+
+impl Target {
+    pub(crate) fn name(self) -> String {
+        if self.pool > 0 {
+            format!("{} -w {}", self.kind.name(), self.pool)
+        } else {
+            self.kind.name().to_string()
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Scenario {
+    Conn,
+    Rtt,
+    Stream,
+    Hold,
+    Burst,
+    Udp,
+}
+
+impl Scenario {
+    const ALL: [Scenario; 6] = [
+        Scenario::Conn,
+        Scenario::Rtt,
+        Scenario::Stream,
+        Scenario::Hold,
+        Scenario::Burst,
+        Scenario::Udp,
+    ];
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Scenario::Conn => "conn",
+            Scenario::Rtt => "rtt",
+            Scenario::Stream => "stream",
+            Scenario::Hold => "hold",
+            Scenario::Burst => "burst",
+            Scenario::Udp => "udp",
+        }
+    }
+}
+
+/// One scenario at one size: `rtt` with 500 connections, say.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Case {
+    pub(crate) scenario: Scenario,
+    pub(crate) clients: usize,
+}
+
+impl Case {
+    pub(crate) fn label(self) -> String {
+        match self.scenario {
+            Scenario::Conn | Scenario::Rtt | Scenario::Stream | Scenario::Udp => {
+                format!("{} c={}", self.scenario.name(), self.clients)
+            }
+            Scenario::Hold | Scenario::Burst => {
+                format!("{} {}", self.scenario.name(), self.clients)
+            }
+        }
+    }
+}
+
+pub(crate) struct Opts {
+    pub(crate) rounds: usize,
+    pub(crate) secs: f64,
+    pub(crate) scenarios: Vec<Scenario>,
+    pub(crate) servers: Vec<Kind>,
+    pub(crate) clients: usize,
+    pub(crate) rtt_clients: Vec<usize>,
+    pub(crate) pools: Vec<usize>,
+    pub(crate) stream_mib: usize,
+    pub(crate) hold: Vec<usize>,
+    pub(crate) burst: usize,
+    pub(crate) udp_clients: Vec<usize>,
+    pub(crate) out: Option<PathBuf>,
+    pub(crate) baseline: Option<PathBuf>,
+}
+
+impl Opts {
+    pub(crate) fn parse(args: &[String]) -> Result<Opts, String> {
+        let mut o = Opts {
+            rounds: 3,
+            secs: 3.0,
+            scenarios: Scenario::ALL.to_vec(),
+            servers: Kind::ALL.to_vec(),
+            clients: 50,
+            rtt_clients: vec![1, 50, 500],
+            pools: vec![8, 64, 256],
+            stream_mib: 256,
+            hold: vec![100, 10_000],
+            burst: 2000,
+            udp_clients: vec![1, 16, 64],
+            out: None,
+            baseline: None,
+        };
+        let mut it = args.iter();
+        while let Some(arg) = it.next() {
+            let mut value = || it.next().ok_or(format!("{arg} needs a value"));
+            match arg.as_str() {
+                "--bench" => {} // cargo bench passes it
+                "--quick" => {
+                    o.rounds = 1;
+                    o.secs = 1.0;
+                    o.stream_mib = 32;
+                }
+                "--rounds" => o.rounds = number(arg, value()?)?,
+                "--secs" => {
+                    o.secs = value()?
+                        .parse()
+                        .map_err(|_| format!("{arg}: not a number"))?
+                }
+                "--clients" => o.clients = number(arg, value()?)?,
+                "--rtt-clients" => o.rtt_clients = numbers(arg, value()?)?,
+                "--pools" => o.pools = numbers(arg, value()?)?,
+                "--stream-mib" => o.stream_mib = number(arg, value()?)?,
+                "--hold" => o.hold = numbers(arg, value()?)?,
+                "--burst" => o.burst = number(arg, value()?)?,
+                "--udp-clients" => o.udp_clients = numbers(arg, value()?)?,
+                "--out" => o.out = Some(PathBuf::from(value()?)),
+                "--scenarios" => {
+                    o.scenarios = pick(value()?, &Scenario::ALL, |s| s.name())?;
+                }
+                "--servers" => o.servers = pick(value()?, &Kind::ALL, |k| k.name())?,
+                "--baseline" => o.baseline = Some(PathBuf::from(value()?)),
+                other => return Err(format!("unknown argument {other}")),
+            }
+        }
+        if o.baseline.is_some() {
+            // Each build right after the other, in every round.
+            let mut with = Vec::new();
+            for &k in &o.servers {
+                with.push(k);
+                match k {
+                    Kind::Prefork => with.push(Kind::PreforkBase),
+                    Kind::Fork => with.push(Kind::ForkBase),
+                    Kind::Event => with.push(Kind::EventBase),
+                    _ => {}
+                }
+            }
+            o.servers = with;
+        }
+        if o.rounds == 0
+            || o.secs <= 0.0
+            || o.clients == 0
+            || o.pools.contains(&0)
+            || o.udp_clients.contains(&0)
+        {
+            return Err("rounds, secs, clients, pools and udp-clients must be positive".into());
+        }
+        Ok(o)
+    }
+
+    /// Every case to run, in order.
+    pub(crate) fn cases(&self) -> Vec<Case> {
+        let mut cases = Vec::new();
+        for &scenario in &self.scenarios {
+            let sizes = match scenario {
+                Scenario::Conn => vec![self.clients],
+                Scenario::Rtt => self.rtt_clients.clone(),
+                Scenario::Stream => vec![4],
+                Scenario::Hold => self.hold.clone(),
+                Scenario::Burst => vec![self.burst],
+                Scenario::Udp => self.udp_clients.clone(),
+            };
+            cases.extend(sizes.into_iter().map(|clients| Case { scenario, clients }));
+        }
+        cases
+    }
+
+    /// The servers that take part in `case`: prefork once per pool size
+    /// in `conn`; the Python servers sit out the burst (2,000 Python
+    /// processes or threads measure Python, not the model).
+    pub(crate) fn targets(&self, case: Case) -> Vec<Target> {
+        let mut t = Vec::new();
+        for &kind in &self.servers {
+            match (kind, case.scenario) {
+                (k, Scenario::Udp) if !k.serves_udp() => {}
+                (k, _)
+                    if case.scenario != Scenario::Udp
+                        && matches!(k, Kind::MinUdp | Kind::PyUdp) => {}
+                (k, Scenario::Conn) if k.is_prefork() => {
+                    t.extend(self.pools.iter().map(|&pool| Target { kind, pool }));
+                }
+                (Kind::PyForking | Kind::PyThreading, Scenario::Burst) => {}
+                // Thousands of idle connections are the event model's
+                // case: a process (or a Python thread) each would measure
+                // the machine's process table, and prefork's pool stops
+                // at 4,096 workers.
+                (k, Scenario::Hold) if case.clients > HOLD_PER_PROCESS && !k.holds_many() => {}
+                _ => t.push(Target { kind, pool: 0 }),
+            }
+        }
+        t
+    }
+}
+
+pub(crate) fn number(arg: &str, v: &str) -> Result<usize, String> {
+    v.parse().map_err(|_| format!("{arg}: not a number: {v}"))
+}
+
+pub(crate) fn numbers(arg: &str, v: &str) -> Result<Vec<usize>, String> {
+    v.split(',').map(|n| number(arg, n)).collect()
+}
+
+pub(crate) fn pick<T: Copy>(
+    list: &str,
+    all: &[T],
+    name: fn(&T) -> &'static str,
+) -> Result<Vec<T>, String> {
+    list.split(',')
+        .map(|w| {
+            all.iter()
+                .find(|t| name(t) == w)
+                .copied()
+                .ok_or(format!("unknown name {w}"))
+        })
+        .collect()
+}
