@@ -315,6 +315,50 @@ impl Drop for PidFile {
     }
 }
 
+/// Raises the soft RLIMIT_NOFILE (as nginx's `worker_rlimit_nofile`) to
+/// what `cfg` may need in one process, warning if the hard limit is in
+/// the way: the master holds one descriptor per worker, a reload may run
+/// two full generations, and an event worker holds each of its
+/// connections. The limit is per process (and children inherit it), so
+/// `workers` × `worker-connections` may well exceed it; that is said once.
+pub fn make_room_for_descriptors(cfg: &crate::config::Config, listeners: usize) {
+    let why = match cfg.mode {
+        crate::config::Mode::Event => "worker-connections",
+        _ => "max-workers",
+    };
+    if let Err(e) = ensure_nofile(nofile_need(cfg, listeners), why, why) {
+        log::warn!("{e}");
+    }
+    if cfg.mode == crate::config::Mode::Event {
+        let total = u64::from(cfg.workers) * u64::from(cfg.worker_connections);
+        let (soft, _) = crate::sys::nofile_limit();
+        if total > soft {
+            log::info!(
+                "{} workers × {} worker-connections = {total} connections, more than RLIMIT_NOFILE ({soft}); the limit is per process, so each worker may still hold its {}",
+                cfg.workers, cfg.worker_connections, cfg.worker_connections
+            );
+        }
+    }
+}
+
+/// The descriptors the master may hold with `cfg` in force: its own (the
+/// signal pipe, notice and control pipes, log and notify sockets, pidfile:
+/// under 32), the listeners of two configurations, and one control pipe
+/// per worker of two full generations.
+fn nofile_need(cfg: &crate::config::Config, listeners: usize) -> u64 {
+    let workers = match cfg.mode {
+        crate::config::Mode::Prefork | crate::config::Mode::Event => u64::from(cfg.max_workers),
+        crate::config::Mode::Fork => 0,
+    };
+    let per_worker = match cfg.mode {
+        // Each event worker holds its connections itself, in its own
+        // process; the limit is per process, so this is what one needs.
+        crate::config::Mode::Event => u64::from(cfg.worker_connections) + 64,
+        _ => 0,
+    };
+    (32 + 2 * listeners as u64 + 2 * workers).max(per_worker)
+}
+
 /// Makes room for `need` open descriptors: raises the soft RLIMIT_NOFILE
 /// (never above the hard one) if it is lower. Err says, with the numbers,
 /// why there cannot be room; `why` names what needs them, and `lower` the

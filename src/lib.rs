@@ -17,6 +17,7 @@
 mod accept;
 mod access;
 mod admission;
+mod backoff;
 mod children;
 mod config;
 mod daemon;

@@ -325,16 +325,20 @@ pub fn render(board: &Scoreboard) -> String {
         "Bytes echoed back, counted as each connection ends.",
         &one(bytes),
     );
-    let refused: Vec<(String, u64)> = Refusal::ALL
-        .iter()
-        .zip(board.refusals())
-        .map(|(r, n)| (label("reason", r.label()), n))
-        .collect();
+    // One sample per kind of a counter kept by kind.
+    let by = |key: &str, names: &[&str], counts: &[u64]| -> Vec<(String, u64)> {
+        let labels = names.iter().map(|n| label(key, n));
+        labels.zip(counts.iter().copied()).collect()
+    };
     family(
         "refused_total",
         "counter",
         "Connections closed at once, unread, by reason.",
-        &refused,
+        &by(
+            "reason",
+            &Refusal::ALL.map(Refusal::label),
+            &board.refusals(),
+        ),
     );
     let mut states = [0u64; 4];
     let mut open = board.fork_children();
@@ -343,15 +347,12 @@ pub fn render(board: &Scoreboard) -> String {
         open += e.open;
     }
     states[State::Busy as usize] += board.fork_children();
-    let workers: Vec<(String, u64)> = [State::Starting, State::Idle, State::Busy, State::Stopping]
-        .iter()
-        .map(|s| (label("state", s.name()), states[*s as usize]))
-        .collect();
+    let each = [State::Starting, State::Idle, State::Busy, State::Stopping];
     family(
         "workers",
         "gauge",
         "Processes serving clients, by state (fork-mode children, UDP and metrics workers are busy).",
-        &workers,
+        &by("state", &each.map(State::name), &each.map(|s| states[s as usize])),
     );
     family(
         "open_connections",
@@ -366,16 +367,11 @@ pub fn render(board: &Scoreboard) -> String {
         "UDP datagrams answered.",
         &one(echoed),
     );
-    let dropped: Vec<(String, u64)> = Dropped::ALL
-        .iter()
-        .zip(dropped)
-        .map(|(d, n)| (label("reason", d.name()), n))
-        .collect();
     family(
         "datagrams_dropped_total",
         "counter",
         "UDP datagrams dropped unanswered, by reason.",
-        &dropped,
+        &by("reason", &Dropped::ALL.map(Dropped::name), &dropped),
     );
     family(
         "reloads_total",
@@ -383,16 +379,11 @@ pub fn render(board: &Scoreboard) -> String {
         "Configurations put in force by SIGHUP.",
         &one(board.reloads()),
     );
-    let exits: Vec<(String, u64)> = Exited::ALL
-        .iter()
-        .zip(board.exits())
-        .map(|(e, n)| (label("cause", e.name()), n))
-        .collect();
     family(
         "worker_exits_total",
         "counter",
         "Workers (of the pool, UDP, metrics) that ended, by how.",
-        &exits,
+        &by("cause", &Exited::ALL.map(Exited::name), &board.exits()),
     );
     family(
         "start_time_seconds",

@@ -214,8 +214,17 @@ pub fn max_requests(base: u32, jitter: u32, seed: &mut u64) -> u64 {
 mod tests {
     use super::*;
 
-    /// A shortfall that has lasted: met at once.
-    const LONG: Duration = Duration::from_secs(5);
+    /// Decides for a shortfall that has lasted (met at once, if any).
+    fn settled(
+        p: &mut Pool,
+        now: Instant,
+        idle: (u32, u32),
+        total: u32,
+        waiting: Option<u32>,
+        b: Bounds,
+    ) -> Action {
+        p.decide(now, idle, total, (waiting, Duration::from_secs(5)), b)
+    }
 
     const B: Bounds = Bounds {
         workers: 2,
@@ -240,21 +249,21 @@ mod tests {
         let big = bounds(2048, 2, 8);
         // 2,000 clients arrive at a pool of 2, both busy.
         assert_eq!(
-            p.decide(t, (0, 0), 2, (Some(1998), LONG), big),
+            settled(&mut p, t, (0, 0), 2, Some(1998), big),
             Action::Spawn(2000)
         );
         // They start (and count as spares, not as surplus): nothing more.
         assert_eq!(
-            p.decide(t, (0, 2000), 2002, (Some(1998), LONG), big),
+            settled(&mut p, t, (0, 2000), 2002, Some(1998), big),
             Action::Nothing
         );
         // Never past max-workers.
         assert_eq!(
-            p.decide(t, (0, 0), 2000, (Some(500), LONG), big),
+            settled(&mut p, t, (0, 0), 2000, Some(500), big),
             Action::Spawn(48)
         );
         assert_eq!(
-            p.decide(t, (0, 0), 2048, (Some(500), LONG), big),
+            settled(&mut p, t, (0, 0), 2048, Some(500), big),
             Action::AtMax
         );
     }
@@ -292,12 +301,12 @@ mod tests {
         let b = Bounds { min_spare: 1, ..B };
         // One client, one connection after another: one busy, one idle;
         // a client caught in the queue is the idle worker's.
-        assert_eq!(p.decide(t, (1, 0), 2, (Some(1), LONG), b), Action::Nothing);
-        assert_eq!(p.decide(t, (2, 0), 2, (Some(0), LONG), b), Action::Nothing);
+        assert_eq!(settled(&mut p, t, (1, 0), 2, Some(1), b), Action::Nothing);
+        assert_eq!(settled(&mut p, t, (2, 0), 2, Some(0), b), Action::Nothing);
         // min-spare 0 pins the pool, however many wait.
         let pinned = Bounds { min_spare: 0, ..B };
         assert_eq!(
-            p.decide(t, (0, 0), 2, (Some(50), LONG), pinned),
+            settled(&mut p, t, (0, 0), 2, Some(50), pinned),
             Action::Nothing
         );
     }
@@ -306,12 +315,12 @@ mod tests {
     fn without_a_queue_count_bursts_double_while_every_worker_is_busy() {
         let (mut p, t) = (Pool::default(), Instant::now());
         let big = bounds(1000, 1, B.max_spare);
-        assert_eq!(p.decide(t, (0, 0), 2, (None, LONG), big), Action::Spawn(1));
-        assert_eq!(p.decide(t, (0, 0), 3, (None, LONG), big), Action::Spawn(2));
-        assert_eq!(p.decide(t, (0, 0), 5, (None, LONG), big), Action::Spawn(4));
+        assert_eq!(settled(&mut p, t, (0, 0), 2, None, big), Action::Spawn(1));
+        assert_eq!(settled(&mut p, t, (0, 0), 3, None, big), Action::Spawn(2));
+        assert_eq!(settled(&mut p, t, (0, 0), 5, None, big), Action::Spawn(4));
         // Spares are back: the next burst starts small again.
-        assert_eq!(p.decide(t, (1, 0), 9, (None, LONG), big), Action::Nothing);
-        assert_eq!(p.decide(t, (0, 0), 9, (None, LONG), big), Action::Spawn(1));
+        assert_eq!(settled(&mut p, t, (1, 0), 9, None, big), Action::Nothing);
+        assert_eq!(settled(&mut p, t, (0, 0), 9, None, big), Action::Spawn(1));
     }
 
     #[test]
@@ -320,42 +329,39 @@ mod tests {
         let t = Instant::now();
         let wide = Bounds { min_spare: 3, ..B };
         assert_eq!(
-            p.decide(t, (1, 0), 4, (Some(0), LONG), wide),
+            settled(&mut p, t, (1, 0), 4, Some(0), wide),
             Action::Spawn(2)
         );
         assert_eq!(
-            p.decide(t, (0, 0), 9, (Some(0), LONG), wide),
+            settled(&mut p, t, (0, 0), 9, Some(0), wide),
             Action::Spawn(1),
             "one slot left"
         );
-        assert_eq!(
-            p.decide(t, (0, 0), 10, (Some(0), LONG), wide),
-            Action::AtMax
-        );
+        assert_eq!(settled(&mut p, t, (0, 0), 10, Some(0), wide), Action::AtMax);
     }
 
     #[test]
     fn retires_one_idle_worker_a_second_down_to_the_floor() {
         let mut p = Pool::default();
         let t = Instant::now();
-        assert_eq!(p.decide(t, (6, 0), 8, (Some(0), LONG), B), Action::Retire);
+        assert_eq!(settled(&mut p, t, (6, 0), 8, Some(0), B), Action::Retire);
         assert_eq!(
-            p.decide(t, (5, 0), 7, (Some(0), LONG), B),
+            settled(&mut p, t, (5, 0), 7, Some(0), B),
             Action::Nothing,
             "one a second"
         );
         let later = t + Duration::from_secs(1);
         assert_eq!(
-            p.decide(later, (5, 0), 7, (Some(0), LONG), B),
+            settled(&mut p, later, (5, 0), 7, Some(0), B),
             Action::Retire
         );
         assert_eq!(
-            p.decide(later + RETIRE_EVERY, (4, 0), 2, (Some(0), LONG), B),
+            settled(&mut p, later + RETIRE_EVERY, (4, 0), 2, Some(0), B),
             Action::Nothing,
             "floor"
         );
         assert_eq!(
-            p.decide(later + RETIRE_EVERY, (3, 0), 5, (Some(0), LONG), B),
+            settled(&mut p, later + RETIRE_EVERY, (3, 0), 5, Some(0), B),
             Action::Nothing,
             "within spares"
         );

@@ -130,16 +130,10 @@ pub fn exit_now(code: i32) -> ! {
     unsafe { libc::_exit(code) }
 }
 
-/// `accept4` with SOCK_CLOEXEC | SOCK_NONBLOCK (one syscall, no fcntl).
+/// `accept4` with SOCK_CLOEXEC | SOCK_NONBLOCK (one syscall, no fcntl);
+/// Apple's systems, which lack it, set the flags after `accept`.
 pub fn accept(listener: BorrowedFd<'_>) -> io::Result<OwnedFd> {
-    #[cfg(any(
-        target_os = "linux",
-        target_os = "android",
-        target_os = "freebsd",
-        target_os = "openbsd",
-        target_os = "netbsd",
-        target_os = "dragonfly"
-    ))]
+    #[cfg(not(target_vendor = "apple"))]
     {
         let flags = libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK;
         // SAFETY: null address pointers are allowed; on success the return
@@ -158,14 +152,7 @@ pub fn accept(listener: BorrowedFd<'_>) -> io::Result<OwnedFd> {
         // SAFETY: `fd` was just returned by accept4 and is owned by no one.
         Ok(unsafe { OwnedFd::from_raw_fd(fd) })
     }
-    #[cfg(not(any(
-        target_os = "linux",
-        target_os = "android",
-        target_os = "freebsd",
-        target_os = "openbsd",
-        target_os = "netbsd",
-        target_os = "dragonfly"
-    )))]
+    #[cfg(target_vendor = "apple")]
     {
         use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
         let raw = nix::sys::socket::accept(listener.as_raw_fd())?;

@@ -32,6 +32,10 @@ const BUF_SIZE: usize = 64 * 1024;
 /// page, so small echoes cost no extra system call.
 const TRIM_ABOVE: u64 = 4096;
 
+/// A client admitted (its address, when known, and its place), or why
+/// it was refused.
+type Admitted<'a> = Result<(Option<SocketAddr>, Option<Ticket<'a>>), Refusal>;
+
 /// What every child needs from the master.
 pub struct Ctx<'a> {
     /// The control pipe's read end.
@@ -81,10 +85,27 @@ impl Ctx<'_> {
         self.wake();
     }
 
-    /// Checks a new connection's client (at `client`, see [`identify`];
-    /// `None`: nothing to check) and takes its place, published where
-    /// this child publishes places (its slot, or its fork-table word).
-    fn admit(&self, client: Option<SocketAddr>) -> Result<Option<Ticket<'_>>, Refusal> {
+    /// Identifies a new connection's client (see [`identify`]), checks it
+    /// and takes its place; a refusal is counted, and the connection is
+    /// to be closed unread.
+    fn admit(&self, conn: &OwnedFd, tcp: bool) -> Admitted<'_> {
+        let admitted = match identify(conn, tcp, &self.policy) {
+            Ok(client) => self.admit_client(client).map(|ticket| (client, ticket)),
+            Err(why) => {
+                debug!("PROXY protocol: {why}; connection closed");
+                Err(Refusal::Proxy)
+            }
+        };
+        if let Err(why) = admitted {
+            self.board.refused(why);
+        }
+        admitted
+    }
+
+    /// Checks a client (at `client`; `None`: nothing to check) and takes
+    /// its place, published where this child publishes places (its slot,
+    /// or its fork-table word).
+    fn admit_client(&self, client: Option<SocketAddr>) -> Result<Option<Ticket<'_>>, Refusal> {
         let Some(client) = client.filter(|_| !self.policy.is_open()) else {
             return Ok(None);
         };
@@ -163,18 +184,10 @@ pub fn prefork(listeners: Vec<Listener>, ctx: Ctx<'_>, max_requests: u64) -> i32
             // The header may take a while to come: this worker is taken.
             ctx.set(State::Busy);
         }
-        let admitted = match identify(&conn, tcp, &ctx.policy) {
-            Ok(client) => ctx.admit(client).map(|ticket| (client, ticket)),
-            Err(why) => {
-                debug!("PROXY protocol: {why}; connection closed");
-                Err(Refusal::Proxy)
-            }
-        };
-        let (client, ticket) = match admitted {
+        let (client, ticket) = match ctx.admit(&conn, tcp) {
             Ok(a) => a,
-            Err(why) => {
+            Err(_) => {
                 // Closed at once, unread; the master reports the count.
-                ctx.board.refused(why);
                 if proxied {
                     ctx.set(State::Idle);
                 }
@@ -236,19 +249,8 @@ pub fn fork_child(conn: OwnedFd, tcp: bool, ctx: Ctx<'_>, buf: Option<&mut IoBuf
     // to count a connection served. Behind a proxy the master could not
     // check the client: its real address is known only now (without one,
     // the master checked it and this policy is open).
-    let admitted = match identify(&conn, tcp, &ctx.policy) {
-        Ok(client) => ctx.admit(client).map(|ticket| (client, ticket)),
-        Err(why) => {
-            debug!("PROXY protocol: {why}; connection closed");
-            Err(Refusal::Proxy)
-        }
-    };
-    let (client, _ticket) = match admitted {
-        Ok(a) => a,
-        Err(why) => {
-            ctx.board.refused(why);
-            return EXIT_REFUSED;
-        }
+    let Ok((client, _ticket)) = ctx.admit(&conn, tcp) else {
+        return EXIT_REFUSED;
     };
     let bytes = serve_conn(
         &conn,

@@ -421,13 +421,7 @@ pub fn resolve(o: Options) -> Result<Config, String> {
             "ipv6-prefix ({ipv6_prefix}) must be between 1 and 128 (64: a host's usual network; 128: one address)"
         ));
     }
-    let max_bytes = o.max_bytes.unwrap_or(0);
-    if max_bytes > ceiling::MAX_BYTES {
-        return Err(format!(
-            "max-bytes ({max_bytes}) is above the ceiling of {}",
-            ceiling::MAX_BYTES
-        ));
-    }
+    let max_bytes = at_most("max-bytes", o.max_bytes.unwrap_or(0), ceiling::MAX_BYTES)?;
 
     let mode = o.mode.unwrap_or(Mode::Prefork);
     #[cfg(not(any(target_os = "linux", target_os = "android")))]
@@ -453,11 +447,7 @@ pub fn resolve(o: Options) -> Result<Config, String> {
         ("min-spare", min_spare),
         ("max-spare", max_spare),
     ] {
-        if n > MAX_WORKERS_LIMIT {
-            return Err(format!(
-                "{name} ({n}) is above the ceiling of {MAX_WORKERS_LIMIT}"
-            ));
-        }
+        at_most(name, n, MAX_WORKERS_LIMIT)?;
     }
     for (low, a, high, b, why) in [
         ("workers", workers, "max-workers", max_workers, ""),
@@ -474,41 +464,36 @@ pub fn resolve(o: Options) -> Result<Config, String> {
             return Err(format!("{low} ({a}) is greater than {high} ({b}){why}"));
         }
     }
-    let worker_connections = o.worker_connections.unwrap_or(defaults::WORKER_CONNECTIONS);
-    if worker_connections == 0 || worker_connections > ceiling::WORKER_CONNECTIONS {
-        return Err(format!(
-            "worker-connections ({worker_connections}) must be between 1 and {}",
-            ceiling::WORKER_CONNECTIONS
-        ));
-    }
-    let max_children = o.max_children.unwrap_or(defaults::MAX_CHILDREN);
-    if max_children == 0 || max_children > ceiling::MAX_CHILDREN {
-        return Err(format!(
-            "max-children ({max_children}) must be between 1 and {}",
-            ceiling::MAX_CHILDREN
-        ));
-    }
-    let udp_workers = o.udp_workers.unwrap_or(defaults::UDP_WORKERS);
-    if udp_workers == 0 || udp_workers > ceiling::UDP_WORKERS {
-        return Err(format!(
-            "udp-workers ({udp_workers}) must be between 1 and {}",
-            ceiling::UDP_WORKERS
-        ));
-    }
-    let udp_rate = o.udp_rate.unwrap_or(defaults::UDP_RATE);
-    if udp_rate > ceiling::UDP_RATE {
-        return Err(format!(
-            "udp-rate ({udp_rate}) is above the ceiling of {}",
-            ceiling::UDP_RATE
-        ));
-    }
-    let backlog = o.backlog.unwrap_or(defaults::BACKLOG);
-    if backlog == 0 || backlog > ceiling::BACKLOG {
-        return Err(format!(
-            "backlog ({backlog}) must be between 1 and {}",
-            ceiling::BACKLOG
-        ));
-    }
+    // Counts of at least one, each under its ceiling.
+    let [worker_connections, max_children, udp_workers, backlog] = [
+        (
+            "worker-connections",
+            o.worker_connections,
+            defaults::WORKER_CONNECTIONS,
+            ceiling::WORKER_CONNECTIONS,
+        ),
+        (
+            "max-children",
+            o.max_children,
+            defaults::MAX_CHILDREN,
+            ceiling::MAX_CHILDREN,
+        ),
+        (
+            "udp-workers",
+            o.udp_workers,
+            defaults::UDP_WORKERS,
+            ceiling::UDP_WORKERS,
+        ),
+        ("backlog", o.backlog, defaults::BACKLOG, ceiling::BACKLOG),
+    ]
+    .map(|(name, value, default, max)| counted(name, value.unwrap_or(default), max));
+    let (worker_connections, max_children, udp_workers, backlog) =
+        (worker_connections?, max_children?, udp_workers?, backlog?);
+    let udp_rate = at_most(
+        "udp-rate",
+        o.udp_rate.unwrap_or(defaults::UDP_RATE),
+        ceiling::UDP_RATE,
+    )?;
 
     if o.log == Some(LogTarget::Stderr) && !o.foreground && !o.inetd {
         return Err(
@@ -562,6 +547,22 @@ pub fn resolve(o: Options) -> Result<Config, String> {
         syslog_facility: o.syslog_facility.unwrap_or(Facility::Daemon),
         log_level: o.log_level.unwrap_or(LogLevel::Info),
     })
+}
+
+/// `value` of the count `name`, if it is from 1 to `max`.
+fn counted(name: &str, value: u32, max: u32) -> Result<u32, String> {
+    if value == 0 || value > max {
+        return Err(format!("{name} ({value}) must be between 1 and {max}"));
+    }
+    Ok(value)
+}
+
+/// `value` of `name`, if it is at most its ceiling `max`.
+fn at_most<T: PartialOrd + std::fmt::Display>(name: &str, value: T, max: T) -> Result<T, String> {
+    if value > max {
+        return Err(format!("{name} ({value}) is above the ceiling of {max}"));
+    }
+    Ok(value)
 }
 
 /// The CPUs this process may run on: the affinity mask and the cgroup CPU

@@ -38,6 +38,17 @@ pub enum Service {
     Metrics,
 }
 
+impl Service {
+    /// What a socket bound for echo is for: datagrams or connections.
+    fn of_socket(udp: bool) -> Service {
+        if udp {
+            Service::Datagrams
+        } else {
+            Service::Echo
+        }
+    }
+}
+
 /// A bound, listening socket.
 #[derive(Debug)]
 pub struct Listener {
@@ -271,11 +282,7 @@ impl Listener {
             fd,
             name,
             tcp,
-            service: if udp {
-                Service::Datagrams
-            } else {
-                Service::Echo
-            },
+            service: Service::of_socket(udp),
             addr: None,
             file: None,
         })
@@ -455,11 +462,7 @@ fn bind_ip(
             real.to_string()
         },
         tcp: !udp,
-        service: if udp {
-            Service::Datagrams
-        } else {
-            Service::Echo
-        },
+        service: Service::of_socket(udp),
         addr: None,
         file: None,
     })

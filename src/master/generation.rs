@@ -128,7 +128,7 @@ impl Master {
         // generation is gone: check for room before forking any.
         let open = crate::sys::open_fds().unwrap_or(0);
         crate::daemon::ensure_nofile(open + u64::from(workers) + 8, "the reload", "workers")?;
-        super::make_room_for_descriptors(&cfg, plan.len());
+        crate::daemon::make_room_for_descriptors(&cfg, plan.len());
         self.pending = Some(Pending {
             cfg,
             identity,

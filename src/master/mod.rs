@@ -42,7 +42,8 @@ use nix::unistd::{getpid, pipe2, Pid};
 
 use crate::accept::Acceptor;
 use crate::admission::Policy;
-use crate::children::{Backoff, Children, IndexPool, EXIT_SETUP};
+use crate::backoff::Backoff;
+use crate::children::{Children, IndexPool, EXIT_SETUP};
 use crate::config::{Config, Mode, Options, MAX_WORKERS_LIMIT};
 use crate::daemon::{Identity, PidFile, ReadyPipe};
 use crate::listen::Listener;
@@ -141,7 +142,7 @@ pub fn run(
         Ok(s) => s,
         Err(e) => return fail("the scoreboard", e),
     };
-    make_room_for_descriptors(&cfg, listeners.len());
+    crate::daemon::make_room_for_descriptors(&cfg, listeners.len());
     let now = Instant::now();
     let upgraded_from = adopted.as_ref().map(upgrade::Adopted::generation);
     let mut master = Master {
@@ -570,50 +571,6 @@ impl Master {
             let _ = kill(pid, Signal::SIGKILL);
         }
     }
-}
-
-/// Raises the soft RLIMIT_NOFILE (as nginx's `worker_rlimit_nofile`) to
-/// what `cfg` may need in one process, warning if the hard limit is in
-/// the way: the master holds one descriptor per worker, a reload may run
-/// two full generations, and an event worker holds each of its
-/// connections. The limit is per process (and children inherit it), so
-/// `workers` × `worker-connections` may well exceed it; that is said once.
-fn make_room_for_descriptors(cfg: &Config, listeners: usize) {
-    let why = match cfg.mode {
-        Mode::Event => "worker-connections",
-        _ => "max-workers",
-    };
-    if let Err(e) = crate::daemon::ensure_nofile(nofile_need(cfg, listeners), why, why) {
-        warn!("{e}");
-    }
-    if cfg.mode == Mode::Event {
-        let total = u64::from(cfg.workers) * u64::from(cfg.worker_connections);
-        let (soft, _) = crate::sys::nofile_limit();
-        if total > soft {
-            info!(
-                "{} workers × {} worker-connections = {total} connections, more than RLIMIT_NOFILE ({soft}); the limit is per process, so each worker may still hold its {}",
-                cfg.workers, cfg.worker_connections, cfg.worker_connections
-            );
-        }
-    }
-}
-
-/// The descriptors the master may hold with `cfg` in force: its own (the
-/// signal pipe, notice and control pipes, log and notify sockets, pidfile:
-/// under 32), the listeners of two configurations, and one control pipe
-/// per worker of two full generations.
-fn nofile_need(cfg: &Config, listeners: usize) -> u64 {
-    let workers = match cfg.mode {
-        Mode::Prefork | Mode::Event => u64::from(cfg.max_workers),
-        Mode::Fork => 0,
-    };
-    let per_worker = match cfg.mode {
-        // Each event worker holds its connections itself, in its own
-        // process; the limit is per process, so this is what one needs.
-        Mode::Event => u64::from(cfg.worker_connections) + 64,
-        _ => 0,
-    };
-    (32 + 2 * listeners as u64 + 2 * workers).max(per_worker)
 }
 
 /// In a child: drops privileges as `identity` says; Err is the exit code.

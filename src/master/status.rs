@@ -171,36 +171,20 @@ impl Master {
             return;
         }
         self.reports.next_tick = now + TICK;
-        if let Some(new) = self.reports.refused.due(now, self.scoreboard.refusals()) {
-            for ((why, n), all) in Refusal::ALL
-                .iter()
-                .zip(new)
-                .zip(self.reports.refused.logged())
-            {
-                if n > 0 {
-                    warn!(
-                        "refused {} ({}) since the last report; {all} in all",
-                        counted(n, "connection", "connections"),
-                        why.name()
-                    );
-                }
-            }
+        for (i, n, all) in self.reports.refused.report(now, self.scoreboard.refusals()) {
+            let (n, why) = (counted(n, "connection", "connections"), Refusal::ALL[i]);
+            warn!(
+                "refused {n} ({}) since the last report; {all} in all",
+                why.name()
+            );
         }
         let (_, dropped) = self.scoreboard.udp_counts();
-        if let Some(new) = self.reports.dropped.due(now, dropped) {
-            for ((why, n), all) in Dropped::ALL
-                .iter()
-                .zip(new)
-                .zip(self.reports.dropped.logged())
-            {
-                if n > 0 {
-                    warn!(
-                        "dropped {} unanswered ({}) since the last report; {all} in all",
-                        counted(n, "datagram", "datagrams"),
-                        why.describe()
-                    );
-                }
-            }
+        for (i, n, all) in self.reports.dropped.report(now, dropped) {
+            let (n, why) = (counted(n, "datagram", "datagrams"), Dropped::ALL[i]);
+            warn!(
+                "dropped {n} unanswered ({}) since the last report; {all} in all",
+                why.describe()
+            );
         }
     }
 }
@@ -246,6 +230,20 @@ impl<const N: usize> Counted<N> {
     /// The counts as last logged.
     pub(super) fn logged(&self) -> [u64; N] {
         self.logged
+    }
+
+    /// As [`Counted::due`]: each counter that grew, by its index, with
+    /// how much, and its count in all.
+    pub(super) fn report(
+        &mut self,
+        now: Instant,
+        counts: [u64; N],
+    ) -> impl Iterator<Item = (usize, u64, u64)> {
+        let new = self.due(now, counts).unwrap_or([0; N]);
+        let all = self.logged;
+        (0..N)
+            .filter(move |&i| new[i] > 0)
+            .map(move |i| (i, new[i], all[i]))
     }
 }
 

@@ -1,0 +1,87 @@
+//! What the header's counters count, by kind: datagrams dropped by
+//! reason, workers' ends by cause (refusals are admission's).
+
+/// Why a datagram was dropped unanswered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dropped {
+    /// From a source port below 1024: another service's, which would echo
+    /// the echo back (the classic echo/chargen loop).
+    Port,
+    /// From a broadcast, multicast or unspecified address: forged.
+    Source,
+    /// `--deny`, or no `--allow` matched.
+    Denied,
+    /// Over `--udp-rate` from its source.
+    Rate,
+    /// Larger than the buffer: never echoed short.
+    Truncated,
+    /// The same bytes from one source again and again: an echo loop with
+    /// another service (see `udp::screen`).
+    Loop,
+}
+
+impl Dropped {
+    /// Every kind, in counter order.
+    pub const ALL: [Dropped; 6] = [
+        Dropped::Port,
+        Dropped::Source,
+        Dropped::Denied,
+        Dropped::Rate,
+        Dropped::Truncated,
+        Dropped::Loop,
+    ];
+
+    pub(super) fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The reason in words, for the log.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Dropped::Port => "source port below 1024",
+            Dropped::Source => "broadcast, multicast or unspecified source",
+            Dropped::Denied => "allow/deny rules",
+            Dropped::Rate => "over udp-rate",
+            Dropped::Truncated => "larger than the buffer",
+            Dropped::Loop => "an echo loop",
+        }
+    }
+
+    /// The reason's name, for the log and the metrics' `reason` label.
+    pub fn name(self) -> &'static str {
+        match self {
+            Dropped::Port => "port",
+            Dropped::Source => "source",
+            Dropped::Denied => "deny",
+            Dropped::Rate => "rate",
+            Dropped::Truncated => "truncated",
+            Dropped::Loop => "loop",
+        }
+    }
+}
+
+/// How a worker (of the pool, or for UDP or metrics) ended, for the
+/// metrics' `echo_forkd_worker_exits_total{cause}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exited {
+    /// Exit status 0: retired, recycled (`max-requests`), or told to stop.
+    Clean,
+    /// Killed by a signal.
+    Signal,
+    /// A non-zero exit status.
+    Error,
+}
+
+impl Exited {
+    /// Every kind, in counter order.
+    pub const ALL: [Exited; 3] = [Exited::Clean, Exited::Signal, Exited::Error];
+
+    /// The `cause` label.
+    pub fn name(self) -> &'static str {
+        match self {
+            Exited::Clean => "exit",
+            Exited::Signal => "signal",
+            Exited::Error => "error",
+        }
+    }
+}
