@@ -3,7 +3,10 @@
 //! rules. Pure, so it is unit-tested; `admission` applies them.
 
 use std::fmt;
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+
+use nix::sys::socket::{getpeername, SockaddrStorage};
 use std::str::FromStr;
 
 /// A client address as 128 bits: IPv6 as is, IPv4 (and IPv4-mapped IPv6,
@@ -28,18 +31,22 @@ pub fn source(key: u128, ipv6_prefix: u8) -> u128 {
     }
 }
 
+/// A socket address as the standard library's, if it is IP: the one
+/// conversion every module uses.
+pub fn ip_addr(a: &SockaddrStorage) -> Option<SocketAddr> {
+    a.as_sockaddr_in()
+        .map(|v4| SocketAddr::from(*v4))
+        .or_else(|| a.as_sockaddr_in6().map(|v6| SocketAddr::from(*v6)))
+}
+
+/// A connected socket's peer, if it is IP.
+pub fn peer(conn: BorrowedFd<'_>) -> Option<SocketAddr> {
+    ip_addr(&getpeername::<SockaddrStorage>(conn.as_raw_fd()).ok()?)
+}
+
 /// The client's address as an [`key`], if it is an IP client.
-pub fn peer_key(conn: &std::os::fd::OwnedFd) -> Option<u128> {
-    let addr = nix::sys::socket::getpeername::<nix::sys::socket::SockaddrStorage>(
-        std::os::fd::AsRawFd::as_raw_fd(conn),
-    )
-    .ok()?;
-    let ip = if let Some(v4) = addr.as_sockaddr_in() {
-        std::net::IpAddr::V4(v4.ip())
-    } else {
-        std::net::IpAddr::V6(addr.as_sockaddr_in6()?.ip())
-    };
-    Some(key(ip))
+pub fn peer_key(conn: &OwnedFd) -> Option<u128> {
+    peer(conn.as_fd()).map(|a| key(a.ip()))
 }
 
 /// `ADDR/LEN` (or a bare address: one host).

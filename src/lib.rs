@@ -1,16 +1,32 @@
 //! echo-forkd: an echo (RFC 862) daemon built on the classic Unix process
-//! models, pre-forked workers or a child per connection.
+//! models: pre-forked workers, a child per connection, or event-driven
+//! workers, under one master.
 //!
 //! The binary is a thin shell around [`run`]; every module is private to
-//! the crate, so the compiler finds what nothing uses. Module map: `config`
-//! (options), `listen` (sockets), `accept` (accepting, the wake-one wait),
-//! `master` (the supervisor, a file per concern), `children` (child table,
-//! exit classes, crash-loop back-off), `pool` (the spare rule), `reload`
-//! (what a SIGHUP changes), `scoreboard` (shared worker states), `access`
-//! (who may connect), `worker` (what a child does), `echo` (one
-//! connection), `signals` (the self-pipe), `logging` (stderr/syslog),
-//! `daemon` (detach, pidfile, privileges), `systemd`, `time`, and `sys`
-//! (the only `unsafe`).
+//! the crate, so the compiler finds what nothing uses. Module map, from
+//! the operator's words down to the system:
+//!
+//! - `config` (options, file, defaults, checks), `reload` (what a SIGHUP
+//!   changes), `upgrade` (what a USR2 hands the new code);
+//! - `master` (the supervisor: its lifecycle decided in
+//!   `master/lifecycle`, a file per concern), `kind` (the table of child
+//!   kinds), `children` (the child table, exit classes), `backoff`
+//!   (crash-loop protection), `pool` (the spare rule);
+//! - `worker` (a prefork worker, a fork-mode child, `--inetd`), `event`
+//!   (the event-driven worker), `udp` (the datagram echo), `metrics` (the
+//!   Prometheus worker), `echo` (one connection, blocking or as a state
+//!   machine), `proxy` (the PROXY protocol);
+//! - `admission` (may this client be served: rules, rates, places),
+//!   `access` (addresses and CIDR rules), `accept` (accepting, the
+//!   wake-one wait), `listen` (addresses and sockets);
+//! - `scoreboard` (the memory every process shares), `signals` (the
+//!   self-pipe), `logging` (stderr or syslog), `daemon` (detach, pidfile,
+//!   privileges, descriptor limits), `systemd` (notify, socket
+//!   activation), `time`;
+//! - `sys`: the system calls nix does not wrap safely (fork, `_exit`,
+//!   mmap, accept4, ...), where nearly all `unsafe` lives; the few other
+//!   blocks (each `fork`'s caller, taking an inherited descriptor) say
+//!   why they hold, and the crate denies `unsafe` everywhere else.
 
 #![deny(unsafe_code)]
 
@@ -81,16 +97,8 @@ pub fn run() -> i32 {
         Err(e) => {
             // A bad value given on the command line is a usage error, as
             // clap's own are; one in the file (or the two together) is not.
-            let flags = Options {
-                config: None,
-                ..opts.clone()
-            };
-            if let Err(e) = config::load(flags, &base) {
-                logging::say(&e);
-                return 2;
-            }
             logging::say(&e);
-            return 1;
+            return if e.usage { 2 } else { 1 };
         }
     };
     // User and group are part of what -t validates.

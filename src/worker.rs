@@ -358,10 +358,7 @@ pub(crate) fn identify(
 
 /// The peer's IP address and port, if it has one.
 pub(crate) fn peer_addr(conn: &OwnedFd) -> Option<SocketAddr> {
-    let a = getpeername::<SockaddrStorage>(std::os::fd::AsRawFd::as_raw_fd(conn)).ok()?;
-    a.as_sockaddr_in()
-        .map(|v4| SocketAddr::from(*v4))
-        .or_else(|| a.as_sockaddr_in6().map(|v6| SocketAddr::from(*v6)))
+    access::peer(conn.as_fd())
 }
 
 /// A worker's buffer, or `None` after logging why there is none.

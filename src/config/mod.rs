@@ -132,18 +132,71 @@ pub mod defaults {
     pub const SYSLOG_SOCKET: &str = "/dev/log";
 }
 
+/// Why a configuration could not be loaded: one line, naming the file
+/// (and line) or the option at fault.
+#[derive(Debug)]
+pub struct LoadError {
+    pub message: String,
+    /// The command line alone is at fault (a bad value given as a flag):
+    /// a usage error, as clap's own are; otherwise the file is, or the
+    /// two together.
+    pub usage: bool,
+}
+
+impl std::fmt::Display for LoadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl From<LoadError> for String {
+    fn from(e: LoadError) -> String {
+        e.message
+    }
+}
+
 /// Reads `-c FILE` if given, merges it under the command line and validates.
 /// Relative paths, on the command line or in the file, are taken from
 /// `base` (the directory echo-forkd was started in), so they mean the same
 /// after detaching to `/` and on every reload.
-///
-/// Errors are one line, naming the file (and line) or the option at fault.
-pub fn load(cli: Options, base: &Path) -> Result<Config, String> {
-    let Some(path) = cli.config.clone() else {
-        return checked(resolve(cli)?.anchored(base));
+pub fn load(cli: Options, base: &Path) -> Result<Config, LoadError> {
+    let flags_alone = |cli: Options| {
+        resolve(cli)
+            .map(|c| c.anchored(base))
+            .and_then(checked)
     };
-    let path = base.join(path);
-    let (file, text) = read_file(&path)?;
+    let Some(path) = cli.config.clone() else {
+        return flags_alone(cli).map_err(|message| LoadError {
+            message,
+            usage: true,
+        });
+    };
+    let message = match load_file(cli.clone(), base, &base.join(path)) {
+        Ok(cfg) => return Ok(cfg),
+        Err(message) => message,
+    };
+    // Which is at fault? A value that is bad on the command line alone
+    // is a usage error (its message is the flag's); anything else is the
+    // file's, or the two together.
+    let flags = Options {
+        config: None,
+        ..cli
+    };
+    Err(match flags_alone(flags) {
+        Err(message) => LoadError {
+            message,
+            usage: true,
+        },
+        Ok(_) => LoadError {
+            message,
+            usage: false,
+        },
+    })
+}
+
+/// [`load`] with the file at `path`.
+fn load_file(cli: Options, base: &Path, path: &Path) -> Result<Config, String> {
+    let (file, text) = read_file(path)?;
     // A setting wrong in the file is named with its line.
     resolve(cli.over(file))
         .map(|c| c.anchored(base))

@@ -132,7 +132,7 @@ fn contradictions_and_empty_values_are_errors() {
     assert!(err.contains("line 1") && err.contains("listen"), "{err}");
     let long = format!("unix:/{}", "d".repeat(120));
     let err = load(cli(&["-l", &long]), Path::new("/")).unwrap_err();
-    assert!(err.contains("bytes"), "{err}");
+    assert!(err.usage && err.message.contains("bytes"), "{err}");
     // A relative path is measured once it is absolute.
     let short = "unix:s".to_string();
     let deep = Path::new("/").join("d".repeat(110));

@@ -22,7 +22,7 @@ use nix::sys::socket::{
 use nix::sys::stat::{umask, Mode};
 use nix::unistd::fchownat;
 
-use crate::sys;
+use crate::{access, sys};
 
 mod addr;
 pub use addr::ListenAddr;
@@ -225,12 +225,10 @@ impl Listener {
     /// Whether it is bound to every address (`*`, `[::]`, `0.0.0.0`), so
     /// that each datagram must say which local address it came to.
     pub fn is_wildcard(&self) -> bool {
-        socket::getsockname::<SockaddrStorage>(self.fd.as_raw_fd()).is_ok_and(|a| {
-            a.as_sockaddr_in()
-                .is_some_and(|v4| v4.ip().is_unspecified())
-                || a.as_sockaddr_in6()
-                    .is_some_and(|v6| v6.ip().is_unspecified())
-        })
+        socket::getsockname::<SockaddrStorage>(self.fd.as_raw_fd())
+            .ok()
+            .and_then(|a| access::ip_addr(&a))
+            .is_some_and(|a| a.ip().is_unspecified())
     }
 
     /// Whether this is a TCP listener (its connections get TCP_NODELAY).
@@ -255,10 +253,7 @@ impl Listener {
         crate::sys::set_nonblocking(&fd).map_err(|e| e.to_string())?;
         let local: SockaddrStorage =
             socket::getsockname(fd.as_raw_fd()).map_err(|e| e.to_string())?;
-        let ip = local
-            .as_sockaddr_in()
-            .map(|a| SocketAddr::from(*a))
-            .or_else(|| local.as_sockaddr_in6().map(|a| SocketAddr::from(*a)));
+        let ip = access::ip_addr(&local);
         let (name, tcp) = if let Some(a) = ip.filter(|_| udp) {
             pktinfo(&fd, &a);
             (format!("udp:{a}"), false)
@@ -449,11 +444,7 @@ fn bind_ip(
     }
     let local: SockaddrStorage =
         socket::getsockname(fd.as_raw_fd()).map_err(fail("read the address of"))?;
-    let real = local
-        .as_sockaddr_in()
-        .map(|a| SocketAddr::from(*a))
-        .or_else(|| local.as_sockaddr_in6().map(|a| SocketAddr::from(*a)))
-        .unwrap_or(sa);
+    let real = access::ip_addr(&local).unwrap_or(sa);
     Ok(Listener {
         fd,
         name: if udp {

@@ -76,9 +76,7 @@ impl Local {
 
 /// A datagram's source as a socket address, if it is IP.
 fn socket_addr(a: &SockaddrStorage) -> Option<SocketAddr> {
-    a.as_sockaddr_in()
-        .map(|v4| SocketAddr::from(*v4))
-        .or_else(|| a.as_sockaddr_in6().map(|v6| SocketAddr::from(*v6)))
+    crate::access::ip_addr(a)
 }
 
 /// The local address among a datagram's control messages. An IPv4
