@@ -160,11 +160,7 @@ impl From<LoadError> for String {
 /// `base` (the directory echo-forkd was started in), so they mean the same
 /// after detaching to `/` and on every reload.
 pub fn load(cli: Options, base: &Path) -> Result<Config, LoadError> {
-    let flags_alone = |cli: Options| {
-        resolve(cli)
-            .map(|c| c.anchored(base))
-            .and_then(checked)
-    };
+    let flags_alone = |cli: Options| resolve(cli).map(|c| c.anchored(base)).and_then(checked);
     let Some(path) = cli.config.clone() else {
         return flags_alone(cli).map_err(|message| LoadError {
             message,
