@@ -13,12 +13,14 @@
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
 use log::warn;
 
 use crate::listen::{Listener, Service};
 use crate::logging::{RateLimit, REPORT_EVERY};
+use crate::relay::Carried;
 
 /// How long accepting pauses after a resource error (EMFILE, ENFILE,
 /// ENOBUFS, ENOMEM), like OpenBSD's inetd and identd.
@@ -68,9 +70,19 @@ pub enum Wake {
     Stop,
 }
 
+/// A connection to serve: a new one, from the listener at this index, or
+/// one handed over by a worker that retired (see relay.rs).
+pub enum Incoming {
+    New(usize, OwnedFd),
+    Relayed(OwnedFd, Carried),
+}
+
 /// The listeners one process accepts from, and its accept state.
 pub struct Acceptor {
     listeners: Vec<Listener>,
+    /// The relay's receiving end, for a worker that serves connections
+    /// other workers hand over; closed with the listeners.
+    relay: Option<OwnedFd>,
     /// Which of them it accepts from (the fork-mode master holds all).
     service: Service,
     /// Where the next fair scan starts: after the listener served last.
@@ -81,9 +93,12 @@ pub struct Acceptor {
     epoll: Option<nix::sys::epoll::Epoll>,
 }
 
-/// The epoll token of the watched fd; listeners are their index.
+/// The epoll token of the watched fd, and of the relay; listeners are
+/// their index.
 #[cfg(any(target_os = "linux", target_os = "android"))]
 const WATCHED: u64 = u64::MAX;
+#[cfg(any(target_os = "linux", target_os = "android"))]
+const RELAY: u64 = u64::MAX - 1;
 
 impl Acceptor {
     /// Accepts echo connections from `listeners`.
@@ -95,6 +110,7 @@ impl Acceptor {
     pub fn serving(service: Service, listeners: Vec<Listener>) -> Acceptor {
         Acceptor {
             listeners,
+            relay: None,
             service,
             next: 0,
             paused_until: None,
@@ -102,6 +118,17 @@ impl Acceptor {
             #[cfg(any(target_os = "linux", target_os = "android"))]
             epoll: None,
         }
+    }
+
+    /// Takes connections from the relay's receiving end `rx` too.
+    pub fn with_relay(mut self, rx: Option<OwnedFd>) -> Acceptor {
+        self.relay = rx;
+        self
+    }
+
+    /// The relay's receiving end, while this process takes from it.
+    pub fn relay(&self) -> Option<BorrowedFd<'_>> {
+        self.relay.as_ref().map(|fd| fd.as_fd())
     }
 
     /// The listeners.
@@ -127,10 +154,34 @@ impl Acceptor {
         std::mem::take(&mut self.listeners)
     }
 
-    /// Closes every listener: this process accepts no more.
+    /// Closes every listener, and stops taking from the relay: this
+    /// process accepts no more.
     pub fn close(&mut self) {
         self.drop_waiter();
         self.listeners.clear();
+        self.relay = None;
+    }
+
+    /// A connection handed over through the relay, if one waits;
+    /// `relayed` counts what waits there (the scoreboard's count).
+    pub fn take_relayed(&mut self, relayed: &AtomicU64) -> Option<(OwnedFd, Carried)> {
+        let rx = self.relay.as_ref()?;
+        match crate::relay::recv(rx.as_fd(), relayed) {
+            Ok(got) => got,
+            Err(e) => {
+                warn!("cannot take a handed-over connection: {e}");
+                None
+            }
+        }
+    }
+
+    /// The next connection to serve: one handed over first (its client
+    /// has been waiting), else a new one (see [`Acceptor::accept`]).
+    pub fn next(&mut self, now: Instant, relayed: &AtomicU64) -> Option<Incoming> {
+        if let Some((fd, carried)) = self.take_relayed(relayed) {
+            return Some(Incoming::Relayed(fd, carried));
+        }
+        self.accept(now).map(|(i, fd)| Incoming::New(i, fd))
     }
 
     /// Whether there is no listener left.
@@ -229,9 +280,13 @@ impl Acceptor {
         if self.epoll.is_none() {
             let made = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).and_then(|ep| {
                 ep.add(watched, EpollEvent::new(EpollFlags::EPOLLIN, WATCHED))?;
+                let flags = EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE;
                 for (i, l) in self.streams() {
-                    let flags = EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE;
                     ep.add(l.as_fd(), EpollEvent::new(flags, i as u64))?;
+                }
+                // A handed-over connection wakes one idle worker too.
+                if let Some(rx) = &self.relay {
+                    ep.add(rx.as_fd(), EpollEvent::new(flags, RELAY))?;
                 }
                 Ok(ep)
             });
@@ -272,11 +327,16 @@ impl Acceptor {
     #[cfg(not(any(target_os = "linux", target_os = "android")))]
     fn wait_listeners(&mut self, watched: BorrowedFd<'_>) -> io::Result<Wake> {
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-        let mut fds = Vec::with_capacity(self.listeners.len() + 1);
+        let mut fds = Vec::with_capacity(self.listeners.len() + 2);
         fds.push(PollFd::new(watched, PollFlags::POLLIN));
         fds.extend(
             self.streams()
                 .map(|(_, l)| PollFd::new(l.as_fd(), PollFlags::POLLIN)),
+        );
+        fds.extend(
+            self.relay
+                .as_ref()
+                .map(|rx| PollFd::new(rx.as_fd(), PollFlags::POLLIN)),
         );
         match poll(&mut fds, PollTimeout::NONE) {
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}

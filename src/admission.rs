@@ -124,6 +124,33 @@ impl<'a> Ticket<'a> {
         std::mem::forget(self);
         place
     }
+
+    /// The connection went to another process with its place (see
+    /// relay.rs): this holder lets go of it without giving it back.
+    pub fn handed_over(self) {
+        if let Some(w) = self.word {
+            take_held(w);
+        }
+        std::mem::forget(self);
+    }
+}
+
+/// Takes over the place a connection handed over by another process
+/// holds (counted already), published as `holder` says.
+pub fn adopt<'a>(board: &'a Scoreboard, place: Option<Place>, holder: Holder<'a>) -> Ticket<'a> {
+    let word = match holder {
+        Holder::Here => None,
+        Holder::Slot(slot) => Some(slot.held()),
+        Holder::Fork(index) => Some(board.fork_held(index)),
+    };
+    if let (Some(w), Some(p)) = (word, place) {
+        hold(w, p);
+    }
+    Ticket {
+        board,
+        place,
+        word: word.filter(|_| place.is_some()),
+    }
 }
 
 impl Drop for Ticket<'_> {

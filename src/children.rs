@@ -260,6 +260,9 @@ pub fn describe(status: &WaitStatus) -> (bool, Cow<'static, str>) {
     match *status {
         WaitStatus::Exited(_, 0) => (false, Cow::Borrowed("exited")),
         WaitStatus::Exited(_, EXIT_REFUSED) => (false, Cow::Borrowed("refused its client")),
+        WaitStatus::Exited(_, EXIT_HANDED_OVER) => {
+            (false, Cow::Borrowed("handed its connection over"))
+        }
         WaitStatus::Exited(_, code) => (true, format!("exited with status {code}").into()),
         WaitStatus::Signaled(_, sig, core) => (
             true,
@@ -300,13 +303,17 @@ pub const EXIT_PANIC: i32 = 70;
 /// and limits for the address it carries): a refusal, counted as such by
 /// the child, not a connection served. A clean end, not a failure.
 pub const EXIT_REFUSED: i32 = 5;
+/// Exit code of a fork-mode child that handed its connection over to
+/// another process (a restart under systemd): not a connection served
+/// here, and a clean end.
+pub const EXIT_HANDED_OVER: i32 = 6;
 
 /// Classifies a reaped child: `lived` since its fork; `ready` for a worker
 /// is whether it ever said so (a fork-mode child has nothing to say).
 pub fn classify(status: &WaitStatus, kind: Kind, lived: Duration, ready: bool) -> Exit {
     let abnormal = match *status {
         WaitStatus::Exited(_, 0) => false,
-        WaitStatus::Exited(_, EXIT_REFUSED) if kind == Kind::Conn => false,
+        WaitStatus::Exited(_, EXIT_REFUSED | EXIT_HANDED_OVER) if kind == Kind::Conn => false,
         WaitStatus::Exited(_, code) if kind == Kind::Conn && code == EXIT_SETUP => {
             return Exit::FailedStart
         }

@@ -87,6 +87,9 @@ pub enum End {
     Bytes,
     /// The caller's watch said to stop.
     Aborted,
+    /// The caller's watch said to pass it on, and nothing read is unsent:
+    /// it is still open, for another process to serve.
+    HandOver,
     /// The connection failed (reset, broken pipe, …).
     Failed(io::Error),
 }
@@ -98,6 +101,31 @@ pub enum Watch {
     Forget,
     /// End the connection now.
     Abort,
+    /// Return it, open, at the next moment nothing read is unsent.
+    HandOver,
+}
+
+/// Where a connection is in its life: what its limits count from, and
+/// what it carries to another process if it is handed over.
+#[derive(Clone, Copy, Debug)]
+pub struct Progress {
+    /// When it was accepted (`--max-session`).
+    pub start: Instant,
+    /// When it last moved either way (`--idle-timeout`).
+    pub last: Instant,
+    /// Bytes echoed so far (`--max-bytes`).
+    pub bytes: u64,
+}
+
+impl Progress {
+    /// A connection accepted at `now`.
+    pub fn new(now: Instant) -> Progress {
+        Progress {
+            start: now,
+            last: now,
+            bytes: 0,
+        }
+    }
 }
 
 /// One connection of an event loop (see the module's doc): step it when
@@ -119,12 +147,26 @@ const READS_PER_STEP: u32 = 16;
 impl Conn {
     /// A connection accepted at `now`; `fd` is non-blocking.
     pub fn new(fd: OwnedFd, now: Instant) -> Conn {
+        Conn::resume(fd, Progress::new(now))
+    }
+
+    /// A connection handed over by another process, where it was.
+    pub fn resume(fd: OwnedFd, p: Progress) -> Conn {
         Conn {
             fd,
-            start: now,
-            last: now,
-            bytes: 0,
+            start: p.start,
+            last: p.last,
+            bytes: p.bytes,
             pending: Vec::new(),
+        }
+    }
+
+    /// Where it is, to hand it over (when nothing is pending).
+    pub fn progress(&self) -> Progress {
+        Progress {
+            start: self.start,
+            last: self.last,
+            bytes: self.bytes,
         }
     }
 
@@ -233,35 +275,46 @@ impl Conn {
 pub struct Summary {
     pub bytes: u64,
     pub end: End,
+    /// Where it was when it ended (what a hand-over carries).
+    pub progress: Progress,
 }
 
 /// After this many back-to-back full reads, poll anyway so the watched fd
 /// and the deadlines are looked at even under a continuous stream.
 const MAX_DIRECT_READS: u32 = 64;
 
-/// Echoes `conn` until the client closes, a limit ends it, or `on_watch`
-/// aborts it. `buf` is the caller's (one per worker, reused).
+/// Echoes `conn` from where it is (`from`: a new connection's progress,
+/// or a handed-over one's) until the client closes, a limit ends it, or
+/// `on_watch` aborts it or asks for it back (then it returns
+/// [`End::HandOver`] once nothing read is unsent). `buf` is the caller's
+/// (one per worker, reused).
 pub fn serve(
     conn: BorrowedFd<'_>,
     buf: &mut [u8],
     limits: &Limits,
+    from: Progress,
     watch: Option<BorrowedFd<'_>>,
     on_watch: &mut dyn FnMut() -> Watch,
 ) -> Summary {
-    let now = Instant::now();
     let mut s = Session {
         conn,
         watch,
         on_watch,
         limits,
-        start: now,
-        last: now,
-        bytes: 0,
+        start: from.start,
+        last: from.last,
+        bytes: from.bytes,
+        hand_over: false,
     };
     let end = s.run(buf);
     Summary {
         bytes: s.bytes,
         end,
+        progress: Progress {
+            start: s.start,
+            last: s.last,
+            bytes: s.bytes,
+        },
     }
 }
 
@@ -273,6 +326,9 @@ struct Session<'a, 'b> {
     start: Instant,
     last: Instant,
     bytes: u64,
+    /// Asked for while bytes were pending: returned at the next moment
+    /// nothing is.
+    hand_over: bool,
 }
 
 impl Session<'_, '_> {
@@ -285,6 +341,10 @@ impl Session<'_, '_> {
         let mut direct = 1;
         loop {
             if direct == 0 {
+                // Everything read has been written back.
+                if self.hand_over {
+                    return End::HandOver;
+                }
                 if let Err(end) = self.wait(PollFlags::POLLIN) {
                     return end;
                 }
@@ -371,6 +431,12 @@ impl Session<'_, '_> {
                 match (self.on_watch)() {
                     Watch::Forget => self.watch = None,
                     Watch::Abort => return Err(End::Aborted),
+                    // Waiting to read: nothing read is unsent.
+                    Watch::HandOver if events == PollFlags::POLLIN => return Err(End::HandOver),
+                    Watch::HandOver => {
+                        self.hand_over = true;
+                        self.watch = None;
+                    }
                 }
             }
         }
@@ -390,9 +456,14 @@ mod tests {
         server.set_nonblocking(true).unwrap();
         let h = thread::spawn(move || {
             let mut buf = vec![0u8; 4096];
-            serve(server.as_fd(), &mut buf, &limits, None, &mut || {
-                Watch::Forget
-            })
+            serve(
+                server.as_fd(),
+                &mut buf,
+                &limits,
+                Progress::new(Instant::now()),
+                None,
+                &mut || Watch::Forget,
+            )
         });
         (client, h)
     }
@@ -480,9 +551,54 @@ mod tests {
             server.as_fd(),
             &mut buf,
             &Limits::default(),
+            Progress::new(Instant::now()),
             Some(watched.as_fd()),
             &mut || Watch::Abort,
         );
         assert!(matches!(s.end, End::Aborted));
+    }
+
+    #[test]
+    fn a_hand_over_comes_once_everything_read_is_echoed_and_resumes_the_count() {
+        let (mut c, server) = UnixStream::pair().unwrap();
+        server.set_nonblocking(true).unwrap();
+        let (mut tell, watched) = UnixStream::pair().unwrap();
+        c.write_all(b"first").unwrap();
+        tell.write_all(b"x").unwrap();
+        let mut buf = [0u8; 16];
+        let start = Instant::now() - Duration::from_secs(60);
+        let from = Progress {
+            start,
+            last: start,
+            bytes: 100,
+        };
+        let s = serve(
+            server.as_fd(),
+            &mut buf,
+            &Limits::default(),
+            from,
+            Some(watched.as_fd()),
+            &mut || Watch::HandOver,
+        );
+        assert!(matches!(s.end, End::HandOver), "{:?}", s.end);
+        // What was read first came back; the count goes on from 100.
+        let mut back = [0u8; 5];
+        c.read_exact(&mut back).unwrap();
+        assert_eq!(&back, b"first");
+        assert_eq!((s.bytes, s.progress.start), (105, start));
+        // max-session counts from the first accept: over at once here.
+        let limits = Limits {
+            session: Some(Duration::from_secs(30)),
+            ..Limits::default()
+        };
+        let s = serve(
+            server.as_fd(),
+            &mut buf,
+            &limits,
+            s.progress,
+            None,
+            &mut || Watch::Forget,
+        );
+        assert!(matches!(s.end, End::Session), "{:?}", s.end);
     }
 }

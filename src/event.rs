@@ -12,9 +12,14 @@
 //! rather than moved on every byte.
 //!
 //! The control pipe works as for every child: end-of-file with the master
-//! alive means stop accepting and finish the open connections (the master
-//! kills what is left after `--shutdown-timeout`); with the master gone,
-//! exit at once.
+//! alive means stop accepting and either hand the open connections over
+//! to the workers that serve on (a reload, an upgrade, a smaller pool:
+//! each as soon as nothing it sent is waiting to go back, through the
+//! relay, relay.rs) or, during a stop, finish them (the master kills
+//! what is left after `--shutdown-timeout`); with the master gone, exit
+//! at once. The relay's receiving end is in the epoll set like a
+//! listener: a worker with room takes connections others hand over, as
+//! it accepts new ones.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -28,17 +33,22 @@ use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
 use std::net::SocketAddr;
 
 use crate::accept::Acceptor;
+use crate::accept::Incoming;
 use crate::access;
-use crate::admission::{Holder, Refusal, Ticket};
+use crate::admission::{self, Holder, Refusal, Ticket};
 use crate::echo::{Conn, End};
 use crate::listen::Listener;
 use crate::proxy;
+use crate::relay::{self, Carried};
 use crate::scoreboard::State;
 use crate::worker::{self, Ctx, EXIT_ORPHAN};
 
-/// The control pipe's token; listeners count down from just below it, and
-/// connections are their slab index.
+/// The control pipe's token, then the relay's; listeners count down from
+/// just below them, and connections are their slab index.
 const CTL: u64 = u64::MAX;
+const RELAY: u64 = u64::MAX - 1;
+/// How soon a retiring worker tries again when the relay is full.
+const RELAY_RETRY: std::time::Duration = std::time::Duration::from_millis(10);
 /// Connections accepted per wake-up, so that accepting does not starve
 /// the connections already open.
 const ACCEPT_BATCH: usize = 64;
@@ -57,6 +67,10 @@ struct Open<'a> {
     writing: bool,
     /// debug: the client's address, for the line logged at the end.
     name: Option<String>,
+    /// A TCP connection (not a unix socket's).
+    tcp: bool,
+    /// Its client, as the PROXY header named it.
+    client: Option<SocketAddr>,
     /// Behind a proxy: the header still being read, and the proxy's own
     /// address (the client's for a `LOCAL` header).
     header: Option<(Box<proxy::Reader>, SocketAddr)>,
@@ -69,6 +83,10 @@ struct Loop<'a> {
     /// The listeners are in the epoll set (not at the cap, not paused).
     listening: bool,
     stopping: bool,
+    /// Retiring: the open connections go to other workers (see relay.rs).
+    handing_over: bool,
+    /// The relay was full: when to try again.
+    relay_retry: Option<Instant>,
     slots: Vec<Option<Open<'a>>>,
     free: Vec<usize>,
     open: usize,
@@ -89,7 +107,7 @@ struct Loop<'a> {
 /// `listeners`, until told to stop and drained, or (`max_requests`, 0 = no
 /// limit) after accepting that many and draining them. Returns the exit
 /// code.
-pub fn run(listeners: Vec<Listener>, ctx: Ctx<'_>, max_open: usize, max_requests: u64) -> i32 {
+pub fn run(listeners: Vec<Listener>, mut ctx: Ctx<'_>, max_open: usize, max_requests: u64) -> i32 {
     if let Err(code) = worker::follow_master(&ctx) {
         return code;
     }
@@ -108,12 +126,15 @@ pub fn run(listeners: Vec<Listener>, ctx: Ctx<'_>, max_open: usize, max_requests
         return 1;
     }
     let places_epoch = ctx.board.places_epoch();
+    let relay_rx = ctx.relay_rx.take();
     let mut l = Loop {
         ctx,
         epoll,
-        acceptor: Acceptor::new(listeners),
+        acceptor: Acceptor::new(listeners).with_relay(relay_rx),
         listening: false,
         stopping: false,
+        handing_over: false,
+        relay_retry: None,
         slots: Vec::new(),
         free: Vec::new(),
         open: 0,
@@ -141,6 +162,7 @@ impl<'a> Loop<'a> {
             let next = [
                 self.deadlines.peek().map(|Reverse((t, _, _))| *t),
                 self.acceptor.paused_until(now),
+                self.relay_retry,
             ];
             let timeout = next
                 .iter()
@@ -164,7 +186,8 @@ impl<'a> Loop<'a> {
                         if self.ctx.master_gone() {
                             return EXIT_ORPHAN;
                         }
-                        self.stop();
+                        let hand = self.ctx.board.hand_over();
+                        self.stop(hand);
                     }
                     t if t as usize >= self.slots.len() => accept = true,
                     t => self.ready(t as usize, buf, now),
@@ -173,6 +196,9 @@ impl<'a> Loop<'a> {
             self.expire(now);
             if accept {
                 self.accept(buf, now);
+            }
+            if self.handing_over {
+                self.hand_over(now);
             }
             self.recount_places();
             if self.stopping && self.open == 0 {
@@ -207,13 +233,17 @@ impl<'a> Loop<'a> {
         if on == self.listening {
             return Ok(());
         }
-        for (i, l) in self.acceptor.streams() {
-            let token = CTL - 1 - i as u64;
+        let relay = self.acceptor.relay().map(|rx| (RELAY, rx));
+        let streams = self
+            .acceptor
+            .streams()
+            .map(|(i, l)| (CTL - 2 - i as u64, l.as_fd()));
+        for (token, fd) in relay.into_iter().chain(streams) {
             let done = if on {
                 let flags = EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE;
-                self.epoll.add(l.as_fd(), EpollEvent::new(flags, token))
+                self.epoll.add(fd, EpollEvent::new(flags, token))
             } else {
-                self.epoll.delete(l.as_fd())
+                self.epoll.delete(fd)
             };
             match done {
                 Ok(()) | Err(Errno::EEXIST | Errno::ENOENT) => {}
@@ -225,37 +255,110 @@ impl<'a> Loop<'a> {
     }
 
     /// Told to stop (or retiring): accept no more, close the listeners so
-    /// new clients go to the new generation or are refused, and finish the
-    /// open connections.
-    fn stop(&mut self) {
+    /// new clients go to the new generation or are refused, take nothing
+    /// more from the relay, and hand the open connections over (`hand`,
+    /// when connections are handed over) or finish them.
+    fn stop(&mut self, hand: bool) {
         if !self.stopping {
             let _ = self.listen(false);
             self.acceptor.close();
             self.stopping = true;
             self.ctx.set(State::Stopping);
         }
+        self.handing_over |= hand && self.ctx.relay_tx.is_some();
     }
 
-    /// Accepts while there is room, up to a batch; at the cap (or paused
-    /// after a resource error) [`Loop::arm`] takes the listeners out.
+    /// Retiring: hands over every connection at a moment nothing it sent
+    /// waits to go back (and, behind a proxy, its header is read); the
+    /// others go as soon as they are. If the relay is full, tries again
+    /// shortly, serving them meanwhile.
+    fn hand_over(&mut self, now: Instant) {
+        if self.relay_retry.is_some_and(|t| now < t) {
+            return;
+        }
+        self.relay_retry = None;
+        let Some(tx) = &self.ctx.relay_tx else {
+            return;
+        };
+        let board = self.ctx.board;
+        for index in 0..self.slots.len() {
+            let Some(o) = &self.slots[index] else {
+                continue;
+            };
+            if o.header.is_some() || o.conn.wants_write() {
+                continue;
+            }
+            let p = o.conn.progress();
+            let carried = Carried {
+                tcp: o.tcp,
+                client: o.client,
+                place: o.ticket.as_ref().and_then(Ticket::place),
+                start: p.start,
+                last: p.last,
+                bytes: p.bytes,
+            };
+            match relay::send(tx.as_fd(), o.conn.fd(), &carried, board.relayed()) {
+                Ok(()) => {
+                    // Out of this epoll set first: the registration is the
+                    // connection's, which lives on in the receiver.
+                    let _ = self.epoll.delete(o.conn.fd());
+                    if let Some(o) = self.slots[index].take() {
+                        self.free.push(index);
+                        self.open -= 1;
+                        if let Some(t) = o.ticket {
+                            t.handed_over();
+                        }
+                        // Dropping it closes this process's copy.
+                    }
+                }
+                Err(Errno::EAGAIN) => {
+                    self.relay_retry = Some(now + RELAY_RETRY);
+                    return;
+                }
+                Err(e) => {
+                    warn!("cannot hand connections over: {e}; serving them until they end");
+                    self.handing_over = false;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Accepts while there is room, up to a batch (connections handed
+    /// over by retiring workers first); at the cap (or paused after a
+    /// resource error) [`Loop::arm`] takes the listeners out.
     fn accept(&mut self, buf: &mut [u8], now: Instant) {
         for _ in 0..ACCEPT_BATCH {
             if self.stopping || self.open >= self.max_open {
                 break;
             }
-            let Some((i, conn)) = self.acceptor.accept(now) else {
-                break;
-            };
-            let tcp = self.acceptor.listeners()[i].is_tcp();
-            self.admit(conn, tcp, buf, now);
+            match self.acceptor.next(now, self.ctx.board.relayed()) {
+                None => break,
+                Some(Incoming::New(i, conn)) => {
+                    let tcp = self.acceptor.listeners()[i].is_tcp();
+                    self.admit(conn, tcp, buf, now);
+                }
+                Some(Incoming::Relayed(conn, carried)) => self.adopt(conn, carried, buf, now),
+            }
             if self.max_requests != 0 && self.accepted >= self.max_requests {
                 debug!(
-                    "accepted {} connections; retiring once they are served",
+                    "accepted {} connections; retiring: they go to other workers",
                     self.accepted
                 );
-                self.stop();
+                self.stop(self.ctx.board.hand_over());
             }
         }
+    }
+
+    /// Takes a connection another worker handed over, as it was.
+    fn adopt(&mut self, fd: OwnedFd, c: Carried, buf: &mut [u8], now: Instant) {
+        let ticket = admission::adopt(self.ctx.board, c.place, Holder::Here);
+        let name = log::log_enabled!(log::Level::Debug).then(|| {
+            c.client
+                .map_or_else(|| worker::peer_name(&fd, c.tcp), |a| a.to_string())
+        });
+        let conn = Conn::resume(fd, c.progress());
+        self.open_conn(conn, Some(ticket), None, name, (c.tcp, c.client), buf, now);
     }
 
     /// Checks a client at `key` and takes its place.
@@ -294,6 +397,25 @@ impl<'a> Loop<'a> {
         let name = (header.is_none() && log::log_enabled!(log::Level::Debug))
             .then(|| worker::peer_name(&fd, tcp));
         let conn = Conn::new(fd, now);
+        // max-requests counts the connections this worker accepted, not
+        // those handed to it.
+        self.accepted += 1;
+        self.open_conn(conn, ticket, header, name, (tcp, None), buf, now);
+    }
+
+    /// Puts a connection in the slab and the epoll set, with its deadlines,
+    /// and serves what its client already sent.
+    #[allow(clippy::too_many_arguments)]
+    fn open_conn(
+        &mut self,
+        conn: Conn,
+        ticket: Option<Ticket<'a>>,
+        header: Option<(Box<proxy::Reader>, SocketAddr)>,
+        name: Option<String>,
+        (tcp, client): (bool, Option<SocketAddr>),
+        buf: &mut [u8],
+        now: Instant,
+    ) {
         let index = self.free.pop().unwrap_or(self.slots.len());
         let token = index as u64;
         if let Err(e) = self
@@ -321,10 +443,11 @@ impl<'a> Loop<'a> {
             ticket,
             writing: false,
             name,
+            tcp,
+            client,
             header,
         });
         self.open += 1;
-        self.accepted += 1;
         // Clients speak first: their bytes are usually here already.
         self.ready(index, buf, now);
     }
@@ -354,6 +477,7 @@ impl<'a> Loop<'a> {
                 if let Some(Some(o)) = self.slots.get_mut(index) {
                     o.header = None;
                     o.ticket = Some(ticket);
+                    o.client = Some(client);
                     if log::log_enabled!(log::Level::Debug) {
                         o.name = Some(client.to_string());
                     }

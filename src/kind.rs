@@ -51,6 +51,9 @@ pub struct Row {
     /// The listeners it keeps after the fork (`None`: none; a fork-mode
     /// child keeps its connection only).
     pub keeps: Option<Service>,
+    /// Whether it serves connections, which it hands over through the
+    /// relay when it retires (and, a pool worker, takes from it).
+    pub relays: bool,
     /// How many of it the configuration wants while it has a listener of
     /// its service (the pool's size is the pool's own affair).
     pub wanted: fn(&Config) -> usize,
@@ -66,6 +69,7 @@ pub const KINDS: [Row; 4] = [
         name: "worker",
         tag: "w",
         keeps: Some(Service::Echo),
+        relays: true,
         wanted: |cfg| cfg.workers as usize,
         run: Some(pool),
     },
@@ -74,6 +78,7 @@ pub const KINDS: [Row; 4] = [
         name: "child",
         tag: "c",
         keeps: None,
+        relays: true,
         wanted: |_| 0,
         run: None,
     },
@@ -82,6 +87,7 @@ pub const KINDS: [Row; 4] = [
         name: "udp worker",
         tag: "u",
         keeps: Some(Service::Datagrams),
+        relays: false,
         wanted: |cfg| cfg.udp_workers as usize,
         run: Some(|l, ctx, p| crate::udp::run(l, ctx, p.udp_rate)),
     },
@@ -90,6 +96,7 @@ pub const KINDS: [Row; 4] = [
         name: "metrics worker",
         tag: "m",
         keeps: Some(Service::Metrics),
+        relays: false,
         wanted: |_| 1,
         run: Some(|l, ctx, _| crate::metrics::run(l, ctx)),
     },

@@ -47,6 +47,7 @@ mod master;
 mod metrics;
 mod pool;
 mod proxy;
+mod relay;
 mod reload;
 mod scoreboard;
 mod signals;

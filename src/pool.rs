@@ -65,19 +65,30 @@ impl Default for Pool {
     }
 }
 
+/// Who waits for a worker, as the master sees it now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Demand {
+    /// Clients in the accept queues (`None`: the kernel does not say).
+    pub queued: Option<u32>,
+    /// Connections handed over by retiring workers, waiting in the relay.
+    pub relayed: u32,
+    /// How long ago the last worker turned busy: how long the present
+    /// shortfall may have lasted.
+    pub busy_for: Duration,
+}
+
 impl Pool {
     /// Decides, given `idle` workers and `starting` ones (which count as
     /// spares: they will be, but are not yet surplus) out of `total`
-    /// active ones, `waiting` clients in the accept queues (`None`: the
-    /// kernel does not say), and how long ago the last worker turned busy
-    /// (`busy_for`: how long the present shortfall may have lasted).
-    /// `min-spare` 0 pins the pool at `workers`.
+    /// active ones, and who waits. `min-spare` 0 pins the pool at
+    /// `workers`, but for connections handed over: an open conversation
+    /// gets a worker, within `max-workers`.
     pub fn decide(
         &mut self,
         now: Instant,
         (idle, starting): (u32, u32),
         total: u32,
-        (waiting, busy_for): (Option<u32>, Duration),
+        d: Demand,
         b: Bounds,
     ) -> Action {
         let surplus = idle;
@@ -85,12 +96,17 @@ impl Pool {
         // Waiting clients count only when nobody can take them: an idle
         // worker takes its client within microseconds, and counting it
         // would grow the pool on every transient.
-        let queued = match (idle, b.min_spare) {
-            (_, 0) => Some(0),
-            (0, _) => waiting,
-            _ => Some(0),
+        let (queued, relayed) = match (idle, b.min_spare) {
+            (0, 0) => (Some(0), d.relayed),
+            (_, 0) => (Some(0), 0),
+            (0, _) => (d.queued, d.relayed),
+            _ => (Some(0), 0),
         };
-        let want = b.min_spare.saturating_add(queued.unwrap_or(0));
+        let want = b
+            .min_spare
+            .saturating_add(queued.unwrap_or(0))
+            .saturating_add(relayed);
+        let busy_for = d.busy_for;
         if idle < want {
             if total >= b.max_workers {
                 // Only worth a word when clients may have to wait.
@@ -104,7 +120,7 @@ impl Pool {
             // turned busy and at most one client (itself) in the queue:
             // that may be gone in microseconds. More waiting, or a
             // shortfall that lasts, is real.
-            if queued.is_some_and(|q| q <= 1) && busy_for < SETTLE {
+            if relayed == 0 && queued.is_some_and(|q| q <= 1) && busy_for < SETTLE {
                 return Action::Recheck(SETTLE - busy_for);
             }
             let mut n = want - idle;
@@ -223,7 +239,12 @@ mod tests {
         waiting: Option<u32>,
         b: Bounds,
     ) -> Action {
-        p.decide(now, idle, total, (waiting, Duration::from_secs(5)), b)
+        let d = Demand {
+            queued: waiting,
+            relayed: 0,
+            busy_for: Duration::from_secs(5),
+        };
+        p.decide(now, idle, total, d, b)
     }
 
     const B: Bounds = Bounds {
@@ -274,24 +295,45 @@ mod tests {
         let b = Bounds { min_spare: 1, ..B };
         // One client reconnecting: both workers busy for an instant.
         let just = Duration::from_micros(300);
+        let demand = |queued, busy_for| Demand {
+            queued,
+            relayed: 0,
+            busy_for,
+        };
         assert_eq!(
-            p.decide(t, (0, 0), 2, (Some(0), just), b),
+            p.decide(t, (0, 0), 2, demand(Some(0), just), b),
             Action::Recheck(SETTLE - just)
         );
         // Still short a while later, nobody waiting: a real shortfall.
-        assert_eq!(
-            p.decide(t, (0, 0), 2, (Some(0), SETTLE), b),
-            Action::Spawn(1)
-        );
+        let d = demand(Some(0), SETTLE);
+        assert_eq!(p.decide(t, (0, 0), 2, d, b), Action::Spawn(1));
         // So is one in the queue: the same client, reconnecting.
         assert_eq!(
-            p.decide(t, (0, 0), 2, (Some(1), just), b),
+            p.decide(t, (0, 0), 2, demand(Some(1), just), b),
             Action::Recheck(SETTLE - just)
         );
         // More clients waiting are met at once, however young the shortfall.
-        assert_eq!(p.decide(t, (0, 0), 2, (Some(3), just), b), Action::Spawn(4));
+        let d = demand(Some(3), just);
+        assert_eq!(p.decide(t, (0, 0), 2, d, b), Action::Spawn(4));
         // Where the queue is unknown, as before: at once.
-        assert_eq!(p.decide(t, (0, 0), 2, (None, just), b), Action::Spawn(1));
+        let d = demand(None, just);
+        assert_eq!(p.decide(t, (0, 0), 2, d, b), Action::Spawn(1));
+    }
+
+    #[test]
+    fn handed_over_conversations_get_a_worker_even_in_a_pinned_pool() {
+        let (mut p, t) = (Pool::default(), Instant::now());
+        let pinned = Bounds { min_spare: 0, ..B };
+        let d = Demand {
+            queued: Some(0),
+            relayed: 3,
+            busy_for: Duration::ZERO,
+        };
+        assert_eq!(p.decide(t, (0, 0), 4, d, pinned), Action::Spawn(3));
+        // An idle worker takes them first.
+        assert_eq!(p.decide(t, (1, 0), 4, d, pinned), Action::Nothing);
+        // Never past max-workers.
+        assert_eq!(p.decide(t, (0, 0), 10, d, pinned), Action::AtMax);
     }
 
     #[test]

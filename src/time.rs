@@ -42,6 +42,29 @@ pub(crate) fn monotonic_usec() -> u64 {
         .unwrap_or(0)
 }
 
+/// `t` on CLOCK_MONOTONIC, in microseconds: an instant another process
+/// (or this one after an exec) can read back with [`from_usec`].
+pub(crate) fn to_usec(t: Instant) -> u64 {
+    let now = Instant::now();
+    let us = monotonic_usec();
+    match now.checked_duration_since(t) {
+        Some(ago) => us.saturating_sub(ago.as_micros() as u64),
+        None => us.saturating_add(t.duration_since(now).as_micros() as u64),
+    }
+}
+
+/// The instant that was `us` on CLOCK_MONOTONIC (see [`to_usec`]).
+pub(crate) fn from_usec(us: u64) -> Instant {
+    let now = Instant::now();
+    let then = monotonic_usec();
+    if us <= then {
+        now.checked_sub(Duration::from_micros(then - us))
+            .unwrap_or(now)
+    } else {
+        after(now, Duration::from_micros(us - then))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -86,6 +86,8 @@ pub struct Handover {
     pub notice: Option<(RawFd, RawFd)>,
     /// Fork mode's control pipe (read, write).
     pub fork_ctl: Option<(RawFd, RawFd)>,
+    /// The relay's two ends (send, receive); `None` from an older master.
+    pub relay: Option<(RawFd, RawFd)>,
     pub children: Vec<PassedChild>,
     /// Connections served by workers gone, and handed to fork-mode
     /// children, so that the counts go on.
@@ -189,6 +191,7 @@ impl Handover {
             ),
             format!("notice={}", pair(self.notice)),
             format!("ctl={}", pair(self.fork_ctl)),
+            format!("relay={}", pair(self.relay)),
             format!("c={}", children.join(",")),
         ];
         out.push(format!("served={}", self.served_by_gone));
@@ -249,6 +252,7 @@ impl Handover {
                 "notify" => h.notify = maybe(v).map(fd).transpose()?,
                 "notice" => h.notice = pair(v)?,
                 "ctl" => h.fork_ctl = pair(v)?,
+                "relay" => h.relay = pair(v)?,
                 "sb" => {
                     h.scoreboard = match maybe(v) {
                         None => None,
@@ -348,7 +352,10 @@ impl Handover {
         v.extend(self.pidfile.as_ref().map(|(fd, _)| *fd));
         v.extend(self.notify);
         v.extend(self.scoreboard.map(|(fd, _)| fd));
-        for (a, b) in [self.notice, self.fork_ctl].into_iter().flatten() {
+        for (a, b) in [self.notice, self.fork_ctl, self.relay]
+            .into_iter()
+            .flatten()
+        {
             v.extend([a, b]);
         }
         v.extend(self.children.iter().filter_map(PassedChild::ctl));
@@ -387,6 +394,7 @@ mod tests {
             scoreboard: Some((10, 8192)),
             notice: Some((11, 12)),
             fork_ctl: Some((13, 14)),
+            relay: Some((17, 18)),
             children: vec![
                 PassedChild {
                     pid: 100,
@@ -440,7 +448,7 @@ mod tests {
     fn every_passed_descriptor_is_named() {
         let mut fds = sample().fds();
         fds.sort();
-        assert_eq!(fds, (5..=16).collect::<Vec<_>>());
+        assert_eq!(fds, (5..=18).collect::<Vec<_>>());
     }
 
     #[test]

@@ -7,23 +7,24 @@
 //! or dies (exit now). A child tells the two apart by its parent pid.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use log::{debug, error, warn};
 use nix::sys::socket::{getpeername, SockaddrStorage};
 use nix::unistd::{getppid, Pid};
 
-use crate::accept::{Acceptor, Wake};
+use crate::accept::{Acceptor, Incoming, Wake};
 use crate::access;
-use crate::admission::{Holder, Policy, Refusal, Ticket};
-use crate::echo::{self, Limits, Watch};
+use crate::admission::{self, Holder, Policy, Refusal, Ticket};
+use crate::echo::{self, Limits, Progress, Watch};
 use crate::listen::Listener;
 use crate::proxy;
+use crate::relay::{self, Carried};
 use crate::scoreboard::{Scoreboard, Slot, State};
 use crate::sys::IoBuffer;
 use std::net::SocketAddr;
 
-pub use crate::children::{EXIT_ORPHAN, EXIT_REFUSED, EXIT_SETUP};
+pub use crate::children::{EXIT_HANDED_OVER, EXIT_ORPHAN, EXIT_REFUSED, EXIT_SETUP};
 
 /// One buffer per process, reused for every connection.
 const BUF_SIZE: usize = 64 * 1024;
@@ -35,6 +36,28 @@ const TRIM_ABOVE: u64 = 4096;
 /// A client admitted (its address, when known, and its place), or why
 /// it was refused.
 type Admitted<'a> = Result<(Option<SocketAddr>, Option<Ticket<'a>>), Refusal>;
+
+/// How long a retiring worker waits for room in the relay before it
+/// serves a connection to its end instead.
+const HAND_WAIT: Duration = Duration::from_secs(2);
+
+/// A connection in hand: its socket, its client and place, and where it
+/// is (a new one's progress starts now; a handed-over one's goes on).
+struct InHand<'a> {
+    conn: OwnedFd,
+    tcp: bool,
+    client: Option<SocketAddr>,
+    ticket: Option<Ticket<'a>>,
+    from: Progress,
+}
+
+/// What became of a connection served.
+enum Done {
+    /// It ended here, after this many bytes echoed (all told).
+    Ended(u64),
+    /// It went to another process, open.
+    HandedOver,
+}
 
 /// What every child needs from the master.
 pub struct Ctx<'a> {
@@ -57,6 +80,10 @@ pub struct Ctx<'a> {
     pub count_bytes: bool,
     /// Where a worker tells the master it is ready (one byte).
     pub notice: Option<BorrowedFd<'a>>,
+    /// The relay (see relay.rs): where this child hands its connections
+    /// over when it retires, and (a pool worker) takes others' from.
+    pub relay_tx: Option<OwnedFd>,
+    pub relay_rx: Option<OwnedFd>,
 }
 
 impl Ctx<'_> {
@@ -119,6 +146,59 @@ impl Ctx<'_> {
             .map(Some)
     }
 
+    /// Whether this child, told to stop, hands its connections over
+    /// (and can).
+    fn hands_over(&self) -> bool {
+        self.relay_tx.is_some() && self.board.hand_over()
+    }
+
+    /// Hands `conn` over through the relay, with where it is, its client
+    /// and its place: true once sent (then this process lets go of it;
+    /// the place goes with it). The relay may be full for a moment while
+    /// the receivers catch up: it waits for room, at most [`HAND_WAIT`].
+    fn hand_over(
+        &self,
+        conn: &OwnedFd,
+        tcp: bool,
+        client: Option<SocketAddr>,
+        ticket: Option<&Ticket<'_>>,
+        p: Progress,
+    ) -> bool {
+        let Some(tx) = &self.relay_tx else {
+            return false;
+        };
+        let carried = Carried {
+            tcp,
+            client,
+            place: ticket.and_then(Ticket::place),
+            start: p.start,
+            last: p.last,
+            bytes: p.bytes,
+        };
+        let until = Instant::now() + HAND_WAIT;
+        loop {
+            match relay::send(tx.as_fd(), conn.as_fd(), &carried, self.board.relayed()) {
+                Ok(()) => return true,
+                Err(nix::errno::Errno::EAGAIN) => {
+                    let left = until.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        warn!("cannot hand a connection over: the relay stays full; serving it until the end");
+                        return false;
+                    }
+                    let mut fds = [nix::poll::PollFd::new(
+                        tx.as_fd(),
+                        nix::poll::PollFlags::POLLOUT,
+                    )];
+                    let _ = nix::poll::poll(&mut fds, crate::time::poll_timeout(Some(left)));
+                }
+                Err(e) => {
+                    warn!("cannot hand a connection over: {e}; serving it until the end");
+                    return false;
+                }
+            }
+        }
+    }
+
     fn served(&self, bytes: u64) {
         self.board.served(bytes);
         if let Some(slot) = &self.slot {
@@ -149,23 +229,25 @@ pub fn prefork(listeners: Vec<Listener>, ctx: Ctx<'_>, max_requests: u64) -> i32
         return code;
     }
     let Some(mut buf) = buffer() else { return 1 };
-    let mut acceptor = Acceptor::new(listeners);
+    let mut ctx = ctx;
+    let mut acceptor = Acceptor::new(listeners).with_relay(ctx.relay_rx.take());
     let mut served: u64 = 0;
     ctx.ready();
     // After a connection, the next one is often already queued: try to
-    // accept it straight away and wait only when there is none, so a busy
+    // take it straight away and wait only when there is none, so a busy
     // worker makes no wait per connection and an idle one does not spin.
     let mut try_first = false;
     while !acceptor.is_empty() {
-        let mut accepted = if try_first {
-            acceptor.accept(Instant::now())
+        let relayed = ctx.board.relayed();
+        let mut incoming = if try_first {
+            acceptor.next(Instant::now(), relayed)
         } else {
             None
         };
         try_first = false;
-        if accepted.is_none() {
+        if incoming.is_none() {
             match acceptor.wait(ctx.ctl) {
-                Ok(Wake::Ready) => accepted = acceptor.accept(Instant::now()),
+                Ok(Wake::Ready) => incoming = acceptor.next(Instant::now(), relayed),
                 Ok(Wake::Stop) => {
                     ctx.set(State::Stopping);
                     return if ctx.master_gone() { EXIT_ORPHAN } else { 0 };
@@ -176,44 +258,63 @@ pub fn prefork(listeners: Vec<Listener>, ctx: Ctx<'_>, max_requests: u64) -> i32
                 }
             }
         }
-        let Some((i, conn)) = accepted else { continue };
+        let Some(incoming) = incoming else { continue };
         try_first = true;
-        let tcp = acceptor.listeners()[i].is_tcp();
-        let proxied = ctx.policy.proxy.is_some() && tcp;
-        if proxied {
-            // The header may take a while to come: this worker is taken.
-            ctx.set(State::Busy);
-        }
-        let (client, ticket) = match ctx.admit(&conn, tcp) {
-            Ok(a) => a,
-            Err(_) => {
-                // Closed at once, unread; the master reports the count.
+        let holder = ctx.slot.map_or(Holder::Here, Holder::Slot);
+        let hand = match incoming {
+            Incoming::New(i, conn) => {
+                let tcp = acceptor.listeners()[i].is_tcp();
+                let proxied = ctx.policy.proxy.is_some() && tcp;
                 if proxied {
-                    ctx.set(State::Idle);
+                    // The header may take a while to come: this worker is taken.
+                    ctx.set(State::Busy);
                 }
-                continue;
+                match ctx.admit(&conn, tcp) {
+                    Ok((client, ticket)) => InHand {
+                        conn,
+                        tcp,
+                        client,
+                        ticket,
+                        from: Progress::new(Instant::now()),
+                    },
+                    Err(_) => {
+                        // Closed at once, unread; the master reports the count.
+                        if proxied {
+                            ctx.set(State::Idle);
+                        }
+                        continue;
+                    }
+                }
             }
+            Incoming::Relayed(conn, c) => InHand {
+                conn,
+                tcp: c.tcp,
+                client: c.client,
+                ticket: Some(admission::adopt(ctx.board, c.place, holder)),
+                from: c.progress(),
+            },
         };
         ctx.set(State::Busy);
         if let Some(slot) = &ctx.slot {
             slot.set_open(1);
         }
-        let bytes = serve_conn(&conn, tcp, client, &ctx, &mut buf, &mut acceptor);
+        let done = serve_in_hand(hand, &ctx, &mut buf, &mut acceptor);
         if let Some(slot) = &ctx.slot {
             slot.set_open(0);
         }
+        let Done::Ended(bytes) = done else {
+            // Handed over: this worker was told to stop.
+            return 0;
+        };
         served += 1;
         ctx.served(bytes);
         let retire = max_requests != 0 && served >= max_requests;
         // Say so before the close that lets the client come back: a client
         // that reconnects at once must find this worker idle again, or the
         // pool would count one busy worker too many and grow on it.
-        // Its place too, before the close.
-        drop(ticket);
         if !acceptor.is_empty() {
             ctx.set(if retire { State::Stopping } else { State::Idle });
         }
-        drop(conn);
         // A connection that wrote past the first page leaves the buffer's
         // pages private to this worker; give them back so that it idles small.
         if bytes > TRIM_ABOVE {
@@ -230,9 +331,53 @@ pub fn prefork(listeners: Vec<Listener>, ctx: Ctx<'_>, max_requests: u64) -> i32
     0
 }
 
-/// A fork-mode child: serves `conn`, in `buf` if the master mapped one
-/// before forking (then the child neither maps nor unmaps a buffer).
-pub fn fork_child(conn: OwnedFd, tcp: bool, ctx: Ctx<'_>, buf: Option<&mut IoBuffer>) -> i32 {
+/// Serves a connection in hand to its end, or hands it over if this
+/// process is told to stop meanwhile and connections are handed over
+/// (then at a moment when nothing it read is unsent). Its place is given
+/// back, and its socket closed, before this returns, unless it went.
+fn serve_in_hand(
+    hand: InHand<'_>,
+    ctx: &Ctx<'_>,
+    buf: &mut IoBuffer,
+    acceptor: &mut Acceptor,
+) -> Done {
+    let InHand {
+        conn,
+        tcp,
+        client,
+        ticket,
+        mut from,
+    } = hand;
+    let mut may_hand_over = true;
+    loop {
+        let summary = serve_conn(&conn, tcp, client, ctx, buf, acceptor, from, may_hand_over);
+        if !matches!(summary.end, echo::End::HandOver) {
+            // Its place first, then the close that lets the client back.
+            drop(ticket);
+            return Done::Ended(summary.bytes);
+        }
+        if ctx.hand_over(&conn, tcp, client, ticket.as_ref(), summary.progress) {
+            if let Some(t) = ticket {
+                t.handed_over();
+            }
+            return Done::HandedOver;
+        }
+        // No room in the relay: serve it to its end after all.
+        may_hand_over = false;
+        from = summary.progress;
+    }
+}
+
+/// A fork-mode child: serves `conn` (from where it is, if another process
+/// handed it over: `carried`), in `buf` if the master mapped one before
+/// forking (then the child neither maps nor unmaps a buffer).
+pub fn fork_child(
+    conn: OwnedFd,
+    tcp: bool,
+    carried: Option<Carried>,
+    ctx: Ctx<'_>,
+    buf: Option<&mut IoBuffer>,
+) -> i32 {
     if let Err(code) = follow_master(&ctx) {
         return code;
     }
@@ -248,32 +393,55 @@ pub fn fork_child(conn: OwnedFd, tcp: bool, ctx: Ctx<'_>, buf: Option<&mut IoBuf
     // A refusal is counted here, and the exit code tells the master not
     // to count a connection served. Behind a proxy the master could not
     // check the client: its real address is known only now (without one,
-    // the master checked it and this policy is open).
-    let Ok((client, _ticket)) = ctx.admit(&conn, tcp) else {
-        return EXIT_REFUSED;
+    // the master checked it and this policy is open). A handed-over
+    // connection was admitted where it was accepted, and its place is
+    // the master's to keep.
+    let hand = match carried {
+        Some(c) => InHand {
+            conn,
+            tcp: c.tcp,
+            client: c.client,
+            ticket: None,
+            from: c.progress(),
+        },
+        None => {
+            let Ok((client, ticket)) = ctx.admit(&conn, tcp) else {
+                return EXIT_REFUSED;
+            };
+            InHand {
+                conn,
+                tcp,
+                client,
+                ticket,
+                from: Progress::new(Instant::now()),
+            }
+        }
     };
-    let bytes = serve_conn(
-        &conn,
-        tcp,
-        client,
-        &ctx,
-        buf,
-        &mut Acceptor::new(Vec::new()),
-    );
-    // The master counts the connection as it reaps this child.
-    if ctx.count_bytes {
-        ctx.board.echoed_bytes(bytes);
+    match serve_in_hand(hand, &ctx, buf, &mut Acceptor::new(Vec::new())) {
+        Done::Ended(bytes) => {
+            // The master counts the connection as it reaps this child.
+            if ctx.count_bytes {
+                ctx.board.echoed_bytes(bytes);
+            }
+            0
+        }
+        Done::HandedOver => EXIT_HANDED_OVER,
     }
-    0
 }
 
 /// `--inetd`: serves the connection inherited on stdin and returns the exit
 /// code. There is no master to watch.
 pub fn inetd(conn: OwnedFd, limits: Limits) -> i32 {
     let Some(mut buf) = buffer() else { return 1 };
-    let summary = echo::serve(conn.as_fd(), buf.as_mut_slice(), &limits, None, &mut || {
-        Watch::Forget
-    });
+    let from = Progress::new(Instant::now());
+    let summary = echo::serve(
+        conn.as_fd(),
+        buf.as_mut_slice(),
+        &limits,
+        from,
+        None,
+        &mut || Watch::Forget,
+    );
     debug!(
         "inetd connection: {} bytes echoed, ended by {}",
         summary.bytes,
@@ -282,10 +450,13 @@ pub fn inetd(conn: OwnedFd, limits: Limits) -> i32 {
     0
 }
 
-/// Serves one connection. If the control pipe closes meanwhile and the
-/// master is alive, the listeners are closed at once (so new clients are
-/// refused, not queued) and the connection goes on; if the master is gone,
-/// the connection ends.
+/// Serves one connection from `from`. If the control pipe closes
+/// meanwhile and the master is alive, the listeners are closed at once
+/// (so new clients are refused, not queued), and the connection is handed
+/// back to the caller ([`echo::End::HandOver`]) if it `may_hand_over`
+/// and connections are handed over, or else goes on; if the master is
+/// gone, the connection ends.
+#[allow(clippy::too_many_arguments)]
 fn serve_conn(
     conn: &OwnedFd,
     tcp: bool,
@@ -293,7 +464,9 @@ fn serve_conn(
     ctx: &Ctx<'_>,
     buf: &mut IoBuffer,
     acceptor: &mut Acceptor,
-) -> u64 {
+    from: Progress,
+    may_hand_over: bool,
+) -> echo::Summary {
     #[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd")))]
     if tcp {
         // Elsewhere TCP_NODELAY may not be inherited from the listener.
@@ -309,6 +482,7 @@ fn serve_conn(
         conn.as_fd(),
         buf.as_mut_slice(),
         &ctx.limits,
+        from,
         Some(ctx.ctl),
         &mut || {
             if ctx.master_gone() {
@@ -316,7 +490,11 @@ fn serve_conn(
             } else {
                 acceptor.close();
                 ctx.set(State::Stopping);
-                Watch::Forget
+                if may_hand_over && ctx.hands_over() {
+                    Watch::HandOver
+                } else {
+                    Watch::Forget
+                }
             }
         },
     );
@@ -328,7 +506,7 @@ fn serve_conn(
             describe(&summary.end)
         );
     }
-    summary.bytes
+    summary
 }
 
 /// The client of a new connection, as the per-address checks and the log
@@ -385,6 +563,7 @@ pub(crate) fn describe(end: &echo::End) -> String {
         echo::End::Session => "max-session".into(),
         echo::End::Bytes => "max-bytes".into(),
         echo::End::Aborted => "the master's exit".into(),
+        echo::End::HandOver => "a hand-over to another worker".into(),
         echo::End::Failed(e) => format!("error: {}", crate::logging::error_text(e)),
     }
 }

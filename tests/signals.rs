@@ -221,7 +221,7 @@ fn listeners_are_added_removed_or_kept_with_their_port() {
 }
 
 #[test]
-fn an_open_connection_survives_the_reload_and_its_worker_then_leaves() {
+fn an_open_connection_is_handed_over_on_reload_and_its_worker_leaves_at_once() {
     let dir = TempDir::new("reload-open");
     let conf = dir.path("echo.toml");
     write(
@@ -233,40 +233,53 @@ fn an_open_connection_survives_the_reload_and_its_worker_then_leaves() {
     let mut s = connect(d.addr());
     assert_eq!(round_trip(&mut s, b"before").unwrap(), b"before");
     reload(&d, 1);
-    // The old worker is still serving us, beside the new one.
-    assert_eq!(round_trip(&mut s, b"during").unwrap(), b"during");
-    assert!(d.children().contains(&old));
-    assert_eq!(echo_all(d.addr(), b"new"), b"new");
-    drop(s);
+    // The old worker hands the connection to the new generation and
+    // leaves while the client is still there.
     assert!(
         wait_until(DEADLINE, || !d.children().contains(&old)),
-        "the old worker did not exit after its client left"
+        "the old worker stayed with its client:\n{}",
+        d.stderr_text()
     );
+    assert_eq!(round_trip(&mut s, b"after").unwrap(), b"after");
+    // One worker (min-spare 0 pins the pool): it serves the next client
+    // once this one leaves.
+    drop(s);
+    assert_eq!(echo_all(d.addr(), b"new"), b"new");
     d.wait_children(1);
 }
 
+/// A reload that lowers max-workers below the conversations open: what
+/// no worker is free to take is closed after the shutdown timeout, and
+/// the log says what and why.
 #[test]
-fn a_retired_worker_still_busy_after_the_shutdown_timeout_is_killed() {
+fn handed_over_connections_no_worker_can_take_are_closed_and_logged() {
     let dir = TempDir::new("reload-overdue");
     let conf = dir.path("echo.toml");
-    let text = "listen = [\"127.0.0.1:0\"]\nworkers = 1\nmin-spare = 0\nshutdown-timeout = 1\n";
-    write(&conf, text);
+    let text = |n: u32| {
+        format!(
+            "listen = [\"127.0.0.1:0\"]\nworkers = {n}\nmax-workers = {n}\nmin-spare = 0\nshutdown-timeout = 1\n"
+        )
+    };
+    write(&conf, &text(2));
     let d = Daemon::start(&["-c", conf.to_str().unwrap()]);
-    let old = d.wait_children(1)[0];
-    let mut s = connect(d.addr());
-    assert_eq!(round_trip(&mut s, b"hold").unwrap(), b"hold");
+    d.wait_children(2);
+    let mut held: Vec<TcpStream> = (0..2).map(|_| connect(d.addr())).collect();
+    for s in &mut held {
+        assert_eq!(round_trip(s, b"hold").unwrap(), b"hold");
+    }
+    write(&conf, &text(1));
     reload(&d, 1);
-    assert!(
-        wait_until(DEADLINE, || !d.children().contains(&old)),
-        "the busy old worker outlived the shutdown timeout"
-    );
-    assert!(d
-        .stderr_text()
-        .contains(&format!("worker {old} still busy")));
-    let mut rest = Vec::new();
-    // Killed, not left hanging: the connection ends.
-    let _ = s.read_to_end(&mut rest);
-    assert_eq!(echo_all(d.addr(), b"ok"), b"ok");
+    let line = d.wait_line("no worker was free to take them", DEADLINE);
+    assert!(line.is_some(), "{}", d.stderr_text());
+    assert!(line.unwrap().contains("closed 1 connection"));
+    // One goes on with the one worker there is; the other was closed.
+    let mut answered = 0;
+    for s in &mut held {
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        answered += usize::from(round_trip(s, b"still?").is_ok_and(|b| b == b"still?"));
+    }
+    assert_eq!(answered, 1);
 }
 
 #[test]

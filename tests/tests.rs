@@ -29,6 +29,7 @@ macro_rules! in_every_mode {
 mod config;
 mod daemon;
 mod docs;
+mod handover;
 mod limits;
 mod logging;
 mod metrics;

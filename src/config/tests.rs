@@ -258,14 +258,18 @@ fn nothing_that_resolves_overflows_at_run_time() {
         };
         let mut pool = crate::pool::Pool::default();
         for (idle, total) in [(0, 0), (0, c.max_workers), (c.max_spare, c.workers)] {
-            let _ = pool.decide(
-                now,
-                (idle, total),
-                total,
-                (Some(next() as u32), Duration::MAX),
-                b,
-            );
-            let _ = pool.decide(now, (0, idle), total, (None, Duration::ZERO), b);
+            let d = crate::pool::Demand {
+                queued: Some(next() as u32),
+                relayed: next() as u32,
+                busy_for: Duration::MAX,
+            };
+            let _ = pool.decide(now, (idle, total), total, d, b);
+            let d = crate::pool::Demand {
+                queued: None,
+                relayed: 0,
+                busy_for: Duration::ZERO,
+            };
+            let _ = pool.decide(now, (0, idle), total, d, b);
         }
         let _ = c.bind_options(None);
     }

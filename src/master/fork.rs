@@ -13,6 +13,7 @@ use crate::admission::{self, Holder, Policy, Ticket};
 use crate::children::{Child, Kind};
 use crate::listen::Service;
 use crate::pool;
+use crate::relay::Carried;
 use crate::{signals, sys, worker};
 
 /// Connections accepted per wakeup. Under steady load the backlog never
@@ -24,7 +25,9 @@ const ACCEPT_BATCH: u32 = 16;
 impl Master {
     /// fork mode: accepts (in fair rotation over the listeners) and forks
     /// a child per connection, until none waits, the limit or a pause is
-    /// reached, or [`ACCEPT_BATCH`] were taken.
+    /// reached, or [`ACCEPT_BATCH`] were taken; a connection that a
+    /// retiring worker handed over (after a reload from another mode) is
+    /// taken first.
     pub(super) fn accept(&mut self, now: Instant) {
         for _ in 0..ACCEPT_BATCH {
             if self.children.conns() >= self.cfg.max_children as usize
@@ -32,26 +35,48 @@ impl Master {
             {
                 return;
             }
-            let Some((i, conn)) = self.acceptor.accept(now) else {
-                return;
+            // Connections handed over first: their clients have waited.
+            let relayed = self.relay.as_ref().and_then(|r| {
+                crate::relay::recv(r.rx.as_fd(), self.scoreboard.relayed())
+                    .ok()
+                    .flatten()
+            });
+            let forked = match relayed {
+                Some((conn, c)) => self.fork_for(conn, c.tcp, Some(c), now),
+                None => {
+                    let Some((i, conn)) = self.acceptor.accept(now) else {
+                        return;
+                    };
+                    let tcp = self.acceptor.listeners()[i].is_tcp();
+                    self.fork_for(conn, tcp, None, now)
+                }
             };
-            let tcp = self.acceptor.listeners()[i].is_tcp();
-            if !self.fork_for(conn, tcp, now) {
+            if !forked {
                 return;
             }
         }
     }
 
     /// Forks the child that serves `conn`, unless its client is refused
-    /// (closed at once, unread); false when fork failed.
-    pub(super) fn fork_for(&mut self, conn: OwnedFd, tcp: bool, now: Instant) -> bool {
+    /// (closed at once, unread); false when fork failed. A connection
+    /// handed over by a retiring worker (`carried`) was admitted where it
+    /// was accepted, and brings its client and its place.
+    pub(super) fn fork_for(
+        &mut self,
+        conn: OwnedFd,
+        tcp: bool,
+        carried: Option<Carried>,
+        now: Instant,
+    ) -> bool {
         // Behind a proxy the client's address is in the header, which the
         // child reads (and checks): here only the proxy is checked.
         // Otherwise the client is checked here, and its place kept by the
         // master until it reaps the child.
         let policy = &self.fork.policy;
-        let proxied = tcp && policy.proxy.is_some();
-        let admitted = if proxied {
+        let proxied = tcp && policy.proxy.is_some() && carried.is_none();
+        let admitted = if let Some(c) = &carried {
+            Ok(c.place)
+        } else if proxied {
             policy.proxy_of(worker::peer_addr(&conn)).map(|_| None)
         } else if tcp && !policy.is_open() {
             match crate::access::peer_key(&conn) {
@@ -92,6 +117,8 @@ impl Master {
         #[allow(unsafe_code)]
         let forked = unsafe {
             sys::spawn(&signals::HANDLED, &signals::CHILD_IGNORED, || {
+                // Where it hands its connection over at a restart.
+                let relay_tx = self.relay.take().map(|r| r.tx);
                 if let Err(code) = self.enter_child() {
                     return code;
                 }
@@ -105,8 +132,10 @@ impl Master {
                     count_bytes,
                     fork_slot,
                     notice: None,
+                    relay_tx,
+                    relay_rx: None,
                 };
-                worker::fork_child(conn, tcp, ctx, self.fork.conn_buf.as_mut())
+                worker::fork_child(conn, tcp, carried, ctx, self.fork.conn_buf.as_mut())
             })
         };
         // The connection now belongs to the child; the closure (and with it

@@ -49,6 +49,7 @@ use crate::daemon::{Identity, PidFile, ReadyPipe};
 use crate::listen::Listener;
 use crate::logging::{counted, RateLimit, REPORT_EVERY};
 use crate::pool::{Pool, Saturation};
+use crate::relay::Relay;
 use crate::reload::Planned;
 use crate::scoreboard::Scoreboard;
 use crate::signals::Signals;
@@ -117,6 +118,13 @@ pub fn run(
             Err(e) => return fail("the control pipe", e.into()),
         },
     };
+    let relay = match adopted.as_mut().and_then(|a| a.relay.take()) {
+        Some(r) => r,
+        None => match Relay::new() {
+            Ok(r) => r,
+            Err(e) => return fail("the relay", e.into()),
+        },
+    };
     let (notice_r, notice_w) = match adopted.as_mut().and_then(|a| a.notice.take()) {
         Some(p) => p,
         None => match pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK) {
@@ -152,6 +160,7 @@ pub fn run(
         source,
         acceptor: Acceptor::new(listeners),
         signals: Some(signals),
+        relay: Some(relay),
         notice_r: Some(notice_r),
         notice_w: Some(notice_w),
         scoreboard,
@@ -177,6 +186,7 @@ pub fn run(
             seed: seed(),
             at_max: RateLimit::new(REPORT_EVERY),
             recheck: None,
+            relay_stuck: None,
         },
         reports: Reports {
             next_tick: now + TICK,
@@ -190,6 +200,8 @@ pub fn run(
     if let Some(a) = adopted {
         master.adopt(a, now);
     }
+    // Until a stop, a child told to stop hands its connections over.
+    master.scoreboard.set_hand_over(true);
     if master.scoreboard.start_secs() == 0 {
         // A new scoreboard: the start is now, or the predecessor's.
         let up = now.duration_since(master.started);
@@ -236,6 +248,9 @@ struct PreforkState {
     at_max: RateLimit,
     /// When to look at spares again, short for what may be a moment.
     recheck: Option<Instant>,
+    /// Since when handed-over connections wait with no worker free and
+    /// none to be started (max-workers).
+    relay_stuck: Option<Instant>,
 }
 
 /// When the master reports, and what it reported last.
@@ -262,6 +277,9 @@ struct Master {
     acceptor: Acceptor,
     /// `None` only in a child, after it closed the self-pipe.
     signals: Option<Signals>,
+    /// Where retiring children hand their connections over (relay.rs);
+    /// `None` only in a child, which took it.
+    relay: Option<Relay>,
     /// Workers write a byte here once they are ready.
     notice_r: Option<OwnedFd>,
     notice_w: Option<OwnedFd>,
@@ -462,6 +480,12 @@ impl Master {
                     .streams()
                     .map(|(_, l)| PollFd::new(l.as_fd(), PollFlags::POLLIN)),
             );
+            // Connections that retiring workers of another mode hand over.
+            fds.extend(
+                self.relay
+                    .as_ref()
+                    .map(|r| PollFd::new(r.rx.as_fd(), PollFlags::POLLIN)),
+            );
         }
         let deadlines = [
             self.life.deadline(),
@@ -470,6 +494,10 @@ impl Master {
             self.probe_deadline(now).filter(|_| running),
             self.children.next_deadline().filter(|_| running),
             self.prefork.recheck.filter(|_| running),
+            self.prefork
+                .relay_stuck
+                .map(|t| after(t, self.cfg.shutdown_timeout))
+                .filter(|_| running),
             Some(self.reports.next_tick).filter(|_| running),
         ];
         let timeout = deadlines
@@ -514,6 +542,7 @@ impl Master {
         if let Some(s) = self.signals.take() {
             s.close_in_child();
         }
+        self.relay = None;
         self.fork.ctl_w = None;
         std::mem::take(&mut self.children).close_in_child();
         self.scoreboard.close_fd_in_child();
@@ -557,6 +586,8 @@ impl Master {
         // children closing theirs on their pipe's EOF refuses new clients.
         self.acceptor.close();
         self.pending = None;
+        // There is no one left to hand connections to: they finish.
+        self.scoreboard.set_hand_over(false);
         self.fork.ctl_w = None;
         self.children
             .retire_where(after(now, self.cfg.shutdown_timeout), |_| true);

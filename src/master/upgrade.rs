@@ -176,6 +176,7 @@ impl Master {
                 .ctl_w
                 .as_ref()
                 .map(|w| (raw(&self.fork.ctl_r), raw(w))),
+            relay: self.relay.as_ref().map(|r| (raw(&r.tx), raw(&r.rx))),
             children: self
                 .children
                 .iter()
@@ -302,6 +303,7 @@ pub(super) struct Adopted {
     handover: Handover,
     pub(super) fork_ctl: Option<(OwnedFd, OwnedFd)>,
     pub(super) notice: Option<(OwnedFd, OwnedFd)>,
+    pub(super) relay: Option<crate::relay::Relay>,
     /// The scoreboard's memfd, its slots and those the children hold.
     pub(super) scoreboard: Option<(OwnedFd, usize, Vec<usize>)>,
     children: Vec<(PassedChild, Option<OwnedFd>)>,
@@ -362,6 +364,7 @@ impl Adopted {
         Adopted {
             fork_ctl: own_pair(handover.fork_ctl),
             notice: own_pair(handover.notice),
+            relay: own_pair(handover.relay).map(|(tx, rx)| crate::relay::Relay { tx, rx }),
             scoreboard: handover
                 .scoreboard
                 .and_then(|(fd, n)| Some((own(fd)?, n, in_use))),

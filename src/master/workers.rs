@@ -4,6 +4,7 @@
 //! TTIN/TTOU.
 
 use std::os::fd::AsFd;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
@@ -179,11 +180,21 @@ impl Master {
         } else {
             Some(0)
         };
+        // Connections handed over by retiring workers wait in the relay
+        // for a free worker.
+        let relayed = self.scoreboard.relayed().load(Ordering::Acquire);
+        let demand = pool::Demand {
+            queued: waiting,
+            relayed: u32::try_from(relayed).unwrap_or(u32::MAX),
+            busy_for,
+        };
         self.prefork.recheck = None;
+        let stuck = self.prefork.relay_stuck;
+        self.prefork.relay_stuck = None;
         match self
             .prefork
             .pool
-            .decide(now, (idle, starting), total, (waiting, busy_for), bounds)
+            .decide(now, (idle, starting), total, demand, bounds)
         {
             pool::Action::Nothing => {}
             pool::Action::Recheck(after) => self.prefork.recheck = Some(now + after),
@@ -201,6 +212,9 @@ impl Master {
             }
             pool::Action::Retire => self.retire_one(now, "more than max-spare idle"),
             pool::Action::AtMax => {
+                if demand.relayed > 0 {
+                    self.relay_stuck(now, stuck.unwrap_or(now), bounds.max_workers);
+                }
                 if let Some(more) = self.prefork.at_max.hit(now) {
                     warn!(
                         "max-workers ({}) reached: all busy, new clients wait in the backlog ({}, {more} since the last report)",
@@ -214,6 +228,34 @@ impl Master {
         let arm = total < bounds.max_workers;
         self.scoreboard
             .set_wake_below(if arm { bounds.min_spare } else { 0 });
+    }
+
+    /// Handed-over connections wait in the relay, the pool is at
+    /// `max-workers` and every worker busy (a reload lowered it below the
+    /// conversations open, say): once they have waited `shutdown-timeout`
+    /// since `since`, they are closed, and the log says so and why.
+    fn relay_stuck(&mut self, now: Instant, since: Instant, max: u32) {
+        if now < after(since, self.cfg.shutdown_timeout) {
+            self.prefork.relay_stuck = Some(since);
+            return;
+        }
+        let Some(relay) = &self.relay else { return };
+        let mut closed = 0u64;
+        while let Ok(Some((_conn, c))) =
+            crate::relay::recv(relay.rx.as_fd(), self.scoreboard.relayed())
+        {
+            if let Some(place) = c.place {
+                crate::admission::give_back(&self.scoreboard, place);
+            }
+            closed += 1;
+        }
+        if closed > 0 {
+            warn!(
+                "closed {} handed over by retiring workers: no worker was free to take them within {} s, as max-workers ({max}) is reached and every worker is busy",
+                crate::logging::counted(closed, "connection", "connections"),
+                self.cfg.shutdown_timeout.as_secs()
+            );
+        }
     }
 
     /// Retires one worker of the generation in force: the one idle the
@@ -317,6 +359,10 @@ impl Master {
                 drop(ctl_w.take());
                 let mut listeners = self.take_listeners(target);
                 Listener::keep_in_child(&mut listeners, |l| row.keeps == Some(l.service()));
+                let (relay_tx, relay_rx) = match self.relay.take().filter(|_| row.relays) {
+                    Some(r) => (Some(r.tx), Some(r.rx)),
+                    None => (None, None),
+                };
                 self.close_in_child();
                 if let Err(code) = enter(&identity, &self.scoreboard) {
                     return code;
@@ -331,6 +377,8 @@ impl Master {
                     count_bytes: true,
                     fork_slot: None,
                     notice: self.notice_w.as_ref().map(|f| f.as_fd()),
+                    relay_tx,
+                    relay_rx,
                 };
                 run(listeners, ctx, params)
             })

@@ -83,6 +83,8 @@ const SETUP_UNREPORTED: usize = 8; // setup failures not logged since
 const PLACES_EPOCH: usize = 9; // bumped when the places table is rebuilt
 const EPOCH_US: usize = 10; // CLOCK_MONOTONIC at creation: one clock for every process
 const LAYOUT_WORD: usize = 11; // which layout this is, for a new master adopting it
+const HAND_OVER: usize = 12; // 1: a worker told to stop hands its connections over
+const RELAYED: usize = 13; // connections waiting in the relay
 const UDP_ECHOED: usize = 16; // datagrams answered
 const UDP_DROPPED: usize = 17; // one word per Dropped, room for 7
 const REFUSED: usize = 24; // one word per Refusal, room for 8
@@ -252,6 +254,24 @@ impl Scoreboard {
 
     fn word(&self, slot: usize, field: usize) -> &AtomicU64 {
         &self.region(Region::Slots)[slot * WORDS + field]
+    }
+
+    /// Master: whether a child told to stop hands its open connections
+    /// over (a reload, an upgrade, a smaller pool, a restart under
+    /// systemd) rather than finishes them (a stop).
+    pub fn set_hand_over(&self, on: bool) {
+        self.header(HAND_OVER)
+            .store(u64::from(on), Ordering::Release);
+    }
+
+    /// Whether a child told to stop hands its connections over.
+    pub fn hand_over(&self) -> bool {
+        self.header(HAND_OVER).load(Ordering::Acquire) == 1
+    }
+
+    /// The count of connections waiting in the relay (see relay.rs).
+    pub fn relayed(&self) -> &AtomicU64 {
+        self.header(RELAYED)
     }
 
     /// Master: idle workers below this make a worker that turns busy wake
