@@ -136,6 +136,11 @@ impl Acceptor {
         &self.listeners
     }
 
+    /// The listeners, to change.
+    pub fn listeners_mut(&mut self) -> &mut [Listener] {
+        &mut self.listeners
+    }
+
     /// The listeners connections are accepted from, with their index.
     pub fn streams(&self) -> impl Iterator<Item = (usize, &Listener)> + '_ {
         self.listeners

@@ -262,6 +262,26 @@ impl Policy {
     }
 }
 
+impl Policy {
+    /// Counts again, whatever the limit, the place of a connection that
+    /// crossed a restart (the scoreboard that counted it is gone): its
+    /// client as the PROXY header named it, else its peer.
+    pub fn recount(
+        &self,
+        board: &Scoreboard,
+        conn: &std::os::fd::OwnedFd,
+        client: Option<SocketAddr>,
+    ) -> Option<Place> {
+        if !self.holds_places() {
+            return None;
+        }
+        let key = client.map_or_else(|| access::peer_key(conn), |c| Some(access::key(c.ip())))?;
+        let place = board.place_of(self.source(key));
+        board.recount_place(place);
+        Some(place)
+    }
+}
+
 /// Gives back a place the fork-mode master kept for a child it reaped.
 pub fn give_back(board: &Scoreboard, place: Place) {
     board.give_place(place);

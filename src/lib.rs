@@ -236,6 +236,7 @@ fn upgraded(
         pidfile,
         ready: None,
         notify,
+        store: master::Stored::default(),
     };
     let source = master::Source {
         cli,
@@ -256,7 +257,7 @@ fn start(
     identity: &daemon::Identity,
     notify: Option<systemd::Notify>,
 ) -> Result<(Vec<listen::Listener>, master::Handoff, bool), String> {
-    let (mut listeners, activated) = listeners(cfg, identity)?;
+    let (mut listeners, activated, store) = listeners(cfg, identity)?;
     let mut pidfile = cfg
         .pidfile
         .as_deref()
@@ -285,40 +286,62 @@ fn start(
             pidfile,
             ready,
             notify,
+            store,
         },
         activated,
     ))
 }
 
 /// The sockets passed by systemd (socket activation, flagged true), or
-/// else the configured addresses, bound now.
+/// else the configured addresses, each taken back from systemd's file
+/// descriptor store if it kept one for that address (a restart: clients
+/// have waited in its backlog), else bound now; and what else the store
+/// kept (connections carried across the restart, listeners no longer
+/// configured), for the master.
 fn listeners(
     cfg: &config::Config,
     identity: &daemon::Identity,
-) -> Result<(Vec<listen::Listener>, bool), String> {
+) -> Result<(Vec<listen::Listener>, bool, master::Stored), String> {
     let opts = cfg.bind_options(identity.socket_group());
-    if let Some(mut passed) = systemd::listeners_from_env()? {
+    let passed = systemd::passed_from_env()?.unwrap_or_default();
+    let mut kept = passed.listeners;
+    let mut store = master::Stored {
+        connections: passed.connections,
+        stale: Vec::new(),
+    };
+    let mut bound = Vec::with_capacity(cfg.listen.len());
+    let activated = !passed.activated.is_empty();
+    if activated {
         info!(
             "using {} sockets passed by the service manager instead of binding",
-            passed.len()
+            passed.activated.len()
         );
-        // The service manager passes the echo sockets; --metrics is bound
-        // here all the same.
-        for a in cfg
-            .listen
-            .iter()
-            .filter(|a| matches!(a, ListenAddr::Metrics(_)))
-        {
-            passed.push(listen::bind(a, &opts)?);
-        }
-        return Ok((passed, true));
+        bound = passed.activated;
     }
-    let bound = cfg
-        .listen
-        .iter()
-        .map(|a| listen::bind(a, &opts))
-        .collect::<Result<_, _>>()?;
-    Ok((bound, false))
+    for a in &cfg.listen {
+        // Under socket activation the service manager passes the echo
+        // sockets; --metrics is ours all the same.
+        if activated && !matches!(a, ListenAddr::Metrics(_)) {
+            continue;
+        }
+        let shown = a.to_string();
+        let l = match kept.iter().position(|(k, _)| *k == shown) {
+            Some(i) => {
+                let (_, fd) = kept.swap_remove(i);
+                let owns_file = matches!(a, ListenAddr::Unix(_));
+                listen::Listener::adopt_passed(fd, Some(&shown), owns_file)?
+            }
+            None => listen::bind(a, &opts)?,
+        };
+        bound.push(l);
+    }
+    // Kept for an address no longer configured: closed, and the master
+    // takes them out of the store.
+    store.stale = kept
+        .into_iter()
+        .map(|(addr, _)| systemd::listener_name(&addr))
+        .collect();
+    Ok((bound, activated, store))
 }
 
 /// `--inetd`: the connection is on stdin (inetd `nowait`, systemd

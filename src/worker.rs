@@ -286,13 +286,19 @@ pub fn prefork(listeners: Vec<Listener>, ctx: Ctx<'_>, max_requests: u64) -> i32
                     }
                 }
             }
-            Incoming::Relayed(conn, c) => InHand {
-                conn,
-                tcp: c.tcp,
-                client: c.client,
-                ticket: Some(admission::adopt(ctx.board, c.place, holder)),
-                from: c.progress(),
-            },
+            Incoming::Relayed(conn, c) => {
+                debug!(
+                    "took a connection handed over by another process ({} bytes echoed so far)",
+                    c.bytes
+                );
+                InHand {
+                    conn,
+                    tcp: c.tcp,
+                    client: c.client,
+                    ticket: Some(admission::adopt(ctx.board, c.place, holder)),
+                    from: c.progress(),
+                }
+            }
         };
         ctx.set(State::Busy);
         if let Some(slot) = &ctx.slot {

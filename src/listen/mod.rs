@@ -75,6 +75,15 @@ impl Listener {
         self.file.is_some()
     }
 
+    /// Leaves its socket file in place when it is closed (a restart: the
+    /// socket lives on in the service manager's store, and the next
+    /// instance listens there).
+    pub fn keep_file(&mut self) {
+        if let Some(f) = self.file.take() {
+            std::mem::forget(f);
+        }
+    }
+
     /// A listener a previous master passed across its re-exec (USR2): as
     /// [`Listener::from_inherited`], plus what it knew of it.
     pub fn adopt_passed(

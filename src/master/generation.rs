@@ -5,6 +5,7 @@
 //! (then the old ones retire), or abandons it and keeps the configuration
 //! in force. The lifecycle decides when; this does it.
 
+use std::os::fd::AsFd;
 use std::time::Instant;
 
 use log::{error, info, warn};
@@ -151,8 +152,21 @@ impl Master {
         let mut current: Vec<Option<Listener>> =
             self.acceptor.take().into_iter().map(Some).collect();
         self.acceptor = Acceptor::new(take_planned(&mut current, p.plan));
+        let store = self.handoff.notify.as_ref().filter(|_| self.unit.is_some());
         for l in current.into_iter().flatten() {
             info!("no longer listening on {}", l.name());
+            if let (Some(n), Some(addr)) = (store, l.configured()) {
+                n.unstore(&crate::systemd::listener_name(&addr.to_string()));
+            }
+        }
+        // The new ones wait in the store across a restart too (one that
+        // is there already is kept once).
+        if let Some(n) = store {
+            for l in self.acceptor.listeners() {
+                if let Some(addr) = l.configured() {
+                    let _ = n.store(l.as_fd(), &crate::systemd::listener_name(&addr.to_string()));
+                }
+            }
         }
         let opts = p.cfg.bind_options(p.identity.socket_group());
         if opts != self.cfg.bind_options(self.identity.socket_group()) {

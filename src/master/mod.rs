@@ -24,12 +24,13 @@ mod generation;
 mod lifecycle;
 mod reap;
 mod status;
+mod store;
 mod upgrade;
 mod workers;
 
 pub use upgrade::{take_handover, take_passed};
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -73,6 +74,20 @@ pub struct Handoff {
     pub ready: Option<ReadyPipe>,
     /// systemd's notification socket.
     pub notify: Option<Notify>,
+    /// What systemd's file descriptor store kept besides the listeners.
+    pub store: Stored,
+}
+
+/// What systemd's file descriptor store gave back at start, besides the
+/// listeners taken for the configured addresses.
+#[derive(Default)]
+pub struct Stored {
+    /// Connections a restarting master left there: name, what each
+    /// carries (encoded), socket. They go to the workers, then out of the
+    /// store.
+    pub connections: Vec<(String, Vec<u8>, OwnedFd)>,
+    /// The store names of listeners no longer configured: out of the store.
+    pub stale: Vec<String>,
 }
 
 /// Where the configuration came from, to read it again on SIGHUP.
@@ -153,6 +168,11 @@ pub fn run(
     crate::daemon::make_room_for_descriptors(&cfg, listeners.len());
     let now = Instant::now();
     let upgraded_from = adopted.as_ref().map(upgrade::Adopted::generation);
+    // Under systemd, the unit whose restarts carry what the store keeps.
+    let unit = handoff
+        .notify
+        .as_ref()
+        .and_then(|_| crate::systemd::unit_name());
     let mut master = Master {
         pid: getpid(),
         identity,
@@ -166,7 +186,19 @@ pub fn run(
         scoreboard,
         children: Children::default(),
         backoff: Backoff::default(),
-        life: Life::new(now, upgraded_from, cfg.shutdown_timeout),
+        life: {
+            let life = Life::new(now, upgraded_from, cfg.shutdown_timeout);
+            if unit.is_some() {
+                life.asking_about_restarts()
+            } else {
+                life
+            }
+        },
+        unit,
+        query: None,
+        restored: Vec::new(),
+        stored: 0,
+        restarting: false,
         started: now,
         pending: None,
         check: None,
@@ -296,6 +328,16 @@ struct Master {
     check: Option<upgrade::Check>,
     /// Set by the lifecycle's last word: the exit status.
     exit: Option<i32>,
+    /// The systemd unit this master runs as, if it does.
+    unit: Option<String>,
+    /// TERM under systemd: asking whether it is a restart.
+    query: Option<store::Query>,
+    /// Connections kept across a restart, on their way to the workers.
+    restored: Vec<(String, crate::relay::Carried, OwnedFd)>,
+    /// Connections put in the store, to name each apart.
+    stored: u64,
+    /// This stop is a restart: connections go to the store.
+    restarting: bool,
     fork: ForkState,
     prefork: PreforkState,
     reports: Reports,
@@ -308,12 +350,19 @@ impl Master {
     fn run(&mut self) -> i32 {
         let now = Instant::now();
         self.fill_pool(now);
+        self.use_store(now);
         self.progress(now);
         loop {
             let (noticed, ready) = self.wait();
             let now = Instant::now();
             if noticed {
                 self.drain_notices();
+            }
+            if self.restarting {
+                self.store_relayed();
+            }
+            if !self.restored.is_empty() {
+                self.restore(now);
             }
             let Some(signals) = self.signals.as_mut() else {
                 return 1;
@@ -325,6 +374,10 @@ impl Master {
             if !self.life.stopping() {
                 self.tend(now, ready);
             } else if self.children.is_empty() {
+                // What the last child handed over before it went.
+                if self.restarting {
+                    self.store_relayed();
+                }
                 self.apply(Event::ChildrenGone, now);
             } else {
                 self.apply(Event::Tick, now);
@@ -381,7 +434,12 @@ impl Master {
                 info!("{sig}: will {what} once what is under way is done");
             }
             Action::Ignore(sig) => info!("{sig} ignored: stopping"),
-            Action::BeginStop { why, immediate } => self.stop(now, why, immediate),
+            Action::AskRestart => return self.ask_restart(),
+            Action::BeginStop {
+                why,
+                immediate,
+                restart,
+            } => self.stop(now, why, immediate, restart),
             Action::StopNow(why) => {
                 if !self.children.is_empty() {
                     info!(
@@ -480,12 +538,17 @@ impl Master {
                     .streams()
                     .map(|(_, l)| PollFd::new(l.as_fd(), PollFlags::POLLIN)),
             );
-            // Connections that retiring workers of another mode hand over.
-            fds.extend(
-                self.relay
-                    .as_ref()
-                    .map(|r| PollFd::new(r.rx.as_fd(), PollFlags::POLLIN)),
-            );
+        }
+        if let Some(r) = &self.relay {
+            // Connections that retiring workers of another mode hand
+            // over, or (restarting) that go to systemd's store.
+            if accepting || self.restarting {
+                fds.push(PollFd::new(r.rx.as_fd(), PollFlags::POLLIN));
+            }
+            // Connections kept across a restart wait for room.
+            if !self.restored.is_empty() {
+                fds.push(PollFd::new(r.tx.as_fd(), PollFlags::POLLOUT));
+            }
         }
         let deadlines = [
             self.life.deadline(),
@@ -547,6 +610,17 @@ impl Master {
         std::mem::take(&mut self.children).close_in_child();
         self.scoreboard.close_fd_in_child();
         self.check = None;
+        self.query = None;
+        // Clients' connections kept across a restart belong to the worker
+        // the relay gives each to: a copy here would keep it open after
+        // that worker closes it (its client would never see the end).
+        let kept = self.restored.iter().map(|(_, _, fd)| fd);
+        for fd in kept.chain(self.handoff.store.connections.iter().map(|(_, _, fd)| fd)) {
+            // Forgotten with the lists below: this is their one close.
+            let _ = nix::unistd::close(fd.as_raw_fd());
+        }
+        std::mem::forget(std::mem::take(&mut self.restored));
+        std::mem::forget(std::mem::take(&mut self.handoff.store.connections));
         self.notice_r = None;
         if let Some(ready) = self.handoff.ready.take() {
             ready.close_in_child();
@@ -572,9 +646,20 @@ impl Master {
     }
 
     /// Begins a stop: listeners are closed at once, children are told to
-    /// stop accepting; `immediate` kills them instead of letting them finish.
-    fn stop(&mut self, now: Instant, why: &str, immediate: bool) {
-        if immediate {
+    /// stop accepting; `immediate` kills them instead of letting them
+    /// finish. A `restart` under systemd keeps the listeners in its store
+    /// and has the children hand their connections over to the master,
+    /// which puts them there too (see store.rs).
+    fn stop(&mut self, now: Instant, why: &str, immediate: bool, restart: bool) {
+        if restart {
+            info!(
+                "{why}: restarting: the listeners and the open connections wait in the service manager's store for the next instance"
+            );
+            // Its files stay too: the next instance listens there.
+            for l in self.acceptor.listeners_mut() {
+                l.keep_file();
+            }
+        } else if immediate {
             info!("{why}: stopping now");
         } else {
             info!(
@@ -582,12 +667,18 @@ impl Master {
                 self.cfg.shutdown_timeout.as_secs()
             );
         }
+        if !restart {
+            self.unstore_listeners();
+        }
         // Closing our copies (and removing unix socket files) plus the
-        // children closing theirs on their pipe's EOF refuses new clients.
+        // children closing theirs on their pipe's EOF refuses new clients
+        // (unless the store keeps them).
         self.acceptor.close();
         self.pending = None;
-        // There is no one left to hand connections to: they finish.
-        self.scoreboard.set_hand_over(false);
+        self.restarting = restart;
+        // A restart hands every connection over (to the master, for the
+        // store); a stop has no one to hand them to: they finish.
+        self.scoreboard.set_hand_over(restart);
         self.fork.ctl_w = None;
         self.children
             .retire_where(after(now, self.cfg.shutdown_timeout), |_| true);

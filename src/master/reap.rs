@@ -35,6 +35,10 @@ impl Master {
                 self.check_done(status, now);
                 continue;
             }
+            if self.query.as_ref().is_some_and(|q| q.pid == pid) {
+                self.query_done(status, now);
+                continue;
+            }
             let Some(child) = self.children.remove(pid) else {
                 continue;
             };

@@ -20,6 +20,9 @@ use std::time::{Duration, Instant};
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the new executable's `-t` may take (USR2).
 pub const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the service manager may take to say whether a TERM is part
+/// of a restart; no answer in time is a stop.
+pub const ASK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Where the master is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,6 +42,10 @@ pub enum Phase {
     Reloading { next: u32, until: Instant },
     /// SIGUSR2: the new executable's `-t` runs (given up at `until`).
     Checking { until: Instant },
+    /// A TERM under a service manager that keeps descriptors across a
+    /// restart: asking whether this is a restart (the unit's job) before
+    /// stopping, still serving meanwhile (`why`: the signal).
+    Asking { until: Instant, why: &'static str },
     /// Stopping: listeners closed, children finish until `until`, then are
     /// killed (`killed`: they were).
     Stopping { until: Instant, killed: bool },
@@ -76,6 +83,9 @@ pub enum Event {
     Tick,
     /// A stop is under way and no child is left.
     ChildrenGone,
+    /// The service manager's answer: the TERM is part of a restart (and
+    /// its file descriptor store keeps what is put there), or not.
+    Restart(bool),
 }
 
 /// What the master is to do, in order.
@@ -114,9 +124,17 @@ pub enum Action {
     Defer(&'static str),
     /// A request is ignored: the master stops (log it).
     Ignore(&'static str),
+    /// Ask the service manager whether the TERM is part of a restart.
+    AskRestart,
     /// Begin a stop (named for the log): close the listeners, tell the
-    /// children; `immediate` kills them.
-    BeginStop { why: &'static str, immediate: bool },
+    /// children; `immediate` kills them; `restart`: the service manager
+    /// starts the daemon again at once, and keeps the listeners and the
+    /// connections (handed over to the master) for the next instance.
+    BeginStop {
+        why: &'static str,
+        immediate: bool,
+        restart: bool,
+    },
     /// A stop that was graceful becomes immediate (a second TERM).
     StopNow(&'static str),
     /// The shutdown timeout passed: kill what is left.
@@ -143,6 +161,8 @@ pub struct Life {
     exit_code: i32,
     /// `--shutdown-timeout` in force.
     shutdown: Duration,
+    /// A TERM is first asked about (see [`Phase::Asking`]).
+    asks: bool,
 }
 
 impl Life {
@@ -158,7 +178,15 @@ impl Life {
             deferred: Deferred::default(),
             exit_code: 0,
             shutdown,
+            asks: false,
         }
+    }
+
+    /// A TERM is first asked about: the master runs under a service
+    /// manager that can carry descriptors across a restart.
+    pub fn asking_about_restarts(mut self) -> Life {
+        self.asks = true;
+        self
     }
 
     /// The phase.
@@ -218,6 +246,7 @@ impl Life {
             Phase::Starting { until, .. }
             | Phase::Reloading { until, .. }
             | Phase::Checking { until }
+            | Phase::Asking { until, .. }
             | Phase::Stopping {
                 until,
                 killed: false,
@@ -252,8 +281,29 @@ impl Life {
             }
             (P::Stopping { .. }, E::ChildrenGone) => vec![A::Exit(self.exit_code)],
             (P::Stopping { .. }, _) => vec![],
-            (phase, E::Stop(why)) => self.stop(phase, now, why, false),
-            (phase, E::Quit) => self.stop(phase, now, "SIGQUIT", true),
+            // Is it a restart? A second TERM, or QUIT, does not wait.
+            (P::Asking { why, .. }, E::Restart(restart)) => {
+                self.stop(P::Serving, now, why, false, restart)
+            }
+            (P::Asking { until, why }, E::Tick) if due(until) => {
+                self.stop(P::Serving, now, why, false, false)
+            }
+            (P::Asking { .. }, E::Stop(why)) => self.stop(P::Serving, now, why, true, false),
+            (P::Asking { .. }, E::Quit) => self.stop(P::Serving, now, "SIGQUIT", true, false),
+            (P::Asking { .. }, E::Hup) => vec![A::Ignore("SIGHUP")],
+            (P::Asking { .. }, E::Usr2) => vec![A::Ignore("SIGUSR2")],
+            (P::Asking { .. }, _) => vec![],
+            (phase, E::Stop(why)) if self.asks => {
+                let mut act = self.drop_under_way(phase);
+                self.phase = P::Asking {
+                    until: now + ASK_TIMEOUT,
+                    why,
+                };
+                act.push(A::AskRestart);
+                act
+            }
+            (phase, E::Stop(why)) => self.stop(phase, now, why, false, false),
+            (phase, E::Quit) => self.stop(phase, now, "SIGQUIT", true, false),
 
             // Requests that must wait for what is under way.
             (P::Starting { .. } | P::Reloading { .. } | P::Checking { .. }, E::Hup) => {
@@ -332,6 +382,17 @@ impl Life {
         }
     }
 
+    /// What a stop from `phase` drops: a reload or an upgrade check under
+    /// way, and the requests that waited.
+    fn drop_under_way(&mut self, phase: Phase) -> Vec<Action> {
+        self.deferred = Deferred::default();
+        match phase {
+            Phase::Reloading { .. } => vec![Action::DropReload],
+            Phase::Checking { .. } => vec![Action::EndCheck],
+            _ => vec![],
+        }
+    }
+
     /// Begins a stop from `phase`; what was under way is dropped.
     fn stop(
         &mut self,
@@ -339,18 +400,18 @@ impl Life {
         now: Instant,
         why: &'static str,
         immediate: bool,
+        restart: bool,
     ) -> Vec<Action> {
-        let mut act = match phase {
-            Phase::Reloading { .. } => vec![Action::DropReload],
-            Phase::Checking { .. } => vec![Action::EndCheck],
-            _ => vec![],
-        };
-        self.deferred = Deferred::default();
+        let mut act = self.drop_under_way(phase);
         self.phase = Phase::Stopping {
             until: crate::time::after(now, self.shutdown),
             killed: immediate,
         };
-        act.push(Action::BeginStop { why, immediate });
+        act.push(Action::BeginStop {
+            why,
+            immediate,
+            restart,
+        });
         act
     }
 
@@ -395,7 +456,7 @@ impl Life {
             None => {
                 self.exit_code = 1;
                 let mut act = vec![Action::Fatal(why)];
-                act.extend(self.stop(self.phase, now, "startup failed", true));
+                act.extend(self.stop(self.phase, now, "startup failed", true, false));
                 act
             }
         }

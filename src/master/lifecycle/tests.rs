@@ -8,7 +8,11 @@ const SHUTDOWN: Duration = Duration::from_secs(10);
 
 /// A stop that begins, for `why`.
 fn begin(why: &'static str, immediate: bool) -> Action {
-    A::BeginStop { why, immediate }
+    A::BeginStop {
+        why,
+        immediate,
+        restart: false,
+    }
 }
 
 fn serving(now: Instant) -> Life {
@@ -256,4 +260,48 @@ fn a_worker_of_an_abandoned_reload_dying_later_changes_nothing() {
     };
     assert_eq!(l.on(died, t), []);
     assert_eq!(l.phase(), Phase::Serving);
+}
+
+#[test]
+fn under_a_service_manager_a_term_asks_first_and_a_restart_keeps_what_it_can() {
+    let t = Instant::now();
+    let mut l = Life::new(t, None, SHUTDOWN).asking_about_restarts();
+    l.on(E::Ready, t);
+    assert_eq!(l.on(E::Stop("SIGTERM"), t), [A::AskRestart]);
+    assert!(!l.stopping(), "it serves while it asks");
+    assert_eq!(l.deadline(), Some(t + ASK_TIMEOUT));
+    assert_eq!(l.on(E::Hup, t), [A::Ignore("SIGHUP")]);
+    assert_eq!(
+        l.on(E::Restart(true), t),
+        [A::BeginStop {
+            why: "SIGTERM",
+            immediate: false,
+            restart: true
+        }]
+    );
+    assert!(l.stopping());
+}
+
+#[test]
+fn no_answer_in_time_is_a_stop_and_a_second_term_does_not_wait() {
+    let t = Instant::now();
+    let mut l = Life::new(t, None, SHUTDOWN).asking_about_restarts();
+    l.on(E::Ready, t);
+    l.on(E::Stop("SIGTERM"), t);
+    assert_eq!(l.on(E::Tick, t + ASK_TIMEOUT), [begin("SIGTERM", false)]);
+    let mut l = Life::new(t, None, SHUTDOWN).asking_about_restarts();
+    l.on(E::Ready, t);
+    l.on(E::Stop("SIGTERM"), t);
+    assert_eq!(l.on(E::Stop("SIGTERM"), t), [begin("SIGTERM", true)]);
+    assert_eq!(l.on(E::Restart(true), t), [], "too late to matter");
+}
+
+#[test]
+fn a_term_during_a_reload_under_a_service_manager_drops_the_reload_then_asks() {
+    let t = Instant::now();
+    let mut l = Life::new(t, None, SHUTDOWN).asking_about_restarts();
+    l.on(E::Ready, t);
+    l.on(E::Hup, t);
+    assert_eq!(l.on(E::Stop("SIGTERM"), t), [A::DropReload, A::AskRestart]);
+    assert_eq!(l.on(E::NextReady, t), [], "nothing commits now");
 }
