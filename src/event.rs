@@ -308,6 +308,14 @@ impl<'a> Loop<'a> {
                         if let Some(t) = o.ticket {
                             t.handed_over();
                         }
+                        if let Some(peer) = o.name {
+                            debug!(
+                                "connection from {peer}: {} bytes echoed in {:.3} s, ended by {}",
+                                o.conn.bytes(),
+                                o.conn.started().elapsed().as_secs_f64(),
+                                worker::describe(&End::HandOver)
+                            );
+                        }
                         // Dropping it closes this process's copy.
                     }
                 }

@@ -354,3 +354,86 @@ fn proxied_client_travels(mode: &str) {
 }
 
 in_every_mode!(a_proxied_client_keeps_its_address_and_place: proxied_client_travels);
+
+/// A client that sent all it had and half-closed while its worker could
+/// not write back (the client reads only later) is handed over with its
+/// half-close: every byte comes back, in order, then the end.
+fn half_closed_client_travels(mode: &str) {
+    use std::os::fd::AsFd;
+    let d = Daemon::start(&[
+        "-l",
+        "127.0.0.1:0",
+        "-m",
+        mode,
+        "-w",
+        "1",
+        "--log-level",
+        "debug",
+    ]);
+    let mut s = connect(d.addr());
+    s.set_nonblocking(true).unwrap();
+    let mut rng = Stream::new(25);
+    let mut chunk = vec![0u8; 1 << 16];
+    let (mut sent, mut at) = (0usize, chunk.len());
+    // Send until nothing moves for a while: every buffer on the way is
+    // full and the worker is stuck writing to a client that does not read.
+    loop {
+        if at == chunk.len() {
+            rng.fill(&mut chunk);
+            at = 0;
+        }
+        match s.write(&chunk[at..]) {
+            Ok(n) => {
+                at += n;
+                sent += n;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let mut fds = [nix::poll::PollFd::new(
+                    s.as_fd(),
+                    nix::poll::PollFlags::POLLOUT,
+                )];
+                if nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(300u16)) == Ok(0) {
+                    break;
+                }
+            }
+            Err(e) => panic!("{mode}: sending: {e}"),
+        }
+    }
+    // What was sent of the last chunk is what counts.
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    d.signal(Signal::SIGHUP);
+    assert!(
+        d.wait_line("reloaded:", DEADLINE).is_some(),
+        "{}",
+        d.stderr_text()
+    );
+    s.set_nonblocking(false).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut back = Vec::with_capacity(sent);
+    let read = s.read_to_end(&mut back);
+    assert!(
+        read.is_ok(),
+        "{mode}: {read:?} after {} of {sent} bytes",
+        back.len()
+    );
+    let mut want = vec![0u8; sent];
+    let mut again = Stream::new(25);
+    again.fill(&mut want);
+    assert_eq!(back.len(), sent, "{mode}: bytes lost or added");
+    assert!(back == want, "{mode}: the bytes came back changed");
+    assert!(
+        d.wait_line("ended by a hand-over", DEADLINE).is_some(),
+        "{mode}: the connection was not handed over, so this proved nothing:\n{}",
+        d.stderr_text()
+    );
+}
+
+#[test]
+fn a_half_closed_prefork_client_gets_every_byte_across_a_reload() {
+    half_closed_client_travels("prefork");
+}
+
+#[test]
+fn a_half_closed_event_client_gets_every_byte_across_a_reload() {
+    half_closed_client_travels("event");
+}

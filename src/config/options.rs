@@ -328,7 +328,7 @@ pub struct Options {
     #[arg(long, value_name = "N")]
     pub max_bytes: Option<u64>,
 
-    /// On stop, how long open connections may continue before they are killed [default: 10]
+    /// On stop, how long open connections may continue before they are killed; on reload, how long they have to be handed over [default: 10]
     #[arg(long, value_name = "SECS")]
     pub shutdown_timeout: Option<u64>,
 
