@@ -8,8 +8,9 @@
 //! and `serve-epoll`); a minimal tokio server (`serve-tokio`); and Python's
 //! `ForkingTCPServer` and `ThreadingTCPServer` (benches/peers.py). It
 //! sweeps what users vary: pool sizes, 1 to 500 ping-ponging clients, a
-//! burst of 2,000 clients at once, 100 and 10,000 idle connections, and a
-//! UDP flood (echo-forkd's UDP worker against Python's `UDPServer`, a
+//! burst of 2,000 clients at once, 100 and 10,000 idle connections, a
+//! reload under 1,000 held connections (how long until all are handed
+//! over, and that none is lost), and a UDP flood (echo-forkd's UDP worker against Python's `UDPServer`, a
 //! minimal tokio UDP echo and a bare recvfrom/sendto loop, `serve-udp`).
 //! Servers take turns within each round,
 //! and each round starts one server later (A B C, B C A, C A B …), so that
@@ -20,12 +21,14 @@
 mod clients;
 mod opts;
 mod peers;
+mod reload;
 mod report;
 mod servers;
 
 use clients::*;
 use opts::*;
 use peers::*;
+use reload::*;
 use report::*;
 use servers::*;
 
@@ -88,7 +91,7 @@ fn main() {
 pub(crate) const USAGE: &str = "usage: cargo bench --bench load -- [OPTIONS]
   --rounds N          rounds of every server in turn (default 3)
   --secs S            seconds per timed run (default 3)
-  --scenarios LIST    conn,rtt,stream,hold,burst,udp (default: all)
+  --scenarios LIST    conn,rtt,stream,hold,burst,udp,reload (default: all)
   --servers LIST      prefork,fork,event,min-fork,epoll,tokio,py-forking,
                       py-threading,min-udp,py-udp (default: all)
   --clients N         clients for conn (default 50)
@@ -98,6 +101,7 @@ pub(crate) const USAGE: &str = "usage: cargo bench --bench load -- [OPTIONS]
   --hold LIST         idle connections held, one run each (default 100,10000)
   --burst N           clients arriving at once in burst (default 2000)
   --udp-clients LIST  UDP clients flooding, one run each (default 1,16,64)
+  --reload N          connections held across a reload (default 1000)
   --out FILE          also write the markdown tables here
   --baseline BIN      also run this echo-forkd build, after each of ours
   --quick             1 round of 1 s, 32 MiB streams: a smoke test";
@@ -112,7 +116,13 @@ fn make_room_for_clients(o: &mut Opts) {
     let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
         return;
     };
-    let most = o.hold.iter().copied().chain([o.burst]).max().unwrap_or(0) as u64;
+    let most = o
+        .hold
+        .iter()
+        .copied()
+        .chain([o.burst, o.reload])
+        .max()
+        .unwrap_or(0) as u64;
     let _ = setrlimit(
         Resource::RLIMIT_NOFILE,
         (most + 1024).max(soft).min(hard),
@@ -150,6 +160,7 @@ fn run(o: &Opts) {
                     Scenario::Hold => hold(&server, t.kind, case.clients),
                     Scenario::Burst => burst(&server, case.clients),
                     Scenario::Udp => udp(&server, case.clients, o),
+                    Scenario::Reload => reload(&server, t.kind, case.clients),
                 };
                 drop(server);
                 println!(
@@ -173,11 +184,13 @@ fn run(o: &Opts) {
             eprintln!("load: cannot write {}: {e}", path.display());
         }
     }
-    // The peers are measured, not judged; echo-forkd must carry every
-    // scenario without a single error.
+    // The peers and the baseline are measured, not judged; echo-forkd
+    // must carry every scenario without a single error.
     let failed: Vec<String> = results
         .iter()
-        .filter(|((_, t), ms)| t.kind.is_ours() && ms.iter().any(|m| m.errors.total() > 0))
+        .filter(|((_, t), ms)| {
+            t.kind.is_ours() && !t.kind.is_base() && ms.iter().any(|m| m.errors.total() > 0)
+        })
         .map(|((c, t), _)| format!("{} {}", c.label(), t.name()))
         .collect();
     if !failed.is_empty() {

@@ -47,6 +47,11 @@ impl Kind {
         )
     }
 
+    /// The `--baseline` build: measured beside ours, not judged.
+    pub(crate) fn is_base(self) -> bool {
+        matches!(self, Kind::PreforkBase | Kind::ForkBase | Kind::EventBase)
+    }
+
     pub(crate) fn is_prefork(self) -> bool {
         matches!(self, Kind::Prefork | Kind::PreforkBase)
     }
@@ -118,16 +123,18 @@ pub(crate) enum Scenario {
     Hold,
     Burst,
     Udp,
+    Reload,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 6] = [
+    const ALL: [Scenario; 7] = [
         Scenario::Conn,
         Scenario::Rtt,
         Scenario::Stream,
         Scenario::Hold,
         Scenario::Burst,
         Scenario::Udp,
+        Scenario::Reload,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -138,6 +145,7 @@ impl Scenario {
             Scenario::Hold => "hold",
             Scenario::Burst => "burst",
             Scenario::Udp => "udp",
+            Scenario::Reload => "reload",
         }
     }
 }
@@ -155,7 +163,7 @@ impl Case {
             Scenario::Conn | Scenario::Rtt | Scenario::Stream | Scenario::Udp => {
                 format!("{} c={}", self.scenario.name(), self.clients)
             }
-            Scenario::Hold | Scenario::Burst => {
+            Scenario::Hold | Scenario::Burst | Scenario::Reload => {
                 format!("{} {}", self.scenario.name(), self.clients)
             }
         }
@@ -174,6 +182,7 @@ pub(crate) struct Opts {
     pub(crate) hold: Vec<usize>,
     pub(crate) burst: usize,
     pub(crate) udp_clients: Vec<usize>,
+    pub(crate) reload: usize,
     pub(crate) out: Option<PathBuf>,
     pub(crate) baseline: Option<PathBuf>,
 }
@@ -192,6 +201,7 @@ impl Opts {
             hold: vec![100, 10_000],
             burst: 2000,
             udp_clients: vec![1, 16, 64],
+            reload: 1000,
             out: None,
             baseline: None,
         };
@@ -218,6 +228,7 @@ impl Opts {
                 "--hold" => o.hold = numbers(arg, value()?)?,
                 "--burst" => o.burst = number(arg, value()?)?,
                 "--udp-clients" => o.udp_clients = numbers(arg, value()?)?,
+                "--reload" => o.reload = number(arg, value()?)?,
                 "--out" => o.out = Some(PathBuf::from(value()?)),
                 "--scenarios" => {
                     o.scenarios = pick(value()?, &Scenario::ALL, |s| s.name())?;
@@ -263,6 +274,7 @@ impl Opts {
                 Scenario::Hold => self.hold.clone(),
                 Scenario::Burst => vec![self.burst],
                 Scenario::Udp => self.udp_clients.clone(),
+                Scenario::Reload => vec![self.reload],
             };
             cases.extend(sizes.into_iter().map(|clients| Case { scenario, clients }));
         }
@@ -284,6 +296,8 @@ impl Opts {
                     t.extend(self.pools.iter().map(|&pool| Target { kind, pool }));
                 }
                 (Kind::PyForking | Kind::PyThreading, Scenario::Burst) => {}
+                // Reloading is echo-forkd's: the peers have no reload.
+                (k, Scenario::Reload) if !k.is_ours() => {}
                 // Thousands of idle connections are the event model's
                 // case: a process (or a Python thread) each would measure
                 // the machine's process table, and prefork's pool stops

@@ -33,6 +33,7 @@ pub(crate) fn unit(s: Scenario) -> &'static str {
         Scenario::Hold => "echoed after holding",
         Scenario::Burst => "echoed",
         Scenario::Udp => "replies/s",
+        Scenario::Reload => "kept",
     }
 }
 
@@ -42,13 +43,16 @@ pub(crate) fn med(ms: &[Measure], f: impl Fn(&Measure) -> f64) -> f64 {
 
 pub(crate) fn report(results: &Results) -> String {
     let mut t = String::new();
-    let _ = writeln!(
-        t,
-        "| case | server | median | p50 µs | p99 µs | server CPU µs per op | errors |"
-    );
-    let _ = writeln!(t, "|---|---|---:|---:|---:|---:|---|");
+    let timed = |c: &Case| !matches!(c.scenario, Scenario::Burst | Scenario::Reload);
+    if results.keys().any(|(c, _)| timed(c)) {
+        let _ = writeln!(
+            t,
+            "| case | server | median | p50 µs | p99 µs | server CPU µs per op | errors |"
+        );
+        let _ = writeln!(t, "|---|---|---:|---:|---:|---:|---|");
+    }
     for ((case, target), ms) in results {
-        if case.scenario == Scenario::Burst {
+        if !timed(case) {
             continue;
         }
         let mut errors = Errors::default();
@@ -88,6 +92,38 @@ pub(crate) fn report(results: &Results) -> String {
                 med(ms, |m| m.p50_us) / 1e3,
                 med(ms, |m| m.p99_us) / 1e3,
                 med(ms, |m| m.last_ms),
+                med(ms, |m| m.workers),
+                errors.describe()
+            );
+        }
+    }
+    let reloads: Vec<_> = results
+        .iter()
+        .filter(|((c, _), _)| c.scenario == Scenario::Reload)
+        .collect();
+    if !reloads.is_empty() {
+        let _ = writeln!(
+            t,
+            "\n| reload (HUP) under held connections | server | kept | old workers gone after ms | round trips meanwhile, p50 / p99 µs | processes after | errors |"
+        );
+        let _ = writeln!(t, "|---|---|---:|---:|---:|---:|---|");
+        for ((case, target), ms) in reloads {
+            let mut errors = Errors::default();
+            ms.iter().for_each(|m| errors.add(&m.errors));
+            let gone = med(ms, |m| m.last_ms);
+            let gone = if gone.is_nan() {
+                "– (children go on)".to_string()
+            } else {
+                format!("{gone:.0}")
+            };
+            let _ = writeln!(
+                t,
+                "| {} | {} | {:.0} | {gone} | {} / {} | {:.0} | {} |",
+                case.label(),
+                target.name(),
+                med(ms, |m| m.value),
+                micros(med(ms, |m| m.p50_us)),
+                micros(med(ms, |m| m.p99_us)),
                 med(ms, |m| m.workers),
                 errors.describe()
             );
@@ -141,7 +177,12 @@ pub(crate) fn report(results: &Results) -> String {
 pub(crate) fn ratios(results: &Results) -> Vec<(String, f64)> {
     let mut out = Vec::new();
     for ((case, a), xs) in results {
-        if !a.kind.is_ours() || matches!(case.scenario, Scenario::Hold | Scenario::Burst) {
+        if !a.kind.is_ours()
+            || matches!(
+                case.scenario,
+                Scenario::Hold | Scenario::Burst | Scenario::Reload
+            )
+        {
             continue;
         }
         let mut refs = vec![Kind::Tokio, Kind::Epoll, Kind::MinUdp, Kind::PyUdp];

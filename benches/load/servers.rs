@@ -22,6 +22,10 @@ impl Server {
                 let mut c = Command::new(bin);
                 c.args(["-f", "-l", "127.0.0.1:0", "--log-level", "info"]);
                 c.args(daemon_args(t, case, o));
+                if case.scenario == Scenario::Reload {
+                    // What a build without hand-over cuts, it cuts soon.
+                    c.args(["--shutdown-timeout", "2"]);
+                }
                 c.stderr(Stdio::piped()).stdout(Stdio::null());
                 c
             }
