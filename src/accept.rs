@@ -83,6 +83,8 @@ pub struct Acceptor {
     /// The relay's receiving end, for a worker that serves connections
     /// other workers hand over; closed with the listeners.
     relay: Option<OwnedFd>,
+    /// The relay woke this process: read it whatever the count says.
+    relay_woke: bool,
     /// Which of them it accepts from (the fork-mode master holds all).
     service: Service,
     /// Where the next fair scan starts: after the listener served last.
@@ -111,6 +113,7 @@ impl Acceptor {
         Acceptor {
             listeners,
             relay: None,
+            relay_woke: false,
             service,
             next: 0,
             paused_until: None,
@@ -171,7 +174,18 @@ impl Acceptor {
     /// `relayed` counts what waits there (the scoreboard's count).
     pub fn take_relayed(&mut self, relayed: &AtomicU64) -> Option<(OwnedFd, Carried)> {
         let rx = self.relay.as_ref()?;
-        match crate::relay::recv(rx.as_fd(), relayed) {
+        // The count is raised before a send: while it is 0 and the relay
+        // did not wake us, nothing waits, and accepting costs no system
+        // call more. A wake-up is believed whatever the count (a
+        // predecessor's scoreboard after an upgrade counted elsewhere).
+        if !self.relay_woke && relayed.load(std::sync::atomic::Ordering::Acquire) == 0 {
+            return None;
+        }
+        let got = crate::relay::recv(rx.as_fd(), relayed);
+        if !matches!(got, Ok(Some(_))) {
+            self.relay_woke = false;
+        }
+        match got {
             Ok(got) => got,
             Err(e) => {
                 warn!("cannot take a handed-over connection: {e}");
@@ -187,6 +201,11 @@ impl Acceptor {
             return Some(Incoming::Relayed(fd, carried));
         }
         self.accept(now).map(|(i, fd)| Incoming::New(i, fd))
+    }
+
+    /// The relay is readable (the caller's own wait said so).
+    pub fn relay_woke(&mut self) {
+        self.relay_woke = true;
     }
 
     /// Whether there is no listener left.
@@ -322,6 +341,7 @@ impl Acceptor {
         // even if a stop came with it, or nobody else may be woken for it.
         let stop = events[..n].iter().any(|e| e.data() == WATCHED);
         let conn = events[..n].iter().any(|e| e.data() != WATCHED);
+        self.relay_woke |= events[..n].iter().any(|e| e.data() == RELAY);
         Ok(if stop && !conn {
             Wake::Stop
         } else {
@@ -350,6 +370,7 @@ impl Acceptor {
         let ready = |f: &PollFd<'_>| f.revents().is_some_and(|r| !r.is_empty());
         let stop = ready(&fds[0]);
         let conn = fds[1..].iter().any(ready);
+        self.relay_woke |= self.relay.is_some() && fds.last().is_some_and(ready);
         Ok(if stop && !conn {
             Wake::Stop
         } else {

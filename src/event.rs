@@ -21,6 +21,8 @@
 //! listener: a worker with room takes connections others hand over, as
 //! it accepts new ones.
 
+mod handover;
+
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::os::fd::{AsFd, OwnedFd};
@@ -74,6 +76,20 @@ struct Open<'a> {
     /// Behind a proxy: the header still being read, and the proxy's own
     /// address (the client's for a `LOCAL` header).
     header: Option<(Box<proxy::Reader>, SocketAddr)>,
+}
+
+impl Open<'_> {
+    /// debug: the line that says how the connection ended here.
+    fn log_end(&self, end: &End) {
+        if let Some(peer) = &self.name {
+            debug!(
+                "connection from {peer}: {} bytes echoed in {:.3} s, ended by {}",
+                self.conn.bytes(),
+                self.conn.started().elapsed().as_secs_f64(),
+                worker::describe(end)
+            );
+        }
+    }
 }
 
 struct Loop<'a> {
@@ -189,6 +205,10 @@ impl<'a> Loop<'a> {
                         let hand = self.ctx.board.hand_over();
                         self.stop(hand);
                     }
+                    RELAY => {
+                        self.acceptor.relay_woke();
+                        accept = true;
+                    }
                     t if t as usize >= self.slots.len() => accept = true,
                     t => self.ready(t as usize, buf, now),
                 }
@@ -268,70 +288,6 @@ impl<'a> Loop<'a> {
         self.handing_over |= hand && self.ctx.relay_tx.is_some();
     }
 
-    /// Retiring: hands over every connection at a moment nothing it sent
-    /// waits to go back (and, behind a proxy, its header is read); the
-    /// others go as soon as they are. If the relay is full, tries again
-    /// shortly, serving them meanwhile.
-    fn hand_over(&mut self, now: Instant) {
-        if self.relay_retry.is_some_and(|t| now < t) {
-            return;
-        }
-        self.relay_retry = None;
-        let Some(tx) = &self.ctx.relay_tx else {
-            return;
-        };
-        let board = self.ctx.board;
-        for index in 0..self.slots.len() {
-            let Some(o) = &self.slots[index] else {
-                continue;
-            };
-            if o.header.is_some() || o.conn.wants_write() {
-                continue;
-            }
-            let p = o.conn.progress();
-            let carried = Carried {
-                tcp: o.tcp,
-                client: o.client,
-                place: o.ticket.as_ref().and_then(Ticket::place),
-                start: p.start,
-                last: p.last,
-                bytes: p.bytes,
-            };
-            match relay::send(tx.as_fd(), o.conn.fd(), &carried, board.relayed()) {
-                Ok(()) => {
-                    // Out of this epoll set first: the registration is the
-                    // connection's, which lives on in the receiver.
-                    let _ = self.epoll.delete(o.conn.fd());
-                    if let Some(o) = self.slots[index].take() {
-                        self.free.push(index);
-                        self.open -= 1;
-                        if let Some(t) = o.ticket {
-                            t.handed_over();
-                        }
-                        if let Some(peer) = o.name {
-                            debug!(
-                                "connection from {peer}: {} bytes echoed in {:.3} s, ended by {}",
-                                o.conn.bytes(),
-                                o.conn.started().elapsed().as_secs_f64(),
-                                worker::describe(&End::HandOver)
-                            );
-                        }
-                        // Dropping it closes this process's copy.
-                    }
-                }
-                Err(Errno::EAGAIN) => {
-                    self.relay_retry = Some(now + RELAY_RETRY);
-                    return;
-                }
-                Err(e) => {
-                    warn!("cannot hand connections over: {e}; serving them until they end");
-                    self.handing_over = false;
-                    return;
-                }
-            }
-        }
-    }
-
     /// Accepts while there is room, up to a batch (connections handed
     /// over by retiring workers first); at the cap (or paused after a
     /// resource error) [`Loop::arm`] takes the listeners out.
@@ -356,17 +312,6 @@ impl<'a> Loop<'a> {
                 self.stop(self.ctx.board.hand_over());
             }
         }
-    }
-
-    /// Takes a connection another worker handed over, as it was.
-    fn adopt(&mut self, fd: OwnedFd, c: Carried, buf: &mut [u8], now: Instant) {
-        let ticket = admission::adopt(self.ctx.board, c.place, Holder::Here);
-        let name = log::log_enabled!(log::Level::Debug).then(|| {
-            c.client
-                .map_or_else(|| worker::peer_name(&fd, c.tcp), |a| a.to_string())
-        });
-        let conn = Conn::resume(fd, c.progress());
-        self.open_conn(conn, Some(ticket), None, name, (c.tcp, c.client), buf, now);
     }
 
     /// Checks a client at `key` and takes its place.
@@ -546,14 +491,7 @@ impl<'a> Loop<'a> {
         if let Some(slot) = self.ctx.slot {
             slot.served_one();
         }
-        if let Some(peer) = o.name {
-            debug!(
-                "connection from {peer}: {} bytes echoed in {:.3} s, ended by {}",
-                o.conn.bytes(),
-                o.conn.started().elapsed().as_secs_f64(),
-                worker::describe(&end)
-            );
-        }
+        o.log_end(&end);
         // Dropping the connection closes it, which also takes it out of
         // the epoll set; dropping its ticket gives its place back.
     }

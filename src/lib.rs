@@ -18,11 +18,12 @@
 //!   machine), `proxy` (the PROXY protocol);
 //! - `admission` (may this client be served: rules, rates, places),
 //!   `access` (addresses and CIDR rules), `accept` (accepting, the
-//!   wake-one wait), `listen` (addresses and sockets);
+//!   wake-one wait), `listen` (addresses and sockets), `relay` (a
+//!   connection handed from a retiring worker to one that serves on);
 //! - `scoreboard` (the memory every process shares), `signals` (the
 //!   self-pipe), `logging` (stderr or syslog), `daemon` (detach, pidfile,
-//!   privileges, descriptor limits), `systemd` (notify, socket
-//!   activation), `time`;
+//!   privileges, descriptor limits), `systemd` (notify, the fd store,
+//!   socket activation), `time`;
 //! - `sys`: the system calls nix does not wrap safely (fork, `_exit`,
 //!   mmap, accept4, ...), where nearly all `unsafe` lives; the few other
 //!   blocks (each `fork`'s caller, taking an inherited descriptor) say

@@ -1,6 +1,7 @@
 //! The configuration's unit tests: parsing, merging, defaults, every
 //! error, and a property test over the whole option space.
 
+use super::file::parse_file;
 use super::options::SocketMode;
 use super::*;
 use clap::Parser;

@@ -11,35 +11,39 @@
 //! checking an upgrade, stopping) is decided in `lifecycle`, pure and
 //! unit-tested: the master tells it what happened ([`Event`]) and does
 //! what it says ([`Action`], in [`Master::act`]). Each concern has a
-//! room: `generation` (SIGHUP: prepare, commit or abandon a reload),
-//! `prefork` (the pool: filling, spares, retiring, spawning workers,
-//! TTIN/TTOU), `fork` (accepting and forking per connection, the
-//! max-children bound), `reap` (children's deaths and crash-loop
-//! protection), `upgrade` (USR2) and `status` (USR1, STATUS=, periodic
-//! reports). This file holds the struct, the loop, the wait, and the
-//! acting on the lifecycle's decisions.
+//! room: `start` (what the master makes or adopts at start),
+//! `generation` (SIGHUP: prepare, commit or abandon a reload), `workers`
+//! (the pool: filling, spares, retiring, spawning workers, TTIN/TTOU),
+//! `fork` (accepting and forking per connection, the max-children bound),
+//! `reap` (children's deaths and crash-loop protection), `upgrade` (USR2),
+//! `store` (systemd's fd store: restart or stop, connections kept across
+//! a restart) and `status` (USR1, STATUS=, periodic reports). This file
+//! holds the struct, the loop, the wait, and the acting on the
+//! lifecycle's decisions.
 
 mod fork;
 mod generation;
+mod helper;
 mod lifecycle;
 mod reap;
+mod start;
 mod status;
 mod store;
 mod upgrade;
 mod workers;
 
+pub use start::run;
 pub use upgrade::{take_handover, take_passed};
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::PathBuf;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
 use nix::errno::Errno;
-use nix::fcntl::OFlag;
 use nix::poll::{poll, PollFd, PollFlags};
 use nix::sys::signal::{kill, Signal};
-use nix::unistd::{getpid, pipe2, Pid};
+use nix::unistd::Pid;
 
 use crate::accept::Acceptor;
 use crate::admission::Policy;
@@ -104,146 +108,6 @@ pub struct Source {
     pub exe: PathBuf,
     /// The arguments it was started with (not the program's name).
     pub args: Vec<std::ffi::OsString>,
-}
-
-/// Runs the master until it is stopped; returns the exit status. With a
-/// `handover`, this process is a master that just re-executed itself
-/// (USR2): it adopts its predecessor's children, pipes and scoreboard.
-pub fn run(
-    cfg: Config,
-    listeners: Vec<Listener>,
-    identity: Identity,
-    handoff: Handoff,
-    source: Source,
-    handover: Option<crate::upgrade::Handover>,
-) -> i32 {
-    let fail = |what: &str, e: std::io::Error| {
-        error!("cannot create {what}: {}", crate::logging::error_text(&e));
-        1
-    };
-    let signals = match Signals::install() {
-        Ok(s) => s,
-        Err(e) => return fail("the signal handlers", e),
-    };
-    let mut adopted = handover.map(upgrade::Adopted::new);
-    let (ctl_r, ctl_w) = match adopted.as_mut().and_then(|a| a.fork_ctl.take()) {
-        Some(p) => p,
-        None => match pipe2(OFlag::O_CLOEXEC) {
-            Ok(p) => p,
-            Err(e) => return fail("the control pipe", e.into()),
-        },
-    };
-    let relay = match adopted.as_mut().and_then(|a| a.relay.take()) {
-        Some(r) => r,
-        None => match Relay::new() {
-            Ok(r) => r,
-            Err(e) => return fail("the relay", e.into()),
-        },
-    };
-    let (notice_r, notice_w) = match adopted.as_mut().and_then(|a| a.notice.take()) {
-        Some(p) => p,
-        None => match pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK) {
-            Ok(p) => p,
-            Err(e) => return fail("the notice pipe", e.into()),
-        },
-    };
-    // Two generations of a full pool may overlap during a reload.
-    let board = match adopted.as_mut().and_then(|a| a.scoreboard.take()) {
-        Some((fd, slots, in_use)) => Scoreboard::adopt(fd, slots, &in_use).or_else(|e| {
-            // Another layout (an older build): the old workers' states
-            // cannot be read; they are retired as soon as the new ones
-            // serve, which does not need them.
-            warn!("cannot read the old workers' scoreboard ({e}); starting a new one");
-            if let Some(a) = adopted.as_mut() {
-                a.forget_slots();
-            }
-            Scoreboard::new(2 * MAX_WORKERS_LIMIT as usize, seed())
-        }),
-        None => Scoreboard::new(2 * MAX_WORKERS_LIMIT as usize, seed()),
-    };
-    let scoreboard = match board {
-        Ok(s) => s,
-        Err(e) => return fail("the scoreboard", e),
-    };
-    crate::daemon::make_room_for_descriptors(&cfg, listeners.len());
-    let now = Instant::now();
-    let upgraded_from = adopted.as_ref().map(upgrade::Adopted::generation);
-    // Under systemd, the unit whose restarts carry what the store keeps.
-    let unit = handoff
-        .notify
-        .as_ref()
-        .and_then(|_| crate::systemd::unit_name());
-    let mut master = Master {
-        pid: getpid(),
-        identity,
-        handoff,
-        source,
-        acceptor: Acceptor::new(listeners),
-        signals: Some(signals),
-        relay: Some(relay),
-        notice_r: Some(notice_r),
-        notice_w: Some(notice_w),
-        scoreboard,
-        children: Children::default(),
-        backoff: Backoff::default(),
-        life: {
-            let life = Life::new(now, upgraded_from, cfg.shutdown_timeout);
-            if unit.is_some() {
-                life.asking_about_restarts()
-            } else {
-                life
-            }
-        },
-        unit,
-        query: None,
-        restored: Vec::new(),
-        stored: 0,
-        restarting: false,
-        started: now,
-        pending: None,
-        check: None,
-        exit: None,
-        fork: ForkState {
-            ctl_r,
-            ctl_w: Some(ctl_w),
-            conn_buf: None,
-            accepted: 0,
-            policy: cfg.policy(),
-            saturation: Saturation::new(REPORT_EVERY),
-            slots: IndexPool::default(),
-        },
-        prefork: PreforkState {
-            pool: Pool::default(),
-            served_by_gone: 0,
-            seed: seed(),
-            at_max: RateLimit::new(REPORT_EVERY),
-            recheck: None,
-            relay_stuck: None,
-        },
-        reports: Reports {
-            next_tick: now + TICK,
-            refused: status::Counted::default(),
-            dropped: status::Counted::default(),
-            errors: RateLimit::new(REPORT_EVERY),
-            crash: RateLimit::new(REPORT_EVERY),
-        },
-        cfg,
-    };
-    if let Some(a) = adopted {
-        master.adopt(a, now);
-    }
-    // Until a stop, a child told to stop hands its connections over.
-    master.scoreboard.set_hand_over(true);
-    if master.scoreboard.start_secs() == 0 {
-        // A new scoreboard: the start is now, or the predecessor's.
-        let up = now.duration_since(master.started);
-        let secs = SystemTime::now()
-            .checked_sub(up)
-            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_secs());
-        master.scoreboard.set_start_secs(secs);
-    }
-    master.run()
 }
 
 /// Fork mode's state. It lives beside the pool's whatever the mode, as a
@@ -325,13 +189,13 @@ struct Master {
     /// The reload under way: its configuration and listeners.
     pending: Option<Pending>,
     /// USR2: the new executable's `-t`, while it runs.
-    check: Option<upgrade::Check>,
+    check: Option<helper::Helper>,
     /// Set by the lifecycle's last word: the exit status.
     exit: Option<i32>,
     /// The systemd unit this master runs as, if it does.
     unit: Option<String>,
     /// TERM under systemd: asking whether it is a restart.
-    query: Option<store::Query>,
+    query: Option<helper::Helper>,
     /// Connections kept across a restart, on their way to the workers.
     restored: Vec<(String, crate::relay::Carried, OwnedFd)>,
     /// Connections put in the store, to name each apart.
@@ -710,12 +574,4 @@ fn enter(identity: &Identity, board: &Scoreboard) -> Result<(), i32> {
         }
         EXIT_SETUP
     })
-}
-
-fn seed() -> u64 {
-    let t = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    (t ^ (u64::from(std::process::id()) << 32)) | 1
 }

@@ -14,24 +14,16 @@
 //! hand to its workers. The store must have room (`FileDescriptorStoreMax=`
 //! in the unit, which the query reads too): without it a TERM is a stop.
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::time::Instant;
 
 use log::{info, warn};
-use nix::fcntl::OFlag;
 use nix::sys::wait::WaitStatus;
-use nix::unistd::{pipe2, Pid};
 
 use super::lifecycle::Event;
 use super::Master;
 use crate::relay::Carried;
-use crate::{signals, sys, systemd};
-
-/// The service manager asked whether a TERM is part of a restart.
-pub(super) struct Query {
-    pub(super) pid: Pid,
-    output: OwnedFd,
-}
+use crate::systemd;
 
 impl Master {
     /// At start under systemd: every listener of ours in the store (one
@@ -140,28 +132,14 @@ impl Master {
     /// restart and whether its store has room. `Some`: no answer can come.
     pub(super) fn ask_restart(&mut self) -> Option<Event> {
         let unit = self.unit.clone()?;
-        let (out_r, out_w) = match pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK) {
-            Ok(p) => p,
-            Err(_) => return Some(Event::Restart(false)),
-        };
-        let mut out_w = Some(out_w);
-        // SAFETY: the master is single-threaded: it never starts a thread.
-        #[allow(unsafe_code)]
-        let forked = unsafe {
-            sys::spawn(&signals::HANDLED, &signals::CHILD_IGNORED, || {
-                let w = out_w.take();
-                self.close_in_child();
-                let answer = restart_answer(&unit);
-                if let Some(w) = &w {
-                    let _ = nix::unistd::write(w, answer.as_bytes());
-                }
-                0
-            })
-        };
-        drop(out_w);
-        match forked {
-            Ok(pid) => {
-                self.query = Some(Query { pid, output: out_r });
+        let spawned = self.spawn_helper(|w| {
+            let answer = restart_answer(&unit);
+            let _ = nix::unistd::write(w, answer.as_bytes());
+            0
+        });
+        match spawned {
+            Ok(query) => {
+                self.query = Some(query);
                 None
             }
             Err(_) => Some(Event::Restart(false)),
@@ -173,9 +151,7 @@ impl Master {
         let Some(q) = self.query.take() else {
             return;
         };
-        let mut buf = [0u8; 16];
-        let n = nix::unistd::read(&q.output, &mut buf).unwrap_or(0);
-        let restart = &buf[..n] == b"restart";
+        let restart = q.said(16) == "restart";
         self.apply(Event::Restart(restart), now);
     }
 }

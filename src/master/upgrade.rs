@@ -16,24 +16,17 @@ use std::os::unix::ffi::OsStrExt;
 use std::time::{Duration, Instant};
 
 use log::{error, info};
-use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
+use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use nix::sys::signal::{sigprocmask, SigSet, SigmaskHow};
 use nix::sys::wait::WaitStatus;
-use nix::unistd::{pipe2, Pid};
+use nix::unistd::Pid;
 
 use super::lifecycle::Event;
 use super::Master;
 use crate::children::describe;
 use crate::scoreboard::Place;
+use crate::sys;
 use crate::upgrade::{Handover, PassedChild, PassedListener, PassedRole, ENV};
-use crate::{signals, sys};
-
-/// The new executable's `-t`, running.
-pub(super) struct Check {
-    pub(super) pid: Pid,
-    /// Its standard output and error, read when it has exited.
-    output: OwnedFd,
-}
 
 impl Master {
     /// SIGUSR2, as the lifecycle allows it: starts the new executable's
@@ -45,52 +38,32 @@ impl Master {
             Ok(a) => a,
             Err(e) => return Some(Event::CheckNotStarted(format!("cannot be run: {e}"))),
         };
-        let (out_r, out_w) = match pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK) {
-            Ok(p) => p,
-            Err(e) => {
-                return Some(Event::CheckNotStarted(format!(
-                    "cannot be checked: cannot create a pipe: {e}"
-                )))
-            }
-        };
-        let mut out_w = Some(out_w);
-        // SAFETY: the master is single-threaded: it never starts a thread.
-        #[allow(unsafe_code)]
-        let forked = unsafe {
-            sys::spawn(&signals::HANDLED, &signals::CHILD_IGNORED, || {
-                let w = out_w.take();
-                self.close_in_child();
-                // A group of its own, so that giving it up ends whatever
-                // it started too (a script's children).
-                let _ = nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0));
-                // And it does not outlive a master killed meanwhile.
-                #[cfg(any(target_os = "linux", target_os = "android"))]
-                let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
-                if let Some(w) = &w {
-                    let _ = nix::unistd::dup2_stdout(w);
-                    let _ = nix::unistd::dup2_stderr(w);
-                }
-                let e = nix::unistd::execv(&argv[0], &argv).err();
-                crate::logging::say(format_args!(
-                    "cannot run {}: {}",
-                    argv[0].to_string_lossy(),
-                    e.map_or("".into(), |e| e.desc().to_lowercase())
-                ));
-                127
-            })
-        };
-        drop(out_w);
-        match forked {
-            Ok(pid) => {
+        let spawned = self.spawn_helper(|w| {
+            // A group of its own, so that giving it up ends whatever it
+            // started too (a script's children).
+            let _ = nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0));
+            // And it does not outlive a master killed meanwhile.
+            #[cfg(any(target_os = "linux", target_os = "android"))]
+            let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::unistd::dup2_stdout(w);
+            let _ = nix::unistd::dup2_stderr(w);
+            let e = nix::unistd::execv(&argv[0], &argv).err();
+            crate::logging::say(format_args!(
+                "cannot run {}: {}",
+                argv[0].to_string_lossy(),
+                e.map_or("".into(), |e| e.desc().to_lowercase())
+            ));
+            127
+        });
+        match spawned {
+            Ok(check) => {
                 // Set on both sides, so that the group exists whichever
                 // runs first (the child may fail before it sets it).
-                let _ = nix::unistd::setpgid(pid, pid);
-                self.check = Some(Check { pid, output: out_r });
+                let _ = nix::unistd::setpgid(check.pid, check.pid);
+                self.check = Some(check);
                 None
             }
-            Err(e) => Some(Event::CheckNotStarted(format!(
-                "cannot be checked: cannot fork: {e}"
-            ))),
+            Err(e) => Some(Event::CheckNotStarted(format!("cannot be checked: {e}"))),
         }
     }
 
@@ -102,9 +75,7 @@ impl Master {
         };
         // Whatever it left running in its group goes with it.
         end_group(check.pid);
-        let mut buf = [0u8; 4096];
-        let n = nix::unistd::read(&check.output, &mut buf).unwrap_or(0);
-        let said = String::from_utf8_lossy(&buf[..n]);
+        let said = check.said(4096);
         let said = said.trim().replace('\n', "; ");
         let result = if matches!(status, WaitStatus::Exited(_, 0)) {
             Ok(())

@@ -1,0 +1,159 @@
+//! One connection's unit tests: exact echo over socket pairs, half-close,
+//! every limit, and the hand-over points.
+
+use super::*;
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::thread;
+
+fn serve_pair(limits: Limits) -> (UnixStream, thread::JoinHandle<Summary>) {
+    let (client, server) = UnixStream::pair().unwrap();
+    server.set_nonblocking(true).unwrap();
+    let h = thread::spawn(move || {
+        let mut buf = vec![0u8; 4096];
+        serve(
+            server.as_fd(),
+            &mut buf,
+            &limits,
+            Progress::new(Instant::now()),
+            None,
+            &mut || Watch::Forget,
+        )
+    });
+    (client, h)
+}
+
+#[test]
+fn echoes_exactly_then_eof_on_half_close() {
+    let (mut c, h) = serve_pair(Limits::default());
+    let data: Vec<u8> = (0..=255u8).cycle().take(100_000).collect();
+    let writer = {
+        let mut c = c.try_clone().unwrap();
+        let data = data.clone();
+        thread::spawn(move || {
+            c.write_all(&data).unwrap();
+            c.shutdown(std::net::Shutdown::Write).unwrap();
+        })
+    };
+    let mut back = Vec::new();
+    c.read_to_end(&mut back).unwrap();
+    writer.join().unwrap();
+    assert!(back == data);
+    let s = h.join().unwrap();
+    assert!(matches!(s.end, End::Eof));
+    assert_eq!(s.bytes, data.len() as u64);
+}
+
+#[test]
+fn idle_client_is_released() {
+    let (mut c, h) = serve_pair(Limits {
+        idle: Some(Duration::from_millis(100)),
+        ..Limits::default()
+    });
+    c.write_all(b"hi").unwrap();
+    let s = h.join().unwrap();
+    assert!(matches!(s.end, End::Idle), "{:?}", s.end);
+    assert_eq!(s.bytes, 2);
+}
+
+#[test]
+fn byte_cap_echoes_exactly_the_cap() {
+    let (mut c, h) = serve_pair(Limits {
+        max_bytes: 5,
+        ..Limits::default()
+    });
+    c.write_all(b"0123456789").unwrap();
+    let s = h.join().unwrap();
+    assert!(matches!(s.end, End::Bytes));
+    let mut back = Vec::new();
+    let _ = c.read_to_end(&mut back);
+    assert_eq!(back, b"01234");
+}
+
+#[test]
+fn byte_cap_holds_on_a_stream() {
+    // Larger than the buffer: many full reads, the cap inside one.
+    let (mut c, h) = serve_pair(Limits {
+        max_bytes: 150_001,
+        ..Limits::default()
+    });
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let writer = {
+        let mut c = c.try_clone().unwrap();
+        let data = data.clone();
+        thread::spawn(move || {
+            let _ = c.write_all(&data);
+        })
+    };
+    let mut back = Vec::new();
+    let _ = c.read_to_end(&mut back);
+    let s = h.join().unwrap();
+    drop(c);
+    writer.join().unwrap();
+    assert!(matches!(s.end, End::Bytes), "{:?}", s.end);
+    assert_eq!(s.bytes, 150_001);
+    assert!(back == data[..150_001]);
+}
+
+#[test]
+fn watch_can_abort() {
+    let (_c, server) = UnixStream::pair().unwrap();
+    server.set_nonblocking(true).unwrap();
+    let (mut tell, watched) = UnixStream::pair().unwrap();
+    tell.write_all(b"x").unwrap();
+    let mut buf = [0u8; 16];
+    let s = serve(
+        server.as_fd(),
+        &mut buf,
+        &Limits::default(),
+        Progress::new(Instant::now()),
+        Some(watched.as_fd()),
+        &mut || Watch::Abort,
+    );
+    assert!(matches!(s.end, End::Aborted));
+}
+
+#[test]
+fn a_hand_over_comes_once_everything_read_is_echoed_and_resumes_the_count() {
+    let (mut c, server) = UnixStream::pair().unwrap();
+    server.set_nonblocking(true).unwrap();
+    let (mut tell, watched) = UnixStream::pair().unwrap();
+    c.write_all(b"first").unwrap();
+    tell.write_all(b"x").unwrap();
+    let mut buf = [0u8; 16];
+    let start = Instant::now() - Duration::from_secs(60);
+    let from = Progress {
+        start,
+        last: start,
+        bytes: 100,
+    };
+    let s = serve(
+        server.as_fd(),
+        &mut buf,
+        &Limits::default(),
+        from,
+        Some(watched.as_fd()),
+        &mut || Watch::HandOver,
+    );
+    assert!(matches!(s.end, End::HandOver), "{:?}", s.end);
+    // What was read first came back; the count goes on from 100.
+    let mut back = [0u8; 5];
+    c.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"first");
+    assert_eq!((s.bytes, s.progress.start), (105, start));
+    // max-session counts from the first accept: over at once here.
+    let limits = Limits {
+        session: Some(Duration::from_secs(30)),
+        ..Limits::default()
+    };
+    let s = serve(
+        server.as_fd(),
+        &mut buf,
+        &limits,
+        s.progress,
+        None,
+        &mut || Watch::Forget,
+    );
+    assert!(matches!(s.end, End::Session), "{:?}", s.end);
+}
