@@ -603,3 +603,149 @@ fn the_man_pages_sample_errors_are_the_binarys() {
         find("cannot bind")
     );
 }
+
+/// The process models `-m` takes, as `--help` lists its possible values.
+fn modes() -> Vec<String> {
+    let help = help();
+    let section = help
+        .split("--mode <MODE>")
+        .nth(1)
+        .and_then(|s| s.split("Possible values:").nth(1))
+        .unwrap_or_default();
+    section
+        .lines()
+        .skip_while(|l| l.trim().is_empty())
+        .map_while(|l| l.trim().strip_prefix("- "))
+        .filter_map(|l| l.split(':').next())
+        .map(str::to_string)
+        .collect()
+}
+
+/// The signals the master handles (src/signals.rs's `HANDLED`), as the
+/// docs name them: `TERM`, not `SIGTERM`.
+fn signals() -> Vec<String> {
+    let src = read("src/signals.rs");
+    let list = src
+        .split("pub const HANDLED")
+        .nth(1)
+        .and_then(|s| s.split("];").next())
+        .unwrap_or_default();
+    list.split("Signal::SIG")
+        .skip(1)
+        .filter_map(|s| s.split(|c: char| !c.is_ascii_alphanumeric()).next())
+        .map(str::to_string)
+        .collect()
+}
+
+/// How prose names each model. A new mode fails here until the docs
+/// (and this table) say how it is called.
+fn in_prose(mode: &str) -> &'static str {
+    match mode {
+        "prefork" => "pre-forked",
+        "fork" => "per connection",
+        "event" => "event-driven",
+        other => panic!("mode {other}: say in tests/docs.rs how the docs name it in prose"),
+    }
+}
+
+/// `text` from the line containing `start` to the next line containing
+/// `end` (or its end).
+fn between<'a>(text: &'a str, start: &str, end: &str) -> &'a str {
+    let Some(at) = text.find(start) else {
+        return "";
+    };
+    let rest = &text[at..];
+    let stop = rest[start.len()..]
+        .find(end)
+        .map_or(rest.len(), |i| i + start.len());
+    &rest[..stop]
+}
+
+fn has_word(text: &str, word: &str) -> bool {
+    text.split(|c: char| !c.is_ascii_alphanumeric() && c != '-')
+        .any(|w| w == word)
+}
+
+#[test]
+fn every_mode_is_named_wherever_the_models_are() {
+    let modes = modes();
+    assert_eq!(modes.len(), 3, "the modes of --help: {modes:?}");
+    let man = read("man/echo-forkd.8");
+    let readme = read("README.md");
+    let cargo = read("Cargo.toml");
+    let conf = read("packaging/echo-forkd.conf");
+    let places: [(&str, &str, bool); 7] = [
+        ("the man page's NAME", between(&man, ".Nd ", "\n"), false),
+        (
+            "the man page's SYNOPSIS",
+            between(&man, ".Op Fl m ", "\n"),
+            true,
+        ),
+        (
+            "the man page's DESCRIPTION",
+            between(&man, ".Sh DESCRIPTION", ".Sh OPTIONS"),
+            true,
+        ),
+        (
+            "Cargo.toml's description",
+            between(&cargo, "description = ", "\n"),
+            false,
+        ),
+        (
+            "the README's introduction",
+            between(&readme, "echo-forkd is", "\n\n"),
+            false,
+        ),
+        (
+            "the README's models section",
+            between(&readme, "## Process models", "\n## "),
+            true,
+        ),
+        (
+            "the packaged config's mode",
+            between(&conf, "# Process model", "#mode"),
+            true,
+        ),
+    ];
+    for mode in &modes {
+        for (place, text, literal) in &places {
+            let named = if *literal {
+                has_word(text, mode)
+            } else {
+                // Prose wraps: one space for any run of white space.
+                let flat = text.split_whitespace().collect::<Vec<_>>().join(" ");
+                flat.contains(in_prose(mode))
+            };
+            assert!(named, "{place} leaves out mode {mode}: {text:?}");
+        }
+    }
+}
+
+#[test]
+fn every_signal_is_named_wherever_the_signals_are() {
+    let signals = signals();
+    assert!(signals.len() >= 9, "the handled signals: {signals:?}");
+    let man = read("man/echo-forkd.8");
+    let readme = read("README.md");
+    let help = help();
+    let man_signals = between(&man, ".Sh SIGNALS", ".Sh ENVIRONMENT");
+    let readme_signals = between(&readme, "## Signals", "### Reload");
+    let help_signals = between(&help, "Signals to the master", "See echo-forkd(8)");
+    for sig in &signals {
+        assert!(
+            has_word(man_signals, sig),
+            "the man page's SIGNALS leaves out {sig}"
+        );
+        assert!(
+            has_word(readme_signals, sig),
+            "the README's Signals leaves out {sig}"
+        );
+        // Reaping children is not something an operator sends.
+        if sig != "CHLD" {
+            assert!(
+                has_word(help_signals, sig),
+                "--help leaves out {sig}: {help_signals:?}"
+            );
+        }
+    }
+}

@@ -390,8 +390,9 @@ fn usr1_logs_a_status_line_naming_each_worker() {
     assert_eq!(named.matches(" idle ").count(), 2, "{named}");
 }
 
-#[test]
-fn a_second_term_makes_the_stop_immediate_and_says_so() {
+/// A graceful stop says how to make it immediate, and a second signal
+/// does (Ctrl-C twice in a terminal).
+fn a_second_signal_makes_the_stop_immediate(sig: Signal, hint: &str) {
     let mut d = Daemon::start(&[
         "-l",
         "127.0.0.1:0",
@@ -404,22 +405,36 @@ fn a_second_term_makes_the_stop_immediate_and_says_so() {
     ]);
     let mut held = connect(d.addr());
     assert_eq!(round_trip(&mut held, b"hold").unwrap(), b"hold");
-    d.signal(Signal::SIGTERM);
-    assert!(d
-        .wait_line("stopping; open connections may continue", DEADLINE)
-        .is_some());
-    d.signal(Signal::SIGTERM);
+    d.signal(sig);
+    let line = d.wait_line("stopping; open connections may continue for 60 s", DEADLINE);
     assert!(
-        d.wait_line(
-            "SIGTERM again: the stop is now immediate; killing 1 child",
-            DEADLINE
-        )
-        .is_some(),
-        "{}",
-        d.stderr_text()
+        line.as_deref().is_some_and(|l| l.contains(hint)),
+        "the stop does not say how to make it immediate: {line:?}"
     );
+    d.signal(sig);
+    let now = format!(
+        "{} again: the stop is now immediate; killing 1 child",
+        sig.as_str()
+    );
+    assert!(d.wait_line(&now, DEADLINE).is_some(), "{}", d.stderr_text());
     let status = d.wait_exit(DEADLINE).expect("it exits now, not in 60 s");
     assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn a_second_term_makes_the_stop_immediate_and_says_so() {
+    a_second_signal_makes_the_stop_immediate(
+        Signal::SIGTERM,
+        "(a second SIGTERM or SIGINT stops at once)",
+    );
+}
+
+#[test]
+fn a_second_ctrl_c_makes_the_stop_immediate_and_says_so() {
+    a_second_signal_makes_the_stop_immediate(
+        Signal::SIGINT,
+        "(another Ctrl-C (SIGINT) stops at once)",
+    );
 }
 
 #[test]

@@ -208,7 +208,7 @@ fn listen_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D:
     version,
     long_about = None,
     about = "Echo (RFC 862) daemon with the classic process models: pre-forked workers, a child per connection, or event-driven workers",
-    after_help = "Signals to the master: TERM/INT graceful stop, QUIT immediate stop, HUP reload,\nUSR1 status line, TTIN/TTOU one worker more/less.\nSee echo-forkd(8)."
+    after_help = "Signals to the master: TERM/INT graceful stop (twice: at once), QUIT immediate stop,\nHUP reload, USR2 upgrade to the binary now at its path, USR1 status line,\nTTIN/TTOU one worker more/less (prefork and event).\nSee echo-forkd(8)."
 )]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Options {
@@ -244,7 +244,7 @@ pub struct Options {
     #[arg(long, value_name = "N")]
     pub worker_connections: Option<u32>,
 
-    /// prefork: ceiling of the pool [default: 256]
+    /// prefork: ceiling of the pool; event: most workers TTIN reaches [default: 256]
     #[arg(long, value_name = "N")]
     pub max_workers: Option<u32>,
 
@@ -260,11 +260,11 @@ pub struct Options {
     #[arg(long, value_name = "N")]
     pub max_children: Option<u32>,
 
-    /// prefork: a worker exits after N connections and is replaced; 0 = never [default: 0]
+    /// prefork and event: a worker retires after N connections and is replaced; 0 = never [default: 0]
     #[arg(long, value_name = "N")]
     pub max_requests: Option<u32>,
 
-    /// prefork: add a random 0..=N to each worker's max-requests [default: 0]
+    /// prefork and event: add a random 0..=N to each worker's max-requests [default: 0]
     #[arg(long, value_name = "N")]
     pub max_requests_jitter: Option<u32>,
 

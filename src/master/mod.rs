@@ -526,8 +526,15 @@ impl Master {
         } else if immediate {
             info!("{why}: stopping now");
         } else {
+            // Say the way out: an operator at a terminal who pressed
+            // Ctrl-C should not wait in silence for the timeout.
+            let again = if why == "SIGINT" {
+                "another Ctrl-C (SIGINT)"
+            } else {
+                "a second SIGTERM or SIGINT"
+            };
             info!(
-                "{why}: stopping; open connections may continue for {} s",
+                "{why}: stopping; open connections may continue for {} s ({again} stops at once)",
                 self.cfg.shutdown_timeout.as_secs()
             );
         }
