@@ -144,6 +144,15 @@ impl Rules {
         })
     }
 
+    /// The networks of the `--allow` (`true`) or `--deny` rules, as given.
+    pub fn networks(&self, allowed: bool) -> Vec<String> {
+        self.rules
+            .iter()
+            .filter(|(_, a)| *a == allowed)
+            .map(|(c, _)| c.to_string())
+            .collect()
+    }
+
     /// Whether there is any rule at all (no rule: nothing to check).
     pub fn is_empty(&self) -> bool {
         self.rules.is_empty()

@@ -119,8 +119,15 @@ pub fn run() -> i32 {
         logging::say(&e);
         return 1;
     }
-    if check {
-        println!("echo-forkd: configuration is valid");
+    if check || opts.print_config {
+        for risk in config::risks(&cfg, identity.stays_root()) {
+            logging::say(format_args!("warning: {risk}"));
+        }
+        if opts.print_config {
+            print!("{}", config::effective(&cfg));
+        } else {
+            println!("echo-forkd: configuration is valid");
+        }
         return 0;
     }
 
@@ -160,8 +167,8 @@ pub fn run() -> i32 {
     }
     match start(&cfg, &identity, systemd::Notify::from_env()) {
         Ok((listeners, handoff, activated)) => {
-            if identity.stays_root() {
-                log::warn!("workers run as root: use -u to give them an unprivileged user");
+            for risk in config::risks(&cfg, identity.stays_root()) {
+                log::warn!("{risk}");
             }
             let source = master::Source {
                 cli: opts,

@@ -198,6 +198,11 @@ impl Trusted {
             .map(Trusted)
     }
 
+    /// The trusted networks, as given.
+    pub fn networks(&self) -> Vec<String> {
+        self.0.iter().map(ToString::to_string).collect()
+    }
+
     /// Whether the proxy at `key` (see [`crate::access::key`]) is trusted.
     pub fn contains(&self, key: u128) -> bool {
         self.0.iter().any(|c| c.contains(key))

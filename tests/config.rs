@@ -393,3 +393,84 @@ fn event_mode_short_of_descriptors_names_worker_connections() {
     assert!(line.contains("or lower worker-connections"), "{line}");
     assert!(!line.contains("max-workers"), "{line}");
 }
+
+/// `-T` prints the configuration in force, the file's settings and the
+/// flags' merged over the defaults, as a file that `-c` reads back to the
+/// same `-T` output.
+#[test]
+fn print_config_shows_what_is_in_force_and_reads_back_the_same() {
+    let dir = TempDir::new("print");
+    let file = dir.path("in.toml");
+    std::fs::write(
+        &file,
+        "mode = \"event\"\nworker-connections = 99\nallow = [\"10.0.0.0/8\"]\nidle-timeout = 7\n",
+    )
+    .unwrap();
+    let (code, first) = launch_stdout(&[
+        "-T",
+        "-c",
+        file.to_str().unwrap(),
+        "-l",
+        "127.0.0.1:7007",
+        "--idle-timeout",
+        "9",
+    ]);
+    assert_eq!(code, 0, "{first}");
+    for line in [
+        "mode = \"event\"",              // from the file
+        "worker-connections = 99",       // from the file
+        "allow = [\"10.0.0.0/8\"]",      // from the file
+        "listen = [\"127.0.0.1:7007\"]", // a flag
+        "idle-timeout = 9",              // a flag over the file
+        "shutdown-timeout = 10",         // a default
+        "max-children = 256",            // a default
+    ] {
+        assert!(first.lines().any(|l| l == line), "no '{line}' in:\n{first}");
+    }
+    let printed = dir.path("printed.toml");
+    std::fs::write(&printed, &first).unwrap();
+    let (code, again) = launch_stdout(&["-T", "-c", printed.to_str().unwrap()]);
+    assert_eq!(code, 0);
+    assert_eq!(again, first, "-T of -T's output differs");
+    // And it is checked as -t checks: a bad file prints nothing.
+    let (code, out) = launch_stdout(&["-T", "-w", "0"]);
+    assert_ne!(code, 0);
+    assert!(out.is_empty(), "{out}");
+}
+
+/// `-t` passes what works but is risky, with a warning for each.
+#[test]
+fn check_warns_about_what_is_risky() {
+    let (code, err) = launch(&[
+        "-t",
+        "-l",
+        "udp:*:7007",
+        "--udp-rate",
+        "0",
+        "--metrics",
+        "0.0.0.0:9100",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("warning: udp:*:7007 answers every source at any rate"),
+        "{err}"
+    );
+    assert!(err.contains("warning: metrics on 0.0.0.0:9100"), "{err}");
+    let root = nix::unistd::geteuid().is_root();
+    assert_eq!(err.contains("warning: workers run as root"), root, "{err}");
+    // Bound to loopback with a rate, and a user: nothing to say.
+    let user = if root { "nobody" } else { "" };
+    let mut args = vec![
+        "-t",
+        "-l",
+        "udp:127.0.0.1:7007",
+        "--metrics",
+        "127.0.0.1:9100",
+    ];
+    if root {
+        args.extend(["-u", user]);
+    }
+    let (code, err) = launch(&args);
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains("warning"), "{err}");
+}

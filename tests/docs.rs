@@ -8,10 +8,11 @@ use std::process::Command;
 use crate::util::BIN;
 
 /// Options that exist on the command line only, not as config file keys.
-const CLI_ONLY: [&str; 6] = [
+const CLI_ONLY: [&str; 7] = [
     "--foreground",
     "--config",
     "--check",
+    "--print-config",
     "--inetd",
     "--help",
     "--version",

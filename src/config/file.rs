@@ -8,9 +8,17 @@ use super::{ceiling, Options};
 
 /// Every key a config file may have (the long options that are not
 /// command-line only).
-fn keys() -> Vec<String> {
+pub(super) fn keys() -> Vec<String> {
     use clap::CommandFactory;
-    const CLI_ONLY: [&str; 6] = ["foreground", "config", "check", "inetd", "help", "version"];
+    const CLI_ONLY: [&str; 7] = [
+        "foreground",
+        "config",
+        "check",
+        "print-config",
+        "inetd",
+        "help",
+        "version",
+    ];
     Options::command()
         .get_arguments()
         .filter_map(|a| a.get_long())

@@ -13,11 +13,13 @@ use crate::listen::ListenAddr;
 
 mod file;
 mod options;
+mod print;
 #[cfg(test)]
 mod tests;
 
 pub use file::read_file;
 pub use options::{Config, Facility, LogLevel, LogTarget, Mode, Options, Workers};
+pub use print::{effective, risks};
 
 use file::locate;
 

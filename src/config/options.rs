@@ -222,10 +222,15 @@ pub struct Options {
     #[serde(skip)]
     pub config: Option<PathBuf>,
 
-    /// Validate the configuration and exit: 0 if good, 1 if not; binds nothing
+    /// Validate the configuration and exit: 0 if good, 1 if not; binds nothing; warns about what is risky
     #[arg(short = 't', long)]
     #[serde(skip)]
     pub check: bool,
+
+    /// Validate as -t does, then print the configuration in force (defaults, file and flags) as a file for -c
+    #[arg(short = 'T', long)]
+    #[serde(skip)]
+    pub print_config: bool,
 
     /// Address to listen on: HOST:PORT, [V6]:PORT, *:PORT or unix:/PATH; udp:HOST:PORT, udp:[V6]:PORT or udp:*:PORT for UDP (repeatable) [default: [::]:7]
     #[arg(short = 'l', long = "listen", value_name = "ADDR")]

@@ -82,6 +82,17 @@ impl FromStr for ListenAddr {
 }
 
 impl ListenAddr {
+    /// Whether it listens on every address of the host (`*:PORT`,
+    /// `0.0.0.0`, `[::]`), whatever it serves.
+    pub fn is_wildcard(&self) -> bool {
+        match self {
+            ListenAddr::Any(_) => true,
+            ListenAddr::Tcp(a) => a.ip().is_unspecified(),
+            ListenAddr::Unix(_) => false,
+            ListenAddr::Udp(a) | ListenAddr::Metrics(a) => a.is_wildcard(),
+        }
+    }
+
     /// Whether the port is 0, to be picked by the kernel at bind time.
     pub fn is_ephemeral(&self) -> bool {
         match self {
