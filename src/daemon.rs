@@ -462,14 +462,20 @@ impl Identity {
         let user = user
             .map(|name| match User::from_name(name) {
                 Ok(Some(u)) => Ok(u),
-                Ok(None) => Err(format!("unknown user '{name}'")),
+                Ok(None) => Err(format!(
+                    "unknown user '{name}' (create it, as the package does: useradd --system --no-create-home {name})"
+                )),
                 Err(e) => Err(format!("cannot look up user '{name}': {e}")),
             })
             .transpose()?;
         let gid = match group {
             Some(name) => match Group::from_name(name) {
                 Ok(Some(g)) => Some(g.gid),
-                Ok(None) => return Err(format!("unknown group '{name}'")),
+                Ok(None) => {
+                    return Err(format!(
+                        "unknown group '{name}' (create it: groupadd --system {name})"
+                    ))
+                }
                 Err(e) => return Err(format!("cannot look up group '{name}': {e}")),
             },
             None => user.as_ref().map(|u| u.gid),
@@ -484,8 +490,16 @@ impl Identity {
             return Err("-u, -g and --chroot need echo-forkd to be started as root".into());
         }
         if let Some(dir) = &id.chroot {
-            if !dir.is_dir() {
-                return Err(format!("--chroot {}: not a directory", dir.display()));
+            match std::fs::metadata(dir) {
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => return Err(format!("--chroot {}: not a directory", dir.display())),
+                Err(e) => {
+                    return Err(format!(
+                        "--chroot {}: {}",
+                        dir.display(),
+                        crate::logging::error_text(&e)
+                    ))
+                }
             }
         }
         Ok(id)

@@ -111,6 +111,12 @@ pub fn run() -> i32 {
     ) {
         Ok(id) => id,
         Err(e) => {
+            // A user or group the file names: say where.
+            let from_file = opts.user.is_none() && opts.group.is_none();
+            let e = match &cfg.config_file {
+                Some(path) if from_file => config::in_file(path, e),
+                _ => e,
+            };
             logging::say(&e);
             return 1;
         }
@@ -158,12 +164,6 @@ pub fn run() -> i32 {
             e.why
         ),
         None => {}
-    }
-    if cfg.log == LogTarget::Syslog && !logging::syslog_connected() {
-        logging::say(format_args!(
-            "warning: cannot reach syslog at {}; log lines are dropped until it appears",
-            cfg.syslog_socket.display()
-        ));
     }
     match start(&cfg, &identity, systemd::Notify::from_env()) {
         Ok((listeners, handoff, activated)) => {
@@ -271,6 +271,14 @@ fn start(
         .as_deref()
         .map(daemon::PidFile::lock)
         .transpose()?;
+    // Only once nothing else failed, so that a real error comes first;
+    // and before detaching, so that the operator sees it.
+    if cfg.log == LogTarget::Syslog && !logging::syslog_connected() {
+        logging::say(format_args!(
+            "warning: cannot reach syslog at {}; log lines are dropped until it appears",
+            cfg.syslog_socket.display()
+        ));
+    }
     let ready = if cfg.foreground {
         None
     } else {

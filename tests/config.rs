@@ -474,3 +474,80 @@ fn check_warns_about_what_is_risky() {
     assert_eq!(code, 0, "{err}");
     assert!(!err.contains("warning"), "{err}");
 }
+
+/// Each of these mistakes gets a message that names the fix.
+#[test]
+fn messages_name_the_fix() {
+    let dir = TempDir::new("fixes");
+    let file = |name: &str, text: &str| {
+        let p = dir.path(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let (code, err) = launch(&["-t", "-l", ":7007"]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("*:7007") && err.contains("127.0.0.1:7007"),
+        "{err}"
+    );
+
+    // One address as a string is taken as a list of one.
+    let one = file("one.toml", "listen = \"127.0.0.1:7007\"\n");
+    let (code, out) = launch_stdout(&["-T", "-c", &one]);
+    assert_eq!(code, 0);
+    assert!(out.contains("listen = [\"127.0.0.1:7007\"]"), "{out}");
+    let (code, err) = launch(&["-t", "-c", &file("num.toml", "listen = 7\n")]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("line 1: listen is an address or a list"),
+        "{err}"
+    );
+
+    let twice = file("twice.toml", "workers = 2\nmax-spare = 9\nworkers = 3\n");
+    let (code, err) = launch(&["-t", "-c", &twice]);
+    assert_eq!(code, 1);
+    assert!(err.contains("line 3: `workers` is set twice"), "{err}");
+
+    let nobody = file(
+        "user.toml",
+        "listen = [\"127.0.0.1:7007\"]\nuser = \"no-such-user-7007\"\n",
+    );
+    let (code, err) = launch(&["-t", "-c", &nobody]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(&format!(
+            "config {nobody}: line 2: unknown user 'no-such-user-7007'"
+        )) && err.contains("useradd"),
+        "{err}"
+    );
+
+    if nix::unistd::geteuid().is_root() {
+        let missing = dir.path("no-such-dir");
+        let (code, err) = launch(&["-t", "--chroot", missing.to_str().unwrap()]);
+        assert_eq!(code, 1);
+        assert!(err.contains("no such file or directory"), "{err}");
+    } else {
+        println!("skipped the --chroot message: it needs root");
+    }
+}
+
+/// With syslog unreachable and a port that cannot be bound, the error
+/// comes alone: the warning about syslog is for a daemon that starts.
+#[test]
+fn a_real_error_is_not_preceded_by_the_syslog_warning() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let (code, err) = launch(&[
+        "-f",
+        "-l",
+        &addr,
+        "--log",
+        "syslog",
+        "--syslog-socket",
+        "/nonexistent/echo-forkd-log",
+    ]);
+    assert_eq!(code, 1);
+    let first = err.lines().next().unwrap_or_default();
+    assert!(first.contains(&format!("cannot bind {addr}")), "{err}");
+    assert!(!err.contains("syslog"), "{err}");
+}

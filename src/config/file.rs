@@ -27,6 +27,20 @@ pub(super) fn keys() -> Vec<String> {
         .collect()
 }
 
+/// `msg`, an error about a setting that `path` gives, with the file and
+/// the line it is set on (`config FILE: line N: …`), if it can be read
+/// and the line found.
+pub fn in_file(path: &Path, msg: String) -> String {
+    let Ok((_, text)) = read_file(path) else {
+        return msg;
+    };
+    let located = locate(&text, msg.clone());
+    if located == msg {
+        return msg;
+    }
+    format!("config {}: {located}", path.display())
+}
+
 /// Prefixes `msg`, an error about a setting, with the line of the file
 /// `text` that sets the key it names first (`line 3: …`), if any does.
 pub(super) fn locate(text: &str, msg: String) -> String {
@@ -145,6 +159,11 @@ pub(super) fn parse_file(text: &str) -> Result<Options, String> {
         match e.span() {
             Some(span) => {
                 let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                if what == "duplicate key" {
+                    // Name it: the span is the key as written.
+                    let key = text.get(span.clone()).unwrap_or_default().trim();
+                    what = format!("`{key}` is set twice; keep one");
+                }
                 format!("line {line}: {what}")
             }
             None => what,

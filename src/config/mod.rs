@@ -17,7 +17,7 @@ mod print;
 #[cfg(test)]
 mod tests;
 
-pub use file::read_file;
+pub use file::{in_file, read_file};
 pub use options::{Config, Facility, LogLevel, LogTarget, Mode, Options, Workers};
 pub use print::{effective, risks};
 

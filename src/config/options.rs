@@ -185,10 +185,25 @@ impl TryFrom<ModeInFile> for SocketMode {
     }
 }
 
-/// The file's `listen`: a list, and never an empty one (leaving the key
-/// out means the default; an empty list would listen nowhere).
+/// The file's `listen`: a list, or one address as a string, and never an
+/// empty list (leaving the key out means the default; an empty list would
+/// listen nowhere).
 fn listen_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
-    let list = Vec::<String>::deserialize(d)?;
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMore {
+        One(String),
+        More(Vec<String>),
+    }
+    let list = match OneOrMore::deserialize(d) {
+        Ok(OneOrMore::One(a)) => vec![a],
+        Ok(OneOrMore::More(list)) => list,
+        Err(_) => {
+            return Err(serde::de::Error::custom(
+                "listen is an address or a list of addresses, as strings: listen = [\"127.0.0.1:7\", \"unix:/run/echo.sock\"]",
+            ))
+        }
+    };
     if list.is_empty() {
         return Err(serde::de::Error::custom(format!(
             "listen is empty: leave the key out for the default {}",

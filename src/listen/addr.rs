@@ -64,6 +64,11 @@ impl FromStr for ListenAddr {
         if host == "*" {
             return Ok(ListenAddr::Any(port));
         }
+        if host.is_empty() {
+            return Err(bad(&format!(
+                "no host: *:{port} listens on every address, 127.0.0.1:{port} on this host only"
+            )));
+        }
         let ip = if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
             IpAddr::V6(
                 v6.parse::<Ipv6Addr>()
