@@ -527,7 +527,7 @@ fn messages_name_the_fix() {
         assert_eq!(code, 1);
         assert!(err.contains("no such file or directory"), "{err}");
     } else {
-        println!("skipped the --chroot message: it needs root");
+        skipped(format_args!("skipped the --chroot message: it needs root"));
     }
 }
 

@@ -187,7 +187,9 @@ fn a_pidfile_that_is_not_a_regular_file_is_refused_and_left_alone() {
         .unwrap();
         nodes.push((dev, "character device"));
     } else {
-        println!("character device case skipped: mknod needs root");
+        skipped(format_args!(
+            "character device case skipped: mknod needs root"
+        ));
     }
     for (node, what) in &nodes {
         let p = node.to_str().unwrap();
@@ -250,7 +252,9 @@ fn lock_for_good(f: &std::fs::File) -> bool {
 #[test]
 fn a_pidfile_another_user_owns_is_refused() {
     if !nix::unistd::geteuid().is_root() {
-        println!("skipped: needs root (to give the file to another user)");
+        skipped(format_args!(
+            "needs root (to give the file to another user)"
+        ));
         return;
     }
     let dir = TempDir::new("pidforeign");
@@ -324,11 +328,11 @@ fn unprivileged(pid: i32, gid: u32) -> bool {
 #[test]
 fn workers_and_fork_children_run_as_the_given_user() {
     if !nix::unistd::geteuid().is_root() {
-        println!("skipped: dropping privileges needs root");
+        skipped(format_args!("dropping privileges needs root"));
         return;
     }
     let Ok(Some(group)) = nix::unistd::Group::from_name("nogroup") else {
-        println!("skipped: no group 'nogroup' here");
+        skipped(format_args!("no group 'nogroup' here"));
         return;
     };
     let gid = group.gid.as_raw();
@@ -371,7 +375,7 @@ fn workers_and_fork_children_run_as_the_given_user() {
 #[test]
 fn chroot_confines_the_workers() {
     if !nix::unistd::geteuid().is_root() {
-        println!("skipped: chroot needs root");
+        skipped(format_args!("chroot needs root"));
         return;
     }
     let dir = TempDir::new("chroot");
@@ -449,11 +453,11 @@ fn unknown_user_or_group_fails_before_starting() {
 #[test]
 fn inetd_mode_drops_privileges_too() {
     if !nix::unistd::geteuid().is_root() {
-        println!("skipped: dropping privileges needs root");
+        skipped(format_args!("dropping privileges needs root"));
         return;
     }
     let Ok(Some(group)) = nix::unistd::Group::from_name("nogroup") else {
-        println!("skipped: no group 'nogroup' here");
+        skipped(format_args!("no group 'nogroup' here"));
         return;
     };
     let mut i = Inetd::spawn(&[

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Command;
 
-use crate::util::BIN;
+use crate::util::{skipped, BIN};
 
 /// Options that exist on the command line only, not as config file keys.
 const CLI_ONLY: [&str; 7] = [
@@ -321,7 +321,7 @@ fn documented_commands_run_as_written() {
         }
         let needs_root = w.iter().any(|x| x == "-u" || x == "--chroot");
         if needs_root && !root {
-            println!("skipped (needs root): {cmd}");
+            skipped(format_args!("needs root: {cmd}"));
             continue;
         }
         let port = crate::util::free_port();
@@ -437,11 +437,13 @@ fn the_man_pages_inetd_line_serves_under_a_real_inetd() {
     use std::net::{SocketAddr, TcpStream};
     let inetd = "/usr/sbin/inetd";
     if !Path::new(inetd).exists() {
-        println!("skipped: no inetd here (Debian package openbsd-inetd)");
+        skipped(format_args!("no inetd here (Debian package openbsd-inetd)"));
         return;
     }
     if !nix::unistd::geteuid().is_root() {
-        println!("skipped: inetd runs a service as another user only as root");
+        skipped(format_args!(
+            "inetd runs a service as another user only as root"
+        ));
         return;
     }
     let man = read("man/echo-forkd.8");
@@ -589,7 +591,9 @@ fn the_man_pages_sample_errors_are_the_binarys() {
         .and_then(|s| s.trim().parse::<u16>().ok())
         .unwrap_or(1024);
     if start <= 7 {
-        println!("skipped the bind sample: ports from {start} need no privilege here");
+        skipped(format_args!(
+            "skipped the bind sample: ports from {start} need no privilege here"
+        ));
         return;
     }
     let mut cmd = Command::new("timeout");

@@ -258,7 +258,9 @@ in_every_mode!(conn_rate: conn_rate);
 /// start (and bring it back); `None`, saying why, without root.
 fn jail(tag: &str) -> Option<(TempDir, std::path::PathBuf)> {
     if !nix::unistd::geteuid().is_root() {
-        println!("skipped: needs root (a chroot that vanishes makes children fail to start)");
+        skipped(format_args!(
+            "needs root (a chroot that vanishes makes children fail to start)"
+        ));
         return None;
     }
     let dir = TempDir::new(tag);

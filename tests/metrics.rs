@@ -90,7 +90,9 @@ in_every_mode!(metrics_parse_and_count: metrics_parse_and_count);
 
 fn metrics_parse_and_count(mode: &str) {
     let Some(py) = prometheus_python() else {
-        println!("skipped: no Python with prometheus_client (python3-prometheus-client)");
+        skipped(format_args!(
+            "no Python with prometheus_client (python3-prometheus-client)"
+        ));
         return;
     };
     let d = Daemon::start(&[

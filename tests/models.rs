@@ -401,7 +401,9 @@ fn five_thousand_idle_connections_cost_two_event_workers_little() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
     if hard < 6000 {
-        println!("skipped: RLIMIT_NOFILE's hard limit ({hard}) is below 6000");
+        skipped(format_args!(
+            "RLIMIT_NOFILE's hard limit ({hard}) is below 6000"
+        ));
         return;
     }
     if soft < 6000 {

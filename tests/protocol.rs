@@ -149,7 +149,7 @@ fn unix_socket_listener_echoes_and_its_file_is_removed_on_exit() {
 #[test]
 fn ipv6_loopback() {
     if std::net::TcpListener::bind("[::1]:0").is_err() {
-        println!("skipped: IPv6 loopback is not available here");
+        skipped(format_args!("IPv6 loopback is not available here"));
         return;
     }
     let d = Daemon::start(&["-l", "[::1]:0", "-w", "1", "--min-spare", "0"]);

@@ -106,7 +106,7 @@ fn behind_a_real_haproxy(mode: &str) {
     let dir = TempDir::new("haproxy");
     let d = proxied(mode, "127.0.0.1/32", &["--deny", "127.0.0.5/32"]);
     let Some((_h, v1, v2)) = haproxy(&dir, d.addr()) else {
-        println!("skipped: no haproxy here (Debian package haproxy)");
+        skipped(format_args!("no haproxy here (Debian package haproxy)"));
         return;
     };
     for (front, version) in [(v1, "v1"), (v2, "v2")] {

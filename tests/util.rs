@@ -727,7 +727,7 @@ pub fn in_netns<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Option<T> {
     if !nix::unistd::geteuid().is_root() {
-        println!("skipped: a private network namespace needs root");
+        skipped(format_args!("a private network namespace needs root"));
         return None;
     }
     let addrs = addrs.to_vec();
@@ -737,10 +737,10 @@ pub fn in_netns<T: Send + 'static>(
         #[allow(unsafe_code)]
         let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
         if rc != 0 {
-            println!(
-                "skipped: cannot make a network namespace: {}",
+            skipped(format_args!(
+                "cannot make a network namespace: {}",
                 std::io::Error::last_os_error()
-            );
+            ));
             return None;
         }
         let ip = |args: &[&str]| {
@@ -750,7 +750,9 @@ pub fn in_netns<T: Send + 'static>(
                 .is_ok_and(|s| s.success())
         };
         if !ip(&["link", "set", "lo", "up"]) {
-            println!("skipped: cannot run ip (iproute2) in a network namespace");
+            skipped(format_args!(
+                "cannot run ip (iproute2) in a network namespace"
+            ));
             return None;
         }
         for a in &addrs {
@@ -765,4 +767,34 @@ pub fn in_netns<T: Send + 'static>(
     })
     .join()
     .expect("the test's namespace thread")
+}
+
+/// Cases skipped in this run, for the count at its end.
+static SKIPPED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// A test, or a case of one, that cannot run here: says so on a line of
+/// its own that `cargo test` shows even when the test passes (written to
+/// standard error directly, past the harness's capture), and counts it
+/// for a line when the run ends.
+pub fn skipped(why: impl std::fmt::Display) {
+    static AT_EXIT: std::sync::Once = std::sync::Once::new();
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("a test");
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
+    SKIPPED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    AT_EXIT.call_once(|| {
+        // SAFETY: `report` is a plain function that only reads an atomic
+        // and writes to standard error, which is safe at exit.
+        unsafe {
+            libc::atexit(report_skipped);
+        }
+    });
+}
+
+extern "C" fn report_skipped() {
+    let n = SKIPPED.load(std::sync::atomic::Ordering::SeqCst);
+    let _ = writeln!(
+        std::io::stderr(),
+        "\n{n} test case(s) SKIPPED (see above): the README's \"Tests\" says what makes the suite complete"
+    );
 }
