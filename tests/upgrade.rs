@@ -278,7 +278,14 @@ fn ten_upgrades_leak_neither_descriptors_nor_memory() {
         "10 upgrades: master fds {fds} -> {}, RSS {rss} KiB, grew {grew} KiB",
         own_fds()
     );
-    assert_eq!(own_fds(), fds, "descriptors leaked across upgrades");
+    // A leak only grows; the first count may have caught one in passing
+    // (a pipe between its creation and the fork that takes it).
+    let leaked = !wait_until(DEADLINE, || own_fds() <= fds);
+    assert!(
+        !leaked,
+        "descriptors leaked across upgrades: {fds} -> {}",
+        own_fds()
+    );
     assert!(grew <= 256, "master RSS grew {grew} KiB over 10 upgrades");
 }
 
