@@ -130,6 +130,8 @@ impl Acceptor {
     }
 
     /// The relay's receiving end, while this process takes from it.
+    // The event worker's (epoll: Linux only), as is `relay_woke`.
+    #[cfg_attr(not(any(target_os = "linux", target_os = "android")), allow(dead_code))]
     pub fn relay(&self) -> Option<BorrowedFd<'_>> {
         self.relay.as_ref().map(|fd| fd.as_fd())
     }
@@ -204,6 +206,7 @@ impl Acceptor {
     }
 
     /// The relay is readable (the caller's own wait said so).
+    #[cfg_attr(not(any(target_os = "linux", target_os = "android")), allow(dead_code))]
     pub fn relay_woke(&mut self) {
         self.relay_woke = true;
     }

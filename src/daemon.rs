@@ -11,11 +11,10 @@ use std::os::fd::OwnedFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use nix::fcntl::OFlag;
 use nix::sys::stat::{umask, Mode};
 use nix::unistd::{
-    chdir, chroot, dup2_stderr, dup2_stdin, dup2_stdout, geteuid, pipe2, setgid, setgroups, setsid,
-    setuid, Gid, Group, Uid, User,
+    chdir, chroot, dup2_stderr, dup2_stdin, dup2_stdout, geteuid, setgid, setsid, setuid, Gid,
+    Group, Uid, User,
 };
 
 use crate::sys;
@@ -416,7 +415,7 @@ fn stdio_to_null() {
 /// In the daemon: a new session without a controlling terminal, umask 022,
 /// cwd `/`. Returns the pipe to report readiness on.
 pub fn detach() -> Result<ReadyPipe, String> {
-    let (mut r, w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("cannot create a pipe: {e}"))?;
+    let (mut r, w) = crate::sys::pipe(false).map_err(|e| format!("cannot create a pipe: {e}"))?;
     // SAFETY: startup is single-threaded: no thread has been started yet.
     #[allow(unsafe_code)]
     let launcher = unsafe { sys::fork_plain() }
@@ -527,7 +526,7 @@ impl Identity {
             chdir("/").map_err(|e| format!("chdir / in the chroot: {e}"))?;
         }
         if let Some(gid) = self.gid {
-            setgroups(&[gid]).map_err(|e| format!("setgroups: {e}"))?;
+            crate::sys::set_groups(gid).map_err(|e| format!("setgroups: {e}"))?;
             setgid(gid).map_err(|e| format!("setgid {gid}: {e}"))?;
         }
         if let Some(uid) = self.uid {

@@ -129,7 +129,9 @@ impl Progress {
 }
 
 /// One connection of an event loop (see the module's doc): step it when
-/// its socket is ready, close it when a step says it ended.
+/// its socket is ready, close it when a step says it ended. The event
+/// worker needs epoll, so only Linux's build uses it.
+#[cfg_attr(not(any(target_os = "linux", target_os = "android")), allow(dead_code))]
 pub struct Conn {
     fd: OwnedFd,
     start: Instant,
@@ -142,8 +144,10 @@ pub struct Conn {
 
 /// At most this many reads per step, so that one streaming client does
 /// not hold the loop while others wait.
+#[cfg_attr(not(any(target_os = "linux", target_os = "android")), allow(dead_code))]
 const READS_PER_STEP: u32 = 16;
 
+#[cfg_attr(not(any(target_os = "linux", target_os = "android")), allow(dead_code))]
 impl Conn {
     /// A connection accepted at `now`; `fd` is non-blocking.
     pub fn new(fd: OwnedFd, now: Instant) -> Conn {

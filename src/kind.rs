@@ -30,6 +30,7 @@ pub enum Kind {
 pub struct Params {
     pub mode: Mode,
     /// event: `--worker-connections`.
+    #[cfg_attr(not(any(target_os = "linux", target_os = "android")), allow(dead_code))]
     pub max_open: usize,
     /// Its `--max-requests`, jitter included (0: none).
     pub max_requests: u64,

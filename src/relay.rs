@@ -26,8 +26,7 @@ use std::time::Instant;
 
 use nix::errno::Errno;
 use nix::sys::socket::{
-    recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
-    SockFlag, SockType,
+    recvmsg, sendmsg, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockType,
 };
 
 use crate::scoreboard::Place;
@@ -131,12 +130,7 @@ pub struct Relay {
 impl Relay {
     /// Makes the pair (close-on-exec, non-blocking).
     pub fn new() -> nix::Result<Relay> {
-        let (tx, rx) = socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-        )?;
+        let (tx, rx) = crate::sys::socketpair(AddressFamily::Unix, SockType::SeqPacket)?;
         Ok(Relay { tx, rx })
     }
 }
@@ -160,7 +154,7 @@ pub fn send(
             tx.as_raw_fd(),
             &[IoSlice::new(&msg)],
             &cmsg,
-            MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+            MsgFlags::MSG_DONTWAIT | crate::sys::no_signal(),
             None,
         ) {
             Err(Errno::EINTR) => {}

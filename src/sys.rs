@@ -193,6 +193,117 @@ pub fn accept_queue(listener: BorrowedFd<'_>) -> Option<u32> {
     }
 }
 
+/// Where the system has them, the flags that make a new socket
+/// close-on-exec and non-blocking in the call that makes it; Apple's
+/// systems have neither, and [`socket`] and [`socketpair`] set both after.
+#[cfg(not(target_vendor = "apple"))]
+const NEW_SOCKET: nix::sys::socket::SockFlag =
+    nix::sys::socket::SockFlag::SOCK_CLOEXEC.union(nix::sys::socket::SockFlag::SOCK_NONBLOCK);
+
+/// Close-on-exec and non-blocking, after the fact (Apple's systems). No
+/// thread of ours can fork in between: a process that forks has no other.
+#[cfg(target_vendor = "apple")]
+fn cloexec_nonblocking(fd: &OwnedFd) -> nix::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))?;
+    set_nonblocking(fd)
+}
+
+/// A new socket, close-on-exec and non-blocking.
+pub fn socket(
+    family: nix::sys::socket::AddressFamily,
+    kind: nix::sys::socket::SockType,
+) -> nix::Result<OwnedFd> {
+    #[cfg(not(target_vendor = "apple"))]
+    {
+        nix::sys::socket::socket(family, kind, NEW_SOCKET, None)
+    }
+    #[cfg(target_vendor = "apple")]
+    {
+        let fd = nix::sys::socket::socket(family, kind, nix::sys::socket::SockFlag::empty(), None)?;
+        cloexec_nonblocking(&fd)?;
+        Ok(fd)
+    }
+}
+
+/// A connected pair of sockets, both close-on-exec and non-blocking.
+pub fn socketpair(
+    family: nix::sys::socket::AddressFamily,
+    kind: nix::sys::socket::SockType,
+) -> nix::Result<(OwnedFd, OwnedFd)> {
+    #[cfg(not(target_vendor = "apple"))]
+    {
+        nix::sys::socket::socketpair(family, kind, None, NEW_SOCKET)
+    }
+    #[cfg(target_vendor = "apple")]
+    {
+        let (a, b) =
+            nix::sys::socket::socketpair(family, kind, None, nix::sys::socket::SockFlag::empty())?;
+        cloexec_nonblocking(&a)?;
+        cloexec_nonblocking(&b)?;
+        Ok((a, b))
+    }
+}
+
+/// A pipe, close-on-exec, and non-blocking if `nonblocking`: `pipe2`
+/// where the system has it, `pipe` and `fcntl` on Apple's systems.
+pub fn pipe(nonblocking: bool) -> nix::Result<(OwnedFd, OwnedFd)> {
+    use nix::fcntl::OFlag;
+    #[cfg(not(target_vendor = "apple"))]
+    {
+        let flags = if nonblocking {
+            OFlag::O_CLOEXEC | OFlag::O_NONBLOCK
+        } else {
+            OFlag::O_CLOEXEC
+        };
+        nix::unistd::pipe2(flags)
+    }
+    #[cfg(target_vendor = "apple")]
+    {
+        use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+        let (r, w) = nix::unistd::pipe()?;
+        for fd in [&r, &w] {
+            fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))?;
+            if nonblocking {
+                fcntl(fd, FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
+            }
+        }
+        Ok((r, w))
+    }
+}
+
+/// `MSG_NOSIGNAL` where sends have it. SIGPIPE is ignored in every process
+/// of ours (Rust's runtime does it before `main`), so where the flag is
+/// missing (Apple's systems) a send to a closed peer fails with EPIPE all
+/// the same.
+pub fn no_signal() -> nix::sys::socket::MsgFlags {
+    #[cfg(not(target_vendor = "apple"))]
+    {
+        nix::sys::socket::MsgFlags::MSG_NOSIGNAL
+    }
+    #[cfg(target_vendor = "apple")]
+    {
+        nix::sys::socket::MsgFlags::empty()
+    }
+}
+
+/// Replaces the supplementary groups with `gid` alone (nix has no
+/// `setgroups` for Apple's systems, whose libc does).
+pub fn set_groups(gid: nix::unistd::Gid) -> nix::Result<()> {
+    #[cfg(not(target_vendor = "apple"))]
+    {
+        nix::unistd::setgroups(&[gid])
+    }
+    #[cfg(target_vendor = "apple")]
+    {
+        let list = [gid.as_raw()];
+        // SAFETY: the pointer and length describe `list`, which outlives
+        // the call; setgroups only reads it.
+        let rc = unsafe { libc::setgroups(1, list.as_ptr()) };
+        nix::errno::Errno::result(rc).map(drop)
+    }
+}
+
 /// Sets O_NONBLOCK on an fd we were handed, keeping its other status flags.
 pub fn set_nonblocking(fd: &impl std::os::fd::AsFd) -> nix::Result<()> {
     use nix::fcntl::{fcntl, FcntlArg, OFlag};
@@ -437,7 +548,8 @@ impl IoBuffer {
         })
     }
 
-    /// The buffer, to read.
+    /// The buffer, to read (Linux's batched UDP worker).
+    #[cfg_attr(not(any(target_os = "linux", target_os = "android")), allow(dead_code))]
     pub fn as_slice(&self) -> &[u8] {
         // SAFETY: the mapping holds `len` readable bytes for as long as
         // `self` lives, and `&self` rules out a mutable borrow meanwhile.

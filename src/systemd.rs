@@ -72,7 +72,7 @@ impl Notify {
             self.sock.as_raw_fd(),
             &[std::io::IoSlice::new(msg.as_bytes())],
             &[ControlMessage::ScmRights(&fds)],
-            MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+            MsgFlags::MSG_DONTWAIT | crate::sys::no_signal(),
             None,
         )
         .map(drop)

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, AT_FDCWD};
 use nix::sys::socket::{
-    self, setsockopt, sockopt, AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, SockaddrIn6,
+    self, setsockopt, sockopt, AddressFamily, Backlog, SockType, SockaddrIn, SockaddrIn6,
     SockaddrStorage, UnixAddr,
 };
 use nix::sys::stat::{umask, Mode};
@@ -295,15 +295,22 @@ impl Listener {
 
 /// On a wildcard UDP socket, asks for the address each datagram was sent
 /// to, so that the reply leaves from it (IP_PKTINFO, IPV6_RECVPKTINFO).
+/// Only Linux's UDP worker reads them (udp/batch.rs): elsewhere a reply
+/// leaves from the address the kernel picks for its destination.
 fn pktinfo(fd: &OwnedFd, local: &SocketAddr) {
-    if !local.ip().is_unspecified() {
-        return;
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        if !local.ip().is_unspecified() {
+            return;
+        }
+        // A dual-stack socket gets IPv4 datagrams too: ask for both.
+        let _ = setsockopt(fd, sockopt::Ipv4PacketInfo, &true);
+        if local.is_ipv6() {
+            let _ = setsockopt(fd, sockopt::Ipv6RecvPacketInfo, &true);
+        }
     }
-    // A dual-stack socket gets IPv4 datagrams too: ask for both.
-    let _ = setsockopt(fd, sockopt::Ipv4PacketInfo, &true);
-    if local.is_ipv6() {
-        let _ = setsockopt(fd, sockopt::Ipv6RecvPacketInfo, &true);
-    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let _ = (fd, local);
 }
 
 impl AsFd for Listener {
@@ -425,13 +432,7 @@ fn bind_ip(
     } else {
         SockType::Stream
     };
-    let fd = socket::socket(
-        family,
-        kind,
-        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-        None,
-    )
-    .map_err(fail("create a socket for"))?;
+    let fd = crate::sys::socket(family, kind).map_err(fail("create a socket for"))?;
     setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(fail("set SO_REUSEADDR on"))?;
     if dual_stack {
         setsockopt(&fd, sockopt::Ipv6V6Only, &false).map_err(fail("make dual-stack"))?;
@@ -486,18 +487,15 @@ fn bind_unix(path: &Path, opts: &BindOptions) -> Result<Listener, BindError> {
         },
         errno,
     })?;
-    let fd = socket::socket(
-        AddressFamily::Unix,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-        None,
-    )
-    .map_err(fail("create a socket for"))?;
+    let fd = crate::sys::socket(AddressFamily::Unix, SockType::Stream)
+        .map_err(fail("create a socket for"))?;
     let ua = UnixAddr::new(path).map_err(fail("use the path"))?;
     // The file is created with the mode asked for, not the caller's umask,
     // and is never more open than that, not even for a moment. The master
     // is single-threaded, so the umask is nobody else's meanwhile.
-    let old = umask(Mode::from_bits_truncate(!opts.socket_mode & 0o777));
+    let old = umask(Mode::from_bits_truncate(
+        (!opts.socket_mode & 0o777) as libc::mode_t,
+    ));
     let bound = socket::bind(fd.as_raw_fd(), &ua);
     umask(old);
     bound.map_err(fail("bind"))?;
@@ -543,13 +541,8 @@ fn remove_stale(path: &Path) -> Result<(), (Option<&'static str>, Errno)> {
     // EAGAIN at once, where a blocking connect would wait for it to accept
     // (and hang startup, or the master during a reload).
     let in_use = Err((None, Errno::EADDRINUSE));
-    let probe = socket::socket(
-        AddressFamily::Unix,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-        None,
-    )
-    .map_err(|e| (Some("cannot create a socket to probe it"), e))?;
+    let probe = crate::sys::socket(AddressFamily::Unix, SockType::Stream)
+        .map_err(|e| (Some("cannot create a socket to probe it"), e))?;
     let ua = UnixAddr::new(path).map_err(|e| (Some("cannot use the path"), e))?;
     match socket::connect(probe.as_raw_fd(), &ua) {
         Ok(()) | Err(Errno::EAGAIN | Errno::EINPROGRESS) => in_use,

@@ -4,8 +4,7 @@
 
 use std::os::fd::OwnedFd;
 
-use nix::fcntl::OFlag;
-use nix::unistd::{pipe2, Pid};
+use nix::unistd::Pid;
 
 use super::Master;
 use crate::{signals, sys};
@@ -33,8 +32,7 @@ impl Master {
         &mut self,
         body: impl FnOnce(&OwnedFd) -> i32,
     ) -> Result<Helper, String> {
-        let (out_r, out_w) = pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)
-            .map_err(|e| format!("cannot create a pipe: {e}"))?;
+        let (out_r, out_w) = sys::pipe(true).map_err(|e| format!("cannot create a pipe: {e}"))?;
         let mut out_w = Some(out_w);
         // SAFETY: the master is single-threaded: it never starts a thread.
         #[allow(unsafe_code)]

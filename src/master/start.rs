@@ -4,8 +4,7 @@
 use std::time::{Instant, SystemTime};
 
 use log::{error, warn};
-use nix::fcntl::OFlag;
-use nix::unistd::{getpid, pipe2};
+use nix::unistd::getpid;
 
 use super::*;
 
@@ -31,7 +30,7 @@ pub fn run(
     let mut adopted = handover.map(upgrade::Adopted::new);
     let (ctl_r, ctl_w) = match adopted.as_mut().and_then(|a| a.fork_ctl.take()) {
         Some(p) => p,
-        None => match pipe2(OFlag::O_CLOEXEC) {
+        None => match crate::sys::pipe(false) {
             Ok(p) => p,
             Err(e) => return fail("the control pipe", e.into()),
         },
@@ -45,7 +44,7 @@ pub fn run(
     };
     let (notice_r, notice_w) = match adopted.as_mut().and_then(|a| a.notice.take()) {
         Some(p) => p,
-        None => match pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK) {
+        None => match crate::sys::pipe(true) {
             Ok(p) => p,
             Err(e) => return fail("the notice pipe", e.into()),
         },

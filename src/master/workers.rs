@@ -9,8 +9,7 @@ use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
 use nix::errno::Errno;
-use nix::fcntl::OFlag;
-use nix::unistd::{pipe2, Pid};
+use nix::unistd::Pid;
 
 use super::generation::{take_planned, Target};
 use super::{enter, Master};
@@ -332,7 +331,7 @@ impl Master {
         let Some(slot) = self.scoreboard.claim(generation) else {
             return Err("every scoreboard slot is taken".into());
         };
-        let (ctl_r, ctl_w) = match pipe2(OFlag::O_CLOEXEC) {
+        let (ctl_r, ctl_w) = match crate::sys::pipe(false) {
             Ok(p) => p,
             Err(e) => {
                 self.scoreboard.release(slot);

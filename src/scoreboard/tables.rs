@@ -134,6 +134,7 @@ impl Scoreboard {
 
     /// The places table's generation: when it changes, every event worker
     /// counts the places it holds into it again.
+    #[cfg_attr(not(any(target_os = "linux", target_os = "android")), allow(dead_code))]
     pub fn places_epoch(&self) -> u64 {
         self.header(PLACES_EPOCH).load(Ordering::Acquire)
     }

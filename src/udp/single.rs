@@ -25,7 +25,11 @@ impl Single {
     pub fn new() -> std::io::Result<Single> {
         Ok(Single {
             buf: IoBuffer::new(SIZE)?,
+            // Linux's packet info; elsewhere nothing asks for it (listen/).
+            #[cfg(any(target_os = "linux", target_os = "android"))]
             cmsg: nix::cmsg_space!(libc::in6_pktinfo, libc::in_pktinfo),
+            #[cfg(not(any(target_os = "linux", target_os = "android")))]
+            cmsg: Vec::new(),
         })
     }
 
