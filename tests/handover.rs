@@ -132,18 +132,24 @@ fn across(args: &[&str], event: impl FnOnce(&Daemon), done: &str) {
     assert!(short.total() > 0, "the connect loop made no connection");
 }
 
+/// Two workers (or, in fork mode, the master alone) that give a retiring
+/// worker 2 s to hand its conversations over.
+fn two_workers(mode: &str) -> [&str; 8] {
+    [
+        "-l",
+        "127.0.0.1:0",
+        "-m",
+        mode,
+        "-w",
+        "2",
+        "--shutdown-timeout",
+        "2",
+    ]
+}
+
 fn hup(mode: &str) {
     across(
-        &[
-            "-l",
-            "127.0.0.1:0",
-            "-m",
-            mode,
-            "-w",
-            "2",
-            "--shutdown-timeout",
-            "2",
-        ],
+        &two_workers(mode),
         |d| d.signal(Signal::SIGHUP),
         "reloaded:",
     );
@@ -153,16 +159,7 @@ in_every_mode!(no_conversation_is_cut_by_a_reload: hup);
 
 fn usr2(mode: &str) {
     across(
-        &[
-            "-l",
-            "127.0.0.1:0",
-            "-m",
-            mode,
-            "-w",
-            "2",
-            "--shutdown-timeout",
-            "2",
-        ],
+        &two_workers(mode),
         |d| d.signal(Signal::SIGUSR2),
         "upgraded: generation",
     );

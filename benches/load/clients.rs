@@ -403,13 +403,7 @@ pub(crate) fn stream(server: &Server, o: &Opts) -> Measure {
 /// one echo on each.
 pub(crate) fn hold(server: &Server, kind: Kind, n: usize) -> Measure {
     let mut m = Measure::default();
-    let mut conns = Vec::new();
-    for i in 0..n {
-        match connect_from(i, server.addr()) {
-            Ok(s) => conns.push(s),
-            Err(e) => m.errors.count(&e),
-        }
-    }
+    let mut conns = connect_all(server, n, &mut m.errors);
     // Per-connection processes: wait until the server has forked them all.
     let want = match kind {
         Kind::Fork | Kind::ForkBase | Kind::PyForking | Kind::MinFork => conns.len(),
@@ -447,6 +441,18 @@ pub(crate) fn hold(server: &Server, kind: Kind, n: usize) -> Measure {
     }
     m.value = ok as f64;
     m
+}
+
+/// `n` connections to `server`, one after another; each that fails is
+/// counted in `errors`.
+pub(crate) fn connect_all(server: &Server, n: usize, errors: &mut Errors) -> Vec<TcpStream> {
+    (0..n)
+        .filter_map(|i| {
+            connect_from(i, server.addr())
+                .map_err(|e| errors.count(&e))
+                .ok()
+        })
+        .collect()
 }
 
 /// `burst`: `n` clients arrive at once and hold their connections: 16

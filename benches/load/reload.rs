@@ -11,13 +11,7 @@ use super::*;
 /// the round trips made meanwhile.
 pub(crate) fn reload(server: &Server, kind: Kind, n: usize) -> Measure {
     let mut m = Measure::default();
-    let mut conns = Vec::new();
-    for i in 0..n {
-        match connect_from(i, server.addr()) {
-            Ok(s) => conns.push(s),
-            Err(e) => m.errors.count(&e),
-        }
-    }
+    let mut conns = connect_all(server, n, &mut m.errors);
     let mut rng = Rng(0x4e10ad);
     round(&mut conns, &mut rng, &mut m.errors, &mut Vec::new());
     let old = children(server.pid());
