@@ -28,26 +28,25 @@ pub fn run(
         Err(e) => return fail("the signal handlers", e),
     };
     let mut adopted = handover.map(upgrade::Adopted::new);
-    let (ctl_r, ctl_w) = match adopted.as_mut().and_then(|a| a.fork_ctl.take()) {
-        Some(p) => p,
-        None => match crate::sys::pipe(false) {
-            Ok(p) => p,
-            Err(e) => return fail("the control pipe", e.into()),
-        },
+    // What the predecessor passed on (after USR2), else made new.
+    fn passed_or<T>(passed: Option<T>, make: impl FnOnce() -> nix::Result<T>) -> nix::Result<T> {
+        passed.map_or_else(make, Ok)
+    }
+    let pipes = adopted
+        .as_mut()
+        .map(|a| (a.fork_ctl.take(), a.relay.take(), a.notice.take()));
+    let (ctl, relay, notice) = pipes.unwrap_or((None, None, None));
+    let (ctl_r, ctl_w) = match passed_or(ctl, || crate::sys::pipe(false)) {
+        Ok(p) => p,
+        Err(e) => return fail("the control pipe", e.into()),
     };
-    let relay = match adopted.as_mut().and_then(|a| a.relay.take()) {
-        Some(r) => r,
-        None => match Relay::new() {
-            Ok(r) => r,
-            Err(e) => return fail("the relay", e.into()),
-        },
+    let relay = match passed_or(relay, Relay::new) {
+        Ok(r) => r,
+        Err(e) => return fail("the relay", e.into()),
     };
-    let (notice_r, notice_w) = match adopted.as_mut().and_then(|a| a.notice.take()) {
-        Some(p) => p,
-        None => match crate::sys::pipe(true) {
-            Ok(p) => p,
-            Err(e) => return fail("the notice pipe", e.into()),
-        },
+    let (notice_r, notice_w) = match passed_or(notice, || crate::sys::pipe(true)) {
+        Ok(p) => p,
+        Err(e) => return fail("the notice pipe", e.into()),
     };
     // Two generations of a full pool may overlap during a reload.
     let board = match adopted.as_mut().and_then(|a| a.scoreboard.take()) {
