@@ -107,7 +107,7 @@ pub enum Watch {
 
 /// Where a connection is in its life: what its limits count from, and
 /// what it carries to another process if it is handed over.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Progress {
     /// When it was accepted (`--max-session`).
     pub start: Instant,

@@ -267,26 +267,15 @@ mod tests {
     #[test]
     fn the_whole_shortfall_starts_at_once_with_the_waiting_clients() {
         let (mut p, t) = (Pool::default(), Instant::now());
-        let big = bounds(2048, 2, 8);
+        let mut at =
+            |idle, total, waiting| settled(&mut p, t, idle, total, waiting, bounds(2048, 2, 8));
         // 2,000 clients arrive at a pool of 2, both busy.
-        assert_eq!(
-            settled(&mut p, t, (0, 0), 2, Some(1998), big),
-            Action::Spawn(2000)
-        );
+        assert_eq!(at((0, 0), 2, Some(1998)), Action::Spawn(2000));
         // They start (and count as spares, not as surplus): nothing more.
-        assert_eq!(
-            settled(&mut p, t, (0, 2000), 2002, Some(1998), big),
-            Action::Nothing
-        );
+        assert_eq!(at((0, 2000), 2002, Some(1998)), Action::Nothing);
         // Never past max-workers.
-        assert_eq!(
-            settled(&mut p, t, (0, 0), 2000, Some(500), big),
-            Action::Spawn(48)
-        );
-        assert_eq!(
-            settled(&mut p, t, (0, 0), 2048, Some(500), big),
-            Action::AtMax
-        );
+        assert_eq!(at((0, 0), 2000, Some(500)), Action::Spawn(48));
+        assert_eq!(at((0, 0), 2048, Some(500)), Action::AtMax);
     }
 
     #[test]

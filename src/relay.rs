@@ -22,13 +22,13 @@ use std::io::{IoSlice, IoSliceMut};
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
 
 use nix::errno::Errno;
 use nix::sys::socket::{
     recvmsg, sendmsg, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockType,
 };
 
+use crate::echo::Progress;
 use crate::scoreboard::Place;
 use crate::time;
 
@@ -45,24 +45,11 @@ pub struct Carried {
     pub client: Option<SocketAddr>,
     /// Its place in `--max-per-ip`, which the receiver takes over.
     pub place: Option<Place>,
-    /// When it was accepted, for `--max-session`.
-    pub start: Instant,
-    /// When it last moved, for `--idle-timeout`.
-    pub last: Instant,
-    /// Bytes echoed so far, for `--max-bytes`.
-    pub bytes: u64,
+    /// Where it is (start, last move, bytes), for its limits to go on from.
+    pub progress: Progress,
 }
 
 impl Carried {
-    /// Where the connection is, for the echo to go on from.
-    pub fn progress(&self) -> crate::echo::Progress {
-        crate::echo::Progress {
-            start: self.start,
-            last: self.last,
-            bytes: self.bytes,
-        }
-    }
-
     /// The message's bytes.
     pub fn encode(&self) -> [u8; WIRE] {
         let mut w = [0u8; WIRE];
@@ -78,9 +65,10 @@ impl Carried {
         w[8..24].copy_from_slice(&ip);
         let place = self.place.map_or(0, |p| p.index() as u64 + 1);
         w[24..32].copy_from_slice(&place.to_le_bytes());
-        w[32..40].copy_from_slice(&time::to_usec(self.start).to_le_bytes());
-        w[40..48].copy_from_slice(&time::to_usec(self.last).to_le_bytes());
-        w[48..56].copy_from_slice(&self.bytes.to_le_bytes());
+        let p = &self.progress;
+        w[32..40].copy_from_slice(&time::to_usec(p.start).to_le_bytes());
+        w[40..48].copy_from_slice(&time::to_usec(p.last).to_le_bytes());
+        w[48..56].copy_from_slice(&p.bytes.to_le_bytes());
         w
     }
 
@@ -112,9 +100,11 @@ impl Carried {
             tcp: w[4] == 1,
             client,
             place,
-            start: time::from_usec(word(32..40)),
-            last: time::from_usec(word(40..48)),
-            bytes: word(48..56),
+            progress: Progress {
+                start: time::from_usec(word(32..40)),
+                last: time::from_usec(word(40..48)),
+                bytes: word(48..56),
+            },
         })
     }
 }
@@ -221,7 +211,7 @@ mod tests {
     use super::*;
     use std::io::{Read, Write};
     use std::os::fd::AsFd;
-    use std::time::Duration;
+    use std::time::{Duration, Instant};
 
     #[test]
     fn what_is_encoded_is_decoded() {
@@ -235,19 +225,22 @@ mod tests {
                 tcp: client.is_some(),
                 client,
                 place: Place::from_index(4095),
-                start: now - Duration::from_secs(3),
-                last: now - Duration::from_millis(5),
-                bytes: 123_456_789,
+                progress: Progress {
+                    start: now - Duration::from_secs(3),
+                    last: now - Duration::from_millis(5),
+                    bytes: 123_456_789,
+                },
             };
             let back = Carried::decode(&c.encode()).unwrap();
             assert_eq!(
-                (back.tcp, back.client, back.place, back.bytes),
-                (c.tcp, c.client, c.place, c.bytes)
+                (back.tcp, back.client, back.place, back.progress.bytes),
+                (c.tcp, c.client, c.place, c.progress.bytes)
             );
             // Through the monotonic clock, to the microsecond.
             let off = |a: Instant, b: Instant| a.checked_duration_since(b).unwrap_or_else(|| b - a);
-            assert!(off(back.start, c.start) < Duration::from_millis(1));
-            assert!(off(back.last, c.last) < Duration::from_millis(1));
+            let (b, c) = (back.progress, c.progress);
+            assert!(off(b.start, c.start) < Duration::from_millis(1));
+            assert!(off(b.last, c.last) < Duration::from_millis(1));
         }
         assert!(Carried::decode(&[0u8; WIRE]).is_none(), "no magic");
         assert!(Carried::decode(&[0u8; 10]).is_none(), "short");
@@ -263,9 +256,10 @@ mod tests {
             tcp: false,
             client: None,
             place: None,
-            start: Instant::now(),
-            last: Instant::now(),
-            bytes: 7,
+            progress: Progress {
+                bytes: 7,
+                ..Progress::new(Instant::now())
+            },
         };
         assert!(recv(relay.rx.as_fd(), &queued).unwrap().is_none(), "empty");
         send(relay.tx.as_fd(), server.as_fd(), &c, &queued).unwrap();
@@ -273,7 +267,7 @@ mod tests {
         assert_eq!(queued.load(Ordering::Acquire), 1);
         let (fd, got) = recv(relay.rx.as_fd(), &queued).unwrap().unwrap();
         assert_eq!(queued.load(Ordering::Acquire), 0);
-        assert_eq!(got.bytes, 7);
+        assert_eq!(got.progress.bytes, 7);
         // The same connection: what the client sends arrives here.
         client.write_all(b"still here").unwrap();
         let mut s = std::os::unix::net::UnixStream::from(fd);

@@ -403,6 +403,37 @@ pub fn local_time(t: SystemTime) -> (usize, u32, u32, u32, u32) {
     )
 }
 
+/// Maps `bytes` of fresh, zero-filled, readable and writable pages:
+/// `MAP_SHARED` or `MAP_PRIVATE`, of `fd` from offset 0 (which the caller
+/// has sized), or anonymous without one.
+fn map_pages(
+    bytes: NonZeroUsize,
+    sharing: libc::c_int,
+    fd: Option<&OwnedFd>,
+) -> io::Result<NonNull<u8>> {
+    let (raw, anonymous) = match fd {
+        Some(fd) => (fd.as_raw_fd(), 0),
+        None => (-1, libc::MAP_ANON),
+    };
+    // SAFETY: no address hint, so the kernel picks fresh pages that alias
+    // nothing in this process; a file is at least `bytes` long (made or
+    // checked so by the callers); the result is checked before use.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            bytes.get(),
+            libc::PROT_READ | libc::PROT_WRITE,
+            sharing | anonymous,
+            raw,
+            0,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    NonNull::new(ptr.cast()).ok_or_else(|| io::Error::from(io::ErrorKind::AddrNotAvailable))
+}
+
 /// Zero-filled words shared with every child forked after they were mapped
 /// (`MAP_SHARED`): the scoreboard's memory. They are reached only through
 /// atomics, so processes may read and write them at once. Where there is
@@ -417,33 +448,16 @@ pub struct SharedWords {
 impl SharedWords {
     /// Maps `len` words. Pages are only backed once touched.
     pub fn new(len: usize) -> io::Result<SharedWords> {
-        let bytes = Self::bytes(len)?;
         #[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
         {
             use nix::sys::memfd::{memfd_create, MFdFlags};
+            let bytes = Self::bytes(len)?;
             let fd = memfd_create("echo-forkd-scoreboard", MFdFlags::MFD_CLOEXEC)?;
             nix::unistd::ftruncate(&fd, bytes.get() as libc::off_t)?;
-            Self::map(fd, len)
+            Self::map(Some(fd), len)
         }
         #[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd")))]
-        {
-            use nix::sys::mman::{mmap_anonymous, MapFlags, ProtFlags};
-            // SAFETY: no address hint, so the kernel picks fresh pages that
-            // alias nothing in this process; the result is checked.
-            let ptr = unsafe {
-                mmap_anonymous(
-                    None,
-                    bytes,
-                    ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                    MapFlags::MAP_SHARED,
-                )
-            }?;
-            Ok(SharedWords {
-                ptr: ptr.cast(),
-                len,
-                fd: None,
-            })
-        }
+        Self::map(None, len)
     }
 
     /// Maps the `len` words behind `fd` again: the memory a previous master
@@ -458,7 +472,7 @@ impl SharedWords {
                 format!("the shared memory passed on is {size} bytes, not {bytes}"),
             ));
         }
-        Self::map(fd, len)
+        Self::map(Some(fd), len)
     }
 
     fn bytes(len: usize) -> io::Result<NonZeroUsize> {
@@ -467,26 +481,12 @@ impl SharedWords {
             .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))
     }
 
-    fn map(fd: OwnedFd, len: usize) -> io::Result<SharedWords> {
-        use nix::sys::mman::{mmap, MapFlags, ProtFlags};
-        let bytes = Self::bytes(len)?;
-        // SAFETY: no address hint, so the kernel picks fresh addresses that
-        // alias nothing in this process; the file is `bytes` long (made or
-        // checked so by the callers); the result is checked.
-        let ptr = unsafe {
-            mmap(
-                None,
-                bytes,
-                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                MapFlags::MAP_SHARED,
-                &fd,
-                0,
-            )
-        }?;
+    fn map(fd: Option<OwnedFd>, len: usize) -> io::Result<SharedWords> {
+        let ptr = map_pages(Self::bytes(len)?, libc::MAP_SHARED, fd.as_ref())?;
         Ok(SharedWords {
             ptr: ptr.cast(),
             len,
-            fd: Some(fd),
+            fd,
         })
     }
 
@@ -531,17 +531,7 @@ impl IoBuffer {
     pub fn new(len: usize) -> io::Result<IoBuffer> {
         let bytes =
             NonZeroUsize::new(len).ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
-        use nix::sys::mman::{mmap_anonymous, MapFlags, ProtFlags};
-        // SAFETY: no address hint, so the kernel picks fresh pages that alias
-        // nothing in this process; the result is checked.
-        let ptr = unsafe {
-            mmap_anonymous(
-                None,
-                bytes,
-                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                MapFlags::MAP_PRIVATE,
-            )
-        }?;
+        let ptr = map_pages(bytes, libc::MAP_PRIVATE, None)?;
         Ok(IoBuffer {
             ptr: ptr.cast(),
             len,

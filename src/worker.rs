@@ -171,9 +171,7 @@ impl Ctx<'_> {
             tcp,
             client,
             place: ticket.and_then(Ticket::place),
-            start: p.start,
-            last: p.last,
-            bytes: p.bytes,
+            progress: p,
         };
         let until = Instant::now() + HAND_WAIT;
         loop {
@@ -289,14 +287,14 @@ pub fn prefork(listeners: Vec<Listener>, ctx: Ctx<'_>, max_requests: u64) -> i32
             Incoming::Relayed(conn, c) => {
                 debug!(
                     "took a connection handed over by another process ({} bytes echoed so far)",
-                    c.bytes
+                    c.progress.bytes
                 );
                 InHand {
                     conn,
                     tcp: c.tcp,
                     client: c.client,
                     ticket: Some(admission::adopt(ctx.board, c.place, holder)),
-                    from: c.progress(),
+                    from: c.progress,
                 }
             }
         };
@@ -408,7 +406,7 @@ pub fn fork_child(
             tcp: c.tcp,
             client: c.client,
             ticket: None,
-            from: c.progress(),
+            from: c.progress,
         },
         None => {
             let Ok((client, ticket)) = ctx.admit(&conn, tcp) else {

@@ -25,14 +25,11 @@ impl<'a> Loop<'a> {
             if o.header.is_some() || o.conn.wants_write() {
                 continue;
             }
-            let p = o.conn.progress();
             let carried = Carried {
                 tcp: o.tcp,
                 client: o.client,
                 place: o.ticket.as_ref().and_then(Ticket::place),
-                start: p.start,
-                last: p.last,
-                bytes: p.bytes,
+                progress: o.conn.progress(),
             };
             match relay::send(tx.as_fd(), o.conn.fd(), &carried, board.relayed()) {
                 Ok(()) => {
@@ -69,7 +66,7 @@ impl<'a> Loop<'a> {
             c.client
                 .map_or_else(|| worker::peer_name(&fd, c.tcp), |a| a.to_string())
         });
-        let conn = Conn::resume(fd, c.progress());
+        let conn = Conn::resume(fd, c.progress);
         self.open_conn(conn, Some(ticket), None, name, (c.tcp, c.client), buf, now);
     }
 }

@@ -74,7 +74,7 @@ impl Master {
             c.place = self.fork.policy.recount(&self.scoreboard, &fd, c.client);
             match crate::relay::send(relay.tx.as_fd(), fd.as_fd(), &c, self.scoreboard.relayed()) {
                 Ok(()) => {
-                    log::debug!("a connection kept across the restart went to the workers ({} bytes echoed so far)", c.bytes);
+                    log::debug!("a connection kept across the restart went to the workers ({} bytes echoed so far)", c.progress.bytes);
                     notify.inspect(|n| n.unstore(&name));
                 }
                 Err(nix::errno::Errno::EAGAIN) => {

@@ -223,60 +223,46 @@ impl Rng {
 
 /// A valid header, its length and what it says.
 fn valid(r: &mut Rng) -> (Vec<u8>, Header) {
-    let v4 = |r: &mut Rng| Ipv4Addr::from(r.next() as u32);
-    let v6 = |r: &mut Rng| Ipv6Addr::from((u128::from(r.next()) << 64) | u128::from(r.next()));
-    let ports = |r: &mut Rng| (r.next() as u16, r.next() as u16);
-    match r.below(5) {
-        0 => {
-            let (a, b, (p, q)) = (v4(r), v4(r), ports(r));
-            let line = format!("PROXY TCP4 {a} {b} {p} {q}\r\n");
-            let h = Header::Proxied {
-                src: SocketAddr::new(a.into(), p),
-                dst: SocketAddr::new(b.into(), q),
-            };
-            (line.into_bytes(), h)
-        }
-        1 => {
-            let (a, b, (p, q)) = (v6(r), v6(r), ports(r));
-            let line = format!("PROXY TCP6 {a} {b} {p} {q}\r\n");
-            let h = Header::Proxied {
-                src: SocketAddr::new(a.into(), p),
-                dst: SocketAddr::new(b.into(), q),
-            };
-            (line.into_bytes(), h)
-        }
-        2 => {
-            let (a, b, (p, q)) = (v4(r), v4(r), ports(r));
-            let mut body = Vec::new();
-            body.extend_from_slice(&a.octets());
-            body.extend_from_slice(&b.octets());
-            body.extend_from_slice(&p.to_be_bytes());
-            body.extend_from_slice(&q.to_be_bytes());
-            body.resize(12 + r.below(64), 0xab);
-            let h = Header::Proxied {
-                src: SocketAddr::new(a.into(), p),
-                dst: SocketAddr::new(b.into(), q),
-            };
-            (v2(1, 0x11, &body), h)
-        }
-        3 => {
-            let (a, b, (p, q)) = (v6(r), v6(r), ports(r));
-            let mut body = Vec::new();
-            body.extend_from_slice(&a.octets());
-            body.extend_from_slice(&b.octets());
-            body.extend_from_slice(&p.to_be_bytes());
-            body.extend_from_slice(&q.to_be_bytes());
-            let h = Header::Proxied {
-                src: SocketAddr::new(a.into(), p),
-                dst: SocketAddr::new(b.into(), q),
-            };
-            (v2(1, 0x21, &body), h)
-        }
-        _ => {
-            let body = vec![0x5a; r.below(200)];
-            (v2(0, 0x00, &body), Header::Local)
-        }
+    // 0, 1: v1 (TCP4, TCP6); 2, 3: v2 (the same); 4: v2 LOCAL.
+    let form = r.below(5);
+    if form == 4 {
+        let body = vec![0x5a; r.below(200)];
+        return (v2(0, 0x00, &body), Header::Local);
     }
+    let v6 = form % 2 == 1;
+    let ip = |r: &mut Rng| -> IpAddr {
+        if v6 {
+            Ipv6Addr::from((u128::from(r.next()) << 64) | u128::from(r.next())).into()
+        } else {
+            Ipv4Addr::from(r.next() as u32).into()
+        }
+    };
+    let (a, b) = (ip(r), ip(r));
+    let (p, q) = (r.next() as u16, r.next() as u16);
+    let bytes = if form < 2 {
+        let family = if v6 { "TCP6" } else { "TCP4" };
+        format!("PROXY {family} {a} {b} {p} {q}\r\n").into_bytes()
+    } else {
+        let mut body = Vec::new();
+        for ip in [a, b] {
+            match ip {
+                IpAddr::V4(ip) => body.extend_from_slice(&ip.octets()),
+                IpAddr::V6(ip) => body.extend_from_slice(&ip.octets()),
+            }
+        }
+        body.extend_from_slice(&p.to_be_bytes());
+        body.extend_from_slice(&q.to_be_bytes());
+        if !v6 {
+            // TLVs after the addresses, which a reader must skip.
+            body.resize(12 + r.below(64), 0xab);
+        }
+        v2(1, if v6 { 0x21 } else { 0x11 }, &body)
+    };
+    let h = Header::Proxied {
+        src: SocketAddr::new(a, p),
+        dst: SocketAddr::new(b, q),
+    };
+    (bytes, h)
 }
 
 /// A million streams: valid headers followed by client bytes, the same

@@ -169,8 +169,9 @@ fn digest(seed: u64, data: &[u8]) -> u64 {
 mod tests {
     use super::*;
 
-    fn addr(s: &str) -> SocketAddr {
-        s.parse().unwrap()
+    /// A source: `ip` (v4 or v6) and `port`.
+    fn source(ip: &str, port: u16) -> SocketAddr {
+        SocketAddr::new(ip.parse().unwrap(), port)
     }
 
     #[test]
@@ -190,7 +191,7 @@ mod tests {
             ("[::]:40000", Some(Dropped::Source)),
             ("[ff02::1]:40000", Some(Dropped::Source)),
         ] {
-            assert_eq!(by_address(&addr(src)), want, "{src}");
+            assert_eq!(by_address(&src.parse().unwrap()), want, "{src}");
         }
     }
 
@@ -199,7 +200,7 @@ mod tests {
         let board = Scoreboard::new(1, 7).unwrap();
         let mut s = Screen::new(Policy::default(), 3, 1);
         let now = Instant::now();
-        let (a, b) = (addr("192.0.2.1:40000"), addr("192.0.2.2:40000"));
+        let (a, b) = (source("192.0.2.1", 40000), source("192.0.2.2", 40000));
         let passed = (0..10u8)
             .filter(|i| s.check(&a, &[*i], &board, now).is_none())
             .count();
@@ -229,7 +230,7 @@ mod tests {
         let now = Instant::now();
         let passed = (0..20u16)
             .filter(|i| {
-                let src = addr(&format!("[2001:db8:1:2::{i:x}]:40000"));
+                let src = source(&format!("2001:db8:1:2::{i:x}"), 40000);
                 s.check(&src, &i.to_le_bytes(), &board, now).is_none()
             })
             .count();
@@ -240,7 +241,7 @@ mod tests {
     fn a_loop_is_broken_and_a_varied_flood_is_not() {
         let board = Scoreboard::new(1, 7).unwrap();
         let mut s = Screen::new(Policy::default(), 0, 9);
-        let peer = addr("192.0.2.1:7102");
+        let peer = source("192.0.2.1", 7102);
         let mut t = Instant::now();
         let step = Duration::from_millis(2);
         // The same bytes bounced back every 2 ms.
@@ -264,7 +265,7 @@ mod tests {
         // Another port of the same host is another source.
         let mut u = Screen::new(Policy::default(), 0, 9);
         for i in 0..500u32 {
-            let src = addr(&format!("192.0.2.1:{}", 2000 + i % 2));
+            let src = source("192.0.2.1", 2000 + (i % 2) as u16);
             let dropped = u.check(&src, b"same", &board, t).is_some();
             assert_eq!(
                 dropped,

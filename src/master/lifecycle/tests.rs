@@ -15,17 +15,23 @@ fn begin(why: &'static str, immediate: bool) -> Action {
     }
 }
 
-fn serving(now: Instant) -> Life {
-    let mut l = Life::new(now, None, SHUTDOWN);
-    assert_eq!(l.on(E::Ready, now), [A::AnnounceReady]);
+/// A master just started (`upgraded_from`: the generation it replaces).
+fn started(upgraded_from: Option<u32>) -> (Instant, Life) {
+    let t = Instant::now();
+    (t, Life::new(t, upgraded_from, SHUTDOWN))
+}
+
+/// A master serving its first generation.
+fn serving() -> (Instant, Life) {
+    let (t, mut l) = started(None);
+    assert_eq!(l.on(E::Ready, t), [A::AnnounceReady]);
     assert_eq!(l.phase(), Phase::Serving);
-    l
+    (t, l)
 }
 
 #[test]
 fn startup_announces_ready_once_the_workers_are() {
-    let t = Instant::now();
-    let mut l = Life::new(t, None, SHUTDOWN);
+    let (t, mut l) = started(None);
     assert!(l.starting());
     assert_eq!(l.deadline(), Some(t + READY_TIMEOUT));
     assert_eq!(l.on(E::Tick, t), [], "not due yet");
@@ -37,8 +43,7 @@ fn startup_announces_ready_once_the_workers_are() {
 
 #[test]
 fn a_startup_that_never_gets_ready_stops_and_exits_1() {
-    let t = Instant::now();
-    let mut l = Life::new(t, None, SHUTDOWN);
+    let (t, mut l) = started(None);
     let act = l.on(E::Tick, t + READY_TIMEOUT);
     assert!(matches!(&act[0], A::Fatal(_)), "{act:?}");
     assert_eq!(act[1], begin("startup failed", true));
@@ -48,8 +53,7 @@ fn a_startup_that_never_gets_ready_stops_and_exits_1() {
 
 #[test]
 fn a_hup_while_serving_reloads_and_the_new_generation_takes_over() {
-    let t = Instant::now();
-    let mut l = serving(t);
+    let (t, mut l) = serving();
     assert_eq!(l.on(E::Hup, t), [A::PrepareReload { next: 2 }]);
     assert_eq!(l.next(), Some(2));
     assert_eq!(l.generation(), 1, "the old one is in force meanwhile");
@@ -59,8 +63,7 @@ fn a_hup_while_serving_reloads_and_the_new_generation_takes_over() {
 
 #[test]
 fn a_reload_that_fails_or_times_out_is_abandoned() {
-    let t = Instant::now();
-    let mut l = serving(t);
+    let (t, mut l) = serving();
     l.on(E::Hup, t);
     assert_eq!(
         l.on(E::ReloadFailed("bad key".into()), t),
@@ -81,8 +84,7 @@ fn a_reload_that_fails_or_times_out_is_abandoned() {
 
 #[test]
 fn a_hup_during_a_reload_waits_for_it_then_reloads_again() {
-    let t = Instant::now();
-    let mut l = serving(t);
+    let (t, mut l) = serving();
     l.on(E::Hup, t);
     assert_eq!(l.on(E::Hup, t), [A::Defer("SIGHUP")]);
     assert!(l.deferred().hup);
@@ -95,8 +97,7 @@ fn a_hup_during_a_reload_waits_for_it_then_reloads_again() {
 
 #[test]
 fn a_hup_during_startup_waits_for_ready() {
-    let t = Instant::now();
-    let mut l = Life::new(t, None, SHUTDOWN);
+    let (t, mut l) = started(None);
     assert_eq!(l.on(E::Hup, t), [A::Defer("SIGHUP")]);
     assert_eq!(
         l.on(E::Ready, t),
@@ -106,8 +107,7 @@ fn a_hup_during_startup_waits_for_ready() {
 
 #[test]
 fn a_usr2_during_a_reload_waits_then_checks_the_new_code() {
-    let t = Instant::now();
-    let mut l = serving(t);
+    let (t, mut l) = serving();
     l.on(E::Hup, t);
     assert_eq!(l.on(E::Usr2, t), [A::Defer("SIGUSR2")]);
     assert_eq!(l.on(E::NextReady, t), [A::Commit, A::StartCheck]);
@@ -116,8 +116,7 @@ fn a_usr2_during_a_reload_waits_then_checks_the_new_code() {
 
 #[test]
 fn a_hup_and_a_usr2_that_both_waited_run_in_turn_hup_first() {
-    let t = Instant::now();
-    let mut l = serving(t);
+    let (t, mut l) = serving();
     l.on(E::Usr2, t);
     l.on(E::Usr2, t);
     l.on(E::Hup, t);
@@ -134,8 +133,7 @@ fn a_hup_and_a_usr2_that_both_waited_run_in_turn_hup_first() {
 
 #[test]
 fn an_upgrade_checks_then_execs_and_a_failed_exec_goes_on() {
-    let t = Instant::now();
-    let mut l = serving(t);
+    let (t, mut l) = serving();
     assert_eq!(l.on(E::Usr2, t), [A::StartCheck]);
     assert_eq!(l.deadline(), Some(t + CHECK_TIMEOUT));
     assert_eq!(l.on(E::Checked(Ok(())), t), [A::Exec]);
@@ -148,8 +146,7 @@ fn an_upgrade_checks_then_execs_and_a_failed_exec_goes_on() {
 
 #[test]
 fn a_check_that_hangs_is_ended_and_refused() {
-    let t = Instant::now();
-    let mut l = serving(t);
+    let (t, mut l) = serving();
     l.on(E::Usr2, t);
     let act = l.on(E::Tick, t + CHECK_TIMEOUT);
     assert_eq!(act[0], A::EndCheck);
@@ -161,8 +158,7 @@ fn a_check_that_hangs_is_ended_and_refused() {
 
 #[test]
 fn a_term_during_an_upgrade_check_wins() {
-    let t = Instant::now();
-    let mut l = serving(t);
+    let (t, mut l) = serving();
     l.on(E::Usr2, t);
     l.on(E::Hup, t);
     assert_eq!(
@@ -176,8 +172,7 @@ fn a_term_during_an_upgrade_check_wins() {
 
 #[test]
 fn a_term_during_a_reload_abandons_it_and_stops() {
-    let t = Instant::now();
-    let mut l = serving(t);
+    let (t, mut l) = serving();
     l.on(E::Hup, t);
     let act = l.on(E::Stop("SIGINT"), t);
     assert_eq!(act[0], A::DropReload);
@@ -187,8 +182,7 @@ fn a_term_during_a_reload_abandons_it_and_stops() {
 
 #[test]
 fn requests_while_stopping_are_ignored_and_a_second_term_kills() {
-    let t = Instant::now();
-    let mut l = serving(t);
+    let (t, mut l) = serving();
     l.on(E::Stop("SIGTERM"), t);
     assert_eq!(l.deadline(), Some(t + SHUTDOWN));
     assert_eq!(l.on(E::Hup, t), [A::Ignore("SIGHUP")]);
@@ -201,8 +195,7 @@ fn requests_while_stopping_are_ignored_and_a_second_term_kills() {
 
 #[test]
 fn the_shutdown_timeout_kills_what_is_left() {
-    let t = Instant::now();
-    let mut l = serving(t);
+    let (t, mut l) = serving();
     l.on(E::Stop("SIGTERM"), t);
     assert_eq!(l.on(E::Tick, t + SHUTDOWN / 2), []);
     assert_eq!(l.on(E::Tick, t + SHUTDOWN), [A::KillAll]);
@@ -212,8 +205,7 @@ fn the_shutdown_timeout_kills_what_is_left() {
 
 #[test]
 fn quit_stops_at_once() {
-    let t = Instant::now();
-    let mut l = serving(t);
+    let (t, mut l) = serving();
     assert_eq!(l.on(E::Quit, t), [begin("SIGQUIT", true)]);
     assert!(l.killed());
     assert_eq!(l.on(E::ChildrenGone, t), [A::Exit(0)]);
@@ -221,8 +213,7 @@ fn quit_stops_at_once() {
 
 #[test]
 fn after_an_upgrade_the_new_generation_retires_the_old_once_ready() {
-    let t = Instant::now();
-    let mut l = Life::new(t, Some(4), SHUTDOWN);
+    let (t, mut l) = started(Some(4));
     assert_eq!(l.generation(), 5);
     assert_eq!(
         l.on(E::Ready, t),
@@ -232,8 +223,7 @@ fn after_an_upgrade_the_new_generation_retires_the_old_once_ready() {
 
 #[test]
 fn an_upgrade_whose_workers_fail_falls_back_to_the_old_workers() {
-    let t = Instant::now();
-    let mut l = Life::new(t, Some(4), SHUTDOWN);
+    let (t, mut l) = started(Some(4));
     let died = E::DiedBeforeReady {
         next: false,
         why: "worker 9 exited with status 1".into(),
@@ -252,8 +242,7 @@ fn an_upgrade_whose_workers_fail_falls_back_to_the_old_workers() {
 
 #[test]
 fn a_worker_of_an_abandoned_reload_dying_later_changes_nothing() {
-    let t = Instant::now();
-    let mut l = serving(t);
+    let (t, mut l) = serving();
     let died = E::DiedBeforeReady {
         next: true,
         why: "late".into(),
@@ -264,8 +253,8 @@ fn a_worker_of_an_abandoned_reload_dying_later_changes_nothing() {
 
 #[test]
 fn under_a_service_manager_a_term_asks_first_and_a_restart_keeps_what_it_can() {
-    let t = Instant::now();
-    let mut l = Life::new(t, None, SHUTDOWN).asking_about_restarts();
+    let (t, l) = started(None);
+    let mut l = l.asking_about_restarts();
     l.on(E::Ready, t);
     assert_eq!(l.on(E::Stop("SIGTERM"), t), [A::AskRestart]);
     assert!(!l.stopping(), "it serves while it asks");
@@ -284,8 +273,8 @@ fn under_a_service_manager_a_term_asks_first_and_a_restart_keeps_what_it_can() {
 
 #[test]
 fn no_answer_in_time_is_a_stop_and_a_second_term_does_not_wait() {
-    let t = Instant::now();
-    let mut l = Life::new(t, None, SHUTDOWN).asking_about_restarts();
+    let (t, l) = started(None);
+    let mut l = l.asking_about_restarts();
     l.on(E::Ready, t);
     l.on(E::Stop("SIGTERM"), t);
     assert_eq!(l.on(E::Tick, t + ASK_TIMEOUT), [begin("SIGTERM", false)]);
@@ -298,8 +287,8 @@ fn no_answer_in_time_is_a_stop_and_a_second_term_does_not_wait() {
 
 #[test]
 fn a_term_during_a_reload_under_a_service_manager_drops_the_reload_then_asks() {
-    let t = Instant::now();
-    let mut l = Life::new(t, None, SHUTDOWN).asking_about_restarts();
+    let (t, l) = started(None);
+    let mut l = l.asking_about_restarts();
     l.on(E::Ready, t);
     l.on(E::Hup, t);
     assert_eq!(l.on(E::Stop("SIGTERM"), t), [A::DropReload, A::AskRestart]);
