@@ -9,7 +9,8 @@
 //! Linux each worker has its own epoll instance in which every listener is
 //! registered with `EPOLLEXCLUSIVE` (nginx's answer to the thundering
 //! herd), so a new connection wakes one waiting worker instead of all of
-//! them. Elsewhere workers `poll` the listeners, and all idle ones wake.
+//! them. Elsewhere idle prefork workers take turns (turns.rs): only the
+//! one whose turn it is polls the listeners.
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -91,6 +92,9 @@ pub struct Acceptor {
     next: usize,
     paused_until: Option<Instant>,
     errors: RateLimit,
+    /// Poll the listeners even where epoll could wait (a worker taking
+    /// turns, of which one waits at a time).
+    polling: bool,
     #[cfg(any(target_os = "linux", target_os = "android"))]
     epoll: Option<nix::sys::epoll::Epoll>,
 }
@@ -118,6 +122,7 @@ impl Acceptor {
             next: 0,
             paused_until: None,
             errors: RateLimit::new(REPORT_EVERY),
+            polling: false,
             #[cfg(any(target_os = "linux", target_os = "android"))]
             epoll: None,
         }
@@ -126,6 +131,12 @@ impl Acceptor {
     /// Takes connections from the relay's receiving end `rx` too.
     pub fn with_relay(mut self, rx: Option<OwnedFd>) -> Acceptor {
         self.relay = rx;
+        self
+    }
+
+    /// Waits with `poll` wherever it runs (see [`Acceptor::polling`]).
+    pub fn polling(mut self, on: bool) -> Acceptor {
+        self.polling = on;
         self
     }
 
@@ -303,6 +314,9 @@ impl Acceptor {
 
     #[cfg(any(target_os = "linux", target_os = "android"))]
     fn wait_listeners(&mut self, watched: BorrowedFd<'_>) -> io::Result<Wake> {
+        if self.polling {
+            return self.poll_listeners(watched);
+        }
         use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
         if self.epoll.is_none() {
             let made = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).and_then(|ep| {
@@ -354,6 +368,12 @@ impl Acceptor {
 
     #[cfg(not(any(target_os = "linux", target_os = "android")))]
     fn wait_listeners(&mut self, watched: BorrowedFd<'_>) -> io::Result<Wake> {
+        self.poll_listeners(watched)
+    }
+
+    /// Polls the listeners, the relay and `watched`: every process that
+    /// does so wakes for a connection (hence the turns).
+    fn poll_listeners(&mut self, watched: BorrowedFd<'_>) -> io::Result<Wake> {
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
         let mut fds = Vec::with_capacity(self.listeners.len() + 2);
         fds.push(PollFd::new(watched, PollFlags::POLLIN));

@@ -18,7 +18,8 @@
 //!   machine), `proxy` (the PROXY protocol);
 //! - `admission` (may this client be served: rules, rates, places),
 //!   `access` (addresses and CIDR rules), `accept` (accepting, the
-//!   wake-one wait), `listen` (addresses and sockets), `relay` (a
+//!   wake-one wait), `turns` (prefork workers' turns where the kernel
+//!   wakes every waiter), `listen` (addresses and sockets), `relay` (a
 //!   connection handed from a retiring worker to one that serves on);
 //! - `scoreboard` (the memory every process shares), `signals` (the
 //!   self-pipe), `logging` (stderr or syslog), `daemon` (detach, pidfile,
@@ -56,6 +57,7 @@ mod signals;
 mod sys;
 mod systemd;
 mod time;
+mod turns;
 mod udp;
 mod upgrade;
 mod worker;

@@ -91,6 +91,22 @@ pub fn wake_on_signal(signal: libc::c_int, fd: RawFd) -> io::Result<()> {
     unsafe { signal_hook::low_level::register(signal, action) }.map(drop)
 }
 
+/// Gives `signal` a handler that does nothing, so that it interrupts a
+/// wait (`pselect` returns EINTR) instead of being ignored or killing.
+pub fn interrupt_on_signal(signal: libc::c_int) -> io::Result<()> {
+    // SAFETY: the action does nothing, so it is async-signal-safe.
+    unsafe { signal_hook::low_level::register(signal, || {}) }.map(drop)
+}
+
+/// A copy of `fd`, close-on-exec, at the lowest free number.
+pub fn dup_cloexec(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    use nix::fcntl::{fcntl, FcntlArg};
+    let raw = fcntl(fd, FcntlArg::F_DUPFD_CLOEXEC(0))?;
+    // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor that nothing else
+    // owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
 /// A plain fork for detaching, before any signal handler is installed.
 /// Returns true in the parent.
 ///

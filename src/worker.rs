@@ -22,6 +22,7 @@ use crate::proxy;
 use crate::relay::{self, Carried};
 use crate::scoreboard::{Scoreboard, Slot, State};
 use crate::sys::IoBuffer;
+use crate::turns::{Turn, Turns};
 use std::net::SocketAddr;
 
 pub use crate::children::{EXIT_HANDED_OVER, EXIT_ORPHAN, EXIT_REFUSED, EXIT_SETUP};
@@ -228,7 +229,14 @@ pub fn prefork(listeners: Vec<Listener>, ctx: Ctx<'_>, max_requests: u64) -> i32
     }
     let Some(mut buf) = buffer() else { return 1 };
     let mut ctx = ctx;
-    let mut acceptor = Acceptor::new(listeners).with_relay(ctx.relay_rx.take());
+    let turns = ctx.slot.filter(|_| crate::turns::wanted()).and_then(|slot| {
+        Turns::new(slot, ctx.ctl)
+            .map_err(|e| warn!("cannot take turns with the other workers: {e}; this one wakes for every connection"))
+            .ok()
+    });
+    let mut acceptor = Acceptor::new(listeners)
+        .with_relay(ctx.relay_rx.take())
+        .polling(turns.is_some());
     let mut served: u64 = 0;
     ctx.ready();
     // After a connection, the next one is often already queued: try to
@@ -244,10 +252,18 @@ pub fn prefork(listeners: Vec<Listener>, ctx: Ctx<'_>, max_requests: u64) -> i32
         };
         try_first = false;
         if incoming.is_none() {
-            match acceptor.wait(ctx.ctl) {
+            let turn = turns.as_ref().map_or(Ok(Turn::Lead), Turns::wait);
+            let woke = turn.and_then(|turn| match turn {
+                Turn::Lead => acceptor.wait(ctx.ctl),
+                Turn::Stop => Ok(Wake::Stop),
+            });
+            match woke {
                 Ok(Wake::Ready) => incoming = acceptor.next(Instant::now(), relayed),
                 Ok(Wake::Stop) => {
                     ctx.set(State::Stopping);
+                    if let Some(t) = &turns {
+                        t.pass();
+                    }
                     return if ctx.master_gone() { EXIT_ORPHAN } else { 0 };
                 }
                 Err(e) => {
@@ -257,6 +273,10 @@ pub fn prefork(listeners: Vec<Listener>, ctx: Ctx<'_>, max_requests: u64) -> i32
             }
         }
         let Some(incoming) = incoming else { continue };
+        // Taken: the next idle worker waits for the next one.
+        if let Some(t) = &turns {
+            t.pass();
+        }
         try_first = true;
         let holder = ctx.slot.map_or(Holder::Here, Holder::Slot);
         let hand = match incoming {
@@ -299,6 +319,10 @@ pub fn prefork(listeners: Vec<Listener>, ctx: Ctx<'_>, max_requests: u64) -> i32
             }
         };
         ctx.set(State::Busy);
+        if let Some(t) = &turns {
+            // Named while it took this connection? Not while it serves it.
+            t.pass();
+        }
         if let Some(slot) = &ctx.slot {
             slot.set_open(1);
         }

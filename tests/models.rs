@@ -252,16 +252,6 @@ fn a_pool_under_load_on_one_listener_still_serves_the_other() {
     );
 }
 
-/// Voluntary context switches of a process so far.
-fn voluntary_switches(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
-}
-
 #[test]
 fn a_connection_wakes_one_idle_worker_not_all_of_them() {
     let _heavy = heavy();

@@ -39,6 +39,7 @@ mod proxy;
 mod signals;
 mod supervision;
 mod systemd;
+mod turns;
 mod udp;
 mod upgrade;
 

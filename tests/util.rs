@@ -330,6 +330,16 @@ pub fn proc_stat(pid: i32) -> Option<(char, i32)> {
     Some((state, ppid))
 }
 
+/// Voluntary context switches of a process so far.
+pub fn voluntary_switches(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// Whether a process is gone (or only a zombie waiting to be reaped).
 pub fn is_dead(pid: i32) -> bool {
     !matches!(proc_stat(pid), Some((s, _)) if s != 'Z' && s != 'X')

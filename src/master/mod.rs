@@ -147,6 +147,9 @@ struct PreforkState {
     /// Since when handed-over connections wait with no worker free and
     /// none to be started (max-workers).
     relay_stuck: Option<Instant>,
+    /// Idle workers take turns to wait for connections (turns.rs): the
+    /// master names a leader when one dies leading, or when none leads.
+    turns: bool,
 }
 
 /// When the master reports, and what it reported last.
@@ -371,6 +374,10 @@ impl Master {
         }
         self.fill_pool(now);
         self.maintain(now);
+        if self.prefork.turns {
+            // Nobody leads, yet a worker is idle: it missed its chance.
+            crate::turns::pass(&self.scoreboard, None);
+        }
         self.tick(now);
     }
 

@@ -57,6 +57,10 @@ impl Master {
                 self.fork.slots.give_back(index);
             }
             let last = child.slot.and_then(|s| self.scoreboard.release(s));
+            if let Some(slot) = child.slot.filter(|_| self.prefork.turns) {
+                // It died leading: another idle worker waits for connections.
+                crate::turns::pass(&self.scoreboard, Some(slot));
+            }
             self.prefork.served_by_gone += last.map_or(0, |e| e.served);
             let never_ready = last.is_some_and(|e| e.state == State::Starting);
             if child.kind == Kind::Conn {

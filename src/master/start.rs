@@ -120,6 +120,7 @@ pub fn run(
             at_max: RateLimit::new(REPORT_EVERY),
             recheck: None,
             relay_stuck: None,
+            turns: crate::turns::wanted(),
         },
         reports: Reports {
             next_tick: now + TICK,

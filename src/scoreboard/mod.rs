@@ -85,6 +85,7 @@ const EPOCH_US: usize = 10; // CLOCK_MONOTONIC at creation: one clock for every 
 const LAYOUT_WORD: usize = 11; // which layout this is, for a new master adopting it
 const HAND_OVER: usize = 12; // 1: a worker told to stop hands its connections over
 const RELAYED: usize = 13; // connections waiting in the relay
+const LEADER: usize = 14; // turns.rs: the slot of the worker that waits for connections (+1; 0: none)
 const UDP_ECHOED: usize = 16; // datagrams answered
 const UDP_DROPPED: usize = 17; // one word per Dropped, room for 7
 const REFUSED: usize = 24; // one word per Refusal, room for 8
@@ -359,6 +360,33 @@ impl Scoreboard {
         self.header(START_SECS).load(Ordering::Relaxed)
     }
 
+    /// turns.rs: the slot whose worker leads (+1; 0: nobody).
+    pub fn leader(&self) -> u64 {
+        self.header(LEADER).load(Ordering::SeqCst)
+    }
+
+    /// turns.rs: makes `to` the leader if `from` still is.
+    pub fn swap_leader(&self, from: u64, to: u64) -> bool {
+        self.header(LEADER)
+            .compare_exchange(from, to, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+    }
+
+    /// turns.rs: an idle worker other than the one in `except`, of the
+    /// newest generation (an older one is about to retire), and its pid.
+    /// Only pool workers are ever idle.
+    pub fn idle_worker(&self, except: Option<usize>) -> Option<(usize, Pid)> {
+        let high = self.header(HIGH).load(Ordering::Relaxed) as usize;
+        let start = except.map_or(0, |s| s + 1);
+        (0..high.min(self.slots))
+            .map(|k| (start + k) % high.max(1))
+            .filter(|&s| Some(s) != except)
+            .filter_map(|s| self.get(s).map(|e| (s, e)))
+            .filter(|(_, e)| e.state == State::Idle && e.pid.as_raw() > 0)
+            .max_by_key(|(_, e)| e.generation)
+            .map(|(s, e)| (s, e.pid))
+    }
+
     /// Every slot in use, as it reads now.
     pub fn entries(&self) -> impl Iterator<Item = Entry> + '_ {
         let high = self.header(HIGH).load(Ordering::Relaxed) as usize;
@@ -488,6 +516,11 @@ pub struct Slot<'a> {
 }
 
 impl<'a> Slot<'a> {
+    /// Its index.
+    pub fn index(&self) -> usize {
+        self.slot
+    }
+
     /// The scoreboard this slot is on.
     pub fn board(&self) -> &'a Scoreboard {
         self.board
