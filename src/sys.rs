@@ -93,9 +93,18 @@ pub fn wake_on_signal(signal: libc::c_int, fd: RawFd) -> io::Result<()> {
 
 /// Gives `signal` a handler that does nothing, so that it interrupts a
 /// wait (`pselect` returns EINTR) instead of being ignored or killing.
-pub fn interrupt_on_signal(signal: libc::c_int) -> io::Result<()> {
-    // SAFETY: the action does nothing, so it is async-signal-safe.
-    unsafe { signal_hook::low_level::register(signal, || {}) }.map(drop)
+/// A plain `sigaction`, not signal-hook's registry, whose allocation in a
+/// forked worker would copy heap pages it otherwise shares with the master.
+pub fn interrupt_on_signal(signal: Signal) -> io::Result<()> {
+    extern "C" fn nothing(_: libc::c_int) {}
+    let action = SigAction::new(
+        SigHandler::Handler(nothing),
+        SaFlags::empty(),
+        SigSet::empty(),
+    );
+    // SAFETY: the handler does nothing, so it is async-signal-safe.
+    unsafe { sigaction(signal, &action) }?;
+    Ok(())
 }
 
 /// A copy of `fd`, close-on-exec, at the lowest free number.

@@ -68,7 +68,7 @@ impl<'a> Turns<'a> {
         if std::os::fd::AsRawFd::as_raw_fd(&watched) as usize >= FD_SETSIZE {
             return Err(io::Error::other("no descriptor below FD_SETSIZE"));
         }
-        crate::sys::interrupt_on_signal(CALL as libc::c_int)?;
+        crate::sys::interrupt_on_signal(CALL)?;
         let mut old = SigSet::empty();
         sigprocmask(
             SigmaskHow::SIG_BLOCK,
