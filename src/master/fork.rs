@@ -4,6 +4,7 @@
 //! accepting.
 
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use log::{error, warn};
@@ -27,8 +28,10 @@ impl Master {
     /// a child per connection, until none waits, the limit or a pause is
     /// reached, or [`ACCEPT_BATCH`] were taken; a connection that a
     /// retiring worker handed over (after a reload from another mode) is
-    /// taken first.
-    pub(super) fn accept(&mut self, now: Instant) {
+    /// taken first: looked for only when the relay woke the master or the
+    /// scoreboard counts one, so that an accept costs no `recvmsg`.
+    pub(super) fn accept(&mut self, now: Instant, relay_ready: bool) {
+        let mut relay_ready = relay_ready;
         for _ in 0..ACCEPT_BATCH {
             if self.children.conns() >= self.cfg.max_children as usize
                 || self.backoff.hold_until(now, false).is_some()
@@ -36,11 +39,14 @@ impl Master {
                 return;
             }
             // Connections handed over first: their clients have waited.
-            let relayed = self.relay.as_ref().and_then(|r| {
+            let counted = self.scoreboard.relayed().load(Ordering::Acquire) > 0;
+            let relayed = self.relay.as_ref().filter(|_| relay_ready || counted);
+            let relayed = relayed.and_then(|r| {
                 crate::relay::recv(r.rx.as_fd(), self.scoreboard.relayed())
                     .ok()
                     .flatten()
             });
+            relay_ready &= relayed.is_some();
             let forked = match relayed {
                 Some((conn, c)) => self.fork_for(conn, c.tcp, Some(c), now),
                 None => {

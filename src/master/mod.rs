@@ -220,7 +220,7 @@ impl Master {
         self.use_store(now);
         self.progress(now);
         loop {
-            let (noticed, ready) = self.wait();
+            let (noticed, ready, relay_ready) = self.wait();
             let now = Instant::now();
             if noticed {
                 self.drain_notices();
@@ -239,7 +239,7 @@ impl Master {
             // For the metrics: fork-mode children are the busy ones.
             self.scoreboard.set_fork_children(self.children.conns());
             if !self.life.stopping() {
-                self.tend(now, ready);
+                self.tend(now, ready, relay_ready);
             } else if self.children.is_empty() {
                 // What the last child handed over before it went.
                 if self.restarting {
@@ -361,14 +361,14 @@ impl Master {
     /// While running: readiness and reloads, overdue children, crash-loop
     /// probes, accepting (fork mode; `readable`: a listener is), the pool,
     /// and the periodic reports.
-    fn tend(&mut self, now: Instant, readable: bool) {
+    fn tend(&mut self, now: Instant, readable: bool, relay_ready: bool) {
         self.progress(now);
         self.kill_overdue(now);
         self.check_probes(now);
         if self.cfg.mode == Mode::Fork {
             // Only when a listener is readable: no EAGAIN per wake-up.
             if readable {
-                self.accept(now);
+                self.accept(now, relay_ready);
             }
             self.watch_limit(now);
         }
@@ -383,8 +383,9 @@ impl Master {
 
     /// Sleeps until a signal, a worker's notice, a listener (fork mode,
     /// under the limit) or the nearest deadline. Returns whether a notice
-    /// came, and whether a listener is readable.
-    fn wait(&self) -> (bool, bool) {
+    /// came, whether a listener (or the relay) is readable, and whether
+    /// the relay is.
+    fn wait(&self) -> (bool, bool, bool) {
         let now = Instant::now();
         let serving = self.serving();
         let running = !self.life.stopping();
@@ -398,7 +399,7 @@ impl Master {
             // and new clients wait in the kernel's backlog.
             && self.children.conns() < self.cfg.max_children as usize;
         let (Some(signals), Some(notice)) = (&self.signals, &self.notice_r) else {
-            return (false, false);
+            return (false, false, false);
         };
         let mut fds = Vec::with_capacity(2 + self.acceptor.listeners().len());
         fds.push(PollFd::new(signals.fd(), PollFlags::POLLIN));
@@ -410,10 +411,12 @@ impl Master {
                     .map(|(_, l)| PollFd::new(l.as_fd(), PollFlags::POLLIN)),
             );
         }
+        let mut relay_at = None;
         if let Some(r) = &self.relay {
             // Connections that retiring workers of another mode hand
             // over, or (restarting) that go to systemd's store.
             if accepting || self.restarting {
+                relay_at = Some(fds.len());
                 fds.push(PollFd::new(r.rx.as_fd(), PollFlags::POLLIN));
             }
             // Connections kept across a restart wait for room.
@@ -444,7 +447,8 @@ impl Master {
             Err(e) => warn!("poll failed: {e}"),
         }
         let ready = |f: &PollFd<'_>| f.revents().is_some_and(|r| !r.is_empty());
-        (ready(&fds[1]), fds[2..].iter().any(ready))
+        let relay_ready = relay_at.is_some_and(|i| ready(&fds[i]));
+        (ready(&fds[1]), fds[2..].iter().any(ready), relay_ready)
     }
 
     /// Empties the notice pipe; what the workers said is in the scoreboard.
