@@ -107,15 +107,6 @@ pub fn interrupt_on_signal(signal: Signal) -> io::Result<()> {
     Ok(())
 }
 
-/// A copy of `fd`, close-on-exec, at the lowest free number.
-pub fn dup_cloexec(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
-    use nix::fcntl::{fcntl, FcntlArg};
-    let raw = fcntl(fd, FcntlArg::F_DUPFD_CLOEXEC(0))?;
-    // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor that nothing else
-    // owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
-}
-
 /// A plain fork for detaching, before any signal handler is installed.
 /// Returns true in the parent.
 ///

@@ -64,7 +64,8 @@ impl<'a> Turns<'a> {
     /// In a worker, before it first says it is idle: blocks [`CALL`] (but
     /// for the waits) and gives it a handler, so that it interrupts them.
     pub fn new(slot: Slot<'a>, watched: BorrowedFd<'_>) -> io::Result<Turns<'a>> {
-        let watched = crate::sys::dup_cloexec(watched)?;
+        // close-on-exec, at the lowest free number from 3 on.
+        let watched = watched.try_clone_to_owned()?;
         if std::os::fd::AsRawFd::as_raw_fd(&watched) as usize >= FD_SETSIZE {
             return Err(io::Error::other("no descriptor below FD_SETSIZE"));
         }
