@@ -48,7 +48,12 @@ fn has_reply(s: &UdpSocket) -> bool {
 /// It is sent again every 200 ms: should its source share a rate bucket
 /// with a flooding one (1 in 8192), it passes once the second turns.
 fn barrier(to: SocketAddr) {
-    let s = client("127.0.0.9", to);
+    barrier_from("127.0.0.9", to);
+}
+
+/// [`barrier`] from a source on `ip`.
+fn barrier_from(ip: &str, to: SocketAddr) {
+    let s = client(ip, to);
     s.set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
     let end = Instant::now() + REPLY;
@@ -363,8 +368,7 @@ fn ipv6_sources_share_the_rate_of_their_network() {
                 s.send(b"one of many").unwrap();
             }
         }
-        let b = client(BARRIER, to);
-        assert_eq!(echo(&b, b"barrier").as_deref(), Some(&b"barrier"[..]));
+        barrier_from(BARRIER, to);
         socks
             .iter()
             .map(|s| {
@@ -378,11 +382,15 @@ fn ipv6_sources_share_the_rate_of_their_network() {
     };
     // 200 sent, 5 a second per source: one source gets at most two
     // windows' worth in a burst this short; twenty get at least one each.
+    // Two of the twenty share one of the 8,192 rate buckets (seeded
+    // afresh each start) about one start in 43, and then get five between
+    // them: a few such shares are allowed for, still far above the ten of
+    // one network.
     assert!(
         (1..=10).contains(&by_64),
         "{by_64} answered to one /64 at 5/s"
     );
-    assert!(by_128 >= 100, "{by_128} answered to 20 sources at 5/s each");
+    assert!(by_128 >= 80, "{by_128} answered to 20 sources at 5/s each");
 }
 
 /// Another echo service on a high port, 2 ms away, and one datagram that
