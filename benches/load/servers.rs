@@ -55,6 +55,20 @@ impl Server {
             }
         };
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        // Its own group keeps a Ctrl-C meant for the benchmark from reaching
+        // it, and the benchmark's Drop does not run when it is killed: the
+        // kernel ends the server with the benchmark instead (echo-forkd's
+        // workers follow their master).
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        // SAFETY: the closure runs in the child between fork and exec, where
+        // only async-signal-safe calls may be made: it makes one prctl
+        // system call and allocates nothing.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
+                Ok(())
+            });
+        }
         let mut child = cmd
             .stdin(Stdio::null())
             .spawn()
