@@ -427,11 +427,10 @@ impl Session<'_, '_> {
                 Err(Errno::EINTR) => continue,
                 Err(e) => return Err(End::Failed(e.into())),
             }
-            let watched = nfds == 2 && fds[1].revents().is_some_and(|r| !r.is_empty());
-            if fds[0].revents().is_some_and(|r| !r.is_empty()) {
-                return Ok(());
-            }
-            if watched {
+            // The watch first: a client that keeps the connection ready
+            // at every poll must not keep a stop or a hand-over waiting
+            // until it pauses.
+            if nfds == 2 && fds[1].revents().is_some_and(|r| !r.is_empty()) {
                 match (self.on_watch)() {
                     Watch::Forget => self.watch = None,
                     Watch::Abort => return Err(End::Aborted),
@@ -442,6 +441,9 @@ impl Session<'_, '_> {
                         self.watch = None;
                     }
                 }
+            }
+            if fds[0].revents().is_some_and(|r| !r.is_empty()) {
+                return Ok(());
             }
         }
     }

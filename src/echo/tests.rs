@@ -157,3 +157,29 @@ fn a_hand_over_comes_once_everything_read_is_echoed_and_resumes_the_count() {
     );
     assert!(matches!(s.end, End::Session), "{:?}", s.end);
 }
+
+#[test]
+fn a_client_that_never_pauses_does_not_hold_back_a_hand_over_or_a_stop() {
+    for (answer, want) in [(Watch::HandOver, "HandOver"), (Watch::Abort, "Aborted")] {
+        let (mut c, server) = UnixStream::pair().unwrap();
+        server.set_nonblocking(true).unwrap();
+        let (mut tell, watched) = UnixStream::pair().unwrap();
+        // More than MAX_DIRECT_READS buffers: the connection is still
+        // readable at the poll that follows them, as under a stream.
+        let sent = 16 * (MAX_DIRECT_READS as usize + 1) * 2;
+        c.write_all(&vec![b'x'; sent]).unwrap();
+        tell.write_all(b"x").unwrap();
+        let mut buf = [0u8; 16];
+        let s = serve(
+            server.as_fd(),
+            &mut buf,
+            &Limits::default(),
+            Progress::new(Instant::now()),
+            Some(watched.as_fd()),
+            &mut || answer,
+        );
+        assert_eq!(format!("{:?}", s.end), want);
+        // At the first poll, not once the client paused.
+        assert_eq!(s.bytes, 16 * u64::from(MAX_DIRECT_READS), "{want}");
+    }
+}
