@@ -368,6 +368,12 @@ fn half_closed_client_travels(mode: &str) {
         "debug",
     ]);
     let mut s = connect(d.addr());
+    // A small window towards the client: the worker cannot write back
+    // more than this, so it still holds the client's bytes at the reload
+    // even when a stall below was only the kernel's window probe waiting
+    // (after which a large buffer would take everything and let the
+    // worker finish before the reload: it happened once in six runs).
+    nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::RcvBuf, &16_384).unwrap();
     s.set_nonblocking(true).unwrap();
     let mut rng = Stream::new(25);
     let mut chunk = vec![0u8; 1 << 16];
