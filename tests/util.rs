@@ -19,6 +19,9 @@ use nix::unistd::Pid;
 pub const BIN: &str = env!("CARGO_BIN_EXE_echo-forkd");
 /// The longest any single wait in these tests may take.
 pub const DEADLINE: Duration = Duration::from_secs(10);
+/// How long an exited master's stderr is read on for its last lines (its
+/// children, which have it too, follow it at once).
+const LAST_WORDS: Duration = Duration::from_secs(2);
 
 /// Polls `cond` every few milliseconds until it holds or `timeout` passes.
 pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
@@ -150,6 +153,21 @@ impl Daemon {
         }
     }
 
+    /// Waits until stderr is closed (every process that had it is gone),
+    /// at most `timeout`.
+    fn wait_closed(&self, timeout: Duration) {
+        let end = Instant::now() + timeout;
+        let (m, cv) = &*self.stderr;
+        let mut g = m.lock().unwrap();
+        while !g.closed {
+            let now = Instant::now();
+            if now >= end {
+                return;
+            }
+            g = cv.wait_timeout(g, end - now).unwrap().0;
+        }
+    }
+
     /// The first stderr line containing `pat`, waiting up to `timeout`.
     pub fn wait_line(&self, pat: &str, timeout: Duration) -> Option<String> {
         self.wait_lines(pat, 1, timeout).map(|mut v| v.remove(0))
@@ -266,7 +284,10 @@ impl Daemon {
     }
 
     /// Waits for the master to exit; `None` if it is still running at the
-    /// deadline.
+    /// deadline. Once it has, what it wrote last is read too (until its
+    /// stderr closes, for at most [`LAST_WORDS`]): a caller looks at
+    /// [`Daemon::stderr_text`] next, and the reader thread may not have
+    /// reached the end yet.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         if self.status.is_some() {
             return self.status;
@@ -276,6 +297,7 @@ impl Daemon {
         loop {
             if let Ok(Some(st)) = child.try_wait() {
                 self.status = Some(st);
+                self.wait_closed(LAST_WORDS);
                 return self.status;
             }
             if Instant::now() >= end {
