@@ -24,6 +24,21 @@ fn serve_pair(limits: Limits) -> (UnixStream, thread::JoinHandle<Summary>) {
     (client, h)
 }
 
+/// Serves `server` with no limits, its watched fd readable from the start
+/// and `answer` the caller's word on it.
+fn serve_told(server: &UnixStream, buf: &mut [u8], from: Progress, answer: Watch) -> Summary {
+    let (mut tell, watched) = UnixStream::pair().unwrap();
+    tell.write_all(b"x").unwrap();
+    serve(
+        server.as_fd(),
+        buf,
+        &Limits::default(),
+        from,
+        Some(watched.as_fd()),
+        &mut || answer,
+    )
+}
+
 #[test]
 fn echoes_exactly_then_eof_on_half_close() {
     let (mut c, h) = serve_pair(Limits::default());
@@ -100,16 +115,12 @@ fn byte_cap_holds_on_a_stream() {
 fn watch_can_abort() {
     let (_c, server) = UnixStream::pair().unwrap();
     server.set_nonblocking(true).unwrap();
-    let (mut tell, watched) = UnixStream::pair().unwrap();
-    tell.write_all(b"x").unwrap();
     let mut buf = [0u8; 16];
-    let s = serve(
-        server.as_fd(),
+    let s = serve_told(
+        &server,
         &mut buf,
-        &Limits::default(),
         Progress::new(Instant::now()),
-        Some(watched.as_fd()),
-        &mut || Watch::Abort,
+        Watch::Abort,
     );
     assert!(matches!(s.end, End::Aborted));
 }
@@ -118,9 +129,7 @@ fn watch_can_abort() {
 fn a_hand_over_comes_once_everything_read_is_echoed_and_resumes_the_count() {
     let (mut c, server) = UnixStream::pair().unwrap();
     server.set_nonblocking(true).unwrap();
-    let (mut tell, watched) = UnixStream::pair().unwrap();
     c.write_all(b"first").unwrap();
-    tell.write_all(b"x").unwrap();
     let mut buf = [0u8; 16];
     let start = Instant::now() - Duration::from_secs(60);
     let from = Progress {
@@ -128,14 +137,7 @@ fn a_hand_over_comes_once_everything_read_is_echoed_and_resumes_the_count() {
         last: start,
         bytes: 100,
     };
-    let s = serve(
-        server.as_fd(),
-        &mut buf,
-        &Limits::default(),
-        from,
-        Some(watched.as_fd()),
-        &mut || Watch::HandOver,
-    );
+    let s = serve_told(&server, &mut buf, from, Watch::HandOver);
     assert!(matches!(s.end, End::HandOver), "{:?}", s.end);
     // What was read first came back; the count goes on from 100.
     let mut back = [0u8; 5];
@@ -163,21 +165,12 @@ fn a_client_that_never_pauses_does_not_hold_back_a_hand_over_or_a_stop() {
     for (answer, want) in [(Watch::HandOver, "HandOver"), (Watch::Abort, "Aborted")] {
         let (mut c, server) = UnixStream::pair().unwrap();
         server.set_nonblocking(true).unwrap();
-        let (mut tell, watched) = UnixStream::pair().unwrap();
         // More than MAX_DIRECT_READS buffers: the connection is still
         // readable at the poll that follows them, as under a stream.
         let sent = 16 * (MAX_DIRECT_READS as usize + 1) * 2;
         c.write_all(&vec![b'x'; sent]).unwrap();
-        tell.write_all(b"x").unwrap();
         let mut buf = [0u8; 16];
-        let s = serve(
-            server.as_fd(),
-            &mut buf,
-            &Limits::default(),
-            Progress::new(Instant::now()),
-            Some(watched.as_fd()),
-            &mut || answer,
-        );
+        let s = serve_told(&server, &mut buf, Progress::new(Instant::now()), answer);
         assert_eq!(format!("{:?}", s.end), want);
         // At the first poll, not once the client paused.
         assert_eq!(s.bytes, 16 * u64::from(MAX_DIRECT_READS), "{want}");
