@@ -196,14 +196,14 @@ impl<'a> Loop<'a> {
             };
             let now = Instant::now();
             let mut accept = false;
+            let mut told = false;
             for ev in &events[..n] {
                 match ev.data() {
                     CTL => {
                         if self.ctx.master_gone() {
                             return EXIT_ORPHAN;
                         }
-                        let hand = self.ctx.board.hand_over();
-                        self.stop(hand);
+                        told = true;
                     }
                     RELAY => {
                         self.acceptor.relay_woke();
@@ -214,8 +214,15 @@ impl<'a> Loop<'a> {
                 }
             }
             self.expire(now);
+            // A wake-up for a connection is this worker's alone
+            // (EPOLLEXCLUSIVE): take it even if a stop came with it, as a
+            // prefork worker does, or nobody else may be woken for it.
             if accept {
                 self.accept(buf, now);
+            }
+            if told {
+                let hand = self.ctx.board.hand_over();
+                self.stop(hand);
             }
             if self.handing_over {
                 self.hand_over(now);
