@@ -14,7 +14,6 @@
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
 use log::warn;
@@ -22,6 +21,7 @@ use log::warn;
 use crate::listen::{Listener, Service};
 use crate::logging::{RateLimit, REPORT_EVERY};
 use crate::relay::Carried;
+use crate::scoreboard::{Cut, Scoreboard};
 
 /// How long accepting pauses after a resource error (EMFILE, ENFILE,
 /// ENOBUFS, ENOMEM), like OpenBSD's inetd and identd.
@@ -86,6 +86,7 @@ pub struct Acceptor {
     relay: Option<OwnedFd>,
     /// The relay woke this process: read it whatever the count says.
     relay_woke: bool,
+
     /// Which of them it accepts from (the fork-mode master holds all).
     service: Service,
     /// Where the next fair scan starts: after the listener served last.
@@ -147,6 +148,20 @@ impl Acceptor {
         self.relay.as_ref().map(|fd| fd.as_fd())
     }
 
+    /// The relay's receiving end, whatever this process's wait (to empty
+    /// it into the vault when the master died).
+    pub fn relay_fd(&self) -> Option<&OwnedFd> {
+        self.relay.as_ref()
+    }
+
+    /// Takes the relay's receiving end out: this process takes nothing
+    /// more from it, but may empty it into the vault.
+    #[cfg_attr(not(any(target_os = "linux", target_os = "android")), allow(dead_code))]
+    pub fn take_relay(&mut self) -> Option<OwnedFd> {
+        self.drop_waiter();
+        self.relay.take()
+    }
+
     /// The listeners.
     pub fn listeners(&self) -> &[Listener] {
         &self.listeners
@@ -183,10 +198,13 @@ impl Acceptor {
         self.relay = None;
     }
 
-    /// A connection handed over through the relay, if one waits;
-    /// `relayed` counts what waits there (the scoreboard's count).
-    pub fn take_relayed(&mut self, relayed: &AtomicU64) -> Option<(OwnedFd, Carried)> {
-        let rx = self.relay.as_ref()?;
+    /// A connection handed over through the relay, if one waits and
+    /// this process has `room` for it (a descriptor free: the kernel
+    /// closes one that does not fit); the scoreboard counts what waits
+    /// there, and what was closed.
+    pub fn take_relayed(&mut self, board: &Scoreboard, room: bool) -> Option<(OwnedFd, Carried)> {
+        let rx = self.relay.as_ref().filter(|_| room)?;
+        let relayed = board.relayed();
         // The count is raised before a send: while it is 0 and the relay
         // did not wake us, nothing waits, and accepting costs no system
         // call more. A wake-up is believed whatever the count (a
@@ -201,16 +219,28 @@ impl Acceptor {
         match got {
             Ok(got) => got,
             Err(e) => {
-                warn!("cannot take a handed-over connection: {e}");
+                if let Some(more) = self.errors.hit(Instant::now()) {
+                    let why = if e == nix::errno::Errno::EMFILE {
+                        let (soft, _) = crate::sys::nofile_limit();
+                        format!("no descriptor was free for it (RLIMIT_NOFILE {soft}); closed")
+                    } else {
+                        format!("{e}")
+                    };
+                    warn!("cannot take a handed-over connection: {why} ({more} more since the last report)");
+                }
+                if e == nix::errno::Errno::EMFILE {
+                    board.cut(Cut::Descriptors, 1);
+                }
                 None
             }
         }
     }
 
     /// The next connection to serve: one handed over first (its client
-    /// has been waiting), else a new one (see [`Acceptor::accept`]).
-    pub fn next(&mut self, now: Instant, relayed: &AtomicU64) -> Option<Incoming> {
-        if let Some((fd, carried)) = self.take_relayed(relayed) {
+    /// has been waiting; only with `room` for its descriptor), else a new
+    /// one (see [`Acceptor::accept`]).
+    pub fn next(&mut self, now: Instant, board: &Scoreboard, room: bool) -> Option<Incoming> {
+        if let Some((fd, carried)) = self.take_relayed(board, room) {
             return Some(Incoming::Relayed(fd, carried));
         }
         self.accept(now).map(|(i, fd)| Incoming::New(i, fd))

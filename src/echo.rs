@@ -179,6 +179,11 @@ impl Conn {
         self.fd.as_fd()
     }
 
+    /// The socket, to pass on (when nothing is pending).
+    pub fn into_fd(self) -> OwnedFd {
+        self.fd
+    }
+
     /// Bytes echoed so far.
     pub fn bytes(&self) -> u64 {
         self.bytes

@@ -15,11 +15,16 @@
 //! alive means stop accepting and either hand the open connections over
 //! to the workers that serve on (a reload, an upgrade, a smaller pool:
 //! each as soon as nothing it sent is waiting to go back, through the
-//! relay, relay.rs) or, during a stop, finish them (the master kills
-//! what is left after `--shutdown-timeout`); with the master gone, exit
-//! at once. The relay's receiving end is in the epoll set like a
-//! listener: a worker with room takes connections others hand over, as
-//! it accepts new ones.
+//! relay, relay.rs), or put them in the vault for the next master (a
+//! restart under systemd, vault.rs), or, during a stop, finish them (the
+//! master kills what is left after `--shutdown-timeout`). Once told, the
+//! pipe leaves the epoll set (its end-of-file would wake every wait) and
+//! the master's death is looked for twice a second instead. With the
+//! master gone, the connections go to the next master where there is a
+//! vault, and the worker exits; where there is none, it exits at once.
+//! The relay's receiving end is in the epoll set like a listener: a
+//! worker with room, connections and descriptors, takes connections
+//! others hand over, as it accepts new ones.
 
 mod handover;
 
@@ -42,7 +47,7 @@ use crate::echo::{Conn, End};
 use crate::listen::Listener;
 use crate::proxy;
 use crate::relay::{self, Carried};
-use crate::scoreboard::State;
+use crate::scoreboard::{Cut, State};
 use crate::worker::{self, Ctx, EXIT_ORPHAN};
 
 /// The control pipe's token, then the relay's; listeners count down from
@@ -51,6 +56,10 @@ const CTL: u64 = u64::MAX;
 const RELAY: u64 = u64::MAX - 1;
 /// How soon a retiring worker tries again when the relay is full.
 const RELAY_RETRY: std::time::Duration = std::time::Duration::from_millis(10);
+/// How often a worker told to stop looks whether its master died.
+const LOOK_FOR_MASTER: std::time::Duration = std::time::Duration::from_millis(500);
+/// Descriptors an event worker keeps free besides its connections.
+const SPARE_FDS: usize = 16;
 /// Connections accepted per wake-up, so that accepting does not starve
 /// the connections already open.
 const ACCEPT_BATCH: usize = 64;
@@ -99,10 +108,23 @@ struct Loop<'a> {
     /// The listeners are in the epoll set (not at the cap, not paused).
     listening: bool,
     stopping: bool,
-    /// Retiring: the open connections go to other workers (see relay.rs).
+    /// Retiring: the open connections go on (see relay.rs, vault.rs).
     handing_over: bool,
     /// The relay was full: when to try again.
     relay_retry: Option<Instant>,
+    /// The control pipe is in the epoll set (until it is told to stop).
+    watching_ctl: bool,
+    /// Told to stop: when to look again whether the master died.
+    look_at: Option<Instant>,
+    /// The master died: when to give up what cannot go to the next one.
+    gone_by: Option<Instant>,
+    /// Taking nothing more from the relay, it keeps its end, to empty it
+    /// into the vault should the master die.
+    relay_kept: Option<OwnedFd>,
+    /// The connections its descriptors leave room for.
+    fd_room: usize,
+    /// The relay refuses descriptors (ETOOMANYREFS): warned.
+    refs_warned: crate::logging::RateLimit,
     slots: Vec<Option<Open<'a>>>,
     free: Vec<usize>,
     open: usize,
@@ -143,6 +165,13 @@ pub fn run(listeners: Vec<Listener>, mut ctx: Ctx<'_>, max_open: usize, max_requ
     }
     let places_epoch = ctx.board.places_epoch();
     let relay_rx = ctx.relay_rx.take();
+    // Connections its descriptors leave room for: a handed-over one is
+    // taken only with one free (the kernel would close it otherwise).
+    let (soft, _) = crate::sys::nofile_limit();
+    let open_now = crate::sys::open_fds().unwrap_or(64);
+    let fd_room = usize::try_from(soft.saturating_sub(open_now))
+        .unwrap_or(usize::MAX)
+        .saturating_sub(SPARE_FDS);
     let mut l = Loop {
         ctx,
         epoll,
@@ -151,6 +180,12 @@ pub fn run(listeners: Vec<Listener>, mut ctx: Ctx<'_>, max_open: usize, max_requ
         stopping: false,
         handing_over: false,
         relay_retry: None,
+        watching_ctl: true,
+        look_at: None,
+        gone_by: None,
+        relay_kept: None,
+        fd_room,
+        refs_warned: crate::logging::RateLimit::new(crate::logging::REPORT_EVERY),
         slots: Vec::new(),
         free: Vec::new(),
         open: 0,
@@ -179,6 +214,8 @@ impl<'a> Loop<'a> {
                 self.deadlines.peek().map(|Reverse((t, _, _))| *t),
                 self.acceptor.paused_until(now),
                 self.relay_retry,
+                self.look_at,
+                self.gone_by,
             ];
             let timeout = next
                 .iter()
@@ -197,14 +234,13 @@ impl<'a> Loop<'a> {
             let now = Instant::now();
             let mut accept = false;
             let mut told = false;
+            if self.look_at.is_some_and(|t| now >= t) {
+                self.look_at = Some(now + LOOK_FOR_MASTER);
+                told = self.ctx.master_gone();
+            }
             for ev in &events[..n] {
                 match ev.data() {
-                    CTL => {
-                        if self.ctx.master_gone() {
-                            return EXIT_ORPHAN;
-                        }
-                        told = true;
-                    }
+                    CTL => told = true,
                     RELAY => {
                         self.acceptor.relay_woke();
                         accept = true;
@@ -221,15 +257,17 @@ impl<'a> Loop<'a> {
                 self.accept(buf, now);
             }
             if told {
-                let hand = self.ctx.board.hand_over();
-                self.stop(hand);
+                if self.ctx.master_gone() && self.ctx.vault.is_none() {
+                    return EXIT_ORPHAN;
+                }
+                self.stop(now);
             }
             if self.handing_over {
                 self.hand_over(now);
             }
             self.recount_places();
-            if self.stopping && self.open == 0 {
-                return 0;
+            if let Some(code) = self.done(now) {
+                return code;
             }
             // Last, after everything that may have freed room (a client's
             // close, a deadline, a refusal) or ended a pause: whichever
@@ -281,18 +319,53 @@ impl<'a> Loop<'a> {
         Ok(())
     }
 
-    /// Told to stop (or retiring): accept no more, close the listeners so
-    /// new clients go to the new generation or are refused, take nothing
-    /// more from the relay, and hand the open connections over (`hand`,
-    /// when connections are handed over) or finish them.
-    fn stop(&mut self, hand: bool) {
+    /// Told to stop (or retiring), or the master died: accept no more,
+    /// close the listeners so new clients go to the new generation or are
+    /// refused, take nothing more from the relay, and let the open
+    /// connections go on if they go anywhere ([`Ctx::dest`]), or finish
+    /// them.
+    fn stop(&mut self, now: Instant) {
         if !self.stopping {
             let _ = self.listen(false);
+            self.relay_kept = self.acceptor.take_relay();
             self.acceptor.close();
             self.stopping = true;
             self.ctx.set(State::Stopping);
         }
-        self.handing_over |= hand && self.ctx.relay_tx.is_some();
+        if self.watching_ctl {
+            let _ = self.epoll.delete(self.ctx.ctl);
+            self.watching_ctl = false;
+            self.look_at = Some(now + LOOK_FOR_MASTER);
+        }
+        if self.ctx.master_gone() && self.gone_by.is_none() {
+            self.gone_by = Some(crate::time::after(now, self.ctx.shutdown));
+        }
+        self.handing_over = self.ctx.dest().is_some();
+    }
+
+    /// Whether to exit now, and with what: stopping with nothing open;
+    /// or, the master gone, once what is open went to the next one, or
+    /// `--shutdown-timeout` after (what is left then is cut).
+    fn done(&mut self, now: Instant) -> Option<i32> {
+        if !self.stopping {
+            return None;
+        }
+        let Some(gone_by) = self.gone_by else {
+            return (self.open == 0).then_some(0);
+        };
+        if self.open > 0 && now < gone_by {
+            return None;
+        }
+        if self.open > 0 {
+            self.ctx.board.cut(Cut::Timeout, self.open as u64);
+            warn!(
+                "the master is gone and {} could not be put where the next one finds them within {} s; closed",
+                crate::logging::counted(self.open as u64, "connection", "connections"),
+                self.ctx.shutdown.as_secs()
+            );
+        }
+        self.ctx.relay_to_next_master(self.relay_kept.as_ref());
+        Some(EXIT_ORPHAN)
     }
 
     /// Accepts while there is room, up to a batch (connections handed
@@ -303,7 +376,8 @@ impl<'a> Loop<'a> {
             if self.stopping || self.open >= self.max_open {
                 break;
             }
-            match self.acceptor.next(now, self.ctx.board.relayed()) {
+            let room = self.open < self.fd_room;
+            match self.acceptor.next(now, self.ctx.board, room) {
                 None => break,
                 Some(Incoming::New(i, conn)) => {
                     let tcp = self.acceptor.listeners()[i].is_tcp();
@@ -316,7 +390,7 @@ impl<'a> Loop<'a> {
                     "accepted {} connections; retiring: they go to other workers",
                     self.accepted
                 );
-                self.stop(self.ctx.board.hand_over());
+                self.stop(now);
             }
         }
     }

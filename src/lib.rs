@@ -60,6 +60,7 @@ mod time;
 mod turns;
 mod udp;
 mod upgrade;
+mod vault;
 mod worker;
 
 use clap::Parser;
@@ -324,6 +325,7 @@ fn listeners(
     let passed = systemd::passed_from_env()?.unwrap_or_default();
     let mut kept = passed.listeners;
     let mut store = master::Stored {
+        vault: passed.vault,
         connections: passed.connections,
         stale: Vec::new(),
     };

@@ -31,7 +31,7 @@ use nix::poll::{poll, PollFd, PollFlags};
 use crate::accept::Acceptor;
 use crate::admission::Refusal;
 use crate::listen::{Listener, Service};
-use crate::scoreboard::{Dropped, Exited, Scoreboard, State};
+use crate::scoreboard::{Cut, Dropped, Exited, Scoreboard, State};
 use crate::worker::{self, Ctx, EXIT_ORPHAN};
 
 /// Clients served at once.
@@ -386,6 +386,12 @@ pub fn render(board: &Scoreboard) -> String {
         &by("cause", &Exited::ALL.map(Exited::name), &board.exits()),
     );
     family(
+        "connections_cut_total",
+        "counter",
+        "Open connections closed because they could not be placed where they were to go on, by why.",
+        &by("reason", &Cut::ALL.map(Cut::name), &board.cuts()),
+    );
+    family(
         "start_time_seconds",
         "gauge",
         "When the daemon started, in seconds since the Unix epoch.",
@@ -454,6 +460,7 @@ mod tests {
             ("datagrams_dropped_total", "counter"),
             ("reloads_total", "counter"),
             ("worker_exits_total", "counter"),
+            ("connections_cut_total", "counter"),
             ("start_time_seconds", "gauge"),
             ("build_info", "gauge"),
         ] {

@@ -158,6 +158,8 @@ pub fn send(
 }
 
 /// Takes one connection if one waits: `Ok(None)` when none does.
+/// `Err(EMFILE)`: one was taken, but this process had no descriptor free
+/// for it and the kernel closed it (take one only with room for it).
 pub fn recv(rx: BorrowedFd<'_>, queued: &AtomicU64) -> nix::Result<Option<(OwnedFd, Carried)>> {
     let mut buf = [0u8; WIRE];
     let mut space = nix::cmsg_space!([RawFd; 1]);
@@ -170,7 +172,14 @@ pub fn recv(rx: BorrowedFd<'_>, queued: &AtomicU64) -> nix::Result<Option<(Owned
         match recvmsg::<()>(rx.as_raw_fd(), &mut iov, Some(&mut space), flags) {
             Ok(msg) => {
                 let mut fd = None;
-                for c in msg.cmsgs()? {
+                let Ok(cmsgs) = msg.cmsgs() else {
+                    // MSG_CTRUNC: the kernel had no descriptor for it in
+                    // this process and closed it. Taken all the same.
+                    let _ = queued
+                        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+                    return Err(Errno::EMFILE);
+                };
+                for c in cmsgs {
                     if let ControlMessageOwned::ScmRights(fds) = c {
                         for raw in fds {
                             // SAFETY: SCM_RIGHTS gave this process a new

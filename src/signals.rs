@@ -28,10 +28,14 @@ pub const HANDLED: [Signal; 9] = [
 
 /// Signals a child ignores. SIGINT: a terminal's Ctrl-C goes to the whole
 /// process group, and stopping is the master's decision (a graceful stop
-/// lets busy children finish). SIGUSR2: the master's upgrade, whose default
-/// action would kill a child that received it by mistake (a `kill` sent to
-/// the whole group).
-pub const CHILD_IGNORED: [Signal; 2] = [Signal::SIGINT, Signal::SIGUSR2];
+/// lets busy children finish). SIGTERM likewise: under systemd
+/// (`KillMode=control-group`, which lets children outlive a crashed
+/// master long enough to keep their connections for the next one) a stop
+/// sends it to every process of the unit at once; the master's control
+/// pipe tells each child what to do. SIGUSR2: the master's upgrade, whose
+/// default action would kill a child that received it by mistake (a
+/// `kill` sent to the whole group).
+pub const CHILD_IGNORED: [Signal; 3] = [Signal::SIGINT, Signal::SIGTERM, Signal::SIGUSR2];
 
 static FLAGS: [AtomicBool; HANDLED.len()] = [const { AtomicBool::new(false) }; HANDLED.len()];
 

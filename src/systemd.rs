@@ -1,14 +1,15 @@
 //! The systemd protocols, without libsystemd: readiness notification
 //! (`NOTIFY_SOCKET`, plain datagrams), socket activation
 //! (`LISTEN_FDS`/`LISTEN_PID`/`LISTEN_FDNAMES`), and the file descriptor
-//! store (`FDSTORE=1` with `FDNAME=`, the descriptor attached): the
+//! store (`FDSTORE=1` with `FDNAME=`, the descriptors attached): the
 //! listening sockets wait there across a restart, so that clients queue
-//! in their backlog instead of being refused, and the connections a
-//! restarting master collects wait there for the next instance. What
-//! comes back at start is told apart by its name: [`LISTENER`] and
-//! [`CONNECTION`] are ours, anything else is socket activation's. The
-//! variables are removed from the environment once read, so nothing we
-//! start inherits them.
+//! in their backlog instead of being refused, and so does the vault
+//! (vault.rs), in which open connections wait for the next instance. What
+//! comes back at start is told apart by its name: [`LISTENER`], the
+//! vault's and [`CONNECTION`] (one connection each, as a release before
+//! the vault stored them) are ours, anything else is socket activation's.
+//! The variables are removed from the environment once read, so nothing
+//! we start inherits them.
 
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixDatagram;
@@ -18,8 +19,29 @@ use crate::listen::Listener;
 use crate::sys;
 
 /// A connection to the service manager's notification socket.
+///
+/// What must arrive (READY=1, RELOADING=1, STOPPING=1, what is stored
+/// and removed) is never dropped: a message the socket cannot take now
+/// (systemd reads its queue of 512 datagrams as it can) waits in an
+/// outbox, in order, and goes as soon as the socket has room (the master
+/// polls it for that, [`Notify::wants_write`]). A `STATUS=` alone
+/// replaces the one waiting before it, so the outbox never grows with
+/// figures that are stale anyway.
 pub struct Notify {
     sock: UnixDatagram,
+    outbox: std::cell::RefCell<std::collections::VecDeque<Outgoing>>,
+}
+
+/// A notification waiting to go, with the descriptors it stores.
+struct Outgoing {
+    msg: String,
+    fds: Vec<OwnedFd>,
+}
+
+impl Outgoing {
+    fn status_only(&self) -> bool {
+        self.fds.is_empty() && self.msg.starts_with("STATUS=") && !self.msg.contains('\n')
+    }
 }
 
 impl Notify {
@@ -39,43 +61,57 @@ impl Notify {
             _ => sock.connect(PathBuf::from(&path)).ok()?,
         }
         sock.set_nonblocking(true).ok()?;
-        Some(Notify { sock })
+        Some(Notify::with(sock))
     }
 
-    /// The socket's descriptor, to pass across a re-exec.
+    fn with(sock: UnixDatagram) -> Notify {
+        Notify {
+            sock,
+            outbox: Default::default(),
+        }
+    }
+
+    /// The socket's descriptor, to pass across a re-exec, or to poll.
     pub fn raw_fd(&self) -> std::os::fd::RawFd {
-        use std::os::fd::AsRawFd;
         self.sock.as_raw_fd()
+    }
+
+    /// The socket, to poll for room while messages wait.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.sock.as_fd()
     }
 
     /// The socket a previous master passed across its re-exec (USR2).
     pub fn adopt(fd: std::os::fd::OwnedFd) -> Notify {
         let sock = UnixDatagram::from(fd);
         let _ = sock.set_nonblocking(true);
-        Notify { sock }
+        Notify::with(sock)
     }
 
     /// Sends one notification (`READY=1`, `STATUS=…`, several lines joined
-    /// by newlines). Never blocks; a lost notification is not an error.
+    /// by newlines), now or, if the socket is full, as soon as it has
+    /// room. Never blocks.
     pub fn send(&self, msg: &str) {
-        let _ = self.sock.send(msg.as_bytes());
+        self.queue(Outgoing {
+            msg: msg.to_string(),
+            fds: Vec::new(),
+        });
     }
 
-    /// Puts `fd` in the service's file descriptor store as `name` (which
+    /// Puts `fds` in the service's file descriptor store as `name` (which
     /// the unit's `FileDescriptorStoreMax=` must leave room for; systemd
-    /// ignores it otherwise). Never blocks.
-    pub fn store(&self, fd: BorrowedFd<'_>, name: &str) -> nix::Result<()> {
-        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
-        let msg = format!("FDSTORE=1\nFDNAME={name}");
-        let fds = [fd.as_raw_fd()];
-        sendmsg::<()>(
-            self.sock.as_raw_fd(),
-            &[std::io::IoSlice::new(msg.as_bytes())],
-            &[ControlMessage::ScmRights(&fds)],
-            MsgFlags::MSG_DONTWAIT | crate::sys::no_signal(),
-            None,
-        )
-        .map(drop)
+    /// ignores it otherwise), all in one message. Never blocks.
+    pub fn store(&self, fds: &[BorrowedFd<'_>], name: &str) -> std::io::Result<()> {
+        let fds = fds
+            .iter()
+            .map(|fd| fd.try_clone_to_owned())
+            .collect::<std::io::Result<Vec<_>>>()?;
+        self.queue(Outgoing {
+            msg: format!("FDSTORE=1\nFDNAME={name}"),
+            fds,
+        });
+        Ok(())
     }
 
     /// Takes every descriptor named `name` out of the store (systemd
@@ -83,23 +119,90 @@ impl Notify {
     pub fn unstore(&self, name: &str) {
         self.send(&format!("FDSTOREREMOVE=1\nFDNAME={name}"));
     }
+
+    fn queue(&self, out: Outgoing) {
+        let mut outbox = self.outbox.borrow_mut();
+        if out.status_only() && outbox.back().is_some_and(Outgoing::status_only) {
+            outbox.pop_back();
+        }
+        outbox.push_back(out);
+        drop(outbox);
+        self.flush();
+    }
+
+    /// Sends what waits, in order, while the socket takes it; true once
+    /// nothing waits. A manager that is gone takes nothing more: what
+    /// waits is dropped.
+    pub fn flush(&self) -> bool {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+        let mut outbox = self.outbox.borrow_mut();
+        while let Some(out) = outbox.front() {
+            let fds: Vec<_> = out.fds.iter().map(|f| f.as_raw_fd()).collect();
+            let cmsg = [ControlMessage::ScmRights(&fds)];
+            let sent = sendmsg::<()>(
+                self.sock.as_raw_fd(),
+                &[std::io::IoSlice::new(out.msg.as_bytes())],
+                if fds.is_empty() { &[] } else { &cmsg },
+                MsgFlags::MSG_DONTWAIT | crate::sys::no_signal(),
+                None,
+            );
+            match sent {
+                Ok(_) => {
+                    outbox.pop_front();
+                }
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::ENOBUFS) => return false,
+                Err(e) => {
+                    log::warn!(
+                        "the service manager's notification socket refuses messages ({e}): {} not sent",
+                        crate::logging::counted(outbox.len() as u64, "message", "messages")
+                    );
+                    outbox.clear();
+                }
+            }
+        }
+        true
+    }
+
+    /// Whether messages wait for room in the socket.
+    pub fn wants_write(&self) -> bool {
+        !self.outbox.borrow().is_empty()
+    }
+
+    /// Before this process exits or re-executes itself: sends what waits,
+    /// waiting for room at most `for_at_most`.
+    pub fn flush_within(&self, for_at_most: std::time::Duration) {
+        let until = std::time::Instant::now() + for_at_most;
+        while !self.flush() {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                log::warn!(
+                    "the service manager did not read its notification socket for {} ms: {} not sent",
+                    for_at_most.as_millis(),
+                    crate::logging::counted(self.outbox.borrow().len() as u64, "message", "messages")
+                );
+                return;
+            }
+            let mut fds = [nix::poll::PollFd::new(
+                self.fd(),
+                nix::poll::PollFlags::POLLOUT,
+            )];
+            let _ = nix::poll::poll(&mut fds, crate::time::poll_timeout(Some(left)));
+        }
+    }
 }
 
 /// The name prefix of a listening socket of ours in the store, followed by
 /// its configured address in hex.
 pub const LISTENER: &str = "l";
-/// The name prefix of a connection in the store, followed by what it
-/// carries in hex and a serial.
+/// The name prefix of a connection stored alone, followed by what it
+/// carries in hex and a serial: how the release before the vault kept
+/// them (one name each), still read so that an upgrade from it cuts none.
 pub const CONNECTION: &str = "c";
 
 /// A store name for the listener bound for `configured`.
 pub fn listener_name(configured: &str) -> String {
     format!("{LISTENER}{}", hex(configured.as_bytes()))
-}
-
-/// A store name for a connection carrying `carried` (the `n`th stored).
-pub fn connection_name(carried: &[u8], n: u64) -> String {
-    format!("{CONNECTION}{}-{n}", hex(carried))
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -123,8 +226,10 @@ pub struct Passed {
     pub activated: Vec<Listener>,
     /// Our listening sockets from the store, by configured address.
     pub listeners: Vec<(String, OwnedFd)>,
-    /// Connections from the store: their name, what they carry (encoded),
-    /// and the socket.
+    /// The vault's two ends, from the store.
+    pub vault: Vec<OwnedFd>,
+    /// Connections stored one by one (by a release before the vault):
+    /// their name, what they carry (encoded), and the socket.
     pub connections: Vec<(String, Vec<u8>, OwnedFd)>,
 }
 
@@ -188,6 +293,10 @@ pub fn passed_from_env() -> Result<Option<Passed>, String> {
         let fd = unsafe { sys::inherited_fd(raw) }
             .ok_or_else(|| format!("socket activation: fd {raw} from LISTEN_FDS is not open"))?;
         let name = names.next().unwrap_or("");
+        if name == crate::vault::NAME {
+            out.vault.push(fd);
+            continue;
+        }
         if let Some(addr) = name
             .strip_prefix(LISTENER)
             .and_then(unhex)
@@ -221,10 +330,8 @@ mod tests {
         assert!(l.starts_with(LISTENER) && l.len() < 256);
         let back = unhex(l.strip_prefix(LISTENER).unwrap()).unwrap();
         assert_eq!(String::from_utf8(back).unwrap(), "[::]:7");
-        let c = connection_name(&[0xab; 64], 7);
-        assert!(c.starts_with(CONNECTION) && c.ends_with("-7") && c.len() < 256);
         // systemd refuses names with ':' (its separator) or beyond 255.
-        assert!(!l.contains(':') && !c.contains(':'));
+        assert!(!l.contains(':'));
         assert_eq!(unhex("zz"), None);
         assert_eq!(unhex("abc"), None);
     }

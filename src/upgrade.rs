@@ -88,6 +88,8 @@ pub struct Handover {
     pub fork_ctl: Option<(RawFd, RawFd)>,
     /// The relay's two ends (send, receive); `None` from an older master.
     pub relay: Option<(RawFd, RawFd)>,
+    /// The vault's two ends (vault.rs), under systemd.
+    pub vault: Option<(RawFd, RawFd)>,
     pub children: Vec<PassedChild>,
     /// Connections served by workers gone, and handed to fork-mode
     /// children, so that the counts go on.
@@ -192,6 +194,7 @@ impl Handover {
             format!("notice={}", pair(self.notice)),
             format!("ctl={}", pair(self.fork_ctl)),
             format!("relay={}", pair(self.relay)),
+            format!("vault={}", pair(self.vault)),
             format!("c={}", children.join(",")),
         ];
         out.push(format!("served={}", self.served_by_gone));
@@ -253,6 +256,7 @@ impl Handover {
                 "notice" => h.notice = pair(v)?,
                 "ctl" => h.fork_ctl = pair(v)?,
                 "relay" => h.relay = pair(v)?,
+                "vault" => h.vault = pair(v)?,
                 "sb" => {
                     h.scoreboard = match maybe(v) {
                         None => None,
@@ -352,7 +356,7 @@ impl Handover {
         v.extend(self.pidfile.as_ref().map(|(fd, _)| *fd));
         v.extend(self.notify);
         v.extend(self.scoreboard.map(|(fd, _)| fd));
-        for (a, b) in [self.notice, self.fork_ctl, self.relay]
+        for (a, b) in [self.notice, self.fork_ctl, self.relay, self.vault]
             .into_iter()
             .flatten()
         {
@@ -395,6 +399,7 @@ mod tests {
             notice: Some((11, 12)),
             fork_ctl: Some((13, 14)),
             relay: Some((17, 18)),
+            vault: Some((19, 20)),
             children: vec![
                 PassedChild {
                     pid: 100,
@@ -448,7 +453,7 @@ mod tests {
     fn every_passed_descriptor_is_named() {
         let mut fds = sample().fds();
         fds.sort();
-        assert_eq!(fds, (5..=18).collect::<Vec<_>>());
+        assert_eq!(fds, (5..=20).collect::<Vec<_>>());
     }
 
     #[test]

@@ -20,9 +20,10 @@ use crate::echo::{self, Limits, Progress, Watch};
 use crate::listen::Listener;
 use crate::proxy;
 use crate::relay::{self, Carried};
-use crate::scoreboard::{Scoreboard, Slot, State};
+use crate::scoreboard::{Cut, HandOver, Scoreboard, Slot, State};
 use crate::sys::IoBuffer;
 use crate::turns::{Turn, Turns};
+use crate::vault::Vault;
 use std::net::SocketAddr;
 
 pub use crate::children::{EXIT_HANDED_OVER, EXIT_ORPHAN, EXIT_REFUSED, EXIT_SETUP};
@@ -38,9 +39,10 @@ const TRIM_ABOVE: u64 = 4096;
 /// it was refused.
 type Admitted<'a> = Result<(Option<SocketAddr>, Option<Ticket<'a>>), Refusal>;
 
-/// How long a retiring worker waits for room in the relay before it
-/// serves a connection to its end instead.
-const HAND_WAIT: Duration = Duration::from_secs(2);
+/// How long a retiring worker that found the relay full serves its
+/// connection before it offers it again, at most: a little at random, so
+/// that a thousand workers waiting do not all try at once.
+const OFFER_AGAIN: Duration = Duration::from_millis(40);
 
 /// A connection in hand: its socket, its client and place, and where it
 /// is (a new one's progress starts now; a handed-over one's goes on).
@@ -56,8 +58,27 @@ struct InHand<'a> {
 enum Done {
     /// It ended here, after this many bytes echoed (all told).
     Ended(u64),
-    /// It went to another process, open.
+    /// It went to another process, open (or, with its master gone, it was
+    /// put where the next master finds it).
     HandedOver,
+}
+
+/// Where a child's open connections go when it lets go of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Dest {
+    /// To the workers that serve on, through the relay.
+    Workers,
+    /// Into the vault, for the next master: the master restarts, or died.
+    NextMaster,
+}
+
+/// What became of a connection offered on.
+enum Offered {
+    Gone,
+    /// No room for it yet: serve it a little, and offer it again.
+    Later(OwnedFd),
+    /// It cannot go: serve it to its end.
+    Stays(OwnedFd),
 }
 
 /// What every child needs from the master.
@@ -85,6 +106,11 @@ pub struct Ctx<'a> {
     /// over when it retires, and (a pool worker) takes others' from.
     pub relay_tx: Option<OwnedFd>,
     pub relay_rx: Option<OwnedFd>,
+    /// Under systemd: where its connections wait for the next master when
+    /// the master restarts or dies (vault.rs).
+    pub vault: Option<Vault>,
+    /// `--shutdown-timeout`: how long it may take to let go of them.
+    pub shutdown: Duration,
 }
 
 impl Ctx<'_> {
@@ -147,55 +173,95 @@ impl Ctx<'_> {
             .map(Some)
     }
 
-    /// Whether this child, told to stop, hands its connections over
-    /// (and can).
-    fn hands_over(&self) -> bool {
-        self.relay_tx.is_some() && self.board.hand_over()
+    /// Where this child's open connections go when it lets go of them:
+    /// with its master gone, to the next master (if there is a vault);
+    /// told to stop, as the master said; `None`: they stay to their end.
+    pub(crate) fn dest(&self) -> Option<Dest> {
+        if self.master_gone() {
+            return self.vault.as_ref().map(|_| Dest::NextMaster);
+        }
+        match self.board.hand_over() {
+            HandOver::Finish => None,
+            HandOver::ToWorkers => self.relay_tx.as_ref().map(|_| Dest::Workers),
+            HandOver::ToNextMaster => self.vault.as_ref().map(|_| Dest::NextMaster),
+        }
     }
 
-    /// Hands `conn` over through the relay, with where it is, its client
-    /// and its place: true once sent (then this process lets go of it;
-    /// the place goes with it). The relay may be full for a moment while
-    /// the receivers catch up: it waits for room, at most [`HAND_WAIT`].
-    fn hand_over(
+    /// Offers `conn` on, as [`Ctx::dest`] says, with where it is, its
+    /// client and its place (which goes with it to a worker; the next
+    /// master counts its clients again).
+    fn offer(
         &self,
-        conn: &OwnedFd,
+        conn: OwnedFd,
         tcp: bool,
         client: Option<SocketAddr>,
         ticket: Option<&Ticket<'_>>,
         p: Progress,
-    ) -> bool {
-        let Some(tx) = &self.relay_tx else {
-            return false;
-        };
-        let carried = Carried {
+    ) -> Offered {
+        let mut carried = Carried {
             tcp,
             client,
             place: ticket.and_then(Ticket::place),
             progress: p,
         };
-        let until = Instant::now() + HAND_WAIT;
-        loop {
-            match relay::send(tx.as_fd(), conn.as_fd(), &carried, self.board.relayed()) {
-                Ok(()) => return true,
-                Err(nix::errno::Errno::EAGAIN) => {
-                    let left = until.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        warn!("cannot hand a connection over: the relay stays full; serving it until the end");
-                        return false;
+        match (self.dest(), &self.relay_tx) {
+            (Some(Dest::Workers), Some(tx)) => {
+                match relay::send(tx.as_fd(), conn.as_fd(), &carried, self.board.relayed()) {
+                    Ok(()) => Offered::Gone,
+                    // Full for now, or over the descriptors in flight
+                    // this user may have: both pass as receivers take.
+                    Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::ETOOMANYREFS) => {
+                        Offered::Later(conn)
                     }
-                    let mut fds = [nix::poll::PollFd::new(
-                        tx.as_fd(),
-                        nix::poll::PollFlags::POLLOUT,
-                    )];
-                    let _ = nix::poll::poll(&mut fds, crate::time::poll_timeout(Some(left)));
-                }
-                Err(e) => {
-                    warn!("cannot hand a connection over: {e}; serving it until the end");
-                    return false;
+                    Err(e) => {
+                        warn!("cannot hand a connection over: {e}; serving it until the end");
+                        Offered::Stays(conn)
+                    }
                 }
             }
+            (Some(Dest::NextMaster), _) => {
+                carried.place = None;
+                self.keep_for_next_master(vec![(conn, carried)]);
+                Offered::Gone
+            }
+            _ => Offered::Stays(conn),
         }
+    }
+
+    /// Puts `conns` in the vault for the next master; what cannot be put
+    /// is closed, counted and logged.
+    pub(crate) fn keep_for_next_master(&self, conns: Vec<(OwnedFd, Carried)>) {
+        let Some(vault) = &self.vault else { return };
+        if conns.is_empty() {
+            return;
+        }
+        if let Err(lost) = vault.put(conns, Instant::now() + self.shutdown) {
+            self.board.cut(Cut::Vault, lost.conns as u64);
+            error!(
+                "cannot keep {} for the next master: {}; closed",
+                crate::logging::counted(lost.conns as u64, "connection", "connections"),
+                crate::logging::error_text(&std::io::Error::from(lost.why))
+            );
+        }
+    }
+
+    /// With the master gone: what waits in the relay goes to the next
+    /// master too (nobody else would take it).
+    pub(crate) fn relay_to_next_master(&self, rx: Option<&OwnedFd>) {
+        let Some(rx) = rx.filter(|_| self.vault.is_some()) else {
+            return;
+        };
+        let mut conns = Vec::new();
+        while room_for_one() {
+            match relay::recv(rx.as_fd(), self.board.relayed()) {
+                Ok(Some((fd, mut c))) => {
+                    c.place = None;
+                    conns.push((fd, c));
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+        self.keep_for_next_master(conns);
     }
 
     fn served(&self, bytes: u64) {
@@ -207,10 +273,12 @@ impl Ctx<'_> {
 }
 
 /// Arranges for the kernel to kill this child if the master dies, even while
-/// it is blocked; the control pipe covers systems without this.
+/// it is blocked; the control pipe covers systems without this. A child
+/// with a vault outlives its master instead, long enough to put its
+/// connections there for the next one (the control pipe's end tells it).
 pub(crate) fn follow_master(ctx: &Ctx<'_>) -> Result<(), i32> {
     #[cfg(any(target_os = "linux", target_os = "android"))]
-    {
+    if ctx.vault.is_none() {
         let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
     }
     // The master may have died before the line above took effect.
@@ -244,9 +312,8 @@ pub fn prefork(listeners: Vec<Listener>, ctx: Ctx<'_>, max_requests: u64) -> i32
     // worker makes no wait per connection and an idle one does not spin.
     let mut try_first = false;
     while !acceptor.is_empty() {
-        let relayed = ctx.board.relayed();
         let mut incoming = if try_first {
-            acceptor.next(Instant::now(), relayed)
+            acceptor.next(Instant::now(), ctx.board, true)
         } else {
             None
         };
@@ -258,13 +325,17 @@ pub fn prefork(listeners: Vec<Listener>, ctx: Ctx<'_>, max_requests: u64) -> i32
                 Turn::Stop => Ok(Wake::Stop),
             });
             match woke {
-                Ok(Wake::Ready) => incoming = acceptor.next(Instant::now(), relayed),
+                Ok(Wake::Ready) => incoming = acceptor.next(Instant::now(), ctx.board, true),
                 Ok(Wake::Stop) => {
                     ctx.set(State::Stopping);
                     if let Some(t) = &turns {
                         t.pass();
                     }
-                    return if ctx.master_gone() { EXIT_ORPHAN } else { 0 };
+                    if !ctx.master_gone() {
+                        return 0;
+                    }
+                    ctx.relay_to_next_master(acceptor.relay_fd());
+                    return EXIT_ORPHAN;
                 }
                 Err(e) => {
                     warn!("waiting for connections failed: {e}");
@@ -331,8 +402,12 @@ pub fn prefork(listeners: Vec<Listener>, ctx: Ctx<'_>, max_requests: u64) -> i32
             slot.set_open(0);
         }
         let Done::Ended(bytes) = done else {
-            // Handed over: this worker was told to stop.
-            return 0;
+            // Handed over: this worker was told to stop, or its master died.
+            if !ctx.master_gone() {
+                return 0;
+            }
+            ctx.relay_to_next_master(acceptor.relay_fd());
+            return EXIT_ORPHAN;
         };
         served += 1;
         ctx.served(bytes);
@@ -361,8 +436,12 @@ pub fn prefork(listeners: Vec<Listener>, ctx: Ctx<'_>, max_requests: u64) -> i32
 
 /// Serves a connection in hand to its end, or hands it over if this
 /// process is told to stop meanwhile and connections are handed over
-/// (then at a moment when nothing it read is unsent). Its place is given
-/// back, and its socket closed, before this returns, unless it went.
+/// (then at a moment when nothing it read is unsent), or puts it in the
+/// vault for the next master if the master restarts or died. While the
+/// relay is full it goes on serving, and offers it again shortly, until
+/// it is taken (the master kills a worker still at it after
+/// `--shutdown-timeout`). Its place is given back, and its socket closed,
+/// before this returns, unless it went.
 fn serve_in_hand(
     hand: InHand<'_>,
     ctx: &Ctx<'_>,
@@ -370,7 +449,7 @@ fn serve_in_hand(
     acceptor: &mut Acceptor,
 ) -> Done {
     let InHand {
-        conn,
+        mut conn,
         tcp,
         client,
         ticket,
@@ -384,16 +463,43 @@ fn serve_in_hand(
             drop(ticket);
             return Done::Ended(summary.bytes);
         }
-        if ctx.hand_over(&conn, tcp, client, ticket.as_ref(), summary.progress) {
-            if let Some(t) = ticket {
-                t.handed_over();
-            }
-            return Done::HandedOver;
-        }
-        // No room in the relay: serve it to its end after all.
-        may_hand_over = false;
         from = summary.progress;
+        conn = match ctx.offer(conn, tcp, client, ticket.as_ref(), from) {
+            Offered::Gone => {
+                if let Some(t) = ticket {
+                    t.handed_over();
+                }
+                return Done::HandedOver;
+            }
+            Offered::Later(conn) => {
+                wait_to_offer_again(&conn);
+                conn
+            }
+            Offered::Stays(conn) => {
+                may_hand_over = false;
+                conn
+            }
+        };
     }
+}
+
+/// After the relay was found full: waits until the client sends (its
+/// bytes are echoed before the next offer) or a short while passes.
+fn wait_to_offer_again(conn: &OwnedFd) {
+    let jitter = u64::from(std::process::id()) % 20;
+    let pause = OFFER_AGAIN / 2 + Duration::from_millis(jitter);
+    let mut fds = [nix::poll::PollFd::new(
+        conn.as_fd(),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    let _ = nix::poll::poll(&mut fds, crate::time::poll_timeout(Some(pause)));
+}
+
+/// Whether this process has a descriptor free for one more connection:
+/// the kernel closes one that does not fit in a message received.
+pub(crate) fn room_for_one() -> bool {
+    let (soft, _) = crate::sys::nofile_limit();
+    crate::sys::open_fds().is_none_or(|open| open + 8 < soft)
 }
 
 /// A fork-mode child: serves `conn` (from where it is, if another process
@@ -483,7 +589,8 @@ pub fn inetd(conn: OwnedFd, limits: Limits) -> i32 {
 /// (so new clients are refused, not queued), and the connection is handed
 /// back to the caller ([`echo::End::HandOver`]) if it `may_hand_over`
 /// and connections are handed over, or else goes on; if the master is
-/// gone, the connection ends.
+/// gone, it is handed back for the next master where there is a vault,
+/// and ends where there is none.
 #[allow(clippy::too_many_arguments)]
 fn serve_conn(
     conn: &OwnedFd,
@@ -514,15 +621,20 @@ fn serve_conn(
         Some(ctx.ctl),
         &mut || {
             if ctx.master_gone() {
-                Watch::Abort
-            } else {
-                acceptor.close();
-                ctx.set(State::Stopping);
-                if may_hand_over && ctx.hands_over() {
+                // Its listeners close as it exits; the relay it holds
+                // goes to the next master after its own connection.
+                return if may_hand_over && ctx.dest().is_some() {
                     Watch::HandOver
                 } else {
-                    Watch::Forget
-                }
+                    Watch::Abort
+                };
+            }
+            acceptor.close();
+            ctx.set(State::Stopping);
+            if may_hand_over && ctx.dest().is_some() {
+                Watch::HandOver
+            } else {
+                Watch::Forget
             }
         },
     );

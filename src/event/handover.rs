@@ -1,52 +1,84 @@
-//! An event worker's side of the hand-over (relay.rs): a retiring worker
-//! passes each open connection on once nothing it sent waits to go back;
-//! a worker with room takes them as it accepts new ones.
+//! An event worker's side of the hand-over (relay.rs, vault.rs): a
+//! retiring worker passes each open connection on once nothing it sent
+//! waits to go back, to the workers that serve on or, the master
+//! restarting or gone, into the vault for the next master; a worker with
+//! room takes them as it accepts new ones.
 
 use super::*;
+use crate::worker::Dest;
 
 impl<'a> Loop<'a> {
-    /// Retiring: hands over every connection at a moment nothing it sent
-    /// waits to go back (and, behind a proxy, its header is read); the
-    /// others go as soon as they are. If the relay is full, tries again
-    /// shortly, serving them meanwhile.
+    /// Retiring: lets go of every connection that can go now (nothing
+    /// it sent waits to go back and, behind a proxy, its header is read);
+    /// the others go as soon as they can. If the relay is full, tries
+    /// again shortly, serving them meanwhile.
     pub(super) fn hand_over(&mut self, now: Instant) {
         if self.relay_retry.is_some_and(|t| now < t) {
             return;
         }
         self.relay_retry = None;
-        let Some(tx) = &self.ctx.relay_tx else {
+        match self.ctx.dest() {
+            Some(Dest::Workers) => self.hand_to_workers(now),
+            Some(Dest::NextMaster) => self.keep_for_next_master(),
+            None => self.handing_over = false,
+        }
+    }
+
+    /// What the connection at `index` carries, if it can go now.
+    fn movable(&self, index: usize) -> Option<Carried> {
+        let o = self.slots.get(index)?.as_ref()?;
+        if o.header.is_some() || o.conn.wants_write() {
+            return None;
+        }
+        Some(Carried {
+            tcp: o.tcp,
+            client: o.client,
+            place: o.ticket.as_ref().and_then(Ticket::place),
+            progress: o.conn.progress(),
+        })
+    }
+
+    /// Takes the connection at `index` out of this loop: it lives on
+    /// elsewhere.
+    fn let_go(&mut self, index: usize) -> Option<Open<'a>> {
+        let o = self.slots.get_mut(index)?.take()?;
+        // Out of this epoll set first: the registration is the
+        // connection's, which lives on in the receiver.
+        let _ = self.epoll.delete(o.conn.fd());
+        self.free.push(index);
+        self.open -= 1;
+        o.log_end(&End::HandOver);
+        Some(o)
+    }
+
+    fn hand_to_workers(&mut self, now: Instant) {
+        if self.ctx.relay_tx.is_none() {
+            self.handing_over = false;
             return;
-        };
+        }
         let board = self.ctx.board;
         for index in 0..self.slots.len() {
-            let Some(o) = &self.slots[index] else {
+            let Some(carried) = self.movable(index) else {
                 continue;
             };
-            if o.header.is_some() || o.conn.wants_write() {
+            let (Some(tx), Some(Some(o))) = (&self.ctx.relay_tx, self.slots.get(index)) else {
                 continue;
-            }
-            let carried = Carried {
-                tcp: o.tcp,
-                client: o.client,
-                place: o.ticket.as_ref().and_then(Ticket::place),
-                progress: o.conn.progress(),
             };
             match relay::send(tx.as_fd(), o.conn.fd(), &carried, board.relayed()) {
                 Ok(()) => {
-                    // Out of this epoll set first: the registration is the
-                    // connection's, which lives on in the receiver.
-                    let _ = self.epoll.delete(o.conn.fd());
-                    if let Some(o) = self.slots[index].take() {
-                        self.free.push(index);
-                        self.open -= 1;
-                        o.log_end(&End::HandOver);
-                        if let Some(t) = o.ticket {
-                            t.handed_over();
-                        }
-                        // Dropping it closes this process's copy.
+                    if let Some(t) = self.let_go(index).and_then(|o| o.ticket) {
+                        t.handed_over();
                     }
+                    // Dropping it closed this process's copy.
                 }
-                Err(Errno::EAGAIN) => {
+                Err(e @ (Errno::EAGAIN | Errno::ETOOMANYREFS)) => {
+                    // Full, or over the descriptors in flight this user
+                    // may have: both pass as the receivers take theirs.
+                    if e == Errno::ETOOMANYREFS {
+                        if let Some(more) = self.refs_warned.hit(now) {
+                            warn!("cannot hand a connection over yet: too many descriptors in flight (ETOOMANYREFS, bounded by RLIMIT_NOFILE); trying again ({more} more since the last report)");
+                        }
+                    }
                     self.relay_retry = Some(now + RELAY_RETRY);
                     return;
                 }
@@ -57,6 +89,23 @@ impl<'a> Loop<'a> {
                 }
             }
         }
+    }
+
+    /// Puts every connection that can go now in the vault, in one go
+    /// (they travel in bags; see vault.rs).
+    fn keep_for_next_master(&mut self) {
+        let mut conns = Vec::new();
+        for index in 0..self.slots.len() {
+            let Some(mut carried) = self.movable(index) else {
+                continue;
+            };
+            // The next master counts its clients again.
+            carried.place = None;
+            if let Some(o) = self.let_go(index) {
+                conns.push((o.conn.into_fd(), carried));
+            }
+        }
+        self.ctx.keep_for_next_master(conns);
     }
 
     /// Takes a connection another worker handed over, as it was.

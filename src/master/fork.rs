@@ -41,6 +41,9 @@ impl Master {
             // Connections handed over first: their clients have waited.
             let counted = self.scoreboard.relayed().load(Ordering::Acquire) > 0;
             let relayed = self.relay.as_ref().filter(|_| relay_ready || counted);
+            // Only with a descriptor free for it (the kernel closes one
+            // that does not fit).
+            let relayed = relayed.filter(|_| crate::worker::room_for_one());
             let relayed = relayed.and_then(|r| {
                 crate::relay::recv(r.rx.as_fd(), self.scoreboard.relayed())
                     .ok()
@@ -111,6 +114,7 @@ impl Master {
         let fork_slot = proxied.then(|| self.fork.slots.take());
         let master = self.pid;
         let limits = self.cfg.limits();
+        let shutdown = self.cfg.shutdown_timeout;
         let count_bytes = self
             .acceptor
             .listeners()
@@ -123,8 +127,9 @@ impl Master {
         #[allow(unsafe_code)]
         let forked = unsafe {
             sys::spawn(&signals::HANDLED, &signals::CHILD_IGNORED, || {
-                // Where it hands its connection over at a restart.
-                let relay_tx = self.relay.take().map(|r| r.tx);
+                // Where its connection waits for the next master at a
+                // restart (or should the master die).
+                let vault = self.vault.take();
                 if let Err(code) = self.enter_child() {
                     return code;
                 }
@@ -138,8 +143,10 @@ impl Master {
                     count_bytes,
                     fork_slot,
                     notice: None,
-                    relay_tx,
+                    relay_tx: None,
                     relay_rx: None,
+                    vault,
+                    shutdown,
                 };
                 worker::fork_child(conn, tcp, carried, ctx, self.fork.conn_buf.as_mut())
             })

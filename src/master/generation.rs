@@ -46,7 +46,12 @@ impl Master {
             && (self.cfg.mode == Mode::Fork
                 || self.ready_workers(generation) >= self.cfg.workers as usize)
         {
-            self.apply(Event::Ready, now);
+            // Ready once the workers have what the vault held, too: a
+            // stop that follows a restart then drains them with the rest.
+            let since = *self.workers_ready_at.get_or_insert(now);
+            if !self.carried_waiting(now, since) {
+                self.apply(Event::Ready, now);
+            }
         }
         let next_ready = match (self.life.next(), &self.pending) {
             (Some(next), Some(p)) => {
@@ -152,7 +157,7 @@ impl Master {
         let mut current: Vec<Option<Listener>> =
             self.acceptor.take().into_iter().map(Some).collect();
         self.acceptor = Acceptor::new(take_planned(&mut current, p.plan));
-        let store = self.handoff.notify.as_ref().filter(|_| self.unit.is_some());
+        let store = self.handoff.notify.as_ref();
         for l in current.into_iter().flatten() {
             info!("no longer listening on {}", l.name());
             if let (Some(n), Some(addr)) = (store, l.configured()) {
@@ -164,7 +169,10 @@ impl Master {
         if let Some(n) = store {
             for l in self.acceptor.listeners() {
                 if let Some(addr) = l.configured() {
-                    let _ = n.store(l.as_fd(), &crate::systemd::listener_name(&addr.to_string()));
+                    let _ = n.store(
+                        &[l.as_fd()],
+                        &crate::systemd::listener_name(&addr.to_string()),
+                    );
                 }
             }
         }

@@ -56,11 +56,12 @@ use crate::logging::{counted, RateLimit, REPORT_EVERY};
 use crate::pool::{Pool, Saturation};
 use crate::relay::Relay;
 use crate::reload::Planned;
-use crate::scoreboard::Scoreboard;
+use crate::scoreboard::{Cut, HandOver, Scoreboard};
 use crate::signals::Signals;
 use crate::sys::IoBuffer;
 use crate::systemd::Notify;
 use crate::time::after;
+use crate::vault::{Unpacked, Vault};
 
 use generation::Pending;
 use lifecycle::{Action, Event, Life};
@@ -86,8 +87,11 @@ pub struct Handoff {
 /// listeners taken for the configured addresses.
 #[derive(Default)]
 pub struct Stored {
-    /// Connections a restarting master left there: name, what each
-    /// carries (encoded), socket. They go to the workers, then out of the
+    /// The vault's two ends (vault.rs), with the connections the last
+    /// master left there for the workers.
+    pub vault: Vec<OwnedFd>,
+    /// Connections an earlier release stored one by one: name, what each
+    /// carries (encoded), socket. They go into the vault, then out of the
     /// store.
     pub connections: Vec<(String, Vec<u8>, OwnedFd)>,
     /// The store names of listeners no longer configured: out of the store.
@@ -159,6 +163,8 @@ struct Reports {
     refused: status::Counted<4>,
     /// Dropped datagrams, by reason, as last logged.
     dropped: status::Counted<6>,
+    /// Open connections cut, by why, as last logged.
+    cut: status::Counted<4>,
     /// accept or fork errors.
     errors: RateLimit,
     /// Escalations of the crash-loop back-off after the first.
@@ -199,11 +205,22 @@ struct Master {
     unit: Option<String>,
     /// TERM under systemd: asking whether it is a restart.
     query: Option<helper::Helper>,
-    /// Connections kept across a restart, on their way to the workers.
-    restored: Vec<(String, crate::relay::Carried, OwnedFd)>,
-    /// Connections put in the store, to name each apart.
-    stored: u64,
-    /// This stop is a restart: connections go to the store.
+    /// Under a service manager: where open connections wait for the next
+    /// master (vault.rs); children that serve connections inherit it.
+    vault: Option<Vault>,
+    /// What the master takes out of the vault at start, on its way to
+    /// the workers.
+    carried: Unpacked,
+    /// No descriptor was free to take more out of the vault: when to try.
+    carried_retry: Option<Instant>,
+    /// Connections taken out of the vault and handed to the workers: not
+    /// yet logged, and whether any was at this start.
+    restored: u64,
+    restored_any: bool,
+    /// When the generation starting was first seen ready ("ready" waits
+    /// for what the vault held, a while).
+    workers_ready_at: Option<Instant>,
+    /// This stop is a restart: connections go to the vault.
     restarting: bool,
     fork: ForkState,
     prefork: PreforkState,
@@ -216,8 +233,10 @@ impl Master {
     /// while running, or finish the stop.
     fn run(&mut self) -> i32 {
         let now = Instant::now();
-        self.fill_pool(now);
+        // The vault first: every worker inherits it.
         self.use_store(now);
+        self.fill_pool(now);
+        self.restore(now);
         self.progress(now);
         loop {
             let (noticed, ready, relay_ready) = self.wait();
@@ -225,10 +244,10 @@ impl Master {
             if noticed {
                 self.drain_notices();
             }
-            if self.restarting {
-                self.store_relayed();
+            if let Some(n) = &self.handoff.notify {
+                n.flush();
             }
-            if !self.restored.is_empty() {
+            if self.restoring() {
                 self.restore(now);
             }
             let Some(signals) = self.signals.as_mut() else {
@@ -241,9 +260,9 @@ impl Master {
             if !self.life.stopping() {
                 self.tend(now, ready, relay_ready);
             } else if self.children.is_empty() {
-                // What the last child handed over before it went.
+                // What waits in the relay goes with the rest.
                 if self.restarting {
-                    self.store_relayed();
+                    self.put_back(now);
                 }
                 self.apply(Event::ChildrenGone, now);
             } else {
@@ -251,6 +270,9 @@ impl Master {
             }
             if let Some(code) = self.exit {
                 info!("exiting");
+                if let Some(n) = &self.handoff.notify {
+                    n.flush_within(Duration::from_secs(2));
+                }
                 return code;
             }
         }
@@ -317,10 +339,13 @@ impl Master {
                 self.kill_all();
             }
             Action::KillAll => {
+                let open = self.children.pids().map(|p| self.open_in(p)).sum();
+                self.scoreboard.cut(Cut::Timeout, open);
                 warn!(
-                    "shutdown timeout ({} s) reached: killing {}",
+                    "shutdown timeout ({} s) reached: killing {}, cutting {}",
                     self.cfg.shutdown_timeout.as_secs(),
-                    counted(self.children.len() as u64, "child", "children")
+                    counted(self.children.len() as u64, "child", "children"),
+                    counted(open, "open connection", "open connections")
                 );
                 self.kill_all();
             }
@@ -381,6 +406,32 @@ impl Master {
         self.tick(now);
     }
 
+    /// Whether connections from the vault are yet to be handed to the
+    /// workers (not once a stop began: then they stay there).
+    fn restoring(&self) -> bool {
+        self.vault.is_some() && self.carried.may_have_more() && !self.life.stopping()
+    }
+
+    /// The connections open in child `pid`, as its slot says (a fork-mode
+    /// child has one).
+    fn open_in(&self, pid: Pid) -> u64 {
+        let Some(c) = self
+            .children
+            .iter()
+            .find(|(p, _)| *p == pid)
+            .map(|(_, c)| c)
+        else {
+            return 0;
+        };
+        match c.kind {
+            crate::children::Kind::Conn => 1,
+            _ => c
+                .slot
+                .and_then(|s| self.scoreboard.get(s))
+                .map_or(0, |e| e.open),
+        }
+    }
+
     /// Sleeps until a signal, a worker's notice, a listener (fork mode,
     /// under the limit) or the nearest deadline. Returns whether a notice
     /// came, whether a listener (or the relay) is readable, and whether
@@ -411,18 +462,23 @@ impl Master {
                     .map(|(_, l)| PollFd::new(l.as_fd(), PollFlags::POLLIN)),
             );
         }
+        let listening = 2..fds.len();
         let mut relay_at = None;
         if let Some(r) = &self.relay {
             // Connections that retiring workers of another mode hand
-            // over, or (restarting) that go to systemd's store.
-            if accepting || self.restarting {
+            // over.
+            if accepting {
                 relay_at = Some(fds.len());
                 fds.push(PollFd::new(r.rx.as_fd(), PollFlags::POLLIN));
             }
             // Connections kept across a restart wait for room.
-            if !self.restored.is_empty() {
+            if self.restoring() && self.carried_retry.is_none() {
                 fds.push(PollFd::new(r.tx.as_fd(), PollFlags::POLLOUT));
             }
+        }
+        // What must reach the service manager waits for room.
+        if let Some(n) = self.handoff.notify.as_ref().filter(|n| n.wants_write()) {
+            fds.push(PollFd::new(n.fd(), PollFlags::POLLOUT));
         }
         let deadlines = [
             self.life.deadline(),
@@ -436,6 +492,10 @@ impl Master {
                 .map(|t| after(t, self.cfg.shutdown_timeout))
                 .filter(|_| running),
             Some(self.reports.next_tick).filter(|_| running),
+            self.carried_retry.filter(|_| running),
+            self.workers_ready_at
+                .map(|t| t + store::CARRIED_WAIT)
+                .filter(|_| self.life.starting()),
         ];
         let timeout = deadlines
             .iter()
@@ -448,7 +508,8 @@ impl Master {
         }
         let ready = |f: &PollFd<'_>| f.revents().is_some_and(|r| !r.is_empty());
         let relay_ready = relay_at.is_some_and(|i| ready(&fds[i]));
-        (ready(&fds[1]), fds[2..].iter().any(ready), relay_ready)
+        let readable = fds[listening].iter().any(ready) || relay_ready;
+        (ready(&fds[1]), readable, relay_ready)
     }
 
     /// Empties the notice pipe; what the workers said is in the scoreboard.
@@ -486,16 +547,20 @@ impl Master {
         self.scoreboard.close_fd_in_child();
         self.check = None;
         self.query = None;
+        self.vault = None;
         // Clients' connections kept across a restart belong to the worker
         // the relay gives each to: a copy here would keep it open after
         // that worker closes it (its client would never see the end).
-        let kept = self.restored.iter().map(|(_, _, fd)| fd);
-        for fd in kept.chain(self.handoff.store.connections.iter().map(|(_, _, fd)| fd)) {
+        let stored = &self.handoff.store;
+        let single = stored.connections.iter().map(|(_, _, fd)| fd.as_raw_fd());
+        let vault = stored.vault.iter().map(|fd| fd.as_raw_fd());
+        for fd in self.carried.raw_fds().chain(single).chain(vault) {
             // Forgotten with the lists below: this is their one close.
-            let _ = nix::unistd::close(fd.as_raw_fd());
+            let _ = nix::unistd::close(fd);
         }
-        std::mem::forget(std::mem::take(&mut self.restored));
+        std::mem::forget(std::mem::take(&mut self.carried));
         std::mem::forget(std::mem::take(&mut self.handoff.store.connections));
+        std::mem::forget(std::mem::take(&mut self.handoff.store.vault));
         self.notice_r = None;
         if let Some(ready) = self.handoff.ready.take() {
             ready.close_in_child();
@@ -523,8 +588,8 @@ impl Master {
     /// Begins a stop: listeners are closed at once, children are told to
     /// stop accepting; `immediate` kills them instead of letting them
     /// finish. A `restart` under systemd keeps the listeners in its store
-    /// and has the children hand their connections over to the master,
-    /// which puts them there too (see store.rs).
+    /// and has the children put their connections in the vault, which is
+    /// there too (see store.rs).
     fn stop(&mut self, now: Instant, why: &str, immediate: bool, restart: bool) {
         if restart {
             info!(
@@ -558,9 +623,13 @@ impl Master {
         self.acceptor.close();
         self.pending = None;
         self.restarting = restart;
-        // A restart hands every connection over (to the master, for the
-        // store); a stop has no one to hand them to: they finish.
-        self.scoreboard.set_hand_over(restart);
+        // A restart hands every connection to the next master; a stop has
+        // no one to hand them to: they finish.
+        self.scoreboard.set_hand_over(if restart {
+            HandOver::ToNextMaster
+        } else {
+            HandOver::Finish
+        });
         self.fork.ctl_w = None;
         self.children
             .retire_where(after(now, self.cfg.shutdown_timeout), |_| true);

@@ -210,9 +210,12 @@ impl Master {
     /// their `shutdown-timeout`.
     pub(super) fn kill_overdue(&mut self, now: Instant) {
         for pid in self.children.overdue(now) {
+            let open = self.open_in(pid);
+            self.scoreboard.cut(crate::scoreboard::Cut::Timeout, open);
             warn!(
-                "worker {pid} still busy {} s after it was told to stop: killing it",
-                self.cfg.shutdown_timeout.as_secs()
+                "worker {pid} still busy {} s after it was told to stop: killing it, cutting {}",
+                self.cfg.shutdown_timeout.as_secs(),
+                crate::logging::counted(open, "open connection", "open connections")
             );
             let _ = kill(pid, Signal::SIGKILL);
             self.children.mark_killed(pid);

@@ -97,8 +97,12 @@ pub fn run(
         },
         unit,
         query: None,
-        restored: Vec::new(),
-        stored: 0,
+        vault: adopted.as_mut().and_then(|a| a.vault.take()),
+        carried: Default::default(),
+        carried_retry: None,
+        restored: 0,
+        restored_any: false,
+        workers_ready_at: None,
         restarting: false,
         started: now,
         pending: None,
@@ -126,6 +130,7 @@ pub fn run(
             next_tick: now + TICK,
             refused: status::Counted::default(),
             dropped: status::Counted::default(),
+            cut: status::Counted::default(),
             errors: RateLimit::new(REPORT_EVERY),
             crash: RateLimit::new(REPORT_EVERY),
         },
@@ -135,7 +140,9 @@ pub fn run(
         master.adopt(a, now);
     }
     // Until a stop, a child told to stop hands its connections over.
-    master.scoreboard.set_hand_over(true);
+    master
+        .scoreboard
+        .set_hand_over(crate::scoreboard::HandOver::ToWorkers);
     if master.scoreboard.start_secs() == 0 {
         // A new scoreboard: the start is now, or the predecessor's.
         let up = now.duration_since(master.started);

@@ -11,7 +11,7 @@ use crate::admission::Refusal;
 use crate::children::Kind;
 use crate::config::Mode;
 use crate::logging::{counted, REPORT_EVERY};
-use crate::scoreboard::{Dropped, State};
+use crate::scoreboard::{Cut, Dropped, State};
 
 /// The most workers the USR1 line names one by one.
 const NAMED_WORKERS: usize = 64;
@@ -165,7 +165,8 @@ impl Master {
     }
 
     /// Once a second: logs refused connections (counted by whoever
-    /// refused them), at most every REPORT_EVERY, never dropping a count.
+    /// refused them), open connections cut, and datagrams dropped, at
+    /// most every REPORT_EVERY, never dropping a count.
     pub(super) fn tick(&mut self, now: Instant) {
         if now < self.reports.next_tick {
             return;
@@ -176,6 +177,16 @@ impl Master {
             warn!(
                 "refused {n} ({}) since the last report; {all} in all",
                 why.name()
+            );
+        }
+        for (i, n, all) in self.reports.cut.report(now, self.scoreboard.cuts()) {
+            let (n, why) = (
+                counted(n, "open connection", "open connections"),
+                Cut::ALL[i],
+            );
+            warn!(
+                "closed {n} since the last report: {}; {all} in all",
+                why.describe()
             );
         }
         let (_, dropped) = self.scoreboard.udp_counts();

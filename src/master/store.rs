@@ -1,104 +1,196 @@
-//! systemd's file descriptor store: what makes `systemctl restart` (and a
-//! crash restarted by `Restart=on-failure`, and a new binary that dies
-//! after USR2) refuse no client and cut no conversation.
+//! systemd's file descriptor store: what makes `systemctl restart`, a
+//! package upgrade, and a crash restarted by `Restart=on-failure` refuse
+//! no client and cut no conversation, at any size.
 //!
 //! Under systemd the master keeps each listening socket in the store,
-//! named for its address (`FDSTORE=1`, `FDNAME=`); the next instance takes
-//! them back (`LISTEN_FDS`, lib.rs) instead of binding, so clients wait
-//! in the kernel's backlog meanwhile. On TERM the master asks systemd
-//! whether the unit's job is a restart (`systemctl list-jobs`, in a child
-//! it does not wait for, as the USR2 check): a stop takes the listeners
-//! out of the store and drains as ever; a restart has every child hand
-//! its connections over, as a reload does, to the master itself, which
-//! puts each in the store with what it carries, for the next instance to
-//! hand to its workers. The store must have room (`FileDescriptorStoreMax=`
-//! in the unit, which the query reads too): without it a TERM is a stop.
+//! named for its address (`FDSTORE=1`, `FDNAME=`), and the vault
+//! (vault.rs), both its ends in one message; the next instance takes them
+//! back (`LISTEN_FDS`, lib.rs) instead of binding, so clients wait in the
+//! kernel's backlog meanwhile. On TERM the master asks systemd whether
+//! the unit's job is a restart (`systemctl list-jobs`, in a child it does
+//! not wait for, as the USR2 check): a stop takes the listeners out of
+//! the store and drains as ever; a restart has every child put its open
+//! connections in the vault (the scoreboard says where they go), and the
+//! master what waits in the relay. A child whose master died does the
+//! same on its own. At start, the master reads the vault out and hands
+//! what it holds to its workers through the relay, as it has room, and
+//! says ready once they have it all. The store must have room
+//! (`FileDescriptorStoreMax=` in the unit, which the query reads too):
+//! without it a TERM is a stop.
 
 use std::os::fd::AsFd;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use log::{info, warn};
+use nix::errno::Errno;
 use nix::sys::wait::WaitStatus;
 
 use super::lifecycle::Event;
 use super::Master;
 use crate::relay::Carried;
+use crate::scoreboard::Cut;
 use crate::systemd;
+use crate::vault::{self, Vault};
+
+/// How long the master may take to put what it holds back in the vault
+/// before it exits.
+const PUT_BACK: Duration = Duration::from_secs(5);
+/// How long after its workers are ready the master may still hold back
+/// "ready" while carried connections wait for a worker.
+pub(super) const CARRIED_WAIT: Duration = Duration::from_secs(5);
+/// How soon the master looks in the vault again when it had no
+/// descriptor free to take a message out.
+const NO_ROOM_RETRY: Duration = Duration::from_millis(100);
 
 impl Master {
-    /// At start under systemd: every listener of ours in the store (one
-    /// that came from there already is the same socket, which systemd
-    /// keeps once), those of addresses no longer configured out of it,
-    /// and the connections the last instance left there on their way to
-    /// the workers.
+    /// At start under a service manager: the vault (kept by the store, or
+    /// passed on across USR2, or made now) and every listener of ours in
+    /// the store (one that came from there already is the same socket,
+    /// which systemd keeps once), those of addresses no longer configured
+    /// out of it, and the connections an earlier release stored one by
+    /// one moved into the vault.
     pub(super) fn use_store(&mut self, now: Instant) {
-        let notify = self.handoff.notify.as_ref();
-        if let (Some(n), Some(_)) = (notify, &self.unit) {
-            for l in self.acceptor.listeners() {
-                if let Some(addr) = l.configured() {
-                    let _ = n.store(l.as_fd(), &systemd::listener_name(&addr.to_string()));
+        let Some(n) = self.handoff.notify.as_ref() else {
+            return;
+        };
+        if self.vault.is_none() {
+            let kept = std::mem::take(&mut self.handoff.store.vault);
+            self.vault = match <[_; 2]>::try_from(kept) {
+                Ok([a, b]) => Some(Vault::adopt(a, b)),
+                Err(_) => Vault::new()
+                    .map_err(|e| warn!("cannot make the vault that keeps connections across a restart: {e}; a restart or a crash will cut them"))
+                    .ok(),
+            };
+        }
+        if let Some(v) = &self.vault {
+            if let Err(e) = n.store(&v.ends(), vault::NAME) {
+                warn!("cannot put the vault in the service manager's store: {e}; a restart or a crash will cut open connections");
+            }
+        }
+        for l in self.acceptor.listeners() {
+            if let Some(addr) = l.configured() {
+                if let Err(e) = n.store(&[l.as_fd()], &systemd::listener_name(&addr.to_string())) {
+                    warn!(
+                        "cannot put {} in the service manager's store: {e}",
+                        l.name()
+                    );
                 }
             }
         }
         for name in std::mem::take(&mut self.handoff.store.stale) {
-            notify.inspect(|n| n.unstore(&name));
+            n.unstore(&name);
         }
-        let connections = std::mem::take(&mut self.handoff.store.connections);
-        let n = connections.len();
-        for (name, carried, fd) in connections {
-            match Carried::decode(&carried) {
-                Some(c) => self.restored.push((name, c, fd)),
-                None => {
-                    notify.inspect(|n| n.unstore(&name));
+        let single = std::mem::take(&mut self.handoff.store.connections);
+        if !single.is_empty() {
+            let mut conns = Vec::new();
+            for (name, carried, fd) in single {
+                if let Some(c) = Carried::decode(&carried) {
+                    conns.push((fd, c));
+                }
+                n.unstore(&name);
+            }
+            if let Some(v) = &self.vault {
+                if let Err(lost) = v.put(conns, now + PUT_BACK) {
+                    self.scoreboard.cut(Cut::Vault, lost.conns as u64);
+                    warn!(
+                        "cannot take over {} an earlier release kept across the restart: {}; closed",
+                        crate::logging::counted(lost.conns as u64, "connection", "connections"),
+                        lost.why
+                    );
                 }
             }
         }
-        if n > 0 {
-            info!(
-                "{} carried across the restart: handing them to the workers",
-                crate::logging::counted(n as u64, "connection", "connections")
-            );
-        }
-        self.restore(now);
+        self.carried.look_again();
     }
 
-    /// Sends the connections kept across a restart to the workers through
-    /// the relay, as it has room, and takes each out of the store once
-    /// sent. Each counts again for its client's `--max-per-ip`.
-    pub(super) fn restore(&mut self, _now: Instant) {
-        let Some(relay) = &self.relay else {
+    /// Hands the connections the vault holds to the workers through the
+    /// relay, as it has room (and this process descriptors), each
+    /// counting again for its client's `--max-per-ip`.
+    pub(super) fn restore(&mut self, now: Instant) {
+        let (Some(relay), Some(vault)) = (&self.relay, &self.vault) else {
             return;
         };
-        let notify = self.handoff.notify.as_ref();
-        while let Some((name, mut c, fd)) = self.restored.pop() {
+        if self.carried_retry.is_some_and(|t| now < t) {
+            return;
+        }
+        self.carried_retry = None;
+        loop {
+            let (fd, mut c) = match self.carried.next(vault) {
+                Ok(Some(conn)) => conn,
+                Ok(None) => break,
+                Err(e) => {
+                    if e == Errno::EMFILE {
+                        self.carried_retry = Some(now + NO_ROOM_RETRY);
+                    }
+                    if let Some(more) = self.reports.errors.hit(now) {
+                        warn!(
+                            "cannot take connections out of the vault: {}; trying again ({more} more since the last report)",
+                            crate::logging::error_text(&std::io::Error::from(e))
+                        );
+                    }
+                    return;
+                }
+            };
             c.place = self.fork.policy.recount(&self.scoreboard, &fd, c.client);
             match crate::relay::send(relay.tx.as_fd(), fd.as_fd(), &c, self.scoreboard.relayed()) {
                 Ok(()) => {
-                    log::debug!("a connection kept across the restart went to the workers ({} bytes echoed so far)", c.progress.bytes);
-                    notify.inspect(|n| n.unstore(&name));
+                    self.restored += 1;
+                    self.restored_any = true;
                 }
-                Err(nix::errno::Errno::EAGAIN) => {
+                Err(Errno::EAGAIN) => {
                     if let Some(p) = c.place {
                         crate::admission::give_back(&self.scoreboard, p);
                     }
-                    self.restored.push((name, c, fd));
+                    self.carried.unget((fd, c));
                     return;
                 }
                 Err(e) => {
+                    self.scoreboard.cut(Cut::Vault, 1);
                     warn!("cannot hand a connection kept across the restart to the workers: {e}; closed");
                     if let Some(p) = c.place {
                         crate::admission::give_back(&self.scoreboard, p);
                     }
-                    notify.inspect(|n| n.unstore(&name));
                 }
             }
         }
+        if self.restored > 0 {
+            info!(
+                "{} kept across the restart handed to the workers",
+                crate::logging::counted(self.restored, "connection", "connections")
+            );
+            self.restored = 0;
+        }
+        if self.carried.foreign > 0 {
+            warn!(
+                "closed {} in the vault that were not connections of ours",
+                crate::logging::counted(self.carried.foreign as u64, "descriptor", "descriptors")
+            );
+            self.carried.foreign = 0;
+        }
+    }
+
+    /// Whether connections taken out of the vault at this start still
+    /// wait for a worker (then "ready" waits, at most [`CARRIED_WAIT`]
+    /// after `since`, when the workers were ready).
+    pub(super) fn carried_waiting(&self, now: Instant, since: Instant) -> bool {
+        let relayed = self.scoreboard.relayed();
+        let waiting = self.vault.is_some()
+            && (self.carried.may_have_more()
+                || self.restored_any && relayed.load(std::sync::atomic::Ordering::Acquire) > 0);
+        if waiting && now >= since + CARRIED_WAIT {
+            warn!(
+                "connections kept across the restart still wait for a worker {} s after the workers were ready: ready all the same",
+                CARRIED_WAIT.as_secs()
+            );
+            return false;
+        }
+        waiting
     }
 
     /// A stop that is not a restart: the listeners out of the store, so
     /// that new clients are refused, not queued for no one.
     pub(super) fn unstore_listeners(&self) {
-        let Some(notify) = self.handoff.notify.as_ref().filter(|_| self.unit.is_some()) else {
+        let Some(notify) = self.handoff.notify.as_ref() else {
             return;
         };
         for l in self.acceptor.listeners() {
@@ -108,23 +200,44 @@ impl Master {
         }
     }
 
-    /// Restarting: the connections the children hand over go to the
-    /// store, with what they carry, for the next instance.
-    pub(super) fn store_relayed(&mut self) {
-        let (Some(relay), Some(notify)) = (&self.relay, &self.handoff.notify) else {
+    /// Restarting, once the children are gone: what waits in the relay,
+    /// and what the master took out of the vault and did not hand on,
+    /// goes back into the vault.
+    pub(super) fn put_back(&mut self, now: Instant) {
+        let (Some(vault), Some(relay)) = (&self.vault, &self.relay) else {
             return;
         };
-        while let Ok(Some((fd, mut c))) =
-            crate::relay::recv(relay.rx.as_fd(), self.scoreboard.relayed())
-        {
-            // This scoreboard's places mean nothing to the next instance,
-            // which counts the client again.
-            c.place = None;
-            self.stored += 1;
-            let name = systemd::connection_name(&c.encode(), self.stored);
-            if let Err(e) = notify.store(fd.as_fd(), &name) {
-                warn!("cannot keep a connection in the service manager's store: {e}; closed");
+        let mut conns = Vec::new();
+        while crate::worker::room_for_one() {
+            match crate::relay::recv(relay.rx.as_fd(), self.scoreboard.relayed()) {
+                Ok(Some((fd, mut c))) => {
+                    c.place = None;
+                    conns.push((fd, c));
+                }
+                Ok(None) | Err(_) => break,
             }
+        }
+        let lost = vault.put(conns, now + PUT_BACK).err();
+        self.lost_for_next_master(lost);
+        self.put_back_carried(now);
+    }
+
+    /// What the master took out of the vault and did not hand on goes
+    /// back (it restarts, or re-executes itself).
+    pub(super) fn put_back_carried(&mut self, now: Instant) {
+        let Some(vault) = &self.vault else { return };
+        let lost = vault.put_back(&mut self.carried, now + PUT_BACK).err();
+        self.lost_for_next_master(lost);
+    }
+
+    fn lost_for_next_master(&self, lost: Option<vault::Lost>) {
+        if let Some(l) = lost {
+            self.scoreboard.cut(Cut::Vault, l.conns as u64);
+            warn!(
+                "cannot keep {} for the next master: {}; closed",
+                crate::logging::counted(l.conns as u64, "connection", "connections"),
+                crate::logging::error_text(&std::io::Error::from(l.why))
+            );
         }
     }
 
@@ -132,6 +245,9 @@ impl Master {
     /// restart and whether its store has room. `Some`: no answer can come.
     pub(super) fn ask_restart(&mut self) -> Option<Event> {
         let unit = self.unit.clone()?;
+        if self.vault.is_none() {
+            return Some(Event::Restart(false));
+        }
         let spawned = self.spawn_helper(|w| {
             let answer = restart_answer(&unit);
             let _ = nix::unistd::write(w, answer.as_bytes());

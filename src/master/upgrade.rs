@@ -148,6 +148,10 @@ impl Master {
                 .as_ref()
                 .map(|w| (raw(&self.fork.ctl_r), raw(w))),
             relay: self.relay.as_ref().map(|r| (raw(&r.tx), raw(&r.rx))),
+            vault: self.vault.as_ref().map(|v| {
+                let [a, b] = v.ends();
+                (a.as_raw_fd(), b.as_raw_fd())
+            }),
             children: self
                 .children
                 .iter()
@@ -186,6 +190,11 @@ impl Master {
             Ok(a) => a,
             Err(e) => return Some(Event::ExecFailed(e)),
         };
+        // What the vault held and is not with the workers yet waits there
+        // for the new code.
+        if !self.carried.is_done() {
+            self.put_back_carried(now);
+        }
         let handover = self.handover(now);
         let fds = handover.fds();
         info!(
@@ -197,6 +206,10 @@ impl Master {
             "RELOADING=1\nMONOTONIC_USEC={}",
             crate::time::monotonic_usec()
         ));
+        // What waits for the service manager would be lost with this code.
+        if let Some(n) = &self.handoff.notify {
+            n.flush_within(Duration::from_secs(2));
+        }
         set_cloexec(&fds, false);
         std::env::set_var(ENV, handover.encode());
         // Blocked across the exec, so that no signal finds the new code
@@ -275,6 +288,7 @@ pub(super) struct Adopted {
     pub(super) fork_ctl: Option<(OwnedFd, OwnedFd)>,
     pub(super) notice: Option<(OwnedFd, OwnedFd)>,
     pub(super) relay: Option<crate::relay::Relay>,
+    pub(super) vault: Option<crate::vault::Vault>,
     /// The scoreboard's memfd, its slots and those the children hold.
     pub(super) scoreboard: Option<(OwnedFd, usize, Vec<usize>)>,
     children: Vec<(PassedChild, Option<OwnedFd>)>,
@@ -336,6 +350,7 @@ impl Adopted {
             fork_ctl: own_pair(handover.fork_ctl),
             notice: own_pair(handover.notice),
             relay: own_pair(handover.relay).map(|(tx, rx)| crate::relay::Relay { tx, rx }),
+            vault: own_pair(handover.vault).map(|(a, b)| crate::vault::Vault::adopt(a, b)),
             scoreboard: handover
                 .scoreboard
                 .and_then(|(fd, n)| Some((own(fd)?, n, in_use))),
@@ -367,6 +382,8 @@ impl Master {
         });
         self.reports.refused = super::status::Counted::from_logged(&refused);
         self.reports.dropped = super::status::Counted::from_logged(&dropped);
+        // Cut connections the old code counted were its to report.
+        self.reports.cut = super::status::Counted::from_logged(&self.scoreboard.cuts());
         let retire_by = crate::time::after(now, self.cfg.shutdown_timeout);
         let n = a.children.len();
         for (c, ctl) in a.children {

@@ -180,8 +180,20 @@ impl Master {
             Some(0)
         };
         // Connections handed over by retiring workers wait in the relay
-        // for a free worker.
-        let relayed = self.scoreboard.relayed().load(Ordering::Acquire);
+        // for a free worker, and so do those of retiring workers still
+        // busy, which will offer theirs (the relay may be full): the pool
+        // grows for all of them, within max-workers.
+        let offered = if self.scoreboard.hand_over() == crate::scoreboard::HandOver::ToWorkers {
+            self.children
+                .iter()
+                .filter(|(_, c)| c.kind == Kind::Pool && c.retire_by.is_some())
+                .filter_map(|(_, c)| self.scoreboard.get(c.slot?))
+                .filter(|e| e.open > 0)
+                .count() as u64
+        } else {
+            0
+        };
+        let relayed = self.scoreboard.relayed().load(Ordering::Acquire) + offered;
         let demand = pool::Demand {
             queued: waiting,
             relayed: u32::try_from(relayed).unwrap_or(u32::MAX),
@@ -248,6 +260,8 @@ impl Master {
             }
             closed += 1;
         }
+        self.scoreboard
+            .cut(crate::scoreboard::Cut::Unplaced, closed);
         if closed > 0 {
             warn!(
                 "closed {} handed over by retiring workers: no worker was free to take them within {} s, as max-workers ({max}) is reached and every worker is busy",
@@ -318,6 +332,7 @@ impl Master {
         };
         let limits = cfg.limits();
         let policy = cfg.policy();
+        let shutdown = cfg.shutdown_timeout;
         let params = Params {
             mode: cfg.mode,
             max_open: cfg.worker_connections as usize,
@@ -362,6 +377,7 @@ impl Master {
                     Some(r) => (Some(r.tx), Some(r.rx)),
                     None => (None, None),
                 };
+                let vault = self.vault.take().filter(|_| row.relays);
                 self.close_in_child();
                 if let Err(code) = enter(&identity, &self.scoreboard) {
                     return code;
@@ -378,6 +394,8 @@ impl Master {
                     notice: self.notice_w.as_ref().map(|f| f.as_fd()),
                     relay_tx,
                     relay_rx,
+                    vault,
+                    shutdown,
                 };
                 run(listeners, ctx, params)
             })

@@ -1,5 +1,6 @@
 //! What the header's counters count, by kind: datagrams dropped by
-//! reason, workers' ends by cause (refusals are admission's).
+//! reason, workers' ends by cause, open connections cut (refusals are
+//! admission's).
 
 /// Why a datagram was dropped unanswered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,6 +83,48 @@ impl Exited {
             Exited::Clean => "exit",
             Exited::Signal => "signal",
             Exited::Error => "error",
+        }
+    }
+}
+
+/// Why an open connection was closed by us rather than its client or a
+/// limit: it could not be placed where it was to go on. Each is logged
+/// (rate-limited) and counted in `echo_forkd_connections_cut_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cut {
+    /// Handed over, no worker took it within `--shutdown-timeout`
+    /// (prefork at `max-workers` with every worker busy).
+    Unplaced,
+    /// It could not be kept for the next master (restart, crash).
+    Vault,
+    /// A worker took it without a descriptor free for it.
+    Descriptors,
+    /// Its worker was killed at `--shutdown-timeout` with it open: a stop
+    /// that lasted too long, or a hand-over that never found room.
+    Timeout,
+}
+
+impl Cut {
+    /// Every kind, in counter order.
+    pub const ALL: [Cut; 4] = [Cut::Unplaced, Cut::Vault, Cut::Descriptors, Cut::Timeout];
+
+    /// The `reason` label.
+    pub fn name(self) -> &'static str {
+        match self {
+            Cut::Unplaced => "unplaced",
+            Cut::Vault => "vault",
+            Cut::Descriptors => "descriptors",
+            Cut::Timeout => "timeout",
+        }
+    }
+
+    /// The reason in words, for the log.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Cut::Unplaced => "handed over, no worker free to take them within shutdown-timeout",
+            Cut::Vault => "they could not be kept for the next master",
+            Cut::Descriptors => "the worker that took them had no descriptor free",
+            Cut::Timeout => "their worker was killed at shutdown-timeout",
         }
     }
 }

@@ -26,7 +26,7 @@ use crate::sys::SharedWords;
 
 mod counters;
 mod tables;
-pub use counters::{Dropped, Exited};
+pub use counters::{Cut, Dropped, Exited};
 pub use tables::{hold, take_held, Place};
 
 /// What a worker is doing.
@@ -73,6 +73,19 @@ impl State {
     }
 }
 
+/// What a child told to stop does with its open connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HandOver {
+    /// Finishes them (a stop).
+    Finish = 0,
+    /// Hands each to a worker that serves on, through the relay (a
+    /// reload, an upgrade, a smaller pool, `max-requests`).
+    ToWorkers = 1,
+    /// Puts them in the vault for the next master (a restart under
+    /// systemd; see vault.rs).
+    ToNextMaster = 2,
+}
+
 // Header words.
 const IDLE: usize = 0;
 const WAKE_BELOW: usize = 1;
@@ -83,7 +96,7 @@ const SETUP_UNREPORTED: usize = 8; // setup failures not logged since
 const PLACES_EPOCH: usize = 9; // bumped when the places table is rebuilt
 const EPOCH_US: usize = 10; // CLOCK_MONOTONIC at creation: one clock for every process
 const LAYOUT_WORD: usize = 11; // which layout this is, for a new master adopting it
-const HAND_OVER: usize = 12; // 1: a worker told to stop hands its connections over
+const HAND_OVER: usize = 12; // what a child told to stop does with its connections (HandOver)
 const RELAYED: usize = 13; // connections waiting in the relay
 const LEADER: usize = 14; // turns.rs: the slot of the worker that waits for connections (+1; 0: none)
 const UDP_ECHOED: usize = 16; // datagrams answered
@@ -95,11 +108,12 @@ const FORK_CHILDREN: usize = 34; // fork-mode children alive (the master writes 
 const RELOADS: usize = 35; // configurations put in force by SIGHUP
 const EXITS: usize = 36; // one word per Exited
 const START_SECS: usize = 39; // when the daemon started, Unix seconds
-const HEADER: usize = 40; // five cache lines, so slots stay aligned
+const CUT: usize = 40; // one word per Cut, room for 8
+const HEADER: usize = 48; // six cache lines, so slots stay aligned
 
 /// Changes whenever a word changes meaning, so that a new master never
 /// reads an old layout as its own (it starts a new scoreboard instead).
-const LAYOUT: u64 = 2;
+const LAYOUT: u64 = 3;
 
 // Word offsets within a slot; a slot is one 64-byte cache line.
 const PID: usize = 0;
@@ -257,17 +271,18 @@ impl Scoreboard {
         &self.region(Region::Slots)[slot * WORDS + field]
     }
 
-    /// Master: whether a child told to stop hands its open connections
-    /// over (a reload, an upgrade, a smaller pool, a restart under
-    /// systemd) rather than finishes them (a stop).
-    pub fn set_hand_over(&self, on: bool) {
-        self.header(HAND_OVER)
-            .store(u64::from(on), Ordering::Release);
+    /// Master: what a child told to stop does with its open connections.
+    pub fn set_hand_over(&self, h: HandOver) {
+        self.header(HAND_OVER).store(h as u64, Ordering::Release);
     }
 
-    /// Whether a child told to stop hands its connections over.
-    pub fn hand_over(&self) -> bool {
-        self.header(HAND_OVER).load(Ordering::Acquire) == 1
+    /// What a child told to stop does with its open connections.
+    pub fn hand_over(&self) -> HandOver {
+        match self.header(HAND_OVER).load(Ordering::Acquire) {
+            1 => HandOver::ToWorkers,
+            2 => HandOver::ToNextMaster,
+            _ => HandOver::Finish,
+        }
     }
 
     /// The count of connections waiting in the relay (see relay.rs).
@@ -348,6 +363,17 @@ impl Scoreboard {
     /// Workers' ends so far, in [`Exited::ALL`] order.
     pub fn exits(&self) -> [u64; 3] {
         Exited::ALL.map(|e| self.header(EXITS + e as usize).load(Ordering::Relaxed))
+    }
+
+    /// Counts an open connection closed because it could not be placed.
+    pub fn cut(&self, why: Cut, n: u64) {
+        self.header(CUT + why as usize)
+            .fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Open connections closed because they could not be placed, by why.
+    pub fn cuts(&self) -> [u64; 4] {
+        Cut::ALL.map(|c| self.header(CUT + c as usize).load(Ordering::Relaxed))
     }
 
     /// Master: records when the daemon started (kept across an upgrade).
