@@ -86,6 +86,11 @@ pub struct Acceptor {
     relay: Option<OwnedFd>,
     /// The relay woke this process: read it whatever the count says.
     relay_woke: bool,
+    /// A listener woke this process (its wait says which): the wake-up
+    /// was for this process alone, so it accepts before anything else.
+    listener_woke: bool,
+    /// The relay's sending end, to pass on a wake-up it cannot take.
+    relay_tx: Option<OwnedFd>,
 
     /// Which of them it accepts from (the fork-mode master holds all).
     service: Service,
@@ -119,6 +124,8 @@ impl Acceptor {
             listeners,
             relay: None,
             relay_woke: false,
+            listener_woke: false,
+            relay_tx: None,
             service,
             next: 0,
             paused_until: None,
@@ -132,6 +139,16 @@ impl Acceptor {
     /// Takes connections from the relay's receiving end `rx` too.
     pub fn with_relay(mut self, rx: Option<OwnedFd>) -> Acceptor {
         self.relay = rx;
+        self
+    }
+
+    /// A prefork worker, which serves one connection at a time: woken by
+    /// a listener and the relay at once, it takes the new connection (a
+    /// listener's wake-up goes to one waiting process and does not come
+    /// again) and passes the relay's wake-up on by sending one handed-over
+    /// connection back through `tx`, which wakes another idle worker.
+    pub fn passing_wake_ups(mut self, tx: Option<OwnedFd>) -> Acceptor {
+        self.relay_tx = tx;
         self
     }
 
@@ -240,10 +257,33 @@ impl Acceptor {
     /// has been waiting; only with `room` for its descriptor), else a new
     /// one (see [`Acceptor::accept`]).
     pub fn next(&mut self, now: Instant, board: &Scoreboard, room: bool) -> Option<Incoming> {
+        if std::mem::take(&mut self.listener_woke) && self.relay_tx.is_some() {
+            if let Some((i, fd)) = self.accept(now) {
+                if std::mem::take(&mut self.relay_woke) {
+                    self.pass_wake_up(board);
+                }
+                return Some(Incoming::New(i, fd));
+            }
+        }
         if let Some((fd, carried)) = self.take_relayed(board, room) {
             return Some(Incoming::Relayed(fd, carried));
         }
         self.accept(now).map(|(i, fd)| Incoming::New(i, fd))
+    }
+
+    /// Sends one handed-over connection back through the relay: the
+    /// message wakes another idle worker for it.
+    fn pass_wake_up(&mut self, board: &Scoreboard) {
+        let (Some(rx), Some(tx)) = (&self.relay, &self.relay_tx) else {
+            return;
+        };
+        let relayed = board.relayed();
+        if let Ok(Some((fd, c))) = crate::relay::recv(rx.as_fd(), relayed) {
+            if let Err(e) = crate::relay::send(tx.as_fd(), fd.as_fd(), &c, relayed) {
+                board.cut(Cut::Unplaced, 1);
+                warn!("cannot pass a handed-over connection on to another worker: {e}; closed");
+            }
+        }
     }
 
     /// The relay is readable (the caller's own wait said so).
@@ -389,6 +429,9 @@ impl Acceptor {
         let stop = events[..n].iter().any(|e| e.data() == WATCHED);
         let conn = events[..n].iter().any(|e| e.data() != WATCHED);
         self.relay_woke |= events[..n].iter().any(|e| e.data() == RELAY);
+        self.listener_woke = events[..n]
+            .iter()
+            .any(|e| e.data() != WATCHED && e.data() != RELAY);
         Ok(if stop && !conn {
             Wake::Stop
         } else {
@@ -423,7 +466,15 @@ impl Acceptor {
         let ready = |f: &PollFd<'_>| f.revents().is_some_and(|r| !r.is_empty());
         let stop = ready(&fds[0]);
         let conn = fds[1..].iter().any(ready);
-        self.relay_woke |= self.relay.is_some() && fds.last().is_some_and(ready);
+        let relay = self.relay.is_some();
+        let listeners = 1..fds.len() - usize::from(relay);
+        let (relay_woke, listener_woke) = (
+            relay && fds.last().is_some_and(ready),
+            fds[listeners].iter().any(ready),
+        );
+        drop(fds);
+        self.relay_woke |= relay_woke;
+        self.listener_woke = listener_woke;
         Ok(if stop && !conn {
             Wake::Stop
         } else {

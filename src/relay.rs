@@ -34,6 +34,9 @@ use crate::time;
 
 /// The size of a message.
 pub const WIRE: usize = 64;
+/// The send buffer asked for (the kernel caps it at twice
+/// `net.core.wmem_max`).
+pub const SNDBUF: usize = 64 << 20;
 const MAGIC: u32 = 0x6563_6f31; // "eco1"
 
 /// What a connection carries to its next process.
@@ -118,9 +121,13 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// Makes the pair (close-on-exec, non-blocking).
+    /// Makes the pair (close-on-exec, non-blocking), its buffer as large
+    /// as the kernel allows: a message costs about 768 bytes of it, and a
+    /// reload of thousands of conversations queues one each (the default
+    /// buffer holds 278). Memory is taken only as messages wait.
     pub fn new() -> nix::Result<Relay> {
         let (tx, rx) = crate::sys::socketpair(AddressFamily::Unix, SockType::SeqPacket)?;
+        let _ = nix::sys::socket::setsockopt(&tx, nix::sys::socket::sockopt::SndBuf, &SNDBUF);
         Ok(Relay { tx, rx })
     }
 }

@@ -53,10 +53,9 @@ pub const RECORD: usize = WIRE;
 pub const PER_MESSAGE: usize = 250;
 /// A bag's record: "bag1", then zeros.
 const BAG: u32 = 0x6261_6731;
-/// The send buffer asked for each end of the vault and of each bag: the
-/// kernel caps it at twice `net.core.wmem_max`. Memory is taken only as
-/// messages wait.
-const SNDBUF: usize = 64 << 20;
+/// The send buffer asked for each end of the vault and of each bag (the
+/// relay's): memory is taken only as messages wait.
+use crate::relay::SNDBUF;
 /// Messages taken out of the vault at most in one packing step.
 const PACK_AT_MOST: usize = 64;
 /// A bag this full is put back as it is when the vault is packed; a
@@ -157,7 +156,7 @@ impl Vault {
     /// or re-executes itself): connections, and bags it began to read.
     pub fn put_back(&self, u: &mut Unpacked, until: Instant) -> Result<(), Lost> {
         let taken: Vec<(OwnedFd, Carried)> = u.ready.drain(..).collect();
-        let bags: Vec<OwnedFd> = u.bags.drain(..).collect();
+        let bags: Vec<(OwnedFd, usize)> = u.bags.drain(..).collect();
         u.empty = false;
         let conns: Vec<Item> = taken
             .into_iter()
@@ -168,8 +167,7 @@ impl Vault {
             })
             .collect();
         let mut items = if conns.len() > 1 { pack(conns)? } else { conns };
-        // How many a bag still holds is not known: counted as none.
-        items.extend(bags.into_iter().map(|fd| Item::bag(fd, 0)));
+        items.extend(bags.into_iter().map(|(fd, left)| Item::bag(fd, left)));
         self.send_all(items, until)
     }
 
@@ -326,8 +324,9 @@ impl Packer {
 pub struct Unpacked {
     /// Taken out, not yet handed on.
     ready: VecDeque<(OwnedFd, Carried)>,
-    /// Bags taken out, still to read (the last first).
-    bags: Vec<OwnedFd>,
+    /// Bags taken out, still to read (the last first), with how many
+    /// connections each still holds.
+    bags: Vec<(OwnedFd, usize)>,
     /// Records that were not ours, closed.
     pub foreign: usize,
     /// Nothing is left in the vault since the last look.
@@ -346,13 +345,16 @@ impl Unpacked {
             if !room_for(PER_MESSAGE + 16) {
                 return Err(Errno::EMFILE);
             }
-            let got = match self.bags.last() {
-                Some(bag) => match recv(bag.as_fd()) {
+            let got = match self.bags.last_mut() {
+                Some((bag, left)) => match recv(bag.as_fd()) {
                     Ok(None) | Err(_) => {
                         self.bags.pop();
                         continue;
                     }
-                    Ok(Some(items)) => items,
+                    Ok(Some(items)) => {
+                        *left = left.saturating_sub(items.len());
+                        items
+                    }
                 },
                 None => match recv_either(vault)? {
                     Some(items) => items,
@@ -364,7 +366,7 @@ impl Unpacked {
             };
             for item in got {
                 if item.is_bag() {
-                    self.bags.push(item.fd);
+                    self.bags.push((item.fd, item.conns));
                 } else if let Some(c) = Carried::decode(&item.record) {
                     let _ = crate::sys::set_nonblocking(&item.fd);
                     self.ready.push_back((item.fd, c));
@@ -401,7 +403,13 @@ impl Unpacked {
     /// (they belong to whichever process the master hands each to).
     pub fn raw_fds(&self) -> impl Iterator<Item = RawFd> + '_ {
         let ready = self.ready.iter().map(|(fd, _)| fd.as_raw_fd());
-        ready.chain(self.bags.iter().map(|fd| fd.as_raw_fd()))
+        ready.chain(self.bags.iter().map(|(fd, _)| fd.as_raw_fd()))
+    }
+
+    /// How many connections it knows of that wait to be handed on: taken
+    /// out, and in the bags taken out (more may wait in the vault).
+    pub fn waiting(&self) -> usize {
+        self.ready.len() + self.bags.iter().map(|(_, left)| left).sum::<usize>()
     }
 }
 

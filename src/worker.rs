@@ -304,6 +304,7 @@ pub fn prefork(listeners: Vec<Listener>, ctx: Ctx<'_>, max_requests: u64) -> i32
     });
     let mut acceptor = Acceptor::new(listeners)
         .with_relay(ctx.relay_rx.take())
+        .passing_wake_ups(ctx.relay_tx.as_ref().and_then(|tx| tx.try_clone().ok()))
         .polling(turns.is_some());
     let mut served: u64 = 0;
     ctx.ready();

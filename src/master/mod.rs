@@ -408,7 +408,7 @@ impl Master {
 
     /// Whether connections from the vault are yet to be handed to the
     /// workers (not once a stop began: then they stay there).
-    fn restoring(&self) -> bool {
+    pub(super) fn restoring(&self) -> bool {
         self.vault.is_some() && self.carried.may_have_more() && !self.life.stopping()
     }
 

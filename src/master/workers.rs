@@ -18,7 +18,7 @@ use crate::config::Mode;
 use crate::kind::Params;
 use crate::listen::Listener;
 use crate::pool;
-use crate::scoreboard::{Entry, State};
+use crate::scoreboard::{Entry, HandOver, State};
 use crate::time::after;
 use crate::{signals, sys, worker};
 
@@ -58,14 +58,19 @@ impl Master {
     /// prefork: forks workers until the pool is at its size, unless crash-loop
     /// back-off holds spawning back. During a reload the new generation's
     /// pool is kept full too (its workers may recycle before it takes over).
+    /// A prefork generation that takes over from an older one (a reload,
+    /// an upgrade) starts with a worker for each conversation the older
+    /// one will hand over, besides its spares: they are ready when the
+    /// connections come, rather than forked one burst after they wait.
     pub(super) fn fill_pool(&mut self, now: Instant) {
         for target in [Target::InForce, Target::Pending] {
             let (generation, size) = match (target, &self.pending, self.life.next()) {
                 (Target::InForce, _, _) if self.cfg.mode.pooled() => {
-                    (self.life.generation(), self.cfg.workers)
+                    let g = self.life.generation();
+                    (g, self.taking_over(g, &self.cfg))
                 }
                 (Target::Pending, Some(p), Some(next)) if p.cfg.mode.pooled() => {
-                    (next, p.cfg.workers)
+                    (next, self.taking_over(next, &p.cfg))
                 }
                 _ => continue,
             };
@@ -76,6 +81,27 @@ impl Master {
             }
         }
         self.fill_helpers(now);
+    }
+
+    /// The size of a pool of `generation` with `cfg`: its floor, or, in
+    /// prefork, a worker for each connection open in an older
+    /// generation's workers (which hand them over) plus `min-spare`,
+    /// within `max-workers`.
+    fn taking_over(&self, generation: u32, cfg: &crate::config::Config) -> u32 {
+        if cfg.mode != Mode::Prefork || self.scoreboard.hand_over() != HandOver::ToWorkers {
+            return cfg.workers;
+        }
+        let open = self
+            .children
+            .iter()
+            .filter(|(_, c)| c.kind == Kind::Pool && c.generation < generation)
+            .filter_map(|(_, c)| self.scoreboard.get(c.slot?))
+            .filter(|e| e.open > 0)
+            .count() as u32;
+        if open == 0 {
+            return cfg.workers;
+        }
+        (open + cfg.min_spare).clamp(cfg.workers, cfg.max_workers)
     }
 
     /// Forks the helpers the generation in force needs: as many of each
@@ -183,7 +209,7 @@ impl Master {
         // for a free worker, and so do those of retiring workers still
         // busy, which will offer theirs (the relay may be full): the pool
         // grows for all of them, within max-workers.
-        let offered = if self.scoreboard.hand_over() == crate::scoreboard::HandOver::ToWorkers {
+        let offered = if self.scoreboard.hand_over() == HandOver::ToWorkers {
             self.children
                 .iter()
                 .filter(|(_, c)| c.kind == Kind::Pool && c.retire_by.is_some())
@@ -193,7 +219,13 @@ impl Master {
         } else {
             0
         };
-        let relayed = self.scoreboard.relayed().load(Ordering::Acquire) + offered;
+        // And those the vault still holds from the last master.
+        let carried = if self.restoring() {
+            self.carried.waiting() as u64
+        } else {
+            0
+        };
+        let relayed = self.scoreboard.relayed().load(Ordering::Acquire) + offered + carried;
         let demand = pool::Demand {
             queued: waiting,
             relayed: u32::try_from(relayed).unwrap_or(u32::MAX),
