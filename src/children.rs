@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 
+use crate::scoreboard::Scoreboard;
+
 pub use crate::kind::Kind;
 
 /// One live child.
@@ -164,12 +166,15 @@ impl Children {
         self.map.iter().map(|(p, c)| (*p, c))
     }
 
-    /// Tells one worker (or UDP worker) to stop (closes its control
-    /// pipe); it must be gone by `deadline`. False if it is neither, or
-    /// was told already.
-    pub fn retire(&mut self, pid: Pid, deadline: Instant) -> bool {
+    /// Tells one worker (or UDP worker) to stop (marks its slot on
+    /// `board`, then closes its control pipe); it must be gone by
+    /// `deadline`. False if it is neither, or was told already.
+    pub fn retire(&mut self, pid: Pid, deadline: Instant, board: &Scoreboard) -> bool {
         match self.map.get_mut(&pid) {
             Some(c) if c.retirable() => {
+                if let Some(slot) = c.slot {
+                    board.tell(slot);
+                }
                 if c.ctl.take().is_some() {
                     self.pipes -= 1;
                 }
@@ -182,14 +187,21 @@ impl Children {
 
     /// Retires every worker and UDP worker whose generation `retire`
     /// selects; returns how many.
-    pub fn retire_where(&mut self, deadline: Instant, retire: impl Fn(u32) -> bool) -> usize {
+    pub fn retire_where(
+        &mut self,
+        deadline: Instant,
+        board: &Scoreboard,
+        retire: impl Fn(u32) -> bool,
+    ) -> usize {
         let pids: Vec<Pid> = self
             .map
             .iter()
             .filter(|(_, c)| c.retirable() && retire(c.generation))
             .map(|(p, _)| *p)
             .collect();
-        pids.iter().filter(|&&p| self.retire(p, deadline)).count()
+        pids.iter()
+            .filter(|&&p| self.retire(p, deadline, board))
+            .count()
     }
 
     /// Retiring children still alive at their deadline, not yet killed.
@@ -373,10 +385,11 @@ mod tests {
         }
         c.insert(Pid::from_raw(4), Child::new(Kind::Conn, now));
         let by = now + Duration::from_secs(10);
-        assert_eq!(c.retire_where(by, |g| g < 2), 2);
+        let board = Scoreboard::new(8, 1).unwrap();
+        assert_eq!(c.retire_where(by, &board, |g| g < 2), 2);
         assert_eq!((c.active(1), c.active(2), c.workers()), (0, 1, 3));
-        assert!(!c.retire(Pid::from_raw(1), by), "already retiring");
-        assert!(!c.retire(Pid::from_raw(4), by), "not a worker");
+        assert!(!c.retire(Pid::from_raw(1), by, &board), "already retiring");
+        assert!(!c.retire(Pid::from_raw(4), by, &board), "not a worker");
         assert_eq!(c.next_deadline(), Some(by));
         assert!(c.overdue(now).is_empty());
         let mut late = c.overdue(by);

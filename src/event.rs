@@ -240,7 +240,11 @@ impl<'a> Loop<'a> {
             }
             for ev in &events[..n] {
                 match ev.data() {
-                    CTL => told = true,
+                    CTL => {
+                        // Marks the master's death, if that is what it is.
+                        self.ctx.pipe_ended();
+                        told = true;
+                    }
                     RELAY => {
                         self.acceptor.relay_woke();
                         accept = true;

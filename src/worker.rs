@@ -111,11 +111,34 @@ pub struct Ctx<'a> {
     pub vault: Option<Vault>,
     /// `--shutdown-timeout`: how long it may take to let go of them.
     pub shutdown: Duration,
+    /// The control pipe ended without the master saying it stops: it
+    /// died (see [`Ctx::pipe_ended`]).
+    pub orphaned: std::cell::Cell<bool>,
 }
 
 impl Ctx<'_> {
+    /// Whether the master is gone: it died (the control pipe ended
+    /// without a word), or this child has another parent now.
     pub(crate) fn master_gone(&self) -> bool {
-        getppid() != self.master
+        self.orphaned.get() || getppid() != self.master
+    }
+
+    /// The control pipe ended: whether that is the master's death. The
+    /// master marks a child it tells to stop (its slot, or for fork-mode
+    /// children the whole daemon's stop) before it closes the pipe; a
+    /// pipe that ends unmarked was closed by the kernel as the master
+    /// died. (Its parent pid alone cannot tell: the pipe ends as the
+    /// master's descriptors close, before the kernel gives its children
+    /// a new parent.)
+    pub(crate) fn pipe_ended(&self) -> bool {
+        let told = match &self.slot {
+            Some(slot) => slot.told(),
+            None => self.board.stopping(),
+        };
+        if !told {
+            self.orphaned.set(true);
+        }
+        self.master_gone()
     }
 
     /// Publishes a state; wakes the master if spares just ran short.
@@ -332,7 +355,7 @@ pub fn prefork(listeners: Vec<Listener>, ctx: Ctx<'_>, max_requests: u64) -> i32
                     if let Some(t) = &turns {
                         t.pass();
                     }
-                    if !ctx.master_gone() {
+                    if !ctx.pipe_ended() {
                         return 0;
                     }
                     ctx.relay_to_next_master(acceptor.relay_fd());
@@ -621,7 +644,7 @@ fn serve_conn(
         from,
         Some(ctx.ctl),
         &mut || {
-            if ctx.master_gone() {
+            if ctx.pipe_ended() {
                 // Its listeners close as it exits; the relay it holds
                 // goes to the next master after its own connection.
                 return if may_hand_over && ctx.dest().is_some() {

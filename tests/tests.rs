@@ -27,6 +27,7 @@ macro_rules! in_every_mode {
 }
 
 mod config;
+mod crash;
 mod daemon;
 mod docs;
 mod handover;

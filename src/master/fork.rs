@@ -147,6 +147,7 @@ impl Master {
                     relay_rx: None,
                     vault,
                     shutdown,
+                    orphaned: Default::default(),
                 };
                 worker::fork_child(conn, tcp, carried, ctx, self.fork.conn_buf.as_mut())
             })

@@ -186,9 +186,11 @@ impl Master {
         }
         // The lifecycle has put it in force.
         let generation = self.life.generation();
-        let retiring = self
-            .children
-            .retire_where(after(now, p.cfg.shutdown_timeout), |g| g < generation);
+        let retiring =
+            self.children
+                .retire_where(after(now, p.cfg.shutdown_timeout), &self.scoreboard, |g| {
+                    g < generation
+                });
         self.scoreboard.reloaded();
         self.life.set_shutdown(p.cfg.shutdown_timeout);
         self.cfg = p.cfg;
@@ -210,8 +212,11 @@ impl Master {
         self.pending = None;
         // Workers newer than the generation in force are the reload's.
         let in_force = self.life.generation();
-        self.children
-            .retire_where(after(now, self.cfg.shutdown_timeout), |g| g > in_force);
+        self.children.retire_where(
+            after(now, self.cfg.shutdown_timeout),
+            &self.scoreboard,
+            |g| g > in_force,
+        );
         self.announce_ready(now);
     }
 

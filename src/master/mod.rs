@@ -623,6 +623,8 @@ impl Master {
         self.acceptor.close();
         self.pending = None;
         self.restarting = restart;
+        // Before the pipes close: a child then knows it was told.
+        self.scoreboard.set_stopping();
         // A restart hands every connection to the next master; a stop has
         // no one to hand them to: they finish.
         self.scoreboard.set_hand_over(if restart {
@@ -631,8 +633,11 @@ impl Master {
             HandOver::Finish
         });
         self.fork.ctl_w = None;
-        self.children
-            .retire_where(after(now, self.cfg.shutdown_timeout), |_| true);
+        self.children.retire_where(
+            after(now, self.cfg.shutdown_timeout),
+            &self.scoreboard,
+            |_| true,
+        );
         self.notify("STOPPING=1\nSTATUS=stopping");
         if immediate {
             self.kill_all();

@@ -434,11 +434,11 @@ impl Master {
     /// The new generation is ready after an upgrade: the old code's
     /// generation `old` (and any before it) retires.
     pub(super) fn upgrade_done(&mut self, now: Instant, old: u32) {
-        let retiring = self
-            .children
-            .retire_where(crate::time::after(now, self.cfg.shutdown_timeout), |g| {
-                g <= old
-            });
+        let retiring = self.children.retire_where(
+            crate::time::after(now, self.cfg.shutdown_timeout),
+            &self.scoreboard,
+            |g| g <= old,
+        );
         info!(
             "upgraded: generation {} serves; {} retiring",
             self.life.generation(),
@@ -451,10 +451,11 @@ impl Master {
     /// it back in force).
     pub(super) fn upgrade_failed(&mut self, now: Instant, old: u32, why: &str) {
         error!("after the upgrade, {why}; the old workers go on serving");
-        self.children
-            .retire_where(crate::time::after(now, self.cfg.shutdown_timeout), |g| {
-                g > old
-            });
+        self.children.retire_where(
+            crate::time::after(now, self.cfg.shutdown_timeout),
+            &self.scoreboard,
+            |g| g > old,
+        );
         self.announce_ready(now);
     }
 }

@@ -320,7 +320,7 @@ impl Master {
         if let Some(pid) = victim {
             if self
                 .children
-                .retire(pid, after(now, self.cfg.shutdown_timeout))
+                .retire(pid, after(now, self.cfg.shutdown_timeout), &self.scoreboard)
             {
                 info!("worker {pid} retiring ({why})");
             }
@@ -428,6 +428,7 @@ impl Master {
                     relay_rx,
                     vault,
                     shutdown,
+                    orphaned: Default::default(),
                 };
                 run(listeners, ctx, params)
             })

@@ -99,6 +99,7 @@ const LAYOUT_WORD: usize = 11; // which layout this is, for a new master adoptin
 const HAND_OVER: usize = 12; // what a child told to stop does with its connections (HandOver)
 const RELAYED: usize = 13; // connections waiting in the relay
 const LEADER: usize = 14; // turns.rs: the slot of the worker that waits for connections (+1; 0: none)
+const STOPPING: usize = 15; // 1: the master stops (it closed the fork-mode control pipe for that)
 const UDP_ECHOED: usize = 16; // datagrams answered
 const UDP_DROPPED: usize = 17; // one word per Dropped, room for 7
 const REFUSED: usize = 24; // one word per Refusal, room for 8
@@ -122,6 +123,7 @@ const STATE: usize = 2;
 const SERVED: usize = 3;
 const SINCE_MS: usize = 4;
 const HELD: usize = 5; // the place this worker holds for its client (+1; 0: none)
+const TOLD: usize = 6; // 1: the master closed this worker's control pipe on purpose
 const OPEN: usize = 7; // event workers: connections open now
 const WORDS: usize = 8;
 
@@ -481,11 +483,29 @@ impl Scoreboard {
             .store(u64::from(generation), Ordering::Relaxed);
         self.word(slot, SERVED).store(0, Ordering::Relaxed);
         self.word(slot, OPEN).store(0, Ordering::Relaxed);
+        self.word(slot, TOLD).store(0, Ordering::Relaxed);
         self.word(slot, SINCE_MS)
             .store(self.now_ms(), Ordering::Relaxed);
         self.word(slot, STATE)
             .store(State::Starting.word(), Ordering::Release);
         Some(slot)
+    }
+
+    /// Master, before it closes the control pipe of the worker in `slot`:
+    /// the end of the pipe means "stop", not "the master died" (a child
+    /// can see the pipe end before the kernel gives it a new parent).
+    pub fn tell(&self, slot: usize) {
+        self.word(slot, TOLD).store(1, Ordering::Release);
+    }
+
+    /// Master, before it closes the fork-mode control pipe: it stops.
+    pub fn set_stopping(&self) {
+        self.header(STOPPING).store(1, Ordering::Release);
+    }
+
+    /// Whether the master stops (see [`Scoreboard::set_stopping`]).
+    pub fn stopping(&self) -> bool {
+        self.header(STOPPING).load(Ordering::Acquire) == 1
     }
 
     /// Master, after fork: records the worker's pid.
@@ -583,6 +603,12 @@ impl<'a> Slot<'a> {
     }
 
     /// Publishes how many connections this (event) worker has open.
+    /// Whether the master closed this worker's control pipe on purpose
+    /// (see [`Scoreboard::tell`]).
+    pub fn told(&self) -> bool {
+        self.board.word(self.slot, TOLD).load(Ordering::Acquire) == 1
+    }
+
     pub fn set_open(&self, n: usize) {
         self.board
             .word(self.slot, OPEN)
