@@ -440,3 +440,117 @@ fn a_half_closed_prefork_client_gets_every_byte_across_a_reload() {
 fn a_half_closed_event_client_gets_every_byte_across_a_reload() {
     half_closed_client_travels("event");
 }
+
+/// An event worker takes a handed-over connection only with a descriptor
+/// free for it: the kernel would close one that did not fit (its sender
+/// has let go of it). Here the daemon's hard descriptor limit is 64: two
+/// workers hold 60 conversations between them, and TTOU retires one,
+/// whose conversations go to the other, which has room for fewer (64,
+/// less its own descriptors and a few spare). Those it has no descriptor
+/// for wait in the relay, not cut; as conversations end and free
+/// descriptors, it takes them, and every one goes on to its end.
+#[test]
+fn a_receiver_out_of_descriptors_leaves_connections_waiting_rather_than_lost() {
+    use std::os::unix::process::CommandExt;
+    let _heavy = heavy();
+    let d = Daemon::spawn_with(
+        &[
+            "-l",
+            "127.0.0.1:0",
+            "-m",
+            "event",
+            "-w",
+            "2",
+            "--worker-connections",
+            "100",
+            "--shutdown-timeout",
+            "30",
+        ],
+        |c| {
+            // SAFETY: setrlimit is async-signal-safe.
+            unsafe {
+                c.pre_exec(|| {
+                    let lim = libc::rlimit {
+                        rlim_cur: 64,
+                        rlim_max: 64,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        },
+    );
+    assert!(
+        d.wait_line("ready", DEADLINE).is_some(),
+        "{}",
+        d.stderr_text()
+    );
+    let addr = d.addr();
+    let mut talks: Vec<(TcpStream, u8)> = (0..60u8)
+        .map(|k| {
+            let mut s = connect(addr);
+            assert_eq!(round_trip(&mut s, &[k; 8]).unwrap(), [k; 8]);
+            (s, k)
+        })
+        .collect();
+    d.signal(Signal::SIGTTOU);
+    assert!(
+        d.wait_line("exited", DEADLINE).is_some(),
+        "the retiring worker did not hand its conversations over:\n{}",
+        d.stderr_text()
+    );
+    // Each sends now; those the remaining worker has taken answer.
+    for (s, k) in &mut talks {
+        s.write_all(&[*k; 8]).unwrap();
+    }
+    // Every answer that comes, comes within this (the worker serves each
+    // at once); after it, a conversation waits.
+    let by = Instant::now() + Duration::from_millis(500);
+    let answered = |s: &mut TcpStream| {
+        let left = by.saturating_duration_since(Instant::now());
+        s.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .unwrap();
+        let mut back = [0u8; 8];
+        s.read_exact(&mut back).map(|()| back)
+    };
+    let (mut served, mut waiting) = (Vec::new(), Vec::new());
+    for (mut s, k) in talks.drain(..) {
+        match answered(&mut s) {
+            Ok(back) => {
+                assert_eq!(back, [k; 8], "conversation {k}");
+                served.push(s);
+            }
+            Err(_) => waiting.push((s, k)),
+        }
+    }
+    // Else this proved nothing: the worker had room for all.
+    assert!(
+        !waiting.is_empty(),
+        "no conversation waited for a descriptor:\n{}",
+        d.stderr_text()
+    );
+    // Ending those served frees descriptors.
+    for mut s in served {
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut rest = Vec::new();
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        s.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+    }
+    // The others come out of the relay as room is freed, every byte kept.
+    for (s, k) in &mut waiting {
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        let mut back = [0u8; 8];
+        s.read_exact(&mut back)
+            .unwrap_or_else(|e| panic!("conversation {k} never served: {e}\n{}", d.stderr_text()));
+        assert_eq!(back, [*k; 8]);
+        assert_eq!(round_trip(s, &[*k; 4]).unwrap(), [*k; 4]);
+    }
+    let log = d.stderr_text();
+    assert!(
+        !log.contains("cannot take") && !log.contains("closed"),
+        "{log}"
+    );
+}

@@ -269,7 +269,7 @@ fn handed_over_connections_no_worker_can_take_are_closed_and_logged() {
     }
     write(&conf, &text(1));
     reload(&d, 1);
-    let line = d.wait_line("no worker was free to take them", DEADLINE);
+    let line = d.wait_line("no worker took one within", DEADLINE);
     assert!(line.is_some(), "{}", d.stderr_text());
     assert!(line.unwrap().contains("closed 1 connection"));
     // One goes on with the one worker there is; the other was closed.

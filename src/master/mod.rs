@@ -148,9 +148,6 @@ struct PreforkState {
     at_max: RateLimit,
     /// When to look at spares again, short for what may be a moment.
     recheck: Option<Instant>,
-    /// Since when handed-over connections wait with no worker free and
-    /// none to be started (max-workers).
-    relay_stuck: Option<Instant>,
     /// Idle workers take turns to wait for connections (turns.rs): the
     /// master names a leader when one dies leading, or when none leads.
     turns: bool,
@@ -222,6 +219,9 @@ struct Master {
     workers_ready_at: Option<Instant>,
     /// This stop is a restart: connections go to the vault.
     restarting: bool,
+    /// Since when handed-over connections wait in the relay with none
+    /// taken, and how many waited last (see `watch_relay`).
+    relay_wait: Option<(Instant, u64)>,
     fork: ForkState,
     prefork: PreforkState,
     reports: Reports,
@@ -399,6 +399,7 @@ impl Master {
         }
         self.fill_pool(now);
         self.maintain(now);
+        self.watch_relay(now);
         if self.prefork.turns {
             // Nobody leads, yet a worker is idle: it missed its chance.
             crate::turns::pass(&self.scoreboard, None);
@@ -487,9 +488,8 @@ impl Master {
             self.probe_deadline(now).filter(|_| running),
             self.children.next_deadline().filter(|_| running),
             self.prefork.recheck.filter(|_| running),
-            self.prefork
-                .relay_stuck
-                .map(|t| after(t, self.cfg.shutdown_timeout))
+            self.relay_wait
+                .map(|(t, _)| after(t, self.cfg.shutdown_timeout))
                 .filter(|_| running),
             Some(self.reports.next_tick).filter(|_| running),
             self.carried_retry.filter(|_| running),

@@ -104,6 +104,7 @@ pub fn run(
         restored_any: false,
         workers_ready_at: None,
         restarting: false,
+        relay_wait: None,
         started: now,
         pending: None,
         check: None,
@@ -123,7 +124,6 @@ pub fn run(
             seed: seed(),
             at_max: RateLimit::new(REPORT_EVERY),
             recheck: None,
-            relay_stuck: None,
             turns: crate::turns::wanted(),
         },
         reports: Reports {

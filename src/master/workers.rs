@@ -232,8 +232,6 @@ impl Master {
             busy_for,
         };
         self.prefork.recheck = None;
-        let stuck = self.prefork.relay_stuck;
-        self.prefork.relay_stuck = None;
         match self
             .prefork
             .pool
@@ -255,9 +253,6 @@ impl Master {
             }
             pool::Action::Retire => self.retire_one(now, "more than max-spare idle"),
             pool::Action::AtMax => {
-                if demand.relayed > 0 {
-                    self.relay_stuck(now, stuck.unwrap_or(now), bounds.max_workers);
-                }
                 if let Some(more) = self.prefork.at_max.hit(now) {
                     warn!(
                         "max-workers ({}) reached: all busy, new clients wait in the backlog ({}, {more} since the last report)",
@@ -273,15 +268,29 @@ impl Master {
             .set_wake_below(if arm { bounds.min_spare } else { 0 });
     }
 
-    /// Handed-over connections wait in the relay, the pool is at
-    /// `max-workers` and every worker busy (a reload lowered it below the
-    /// conversations open, say): once they have waited `shutdown-timeout`
-    /// since `since`, they are closed, and the log says so and why.
-    fn relay_stuck(&mut self, now: Instant, since: Instant, max: u32) {
+    /// Handed-over connections wait in the relay and no worker takes
+    /// one (every worker at its limit: prefork at `max-workers`, every
+    /// event worker at `worker-connections` or out of descriptors, fork
+    /// mode at `max-children`): once nothing was taken for
+    /// `shutdown-timeout`, they are closed, and the log says so and why.
+    /// A relay that is slow delays a connection; only one that stays
+    /// stuck cuts it.
+    pub(super) fn watch_relay(&mut self, now: Instant) {
+        let n = self.scoreboard.relayed().load(Ordering::Acquire);
+        self.relay_wait = match self.relay_wait {
+            _ if n == 0 => None,
+            // Taken since: it moves.
+            Some((_, last)) if n < last => Some((now, n)),
+            Some((since, _)) => Some((since, n)),
+            None => Some((now, n)),
+        };
+        let Some((since, _)) = self.relay_wait else {
+            return;
+        };
         if now < after(since, self.cfg.shutdown_timeout) {
-            self.prefork.relay_stuck = Some(since);
             return;
         }
+        self.relay_wait = None;
         let Some(relay) = &self.relay else { return };
         let mut closed = 0u64;
         while let Ok(Some((_conn, c))) =
@@ -292,15 +301,27 @@ impl Master {
             }
             closed += 1;
         }
+        if closed == 0 {
+            return;
+        }
         self.scoreboard
             .cut(crate::scoreboard::Cut::Unplaced, closed);
-        if closed > 0 {
-            warn!(
-                "closed {} handed over by retiring workers: no worker was free to take them within {} s, as max-workers ({max}) is reached and every worker is busy",
-                crate::logging::counted(closed, "connection", "connections"),
-                self.cfg.shutdown_timeout.as_secs()
-            );
-        }
+        let why = match self.cfg.mode {
+            Mode::Prefork => format!(
+                "max-workers ({}) is reached and every worker is busy",
+                self.cfg.max_workers
+            ),
+            Mode::Event => format!(
+                "every worker is at worker-connections ({}) or out of descriptors",
+                self.cfg.worker_connections
+            ),
+            Mode::Fork => format!("max-children ({}) is reached", self.cfg.max_children),
+        };
+        warn!(
+            "closed {} handed over by retiring workers: no worker took one within {} s, as {why}",
+            crate::logging::counted(closed, "connection", "connections"),
+            self.cfg.shutdown_timeout.as_secs()
+        );
     }
 
     /// Retires one worker of the generation in force: the one idle the
