@@ -323,6 +323,112 @@ pub fn passed_from_env() -> Result<Option<Passed>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsFd;
+
+    /// A manager's socket that reads nothing yet, and ours connected to
+    /// it, filled until it takes no more.
+    fn full_manager() -> (UnixDatagram, Notify) {
+        let (manager, ours) = UnixDatagram::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        while ours.send(b"STATUS=filler").is_ok() {}
+        (manager, Notify::with(ours))
+    }
+
+    /// What the manager reads as it empties its queue, ours sending what
+    /// waits as room comes.
+    fn read_all(manager: &UnixDatagram, n: &Notify) -> Vec<String> {
+        manager.set_nonblocking(true).unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 256];
+        loop {
+            while let Ok(k) = manager.recv(&mut buf) {
+                got.push(String::from_utf8_lossy(&buf[..k]).into_owned());
+                n.flush();
+            }
+            if !n.wants_write() {
+                break;
+            }
+            assert!(n.flush(), "room, and nothing sent");
+        }
+        got.retain(|m| m != "STATUS=filler");
+        got
+    }
+
+    #[test]
+    fn what_must_arrive_waits_for_room_in_order_and_stale_status_is_replaced() {
+        let (manager, n) = full_manager();
+        n.send("RELOADING=1");
+        n.send("STATUS=one");
+        n.send("STATUS=two");
+        n.unstore("l00");
+        n.send("STATUS=three");
+        n.send("STATUS=four");
+        n.send("READY=1\nSTATUS=five");
+        assert!(n.wants_write(), "the socket was full: nothing could go");
+        let got = read_all(&manager, &n);
+        assert_eq!(
+            got,
+            [
+                "RELOADING=1",
+                "STATUS=two",
+                "FDSTOREREMOVE=1\nFDNAME=l00",
+                "STATUS=four",
+                "READY=1\nSTATUS=five"
+            ]
+        );
+        assert!(!n.wants_write());
+    }
+
+    #[test]
+    fn stored_descriptors_wait_with_their_message() {
+        use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+        let (manager, n) = full_manager();
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        n.store(&[a.as_fd(), a.as_fd()], "vault").unwrap();
+        drop(a);
+        assert!(n.wants_write());
+        manager.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 64];
+        let mut space = nix::cmsg_space!([std::os::fd::RawFd; 2]);
+        loop {
+            let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+            let got = recvmsg::<()>(
+                manager.as_raw_fd(),
+                &mut iov,
+                Some(&mut space),
+                MsgFlags::MSG_CMSG_CLOEXEC,
+            )
+            .map(|m| {
+                let fds: Vec<_> = m
+                    .cmsgs()
+                    .map(|c| {
+                        c.flat_map(|c| match c {
+                            ControlMessageOwned::ScmRights(f) => f,
+                            _ => Vec::new(),
+                        })
+                        .collect()
+                    })
+                    .unwrap_or_default();
+                (m.bytes, fds)
+            });
+            match got {
+                Ok((k, fds)) if buf[..k].starts_with(b"FDSTORE=1") => {
+                    assert_eq!(fds.len(), 2, "both ends in one message");
+                    for fd in fds {
+                        let _ = nix::unistd::close(fd);
+                    }
+                    return;
+                }
+                Ok(_) => {
+                    n.flush();
+                }
+                Err(_) => {
+                    assert!(n.wants_write(), "sent, and never received");
+                    n.flush();
+                }
+            }
+        }
+    }
 
     #[test]
     fn store_names_round_trip() {
