@@ -207,18 +207,32 @@ impl Master {
     }
 
     /// Kills workers that were told to stop but are still serving past
-    /// their `shutdown-timeout`.
+    /// their `shutdown-timeout`: one line for all those due at once,
+    /// however many (a reload of thousands that found no room, say).
     pub(super) fn kill_overdue(&mut self, now: Instant) {
-        for pid in self.children.overdue(now) {
-            let open = self.open_in(pid);
-            self.scoreboard.cut(crate::scoreboard::Cut::Timeout, open);
-            warn!(
-                "worker {pid} still busy {} s after it was told to stop: killing it, cutting {}",
-                self.cfg.shutdown_timeout.as_secs(),
-                crate::logging::counted(open, "open connection", "open connections")
-            );
+        let overdue = self.children.overdue(now);
+        if overdue.is_empty() {
+            return;
+        }
+        let open: u64 = overdue.iter().map(|&pid| self.open_in(pid)).sum();
+        self.scoreboard.cut(crate::scoreboard::Cut::Timeout, open);
+        for &pid in &overdue {
             let _ = kill(pid, Signal::SIGKILL);
             self.children.mark_killed(pid);
         }
+        let named: Vec<String> = overdue.iter().take(8).map(|p| p.to_string()).collect();
+        let more = overdue.len().saturating_sub(named.len());
+        warn!(
+            "{} still busy {} s after told to stop ({}{}): killing them, cutting {}",
+            crate::logging::counted(overdue.len() as u64, "worker", "workers"),
+            self.cfg.shutdown_timeout.as_secs(),
+            named.join(", "),
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            },
+            crate::logging::counted(open, "open connection", "open connections")
+        );
     }
 }
