@@ -140,33 +140,15 @@ impl Vault {
     /// `until` while it is full (another process is packing it). Every
     /// one is in once this returns `Ok`; `Err` counts those closed.
     pub fn put(&self, conns: Vec<(OwnedFd, Carried)>, until: Instant) -> Result<(), Lost> {
-        let items: Vec<Item> = conns
-            .into_iter()
-            .map(|(fd, c)| Item {
-                fd,
-                record: c.encode(),
-                conns: 1,
-            })
-            .collect();
-        let items = if items.len() > 1 { pack(items)? } else { items };
-        self.send_all(items, until)
+        self.send_all(conn_items(conns)?, until)
     }
 
     /// Puts back what a master took out and did not hand on (it restarts,
     /// or re-executes itself): connections, and bags it began to read.
     pub fn put_back(&self, u: &mut Unpacked, until: Instant) -> Result<(), Lost> {
-        let taken: Vec<(OwnedFd, Carried)> = u.ready.drain(..).collect();
         let bags: Vec<(OwnedFd, usize)> = u.bags.drain(..).collect();
+        let mut items = conn_items(u.ready.drain(..).collect())?;
         u.empty = false;
-        let conns: Vec<Item> = taken
-            .into_iter()
-            .map(|(fd, c)| Item {
-                fd,
-                record: c.encode(),
-                conns: 1,
-            })
-            .collect();
-        let mut items = if conns.len() > 1 { pack(conns)? } else { conns };
         items.extend(bags.into_iter().map(|(fd, left)| Item::bag(fd, left)));
         self.send_all(items, until)
     }
@@ -421,6 +403,23 @@ fn pair() -> nix::Result<(OwnedFd, OwnedFd)> {
         let _ = nix::sys::socket::setsockopt(fd, nix::sys::socket::sockopt::SndBuf, &SNDBUF);
     }
     Ok((a, b))
+}
+
+/// The items that carry `conns`: one as it is, more packed in bags.
+fn conn_items(conns: Vec<(OwnedFd, Carried)>) -> Result<Vec<Item>, Lost> {
+    let items: Vec<Item> = conns
+        .into_iter()
+        .map(|(fd, c)| Item {
+            fd,
+            record: c.encode(),
+            conns: 1,
+        })
+        .collect();
+    if items.len() > 1 {
+        pack(items)
+    } else {
+        Ok(items)
+    }
 }
 
 /// Puts connection items into as many bags as they need; returns the
