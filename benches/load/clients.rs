@@ -110,8 +110,17 @@ pub(crate) struct Measure {
     pub(crate) workers: f64,
     /// burst: when the last client got its echo back, in ms.
     pub(crate) last_ms: f64,
-    /// Server CPU time per connection or round trip, all its processes.
+    /// Server CPU time per connection or round trip, all its processes
+    /// (reload: per connection held, from the signal until the hand-over
+    /// was done).
     pub(crate) cpu_us: f64,
+    /// reload: connections held (echoed once) when the signal was sent.
+    pub(crate) held: f64,
+    /// reload: the longest single ping's wait, in µs.
+    pub(crate) max_us: f64,
+    /// reload: the client's own CPU time over the hand-over, as a share
+    /// of one CPU (near 1: the client, not the server, sets the pace).
+    pub(crate) client_cpu: f64,
 }
 
 pub(crate) fn percentiles(mut ns: Vec<u64>) -> (f64, f64) {

@@ -9,8 +9,9 @@
 //! `ForkingTCPServer` and `ThreadingTCPServer` (benches/peers.py). It
 //! sweeps what users vary: pool sizes, 1 to 500 ping-ponging clients, a
 //! burst of 2,000 clients at once, 100 and 10,000 idle connections, a
-//! reload under 1,000 held connections (how long until all are handed
-//! over, and that none is lost), and a UDP flood (echo-forkd's UDP worker against Python's `UDPServer`, a
+//! reload (HUP) and an upgrade (USR2) under 1,000 to 10,000 held
+//! connections (how long until all are handed over, and that none is
+//! lost; a storm of HUPs and a stopped master if asked), and a UDP flood (echo-forkd's UDP worker against Python's `UDPServer`, a
 //! minimal tokio UDP echo and a bare recvfrom/sendto loop, `serve-udp`).
 //! Servers take turns within each round,
 //! and each round starts one server later (A B C, B C A, C A B …), so that
@@ -91,7 +92,8 @@ fn main() {
 pub(crate) const USAGE: &str = "usage: cargo bench --bench load -- [OPTIONS]
   --rounds N          rounds of every server in turn (default 3)
   --secs S            seconds per timed run (default 3)
-  --scenarios LIST    conn,rtt,stream,hold,burst,udp,reload (default: all)
+  --scenarios LIST    conn,rtt,stream,hold,burst,udp,reload,upgrade (the
+                      default), and reload-storm, reload-stopped if named
   --servers LIST      prefork,fork,event,min-fork,epoll,tokio,py-forking,
                       py-threading,min-udp,py-udp (default: all)
   --clients N         clients for conn (default 50)
@@ -101,16 +103,20 @@ pub(crate) const USAGE: &str = "usage: cargo bench --bench load -- [OPTIONS]
   --hold LIST         idle connections held, one run each (default 100,10000)
   --burst N           clients arriving at once in burst (default 2000)
   --udp-clients LIST  UDP clients flooding, one run each (default 1,16,64)
-  --reload N          connections held across a reload (default 1000)
+  --reload LIST       connections held across a reload, an upgrade (and a
+                      storm, a stopped master), one run each (default
+                      1000,4000,10000; --quick: the smallest); prefork and
+                      fork run up to 4092 of them
   --out FILE          also write the markdown tables here
   --baseline BIN      also run this echo-forkd build, after each of ours
-  --quick             1 round of 1 s, 32 MiB streams: a smoke test";
+  --quick             1 round of 1 s, 32 MiB streams, reload 1000 only:
+                      a smoke test";
 
 pub(crate) type Results = BTreeMap<(Case, Target), Vec<Measure>>;
 
 /// Raises this process's descriptor limit for the clients of the largest
-/// hold (and the burst); a hold the hard limit cannot carry is left out,
-/// with a word.
+/// hold (and the burst, and the reload); a hold or reload the hard limit
+/// cannot carry is left out, with a word.
 fn make_room_for_clients(o: &mut Opts) {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
@@ -120,7 +126,14 @@ fn make_room_for_clients(o: &mut Opts) {
         .hold
         .iter()
         .copied()
-        .chain([o.burst, o.reload])
+        .chain([o.burst])
+        // A reload's client also watches the old workers exit, a pidfd
+        // each: up to one per connection (prefork), within max-workers.
+        .chain(
+            o.reload
+                .iter()
+                .map(|&n| n + (n + 4).min(RELOAD_MAX_WORKERS)),
+        )
         .max()
         .unwrap_or(0) as u64;
     let _ = setrlimit(
@@ -135,14 +148,28 @@ fn make_room_for_clients(o: &mut Opts) {
         }
         fits
     });
+    o.reload.retain(|&n| {
+        let fits = n as u64 + 1024 <= hard;
+        if !fits {
+            println!("reload {n} left out: RLIMIT_NOFILE's hard limit is {hard}");
+        }
+        fits
+    });
 }
 
 fn run(o: &Opts) {
     println!("{}", machine());
     println!(
-        "rounds {}, {} s per timed run, conn with {} clients, rtt with {:?}, prefork pools {:?}, streams of {} MiB, hold {:?}, burst {}, udp with {:?} clients\n",
-        o.rounds, o.secs, o.clients, o.rtt_clients, o.pools, o.stream_mib, o.hold, o.burst, o.udp_clients
+        "rounds {}, {} s per timed run, conn with {} clients, rtt with {:?}, prefork pools {:?}, streams of {} MiB, hold {:?}, burst {}, udp with {:?} clients, reload holding {:?}\n",
+        o.rounds, o.secs, o.clients, o.rtt_clients, o.pools, o.stream_mib, o.hold, o.burst, o.udp_clients, o.reload
     );
+    for case in o.cases() {
+        for &kind in &o.servers {
+            if let (true, Some(why)) = (kind.is_ours(), o.left_out(kind, case)) {
+                println!("{} {}: left out: {why}", case.label(), kind.name());
+            }
+        }
+    }
     let mut results = Results::new();
     for round in 1..=o.rounds {
         for case in o.cases() {
@@ -160,9 +187,27 @@ fn run(o: &Opts) {
                     Scenario::Hold => hold(&server, t.kind, case.clients),
                     Scenario::Burst => burst(&server, case.clients),
                     Scenario::Udp => udp(&server, case.clients, o),
-                    Scenario::Reload => reload(&server, t.kind, case.clients),
+                    _ => reload(&server, t.kind, case),
                 };
                 drop(server);
+                if case.scenario.is_reload() {
+                    println!(
+                        "round {round} {:<19} {:<8} held {:>5.0}  lost {:>4.0}  hand-over {:>8} ms  p50 {:>8} us  p99 {:>8} us  longest {:>8} ms  cpu {:>6} us/conn  client cpu {:>3.0} %  errors {}",
+                        case.label(),
+                        t.name(),
+                        m.held,
+                        m.held - m.value,
+                        handover_ms(m.last_ms),
+                        micros(m.p50_us),
+                        micros(m.p99_us),
+                        micros(m.max_us / 1e3),
+                        cpu_per_conn(m.cpu_us, m.held),
+                        m.client_cpu * 100.0,
+                        m.errors.describe()
+                    );
+                    results.entry((case, t)).or_default().push(m);
+                    continue;
+                }
                 println!(
                     "round {round} {:<11} {:<16} {:>12.1}  p50 {:>8} us  p99 {:>8} us  cpu {:>6} us/op  errors {}",
                     case.label(),

@@ -123,11 +123,19 @@ pub(crate) enum Scenario {
     Hold,
     Burst,
     Udp,
+    /// A HUP while connections are held.
     Reload,
+    /// A USR2 (the binary re-executed in place) while connections are held.
+    Upgrade,
+    /// 30 HUPs in 3 s while connections are held (opt-in).
+    ReloadStorm,
+    /// A HUP, then the master stopped (SIGSTOP) for 3 s (opt-in).
+    ReloadStopped,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 7] = [
+    /// Every scenario `--scenarios` knows.
+    const ALL: [Scenario; 10] = [
         Scenario::Conn,
         Scenario::Rtt,
         Scenario::Stream,
@@ -135,7 +143,31 @@ impl Scenario {
         Scenario::Burst,
         Scenario::Udp,
         Scenario::Reload,
+        Scenario::Upgrade,
+        Scenario::ReloadStorm,
+        Scenario::ReloadStopped,
     ];
+
+    /// What runs without `--scenarios`: all but the storm and the stopped
+    /// master, which are asked for by name.
+    const DEFAULT: [Scenario; 8] = [
+        Scenario::Conn,
+        Scenario::Rtt,
+        Scenario::Stream,
+        Scenario::Hold,
+        Scenario::Burst,
+        Scenario::Udp,
+        Scenario::Reload,
+        Scenario::Upgrade,
+    ];
+
+    /// A signal (or several) to the master while clients hold connections.
+    pub(crate) fn is_reload(self) -> bool {
+        matches!(
+            self,
+            Scenario::Reload | Scenario::Upgrade | Scenario::ReloadStorm | Scenario::ReloadStopped
+        )
+    }
 
     pub(crate) fn name(self) -> &'static str {
         match self {
@@ -146,6 +178,9 @@ impl Scenario {
             Scenario::Burst => "burst",
             Scenario::Udp => "udp",
             Scenario::Reload => "reload",
+            Scenario::Upgrade => "upgrade",
+            Scenario::ReloadStorm => "reload-storm",
+            Scenario::ReloadStopped => "reload-stopped",
         }
     }
 }
@@ -163,9 +198,12 @@ impl Case {
             Scenario::Conn | Scenario::Rtt | Scenario::Stream | Scenario::Udp => {
                 format!("{} c={}", self.scenario.name(), self.clients)
             }
-            Scenario::Hold | Scenario::Burst | Scenario::Reload => {
-                format!("{} {}", self.scenario.name(), self.clients)
-            }
+            Scenario::Hold
+            | Scenario::Burst
+            | Scenario::Reload
+            | Scenario::Upgrade
+            | Scenario::ReloadStorm
+            | Scenario::ReloadStopped => format!("{} {}", self.scenario.name(), self.clients),
         }
     }
 }
@@ -182,7 +220,7 @@ pub(crate) struct Opts {
     pub(crate) hold: Vec<usize>,
     pub(crate) burst: usize,
     pub(crate) udp_clients: Vec<usize>,
-    pub(crate) reload: usize,
+    pub(crate) reload: Vec<usize>,
     pub(crate) out: Option<PathBuf>,
     pub(crate) baseline: Option<PathBuf>,
 }
@@ -192,7 +230,7 @@ impl Opts {
         let mut o = Opts {
             rounds: 3,
             secs: 3.0,
-            scenarios: Scenario::ALL.to_vec(),
+            scenarios: Scenario::DEFAULT.to_vec(),
             servers: Kind::ALL.to_vec(),
             clients: 50,
             rtt_clients: vec![1, 50, 500],
@@ -201,16 +239,18 @@ impl Opts {
             hold: vec![100, 10_000],
             burst: 2000,
             udp_clients: vec![1, 16, 64],
-            reload: 1000,
+            reload: vec![1000, 4000, 10_000],
             out: None,
             baseline: None,
         };
+        let (mut quick, mut reload_given) = (false, false);
         let mut it = args.iter();
         while let Some(arg) = it.next() {
             let mut value = || it.next().ok_or(format!("{arg} needs a value"));
             match arg.as_str() {
                 "--bench" => {} // cargo bench passes it
                 "--quick" => {
+                    quick = true;
                     o.rounds = 1;
                     o.secs = 1.0;
                     o.stream_mib = 32;
@@ -228,7 +268,10 @@ impl Opts {
                 "--hold" => o.hold = numbers(arg, value()?)?,
                 "--burst" => o.burst = number(arg, value()?)?,
                 "--udp-clients" => o.udp_clients = numbers(arg, value()?)?,
-                "--reload" => o.reload = number(arg, value()?)?,
+                "--reload" => {
+                    o.reload = numbers(arg, value()?)?;
+                    reload_given = true;
+                }
                 "--out" => o.out = Some(PathBuf::from(value()?)),
                 "--scenarios" => {
                     o.scenarios = pick(value()?, &Scenario::ALL, |s| s.name())?;
@@ -257,8 +300,15 @@ impl Opts {
             || o.clients == 0
             || o.pools.contains(&0)
             || o.udp_clients.contains(&0)
+            || o.reload.contains(&0)
         {
-            return Err("rounds, secs, clients, pools and udp-clients must be positive".into());
+            return Err(
+                "rounds, secs, clients, pools, udp-clients and reload must be positive".into(),
+            );
+        }
+        if quick && !reload_given {
+            // A smoke test: the smallest hold across the signal only.
+            o.reload = o.reload.iter().copied().min().into_iter().collect();
         }
         Ok(o)
     }
@@ -274,7 +324,8 @@ impl Opts {
                 Scenario::Hold => self.hold.clone(),
                 Scenario::Burst => vec![self.burst],
                 Scenario::Udp => self.udp_clients.clone(),
-                Scenario::Reload => vec![self.reload],
+                s if s.is_reload() => self.reload.clone(),
+                _ => Vec::new(),
             };
             cases.extend(sizes.into_iter().map(|clients| Case { scenario, clients }));
         }
@@ -296,8 +347,7 @@ impl Opts {
                     t.extend(self.pools.iter().map(|&pool| Target { kind, pool }));
                 }
                 (Kind::PyForking | Kind::PyThreading, Scenario::Burst) => {}
-                // Reloading is echo-forkd's: the peers have no reload.
-                (k, Scenario::Reload) if !k.is_ours() => {}
+                (k, s) if s.is_reload() && self.left_out(k, case).is_some() => {}
                 // Thousands of idle connections are the event model's
                 // case: a process (or a Python thread) each would measure
                 // the machine's process table, and prefork's pool stops
@@ -308,7 +358,37 @@ impl Opts {
         }
         t
     }
+
+    /// Why `kind` sits out a reload-like `case` (`None`: it takes part).
+    /// Reloading is echo-forkd's: the peers have no reload. Prefork needs
+    /// a worker per held connection (a pool of `held + 4`), and its pool
+    /// stops at 4,096 workers; fork needs a process per connection too,
+    /// and its children simply go on across a reload (nothing is handed
+    /// over), so thousands more of them would measure the machine's
+    /// process table, as in `hold`, not the reload.
+    pub(crate) fn left_out(&self, kind: Kind, case: Case) -> Option<&'static str> {
+        if !case.scenario.is_reload() {
+            return None;
+        }
+        if !kind.is_ours() {
+            return Some("a peer: it has no reload");
+        }
+        if kind.is_prefork() && case.clients + 4 > RELOAD_MAX_WORKERS {
+            return Some(
+                "prefork needs a worker per held connection (a pool of held + 4) and max-workers stops at 4096",
+            );
+        }
+        if matches!(kind, Kind::Fork | Kind::ForkBase) && case.clients + 4 > RELOAD_MAX_WORKERS {
+            return Some(
+                "fork runs a process per connection, which goes on across the signal (nothing is handed over); above 4096 it would measure the process table",
+            );
+        }
+        None
+    }
 }
+
+/// `--max-workers` for prefork in the reload-like scenarios: the ceiling.
+pub(crate) const RELOAD_MAX_WORKERS: usize = 4096;
 
 pub(crate) fn number(arg: &str, v: &str) -> Result<usize, String> {
     v.parse().map_err(|_| format!("{arg}: not a number: {v}"))

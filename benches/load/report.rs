@@ -25,6 +25,30 @@ pub(crate) fn micros(us: f64) -> String {
     }
 }
 
+/// A hand-over's time in ms: `n/a` where nothing is handed over (fork's
+/// children go on), `not done` where it never finished.
+pub(crate) fn handover_ms(ms: f64) -> String {
+    if ms.is_nan() {
+        "n/a".into()
+    } else if ms.is_infinite() {
+        "not done".into()
+    } else {
+        format!("{ms:.0}")
+    }
+}
+
+/// The server's CPU µs per connection over a hand-over: `–` where there
+/// is none (fork), below one clock tick's worth where none was counted.
+pub(crate) fn cpu_per_conn(us: f64, held: f64) -> String {
+    if us.is_nan() {
+        "–".into()
+    } else if us == 0.0 {
+        format!("< {:.1}", 1e6 / ticks_per_sec() / held.max(1.0))
+    } else {
+        format!("{us:.1}")
+    }
+}
+
 pub(crate) fn unit(s: Scenario) -> &'static str {
     match s {
         Scenario::Conn => "conn/s",
@@ -33,7 +57,9 @@ pub(crate) fn unit(s: Scenario) -> &'static str {
         Scenario::Hold => "echoed after holding",
         Scenario::Burst => "echoed",
         Scenario::Udp => "replies/s",
-        Scenario::Reload => "kept",
+        Scenario::Reload | Scenario::Upgrade | Scenario::ReloadStorm | Scenario::ReloadStopped => {
+            "kept"
+        }
     }
 }
 
@@ -43,7 +69,7 @@ pub(crate) fn med(ms: &[Measure], f: impl Fn(&Measure) -> f64) -> f64 {
 
 pub(crate) fn report(results: &Results) -> String {
     let mut t = String::new();
-    let timed = |c: &Case| !matches!(c.scenario, Scenario::Burst | Scenario::Reload);
+    let timed = |c: &Case| c.scenario != Scenario::Burst && !c.scenario.is_reload();
     if results.keys().any(|(c, _)| timed(c)) {
         let _ = writeln!(
             t,
@@ -99,31 +125,30 @@ pub(crate) fn report(results: &Results) -> String {
     }
     let reloads: Vec<_> = results
         .iter()
-        .filter(|((c, _), _)| c.scenario == Scenario::Reload)
+        .filter(|((c, _), _)| c.scenario.is_reload())
         .collect();
     if !reloads.is_empty() {
         let _ = writeln!(
             t,
-            "\n| reload (HUP) under held connections | server | kept | old workers gone after ms | round trips meanwhile, p50 / p99 µs | processes after | errors |"
+            "\n| signal under held connections (reload: HUP, upgrade: USR2, reload-storm: 30 HUPs in 3 s, reload-stopped: HUP, master stopped 3 s) | server | held | lost, all rounds | hand-over ms | pings meanwhile, p50 / p99 µs | longest ping ms | server CPU µs per connection, signal to hand-over done | processes after | errors |"
         );
-        let _ = writeln!(t, "|---|---|---:|---:|---:|---:|---|");
+        let _ = writeln!(t, "|---|---|---:|---:|---:|---:|---:|---:|---:|---|");
         for ((case, target), ms) in reloads {
             let mut errors = Errors::default();
             ms.iter().for_each(|m| errors.add(&m.errors));
-            let gone = med(ms, |m| m.last_ms);
-            let gone = if gone.is_nan() {
-                "– (children go on)".to_string()
-            } else {
-                format!("{gone:.0}")
-            };
+            // Every connection lost in any round counts: a sum, not a median.
+            let lost: f64 = ms.iter().map(|m| m.held - m.value).sum();
             let _ = writeln!(
                 t,
-                "| {} | {} | {:.0} | {gone} | {} / {} | {:.0} | {} |",
+                "| {} | {} | {:.0} | {lost:.0} | {} | {} / {} | {} | {} | {:.0} | {} |",
                 case.label(),
                 target.name(),
-                med(ms, |m| m.value),
+                med(ms, |m| m.held),
+                handover_ms(med(ms, |m| m.last_ms)),
                 micros(med(ms, |m| m.p50_us)),
                 micros(med(ms, |m| m.p99_us)),
+                micros(med(ms, |m| m.max_us) / 1e3),
+                cpu_per_conn(med(ms, |m| m.cpu_us), med(ms, |m| m.held)),
                 med(ms, |m| m.workers),
                 errors.describe()
             );
@@ -178,10 +203,8 @@ pub(crate) fn ratios(results: &Results) -> Vec<(String, f64)> {
     let mut out = Vec::new();
     for ((case, a), xs) in results {
         if !a.kind.is_ours()
-            || matches!(
-                case.scenario,
-                Scenario::Hold | Scenario::Burst | Scenario::Reload
-            )
+            || matches!(case.scenario, Scenario::Hold | Scenario::Burst)
+            || case.scenario.is_reload()
         {
             continue;
         }

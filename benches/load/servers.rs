@@ -22,9 +22,12 @@ impl Server {
                 let mut c = Command::new(bin);
                 c.args(["-f", "-l", "127.0.0.1:0", "--log-level", "info"]);
                 c.args(daemon_args(t, case, o));
-                if case.scenario == Scenario::Reload {
-                    // What a build without hand-over cuts, it cuts soon.
-                    c.args(["--shutdown-timeout", "2"]);
+                if case.scenario.is_reload() {
+                    // The default, as operators run it (a prefork pool of
+                    // 4,000 takes its time to start a new generation, and
+                    // what a worker cannot hand over meanwhile waits at
+                    // most this); a build without hand-over cuts then.
+                    c.args(["--shutdown-timeout", "10"]);
                 }
                 c.stderr(Stdio::piped()).stdout(Stdio::null());
                 c
@@ -116,10 +119,11 @@ pub(crate) fn daemon_args(t: Target, case: Case, o: &Opts) -> Vec<String> {
     }
     if matches!(t.kind, Kind::Event | Kind::EventBase) {
         // One worker per CPU (the default), each with room for every
-        // client, however the kernel spreads them.
+        // client, however the kernel spreads them (or a hand-over gives
+        // them to one worker of the new generation).
         let conns = case.clients.max(1024).to_string();
         let backlog = BACKLOG.to_string();
-        return args(&[
+        let mut a = args(&[
             "-m",
             "event",
             "--worker-connections",
@@ -127,6 +131,12 @@ pub(crate) fn daemon_args(t: Target, case: Case, o: &Opts) -> Vec<String> {
             "--backlog",
             &backlog,
         ]);
+        if case.scenario.is_reload() {
+            // Two workers whatever the machine, so that the figures of
+            // a hand-over compare from one machine to the next.
+            a.extend(args(&["-w", "2"]));
+        }
+        return a;
     }
     if case.scenario == Scenario::Udp {
         // The UDP worker (one, the default) with no per-source limit: a
@@ -166,7 +176,14 @@ pub(crate) fn daemon_args(t: Target, case: Case, o: &Opts) -> Vec<String> {
         _ => case.clients + 4,
     };
     let w = workers.to_string();
-    let max = workers.max(256).to_string();
+    let max = if case.scenario.is_reload() {
+        // A worker per held connection, in the generation that takes them
+        // over too: room up to the ceiling.
+        RELOAD_MAX_WORKERS
+    } else {
+        workers.max(256)
+    }
+    .to_string();
     args(&[
         "-m",
         "prefork",
