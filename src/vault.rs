@@ -471,8 +471,8 @@ fn send(fd: BorrowedFd<'_>, items: &[Item]) -> nix::Result<()> {
 
 /// Takes one message: `None` when nothing waits (or the sending end is
 /// closed and nothing is left). A message whose descriptors did not all
-/// arrive (the kernel closed those beyond this process's limit) is an
-/// error, its records dropped with what did arrive.
+/// arrive (the kernel closed those beyond this process's limit: callers
+/// look for room first) is `Err(ENOBUFS)`, its connections lost.
 fn recv(fd: BorrowedFd<'_>) -> nix::Result<Option<Vec<Item>>> {
     let mut bytes = vec![0u8; PER_MESSAGE * RECORD];
     let mut space = nix::cmsg_space!([RawFd; PER_MESSAGE]);
@@ -509,7 +509,8 @@ fn recv(fd: BorrowedFd<'_>) -> nix::Result<Option<Vec<Item>>> {
         return Ok(None);
     }
     if truncated || n != fds.len() * RECORD {
-        return Err(Errno::EMFILE);
+        // What did arrive is closed here; the rest the kernel closed.
+        return Err(Errno::ENOBUFS);
     }
     #[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd")))]
     for fd in &fds {

@@ -119,14 +119,21 @@ impl Master {
                 Ok(Some(conn)) => conn,
                 Ok(None) => break,
                 Err(e) => {
-                    if e == Errno::EMFILE {
-                        self.carried_retry = Some(now + NO_ROOM_RETRY);
-                    }
+                    // No room: wait for some. Anything else: whatever was
+                    // in that message is lost; the rest is read on.
+                    self.carried_retry = Some(now + NO_ROOM_RETRY);
+                    let why = match e {
+                        Errno::EMFILE => {
+                            let (soft, _) = crate::sys::nofile_limit();
+                            format!("no descriptors free (RLIMIT_NOFILE {soft}); trying again")
+                        }
+                        Errno::ENOBUFS => {
+                            "a message's connections did not all fit in this process's descriptors and were closed".into()
+                        }
+                        e => crate::logging::error_text(&std::io::Error::from(e)),
+                    };
                     if let Some(more) = self.reports.errors.hit(now) {
-                        warn!(
-                            "cannot take connections out of the vault: {}; trying again ({more} more since the last report)",
-                            crate::logging::error_text(&std::io::Error::from(e))
-                        );
+                        warn!("cannot take connections out of the vault: {why} ({more} more since the last report)");
                     }
                     return;
                 }
