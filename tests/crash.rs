@@ -192,6 +192,11 @@ fn the_master_dies(mode: &str) {
     for t in &mut talks {
         t.ping().expect("a conversation before the crash");
     }
+    // Stopped first, so that it forks no worker between the list and the
+    // kill: every child of the dead master is in the list.
+    first.signal(Signal::SIGSTOP);
+    assert!(wait_until(DEADLINE, || proc_stat(first.pid)
+        .is_some_and(|(s, _)| s == 'T')));
     let workers = first.children();
     first.signal(Signal::SIGKILL);
     // Its children put their connections in the vault and exit.
@@ -208,9 +213,10 @@ fn the_master_dies(mode: &str) {
         "the next master did not become ready:\n{}",
         next.stderr_text()
     );
+    // Said before READY=1, but read from its stderr by another thread.
     assert!(
-        next.stderr_text()
-            .contains("30 connections kept across the restart"),
+        next.wait_line("30 connections kept across the restart", DEADLINE)
+            .is_some(),
         "{}",
         next.stderr_text()
     );
