@@ -129,6 +129,11 @@ impl Children {
         std::mem::forget(self);
     }
 
+    /// The live child `pid`.
+    pub fn get(&self, pid: Pid) -> Option<&Child> {
+        self.map.get(&pid)
+    }
+
     /// All live children.
     pub fn len(&self) -> usize {
         self.map.len()
@@ -348,7 +353,9 @@ pub fn classify(status: &WaitStatus, kind: Kind, lived: Duration, ready: bool) -
     };
     match (abnormal, kind) {
         (false, _) => Exit::Clean,
-        (true, Kind::Pool | Kind::Udp | Kind::Metrics) if !ready => Exit::FailedStart,
+        (true, Kind::Pool | Kind::Udp | Kind::Metrics | Kind::Carrier) if !ready => {
+            Exit::FailedStart
+        }
         (true, _) if lived < QUICK_DEATH => Exit::DiedYoung,
         (true, _) => Exit::Abnormal,
     }

@@ -33,7 +33,7 @@ use std::collections::BinaryHeap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::Instant;
 
-use log::{debug, warn};
+use log::{debug, info, warn};
 use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
 
@@ -48,6 +48,7 @@ use crate::listen::Listener;
 use crate::proxy;
 use crate::relay::{self, Carried};
 use crate::scoreboard::{Cut, State};
+use crate::sys::IoBuffer;
 use crate::worker::{self, Ctx, EXIT_ORPHAN};
 
 /// The control pipe's token, then the relay's; listeners count down from
@@ -110,6 +111,8 @@ struct Loop<'a> {
     stopping: bool,
     /// Retiring: the open connections go on (see relay.rs, vault.rs).
     handing_over: bool,
+    /// A carrier: it accepts nothing, and exits once nothing is open.
+    carrier: bool,
     /// The relay was full: when to try again.
     relay_retry: Option<Instant>,
     /// The control pipe is in the epoll set (until it is told to stop).
@@ -146,56 +149,11 @@ struct Loop<'a> {
 /// limit) after accepting that many and draining them. Returns the exit
 /// code.
 pub fn run(listeners: Vec<Listener>, mut ctx: Ctx<'_>, max_open: usize, max_requests: u64) -> i32 {
-    if let Err(code) = worker::follow_master(&ctx) {
-        return code;
-    }
-    let Some(mut buf) = worker::buffer() else {
-        return 1;
-    };
-    let epoll = match Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC) {
-        Ok(e) => e,
-        Err(e) => {
-            warn!("cannot create an epoll set: {e}");
-            return 1;
-        }
-    };
-    if let Err(e) = epoll.add(ctx.ctl, EpollEvent::new(EpollFlags::EPOLLIN, CTL)) {
-        warn!("cannot watch the control pipe: {e}");
-        return 1;
-    }
-    let places_epoch = ctx.board.places_epoch();
     let relay_rx = ctx.relay_rx.take();
-    // Connections its descriptors leave room for: a handed-over one is
-    // taken only with one free (the kernel would close it otherwise).
-    let (soft, _) = crate::sys::nofile_limit();
-    let open_now = crate::sys::open_fds().unwrap_or(64);
-    let fd_room = usize::try_from(soft.saturating_sub(open_now))
-        .unwrap_or(usize::MAX)
-        .saturating_sub(SPARE_FDS);
-    let mut l = Loop {
-        ctx,
-        epoll,
-        acceptor: Acceptor::new(listeners).with_relay(relay_rx),
-        listening: false,
-        stopping: false,
-        handing_over: false,
-        relay_retry: None,
-        watching_ctl: true,
-        look_at: None,
-        gone_by: None,
-        relay_kept: None,
-        fd_room,
-        refs_warned: crate::logging::RateLimit::new(crate::logging::REPORT_EVERY),
-        slots: Vec::new(),
-        free: Vec::new(),
-        open: 0,
-        max_open: max_open.max(1),
-        accepted: 0,
-        max_requests,
-        serial: 0,
-        deadlines: BinaryHeap::new(),
-        places_epoch,
-        published: (usize::MAX, false),
+    let acceptor = Acceptor::new(listeners).with_relay(relay_rx);
+    let (mut l, mut buf) = match Loop::new(ctx, acceptor, max_open, max_requests) {
+        Ok(l) => l,
+        Err(code) => return code,
     };
     if let Err(e) = l.listen(true) {
         warn!("cannot watch the listeners: {e}");
@@ -205,7 +163,114 @@ pub fn run(listeners: Vec<Listener>, mut ctx: Ctx<'_>, max_open: usize, max_requ
     l.run(buf.as_mut_slice())
 }
 
+/// A carrier (see [`crate::kind::Kind::Carrier`]): takes the connections
+/// the vault holds, as many as its descriptors leave room for, puts back
+/// what it had no room for and says it is ready (the master hands that to
+/// the pool), then serves them as an event worker does, accepting nothing
+/// new, and exits when the last one ends. Returns the exit code.
+pub fn carry(ctx: Ctx<'_>) -> i32 {
+    if ctx.vault.is_none() {
+        return 1;
+    }
+    let (mut l, mut buf) = match Loop::new(ctx, Acceptor::new(Vec::new()), usize::MAX, 0) {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+    l.carrier = true;
+    let now = Instant::now();
+    let mut taken = crate::vault::Unpacked::default();
+    let mut carried = 0u64;
+    let Some(v) = l.ctx.vault.take() else {
+        return 1;
+    };
+    while l.open < l.fd_room {
+        match taken.next(&v) {
+            Ok(Some((fd, mut c))) => {
+                c.place = l.ctx.policy.recount(l.ctx.board, &fd, c.client);
+                l.adopt(fd, c, buf.as_mut_slice(), now);
+                carried += 1;
+            }
+            Ok(None) | Err(Errno::EMFILE) => break,
+            Err(e) => {
+                // The master reads on after it, and says what is wrong.
+                warn!("carrier: cannot take connections out of the vault: {e}; leaving them to the master");
+                break;
+            }
+        }
+    }
+    if let Err(lost) = v.put_back(&mut taken, now + l.ctx.shutdown) {
+        l.ctx.board.cut(Cut::Vault, lost.conns as u64);
+        warn!(
+            "cannot put back in the vault {} this carrier had no room for: {}; closed",
+            crate::logging::counted(lost.conns as u64, "connection", "connections"),
+            crate::logging::error_text(&std::io::Error::from(lost.why))
+        );
+    }
+    l.ctx.vault = Some(v);
+    info!(
+        "carrier: serving {} kept across the restart",
+        crate::logging::counted(carried, "connection", "connections")
+    );
+    l.ctx.ready();
+    l.run(buf.as_mut_slice())
+}
+
 impl<'a> Loop<'a> {
+    /// A loop on `acceptor`'s listeners (and relay) for a worker with
+    /// `ctx`, its buffer beside it; Err: the exit code.
+    fn new(
+        ctx: Ctx<'a>,
+        acceptor: Acceptor,
+        max_open: usize,
+        max_requests: u64,
+    ) -> Result<(Loop<'a>, IoBuffer), i32> {
+        worker::follow_master(&ctx)?;
+        let buf = worker::buffer().ok_or(1)?;
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(|e| {
+            warn!("cannot create an epoll set: {e}");
+            1
+        })?;
+        if let Err(e) = epoll.add(ctx.ctl, EpollEvent::new(EpollFlags::EPOLLIN, CTL)) {
+            warn!("cannot watch the control pipe: {e}");
+            return Err(1);
+        }
+        let places_epoch = ctx.board.places_epoch();
+        // Connections its descriptors leave room for: a handed-over one is
+        // taken only with one free (the kernel would close it otherwise).
+        let (soft, _) = crate::sys::nofile_limit();
+        let open_now = crate::sys::open_fds().unwrap_or(64);
+        let fd_room = usize::try_from(soft.saturating_sub(open_now))
+            .unwrap_or(usize::MAX)
+            .saturating_sub(SPARE_FDS);
+        let l = Loop {
+            ctx,
+            epoll,
+            acceptor,
+            listening: false,
+            stopping: false,
+            handing_over: false,
+            carrier: false,
+            relay_retry: None,
+            watching_ctl: true,
+            look_at: None,
+            gone_by: None,
+            relay_kept: None,
+            fd_room,
+            refs_warned: crate::logging::RateLimit::new(crate::logging::REPORT_EVERY),
+            slots: Vec::new(),
+            free: Vec::new(),
+            open: 0,
+            max_open: max_open.max(1),
+            accepted: 0,
+            max_requests,
+            serial: 0,
+            deadlines: BinaryHeap::new(),
+            places_epoch,
+            published: (usize::MAX, false),
+        };
+        Ok((l, buf))
+    }
+
     fn run(&mut self, buf: &mut [u8]) -> i32 {
         let mut events = [EpollEvent::empty(); EVENTS];
         loop {
@@ -352,7 +417,7 @@ impl<'a> Loop<'a> {
     /// `--shutdown-timeout` after (what is left then is cut).
     fn done(&mut self, now: Instant) -> Option<i32> {
         if !self.stopping {
-            return None;
+            return (self.carrier && self.open == 0).then_some(0);
         }
         let Some(gone_by) = self.gone_by else {
             return (self.open == 0).then_some(0);

@@ -22,6 +22,13 @@ pub enum Kind {
     Udp,
     /// The process serving `--metrics` (any mode).
     Metrics,
+    /// prefork: an event loop that serves the connections a restart or a
+    /// crash kept in the vault from the moment the new master starts,
+    /// instead of making them wait for a process each to be forked (a
+    /// thousand forks take this machine half a second); it takes no new
+    /// connection, hands what it holds to the workers on a reload as any
+    /// worker does, and exits when its last connection ends.
+    Carrier,
 }
 
 /// What a worker needs from the configuration it is started for, besides
@@ -64,7 +71,7 @@ pub struct Row {
 }
 
 /// Every kind, in [`Kind`] order.
-pub const KINDS: [Row; 4] = [
+pub const KINDS: [Row; 5] = [
     Row {
         kind: Kind::Pool,
         name: "worker",
@@ -101,7 +108,28 @@ pub const KINDS: [Row; 4] = [
         wanted: |_| 1,
         run: Some(|l, ctx, _| crate::metrics::run(l, ctx)),
     },
+    Row {
+        kind: Kind::Carrier,
+        name: "carrier",
+        tag: "k",
+        keeps: None,
+        relays: true,
+        wanted: |_| 0,
+        run: Some(carry),
+    },
 ];
+
+/// A carrier: the event loop where there is one (elsewhere none is
+/// started: the master hands what the vault holds to the pool).
+fn carry(_: Vec<Listener>, ctx: Ctx<'_>, _: Params) -> i32 {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    return crate::event::carry(ctx);
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    {
+        drop(ctx);
+        1
+    }
+}
 
 /// A pool worker of the mode in force.
 fn pool(listeners: Vec<Listener>, ctx: Ctx<'_>, p: Params) -> i32 {

@@ -131,6 +131,21 @@ impl Vault {
         Vault { tx: a, rx: b }
     }
 
+    /// Whether a message waits at either end (it looks, reads nothing).
+    pub fn holds_any(&self) -> bool {
+        use nix::poll::{PollFd, PollFlags, PollTimeout};
+        let mut fds = [
+            PollFd::new(self.tx.as_fd(), PollFlags::POLLIN),
+            PollFd::new(self.rx.as_fd(), PollFlags::POLLIN),
+        ];
+        nix::poll::poll(&mut fds, PollTimeout::ZERO).is_ok_and(|n| {
+            n > 0
+                && fds
+                    .iter()
+                    .any(|f| f.revents().is_some_and(|r| r.contains(PollFlags::POLLIN)))
+        })
+    }
+
     /// Both ends, to store or pass on.
     pub fn ends(&self) -> [BorrowedFd<'_>; 2] {
         [self.tx.as_fd(), self.rx.as_fd()]
@@ -313,6 +328,11 @@ pub struct Unpacked {
     pub foreign: usize,
     /// Nothing is left in the vault since the last look.
     empty: bool,
+    /// Descriptors this process had free when last counted, less those
+    /// taken since: counting means listing /proc/self/fd, and a process
+    /// that holds what it takes out (a carrier) would list a thousand
+    /// entries for each of a thousand messages.
+    free: Option<u64>,
 }
 
 impl Unpacked {
@@ -324,7 +344,7 @@ impl Unpacked {
             if let Some(c) = self.ready.pop_front() {
                 return Ok(Some(c));
             }
-            if !room_for(PER_MESSAGE + 16) {
+            if !self.room_for(PER_MESSAGE + 16) {
                 return Err(Errno::EMFILE);
             }
             let got = match self.bags.last_mut() {
@@ -346,6 +366,9 @@ impl Unpacked {
                     }
                 },
             };
+            if let Some(free) = &mut self.free {
+                *free = free.saturating_sub(got.len() as u64);
+            }
             for item in got {
                 if item.is_bag() {
                     self.bags.push((item.fd, item.conns));
@@ -357,6 +380,25 @@ impl Unpacked {
                 }
             }
         }
+    }
+
+    /// Whether `n` more descriptors fit: counted again only when what is
+    /// known says they might not (descriptors closed since only add room).
+    fn room_for(&mut self, n: usize) -> bool {
+        let n = n as u64;
+        if self.free.is_some_and(|free| free > n) {
+            return true;
+        }
+        let (soft, _) = crate::sys::nofile_limit();
+        let free = crate::sys::open_fds().map_or(u64::MAX, |open| soft.saturating_sub(open));
+        self.free = Some(free);
+        free > n
+    }
+
+    /// Counts the free descriptors again at the next look: this process
+    /// may have opened some since (a master forks between looks).
+    pub fn count_room_again(&mut self) {
+        self.free = None;
     }
 
     /// Hands back a connection [`Unpacked::next`] gave (no room for it

@@ -4,8 +4,8 @@
 //! next instance), SIGKILLs the master while conversations are open, and
 //! starts the next master with what the store kept, as
 //! `Restart=on-failure` does. The workers of the dead master put their
-//! connections in the vault; the next master's workers serve them on,
-//! every byte, to their end.
+//! connections in the vault; the next master's workers (in prefork, a
+//! carrier until a reload) serve them on, every byte, to their end.
 
 use super::*;
 use std::collections::BTreeMap;
@@ -232,6 +232,31 @@ fn the_master_dies(mode: &str) {
     }
     // A new client too, on the listener the store kept.
     assert_eq!(echo_all(addr, b"new"), b"new");
+    if mode == "prefork" {
+        // They were served by a carrier from the start, not by a worker
+        // forked for each; a reload hands them to workers, and the carrier,
+        // with nothing left, exits.
+        let carrier = next
+            .wait_line("carrier: serving 30 connections", DEADLINE)
+            .and_then(|l| l.split(['[', ']']).nth(1)?.parse::<i32>().ok())
+            .unwrap_or_else(|| panic!("no carrier:\n{}", next.stderr_text()));
+        assert!(next.children().contains(&carrier));
+        next.signal(Signal::SIGHUP);
+        assert!(
+            wait_until(DEADLINE, || is_dead(carrier)),
+            "the carrier {carrier} did not hand its connections over:\n{}",
+            next.stderr_text()
+        );
+        for t in &mut talks {
+            if let Err(e) = t.ping() {
+                panic!(
+                    "conversation {} after the reload: {e}\n{}",
+                    t.k,
+                    next.stderr_text()
+                );
+            }
+        }
+    }
     for t in &mut talks {
         t.s.shutdown(std::net::Shutdown::Write).unwrap();
         let mut rest = Vec::new();

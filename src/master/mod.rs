@@ -214,6 +214,8 @@ struct Master {
     /// yet logged, and whether any was at this start.
     restored: u64,
     restored_any: bool,
+    /// prefork: the carrier started for what the vault held at start.
+    carrier: Option<Pid>,
     /// When the generation starting was first seen ready ("ready" waits
     /// for what the vault held, a while).
     workers_ready_at: Option<Instant>,
@@ -235,6 +237,7 @@ impl Master {
         let now = Instant::now();
         // The vault first: every worker inherits it.
         self.use_store(now);
+        self.start_carrier(now);
         self.fill_pool(now);
         self.restore(now);
         self.progress(now);
@@ -410,7 +413,10 @@ impl Master {
     /// Whether connections from the vault are yet to be handed to the
     /// workers (not once a stop began: then they stay there).
     pub(super) fn restoring(&self) -> bool {
-        self.vault.is_some() && self.carried.may_have_more() && !self.life.stopping()
+        self.vault.is_some()
+            && self.carried.may_have_more()
+            && !self.life.stopping()
+            && !self.carrier_reading()
     }
 
     /// The connections open in child `pid`, as its slot says (a fork-mode

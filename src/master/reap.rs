@@ -171,7 +171,7 @@ impl Master {
             .map(|(_, c)| {
                 let ready = match c.kind {
                     Kind::Conn => true,
-                    Kind::Pool | Kind::Udp | Kind::Metrics => c
+                    Kind::Pool | Kind::Udp | Kind::Metrics | Kind::Carrier => c
                         .slot
                         .and_then(|s| self.scoreboard.get(s))
                         .is_some_and(|e| matches!(e.state, State::Idle | State::Busy)),

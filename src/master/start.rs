@@ -102,6 +102,7 @@ pub fn run(
         carried_retry: None,
         restored: 0,
         restored_any: false,
+        carrier: None,
         workers_ready_at: None,
         restarting: false,
         relay_wait: None,

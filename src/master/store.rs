@@ -25,10 +25,13 @@ use log::{info, warn};
 use nix::errno::Errno;
 use nix::sys::wait::WaitStatus;
 
+use super::generation::Target;
 use super::lifecycle::Event;
 use super::Master;
+use crate::children::Kind;
+use crate::config::Mode;
 use crate::relay::Carried;
-use crate::scoreboard::Cut;
+use crate::scoreboard::{Cut, State};
 use crate::systemd;
 use crate::vault::{self, Vault};
 
@@ -103,10 +106,41 @@ impl Master {
         self.carried.look_again();
     }
 
+    /// prefork, at start with connections in the vault: starts a carrier
+    /// (see [`Kind::Carrier`]) to serve them at once. Without one (it
+    /// cannot be forked, or there is no event loop here) they wait for a
+    /// worker each, as [`Master::restore`] hands them to the pool.
+    pub(super) fn start_carrier(&mut self, now: Instant) {
+        let wanted = self.cfg.mode == Mode::Prefork
+            && cfg!(any(target_os = "linux", target_os = "android"))
+            && self.vault.as_ref().is_some_and(Vault::holds_any);
+        if !wanted {
+            return;
+        }
+        match self.spawn_worker(Target::InForce, Kind::Carrier, now) {
+            Ok(pid) => self.carrier = Some(pid),
+            Err(e) => warn!("cannot start a carrier for the connections kept across the restart: {e}; they wait for a worker each"),
+        }
+    }
+
+    /// Whether the carrier is still taking connections out of the vault
+    /// (the master reads what it leaves once it says it is ready, or has
+    /// died).
+    pub(super) fn carrier_reading(&self) -> bool {
+        self.carrier
+            .and_then(|pid| self.children.get(pid))
+            .and_then(|c| c.slot)
+            .and_then(|s| self.scoreboard.get(s))
+            .is_some_and(|e| e.state == State::Starting)
+    }
+
     /// Hands the connections the vault holds to the workers through the
     /// relay, as it has room (and this process descriptors), each
     /// counting again for its client's `--max-per-ip`.
     pub(super) fn restore(&mut self, now: Instant) {
+        if self.carrier_reading() {
+            return;
+        }
         let (Some(relay), Some(vault)) = (&self.relay, &self.vault) else {
             return;
         };
@@ -114,6 +148,7 @@ impl Master {
             return;
         }
         self.carried_retry = None;
+        self.carried.count_room_again();
         loop {
             let (fd, mut c) = match self.carried.next(vault) {
                 Ok(Some(conn)) => conn,

@@ -91,17 +91,24 @@ impl Master {
         if cfg.mode != Mode::Prefork || self.scoreboard.hand_over() != HandOver::ToWorkers {
             return cfg.workers;
         }
-        let open = self
-            .children
-            .iter()
-            .filter(|(_, c)| c.kind == Kind::Pool && c.generation < generation)
-            .filter_map(|(_, c)| self.scoreboard.get(c.slot?))
-            .filter(|e| e.open > 0)
-            .count() as u32;
+        let open = u32::try_from(self.held_by(|c| c.generation < generation)).unwrap_or(u32::MAX);
         if open == 0 {
             return cfg.workers;
         }
         (open + cfg.min_spare).clamp(cfg.workers, cfg.max_workers)
+    }
+
+    /// The connections held by the workers `which` picks, which each
+    /// offers the pool when it retires: one at most for a prefork worker,
+    /// as many as it serves for an event worker (after a reload from event
+    /// mode) or a carrier.
+    fn held_by(&self, which: impl Fn(&Child) -> bool) -> u64 {
+        self.children
+            .iter()
+            .filter(|(_, c)| c.kind.is_worker() && c.kind.row().relays && which(c))
+            .filter_map(|(_, c)| self.scoreboard.get(c.slot?))
+            .map(|e| e.open)
+            .sum()
     }
 
     /// Forks the helpers the generation in force needs: as many of each
@@ -210,12 +217,7 @@ impl Master {
         // busy, which will offer theirs (the relay may be full): the pool
         // grows for all of them, within max-workers.
         let offered = if self.scoreboard.hand_over() == HandOver::ToWorkers {
-            self.children
-                .iter()
-                .filter(|(_, c)| c.kind == Kind::Pool && c.retire_by.is_some())
-                .filter_map(|(_, c)| self.scoreboard.get(c.slot?))
-                .filter(|e| e.open > 0)
-                .count() as u64
+            self.held_by(|c| c.retire_by.is_some())
         } else {
             0
         };
