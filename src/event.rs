@@ -477,9 +477,9 @@ impl<'a> Loop<'a> {
         let mut ticket = None;
         let mut header = None;
         if tcp && policy.proxy.is_some() {
-            let Ok(Some(proxy)) = policy.proxy_of(worker::peer_addr(&fd)) else {
-                self.ctx.board.refused(Refusal::Proxy);
-                debug!("PROXY protocol: not from a trusted proxy; connection closed");
+            let peer = worker::peer_addr(&fd);
+            let Ok(Some(proxy)) = policy.proxy_of(peer) else {
+                worker::unserved_behind_proxy(self.ctx.board, worker::untrusted(peer));
                 return;
             };
             header = Some((
@@ -492,6 +492,7 @@ impl<'a> Loop<'a> {
                     Ok(t) => ticket = Some(t),
                     Err(why) => {
                         self.ctx.board.refused(why);
+                        worker::refused_peer(&fd, why);
                         return; // closed at once, unread
                     }
                 }
@@ -570,8 +571,7 @@ impl<'a> Loop<'a> {
             Some(Ok(proxy::Header::Proxied { src, .. })) => src,
             Some(Ok(proxy::Header::Local)) => *proxy,
             Some(Err(why)) => {
-                debug!("PROXY protocol: {why}; connection closed");
-                self.refuse(index, Refusal::Proxy);
+                self.unserved(index, why);
                 return false;
             }
         };
@@ -589,6 +589,7 @@ impl<'a> Loop<'a> {
             }
             Err(why) => {
                 self.refuse(index, why);
+                worker::refused_client(Some(client), why);
                 false
             }
         }
@@ -601,6 +602,16 @@ impl<'a> Loop<'a> {
             self.free.push(index);
             self.open -= 1;
             self.ctx.board.refused(why);
+        }
+    }
+
+    /// Closes the connection at `index`, whose PROXY header did not come
+    /// for `why` (see [`worker::unserved_behind_proxy`]).
+    fn unserved(&mut self, index: usize, why: &str) {
+        if self.slots.get_mut(index).and_then(Option::take).is_some() {
+            self.free.push(index);
+            self.open -= 1;
+            worker::unserved_behind_proxy(self.ctx.board, why);
         }
     }
 
@@ -662,8 +673,7 @@ impl<'a> Loop<'a> {
                 continue; // the connection it was for is gone
             }
             if o.header.as_ref().is_some_and(|(r, _)| now >= r.deadline) {
-                debug!("PROXY protocol: {}; connection closed", proxy::LATE);
-                self.refuse(index, Refusal::Proxy);
+                self.unserved(index, proxy::LATE);
                 continue;
             }
             match o.conn.expired(&limits, now) {

@@ -34,6 +34,7 @@
 
 mod accept;
 mod access;
+mod activation;
 mod admission;
 mod backoff;
 mod children;
@@ -131,6 +132,11 @@ pub fn run() -> i32 {
     if check || opts.print_config {
         for risk in config::risks(&cfg, identity.stays_root()) {
             logging::say(format_args!("warning: {risk}"));
+        }
+        if let Some(passes) = activation::socket_unit_passes() {
+            for gap in activation::uncovered(&cfg.listen, &passes) {
+                logging::say(format_args!("warning: {gap}"));
+            }
         }
         if opts.print_config {
             print!("{}", config::effective(&cfg));
@@ -333,9 +339,17 @@ fn listeners(
     let activated = !passed.activated.is_empty();
     if activated {
         info!(
-            "using {} sockets passed by the service manager instead of binding",
-            passed.activated.len()
+            "using {} passed by the service manager instead of binding",
+            logging::counted(passed.activated.len() as u64, "socket", "sockets")
         );
+        let names: Vec<String> = passed
+            .activated
+            .iter()
+            .map(|l| l.name().to_string())
+            .collect();
+        for gap in activation::uncovered(&cfg.listen, &names) {
+            log::warn!("{gap}");
+        }
         bound = passed.activated;
     }
     for a in &cfg.listen {

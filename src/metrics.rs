@@ -340,6 +340,12 @@ pub fn render(board: &Scoreboard) -> String {
             &board.refusals(),
         ),
     );
+    family(
+        "connections_abandoned_total",
+        "counter",
+        "Connections whose client went away before they could be served (before its PROXY header was complete: a balancer's health check), not refusals.",
+        &one(board.abandoned_total()),
+    );
     let mut states = [0u64; 4];
     let mut open = board.fork_children();
     for e in board.entries() {
@@ -453,6 +459,7 @@ mod tests {
         for (name, kind) in [
             ("connections_total", "counter"),
             ("refused_total", "counter"),
+            ("connections_abandoned_total", "counter"),
             ("bytes_total", "counter"),
             ("workers", "gauge"),
             ("open_connections", "gauge"),

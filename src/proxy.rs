@@ -226,6 +226,15 @@ pub struct Reader {
 pub const LATE: &str = "no complete header within proxy-protocol-timeout";
 /// The connection closed before its header was complete.
 pub const CLOSED: &str = "the connection closed before the header was complete";
+/// The connection was reset before its peer's address could be read.
+pub const GONE: &str = "the client went away before its address could be read";
+
+/// Whether `why` (a reason a header did not come) is the client's going
+/// away, not a misconfiguration: a balancer's health check resets its
+/// connection as soon as it is accepted.
+pub fn went_away(why: &str) -> bool {
+    why == CLOSED || why == GONE
+}
 
 impl Reader {
     /// A reader for a connection accepted at `now`, whose proxy has

@@ -166,15 +166,17 @@ impl Ctx<'_> {
     /// and takes its place; a refusal is counted, and the connection is
     /// to be closed unread.
     fn admit(&self, conn: &OwnedFd, tcp: bool) -> Admitted<'_> {
-        let admitted = match identify(conn, tcp, &self.policy) {
-            Ok(client) => self.admit_client(client).map(|ticket| (client, ticket)),
+        let client = match identify(conn, tcp, &self.policy) {
+            Ok(client) => client,
             Err(why) => {
-                debug!("PROXY protocol: {why}; connection closed");
-                Err(Refusal::Proxy)
+                unserved_behind_proxy(self.board, why);
+                return Err(Refusal::Proxy);
             }
         };
+        let admitted = self.admit_client(client).map(|ticket| (client, ticket));
         if let Err(why) = admitted {
             self.board.refused(why);
+            refused_client(client, why);
         }
         admitted
     }
@@ -700,11 +702,53 @@ pub(crate) fn identify(
     let proxy = match policy.proxy_of(peer) {
         Ok(None) => return Ok(peer),
         Ok(Some(proxy)) => proxy,
-        Err(_) => return Err("not from a trusted proxy"),
+        Err(_) => return Err(untrusted(peer)),
     };
     match proxy::Reader::new(Instant::now(), policy.proxy_timeout).read(conn.as_fd())? {
         proxy::Header::Proxied { src, .. } => Ok(Some(src)),
         proxy::Header::Local => Ok(Some(proxy)),
+    }
+}
+
+/// Why a connection from `peer` is not taken as from a trusted proxy:
+/// it is not from one, or it was reset before its address could be read.
+pub(crate) fn untrusted(peer: Option<SocketAddr>) -> &'static str {
+    match peer {
+        Some(_) => "not from a trusted proxy",
+        None => proxy::GONE,
+    }
+}
+
+/// Counts a connection behind a proxy closed without being served, and
+/// says why (at debug level, with no address to name yet): a client that
+/// went away first, as a balancer's health check does once it has its
+/// answer, is abandoned, not refused; anything else is a refusal an
+/// operator must act on (`refused_total{reason="proxy"}`).
+pub(crate) fn unserved_behind_proxy(board: &Scoreboard, why: &str) {
+    if proxy::went_away(why) {
+        board.abandoned();
+        debug!("PROXY protocol: {why}; not a refusal (a health check, or a client that gave up)");
+    } else {
+        board.refused(Refusal::Proxy);
+        debug!("PROXY protocol: {why}; connection closed");
+    }
+}
+
+/// Says, at debug level, which client a limit or rule refused.
+pub(crate) fn refused_client(client: Option<SocketAddr>, why: Refusal) {
+    if let Some(c) = client {
+        debug!(
+            "connection from {c} refused by {}; closed unread",
+            why.name()
+        );
+    }
+}
+
+/// As [`refused_client`], for a connection known by its socket only (its
+/// peer is looked up only when the line is logged).
+pub(crate) fn refused_peer(conn: &OwnedFd, why: Refusal) {
+    if log::log_enabled!(log::Level::Debug) {
+        refused_client(peer_addr(conn), why);
     }
 }
 

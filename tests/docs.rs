@@ -472,6 +472,9 @@ fn the_man_pages_inetd_line_serves_under_a_real_inetd() {
     let dir = crate::util::TempDir::new("inetd");
     let conf = dir.path("inetd.conf");
     std::fs::write(&conf, fields.join(" ") + "\n").unwrap();
+    // It writes /run/inetd.pid even so: what was there is put back (or
+    // the file removed) once it is gone, so a real inetd's stays right.
+    let _pidfile = PutBack::new("/run/inetd.pid");
     // -d keeps it in the foreground; its chatter goes nowhere.
     let inetd = crate::util::Killed(
         Command::new(inetd)
@@ -753,4 +756,129 @@ fn every_signal_is_named_wherever_the_signals_are() {
             );
         }
     }
+}
+
+/// The README's HAProxy configuration, as written, passes `haproxy -c`
+/// without a warning (no missing timeout, a health check on each server).
+#[test]
+fn the_readmes_haproxy_configuration_passes_haproxy_c() {
+    let Some(bin) = ["/usr/sbin/haproxy", "haproxy"].into_iter().find(|b| {
+        Command::new(b)
+            .arg("-v")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }) else {
+        skipped(format_args!("no haproxy here (Debian package haproxy)"));
+        return;
+    };
+    let readme = read("README.md");
+    let block = readme
+        .split("```haproxy\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("a ```haproxy block in the README");
+    assert!(block.contains("send-proxy-v2 check"), "{block}");
+    let dir = crate::util::TempDir::new("haproxy-readme");
+    let conf = dir.path("haproxy.cfg");
+    std::fs::write(&conf, block).unwrap();
+    let out = Command::new(bin)
+        .arg("-c")
+        .arg("-f")
+        .arg(&conf)
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "haproxy -c: {said}");
+    assert!(!said.contains("WARNING"), "haproxy -c warns: {said}");
+}
+
+/// The quick start's one-line `nc -N` round trip, as written, against the
+/// quick start's server on a free port (netcat-openbsd, which CI installs).
+#[test]
+fn the_quick_starts_nc_line_prints_the_echo_and_ends() {
+    let written = "printf 'x\\n' | nc -N 127.0.0.1 7007";
+    let readme = read("README.md");
+    assert!(
+        readme.contains(&format!("`{written}`")),
+        "the README no longer says `{written}`"
+    );
+    if Command::new("nc").arg("-h").output().is_err() {
+        skipped(format_args!("no nc here (Debian package netcat-openbsd)"));
+        return;
+    }
+    let d = crate::util::Daemon::start(&["-l", "127.0.0.1:0"]);
+    let line = written.replace("7007", &d.addr().port().to_string());
+    let out = Command::new("timeout")
+        .args(["10", "sh", "-c", &line])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{line}: {out:?}");
+    assert_eq!(out.stdout, b"x\n", "{line}");
+}
+
+/// A file as it was when made, restored when dropped: removed if it did
+/// not exist.
+struct PutBack {
+    path: &'static str,
+    was: Option<Vec<u8>>,
+}
+
+impl PutBack {
+    fn new(path: &'static str) -> PutBack {
+        PutBack {
+            path,
+            was: std::fs::read(path).ok(),
+        }
+    }
+}
+
+impl Drop for PutBack {
+    fn drop(&mut self) {
+        let _ = match &self.was {
+            Some(b) => std::fs::write(self.path, b),
+            None => std::fs::remove_file(self.path),
+        };
+    }
+}
+
+/// The example alert rules the README points to load in Prometheus
+/// (`promtool check rules`, from Debian's prometheus, which CI installs),
+/// and name only metrics the daemon exports.
+#[test]
+fn the_example_alert_rules_pass_promtool() {
+    let rules = read("contrib/prometheus-alerts.yml");
+    let exported = read("src/metrics.rs");
+    for name in rules
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("echo_forkd_"))
+    {
+        let family = name.strip_prefix("echo_forkd_").unwrap_or(name);
+        assert!(
+            exported.contains(&format!("\"{family}\"")),
+            "the rules use {name}, which the daemon does not export"
+        );
+    }
+    let readme = read("README.md");
+    assert!(
+        readme.contains("contrib/prometheus-alerts.yml"),
+        "the README does not point to the rules"
+    );
+    let Ok(out) = Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/prometheus-alerts.yml"))
+        .output()
+    else {
+        skipped(format_args!("no promtool here (Debian package prometheus)"));
+        return;
+    };
+    assert!(
+        out.status.success(),
+        "promtool check rules: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -218,6 +218,26 @@ fn allow_and_deny(mode: &str) {
     assert!(closed_unserved(&mut s), "127.0.0.1 was served");
     let mut s = connect_from([127, 0, 0, 2], addr);
     assert_eq!(round_trip(&mut s, b"from .2").unwrap(), b"from .2");
+
+    // At debug level the refusal names the client.
+    let d = Daemon::start(&[
+        "-l",
+        "127.0.0.1:0",
+        "-m",
+        mode,
+        "--deny",
+        "127.0.0.3/32",
+        "--log-level",
+        "debug",
+    ]);
+    let mut s = connect_from([127, 0, 0, 3], d.addr());
+    assert!(closed_unserved(&mut s), "127.0.0.3 was served");
+    assert!(
+        d.wait_line("connection from 127.0.0.3:", DEADLINE)
+            .is_some_and(|l| l.contains("refused by allow/deny rules")),
+        "{mode}: the refusal does not name the client:\n{}",
+        d.stderr_text()
+    );
 }
 
 in_every_mode!(allow_and_deny: allow_and_deny);

@@ -8,9 +8,13 @@ use std::process::{Command, Stdio};
 use super::*;
 
 /// HAProxy listening on two ports that forward to `backend`, one with
-/// `send-proxy` (v1), one with `send-proxy-v2`; `None` if it is not
-/// installed.
-fn haproxy(dir: &TempDir, backend: SocketAddr) -> Option<(Killed, SocketAddr, SocketAddr)> {
+/// `send-proxy` (v1), one with `send-proxy-v2`, each server line ending
+/// with `more`; `None` if it is not installed.
+fn haproxy(
+    dir: &TempDir,
+    backend: SocketAddr,
+    more: &str,
+) -> Option<(Killed, SocketAddr, SocketAddr)> {
     let bin = ["/usr/sbin/haproxy", "haproxy"].into_iter().find(|b| {
         Command::new(b)
             .arg("-v")
@@ -26,8 +30,8 @@ fn haproxy(dir: &TempDir, backend: SocketAddr) -> Option<(Killed, SocketAddr, So
              defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
              frontend v1\n  bind 127.0.0.1:{v1}\n  default_backend echo1\n\
              frontend v2\n  bind 127.0.0.1:{v2}\n  default_backend echo2\n\
-             backend echo1\n  server e {backend} send-proxy\n\
-             backend echo2\n  server e {backend} send-proxy-v2\n"
+             backend echo1\n  server e {backend} send-proxy{more}\n\
+             backend echo2\n  server e {backend} send-proxy-v2{more}\n"
         ),
     )
     .unwrap();
@@ -105,7 +109,7 @@ in_every_mode!(behind_a_real_haproxy: behind_a_real_haproxy);
 fn behind_a_real_haproxy(mode: &str) {
     let dir = TempDir::new("haproxy");
     let d = proxied(mode, "127.0.0.1/32", &["--deny", "127.0.0.5/32"]);
-    let Some((_h, v1, v2)) = haproxy(&dir, d.addr()) else {
+    let Some((_h, v1, v2)) = haproxy(&dir, d.addr(), "") else {
         skipped(format_args!("no haproxy here (Debian package haproxy)"));
         return;
     };
@@ -291,4 +295,148 @@ fn header_deadline(mode: &str) {
     ]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("proxy-protocol-timeout"), "{err}");
+}
+
+/// Closes `s` with a reset (`SO_LINGER` 0), as HAProxy ends a check.
+fn reset(s: TcpStream) {
+    let l = nix::sys::socket::sockopt::Linger;
+    let zero = nix::libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    nix::sys::socket::setsockopt(&s, l, &zero).unwrap();
+    drop(s);
+}
+
+/// The sample `name` of the exposition `text`.
+fn sample(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+in_every_mode!(a_balancers_health_checks_are_not_refusals: health_checks);
+
+/// HAProxy's `check` on a `send-proxy-v2` server sends a v2 `LOCAL`
+/// header and resets; other balancers connect and close, or reset at
+/// once. None of it is a refusal: `refused_total{reason="proxy"}` and its
+/// warning stay for what an operator must act on, which an untrusted
+/// source still is.
+fn health_checks(mode: &str) {
+    let d = proxied(mode, "127.0.0.7/32", &["--metrics", "127.0.0.1:0"]);
+    let addr = d.addr();
+    // v2 LOCAL: signature, version 2 command LOCAL, family UNSPEC, length 0.
+    let local_v2 = b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00";
+    for _ in 0..3 {
+        let mut s = connect_from([127, 0, 0, 7], addr);
+        s.write_all(local_v2).unwrap();
+        reset(s);
+        let mut s = connect_from([127, 0, 0, 7], addr);
+        s.write_all(b"PROXY UNKNOWN\r\n").unwrap();
+        drop(s);
+        // Gone before the header was whole, or before anything.
+        let mut s = connect_from([127, 0, 0, 7], addr);
+        s.write_all(&local_v2[..7]).unwrap();
+        reset(s);
+        reset(connect_from([127, 0, 0, 7], addr));
+        drop(connect_from([127, 0, 0, 7], addr));
+    }
+    // A LOCAL connection that talks is served as from the proxy.
+    let mut s = connect_from([127, 0, 0, 7], addr);
+    s.write_all(local_v2).unwrap();
+    assert_eq!(round_trip(&mut s, b"local").unwrap(), b"local");
+    drop(s);
+    // And an untrusted source is still refused, and counted, alone.
+    let mut forged = connect_from([127, 0, 0, 1], addr);
+    forged.write_all(local_v2).unwrap();
+    assert!(closed_unread(forged), "an untrusted proxy was served");
+    let report = d
+        .wait_line("(PROXY protocol) since the last report", DEADLINE)
+        .unwrap_or_else(|| panic!("{mode}: no report of the refusal:\n{}", d.stderr_text()));
+    assert!(
+        report.contains("refused 1 connection (PROXY protocol) since the last report; 1 in all"),
+        "{mode}: health checks counted as refusals: {report}"
+    );
+    let metrics = d
+        .listening()
+        .iter()
+        .find_map(|a| a.strip_prefix("metrics:").and_then(|a| a.parse().ok()))
+        .expect("the metrics listener");
+    let scrape = || {
+        let mut m = TcpStream::connect::<SocketAddr>(metrics).unwrap();
+        m.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut text = String::new();
+        m.read_to_string(&mut text).unwrap();
+        text
+    };
+    // 15 checks and the talker end, as counted by whoever served them.
+    let mut text = String::new();
+    let counted = wait_until(DEADLINE, || {
+        text = scrape();
+        let served = sample(&text, "echo_forkd_connections_total").unwrap_or(0);
+        let gone = sample(&text, "echo_forkd_connections_abandoned_total").unwrap_or(0);
+        served + gone == 16
+    });
+    assert!(counted, "{mode}: not all 16 counted:\n{text}");
+    assert_eq!(
+        sample(&text, "echo_forkd_refused_total{reason=\"proxy\"}"),
+        Some(1),
+        "{mode}: {text}"
+    );
+    // At least the nine that went before their header was whole.
+    let gone = sample(&text, "echo_forkd_connections_abandoned_total").unwrap_or(0);
+    assert!(gone >= 9, "{mode}: {gone} abandoned:\n{text}");
+    d.signal(Signal::SIGUSR1);
+    let status = d.wait_line("status:", DEADLINE).unwrap();
+    assert!(status.contains("PROXY protocol 1"), "{mode}: {status}");
+}
+
+in_every_mode!(a_real_haproxys_checks_are_no_refusals: haproxy_checks);
+
+/// HAProxy 2.6 with `check` (every 100 ms) on a `send-proxy` and a
+/// `send-proxy-v2` server, in front for 10 s while a client talks through
+/// it: no refusal is counted or warned about, every check is seen.
+fn haproxy_checks(mode: &str) {
+    let dir = TempDir::new("haproxy-checks");
+    let d = proxied(mode, "127.0.0.1/32", &["--metrics", "127.0.0.1:0"]);
+    let Some((_h, _v1, v2)) = haproxy(&dir, d.addr(), " check inter 100ms") else {
+        skipped(format_args!("no haproxy here (Debian package haproxy)"));
+        return;
+    };
+    let mut s = connect_from([127, 0, 0, 6], v2);
+    let end = Instant::now() + Duration::from_secs(10);
+    let mut talks = 0;
+    while Instant::now() < end {
+        assert_eq!(round_trip(&mut s, b"through").unwrap(), b"through");
+        talks += 1;
+        // Pacing a conversation, not waiting for anything.
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    drop(s);
+    let metrics = d
+        .listening()
+        .iter()
+        .find_map(|a| a.strip_prefix("metrics:").and_then(|a| a.parse().ok()))
+        .expect("the metrics listener");
+    let mut m = TcpStream::connect::<SocketAddr>(metrics).unwrap();
+    m.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut text = String::new();
+    m.read_to_string(&mut text).unwrap();
+    assert_eq!(
+        sample(&text, "echo_forkd_refused_total{reason=\"proxy\"}"),
+        Some(0),
+        "{mode}: HAProxy's checks counted as refusals:\n{text}"
+    );
+    let served = sample(&text, "echo_forkd_connections_total").unwrap_or(0);
+    let gone = sample(&text, "echo_forkd_connections_abandoned_total").unwrap_or(0);
+    // Two servers checked every 100 ms for 10 s: about 200, surely 50.
+    assert!(
+        served + gone >= 50,
+        "{mode}: only {served} served and {gone} abandoned after {talks} round trips:\n{text}"
+    );
+    let log = d.stderr_text();
+    assert!(
+        !log.contains("(PROXY protocol) since the last report")
+            && !log.contains("not from a trusted proxy"),
+        "{mode}: a refusal was logged:\n{log}"
+    );
 }

@@ -42,6 +42,56 @@ fn notifies_ready_status_and_stopping() {
     assert!(d.wait_exit(DEADLINE).is_some_and(|s| s.success()));
 }
 
+/// STATUS= follows the figures (`systemctl status` shows what /metrics
+/// says): after connections it is sent again within 2 s with the new
+/// count, and an idle daemon sends nothing more.
+#[test]
+fn status_follows_the_figures_and_rests_when_idle() {
+    let dir = TempDir::new("notify-status");
+    let path = dir.path("notify");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    let d = Daemon::spawn_with(&["-l", "127.0.0.1:0", "-w", "2", "--min-spare", "0"], |c| {
+        c.env("NOTIFY_SOCKET", &path);
+    });
+    recv_containing(&sock, "READY=1").expect("no READY=1");
+    for i in 0..3 {
+        let msg = format!("status {i}");
+        assert_eq!(echo_all(d.addr(), msg.as_bytes()), msg.as_bytes());
+    }
+    let began = Instant::now();
+    let mut buf = [0u8; 4096];
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let (mut seen, mut settled) = (None, false);
+    while began.elapsed() < Duration::from_secs(4) && !settled {
+        if let Ok(n) = sock.recv(&mut buf) {
+            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if msg.contains("connections served 3,") {
+                seen = seen.or(Some(began.elapsed()));
+                // The workers idle again: nothing moves after this one.
+                settled = msg.contains("busy 0,");
+            }
+        }
+    }
+    let took = seen.expect("no STATUS= with the 3 connections within 4 s");
+    assert!(
+        took <= Duration::from_secs(2),
+        "STATUS= came {took:?} after the figures moved"
+    );
+    assert!(settled, "no STATUS= with the workers idle again");
+    // Idle now: nothing more for 2.5 s (it would be sent every second if
+    // the uptime alone counted as a change).
+    let quiet = Instant::now();
+    while quiet.elapsed() < Duration::from_millis(2500) {
+        if let Ok(n) = sock.recv(&mut buf) {
+            panic!(
+                "STATUS= sent while idle: {}",
+                String::from_utf8_lossy(&buf[..n])
+            );
+        }
+    }
+}
+
 #[test]
 fn a_reload_is_bracketed_by_reloading_and_ready() {
     let dir = TempDir::new("notify-reload");
@@ -135,6 +185,77 @@ fn uses_sockets_passed_by_socket_activation() {
     assert!(names.contains(&format!("udp:{uaddr}")), "{names:?}");
     let got = echo_udp(uaddr, b"datagram").expect("the passed UDP socket answers");
     assert_eq!(got, b"datagram");
+}
+
+/// Under socket activation the passed sockets replace the configured echo
+/// addresses: one they do not cover (a `udp:` listener where the socket
+/// unit has only `ListenStream=`) is a warning that names it and the
+/// line to add, and the covered one is not.
+#[test]
+fn a_configured_listener_socket_activation_does_not_pass_is_warned_about() {
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = tcp.local_addr().unwrap();
+    let fd: OwnedFd = tcp.into();
+    let raw = fd.as_raw_fd();
+    let udp = format!("udp:127.0.0.1:{}", addr.port());
+    let mut cmd = Command::new("/bin/sh");
+    cmd.args([
+        "-c",
+        "LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" \"$@\"",
+        BIN,
+        "-f",
+        "-w",
+        "1",
+        "--min-spare",
+        "0",
+        "-l",
+        &addr.to_string(),
+        "-l",
+        &udp,
+    ]);
+    // SAFETY: fcntl and dup2 are async-signal-safe; the socket is placed
+    // at fd 3 without close-on-exec, as a service manager does.
+    unsafe {
+        cmd.pre_exec(move || {
+            let high = libc::fcntl(raw, libc::F_DUPFD_CLOEXEC, 64);
+            if high < 0 || libc::dup2(high, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let d = Daemon::from_command(cmd);
+    assert!(
+        d.wait_line("ready", DEADLINE).is_some(),
+        "{}",
+        d.stderr_text()
+    );
+    drop(fd);
+    let log = d.stderr_text();
+    assert!(
+        log.contains("using 1 socket passed by the service manager"),
+        "{log}"
+    );
+    let warned: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("socket activation:"))
+        .collect();
+    assert_eq!(
+        warned.len(),
+        1,
+        "one warning, for the UDP listener only:\n{log}"
+    );
+    assert!(
+        warned[0].contains(&format!("{udp} is configured but not among"))
+            && warned[0].contains(&format!(
+                "add ListenDatagram={}:{}",
+                "127.0.0.1",
+                addr.port()
+            )),
+        "{}",
+        warned[0]
+    );
+    assert_eq!(echo_all(addr, b"tcp is served"), b"tcp is served");
 }
 
 #[test]

@@ -86,7 +86,12 @@ impl Master {
         let admitted = if let Some(c) = &carried {
             Ok(c.place)
         } else if proxied {
-            policy.proxy_of(worker::peer_addr(&conn)).map(|_| None)
+            let peer = worker::peer_addr(&conn);
+            if policy.proxy_of(peer).is_err() {
+                worker::unserved_behind_proxy(&self.scoreboard, worker::untrusted(peer));
+                return true;
+            }
+            Ok(None)
         } else if tcp && !policy.is_open() {
             match crate::access::peer_key(&conn) {
                 Some(key) => policy
@@ -101,6 +106,7 @@ impl Master {
             Ok(place) => place,
             Err(why) => {
                 self.scoreboard.refused(why);
+                worker::refused_peer(&conn, why);
                 return true;
             }
         };

@@ -166,6 +166,8 @@ struct Reports {
     errors: RateLimit,
     /// Escalations of the crash-loop back-off after the first.
     crash: RateLimit,
+    /// The figures of the last STATUS= (its line without the uptime).
+    status_sent: String,
 }
 
 struct Master {

@@ -134,6 +134,7 @@ pub fn run(
             cut: status::Counted::default(),
             errors: RateLimit::new(REPORT_EVERY),
             crash: RateLimit::new(REPORT_EVERY),
+            status_sent: String::new(),
         },
         cfg,
     };

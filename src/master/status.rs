@@ -79,7 +79,9 @@ impl Master {
     /// The USR1 line and systemd's STATUS=.
     pub(super) fn status_text(&self, now: Instant) -> String {
         let uptime = now.duration_since(self.started).as_secs();
-        let (mut busy, mut idle, mut other, mut served) = (0, 0, 0, self.prefork.served_by_gone);
+        let (mut busy, mut idle, mut other) = (0, 0, 0);
+        // What /metrics says (echo_forkd_connections_total), from the same word.
+        let (served, _) = self.scoreboard.served_totals();
         let mut open = 0;
         for (_, c) in self
             .children
@@ -87,7 +89,6 @@ impl Master {
             .filter(|(_, c)| matches!(c.kind, Kind::Pool | Kind::Conn))
         {
             if let Some(e) = c.slot.and_then(|s| self.scoreboard.get(s)) {
-                served += e.served;
                 open += e.open;
                 match e.state {
                     State::Busy => busy += 1,
@@ -132,7 +133,7 @@ impl Master {
                 self.life.generation(),
                 self.children.conns(),
                 self.cfg.max_children,
-                self.fork.accepted + served,
+                self.fork.accepted + self.prefork.served_by_gone,
                 counted(self.fork.saturation.hits, "time", "times")
             ),
         };
@@ -141,6 +142,21 @@ impl Master {
             self.udp_status(),
             env!("CARGO_PKG_VERSION")
         )
+    }
+
+    /// Under systemd, once a second at most: STATUS= again if its figures
+    /// moved since it was last sent (`systemctl status` shows what
+    /// `/metrics` says; an idle daemon sends nothing).
+    fn refresh_status(&mut self, now: Instant) {
+        if self.handoff.notify.is_none() {
+            return;
+        }
+        let text = self.status_text(now);
+        let figures = without_uptime(&text);
+        if figures != self.reports.status_sent {
+            self.notify(&format!("STATUS={text}"));
+            self.reports.status_sent = figures;
+        }
     }
 
     /// The UDP part of the status line: empty without UDP workers.
@@ -172,6 +188,7 @@ impl Master {
             return;
         }
         self.reports.next_tick = now + TICK;
+        self.refresh_status(now);
         for (i, n, all) in self.reports.refused.report(now, self.scoreboard.refusals()) {
             let (n, why) = (counted(n, "connection", "connections"), Refusal::ALL[i]);
             warn!(
@@ -258,6 +275,17 @@ impl<const N: usize> Counted<N> {
     }
 }
 
+/// A status line without its uptime, which moves every second.
+fn without_uptime(text: &str) -> String {
+    match text.split_once(", uptime ") {
+        Some((before, after)) => {
+            let rest = after.split_once(" s").map_or("", |(_, r)| r);
+            format!("{before}{rest}")
+        }
+        None => text.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -272,5 +300,18 @@ mod tests {
         // What came meanwhile is in the next report.
         assert_eq!(c.due(t + REPORT_EVERY, [7, 1]), Some([4, 1]));
         assert_eq!(c.logged(), [7, 1]);
+    }
+
+    #[test]
+    fn the_uptime_alone_does_not_count_as_a_change() {
+        let a = "mode prefork, connections served 3, uptime 12 s, udp workers 1, version 0.1.0";
+        let b = "mode prefork, connections served 3, uptime 13 s, udp workers 1, version 0.1.0";
+        assert_eq!(without_uptime(a), without_uptime(b));
+        assert_eq!(
+            without_uptime(a),
+            "mode prefork, connections served 3, udp workers 1, version 0.1.0"
+        );
+        let c = "mode prefork, connections served 4, uptime 13 s, udp workers 1, version 0.1.0";
+        assert_ne!(without_uptime(a), without_uptime(c));
     }
 }

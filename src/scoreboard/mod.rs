@@ -90,6 +90,7 @@ pub enum HandOver {
 const IDLE: usize = 0;
 const WAKE_BELOW: usize = 1;
 const HIGH: usize = 2;
+const ABANDONED: usize = 3; // connections whose client went away before they could be served
 const HASH_SEED: usize = 6;
 const SETUP_REPORTED_MS: usize = 7; // when a setup failure was last logged (+1)
 const SETUP_UNREPORTED: usize = 8; // setup failures not logged since
@@ -308,6 +309,19 @@ impl Scoreboard {
     /// Refused connections so far, by kind (in [`Refusal::ALL`] order).
     pub fn refusals(&self) -> [u64; 4] {
         Refusal::ALL.map(|r| self.header(REFUSED + r.index()).load(Ordering::Relaxed))
+    }
+
+    /// Counts a connection whose client went away before it could be
+    /// served: it reset or closed before its PROXY header was complete, or
+    /// before its address could be read (a balancer's health check). Not
+    /// a refusal: nothing for an operator to act on.
+    pub fn abandoned(&self) {
+        self.header(ABANDONED).fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Connections whose client went away before they could be served.
+    pub fn abandoned_total(&self) -> u64 {
+        self.header(ABANDONED).load(Ordering::Relaxed)
     }
 
     /// Counts a connection served, and the bytes echoed on it.
