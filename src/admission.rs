@@ -21,56 +21,8 @@ use std::time::Duration;
 
 use crate::access::{self, Rules};
 use crate::proxy::Trusted;
+pub use crate::scoreboard::Refusal;
 use crate::scoreboard::{hold, take_held, Place, Scoreboard, Slot};
-
-/// Why a connection was closed at once.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Refusal {
-    /// `--deny`, or no `--allow` matched.
-    Denied,
-    /// `--max-per-ip`.
-    PerIp,
-    /// `--max-conn-rate` (for a datagram: `--udp-rate`).
-    Rate,
-    /// `--proxy-protocol`: not from a trusted proxy, or no valid header
-    /// in time.
-    Proxy,
-}
-
-impl Refusal {
-    /// Every kind, in counter order.
-    pub const ALL: [Refusal; 4] = [
-        Refusal::Denied,
-        Refusal::PerIp,
-        Refusal::Rate,
-        Refusal::Proxy,
-    ];
-
-    /// Its counter's index.
-    pub fn index(self) -> usize {
-        self as usize
-    }
-
-    /// The `reason` label of the metrics.
-    pub fn label(self) -> &'static str {
-        match self {
-            Refusal::Denied => "deny",
-            Refusal::PerIp => "per_ip",
-            Refusal::Rate => "rate",
-            Refusal::Proxy => "proxy",
-        }
-    }
-
-    /// The limit's name, for the log.
-    pub fn name(self) -> &'static str {
-        match self {
-            Refusal::Denied => "allow/deny rules",
-            Refusal::PerIp => "max-per-ip",
-            Refusal::Rate => "max-conn-rate",
-            Refusal::Proxy => "PROXY protocol",
-        }
-    }
-}
 
 /// The checks a client must pass before it is served.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -74,7 +74,7 @@ pub struct Children {
     pipes: BTreeSet<RawFd>,
     /// How many of each kind, in [`Kind`] order: the fork-mode master
     /// checks `max-children` on every wake-up.
-    counts: [usize; crate::kind::KINDS.len()],
+    counts: [usize; Kind::ALL.len()],
 }
 
 impl Children {
@@ -327,8 +327,6 @@ pub enum Exit {
 pub const EXIT_ORPHAN: i32 = 3;
 /// Exit code of a child that could not set itself up (privilege drop).
 pub const EXIT_SETUP: i32 = 4;
-/// Exit code of a child whose code panicked.
-pub const EXIT_PANIC: i32 = 70;
 /// Exit code of a fork-mode child that refused its client after reading
 /// what the master could not (behind a proxy: the header, then the rules
 /// and limits for the address it carries): a refusal, counted as such by

@@ -1,14 +1,11 @@
-//! The kinds of child the master keeps, one row each, in the spirit of
-//! nginx's spawn callbacks and its `signals[]` table: what the log calls
-//! one, its letter in the upgrade handover, which listeners it keeps after
-//! the fork, how many the configuration in force wants, and the function
-//! it runs. The master's supervision (spawning, retiring, reaping, the
-//! status line, the handover) reads the table; a new kind of child is a
-//! new row, not a flag in seven files.
+//! The kinds of child the master keeps, in the spirit of nginx's spawn
+//! callbacks and its `signals[]` table: what the log calls one, its letter
+//! in the upgrade handover, which listeners it keeps after the fork, and
+//! whether it serves connections it may hand over. What each runs, and how
+//! many the configuration wants, is the master's table (master/kinds.rs):
+//! this module stays below everything a child runs.
 
-use crate::config::{Config, Mode};
-use crate::listen::{Listener, Service};
-use crate::worker::Ctx;
+use crate::listen::Service;
 
 /// What a child is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -31,145 +28,74 @@ pub enum Kind {
     Carrier,
 }
 
-/// What a worker needs from the configuration it is started for, besides
-/// its context.
-#[derive(Clone, Copy, Debug)]
-pub struct Params {
-    pub mode: Mode,
-    /// event: `--worker-connections`.
-    #[cfg_attr(not(any(target_os = "linux", target_os = "android")), allow(dead_code))]
-    pub max_open: usize,
-    /// Its `--max-requests`, jitter included (0: none).
-    pub max_requests: u64,
-    /// `--udp-rate`.
-    pub udp_rate: u32,
-}
-
-/// What a worker runs after the fork: its listeners, its context and
-/// its parameters in, its exit code out.
-pub type Entry = fn(Vec<Listener>, Ctx<'_>, Params) -> i32;
-
-/// A kind's row.
-pub struct Row {
-    pub kind: Kind,
-    /// What the log calls one.
-    pub name: &'static str,
-    /// Its letter in the upgrade handover.
-    pub tag: &'static str,
-    /// The listeners it keeps after the fork (`None`: none; a fork-mode
-    /// child keeps its connection only).
-    pub keeps: Option<Service>,
-    /// Whether it serves connections, which it hands over through the
-    /// relay when it retires (and, a pool worker, takes from it).
-    pub relays: bool,
-    /// How many of it the configuration wants while it has a listener of
-    /// its service (the pool's size is the pool's own affair).
-    pub wanted: fn(&Config) -> usize,
-    /// What it runs, with the listeners it kept (`None`: it is forked
-    /// for a connection, not started).
-    pub run: Option<Entry>,
-}
-
-/// Every kind, in [`Kind`] order.
-pub const KINDS: [Row; 5] = [
-    Row {
-        kind: Kind::Pool,
-        name: "worker",
-        tag: "w",
-        keeps: Some(Service::Echo),
-        relays: true,
-        wanted: |cfg| cfg.workers as usize,
-        run: Some(pool),
-    },
-    Row {
-        kind: Kind::Conn,
-        name: "child",
-        tag: "c",
-        keeps: None,
-        relays: true,
-        wanted: |_| 0,
-        run: None,
-    },
-    Row {
-        kind: Kind::Udp,
-        name: "udp worker",
-        tag: "u",
-        keeps: Some(Service::Datagrams),
-        relays: false,
-        wanted: |cfg| cfg.udp_workers as usize,
-        run: Some(|l, ctx, p| crate::udp::run(l, ctx, p.udp_rate)),
-    },
-    Row {
-        kind: Kind::Metrics,
-        name: "metrics worker",
-        tag: "m",
-        keeps: Some(Service::Metrics),
-        relays: false,
-        wanted: |_| 1,
-        run: Some(|l, ctx, _| crate::metrics::run(l, ctx)),
-    },
-    Row {
-        kind: Kind::Carrier,
-        name: "carrier",
-        tag: "k",
-        keeps: None,
-        relays: true,
-        wanted: |_| 0,
-        run: Some(carry),
-    },
-];
-
-/// A carrier: the event loop where there is one (elsewhere none is
-/// started: the master hands what the vault holds to the pool).
-fn carry(_: Vec<Listener>, ctx: Ctx<'_>, _: Params) -> i32 {
-    #[cfg(any(target_os = "linux", target_os = "android"))]
-    return crate::event::carry(ctx);
-    #[cfg(not(any(target_os = "linux", target_os = "android")))]
-    {
-        drop(ctx);
-        1
-    }
-}
-
-/// A pool worker of the mode in force.
-fn pool(listeners: Vec<Listener>, ctx: Ctx<'_>, p: Params) -> i32 {
-    match p.mode {
-        #[cfg(any(target_os = "linux", target_os = "android"))]
-        Mode::Event => crate::event::run(listeners, ctx, p.max_open, p.max_requests),
-        _ => crate::worker::prefork(listeners, ctx, p.max_requests),
-    }
-}
-
 impl Kind {
-    /// Its row.
-    pub fn row(self) -> &'static Row {
-        &KINDS[self.index()]
-    }
+    /// Every kind, in index order.
+    pub const ALL: [Kind; 5] = [
+        Kind::Pool,
+        Kind::Conn,
+        Kind::Udp,
+        Kind::Metrics,
+        Kind::Carrier,
+    ];
 
-    /// Its place in [`KINDS`], and in per-kind counts.
+    /// Its place in [`Kind::ALL`], and in per-kind counts.
     pub fn index(self) -> usize {
         self as usize
     }
 
     /// What the log calls one.
     pub fn name(self) -> &'static str {
-        self.row().name
+        match self {
+            Kind::Pool => "worker",
+            Kind::Conn => "child",
+            Kind::Udp => "udp worker",
+            Kind::Metrics => "metrics worker",
+            Kind::Carrier => "carrier",
+        }
+    }
+
+    /// Its letter in the upgrade handover.
+    pub fn tag(self) -> &'static str {
+        match self {
+            Kind::Pool => "w",
+            Kind::Conn => "c",
+            Kind::Udp => "u",
+            Kind::Metrics => "m",
+            Kind::Carrier => "k",
+        }
     }
 
     /// The kind a handover's letter names.
     pub fn from_tag(tag: &str) -> Option<Kind> {
-        KINDS.iter().find(|r| r.tag == tag).map(|r| r.kind)
+        Kind::ALL.into_iter().find(|k| k.tag() == tag)
     }
 
-    /// Whether it is started from a configuration, with listeners, and
-    /// supervised through a control pipe and a scoreboard slot (every kind
-    /// but a fork-mode child).
+    /// The listeners it keeps after the fork (`None`: none; a fork-mode
+    /// child keeps its connection only).
+    pub fn keeps(self) -> Option<Service> {
+        match self {
+            Kind::Pool => Some(Service::Echo),
+            Kind::Udp => Some(Service::Datagrams),
+            Kind::Metrics => Some(Service::Metrics),
+            Kind::Conn | Kind::Carrier => None,
+        }
+    }
+
+    /// Whether it serves connections, which it hands over through the
+    /// relay when it retires (and, a pool worker, takes from it).
+    pub fn relays(self) -> bool {
+        matches!(self, Kind::Pool | Kind::Conn | Kind::Carrier)
+    }
+
+    /// Whether it is started from a configuration and supervised through
+    /// a control pipe and a scoreboard slot (every kind but a fork-mode
+    /// child, which is forked for a connection).
     pub fn is_worker(self) -> bool {
-        self.row().run.is_some()
+        self != Kind::Conn
     }
 
-    /// The helpers: kinds started beside the pool, as many as
-    /// [`Row::wanted`] says while a listener of theirs is open.
+    /// The helpers: kinds started beside the pool, as many as the
+    /// configuration wants while a listener of theirs is open.
     pub fn helpers() -> impl Iterator<Item = Kind> {
         [Kind::Udp, Kind::Metrics].into_iter()
     }
@@ -180,10 +106,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_table_is_in_kind_order_and_its_tags_are_unique() {
-        for (i, row) in KINDS.iter().enumerate() {
-            assert_eq!(row.kind.index(), i);
-            assert_eq!(Kind::from_tag(row.tag), Some(row.kind));
+    fn the_kinds_are_in_index_order_and_their_tags_are_unique() {
+        for (i, kind) in Kind::ALL.into_iter().enumerate() {
+            assert_eq!(kind.index(), i);
+            assert_eq!(Kind::from_tag(kind.tag()), Some(kind));
         }
         assert_eq!(Kind::from_tag("x"), None);
         assert!(!Kind::Conn.is_worker());

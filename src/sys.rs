@@ -10,12 +10,13 @@ use std::ptr::NonNull;
 use std::sync::atomic::AtomicU64;
 use std::time::SystemTime;
 
+/// Exit code of a child whose code panicked.
+pub const EXIT_PANIC: i32 = 70;
+
 use nix::sys::signal::{
     sigaction, sigprocmask, SaFlags, SigAction, SigHandler, SigSet, SigmaskHow, Signal,
 };
 use nix::unistd::{fork, ForkResult, Pid};
-
-use crate::children::EXIT_PANIC;
 
 /// Forks; the child runs `child` and ends with `_exit`, never returning into
 /// the caller's code. Returns the child's pid in the parent.

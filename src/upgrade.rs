@@ -158,7 +158,7 @@ impl Handover {
                     "{}/{}/{}/{}/{}/{}",
                     c.pid,
                     c.generation,
-                    kind.row().tag,
+                    kind.tag(),
                     opt(*slot),
                     opt(*ctl),
                     u8::from(*retiring)

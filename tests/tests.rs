@@ -38,6 +38,7 @@ mod models;
 mod protocol;
 mod proxy;
 mod signals;
+mod structure;
 mod supervision;
 mod systemd;
 mod turns;

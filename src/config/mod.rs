@@ -101,8 +101,8 @@ pub const MAX_WORKERS_LIMIT: u32 = 4096;
 pub mod ceiling {
     /// `idle-timeout`, `max-session`, `shutdown-timeout`: 30 days.
     pub const SECONDS: u64 = 30 * 24 * 3600;
-    /// `max-children`: processes forked at once.
-    pub const MAX_CHILDREN: u32 = 65_536;
+    /// `max-children`: processes forked at once (the scoreboard's bound).
+    pub const MAX_CHILDREN: u32 = crate::scoreboard::MAX_CHILDREN;
     /// `worker-connections`: connections one event worker holds.
     pub const WORKER_CONNECTIONS: u32 = 1 << 20;
     /// `udp-workers`.

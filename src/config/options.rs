@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use crate::access::Rules;
 use crate::listen::ListenAddr;
+pub use crate::logging::{Facility, LogTarget};
 use std::str::FromStr;
 
 use clap::{Parser, ValueEnum};
@@ -45,14 +46,6 @@ impl fmt::Display for Mode {
     }
 }
 
-/// Where log lines go.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogTarget {
-    Stderr,
-    Syslog,
-}
-
 /// The most verbose level that is logged.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -71,40 +64,6 @@ impl LogLevel {
             LogLevel::Warn => log::LevelFilter::Warn,
             LogLevel::Info => log::LevelFilter::Info,
             LogLevel::Debug => log::LevelFilter::Debug,
-        }
-    }
-}
-
-/// The syslog facilities an operator may choose.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Facility {
-    Daemon,
-    User,
-    Local0,
-    Local1,
-    Local2,
-    Local3,
-    Local4,
-    Local5,
-    Local6,
-    Local7,
-}
-
-impl Facility {
-    /// The facility's code as syslog(3) numbers it (LOG_DAEMON >> 3 = 3, …).
-    pub fn code(self) -> u8 {
-        match self {
-            Facility::User => 1,
-            Facility::Daemon => 3,
-            Facility::Local0 => 16,
-            Facility::Local1 => 17,
-            Facility::Local2 => 18,
-            Facility::Local3 => 19,
-            Facility::Local4 => 20,
-            Facility::Local5 => 21,
-            Facility::Local6 => 22,
-            Facility::Local7 => 23,
         }
     }
 }

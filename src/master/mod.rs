@@ -24,6 +24,7 @@
 mod fork;
 mod generation;
 mod helper;
+mod kinds;
 mod lifecycle;
 mod reap;
 mod start;

@@ -12,10 +12,10 @@ use nix::errno::Errno;
 use nix::unistd::Pid;
 
 use super::generation::{take_planned, Target};
+use super::kinds::{self, Params};
 use super::{enter, Master};
 use crate::children::{Child, Kind};
 use crate::config::Mode;
-use crate::kind::Params;
 use crate::listen::Listener;
 use crate::pool;
 use crate::scoreboard::{Entry, HandOver, State};
@@ -105,14 +105,14 @@ impl Master {
     fn held_by(&self, which: impl Fn(&Child) -> bool) -> u64 {
         self.children
             .iter()
-            .filter(|(_, c)| c.kind.is_worker() && c.kind.row().relays && which(c))
+            .filter(|(_, c)| c.kind.is_worker() && c.kind.relays() && which(c))
             .filter_map(|(_, c)| self.scoreboard.get(c.slot?))
             .map(|e| e.open)
             .sum()
     }
 
     /// Forks the helpers the generation in force needs: as many of each
-    /// helper kind as its row wants while a listener of its service is
+    /// helper kind as the configuration wants while a listener of its service is
     /// open (`udp-workers` for `udp:`, one for `--metrics`). (A reload's
     /// new generation gets its own once it is in force: until then the
     /// old ones serve, and clients wait in the sockets meanwhile.)
@@ -121,14 +121,17 @@ impl Master {
             return;
         }
         for kind in Kind::helpers() {
-            let row = kind.row();
-            let listens = row.keeps.is_some_and(|service| {
+            let listens = kind.keeps().is_some_and(|service| {
                 self.acceptor
                     .listeners()
                     .iter()
                     .any(|l| l.service() == service)
             });
-            let want = if listens { (row.wanted)(&self.cfg) } else { 0 };
+            let want = if listens {
+                kinds::wanted(kind, &self.cfg)
+            } else {
+                0
+            };
             while self.children.serving(kind, self.life.generation()) < want {
                 if !self.try_spawn(Target::InForce, kind, now) {
                     return;
@@ -369,7 +372,7 @@ impl Master {
     }
 
     /// Forks one worker of `kind` for `target`'s configuration: it keeps
-    /// the listeners of its service and runs its row's function. Err says
+    /// the listeners of its service and runs what its kind runs. Err says
     /// why not.
     pub(super) fn spawn_worker(
         &mut self,
@@ -377,9 +380,8 @@ impl Master {
         kind: Kind,
         now: Instant,
     ) -> Result<Pid, String> {
-        let row = kind.row();
-        let Some(run) = row.run else {
-            return Err(format!("a {} is forked for a connection", row.name));
+        let Some(run) = kinds::entry(kind) else {
+            return Err(format!("a {} is forked for a connection", kind.name()));
         };
         let (generation, cfg, identity) = match (&self.pending, self.life.next(), target) {
             (Some(p), Some(next), Target::Pending) => (next, &p.cfg, p.identity.clone()),
@@ -427,12 +429,12 @@ impl Master {
             sys::spawn(&signals::HANDLED, &signals::CHILD_IGNORED, || {
                 drop(ctl_w.take());
                 let mut listeners = self.take_listeners(target);
-                Listener::keep_in_child(&mut listeners, |l| row.keeps == Some(l.service()));
-                let (relay_tx, relay_rx) = match self.relay.take().filter(|_| row.relays) {
+                Listener::keep_in_child(&mut listeners, |l| kind.keeps() == Some(l.service()));
+                let (relay_tx, relay_rx) = match self.relay.take().filter(|_| kind.relays()) {
                     Some(r) => (Some(r.tx), Some(r.rx)),
                     None => (None, None),
                 };
-                let vault = self.vault.take().filter(|_| row.relays);
+                let vault = self.vault.take().filter(|_| kind.relays());
                 self.close_in_child();
                 if let Err(code) = enter(&identity, &self.scoreboard) {
                     return code;
@@ -464,7 +466,7 @@ impl Master {
                 child.slot = Some(slot);
                 child.ctl = ctl_w;
                 self.children.insert(pid, child);
-                info!("{} {pid} started", row.name);
+                info!("{} {pid} started", kind.name());
                 Ok(pid)
             }
             Err(e) => {

@@ -1,6 +1,6 @@
-//! What the header's counters count, by kind: datagrams dropped by
-//! reason, workers' ends by cause, open connections cut (refusals are
-//! admission's).
+//! What the header's counters count, by kind: connections refused by
+//! reason, datagrams dropped by reason, workers' ends by cause, open
+//! connections cut.
 
 /// Why a datagram was dropped unanswered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -125,6 +125,55 @@ impl Cut {
             Cut::Vault => "they could not be kept for the next master",
             Cut::Descriptors => "the worker that took them had no descriptor free",
             Cut::Timeout => "their worker was killed at shutdown-timeout",
+        }
+    }
+}
+
+/// Why a connection was closed at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// `--deny`, or no `--allow` matched.
+    Denied,
+    /// `--max-per-ip`.
+    PerIp,
+    /// `--max-conn-rate` (for a datagram: `--udp-rate`).
+    Rate,
+    /// `--proxy-protocol`: not from a trusted proxy, or no valid header
+    /// in time.
+    Proxy,
+}
+
+impl Refusal {
+    /// Every kind, in counter order.
+    pub const ALL: [Refusal; 4] = [
+        Refusal::Denied,
+        Refusal::PerIp,
+        Refusal::Rate,
+        Refusal::Proxy,
+    ];
+
+    /// Its counter's index.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The `reason` label of the metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::Denied => "deny",
+            Refusal::PerIp => "per_ip",
+            Refusal::Rate => "rate",
+            Refusal::Proxy => "proxy",
+        }
+    }
+
+    /// The limit's name, for the log.
+    pub fn name(self) -> &'static str {
+        match self {
+            Refusal::Denied => "allow/deny rules",
+            Refusal::PerIp => "max-per-ip",
+            Refusal::Rate => "max-conn-rate",
+            Refusal::Proxy => "PROXY protocol",
         }
     }
 }

@@ -21,13 +21,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use nix::unistd::Pid;
 
-use crate::admission::Refusal;
 use crate::sys::SharedWords;
 
 mod counters;
 mod tables;
-pub use counters::{Cut, Dropped, Exited};
-pub use tables::{hold, take_held, Place};
+pub use counters::{Cut, Dropped, Exited, Refusal};
+pub use tables::{hold, take_held, Place, MAX_CHILDREN};
 
 /// What a worker is doing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -15,8 +15,11 @@ use super::{Region, Scoreboard, HASH_SEED, PLACES_EPOCH};
 pub(super) const RATE_BUCKETS: usize = 8192;
 /// Buckets of the places table: 64 Ki keep shared counts rare.
 pub(super) const PLACE_BUCKETS: usize = 65_536;
+/// The most fork-mode children at once (`max-children`'s ceiling): the
+/// scoreboard keeps a word of places for each.
+pub const MAX_CHILDREN: u32 = 65_536;
 /// Words of fork-mode children's places, one per child at most.
-pub(super) const FORK_HELD: usize = crate::config::ceiling::MAX_CHILDREN as usize;
+pub(super) const FORK_HELD: usize = MAX_CHILDREN as usize;
 
 /// A source's bucket in the places table: what a holder publishes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -2,7 +2,7 @@
 //! what the parent reads.
 
 use super::*;
-use crate::admission::Refusal;
+use crate::scoreboard::Refusal;
 
 #[test]
 fn slots_are_claimed_written_and_released() {
