@@ -192,15 +192,7 @@ fn refused(mode: &str) {
     d.signal(Signal::SIGUSR1);
     let status = d.wait_line("status:", DEADLINE).unwrap();
     assert!(status.contains("PROXY protocol 3"), "{status}");
-    let metrics = d
-        .listening()
-        .iter()
-        .find_map(|a| a.strip_prefix("metrics:").and_then(|a| a.parse().ok()))
-        .expect("the metrics listener");
-    let mut m = TcpStream::connect::<SocketAddr>(metrics).unwrap();
-    m.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-    let mut text = String::new();
-    m.read_to_string(&mut text).unwrap();
+    let text = scrape(&d);
     assert!(
         text.contains("echo_forkd_refused_total{reason=\"proxy\"} 3\n"),
         "{text}"
@@ -308,6 +300,20 @@ fn reset(s: TcpStream) {
     drop(s);
 }
 
+/// The daemon's `/metrics`, from its `--metrics` listener.
+fn scrape(d: &Daemon) -> String {
+    let at: SocketAddr = d
+        .listening()
+        .iter()
+        .find_map(|a| a.strip_prefix("metrics:").and_then(|a| a.parse().ok()))
+        .expect("the metrics listener");
+    let mut m = TcpStream::connect(at).unwrap();
+    m.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut text = String::new();
+    m.read_to_string(&mut text).unwrap();
+    text
+}
+
 /// The sample `name` of the exposition `text`.
 fn sample(text: &str, name: &str) -> Option<u64> {
     text.lines()
@@ -356,22 +362,10 @@ fn health_checks(mode: &str) {
         report.contains("refused 1 connection (PROXY protocol) since the last report; 1 in all"),
         "{mode}: health checks counted as refusals: {report}"
     );
-    let metrics = d
-        .listening()
-        .iter()
-        .find_map(|a| a.strip_prefix("metrics:").and_then(|a| a.parse().ok()))
-        .expect("the metrics listener");
-    let scrape = || {
-        let mut m = TcpStream::connect::<SocketAddr>(metrics).unwrap();
-        m.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-        let mut text = String::new();
-        m.read_to_string(&mut text).unwrap();
-        text
-    };
     // 15 checks and the talker end, as counted by whoever served them.
     let mut text = String::new();
     let counted = wait_until(DEADLINE, || {
-        text = scrape();
+        text = scrape(&d);
         let served = sample(&text, "echo_forkd_connections_total").unwrap_or(0);
         let gone = sample(&text, "echo_forkd_connections_abandoned_total").unwrap_or(0);
         served + gone == 16
@@ -412,15 +406,7 @@ fn haproxy_checks(mode: &str) {
         std::thread::sleep(Duration::from_millis(250));
     }
     drop(s);
-    let metrics = d
-        .listening()
-        .iter()
-        .find_map(|a| a.strip_prefix("metrics:").and_then(|a| a.parse().ok()))
-        .expect("the metrics listener");
-    let mut m = TcpStream::connect::<SocketAddr>(metrics).unwrap();
-    m.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-    let mut text = String::new();
-    m.read_to_string(&mut text).unwrap();
+    let text = scrape(&d);
     assert_eq!(
         sample(&text, "echo_forkd_refused_total{reason=\"proxy\"}"),
         Some(0),

@@ -121,45 +121,32 @@ fn now_usec() -> u64 {
     t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1000
 }
 
-#[test]
-fn uses_sockets_passed_by_socket_activation() {
-    let dir = TempDir::new("activation");
-    let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = tcp.local_addr().unwrap();
-    let upath = dir.path("activated.sock");
-    let unix = UnixListener::bind(&upath).unwrap();
-    // A datagram socket too, as a .socket unit's ListenDatagram= passes.
-    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let uaddr = udp.local_addr().unwrap();
-    let fds: [OwnedFd; 3] = [tcp.into(), unix.into(), udp.into()];
-    let raw = [fds[0].as_raw_fd(), fds[1].as_raw_fd(), fds[2].as_raw_fd()];
+/// The daemon started as a service manager starts it under socket
+/// activation, with `fds` at 3 and on (`LISTEN_FDS`, `LISTEN_PID` its own
+/// pid) and `args`, once it says it is ready.
+fn activated(fds: &[OwnedFd], args: &[&str]) -> Daemon {
+    let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    assert!(raw.len() <= 8, "at most 8 sockets");
     let mut cmd = Command::new("/bin/sh");
     // LISTEN_PID must be the daemon's own pid: set it in the process
-    // that then execs echo-forkd. No --listen: it is optional here.
-    cmd.args([
-        "-c",
-        "LISTEN_PID=$$ LISTEN_FDS=3 exec \"$0\" \"$@\"",
-        BIN,
-        "-f",
-        "-w",
-        "1",
-        "--min-spare",
-        "0",
-    ]);
-    // SAFETY: fcntl and dup2 are async-signal-safe. The sockets are
-    // first copied above every target (one of them may sit at fd 3 and
-    // be overwritten otherwise), then placed at fds 3 to 5 without
-    // close-on-exec, as a service manager does.
+    // that then execs echo-forkd.
+    let set = format!("LISTEN_PID=$$ LISTEN_FDS={} exec \"$0\" \"$@\"", raw.len());
+    cmd.arg("-c").arg(set).arg(BIN).args(args);
+    // SAFETY: fcntl and dup2 are async-signal-safe, nothing is allocated
+    // after the fork (the vector was made before and is only read). The
+    // sockets are first copied above every target (one of them may sit at
+    // a target and be overwritten otherwise), then placed at 3, 4, ...
+    // without close-on-exec, as a service manager does.
     unsafe {
         cmd.pre_exec(move || {
-            let mut high = [0; 3];
+            let mut high = [0i32; 8];
             for (h, &fd) in high.iter_mut().zip(raw.iter()) {
                 *h = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 64);
                 if *h < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
             }
-            for (i, &fd) in high.iter().enumerate() {
+            for (i, &fd) in high[..raw.len()].iter().enumerate() {
                 if libc::dup2(fd, 3 + i as i32) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
@@ -173,6 +160,22 @@ fn uses_sockets_passed_by_socket_activation() {
         "{}",
         d.stderr_text()
     );
+    d
+}
+
+#[test]
+fn uses_sockets_passed_by_socket_activation() {
+    let dir = TempDir::new("activation");
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = tcp.local_addr().unwrap();
+    let upath = dir.path("activated.sock");
+    let unix = UnixListener::bind(&upath).unwrap();
+    // A datagram socket too, as a .socket unit's ListenDatagram= passes.
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let uaddr = udp.local_addr().unwrap();
+    let fds: [OwnedFd; 3] = [tcp.into(), unix.into(), udp.into()];
+    // No --listen: it is optional here.
+    let d = activated(&fds, &["-f", "-w", "1", "--min-spare", "0"]);
     drop(fds);
     let names = d.listening();
     assert!(names.contains(&addr.to_string()), "{names:?}");
@@ -196,39 +199,20 @@ fn a_configured_listener_socket_activation_does_not_pass_is_warned_about() {
     let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = tcp.local_addr().unwrap();
     let fd: OwnedFd = tcp.into();
-    let raw = fd.as_raw_fd();
     let udp = format!("udp:127.0.0.1:{}", addr.port());
-    let mut cmd = Command::new("/bin/sh");
-    cmd.args([
-        "-c",
-        "LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" \"$@\"",
-        BIN,
-        "-f",
-        "-w",
-        "1",
-        "--min-spare",
-        "0",
-        "-l",
-        &addr.to_string(),
-        "-l",
-        &udp,
-    ]);
-    // SAFETY: fcntl and dup2 are async-signal-safe; the socket is placed
-    // at fd 3 without close-on-exec, as a service manager does.
-    unsafe {
-        cmd.pre_exec(move || {
-            let high = libc::fcntl(raw, libc::F_DUPFD_CLOEXEC, 64);
-            if high < 0 || libc::dup2(high, 3) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let d = Daemon::from_command(cmd);
-    assert!(
-        d.wait_line("ready", DEADLINE).is_some(),
-        "{}",
-        d.stderr_text()
+    let d = activated(
+        std::slice::from_ref(&fd),
+        &[
+            "-f",
+            "-w",
+            "1",
+            "--min-spare",
+            "0",
+            "-l",
+            &addr.to_string(),
+            "-l",
+            &udp,
+        ],
     );
     drop(fd);
     let log = d.stderr_text();
