@@ -211,7 +211,9 @@ pub fn carry(ctx: Ctx<'_>) -> i32 {
         "carrier: serving {} kept across the restart",
         crate::logging::counted(carried, "connection", "connections")
     );
-    l.ctx.ready();
+    l.ctx.ready_busy();
+    // Busy from here on: publish() only counts what is open.
+    l.published = (usize::MAX, true);
     l.run(buf.as_mut_slice())
 }
 

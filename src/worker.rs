@@ -162,6 +162,15 @@ impl Ctx<'_> {
         self.wake();
     }
 
+    /// Publishes "ready" as busy and wakes the master: a carrier, which
+    /// never waits for a new connection, must never look like an idle
+    /// worker (prefork workers taking turns would name it the one that
+    /// waits for the listeners, and nobody would).
+    pub(crate) fn ready_busy(&self) {
+        self.set(State::Busy);
+        self.wake();
+    }
+
     /// Identifies a new connection's client (see [`identify`]), checks it
     /// and takes its place; a refusal is counted, and the connection is
     /// to be closed unread.
