@@ -165,7 +165,9 @@ impl Ctx<'_> {
     /// Publishes "ready" as busy and wakes the master: a carrier, which
     /// never waits for a new connection, must never look like an idle
     /// worker (prefork workers taking turns would name it the one that
-    /// waits for the listeners, and nobody would).
+    /// waits for the listeners, and nobody would). (A carrier is the
+    /// event loop: Linux only.)
+    #[cfg_attr(not(any(target_os = "linux", target_os = "android")), allow(dead_code))]
     pub(crate) fn ready_busy(&self) {
         self.set(State::Busy);
         self.wake();
