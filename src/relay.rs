@@ -141,6 +141,9 @@ pub fn send(
     carried: &Carried,
     queued: &AtomicU64,
 ) -> nix::Result<()> {
+    if cfg!(feature = "no-handover") {
+        return Err(Errno::EPERM);
+    }
     let msg = carried.encode();
     let fds = [conn.as_raw_fd()];
     let cmsg = [ControlMessage::ScmRights(&fds)];
