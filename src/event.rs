@@ -26,7 +26,7 @@
 //! worker with room, connections and descriptors, takes connections
 //! others hand over, as it accepts new ones.
 
-mod handover;
+mod hand_over;
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;

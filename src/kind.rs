@@ -1,6 +1,6 @@
 //! The kinds of child the master keeps, in the spirit of nginx's spawn
 //! callbacks and its `signals[]` table: what the log calls one, its letter
-//! in the upgrade handover, which listeners it keeps after the fork, and
+//! in the upgrade inheritance, which listeners it keeps after the fork, and
 //! whether it serves connections it may hand over. What each runs, and how
 //! many the configuration wants, is the master's table (master/kinds.rs):
 //! this module stays below everything a child runs.
@@ -54,7 +54,7 @@ impl Kind {
         }
     }
 
-    /// Its letter in the upgrade handover.
+    /// Its letter in the upgrade inheritance.
     pub fn tag(self) -> &'static str {
         match self {
             Kind::Pool => "w",
@@ -65,7 +65,7 @@ impl Kind {
         }
     }
 
-    /// The kind a handover's letter names.
+    /// The kind a inheritance's letter names.
     pub fn from_tag(tag: &str) -> Option<Kind> {
         Kind::ALL.into_iter().find(|k| k.tag() == tag)
     }

@@ -74,8 +74,8 @@ use listen::ListenAddr;
 /// (0 success, 1 startup or runtime failure, 2 usage error).
 pub fn run() -> i32 {
     // A master that re-executed itself (USR2) left what it hands over.
-    let handover = master::take_handover();
-    let keep = match &handover {
+    let inheritance = master::take_inheritance();
+    let keep = match &inheritance {
         Some(Ok(h)) => h.fds(),
         _ => Vec::new(),
     };
@@ -159,7 +159,7 @@ pub fn run() -> i32 {
     if cfg.inetd {
         return inetd(&cfg, &identity);
     }
-    match handover {
+    match inheritance {
         Some(Ok(h)) => return upgraded(cfg, identity, h, opts, base, exe, args),
         // The old code of this process exec'd us and is gone: starting
         // afresh would detach again, under another pid. Fail, non-zero,
@@ -169,13 +169,13 @@ pub fn run() -> i32 {
             return 1;
         }
         Some(Err(e)) => log::warn!(
-            "ignoring the upgrade handover in the environment: {}",
+            "ignoring the upgrade inheritance in the environment: {}",
             e.why
         ),
         None => {}
     }
     match start(&cfg, &identity, systemd::Notify::from_env()) {
-        Ok((listeners, handoff, activated)) => {
+        Ok((listeners, estate, activated)) => {
             for risk in config::risks(&cfg, identity.stays_root()) {
                 log::warn!("{risk}");
             }
@@ -186,7 +186,7 @@ pub fn run() -> i32 {
                 exe,
                 args,
             };
-            master::run(cfg, listeners, identity, handoff, source, None)
+            master::run(cfg, listeners, identity, estate, source, None)
         }
         Err(e) => {
             if cfg.log == LogTarget::Syslog {
@@ -230,7 +230,7 @@ fn started_from() -> std::path::PathBuf {
 fn upgraded(
     cfg: config::Config,
     identity: daemon::Identity,
-    h: upgrade::Handover,
+    h: upgrade::Inheritance,
     cli: Options,
     base: std::path::PathBuf,
     exe: std::path::PathBuf,
@@ -249,7 +249,7 @@ fn upgraded(
         .filter(|l| l.service() != listen::Service::Metrics)
         .peekable();
     let activated = echo.peek().is_some() && echo.all(|l| l.configured().is_none());
-    let handoff = master::Handoff {
+    let estate = master::Estate {
         pidfile,
         ready: None,
         notify,
@@ -262,7 +262,7 @@ fn upgraded(
         exe,
         args,
     };
-    master::run(cfg, listeners, identity, handoff, source, Some(h))
+    master::run(cfg, listeners, identity, estate, source, Some(h))
 }
 
 /// Every startup step that can fail, in an order that lets each failure be
@@ -273,7 +273,7 @@ fn start(
     cfg: &config::Config,
     identity: &daemon::Identity,
     notify: Option<systemd::Notify>,
-) -> Result<(Vec<listen::Listener>, master::Handoff, bool), String> {
+) -> Result<(Vec<listen::Listener>, master::Estate, bool), String> {
     let (mut listeners, activated, store) = listeners(cfg, identity)?;
     let mut pidfile = cfg
         .pidfile
@@ -307,7 +307,7 @@ fn start(
     }
     Ok((
         listeners,
-        master::Handoff {
+        master::Estate {
             pidfile,
             ready,
             notify,

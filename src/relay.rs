@@ -141,7 +141,7 @@ pub fn send(
     carried: &Carried,
     queued: &AtomicU64,
 ) -> nix::Result<()> {
-    if cfg!(feature = "no-handover") {
+    if cfg!(feature = "no-hand-over") {
         return Err(Errno::EPERM);
     }
     let msg = carried.encode();

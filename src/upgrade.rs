@@ -14,7 +14,7 @@ use std::path::PathBuf;
 
 use crate::kind::Kind;
 
-/// The environment variable the handover travels in.
+/// The environment variable the inheritance travels in.
 pub const ENV: &str = "ECHO_FORKD_UPGRADE";
 const VERSION: &str = "1";
 
@@ -49,7 +49,7 @@ pub enum PassedRole {
     },
     /// A fork-mode child serving one connection, the place its client
     /// holds in `--max-per-ip` if the master keeps it (see
-    /// [`Handover::places`]), and (behind a proxy) its word in the
+    /// [`Inheritance::places`]), and (behind a proxy) its word in the
     /// scoreboard's fork table.
     Conn {
         place: Option<u128>,
@@ -69,7 +69,7 @@ impl PassedChild {
 
 /// Everything the new master needs to take over.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Handover {
+pub struct Inheritance {
     /// The pid it was made for: the same process after `execve`.
     pub pid: u32,
     /// The generation in force.
@@ -127,7 +127,7 @@ fn pair(p: Option<(RawFd, RawFd)>) -> String {
     p.map_or("-".into(), |(a, b)| format!("{a}/{b}"))
 }
 
-impl Handover {
+impl Inheritance {
     /// The text of the environment variable.
     pub fn encode(&self) -> String {
         use std::os::unix::ffi::OsStrExt;
@@ -210,9 +210,9 @@ impl Handover {
     }
 
     /// Reads the environment variable's text back.
-    pub fn decode(text: &str) -> Result<Handover, String> {
+    pub fn decode(text: &str) -> Result<Inheritance, String> {
         use std::os::unix::ffi::OsStringExt;
-        let mut h = Handover::default();
+        let mut h = Inheritance::default();
         let mut version = None;
         let num = |k: &str, v: &str| -> Result<u64, String> {
             v.parse().map_err(|_| format!("{k}: '{v}' is not a number"))
@@ -345,8 +345,10 @@ impl Handover {
         }
         match version.as_deref() {
             Some(VERSION) => Ok(h),
-            Some(v) => Err(format!("handover version {v}, this build reads {VERSION}")),
-            None => Err("no handover version".into()),
+            Some(v) => Err(format!(
+                "inheritance version {v}, this build reads {VERSION}"
+            )),
+            None => Err("no inheritance version".into()),
         }
     }
 
@@ -371,8 +373,8 @@ impl Handover {
 mod tests {
     use super::*;
 
-    fn sample() -> Handover {
-        Handover {
+    fn sample() -> Inheritance {
+        Inheritance {
             pid: 4242,
             generation: 3,
             started_secs_ago: 99,
@@ -441,12 +443,12 @@ mod tests {
     fn what_is_encoded_is_decoded_whatever_the_paths_hold() {
         let h = sample();
         let text = h.encode();
-        assert_eq!(Handover::decode(&text).unwrap(), h);
-        let none = Handover {
+        assert_eq!(Inheritance::decode(&text).unwrap(), h);
+        let none = Inheritance {
             pid: 1,
-            ..Handover::default()
+            ..Inheritance::default()
         };
-        assert_eq!(Handover::decode(&none.encode()).unwrap(), none);
+        assert_eq!(Inheritance::decode(&none.encode()).unwrap(), none);
     }
 
     #[test]
@@ -459,10 +461,10 @@ mod tests {
     #[test]
     fn garbage_or_another_version_is_refused() {
         let text = sample().encode();
-        assert!(Handover::decode(&text.replace("v=1", "v=2")).is_err());
-        assert!(Handover::decode("pid=1").is_err());
-        assert!(Handover::decode("v=1;l=x/y").is_err());
-        assert!(Handover::decode("v=1;c=1/2/w").is_err());
-        assert!(Handover::decode("v=1;pidfile=8/zz").is_err());
+        assert!(Inheritance::decode(&text.replace("v=1", "v=2")).is_err());
+        assert!(Inheritance::decode("pid=1").is_err());
+        assert!(Inheritance::decode("v=1;l=x/y").is_err());
+        assert!(Inheritance::decode("v=1;c=1/2/w").is_err());
+        assert!(Inheritance::decode("v=1;pidfile=8/zz").is_err());
     }
 }

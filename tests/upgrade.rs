@@ -368,7 +368,7 @@ fn a_hanging_check_is_ended_with_everything_it_started() {
 /// The same pid cannot fall back to the code it replaced: a new program
 /// that fails after the exec ends the daemon, and with a non-zero status
 /// (so that Restart=on-failure restarts it). Here the new code cannot
-/// take the handover, as a build that reads another format could not.
+/// take the inheritance, as a build that reads another format could not.
 #[test]
 fn new_code_that_cannot_take_over_exits_non_zero() {
     let dir = TempDir::new("upgrade-garbled");

@@ -69,7 +69,7 @@ impl Master {
     /// exit status 1 follow).
     pub(super) fn fatal(&mut self, why: &str) {
         error!("{why}; stopping");
-        if self.handoff.ready.is_some() && self.cfg.log == LogTarget::Syslog {
+        if self.estate.ready.is_some() && self.cfg.log == LogTarget::Syslog {
             // The launcher is still waiting, and its stderr is still ours.
             crate::logging::say(why);
         }
@@ -157,7 +157,7 @@ impl Master {
         let mut current: Vec<Option<Listener>> =
             self.acceptor.take().into_iter().map(Some).collect();
         self.acceptor = Acceptor::new(take_planned(&mut current, p.plan));
-        let store = self.handoff.notify.as_ref();
+        let store = self.estate.notify.as_ref();
         for l in current.into_iter().flatten() {
             info!("no longer listening on {}", l.name());
             if let (Some(n), Some(addr)) = (store, l.configured()) {

@@ -34,7 +34,7 @@ mod upgrade;
 mod workers;
 
 pub use start::run;
-pub use upgrade::{take_handover, take_passed};
+pub use upgrade::{take_inheritance, take_passed};
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::PathBuf;
@@ -71,9 +71,11 @@ use lifecycle::{Action, Event, Life};
 /// when nothing woke it.
 const TICK: Duration = Duration::from_secs(1);
 
-/// What startup hands to the master besides the configuration and the
-/// listeners. Children drop all of it right after fork.
-pub struct Handoff {
+/// The master's estate: what startup gives it to hold for its life,
+/// besides the configuration and the listeners (a USR2 successor gets it
+/// through the inheritance, upgrade.rs). Children drop all of it right
+/// after fork.
+pub struct Estate {
     /// Locked for the master's life, removed when it exits.
     pub pidfile: Option<PidFile>,
     /// Detached: the launcher waits on this for "ready".
@@ -175,7 +177,7 @@ struct Master {
     pid: Pid,
     /// Who children run as.
     identity: Identity,
-    handoff: Handoff,
+    estate: Estate,
     source: Source,
     cfg: Config,
     /// The listeners in force, and (fork mode) accepting from them.
@@ -250,7 +252,7 @@ impl Master {
             if noticed {
                 self.drain_notices();
             }
-            if let Some(n) = &self.handoff.notify {
+            if let Some(n) = &self.estate.notify {
                 n.flush();
             }
             if self.restoring() {
@@ -276,7 +278,7 @@ impl Master {
             }
             if let Some(code) = self.exit {
                 info!("exiting");
-                if let Some(n) = &self.handoff.notify {
+                if let Some(n) = &self.estate.notify {
                     n.flush_within(Duration::from_secs(2));
                 }
                 return code;
@@ -302,7 +304,7 @@ impl Master {
             Action::AnnounceReady => {
                 info!("ready");
                 self.announce_ready(now);
-                if let Some(ready) = self.handoff.ready.take() {
+                if let Some(ready) = self.estate.ready.take() {
                     ready.ready();
                 }
             }
@@ -487,7 +489,7 @@ impl Master {
             }
         }
         // What must reach the service manager waits for room.
-        if let Some(n) = self.handoff.notify.as_ref().filter(|n| n.wants_write()) {
+        if let Some(n) = self.estate.notify.as_ref().filter(|n| n.wants_write()) {
             fds.push(PollFd::new(n.fd(), PollFlags::POLLOUT));
         }
         let deadlines = [
@@ -560,7 +562,7 @@ impl Master {
         // Clients' connections kept across a restart belong to the worker
         // the relay gives each to: a copy here would keep it open after
         // that worker closes it (its client would never see the end).
-        let stored = &self.handoff.store;
+        let stored = &self.estate.store;
         let single = stored.connections.iter().map(|(_, _, fd)| fd.as_raw_fd());
         let vault = stored.vault.iter().map(|fd| fd.as_raw_fd());
         for fd in self.carried.raw_fds().chain(single).chain(vault) {
@@ -568,16 +570,16 @@ impl Master {
             let _ = nix::unistd::close(fd);
         }
         std::mem::forget(std::mem::take(&mut self.carried));
-        std::mem::forget(std::mem::take(&mut self.handoff.store.connections));
-        std::mem::forget(std::mem::take(&mut self.handoff.store.vault));
+        std::mem::forget(std::mem::take(&mut self.estate.store.connections));
+        std::mem::forget(std::mem::take(&mut self.estate.store.vault));
         self.notice_r = None;
-        if let Some(ready) = self.handoff.ready.take() {
+        if let Some(ready) = self.estate.ready.take() {
             ready.close_in_child();
         }
-        if let Some(p) = self.handoff.pidfile.take() {
+        if let Some(p) = self.estate.pidfile.take() {
             p.close_in_child();
         }
-        self.handoff.notify = None;
+        self.estate.notify = None;
     }
 
     /// In a fork-mode child right after fork: drop the master's fds, then
@@ -589,7 +591,7 @@ impl Master {
     }
 
     fn notify(&self, msg: &str) {
-        if let Some(n) = &self.handoff.notify {
+        if let Some(n) = &self.estate.notify {
             n.send(msg);
         }
     }

@@ -9,15 +9,15 @@ use nix::unistd::getpid;
 use super::*;
 
 /// Runs the master until it is stopped; returns the exit status. With a
-/// `handover`, this process is a master that just re-executed itself
+/// `inheritance`, this process is a master that just re-executed itself
 /// (USR2): it adopts its predecessor's children, pipes and scoreboard.
 pub fn run(
     cfg: Config,
     listeners: Vec<Listener>,
     identity: Identity,
-    handoff: Handoff,
+    estate: Estate,
     source: Source,
-    handover: Option<crate::upgrade::Handover>,
+    inheritance: Option<crate::upgrade::Inheritance>,
 ) -> i32 {
     let fail = |what: &str, e: std::io::Error| {
         error!("cannot create {what}: {}", crate::logging::error_text(&e));
@@ -27,7 +27,7 @@ pub fn run(
         Ok(s) => s,
         Err(e) => return fail("the signal handlers", e),
     };
-    let mut adopted = handover.map(upgrade::Adopted::new);
+    let mut adopted = inheritance.map(upgrade::Adopted::new);
     // What the predecessor passed on (after USR2), else made new.
     fn passed_or<T>(passed: Option<T>, make: impl FnOnce() -> nix::Result<T>) -> nix::Result<T> {
         passed.map_or_else(make, Ok)
@@ -70,14 +70,14 @@ pub fn run(
     let now = Instant::now();
     let upgraded_from = adopted.as_ref().map(upgrade::Adopted::generation);
     // Under systemd, the unit whose restarts carry what the store keeps.
-    let unit = handoff
+    let unit = estate
         .notify
         .as_ref()
         .and_then(|_| crate::systemd::unit_name());
     let mut master = Master {
         pid: getpid(),
         identity,
-        handoff,
+        estate,
         source,
         acceptor: Acceptor::new(listeners),
         signals: Some(signals),

@@ -148,7 +148,7 @@ impl Master {
     /// moved since it was last sent (`systemctl status` shows what
     /// `/metrics` says; an idle daemon sends nothing).
     fn refresh_status(&mut self, now: Instant) {
-        if self.handoff.notify.is_none() {
+        if self.estate.notify.is_none() {
             return;
         }
         let text = self.status_text(now);

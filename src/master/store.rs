@@ -53,11 +53,11 @@ impl Master {
     /// out of it, and the connections an earlier release stored one by
     /// one moved into the vault.
     pub(super) fn use_store(&mut self, now: Instant) {
-        let Some(n) = self.handoff.notify.as_ref() else {
+        let Some(n) = self.estate.notify.as_ref() else {
             return;
         };
         if self.vault.is_none() {
-            let kept = std::mem::take(&mut self.handoff.store.vault);
+            let kept = std::mem::take(&mut self.estate.store.vault);
             self.vault = match <[_; 2]>::try_from(kept) {
                 Ok([a, b]) => Some(Vault::adopt(a, b)),
                 Err(_) => Vault::new()
@@ -80,10 +80,10 @@ impl Master {
                 }
             }
         }
-        for name in std::mem::take(&mut self.handoff.store.stale) {
+        for name in std::mem::take(&mut self.estate.store.stale) {
             n.unstore(&name);
         }
-        let single = std::mem::take(&mut self.handoff.store.connections);
+        let single = std::mem::take(&mut self.estate.store.connections);
         if !single.is_empty() {
             let mut conns = Vec::new();
             for (name, carried, fd) in single {
@@ -232,7 +232,7 @@ impl Master {
     /// A stop that is not a restart: the listeners out of the store, so
     /// that new clients are refused, not queued for no one.
     pub(super) fn unstore_listeners(&self) {
-        let Some(notify) = self.handoff.notify.as_ref() else {
+        let Some(notify) = self.estate.notify.as_ref() else {
             return;
         };
         for l in self.acceptor.listeners() {

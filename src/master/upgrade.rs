@@ -5,7 +5,7 @@
 //! needs: the listeners (never closed, so no connection attempt is
 //! refused), the locked pidfile, systemd's socket, the scoreboard's memfd,
 //! the notice pipe, and every child's control pipe, described in the
-//! handover (upgrade.rs). The new master adopts the children as the
+//! inheritance (upgrade.rs). The new master adopts the children as the
 //! previous generation, starts its own, and retires the old ones once its
 //! own are ready, as a reload does. If the check or the exec fails, the
 //! running code goes on.
@@ -26,7 +26,7 @@ use super::Master;
 use crate::children::describe;
 use crate::scoreboard::Place;
 use crate::sys;
-use crate::upgrade::{Handover, PassedChild, PassedListener, PassedRole, ENV};
+use crate::upgrade::{Inheritance, PassedChild, PassedListener, PassedRole, ENV};
 
 impl Master {
     /// SIGUSR2, as the lifecycle allows it: starts the new executable's
@@ -112,9 +112,9 @@ impl Master {
     }
 
     /// What the new master needs, by descriptor.
-    fn handover(&self, now: Instant) -> Handover {
+    fn inheritance(&self, now: Instant) -> Inheritance {
         let raw = |f: &OwnedFd| f.as_raw_fd();
-        Handover {
+        Inheritance {
             pid: std::process::id(),
             generation: self.life.generation(),
             started_secs_ago: now.duration_since(self.started).as_secs(),
@@ -129,11 +129,11 @@ impl Master {
                 })
                 .collect(),
             pidfile: self
-                .handoff
+                .estate
                 .pidfile
                 .as_ref()
                 .map(|p| (p.raw_fd(), p.path().to_path_buf())),
-            notify: self.handoff.notify.as_ref().map(|n| n.raw_fd()),
+            notify: self.estate.notify.as_ref().map(|n| n.raw_fd()),
             scoreboard: self
                 .scoreboard
                 .fd()
@@ -183,7 +183,7 @@ impl Master {
         }
     }
 
-    /// Re-executes the new code with the handover; returns only if that
+    /// Re-executes the new code with the inheritance; returns only if that
     /// failed, having put everything back, with why.
     pub(super) fn exec(&mut self, now: Instant) -> Option<Event> {
         let argv = match self.argv(false) {
@@ -195,23 +195,23 @@ impl Master {
         if !self.carried.is_done() {
             self.put_back_carried(now);
         }
-        let handover = self.handover(now);
-        let fds = handover.fds();
+        let inheritance = self.inheritance(now);
+        let fds = inheritance.fds();
         info!(
             "upgrading: re-executing {} with the same pid; {} handed over",
             self.source.exe.display(),
-            crate::logging::counted(handover.children.len() as u64, "child", "children")
+            crate::logging::counted(inheritance.children.len() as u64, "child", "children")
         );
         self.notify(&format!(
             "RELOADING=1\nMONOTONIC_USEC={}",
             crate::time::monotonic_usec()
         ));
         // What waits for the service manager would be lost with this code.
-        if let Some(n) = &self.handoff.notify {
+        if let Some(n) = &self.estate.notify {
             n.flush_within(Duration::from_secs(2));
         }
         set_cloexec(&fds, false);
-        std::env::set_var(ENV, handover.encode());
+        std::env::set_var(ENV, inheritance.encode());
         // Blocked across the exec, so that no signal finds the new code
         // before its handlers; it unblocks them once they are installed.
         let mut old = SigSet::empty();
@@ -255,7 +255,7 @@ fn set_cloexec(fds: &[RawFd], on: bool) {
     }
 }
 
-/// A handover in the environment that cannot be taken.
+/// A inheritance in the environment that cannot be taken.
 pub struct Untaken {
     /// It names this process: the old code of this very process exec'd
     /// us and is gone, so there is nothing to go back to.
@@ -263,16 +263,16 @@ pub struct Untaken {
     pub why: String,
 }
 
-/// The new master, at startup: the handover its predecessor left in the
+/// The new master, at startup: the inheritance its predecessor left in the
 /// environment, if any (removed from the environment, so that nothing
 /// this process starts inherits it).
-pub fn take_handover() -> Option<Result<Handover, Untaken>> {
+pub fn take_inheritance() -> Option<Result<Inheritance, Untaken>> {
     let text: OsString = std::env::var_os(ENV)?;
     std::env::remove_var(ENV);
     let text = text.to_string_lossy().into_owned();
     let me = std::process::id();
     let ours = text.split(';').any(|part| part == format!("pid={me}"));
-    Some(match Handover::decode(&text) {
+    Some(match Inheritance::decode(&text) {
         Ok(h) if h.pid == me => Ok(h),
         Ok(h) => Err(Untaken {
             ours: false,
@@ -282,9 +282,9 @@ pub fn take_handover() -> Option<Result<Handover, Untaken>> {
     })
 }
 
-/// The new master's side: the handover's descriptors, now owned.
+/// The new master's side: the inheritance's descriptors, now owned.
 pub(super) struct Adopted {
-    handover: Handover,
+    inheritance: Inheritance,
     pub(super) fork_ctl: Option<(OwnedFd, OwnedFd)>,
     pub(super) notice: Option<(OwnedFd, OwnedFd)>,
     pub(super) relay: Option<crate::relay::Relay>,
@@ -294,9 +294,9 @@ pub(super) struct Adopted {
     children: Vec<(PassedChild, Option<OwnedFd>)>,
 }
 
-/// Takes a descriptor the handover names.
+/// Takes a descriptor the inheritance names.
 fn own(fd: RawFd) -> Option<OwnedFd> {
-    // SAFETY: the handover names each descriptor once, as the previous
+    // SAFETY: the inheritance names each descriptor once, as the previous
     // code of this very process left it open across execve for us; lib.rs
     // took the listeners, pidfile and notify socket, this takes the rest,
     // and nothing else in this process owns any of them.
@@ -315,7 +315,7 @@ fn own_pair(p: Option<(RawFd, RawFd)>) -> Option<(OwnedFd, OwnedFd)> {
 impl Adopted {
     /// The generation the old code had in force.
     pub(super) fn generation(&self) -> u32 {
-        self.handover.generation
+        self.inheritance.generation
     }
 
     /// The slots and places the children name are not this scoreboard's.
@@ -331,10 +331,10 @@ impl Adopted {
         }
     }
 
-    /// Owns what `handover` names (besides the listeners, the pidfile and
+    /// Owns what `inheritance` names (besides the listeners, the pidfile and
     /// systemd's socket, which startup takes).
-    pub(super) fn new(handover: Handover) -> Adopted {
-        let children: Vec<(PassedChild, Option<OwnedFd>)> = handover
+    pub(super) fn new(inheritance: Inheritance) -> Adopted {
+        let children: Vec<(PassedChild, Option<OwnedFd>)> = inheritance
             .children
             .iter()
             .map(|c| (c.clone(), c.ctl().and_then(own)))
@@ -347,15 +347,15 @@ impl Adopted {
             })
             .collect();
         Adopted {
-            fork_ctl: own_pair(handover.fork_ctl),
-            notice: own_pair(handover.notice),
-            relay: own_pair(handover.relay).map(|(tx, rx)| crate::relay::Relay { tx, rx }),
-            vault: own_pair(handover.vault).map(|(a, b)| crate::vault::Vault::adopt(a, b)),
-            scoreboard: handover
+            fork_ctl: own_pair(inheritance.fork_ctl),
+            notice: own_pair(inheritance.notice),
+            relay: own_pair(inheritance.relay).map(|(tx, rx)| crate::relay::Relay { tx, rx }),
+            vault: own_pair(inheritance.vault).map(|(a, b)| crate::vault::Vault::adopt(a, b)),
+            scoreboard: inheritance
                 .scoreboard
                 .and_then(|(fd, n)| Some((own(fd)?, n, in_use))),
             children,
-            handover,
+            inheritance,
         }
     }
 }
@@ -366,7 +366,7 @@ impl Master {
     /// retires (`progress`).
     pub(super) fn adopt(&mut self, a: Adopted, now: Instant) {
         use crate::children::{Child, Kind};
-        let h = a.handover;
+        let h = a.inheritance;
         let old = h.generation;
         self.started = now
             .checked_sub(Duration::from_secs(h.started_secs_ago))
@@ -469,7 +469,7 @@ pub type Passed = (
 
 /// The new master, at startup: the listeners, the pidfile and systemd's
 /// socket its predecessor passed on, owned again.
-pub fn take_passed(h: &Handover) -> Result<Passed, String> {
+pub fn take_passed(h: &Inheritance) -> Result<Passed, String> {
     let mut listeners = Vec::with_capacity(h.listeners.len());
     for l in &h.listeners {
         let fd = own(l.fd).ok_or(format!("listener fd {} is not open", l.fd))?;
