@@ -20,8 +20,8 @@ use log::warn;
 
 use crate::listen::{Listener, Service};
 use crate::logging::{RateLimit, REPORT_EVERY};
-use crate::relay::Carried;
-use crate::scoreboard::{Cut, Scoreboard};
+use crate::relay::{Carried, Inbox, Outbox};
+use crate::scoreboard::Scoreboard;
 
 /// How long accepting pauses after a resource error (EMFILE, ENFILE,
 /// ENOBUFS, ENOMEM), like OpenBSD's inetd and identd.
@@ -83,14 +83,12 @@ pub struct Acceptor {
     listeners: Vec<Listener>,
     /// The relay's receiving end, for a worker that serves connections
     /// other workers hand over; closed with the listeners.
-    relay: Option<OwnedFd>,
-    /// The relay woke this process: read it whatever the count says.
-    relay_woke: bool,
+    relay: Option<Inbox>,
     /// A listener woke this process (its wait says which): the wake-up
     /// was for this process alone, so it accepts before anything else.
     listener_woke: bool,
     /// The relay's sending end, to pass on a wake-up it cannot take.
-    relay_tx: Option<OwnedFd>,
+    relay_tx: Option<Outbox>,
 
     /// Which of them it accepts from (the fork-mode master holds all).
     service: Service,
@@ -123,7 +121,6 @@ impl Acceptor {
         Acceptor {
             listeners,
             relay: None,
-            relay_woke: false,
             listener_woke: false,
             relay_tx: None,
             service,
@@ -137,7 +134,7 @@ impl Acceptor {
     }
 
     /// Takes connections from the relay's receiving end `rx` too.
-    pub fn with_relay(mut self, rx: Option<OwnedFd>) -> Acceptor {
+    pub fn with_relay(mut self, rx: Option<Inbox>) -> Acceptor {
         self.relay = rx;
         self
     }
@@ -147,7 +144,7 @@ impl Acceptor {
     /// listener's wake-up goes to one waiting process and does not come
     /// again) and passes the relay's wake-up on by sending one handed-over
     /// connection back through `tx`, which wakes another idle worker.
-    pub fn passing_wake_ups(mut self, tx: Option<OwnedFd>) -> Acceptor {
+    pub fn passing_wake_ups(mut self, tx: Option<Outbox>) -> Acceptor {
         self.relay_tx = tx;
         self
     }
@@ -167,14 +164,14 @@ impl Acceptor {
 
     /// The relay's receiving end, whatever this process's wait (to empty
     /// it into the vault when the master died).
-    pub fn relay_fd(&self) -> Option<&OwnedFd> {
+    pub fn inbox(&self) -> Option<&Inbox> {
         self.relay.as_ref()
     }
 
     /// Takes the relay's receiving end out: this process takes nothing
     /// more from it, but may empty it into the vault.
     #[cfg_attr(not(any(target_os = "linux", target_os = "android")), allow(dead_code))]
-    pub fn take_relay(&mut self) -> Option<OwnedFd> {
+    pub fn take_relay(&mut self) -> Option<Inbox> {
         self.drop_waiter();
         self.relay.take()
     }
@@ -215,81 +212,32 @@ impl Acceptor {
         self.relay = None;
     }
 
-    /// A connection handed over through the relay, if one waits and
-    /// this process has `room` for it (a descriptor free: the kernel
-    /// closes one that does not fit); the scoreboard counts what waits
-    /// there, and what was closed.
-    pub fn take_relayed(&mut self, board: &Scoreboard, room: bool) -> Option<(OwnedFd, Carried)> {
-        let rx = self.relay.as_ref().filter(|_| room)?;
-        let relayed = board.relayed();
-        // The count is raised before a send: while it is 0 and the relay
-        // did not wake us, nothing waits, and accepting costs no system
-        // call more. A wake-up is believed whatever the count (a
-        // predecessor's scoreboard after an upgrade counted elsewhere).
-        if !self.relay_woke && relayed.load(std::sync::atomic::Ordering::Acquire) == 0 {
-            return None;
-        }
-        let got = crate::relay::recv(rx.as_fd(), relayed);
-        if !matches!(got, Ok(Some(_))) {
-            self.relay_woke = false;
-        }
-        match got {
-            Ok(got) => got,
-            Err(e) => {
-                if let Some(more) = self.errors.hit(Instant::now()) {
-                    let why = if e == nix::errno::Errno::EMFILE {
-                        let (soft, _) = crate::sys::nofile_limit();
-                        format!("no descriptor was free for it (RLIMIT_NOFILE {soft}); closed")
-                    } else {
-                        format!("{e}")
-                    };
-                    warn!("cannot take a handed-over connection: {why} ({more} more since the last report)");
-                }
-                if e == nix::errno::Errno::EMFILE {
-                    board.cut(Cut::Descriptors, 1);
-                }
-                None
-            }
-        }
-    }
-
     /// The next connection to serve: one handed over first (its client
     /// has been waiting; only with `room` for its descriptor), else a new
     /// one (see [`Acceptor::accept`]).
     pub fn next(&mut self, now: Instant, board: &Scoreboard, room: bool) -> Option<Incoming> {
         if std::mem::take(&mut self.listener_woke) && self.relay_tx.is_some() {
             if let Some((i, fd)) = self.accept(now) {
-                if std::mem::take(&mut self.relay_woke) {
-                    self.pass_wake_up(board);
+                if let (Some(rx), Some(tx)) = (&mut self.relay, &self.relay_tx) {
+                    if rx.take_woke() {
+                        rx.pass_on(tx, board);
+                    }
                 }
                 return Some(Incoming::New(i, fd));
             }
         }
-        if let Some((fd, carried)) = self.take_relayed(board, room) {
+        if let Some((fd, carried)) = self.relay.as_mut().and_then(|rx| rx.take(board, room)) {
             return Some(Incoming::Relayed(fd, carried));
         }
         self.accept(now).map(|(i, fd)| Incoming::New(i, fd))
     }
 
-    /// Sends one handed-over connection back through the relay: the
-    /// message wakes another idle worker for it.
-    fn pass_wake_up(&mut self, board: &Scoreboard) {
-        let (Some(rx), Some(tx)) = (&self.relay, &self.relay_tx) else {
-            return;
-        };
-        let relayed = board.relayed();
-        if let Ok(Some((fd, c))) = crate::relay::recv(rx.as_fd(), relayed) {
-            if let Err(e) = crate::relay::send(tx.as_fd(), fd.as_fd(), &c, relayed) {
-                board.cut(Cut::Unplaced, 1);
-                warn!("cannot pass a handed-over connection on to another worker: {e}; closed");
-            }
-        }
-    }
-
     /// The relay is readable (the caller's own wait said so).
     #[cfg_attr(not(any(target_os = "linux", target_os = "android")), allow(dead_code))]
     pub fn relay_woke(&mut self) {
-        self.relay_woke = true;
+        if let Some(rx) = &mut self.relay {
+            rx.woke();
+        }
     }
 
     /// Whether there is no listener left.
@@ -428,7 +376,9 @@ impl Acceptor {
         // even if a stop came with it, or nobody else may be woken for it.
         let stop = events[..n].iter().any(|e| e.data() == WATCHED);
         let conn = events[..n].iter().any(|e| e.data() != WATCHED);
-        self.relay_woke |= events[..n].iter().any(|e| e.data() == RELAY);
+        if events[..n].iter().any(|e| e.data() == RELAY) {
+            self.relay_woke();
+        }
         self.listener_woke = events[..n]
             .iter()
             .any(|e| e.data() != WATCHED && e.data() != RELAY);
@@ -473,7 +423,9 @@ impl Acceptor {
             fds[listeners].iter().any(ready),
         );
         drop(fds);
-        self.relay_woke |= relay_woke;
+        if relay_woke {
+            self.relay_woke();
+        }
         self.listener_woke = listener_woke;
         Ok(if stop && !conn {
             Wake::Stop

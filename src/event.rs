@@ -46,7 +46,7 @@ use crate::admission::{self, Holder, Refusal, Ticket};
 use crate::echo::{Conn, End};
 use crate::listen::Listener;
 use crate::proxy;
-use crate::relay::{self, Carried};
+use crate::relay::Carried;
 use crate::scoreboard::{Cut, State};
 use crate::sys::IoBuffer;
 use crate::worker::{self, Ctx, EXIT_ORPHAN};
@@ -123,7 +123,7 @@ struct Loop<'a> {
     gone_by: Option<Instant>,
     /// Taking nothing more from the relay, it keeps its end, to empty it
     /// into the vault should the master die.
-    relay_kept: Option<OwnedFd>,
+    relay_kept: Option<crate::relay::Inbox>,
     /// The connections its descriptors leave room for.
     fd_room: usize,
     /// The relay refuses descriptors (ETOOMANYREFS): warned.

@@ -19,7 +19,7 @@ use crate::admission::{self, Holder, Policy, Refusal, Ticket};
 use crate::echo::{self, Limits, Progress, Watch};
 use crate::listen::Listener;
 use crate::proxy;
-use crate::relay::{self, Carried};
+use crate::relay::{Carried, Inbox, Offer, Outbox};
 use crate::scoreboard::{Cut, HandOver, Scoreboard, Slot, State};
 use crate::sys::IoBuffer;
 use crate::turns::{Turn, Turns};
@@ -104,8 +104,8 @@ pub struct Ctx<'a> {
     pub notice: Option<BorrowedFd<'a>>,
     /// The relay (see relay.rs): where this child hands its connections
     /// over when it retires, and (a pool worker) takes others' from.
-    pub relay_tx: Option<OwnedFd>,
-    pub relay_rx: Option<OwnedFd>,
+    pub relay_tx: Option<Outbox>,
+    pub relay_rx: Option<Inbox>,
     /// Under systemd: where its connections wait for the next master when
     /// the master restarts or dies (vault.rs).
     pub vault: Option<Vault>,
@@ -241,20 +241,14 @@ impl Ctx<'_> {
             progress: p,
         };
         match (self.dest(), &self.relay_tx) {
-            (Some(Dest::Workers), Some(tx)) => {
-                match relay::send(tx.as_fd(), conn.as_fd(), &carried, self.board.relayed()) {
-                    Ok(()) => Offered::Gone,
-                    // Full for now, or over the descriptors in flight
-                    // this user may have: both pass as receivers take.
-                    Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::ETOOMANYREFS) => {
-                        Offered::Later(conn)
-                    }
-                    Err(e) => {
-                        warn!("cannot hand a connection over: {e}; serving it until the end");
-                        Offered::Stays(conn)
-                    }
+            (Some(Dest::Workers), Some(tx)) => match tx.offer(conn.as_fd(), &carried, self.board) {
+                Offer::Sent => Offered::Gone,
+                Offer::Full(_) => Offered::Later(conn),
+                Offer::Failed(e) => {
+                    warn!("cannot hand a connection over: {e}; serving it until the end");
+                    Offered::Stays(conn)
                 }
-            }
+            },
             (Some(Dest::NextMaster), _) => {
                 carried.place = None;
                 self.keep_for_next_master(vec![(conn, carried)]);
@@ -283,7 +277,7 @@ impl Ctx<'_> {
 
     /// With the master gone: what waits in the relay goes to the next
     /// master too (nobody else would take it).
-    pub(crate) fn relay_to_next_master(&self, rx: Option<&OwnedFd>) {
+    pub(crate) fn relay_to_next_master(&self, rx: Option<&Inbox>) {
         let Some(rx) = rx.filter(|_| self.vault.is_some()) else {
             return;
         };
@@ -297,17 +291,7 @@ impl Ctx<'_> {
         {
             return;
         }
-        let mut conns = Vec::new();
-        while room_for_one() {
-            match relay::recv(rx.as_fd(), self.board.relayed()) {
-                Ok(Some((fd, mut c))) => {
-                    c.place = None;
-                    conns.push((fd, c));
-                }
-                Ok(None) | Err(_) => break,
-            }
-        }
-        self.keep_for_next_master(conns);
+        self.keep_for_next_master(rx.drain(self.board));
     }
 
     fn served(&self, bytes: u64) {
@@ -381,7 +365,7 @@ pub fn prefork(listeners: Vec<Listener>, ctx: Ctx<'_>, max_requests: u64) -> i32
                     if !ctx.pipe_ended() {
                         return 0;
                     }
-                    ctx.relay_to_next_master(acceptor.relay_fd());
+                    ctx.relay_to_next_master(acceptor.inbox());
                     return EXIT_ORPHAN;
                 }
                 Err(e) => {
@@ -453,7 +437,7 @@ pub fn prefork(listeners: Vec<Listener>, ctx: Ctx<'_>, max_requests: u64) -> i32
             if !ctx.master_gone() {
                 return 0;
             }
-            ctx.relay_to_next_master(acceptor.relay_fd());
+            ctx.relay_to_next_master(acceptor.inbox());
             return EXIT_ORPHAN;
         };
         served += 1;
@@ -540,13 +524,6 @@ fn wait_to_offer_again(conn: &OwnedFd) {
         nix::poll::PollFlags::POLLIN,
     )];
     let _ = nix::poll::poll(&mut fds, crate::time::poll_timeout(Some(pause)));
-}
-
-/// Whether this process has a descriptor free for one more connection:
-/// the kernel closes one that does not fit in a message received.
-pub(crate) fn room_for_one() -> bool {
-    let (soft, _) = crate::sys::nofile_limit();
-    crate::sys::open_fds().is_none_or(|open| open + 8 < soft)
 }
 
 /// A fork-mode child: serves `conn` (from where it is, if another process

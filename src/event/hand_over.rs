@@ -5,6 +5,7 @@
 //! room takes them as it accepts new ones.
 
 use super::*;
+use crate::relay::Offer;
 use crate::worker::Dest;
 
 impl<'a> Loop<'a> {
@@ -64,14 +65,14 @@ impl<'a> Loop<'a> {
             let (Some(tx), Some(Some(o))) = (&self.ctx.relay_tx, self.slots.get(index)) else {
                 continue;
             };
-            match relay::send(tx.as_fd(), o.conn.fd(), &carried, board.relayed()) {
-                Ok(()) => {
+            match tx.offer(o.conn.fd(), &carried, board) {
+                Offer::Sent => {
                     if let Some(t) = self.let_go(index).and_then(|o| o.ticket) {
                         t.handed_over();
                     }
                     // Dropping it closed this process's copy.
                 }
-                Err(e @ (Errno::EAGAIN | Errno::ETOOMANYREFS)) => {
+                Offer::Full(e) => {
                     // Full, or over the descriptors in flight this user
                     // may have: both pass as the receivers take theirs.
                     if e == Errno::ETOOMANYREFS {
@@ -82,7 +83,7 @@ impl<'a> Loop<'a> {
                     self.relay_retry = Some(now + RELAY_RETRY);
                     return;
                 }
-                Err(e) => {
+                Offer::Failed(e) => {
                     warn!("cannot hand connections over: {e}; serving them until they end");
                     self.handing_over = false;
                     return;

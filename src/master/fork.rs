@@ -4,7 +4,6 @@
 //! accepting.
 
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use log::{error, warn};
@@ -39,15 +38,13 @@ impl Master {
                 return;
             }
             // Connections handed over first: their clients have waited.
-            let counted = self.scoreboard.relayed().load(Ordering::Acquire) > 0;
-            let relayed = self.relay.as_ref().filter(|_| relay_ready || counted);
-            // Only with a descriptor free for it (the kernel closes one
-            // that does not fit).
-            let relayed = relayed.filter(|_| crate::worker::room_for_one());
-            let relayed = relayed.and_then(|r| {
-                crate::relay::recv(r.rx.as_fd(), self.scoreboard.relayed())
-                    .ok()
-                    .flatten()
+            let relayed = self.relay.as_mut().and_then(|r| {
+                if relay_ready {
+                    r.rx.woke();
+                }
+                // Only with a descriptor free for it (the kernel closes
+                // one that does not fit).
+                r.rx.take(&self.scoreboard, crate::relay::room_for_one())
             });
             relay_ready &= relayed.is_some();
             let forked = match relayed {

@@ -30,7 +30,7 @@ use super::lifecycle::Event;
 use super::Master;
 use crate::children::Kind;
 use crate::config::Mode;
-use crate::relay::Carried;
+use crate::relay::{Carried, Offer};
 use crate::scoreboard::{Cut, State};
 use crate::systemd;
 use crate::vault::{self, Vault};
@@ -174,19 +174,25 @@ impl Master {
                 }
             };
             c.place = self.fork.policy.recount(&self.scoreboard, &fd, c.client);
-            match crate::relay::send(relay.tx.as_fd(), fd.as_fd(), &c, self.scoreboard.relayed()) {
-                Ok(()) => {
+            match relay.tx.offer(fd.as_fd(), &c, &self.scoreboard) {
+                Offer::Sent => {
                     self.restored += 1;
                     self.restored_any = true;
                 }
-                Err(Errno::EAGAIN) => {
+                Offer::Full(e) => {
                     if let Some(p) = c.place {
                         crate::admission::give_back(&self.scoreboard, p);
                     }
                     self.carried.unget((fd, c));
+                    // Full: the relay's room wakes the master. Over the
+                    // descriptors in flight: it is writable all the same,
+                    // so wait a while rather than spin.
+                    if e != Errno::EAGAIN {
+                        self.carried_retry = Some(now + NO_ROOM_RETRY);
+                    }
                     return;
                 }
-                Err(e) => {
+                Offer::Failed(e) => {
                     self.scoreboard.cut(Cut::Vault, 1);
                     warn!("cannot hand a connection kept across the restart to the workers: {e}; closed");
                     if let Some(p) = c.place {
@@ -249,16 +255,7 @@ impl Master {
         let (Some(vault), Some(relay)) = (&self.vault, &self.relay) else {
             return;
         };
-        let mut conns = Vec::new();
-        while crate::worker::room_for_one() {
-            match crate::relay::recv(relay.rx.as_fd(), self.scoreboard.relayed()) {
-                Ok(Some((fd, mut c))) => {
-                    c.place = None;
-                    conns.push((fd, c));
-                }
-                Ok(None) | Err(_) => break,
-            }
-        }
+        let conns = relay.rx.drain(&self.scoreboard);
         let lost = vault.put(conns, now + PUT_BACK).err();
         self.lost_for_next_master(lost);
         self.put_back_carried(now);

@@ -147,7 +147,10 @@ impl Master {
                 .ctl_w
                 .as_ref()
                 .map(|w| (raw(&self.fork.ctl_r), raw(w))),
-            relay: self.relay.as_ref().map(|r| (raw(&r.tx), raw(&r.rx))),
+            relay: self
+                .relay
+                .as_ref()
+                .map(|r| (r.tx.as_fd().as_raw_fd(), r.rx.as_fd().as_raw_fd())),
             vault: self.vault.as_ref().map(|v| {
                 let [a, b] = v.ends();
                 (a.as_raw_fd(), b.as_raw_fd())
@@ -349,7 +352,8 @@ impl Adopted {
         Adopted {
             fork_ctl: own_pair(inheritance.fork_ctl),
             notice: own_pair(inheritance.notice),
-            relay: own_pair(inheritance.relay).map(|(tx, rx)| crate::relay::Relay { tx, rx }),
+            relay: own_pair(inheritance.relay)
+                .map(|(tx, rx)| crate::relay::Relay::from_fds(tx, rx)),
             vault: own_pair(inheritance.vault).map(|(a, b)| crate::vault::Vault::adopt(a, b)),
             scoreboard: inheritance
                 .scoreboard

@@ -297,15 +297,7 @@ impl Master {
         }
         self.relay_wait = None;
         let Some(relay) = &self.relay else { return };
-        let mut closed = 0u64;
-        while let Ok(Some((_conn, c))) =
-            crate::relay::recv(relay.rx.as_fd(), self.scoreboard.relayed())
-        {
-            if let Some(place) = c.place {
-                crate::admission::give_back(&self.scoreboard, place);
-            }
-            closed += 1;
-        }
+        let closed = relay.rx.drain(&self.scoreboard).len() as u64;
         if closed == 0 {
             return;
         }

@@ -1,22 +1,6 @@
-//! The relay: open connections passed from a process that retires to one
-//! that serves on, so that a reload, an upgrade or a smaller pool cuts no
-//! conversation (HAProxy and nginx pass listeners only; echo keeps no
-//! state between bytes but what is unsent, so a connection can change
-//! process whenever nothing it sent is waiting to go back).
-//!
-//! The master makes one `SOCK_SEQPACKET` socket pair at startup, which
-//! every worker inherits (and a new master after USR2 adopts). A worker
-//! that retires sends each of its connections, with what it carries
-//! ([`Carried`]: when it was accepted, when it last moved, the bytes
-//! echoed, its client and its place in `--max-per-ip`), to one end; any
-//! worker still serving takes it from the other, one message a
-//! connection, as it would accept a new one. A worker that retires first
-//! stops taking, so a connection never goes back to a process on its way
-//! out. During a restart under systemd the master takes them itself and
-//! keeps them in systemd's file descriptor store for the next instance.
-//!
-//! A message is [`WIRE`] bytes, fixed, with the connection's descriptor
-//! attached (`SCM_RIGHTS`); both ends are non-blocking.
+//! The relay's wire: what a connection carries ([`Carried`]) as one
+//! fixed-size message, and the two system calls that move it with its
+//! descriptor. Only the relay's own module calls them.
 
 use std::io::{IoSlice, IoSliceMut};
 use std::net::{IpAddr, SocketAddr};
@@ -24,9 +8,7 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use nix::errno::Errno;
-use nix::sys::socket::{
-    recvmsg, sendmsg, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockType,
-};
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 
 use crate::echo::Progress;
 use crate::scoreboard::Place;
@@ -112,30 +94,10 @@ impl Carried {
     }
 }
 
-/// The relay's two ends.
-pub struct Relay {
-    /// Where retiring processes send.
-    pub tx: OwnedFd,
-    /// Where serving processes take.
-    pub rx: OwnedFd,
-}
-
-impl Relay {
-    /// Makes the pair (close-on-exec, non-blocking), its buffer as large
-    /// as the kernel allows: a message costs about 768 bytes of it, and a
-    /// reload of thousands of conversations queues one each (the default
-    /// buffer holds 278). Memory is taken only as messages wait.
-    pub fn new() -> nix::Result<Relay> {
-        let (tx, rx) = crate::sys::socketpair(AddressFamily::Unix, SockType::SeqPacket)?;
-        let _ = nix::sys::socket::setsockopt(&tx, nix::sys::socket::sockopt::SndBuf, &SNDBUF);
-        Ok(Relay { tx, rx })
-    }
-}
-
 /// Sends `conn` with what it carries. `Err(EAGAIN)`: the relay is full
 /// for now (the receivers have not taken what is queued); the caller
 /// keeps the connection and tries again. `queued` counts what waits.
-pub fn send(
+pub(super) fn send(
     tx: BorrowedFd<'_>,
     conn: BorrowedFd<'_>,
     carried: &Carried,
@@ -170,7 +132,10 @@ pub fn send(
 /// Takes one connection if one waits: `Ok(None)` when none does.
 /// `Err(EMFILE)`: one was taken, but this process had no descriptor free
 /// for it and the kernel closed it (take one only with room for it).
-pub fn recv(rx: BorrowedFd<'_>, queued: &AtomicU64) -> nix::Result<Option<(OwnedFd, Carried)>> {
+pub(super) fn recv(
+    rx: BorrowedFd<'_>,
+    queued: &AtomicU64,
+) -> nix::Result<Option<(OwnedFd, Carried)>> {
     let mut buf = [0u8; WIRE];
     let mut space = nix::cmsg_space!([RawFd; 1]);
     #[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
@@ -267,7 +232,7 @@ mod tests {
 
     #[test]
     fn a_connection_crosses_the_relay_and_goes_on() {
-        let relay = Relay::new().unwrap();
+        let relay = super::super::Relay::new().unwrap();
         let queued = AtomicU64::new(0);
         let (mut client, server) = std::os::unix::net::UnixStream::pair().unwrap();
         let server = OwnedFd::from(server);
