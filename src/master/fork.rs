@@ -3,18 +3,19 @@
 //! a proxy, its proxy); and the `max-children` bound, at which it stops
 //! accepting.
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::time::Instant;
 
 use log::{error, warn};
 
+use super::spawn::Brief;
 use super::Master;
 use crate::admission::{self, Holder, Policy, Ticket};
 use crate::children::{Child, Kind};
 use crate::listen::Service;
 use crate::pool;
 use crate::relay::Carried;
-use crate::{signals, sys, worker};
+use crate::worker;
 
 /// Connections accepted per wakeup. Under steady load the backlog never
 /// empties, and without a bound the master would fork until max-children
@@ -38,7 +39,7 @@ impl Master {
                 return;
             }
             // Connections handed over first: their clients have waited.
-            let relayed = self.relay.as_mut().and_then(|r| {
+            let relayed = self.chan.relay.as_mut().and_then(|r| {
                 if relay_ready {
                     r.rx.woke();
                 }
@@ -115,9 +116,6 @@ impl Master {
         // Behind a proxy the child takes its client's place itself, and
         // publishes it in its word of the fork table.
         let fork_slot = proxied.then(|| self.fork.slots.take());
-        let master = self.pid;
-        let limits = self.cfg.limits();
-        let shutdown = self.cfg.shutdown_timeout;
         let count_bytes = self
             .acceptor
             .listeners()
@@ -126,35 +124,32 @@ impl Master {
         if self.fork.conn_buf.is_none() {
             self.fork.conn_buf = worker::buffer();
         }
-        // SAFETY: the master is single-threaded: it never starts a thread.
-        #[allow(unsafe_code)]
-        let forked = unsafe {
-            sys::spawn(&signals::HANDLED, &signals::CHILD_IGNORED, || {
-                // Where its connection waits for the next master at a
-                // restart (or should the master die).
-                let vault = self.vault.take();
-                if let Err(code) = self.enter_child() {
-                    return code;
-                }
-                let ctx = worker::Ctx {
-                    ctl: self.fork.ctl_r.as_fd(),
-                    master,
-                    limits,
-                    policy,
-                    slot: None,
-                    board: &self.scoreboard,
-                    count_bytes,
-                    fork_slot,
-                    notice: None,
-                    relay_tx: None,
-                    relay_rx: None,
-                    vault,
-                    shutdown,
-                    orphaned: Default::default(),
-                };
-                worker::fork_child(conn, tcp, carried, ctx, self.fork.conn_buf.as_mut())
-            })
+        let brief = Brief {
+            identity: None,
+            limits: self.cfg.limits(),
+            policy,
+            slot: None,
+            fork_slot,
+            count_bytes,
+            ctl: None,
+            relays: false,
+            // Where its connection waits for the next master at a
+            // restart (or should the master die).
+            vault: true,
+            notice: false,
+            shutdown: self.cfg.shutdown_timeout,
         };
+        let forked = self.fork_child(
+            brief,
+            |m| m.fork.conn_buf.take(),
+            |mut buf, ctx| {
+                let code = worker::fork_child(conn, tcp, carried, ctx, buf.as_mut());
+                // The mapping goes with the process: no munmap per
+                // connection.
+                std::mem::forget(buf);
+                code
+            },
+        );
         // The connection now belongs to the child; the closure (and with it
         // the master's copy of the socket) was dropped here.
         match forked {

@@ -38,9 +38,11 @@ pub(super) enum Target {
 }
 
 impl Master {
-    /// Tells the lifecycle what it waits for: a starting generation whose
-    /// workers are all ready, and the time (its deadlines).
-    pub(super) fn progress(&mut self, now: Instant) {
+    /// What to tell the lifecycle of what it waits for: a starting
+    /// generation whose workers are all ready, and the time (its
+    /// deadlines).
+    pub(super) fn progress(&mut self, now: Instant) -> Vec<Event> {
+        let mut events = Vec::new();
         let generation = self.life.generation();
         if self.life.starting()
             && (self.cfg.mode == Mode::Fork
@@ -48,21 +50,22 @@ impl Master {
         {
             // Ready once the workers have what the vault held, too: a
             // stop that follows a restart then drains them with the rest.
-            let since = *self.workers_ready_at.get_or_insert(now);
+            let since = *self.kept.workers_ready_at.get_or_insert(now);
             if !self.carried_waiting(now, since) {
-                self.apply(Event::Ready, now);
+                events.push(Event::Ready);
             }
         }
-        let next_ready = match (self.life.next(), &self.pending) {
+        let next_ready = match (self.life.next(), &self.underway.pending) {
             (Some(next), Some(p)) => {
                 p.cfg.mode == Mode::Fork || self.ready_workers(next) >= p.cfg.workers as usize
             }
             _ => false,
         };
         if next_ready {
-            self.apply(Event::NextReady, now);
+            events.push(Event::NextReady);
         }
-        self.apply(Event::Tick, now);
+        events.push(Event::Tick);
+        events
     }
 
     /// Startup failed after the master began: say why (the stop and the
@@ -135,7 +138,7 @@ impl Master {
         let open = crate::sys::open_fds().unwrap_or(0);
         crate::daemon::ensure_nofile(open + u64::from(workers) + 8, "the reload", "workers")?;
         crate::daemon::make_room_for_descriptors(&cfg, plan.len());
-        self.pending = Some(Pending {
+        self.underway.pending = Some(Pending {
             cfg,
             identity,
             plan,
@@ -151,7 +154,7 @@ impl Master {
     /// The new generation is ready: switch to its listeners and settings,
     /// and tell the old workers to stop accepting.
     pub(super) fn commit(&mut self, now: Instant) {
-        let Some(p) = self.pending.take() else {
+        let Some(p) = self.underway.pending.take() else {
             return;
         };
         let mut current: Vec<Option<Listener>> =
@@ -209,7 +212,7 @@ impl Master {
     pub(super) fn abandon(&mut self, why: &str) {
         error!("reload failed: {why}; the configuration in force is unchanged");
         let now = Instant::now();
-        self.pending = None;
+        self.underway.pending = None;
         // Workers newer than the generation in force are the reload's.
         let in_force = self.life.generation();
         self.children.retire_where(

@@ -27,6 +27,7 @@ mod helper;
 mod kinds;
 mod lifecycle;
 mod reap;
+mod spawn;
 mod start;
 mod status;
 mod store;
@@ -36,7 +37,7 @@ mod workers;
 pub use start::run;
 pub use upgrade::{take_inheritance, take_passed};
 
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -49,14 +50,13 @@ use nix::unistd::Pid;
 use crate::accept::Acceptor;
 use crate::admission::Policy;
 use crate::backoff::Backoff;
-use crate::children::{Children, IndexPool, EXIT_SETUP};
+use crate::children::{Children, IndexPool};
 use crate::config::{Config, Mode, Options, MAX_WORKERS_LIMIT};
 use crate::daemon::{Identity, PidFile, ReadyPipe};
 use crate::listen::Listener;
 use crate::logging::{counted, RateLimit, REPORT_EVERY};
 use crate::pool::{Pool, Saturation};
 use crate::relay::Relay;
-use crate::reload::Planned;
 use crate::scoreboard::{Cut, HandOver, Scoreboard};
 use crate::signals::Signals;
 use crate::sys::IoBuffer;
@@ -158,6 +158,8 @@ struct PreforkState {
 
 /// When the master reports, and what it reported last.
 struct Reports {
+    /// When the daemon started (an upgrade keeps it).
+    started: Instant,
     next_tick: Instant,
     /// Refused connections, by kind, as last logged.
     refused: status::Counted<4>,
@@ -173,42 +175,42 @@ struct Reports {
     status_sent: String,
 }
 
-struct Master {
-    pid: Pid,
-    /// Who children run as.
-    identity: Identity,
-    estate: Estate,
-    source: Source,
-    cfg: Config,
-    /// The listeners in force, and (fork mode) accepting from them.
-    acceptor: Acceptor,
+/// What the master sleeps on and talks to its workers through (the
+/// wait, in this file).
+struct Channels {
     /// `None` only in a child, after it closed the self-pipe.
     signals: Option<Signals>,
-    /// Where retiring children hand their connections over (relay.rs);
+    /// Where retiring children hand their connections over (relay/);
     /// `None` only in a child, which took it.
     relay: Option<Relay>,
+    /// Since when handed-over connections wait in the relay with none
+    /// taken, and how many waited last (see `watch_relay`).
+    relay_wait: Option<(Instant, u64)>,
     /// Workers write a byte here once they are ready.
     notice_r: Option<OwnedFd>,
     notice_w: Option<OwnedFd>,
-    scoreboard: Scoreboard,
-    children: Children,
-    backoff: Backoff,
-    /// The phase, the generation in force, the requests that wait.
-    life: Life,
-    /// When the daemon started (an upgrade keeps it).
-    started: Instant,
-    /// The reload under way: its configuration and listeners.
+}
+
+/// What is under way beside serving, each while its phase lasts (the
+/// lifecycle says which).
+#[derive(Default)]
+struct Underway {
+    /// Reloading: the new configuration and its listeners.
     pending: Option<Pending>,
-    /// USR2: the new executable's `-t`, while it runs.
+    /// Checking an upgrade: the new executable's `-t`, while it runs.
     check: Option<helper::Helper>,
-    /// Set by the lifecycle's last word: the exit status.
-    exit: Option<i32>,
+    /// Asking (a TERM under systemd): whether it is a restart.
+    query: Option<helper::Helper>,
+}
+
+/// What the master keeps for clients across its own restarts, under a
+/// service manager (store.rs).
+#[derive(Default)]
+struct Kept {
     /// The systemd unit this master runs as, if it does.
     unit: Option<String>,
-    /// TERM under systemd: asking whether it is a restart.
-    query: Option<helper::Helper>,
-    /// Under a service manager: where open connections wait for the next
-    /// master (vault.rs); children that serve connections inherit it.
+    /// Where open connections wait for the next master (vault.rs);
+    /// children that serve connections inherit it.
     vault: Option<Vault>,
     /// What the master takes out of the vault at start, on its way to
     /// the workers.
@@ -224,11 +226,26 @@ struct Master {
     /// When the generation starting was first seen ready ("ready" waits
     /// for what the vault held, a while).
     workers_ready_at: Option<Instant>,
-    /// This stop is a restart: connections go to the vault.
-    restarting: bool,
-    /// Since when handed-over connections wait in the relay with none
-    /// taken, and how many waited last (see `watch_relay`).
-    relay_wait: Option<(Instant, u64)>,
+}
+
+struct Master {
+    pid: Pid,
+    /// Who children run as.
+    identity: Identity,
+    estate: Estate,
+    source: Source,
+    cfg: Config,
+    /// The listeners in force, and (fork mode) accepting from them.
+    acceptor: Acceptor,
+    chan: Channels,
+    scoreboard: Scoreboard,
+    children: Children,
+    backoff: Backoff,
+    /// The phase, the generation in force, the requests that wait, and
+    /// at the end the exit status.
+    life: Life,
+    underway: Underway,
+    kept: Kept,
     fork: ForkState,
     prefork: PreforkState,
     reports: Reports,
@@ -245,7 +262,9 @@ impl Master {
         self.start_carrier(now);
         self.fill_pool(now);
         self.restore(now);
-        self.progress(now);
+        for event in self.progress(now) {
+            self.apply(event, now);
+        }
         loop {
             let (noticed, ready, relay_ready) = self.wait();
             let now = Instant::now();
@@ -258,25 +277,39 @@ impl Master {
             if self.restoring() {
                 self.restore(now);
             }
-            let Some(signals) = self.signals.as_mut() else {
+            let Some(signals) = self.chan.signals.as_mut() else {
                 return 1;
             };
+            // Stops first, then deaths, then what waits for them.
             let p = signals.drain();
-            self.on_signals(p, now);
+            for event in stops(&p) {
+                self.apply(event, now);
+            }
+            if p.chld {
+                for event in self.reap(now) {
+                    self.apply(event, now);
+                }
+            }
+            for event in requests(&p) {
+                self.apply(event, now);
+            }
+            self.on_signals(&p, now);
             // For the metrics: fork-mode children are the busy ones.
             self.scoreboard.set_fork_children(self.children.conns());
             if !self.life.stopping() {
-                self.tend(now, ready, relay_ready);
+                for event in self.tend(now, ready, relay_ready) {
+                    self.apply(event, now);
+                }
             } else if self.children.is_empty() {
                 // What waits in the relay goes with the rest.
-                if self.restarting {
+                if self.life.restarting() {
                     self.put_back(now);
                 }
                 self.apply(Event::ChildrenGone, now);
             } else {
                 self.apply(Event::Tick, now);
             }
-            if let Some(code) = self.exit {
+            if let Some(code) = self.life.exited() {
                 info!("exiting");
                 if let Some(n) = &self.estate.notify {
                     n.flush_within(Duration::from_secs(2));
@@ -288,7 +321,8 @@ impl Master {
 
     /// Tells the lifecycle what happened and does what it decides, in
     /// order; what the doing brings about (a reload that could not be
-    /// prepared, say) is told next.
+    /// prepared, say) is told next. Only `run` calls it: handlers return
+    /// the events they find.
     fn apply(&mut self, event: Event, now: Instant) {
         let mut events = std::collections::VecDeque::from([event]);
         while let Some(event) = events.pop_front() {
@@ -314,7 +348,7 @@ impl Master {
             Action::PrepareReload { next } => return self.reload(now, next),
             Action::Commit => self.commit(now),
             Action::Abandon(why) => self.abandon(&why),
-            Action::DropReload => self.pending = None,
+            Action::DropReload => self.underway.pending = None,
             Action::StartCheck => return self.start_check(now),
             Action::EndCheck => self.end_check(),
             Action::RefuseUpgrade(why) => error!(
@@ -357,31 +391,16 @@ impl Master {
                 );
                 self.kill_all();
             }
-            Action::Exit(code) => self.exit = Some(code),
+            // The lifecycle keeps the status: `run` returns it.
+            Action::Exit(_) => {}
         }
         None
     }
 
-    /// Acts on the signals that came, stops first.
-    fn on_signals(&mut self, p: crate::signals::Pending, now: Instant) {
-        if p.quit {
-            self.apply(Event::Quit, now);
-        }
-        if p.term || p.int {
-            let why = if p.term { "SIGTERM" } else { "SIGINT" };
-            self.apply(Event::Stop(why), now);
-        }
-        if p.chld {
-            self.reap(now);
-        }
-        if p.hup {
-            self.apply(Event::Hup, now);
-        }
+    /// Acts on the signals the lifecycle has no say in.
+    fn on_signals(&mut self, p: &crate::signals::Pending, now: Instant) {
         if p.usr1 {
             self.status(now);
-        }
-        if p.usr2 {
-            self.apply(Event::Usr2, now);
         }
         if p.ttin {
             self.resize(true, now);
@@ -391,11 +410,12 @@ impl Master {
         }
     }
 
-    /// While running: readiness and reloads, overdue children, crash-loop
-    /// probes, accepting (fork mode; `readable`: a listener is), the pool,
-    /// and the periodic reports.
-    fn tend(&mut self, now: Instant, readable: bool, relay_ready: bool) {
-        self.progress(now);
+    /// While running: overdue children, crash-loop probes, accepting
+    /// (fork mode; `readable`: a listener is), the pool, and the periodic
+    /// reports; returns what to tell the lifecycle of readiness, reloads
+    /// and the time.
+    fn tend(&mut self, now: Instant, readable: bool, relay_ready: bool) -> Vec<Event> {
+        let events = self.progress(now);
         self.kill_overdue(now);
         self.check_probes(now);
         if self.cfg.mode == Mode::Fork {
@@ -413,13 +433,14 @@ impl Master {
             crate::turns::pass(&self.scoreboard, None);
         }
         self.tick(now);
+        events
     }
 
     /// Whether connections from the vault are yet to be handed to the
     /// workers (not once a stop began: then they stay there).
     pub(super) fn restoring(&self) -> bool {
-        self.vault.is_some()
-            && self.carried.may_have_more()
+        self.kept.vault.is_some()
+            && self.kept.carried.may_have_more()
             && !self.life.stopping()
             && !self.carrier_reading()
     }
@@ -461,7 +482,7 @@ impl Master {
             // Like tcpserver -c: at the limit we stop polling the listeners
             // and new clients wait in the kernel's backlog.
             && self.children.conns() < self.cfg.max_children as usize;
-        let (Some(signals), Some(notice)) = (&self.signals, &self.notice_r) else {
+        let (Some(signals), Some(notice)) = (&self.chan.signals, &self.chan.notice_r) else {
             return (false, false, false);
         };
         let mut fds = Vec::with_capacity(2 + self.acceptor.listeners().len());
@@ -476,7 +497,7 @@ impl Master {
         }
         let listening = 2..fds.len();
         let mut relay_at = None;
-        if let Some(r) = &self.relay {
+        if let Some(r) = &self.chan.relay {
             // Connections that retiring workers of another mode hand
             // over.
             if accepting {
@@ -484,7 +505,7 @@ impl Master {
                 fds.push(PollFd::new(r.rx.as_fd(), PollFlags::POLLIN));
             }
             // Connections kept across a restart wait for room.
-            if self.restoring() && self.carried_retry.is_none() {
+            if self.restoring() && self.kept.carried_retry.is_none() {
                 fds.push(PollFd::new(r.tx.as_fd(), PollFlags::POLLOUT));
             }
         }
@@ -499,12 +520,14 @@ impl Master {
             self.probe_deadline(now).filter(|_| running),
             self.children.next_deadline().filter(|_| running),
             self.prefork.recheck.filter(|_| running),
-            self.relay_wait
+            self.chan
+                .relay_wait
                 .map(|(t, _)| after(t, self.cfg.shutdown_timeout))
                 .filter(|_| running),
             Some(self.reports.next_tick).filter(|_| running),
-            self.carried_retry.filter(|_| running),
-            self.workers_ready_at
+            self.kept.carried_retry.filter(|_| running),
+            self.kept
+                .workers_ready_at
                 .map(|t| t + store::CARRIED_WAIT)
                 .filter(|_| self.life.starting()),
         ];
@@ -525,69 +548,11 @@ impl Master {
 
     /// Empties the notice pipe; what the workers said is in the scoreboard.
     fn drain_notices(&self) {
-        if let Some(fd) = &self.notice_r {
+        if let Some(fd) = &self.chan.notice_r {
             // A short read means the pipe is empty.
             let mut sink = [0u8; 256];
             while matches!(nix::unistd::read(fd, &mut sink), Ok(n) if n == sink.len()) {}
         }
-    }
-
-    /// In a child right after fork: drops what only the master may hold,
-    /// above all every control pipe's write end (or a worker would keep its
-    /// siblings from ever seeing "stop").
-    /// Nothing here is freed: a child that frees writes the allocator's
-    /// metadata, and each heap page so written is copied from the master.
-    fn close_in_child(&mut self) {
-        crate::logging::forked();
-        Listener::close_all_in_child(&mut self.acceptor.take());
-        if let Some(p) = self.pending.take() {
-            let mut plan = p.plan;
-            for planned in plan.drain(..) {
-                if let Planned::Bound(l) = planned {
-                    l.close_in_child();
-                }
-            }
-            std::mem::forget((plan, p.cfg, p.identity));
-        }
-        if let Some(s) = self.signals.take() {
-            s.close_in_child();
-        }
-        self.relay = None;
-        self.fork.ctl_w = None;
-        std::mem::take(&mut self.children).close_in_child();
-        self.scoreboard.close_fd_in_child();
-        self.check = None;
-        self.query = None;
-        self.vault = None;
-        // Clients' connections kept across a restart belong to the worker
-        // the relay gives each to: a copy here would keep it open after
-        // that worker closes it (its client would never see the end).
-        let stored = &self.estate.store;
-        let single = stored.connections.iter().map(|(_, _, fd)| fd.as_raw_fd());
-        let vault = stored.vault.iter().map(|fd| fd.as_raw_fd());
-        for fd in self.carried.raw_fds().chain(single).chain(vault) {
-            // Forgotten with the lists below: this is their one close.
-            let _ = nix::unistd::close(fd);
-        }
-        std::mem::forget(std::mem::take(&mut self.carried));
-        std::mem::forget(std::mem::take(&mut self.estate.store.connections));
-        std::mem::forget(std::mem::take(&mut self.estate.store.vault));
-        self.notice_r = None;
-        if let Some(ready) = self.estate.ready.take() {
-            ready.close_in_child();
-        }
-        if let Some(p) = self.estate.pidfile.take() {
-            p.close_in_child();
-        }
-        self.estate.notify = None;
-    }
-
-    /// In a fork-mode child right after fork: drop the master's fds, then
-    /// its privileges. Err is the exit code.
-    fn enter_child(&mut self) -> Result<(), i32> {
-        self.close_in_child();
-        self.notice_w = None;
-        enter(&self.identity, &self.scoreboard)
     }
 
     fn notify(&self, msg: &str) {
@@ -632,8 +597,7 @@ impl Master {
         // children closing theirs on their pipe's EOF refuses new clients
         // (unless the store keeps them).
         self.acceptor.close();
-        self.pending = None;
-        self.restarting = restart;
+        self.underway.pending = None;
         // Before the pipes close: a child then knows it was told.
         self.scoreboard.set_stopping();
         // A restart hands every connection to the next master; a stop has
@@ -662,19 +626,22 @@ impl Master {
     }
 }
 
-/// In a child: drops privileges as `identity` says; Err is the exit code.
-/// A failure is logged at most once per [`REPORT_EVERY`] across all
-/// children, as in a crash loop every child fails for the same reason.
-fn enter(identity: &Identity, board: &Scoreboard) -> Result<(), i32> {
-    identity.enter().map_err(|e| {
-        if let Some(more) = board.setup_failure_report(REPORT_EVERY) {
-            let more = if more > 0 {
-                format!(" ({more} more children failed so since the last report)")
-            } else {
-                String::new()
-            };
-            error!("cannot drop privileges: {e}{more}");
-        }
-        EXIT_SETUP
-    })
+/// What the stop signals among `p` tell the lifecycle, the immediate
+/// one first.
+fn stops(p: &crate::signals::Pending) -> Vec<Event> {
+    let mut events = Vec::new();
+    if p.quit {
+        events.push(Event::Quit);
+    }
+    if p.term || p.int {
+        events.push(Event::Stop(if p.term { "SIGTERM" } else { "SIGINT" }));
+    }
+    events
+}
+
+/// What the reload and upgrade requests among `p` tell the lifecycle.
+fn requests(p: &crate::signals::Pending) -> Vec<Event> {
+    let hup = p.hup.then_some(Event::Hup);
+    let usr2 = p.usr2.then_some(Event::Usr2);
+    hup.into_iter().chain(usr2).collect()
 }

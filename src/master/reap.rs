@@ -18,25 +18,27 @@ use crate::children::{classify, describe, Child, Exit, Kind, EXIT_REFUSED, QUICK
 use crate::scoreboard::{Exited, State};
 
 impl Master {
-    /// Reaps every exited child: one SIGCHLD may stand for many exits.
-    pub(super) fn reap(&mut self, now: Instant) {
+    /// Reaps every exited child (one SIGCHLD may stand for many exits);
+    /// returns what to tell the lifecycle of them.
+    pub(super) fn reap(&mut self, now: Instant) -> Vec<Event> {
+        let mut events = Vec::new();
         loop {
             let status = match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
+                Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return events,
                 Ok(s) => s,
                 Err(Errno::EINTR) => continue,
                 Err(e) => {
                     warn!("waitpid failed: {e}");
-                    return;
+                    return events;
                 }
             };
             let Some(pid) = status.pid() else { continue };
-            if self.check.as_ref().is_some_and(|c| c.pid == pid) {
-                self.check_done(status, now);
+            if self.underway.check.as_ref().is_some_and(|c| c.pid == pid) {
+                events.extend(self.check_done(status));
                 continue;
             }
-            if self.query.as_ref().is_some_and(|q| q.pid == pid) {
-                self.query_done(status, now);
+            if self.underway.query.as_ref().is_some_and(|q| q.pid == pid) {
+                events.extend(self.query_done());
                 continue;
             }
             let Some(child) = self.children.remove(pid) else {
@@ -89,11 +91,11 @@ impl Master {
                 }
                 Kind::Pool if never_ready && self.life.next() == Some(child.generation) => {
                     let why = format!("new worker {pid} {how} before it was ready");
-                    self.apply(Event::DiedBeforeReady { next: true, why }, now);
+                    events.push(Event::DiedBeforeReady { next: true, why });
                 }
                 Kind::Pool if never_ready && starting == Some(child.generation) => {
                     let why = format!("worker {pid} {how} before it was ready");
-                    self.apply(Event::DiedBeforeReady { next: false, why }, now);
+                    events.push(Event::DiedBeforeReady { next: false, why });
                 }
                 Kind::Conn if self.life.killed() => debug!("child {pid} {how}"),
                 role => {

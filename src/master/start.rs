@@ -80,10 +80,13 @@ pub fn run(
         estate,
         source,
         acceptor: Acceptor::new(listeners),
-        signals: Some(signals),
-        relay: Some(relay),
-        notice_r: Some(notice_r),
-        notice_w: Some(notice_w),
+        chan: Channels {
+            signals: Some(signals),
+            relay: Some(relay),
+            relay_wait: None,
+            notice_r: Some(notice_r),
+            notice_w: Some(notice_w),
+        },
         scoreboard,
         children: Children::default(),
         backoff: Backoff::default(),
@@ -95,21 +98,12 @@ pub fn run(
                 life
             }
         },
-        unit,
-        query: None,
-        vault: adopted.as_mut().and_then(|a| a.vault.take()),
-        carried: Default::default(),
-        carried_retry: None,
-        restored: 0,
-        restored_any: false,
-        carrier: None,
-        workers_ready_at: None,
-        restarting: false,
-        relay_wait: None,
-        started: now,
-        pending: None,
-        check: None,
-        exit: None,
+        underway: Underway::default(),
+        kept: Kept {
+            unit,
+            vault: adopted.as_mut().and_then(|a| a.vault.take()),
+            ..Kept::default()
+        },
         fork: ForkState {
             ctl_r,
             ctl_w: Some(ctl_w),
@@ -128,6 +122,7 @@ pub fn run(
             turns: crate::turns::wanted(),
         },
         reports: Reports {
+            started: now,
             next_tick: now + TICK,
             refused: status::Counted::default(),
             dropped: status::Counted::default(),
@@ -147,7 +142,7 @@ pub fn run(
         .set_hand_over(crate::scoreboard::HandOver::ToWorkers);
     if master.scoreboard.start_secs() == 0 {
         // A new scoreboard: the start is now, or the predecessor's.
-        let up = now.duration_since(master.started);
+        let up = now.duration_since(master.reports.started);
         let secs = SystemTime::now()
             .checked_sub(up)
             .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())

@@ -78,7 +78,7 @@ impl Master {
 
     /// The USR1 line and systemd's STATUS=.
     pub(super) fn status_text(&self, now: Instant) -> String {
-        let uptime = now.duration_since(self.started).as_secs();
+        let uptime = now.duration_since(self.reports.started).as_secs();
         let (mut busy, mut idle, mut other) = (0, 0, 0);
         // What /metrics says (echo_forkd_connections_total), from the same word.
         let (served, _) = self.scoreboard.served_totals();

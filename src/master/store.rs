@@ -23,7 +23,6 @@ use std::time::{Duration, Instant};
 
 use log::{info, warn};
 use nix::errno::Errno;
-use nix::sys::wait::WaitStatus;
 
 use super::generation::Target;
 use super::lifecycle::Event;
@@ -56,16 +55,16 @@ impl Master {
         let Some(n) = self.estate.notify.as_ref() else {
             return;
         };
-        if self.vault.is_none() {
+        if self.kept.vault.is_none() {
             let kept = std::mem::take(&mut self.estate.store.vault);
-            self.vault = match <[_; 2]>::try_from(kept) {
+            self.kept.vault = match <[_; 2]>::try_from(kept) {
                 Ok([a, b]) => Some(Vault::adopt(a, b)),
                 Err(_) => Vault::new()
                     .map_err(|e| warn!("cannot make the vault that keeps connections across a restart: {e}; a restart or a crash will cut them"))
                     .ok(),
             };
         }
-        if let Some(v) = &self.vault {
+        if let Some(v) = &self.kept.vault {
             if let Err(e) = n.store(&v.ends(), vault::NAME) {
                 warn!("cannot put the vault in the service manager's store: {e}; a restart or a crash will cut open connections");
             }
@@ -92,7 +91,7 @@ impl Master {
                 }
                 n.unstore(&name);
             }
-            if let Some(v) = &self.vault {
+            if let Some(v) = &self.kept.vault {
                 if let Err(lost) = v.put(conns, now + PUT_BACK) {
                     self.scoreboard.cut(Cut::Vault, lost.conns as u64);
                     warn!(
@@ -103,7 +102,7 @@ impl Master {
                 }
             }
         }
-        self.carried.look_again();
+        self.kept.carried.look_again();
     }
 
     /// prefork, at start with connections in the vault: starts a carrier
@@ -113,12 +112,12 @@ impl Master {
     pub(super) fn start_carrier(&mut self, now: Instant) {
         let wanted = self.cfg.mode == Mode::Prefork
             && cfg!(any(target_os = "linux", target_os = "android"))
-            && self.vault.as_ref().is_some_and(Vault::holds_any);
+            && self.kept.vault.as_ref().is_some_and(Vault::holds_any);
         if !wanted {
             return;
         }
         match self.spawn_worker(Target::InForce, Kind::Carrier, now) {
-            Ok(pid) => self.carrier = Some(pid),
+            Ok(pid) => self.kept.carrier = Some(pid),
             Err(e) => warn!("cannot start a carrier for the connections kept across the restart: {e}; they wait for a worker each"),
         }
     }
@@ -127,7 +126,8 @@ impl Master {
     /// (the master reads what it leaves once it says it is ready, or has
     /// died).
     pub(super) fn carrier_reading(&self) -> bool {
-        self.carrier
+        self.kept
+            .carrier
             .and_then(|pid| self.children.get(pid))
             .and_then(|c| c.slot)
             .and_then(|s| self.scoreboard.get(s))
@@ -141,22 +141,22 @@ impl Master {
         if self.carrier_reading() {
             return;
         }
-        let (Some(relay), Some(vault)) = (&self.relay, &self.vault) else {
+        let (Some(relay), Some(vault)) = (&self.chan.relay, &self.kept.vault) else {
             return;
         };
-        if self.carried_retry.is_some_and(|t| now < t) {
+        if self.kept.carried_retry.is_some_and(|t| now < t) {
             return;
         }
-        self.carried_retry = None;
-        self.carried.count_room_again();
+        self.kept.carried_retry = None;
+        self.kept.carried.count_room_again();
         loop {
-            let (fd, mut c) = match self.carried.next(vault) {
+            let (fd, mut c) = match self.kept.carried.next(vault) {
                 Ok(Some(conn)) => conn,
                 Ok(None) => break,
                 Err(e) => {
                     // No room: wait for some. Anything else: whatever was
                     // in that message is lost; the rest is read on.
-                    self.carried_retry = Some(now + NO_ROOM_RETRY);
+                    self.kept.carried_retry = Some(now + NO_ROOM_RETRY);
                     let why = match e {
                         Errno::EMFILE => {
                             let (soft, _) = crate::sys::nofile_limit();
@@ -176,19 +176,19 @@ impl Master {
             c.place = self.fork.policy.recount(&self.scoreboard, &fd, c.client);
             match relay.tx.offer(fd.as_fd(), &c, &self.scoreboard) {
                 Offer::Sent => {
-                    self.restored += 1;
-                    self.restored_any = true;
+                    self.kept.restored += 1;
+                    self.kept.restored_any = true;
                 }
                 Offer::Full(e) => {
                     if let Some(p) = c.place {
                         crate::admission::give_back(&self.scoreboard, p);
                     }
-                    self.carried.unget((fd, c));
+                    self.kept.carried.unget((fd, c));
                     // Full: the relay's room wakes the master. Over the
                     // descriptors in flight: it is writable all the same,
                     // so wait a while rather than spin.
                     if e != Errno::EAGAIN {
-                        self.carried_retry = Some(now + NO_ROOM_RETRY);
+                        self.kept.carried_retry = Some(now + NO_ROOM_RETRY);
                     }
                     return;
                 }
@@ -201,19 +201,23 @@ impl Master {
                 }
             }
         }
-        if self.restored > 0 {
+        if self.kept.restored > 0 {
             info!(
                 "{} kept across the restart handed to the workers",
-                crate::logging::counted(self.restored, "connection", "connections")
+                crate::logging::counted(self.kept.restored, "connection", "connections")
             );
-            self.restored = 0;
+            self.kept.restored = 0;
         }
-        if self.carried.foreign > 0 {
+        if self.kept.carried.foreign > 0 {
             warn!(
                 "closed {} in the vault that were not connections of ours",
-                crate::logging::counted(self.carried.foreign as u64, "descriptor", "descriptors")
+                crate::logging::counted(
+                    self.kept.carried.foreign as u64,
+                    "descriptor",
+                    "descriptors"
+                )
             );
-            self.carried.foreign = 0;
+            self.kept.carried.foreign = 0;
         }
     }
 
@@ -222,9 +226,10 @@ impl Master {
     /// after `since`, when the workers were ready).
     pub(super) fn carried_waiting(&self, now: Instant, since: Instant) -> bool {
         let relayed = self.scoreboard.relayed();
-        let waiting = self.vault.is_some()
-            && (self.carried.may_have_more()
-                || self.restored_any && relayed.load(std::sync::atomic::Ordering::Acquire) > 0);
+        let waiting = self.kept.vault.is_some()
+            && (self.kept.carried.may_have_more()
+                || self.kept.restored_any
+                    && relayed.load(std::sync::atomic::Ordering::Acquire) > 0);
         if waiting && now >= since + CARRIED_WAIT {
             warn!(
                 "connections kept across the restart still wait for a worker {} s after the workers were ready: ready all the same",
@@ -252,7 +257,7 @@ impl Master {
     /// and what the master took out of the vault and did not hand on,
     /// goes back into the vault.
     pub(super) fn put_back(&mut self, now: Instant) {
-        let (Some(vault), Some(relay)) = (&self.vault, &self.relay) else {
+        let (Some(vault), Some(relay)) = (&self.kept.vault, &self.chan.relay) else {
             return;
         };
         let conns = relay.rx.drain(&self.scoreboard);
@@ -264,8 +269,10 @@ impl Master {
     /// What the master took out of the vault and did not hand on goes
     /// back (it restarts, or re-executes itself).
     pub(super) fn put_back_carried(&mut self, now: Instant) {
-        let Some(vault) = &self.vault else { return };
-        let lost = vault.put_back(&mut self.carried, now + PUT_BACK).err();
+        let Some(vault) = &self.kept.vault else {
+            return;
+        };
+        let lost = vault.put_back(&mut self.kept.carried, now + PUT_BACK).err();
         self.lost_for_next_master(lost);
     }
 
@@ -283,8 +290,8 @@ impl Master {
     /// TERM under systemd: asks, in a child, whether the unit's job is a
     /// restart and whether its store has room. `Some`: no answer can come.
     pub(super) fn ask_restart(&mut self) -> Option<Event> {
-        let unit = self.unit.clone()?;
-        if self.vault.is_none() {
+        let unit = self.kept.unit.clone()?;
+        if self.kept.vault.is_none() {
             return Some(Event::Restart(false));
         }
         let spawned = self.spawn_helper(|w| {
@@ -294,20 +301,17 @@ impl Master {
         });
         match spawned {
             Ok(query) => {
-                self.query = Some(query);
+                self.underway.query = Some(query);
                 None
             }
             Err(_) => Some(Event::Restart(false)),
         }
     }
 
-    /// The query exited: tells the lifecycle what it found.
-    pub(super) fn query_done(&mut self, _status: WaitStatus, now: Instant) {
-        let Some(q) = self.query.take() else {
-            return;
-        };
-        let restart = q.said(16) == "restart";
-        self.apply(Event::Restart(restart), now);
+    /// The query exited: what to tell the lifecycle it found.
+    pub(super) fn query_done(&mut self) -> Option<Event> {
+        let q = self.underway.query.take()?;
+        Some(Event::Restart(q.said(16) == "restart"))
     }
 }
 

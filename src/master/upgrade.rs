@@ -60,19 +60,17 @@ impl Master {
                 // Set on both sides, so that the group exists whichever
                 // runs first (the child may fail before it sets it).
                 let _ = nix::unistd::setpgid(check.pid, check.pid);
-                self.check = Some(check);
+                self.underway.check = Some(check);
                 None
             }
             Err(e) => Some(Event::CheckNotStarted(format!("cannot be checked: {e}"))),
         }
     }
 
-    /// The check exited (reaped as `status`): tells the lifecycle whether
-    /// it passed, with what it said if not.
-    pub(super) fn check_done(&mut self, status: WaitStatus, now: Instant) {
-        let Some(check) = self.check.take() else {
-            return;
-        };
+    /// The check exited (reaped as `status`): what to tell the lifecycle
+    /// of whether it passed, with what it said if not.
+    pub(super) fn check_done(&mut self, status: WaitStatus) -> Option<Event> {
+        let check = self.underway.check.take()?;
         // Whatever it left running in its group goes with it.
         end_group(check.pid);
         let said = check.said(4096);
@@ -86,13 +84,13 @@ impl Master {
                 if said.is_empty() { "" } else { ": " }
             ))
         };
-        self.apply(Event::Checked(result), now);
+        Some(Event::Checked(result))
     }
 
     /// Gives the check up (it took too long, or the master stops): its
     /// group is killed, and its exit is reaped as any child's, unheeded.
     pub(super) fn end_check(&mut self) {
-        if let Some(c) = self.check.take() {
+        if let Some(c) = self.underway.check.take() {
             end_group(c.pid);
         }
     }
@@ -117,7 +115,7 @@ impl Master {
         Inheritance {
             pid: std::process::id(),
             generation: self.life.generation(),
-            started_secs_ago: now.duration_since(self.started).as_secs(),
+            started_secs_ago: now.duration_since(self.reports.started).as_secs(),
             listeners: self
                 .acceptor
                 .listeners()
@@ -138,7 +136,7 @@ impl Master {
                 .scoreboard
                 .fd()
                 .map(|f| (f.as_raw_fd(), self.scoreboard.slots())),
-            notice: match (&self.notice_r, &self.notice_w) {
+            notice: match (&self.chan.notice_r, &self.chan.notice_w) {
                 (Some(r), Some(w)) => Some((raw(r), raw(w))),
                 _ => None,
             },
@@ -148,10 +146,11 @@ impl Master {
                 .as_ref()
                 .map(|w| (raw(&self.fork.ctl_r), raw(w))),
             relay: self
+                .chan
                 .relay
                 .as_ref()
                 .map(|r| (r.tx.as_fd().as_raw_fd(), r.rx.as_fd().as_raw_fd())),
-            vault: self.vault.as_ref().map(|v| {
+            vault: self.kept.vault.as_ref().map(|v| {
                 let [a, b] = v.ends();
                 (a.as_raw_fd(), b.as_raw_fd())
             }),
@@ -195,7 +194,7 @@ impl Master {
         };
         // What the vault held and is not with the workers yet waits there
         // for the new code.
-        if !self.carried.is_done() {
+        if !self.kept.carried.is_done() {
             self.put_back_carried(now);
         }
         let inheritance = self.inheritance(now);
@@ -372,7 +371,7 @@ impl Master {
         use crate::children::{Child, Kind};
         let h = a.inheritance;
         let old = h.generation;
-        self.started = now
+        self.reports.started = now
             .checked_sub(Duration::from_secs(h.started_secs_ago))
             .unwrap_or(now);
         self.prefork.served_by_gone = h.served_by_gone;

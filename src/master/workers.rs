@@ -3,7 +3,6 @@
 //! any kind of worker from the kinds table (kind.rs) and retiring them,
 //! TTIN/TTOU.
 
-use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -13,14 +12,14 @@ use nix::unistd::Pid;
 
 use super::generation::{take_planned, Target};
 use super::kinds::{self, Params};
-use super::{enter, Master};
+use super::spawn::Brief;
+use super::Master;
 use crate::children::{Child, Kind};
 use crate::config::Mode;
 use crate::listen::Listener;
 use crate::pool;
 use crate::scoreboard::{Entry, HandOver, State};
 use crate::time::after;
-use crate::{signals, sys, worker};
 
 impl Master {
     /// SIGTTIN/SIGTTOU: moves the pool's floor by one; TTOU also retires
@@ -64,7 +63,7 @@ impl Master {
     /// connections come, rather than forked one burst after they wait.
     pub(super) fn fill_pool(&mut self, now: Instant) {
         for target in [Target::InForce, Target::Pending] {
-            let (generation, size) = match (target, &self.pending, self.life.next()) {
+            let (generation, size) = match (target, &self.underway.pending, self.life.next()) {
                 (Target::InForce, _, _) if self.cfg.mode.pooled() => {
                     let g = self.life.generation();
                     (g, self.taking_over(g, &self.cfg))
@@ -226,7 +225,7 @@ impl Master {
         };
         // And those the vault still holds from the last master.
         let carried = if self.restoring() {
-            self.carried.waiting() as u64
+            self.kept.carried.waiting() as u64
         } else {
             0
         };
@@ -282,21 +281,23 @@ impl Master {
     /// stuck cuts it.
     pub(super) fn watch_relay(&mut self, now: Instant) {
         let n = self.scoreboard.relayed().load(Ordering::Acquire);
-        self.relay_wait = match self.relay_wait {
+        self.chan.relay_wait = match self.chan.relay_wait {
             _ if n == 0 => None,
             // Taken since: it moves.
             Some((_, last)) if n < last => Some((now, n)),
             Some((since, _)) => Some((since, n)),
             None => Some((now, n)),
         };
-        let Some((since, _)) = self.relay_wait else {
+        let Some((since, _)) = self.chan.relay_wait else {
             return;
         };
         if now < after(since, self.cfg.shutdown_timeout) {
             return;
         }
-        self.relay_wait = None;
-        let Some(relay) = &self.relay else { return };
+        self.chan.relay_wait = None;
+        let Some(relay) = &self.chan.relay else {
+            return;
+        };
         let closed = relay.rx.drain(&self.scoreboard).len() as u64;
         if closed == 0 {
             return;
@@ -375,7 +376,7 @@ impl Master {
         let Some(run) = kinds::entry(kind) else {
             return Err(format!("a {} is forked for a connection", kind.name()));
         };
-        let (generation, cfg, identity) = match (&self.pending, self.life.next(), target) {
+        let (generation, cfg, identity) = match (&self.underway.pending, self.life.next(), target) {
             (Some(p), Some(next), Target::Pending) => (next, &p.cfg, p.identity.clone()),
             _ => (self.life.generation(), &self.cfg, self.identity.clone()),
         };
@@ -414,42 +415,29 @@ impl Master {
             }
         };
         let mut ctl_w = Some(ctl_w);
-        let master = self.pid;
-        // SAFETY: the master is single-threaded: it never starts a thread.
-        #[allow(unsafe_code)]
-        let forked = unsafe {
-            sys::spawn(&signals::HANDLED, &signals::CHILD_IGNORED, || {
-                drop(ctl_w.take());
-                let mut listeners = self.take_listeners(target);
-                Listener::keep_in_child(&mut listeners, |l| kind.keeps() == Some(l.service()));
-                let (relay_tx, relay_rx) = match self.relay.take().filter(|_| kind.relays()) {
-                    Some(r) => (Some(r.tx), Some(r.rx)),
-                    None => (None, None),
-                };
-                let vault = self.vault.take().filter(|_| kind.relays());
-                self.close_in_child();
-                if let Err(code) = enter(&identity, &self.scoreboard) {
-                    return code;
-                }
-                let ctx = worker::Ctx {
-                    ctl: ctl_r.as_fd(),
-                    master,
-                    limits,
-                    policy,
-                    slot: Some(self.scoreboard.slot(slot)),
-                    board: &self.scoreboard,
-                    count_bytes: true,
-                    fork_slot: None,
-                    notice: self.notice_w.as_ref().map(|f| f.as_fd()),
-                    relay_tx,
-                    relay_rx,
-                    vault,
-                    shutdown,
-                    orphaned: Default::default(),
-                };
-                run(listeners, ctx, params)
-            })
+        let brief = Brief {
+            identity: Some(identity),
+            limits,
+            policy,
+            slot: Some(slot),
+            fork_slot: None,
+            count_bytes: true,
+            ctl: Some(ctl_r),
+            relays: kind.relays(),
+            vault: kind.relays(),
+            notice: true,
+            shutdown,
         };
+        let forked = self.fork_child(
+            brief,
+            |m| {
+                drop(ctl_w.take());
+                let mut listeners = m.take_listeners(target);
+                Listener::keep_in_child(&mut listeners, |l| kind.keeps() == Some(l.service()));
+                listeners
+            },
+            |listeners, ctx| run(listeners, ctx, params),
+        );
         match forked {
             Ok(pid) => {
                 self.scoreboard.set_pid(slot, pid);
@@ -472,7 +460,7 @@ impl Master {
     /// master's list is left empty).
     pub(super) fn take_listeners(&mut self, target: Target) -> Vec<Listener> {
         let current = self.acceptor.take();
-        match (self.pending.as_mut(), target) {
+        match (self.underway.pending.as_mut(), target) {
             (Some(p), Target::Pending) => {
                 let mut current: Vec<Option<Listener>> = current.into_iter().map(Some).collect();
                 take_planned(&mut current, std::mem::take(&mut p.plan))

@@ -47,8 +47,15 @@ pub enum Phase {
     /// stopping, still serving meanwhile (`why`: the signal).
     Asking { until: Instant, why: &'static str },
     /// Stopping: listeners closed, children finish until `until`, then are
-    /// killed (`killed`: they were).
-    Stopping { until: Instant, killed: bool },
+    /// killed (`killed`: they were); a `restart` hands their connections
+    /// to the next master (the vault).
+    Stopping {
+        until: Instant,
+        killed: bool,
+        restart: bool,
+    },
+    /// The stop is over: the master exits with `code`.
+    Exited { code: i32 },
 }
 
 /// What happened, as the master tells it.
@@ -213,6 +220,19 @@ impl Life {
         matches!(self.phase, Phase::Stopping { .. })
     }
 
+    /// Whether this stop is a restart: connections go to the vault.
+    pub fn restarting(&self) -> bool {
+        matches!(self.phase, Phase::Stopping { restart: true, .. })
+    }
+
+    /// The exit status, once the stop is over.
+    pub fn exited(&self) -> Option<i32> {
+        match self.phase {
+            Phase::Exited { code } => Some(code),
+            _ => None,
+        }
+    }
+
     /// Whether the children were killed (a stop's end).
     pub fn killed(&self) -> bool {
         matches!(self.phase, Phase::Stopping { killed: true, .. })
@@ -250,8 +270,9 @@ impl Life {
             | Phase::Stopping {
                 until,
                 killed: false,
+                ..
             } => Some(until),
-            Phase::Serving | Phase::Stopping { killed: true, .. } => None,
+            Phase::Serving | Phase::Stopping { killed: true, .. } | Phase::Exited { .. } => None,
         }
     }
 
@@ -275,12 +296,17 @@ impl Life {
             (P::Stopping { .. }, E::Stop(_) | E::Quit) => vec![],
             (P::Stopping { .. }, E::Hup) => vec![A::Ignore("SIGHUP")],
             (P::Stopping { .. }, E::Usr2) => vec![A::Ignore("SIGUSR2")],
-            (P::Stopping { until, killed }, E::Tick) if !killed && due(until) => {
+            (P::Stopping { until, killed, .. }, E::Tick) if !killed && due(until) => {
                 self.killed_now();
                 vec![A::KillAll]
             }
-            (P::Stopping { .. }, E::ChildrenGone) => vec![A::Exit(self.exit_code)],
-            (P::Stopping { .. }, _) => vec![],
+            (P::Stopping { .. }, E::ChildrenGone) => {
+                self.phase = Phase::Exited {
+                    code: self.exit_code,
+                };
+                vec![A::Exit(self.exit_code)]
+            }
+            (P::Stopping { .. }, _) | (P::Exited { .. }, _) => vec![],
             // Is it a restart? A second TERM, or QUIT, does not wait.
             (P::Asking { why, .. }, E::Restart(restart)) => {
                 self.stop(P::Serving, now, why, false, restart)
@@ -406,6 +432,7 @@ impl Life {
         self.phase = Phase::Stopping {
             until: crate::time::after(now, self.shutdown),
             killed: immediate,
+            restart,
         };
         act.push(Action::BeginStop {
             why,
@@ -416,10 +443,11 @@ impl Life {
     }
 
     fn killed_now(&mut self) {
-        if let Phase::Stopping { until, .. } = self.phase {
+        if let Phase::Stopping { until, restart, .. } = self.phase {
             self.phase = Phase::Stopping {
                 until,
                 killed: true,
+                restart,
             };
         }
     }

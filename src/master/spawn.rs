@@ -1,0 +1,170 @@
+//! Forking a child with its context: the one place the master forks a
+//! child that serves (a pool worker, a helper worker, the carrier, a
+//! fork-mode child); its short helpers (helper.rs) are the other. In the
+//! child, right after fork: what it keeps is taken, what only the master
+//! may hold is closed, privileges are dropped, and it runs with a
+//! [`worker::Ctx`] built here, the same for every kind.
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::time::Duration;
+
+use log::error;
+use nix::unistd::Pid;
+
+use super::Master;
+use crate::admission::Policy;
+use crate::children::EXIT_SETUP;
+use crate::daemon::Identity;
+use crate::echo::Limits;
+use crate::listen::Listener;
+use crate::logging::REPORT_EVERY;
+use crate::reload::Planned;
+use crate::scoreboard::Scoreboard;
+use crate::{signals, sys, worker};
+
+/// What a child is given besides what every child shares.
+pub(super) struct Brief {
+    /// Who it runs as; `None`: the identity in force.
+    pub identity: Option<Identity>,
+    pub limits: Limits,
+    pub policy: Policy,
+    /// A pool worker's scoreboard slot.
+    pub slot: Option<usize>,
+    /// A fork-mode child's word in the fork table (behind a proxy).
+    pub fork_slot: Option<usize>,
+    /// Whether it adds its bytes to the scoreboard.
+    pub count_bytes: bool,
+    /// Its own control pipe's read end (a pool worker); `None`: the
+    /// fork-mode children's shared pipe.
+    pub ctl: Option<OwnedFd>,
+    /// It takes the relay (to hand over and, a pool worker, to take).
+    pub relays: bool,
+    /// It takes the vault (its connections go there for the next master).
+    pub vault: bool,
+    /// It tells the master when it is ready (the notice pipe).
+    pub notice: bool,
+    /// `--shutdown-timeout`.
+    pub shutdown: Duration,
+}
+
+impl Master {
+    /// Forks a child as `brief` says: in the child, `keep` takes what it
+    /// keeps of the master's (its listeners, its connection) before the
+    /// rest is closed, and `run` gets that and the child's context; its
+    /// return is the child's exit code.
+    pub(super) fn fork_child<T>(
+        &mut self,
+        brief: Brief,
+        keep: impl FnOnce(&mut Master) -> T,
+        run: impl FnOnce(T, worker::Ctx<'_>) -> i32,
+    ) -> std::io::Result<Pid> {
+        let master = self.pid;
+        // SAFETY: the master is single-threaded: it never starts a thread.
+        #[allow(unsafe_code)]
+        unsafe {
+            sys::spawn(&signals::HANDLED, &signals::CHILD_IGNORED, || {
+                let kept = keep(self);
+                let (relay_tx, relay_rx) = match self.chan.relay.take().filter(|_| brief.relays) {
+                    Some(r) => (Some(r.tx), Some(r.rx)),
+                    None => (None, None),
+                };
+                let vault = self.kept.vault.take().filter(|_| brief.vault);
+                self.close_in_child();
+                if !brief.notice {
+                    self.chan.notice_w = None;
+                }
+                let identity = brief.identity.as_ref().unwrap_or(&self.identity);
+                if let Err(code) = enter(identity, &self.scoreboard) {
+                    return code;
+                }
+                let ctx = worker::Ctx {
+                    ctl: match &brief.ctl {
+                        Some(fd) => fd.as_fd(),
+                        None => self.fork.ctl_r.as_fd(),
+                    },
+                    master,
+                    limits: brief.limits,
+                    policy: brief.policy,
+                    slot: brief.slot.map(|s| self.scoreboard.slot(s)),
+                    board: &self.scoreboard,
+                    count_bytes: brief.count_bytes,
+                    fork_slot: brief.fork_slot,
+                    notice: self.chan.notice_w.as_ref().map(|f| f.as_fd()),
+                    relay_tx,
+                    relay_rx,
+                    vault,
+                    shutdown: brief.shutdown,
+                    orphaned: Default::default(),
+                };
+                run(kept, ctx)
+            })
+        }
+    }
+
+    /// In a child right after fork: drops what only the master may hold,
+    /// above all every control pipe's write end (or a worker would keep its
+    /// siblings from ever seeing "stop").
+    /// Nothing here is freed: a child that frees writes the allocator's
+    /// metadata, and each heap page so written is copied from the master.
+    pub(super) fn close_in_child(&mut self) {
+        crate::logging::forked();
+        Listener::close_all_in_child(&mut self.acceptor.take());
+        if let Some(p) = self.underway.pending.take() {
+            let mut plan = p.plan;
+            for planned in plan.drain(..) {
+                if let Planned::Bound(l) = planned {
+                    l.close_in_child();
+                }
+            }
+            std::mem::forget((plan, p.cfg, p.identity));
+        }
+        if let Some(s) = self.chan.signals.take() {
+            s.close_in_child();
+        }
+        self.chan.relay = None;
+        self.fork.ctl_w = None;
+        std::mem::take(&mut self.children).close_in_child();
+        self.scoreboard.close_fd_in_child();
+        self.underway.check = None;
+        self.underway.query = None;
+        self.kept.vault = None;
+        // Clients' connections kept across a restart belong to the worker
+        // the relay gives each to: a copy here would keep it open after
+        // that worker closes it (its client would never see the end).
+        let stored = &self.estate.store;
+        let single = stored.connections.iter().map(|(_, _, fd)| fd.as_raw_fd());
+        let vault = stored.vault.iter().map(|fd| fd.as_raw_fd());
+        for fd in self.kept.carried.raw_fds().chain(single).chain(vault) {
+            // Forgotten with the lists below: this is their one close.
+            let _ = nix::unistd::close(fd);
+        }
+        std::mem::forget(std::mem::take(&mut self.kept.carried));
+        std::mem::forget(std::mem::take(&mut self.estate.store.connections));
+        std::mem::forget(std::mem::take(&mut self.estate.store.vault));
+        self.chan.notice_r = None;
+        if let Some(ready) = self.estate.ready.take() {
+            ready.close_in_child();
+        }
+        if let Some(p) = self.estate.pidfile.take() {
+            p.close_in_child();
+        }
+        self.estate.notify = None;
+    }
+}
+
+/// In a child: drops privileges as `identity` says; Err is the exit code.
+/// A failure is logged at most once per [`REPORT_EVERY`] across all
+/// children, as in a crash loop every child fails for the same reason.
+fn enter(identity: &Identity, board: &Scoreboard) -> Result<(), i32> {
+    identity.enter().map_err(|e| {
+        if let Some(more) = board.setup_failure_report(REPORT_EVERY) {
+            let more = if more > 0 {
+                format!(" ({more} more children failed so since the last report)")
+            } else {
+                String::new()
+            };
+            error!("cannot drop privileges: {e}{more}");
+        }
+        EXIT_SETUP
+    })
+}
