@@ -72,7 +72,7 @@ pub enum Wake {
 }
 
 /// A connection to serve: a new one, from the listener at this index, or
-/// one handed over by a worker that retired (see relay.rs).
+/// one handed over by a worker that retired (see relay/).
 pub enum Incoming {
     New(usize, OwnedFd),
     Relayed(OwnedFd, Carried),

@@ -16,6 +16,7 @@
 //! it is given back exactly once.
 
 use std::net::SocketAddr;
+use std::os::fd::BorrowedFd;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
@@ -78,7 +79,7 @@ impl<'a> Ticket<'a> {
     }
 
     /// The connection went to another process with its place (see
-    /// relay.rs): this holder lets go of it without giving it back.
+    /// relay/): this holder lets go of it without giving it back.
     pub fn handed_over(self) {
         if let Some(w) = self.word {
             take_held(w);
@@ -231,6 +232,108 @@ impl Policy {
         let place = board.place_of(self.source(key));
         board.recount_place(place);
         Some(place)
+    }
+}
+
+/// What the admission gate says of a new connection.
+pub enum Gate<'a> {
+    /// Served: its client (when known: a TCP peer that a rule or the
+    /// debug log looks at) and its place.
+    Admit(Option<SocketAddr>, Option<Ticket<'a>>),
+    /// Behind a load balancer, from this trusted proxy: the PROXY header
+    /// names the client, checked once it is read ([`Policy::check`]).
+    Header(SocketAddr),
+    /// Refused, counted and said at debug level: it is closed unread.
+    Refuse,
+}
+
+impl Policy {
+    /// The one gate every new connection passes, in every process model:
+    /// a `tcp` connection's peer is checked (the rules, the rates, its
+    /// place in `--max-per-ip`, held as `holder` says), or behind a load
+    /// balancer only its proxy (the client comes with the header). A
+    /// unix socket's client, and anyone when nothing is checked, passes
+    /// unlooked-at.
+    pub fn gate<'a>(
+        &self,
+        board: &'a Scoreboard,
+        conn: BorrowedFd<'_>,
+        tcp: bool,
+        holder: Holder<'a>,
+    ) -> Gate<'a> {
+        if !tcp || (self.is_open() && !log::log_enabled!(log::Level::Debug)) {
+            return Gate::Admit(None, None);
+        }
+        let peer = access::peer(conn);
+        if self.proxy.is_some() {
+            return match self.proxy_of(peer) {
+                Ok(Some(proxy)) => Gate::Header(proxy),
+                _ => {
+                    unserved_behind_proxy(board, untrusted(peer));
+                    Gate::Refuse
+                }
+            };
+        }
+        match peer {
+            Some(client) if !self.is_open() => match self.check(board, client, holder) {
+                Ok(ticket) => Gate::Admit(Some(client), Some(ticket)),
+                Err(_) => Gate::Refuse,
+            },
+            peer => Gate::Admit(peer, None),
+        }
+    }
+
+    /// Checks `client` (the peer, or the one a PROXY header named) and
+    /// takes its place, held as `holder` says; a refusal is counted and
+    /// said at debug level.
+    pub fn check<'a>(
+        &self,
+        board: &'a Scoreboard,
+        client: SocketAddr,
+        holder: Holder<'a>,
+    ) -> Result<Ticket<'a>, Refusal> {
+        let admitted = self.admit(board, access::key(client.ip()), holder);
+        if let Err(why) = admitted {
+            board.refused(why);
+            refused_client(Some(client), why);
+        }
+        admitted
+    }
+}
+
+/// Why a connection from `peer` is not taken as from a trusted proxy:
+/// it is not from one, or it was reset before its address could be read.
+pub fn untrusted(peer: Option<SocketAddr>) -> &'static str {
+    match peer {
+        Some(_) => "not from a trusted proxy",
+        None => crate::proxy::GONE,
+    }
+}
+
+/// Counts a connection behind a proxy closed without being served, and
+/// says why (at debug level, with no address to name yet): a client that
+/// went away first, as a balancer's health check does once it has its
+/// answer, is abandoned, not refused; anything else is a refusal an
+/// operator must act on (`refused_total{reason="proxy"}`).
+pub fn unserved_behind_proxy(board: &Scoreboard, why: &str) {
+    if crate::proxy::went_away(why) {
+        board.abandoned();
+        log::debug!(
+            "PROXY protocol: {why}; not a refusal (a health check, or a client that gave up)"
+        );
+    } else {
+        board.refused(Refusal::Proxy);
+        log::debug!("PROXY protocol: {why}; connection closed");
+    }
+}
+
+/// Says, at debug level, which client a limit or rule refused.
+pub fn refused_client(client: Option<SocketAddr>, why: Refusal) {
+    if let Some(c) = client {
+        log::debug!(
+            "connection from {c} refused by {}; closed unread",
+            why.name()
+        );
     }
 }
 

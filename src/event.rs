@@ -15,7 +15,7 @@
 //! alive means stop accepting and either hand the open connections over
 //! to the workers that serve on (a reload, an upgrade, a smaller pool:
 //! each as soon as nothing it sent is waiting to go back, through the
-//! relay, relay.rs), or put them in the vault for the next master (a
+//! relay, relay/), or put them in the vault for the next master (a
 //! restart under systemd, vault.rs), or, during a stop, finish them (the
 //! master kills what is left after `--shutdown-timeout`). Once told, the
 //! pipe leaves the epoll set (its end-of-file would wake every wait) and
@@ -26,6 +26,7 @@
 //! worker with room, connections and descriptors, takes connections
 //! others hand over, as it accepts new ones.
 
+mod admit;
 mod hand_over;
 
 use std::cmp::Reverse;
@@ -41,8 +42,7 @@ use std::net::SocketAddr;
 
 use crate::accept::Acceptor;
 use crate::accept::Incoming;
-use crate::access;
-use crate::admission::{self, Holder, Refusal, Ticket};
+use crate::admission::{self, Holder, Ticket};
 use crate::echo::{Conn, End};
 use crate::listen::Listener;
 use crate::proxy;
@@ -109,7 +109,7 @@ struct Loop<'a> {
     /// The listeners are in the epoll set (not at the cap, not paused).
     listening: bool,
     stopping: bool,
-    /// Retiring: the open connections go on (see relay.rs, vault.rs).
+    /// Retiring: the open connections go on (see relay/, vault.rs).
     handing_over: bool,
     /// A carrier: it accepts nothing, and exits once nothing is open.
     carrier: bool,
@@ -437,184 +437,6 @@ impl<'a> Loop<'a> {
         }
         self.ctx.relay_to_next_master(self.relay_kept.as_ref());
         Some(EXIT_ORPHAN)
-    }
-
-    /// Accepts while there is room, up to a batch (connections handed
-    /// over by retiring workers first); at the cap (or paused after a
-    /// resource error) [`Loop::arm`] takes the listeners out.
-    fn accept(&mut self, buf: &mut [u8], now: Instant) {
-        for _ in 0..ACCEPT_BATCH {
-            if self.stopping || self.open >= self.max_open {
-                break;
-            }
-            let room = self.open < self.fd_room;
-            match self.acceptor.next(now, self.ctx.board, room) {
-                None => break,
-                Some(Incoming::New(i, conn)) => {
-                    let tcp = self.acceptor.listeners()[i].is_tcp();
-                    self.admit(conn, tcp, buf, now);
-                }
-                Some(Incoming::Relayed(conn, carried)) => self.adopt(conn, carried, buf, now),
-            }
-            if self.max_requests != 0 && self.accepted >= self.max_requests {
-                debug!(
-                    "accepted {} connections; retiring: they go to other workers",
-                    self.accepted
-                );
-                self.stop(now);
-            }
-        }
-    }
-
-    /// Checks a client at `key` and takes its place.
-    fn check(&self, key: u128) -> Result<Ticket<'a>, Refusal> {
-        self.ctx.policy.admit(self.ctx.board, key, Holder::Here)
-    }
-
-    /// Checks a new connection's client, then opens it and serves what it
-    /// already sent. Behind a proxy only the proxy is checked here; the
-    /// client is, once its header is read.
-    fn admit(&mut self, fd: OwnedFd, tcp: bool, buf: &mut [u8], now: Instant) {
-        let policy = &self.ctx.policy;
-        let mut ticket = None;
-        let mut header = None;
-        if tcp && policy.proxy.is_some() {
-            let peer = worker::peer_addr(&fd);
-            let Ok(Some(proxy)) = policy.proxy_of(peer) else {
-                worker::unserved_behind_proxy(self.ctx.board, worker::untrusted(peer));
-                return;
-            };
-            header = Some((
-                Box::new(proxy::Reader::new(now, policy.proxy_timeout)),
-                proxy,
-            ));
-        } else if tcp && !policy.is_open() {
-            if let Some(key) = access::peer_key(&fd) {
-                match self.check(key) {
-                    Ok(t) => ticket = Some(t),
-                    Err(why) => {
-                        self.ctx.board.refused(why);
-                        worker::refused_peer(&fd, why);
-                        return; // closed at once, unread
-                    }
-                }
-            }
-        }
-        let name = (header.is_none() && log::log_enabled!(log::Level::Debug))
-            .then(|| worker::peer_name(&fd, tcp));
-        let conn = Conn::new(fd, now);
-        // max-requests counts the connections this worker accepted, not
-        // those handed to it.
-        self.accepted += 1;
-        self.open_conn(conn, ticket, header, name, (tcp, None), buf, now);
-    }
-
-    /// Puts a connection in the slab and the epoll set, with its deadlines,
-    /// and serves what its client already sent.
-    #[allow(clippy::too_many_arguments)]
-    fn open_conn(
-        &mut self,
-        conn: Conn,
-        ticket: Option<Ticket<'a>>,
-        header: Option<(Box<proxy::Reader>, SocketAddr)>,
-        name: Option<String>,
-        (tcp, client): (bool, Option<SocketAddr>),
-        buf: &mut [u8],
-        now: Instant,
-    ) {
-        let index = self.free.pop().unwrap_or(self.slots.len());
-        let token = index as u64;
-        if let Err(e) = self
-            .epoll
-            .add(conn.fd(), EpollEvent::new(EpollFlags::EPOLLIN, token))
-        {
-            warn!("cannot watch a new connection: {e}");
-            self.free.push(index);
-            return;
-        }
-        if index == self.slots.len() {
-            self.slots.push(None);
-        }
-        self.serial += 1;
-        if let Some(t) = conn.deadline(&self.ctx.limits) {
-            self.deadlines.push(Reverse((t, index, self.serial)));
-        }
-        if let Some((r, _)) = &header {
-            self.deadlines
-                .push(Reverse((r.deadline, index, self.serial)));
-        }
-        self.slots[index] = Some(Open {
-            conn,
-            serial: self.serial,
-            ticket,
-            writing: false,
-            name,
-            tcp,
-            client,
-            header,
-        });
-        self.open += 1;
-        // Clients speak first: their bytes are usually here already.
-        self.ready(index, buf, now);
-    }
-
-    /// Behind a proxy: reads the header of the connection at `index`.
-    /// True once it is read and its client admitted; false while it is
-    /// still coming, or when the connection was refused (and closed).
-    fn header(&mut self, index: usize) -> bool {
-        let Some(Some(o)) = self.slots.get_mut(index) else {
-            return false;
-        };
-        let Some((reader, proxy)) = &mut o.header else {
-            return true;
-        };
-        let client = match reader.pull(o.conn.fd()) {
-            None => return false,
-            Some(Ok(proxy::Header::Proxied { src, .. })) => src,
-            Some(Ok(proxy::Header::Local)) => *proxy,
-            Some(Err(why)) => {
-                self.unserved(index, why);
-                return false;
-            }
-        };
-        match self.check(access::key(client.ip())) {
-            Ok(ticket) => {
-                if let Some(Some(o)) = self.slots.get_mut(index) {
-                    o.header = None;
-                    o.ticket = Some(ticket);
-                    o.client = Some(client);
-                    if log::log_enabled!(log::Level::Debug) {
-                        o.name = Some(client.to_string());
-                    }
-                }
-                true
-            }
-            Err(why) => {
-                self.refuse(index, why);
-                worker::refused_client(Some(client), why);
-                false
-            }
-        }
-    }
-
-    /// Closes a connection refused before it was served, unread, and
-    /// counts why.
-    fn refuse(&mut self, index: usize, why: Refusal) {
-        if self.slots.get_mut(index).and_then(Option::take).is_some() {
-            self.free.push(index);
-            self.open -= 1;
-            self.ctx.board.refused(why);
-        }
-    }
-
-    /// Closes the connection at `index`, whose PROXY header did not come
-    /// for `why` (see [`worker::unserved_behind_proxy`]).
-    fn unserved(&mut self, index: usize, why: &str) {
-        if self.slots.get_mut(index).and_then(Option::take).is_some() {
-            self.free.push(index);
-            self.open -= 1;
-            worker::unserved_behind_proxy(self.ctx.board, why);
-        }
     }
 
     /// Serves a connection whose socket is ready.

@@ -1,4 +1,4 @@
-//! An event worker's side of the hand-over (relay.rs, vault.rs): a
+//! An event worker's side of the hand-over (relay/, vault.rs): a
 //! retiring worker passes each open connection on once nothing it sent
 //! waits to go back, to the workers that serve on or, the master
 //! restarting or gone, into the vault for the next master; a worker with

@@ -79,7 +79,7 @@ fn port_zero_is_resolved_in_the_name() {
 
 #[test]
 fn accepted_connections_inherit_tcp_nodelay() {
-    // worker.rs relies on this on Linux and FreeBSD instead of a
+    // worker/ relies on this on Linux and FreeBSD instead of a
     // setsockopt per connection.
     let l = bind(&"127.0.0.1:0".parse().unwrap(), &opts(16)).unwrap();
     let _c = std::net::TcpStream::connect(l.name()).unwrap();

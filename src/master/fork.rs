@@ -3,14 +3,14 @@
 //! a proxy, its proxy); and the `max-children` bound, at which it stops
 //! accepting.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::time::Instant;
 
 use log::{error, warn};
 
 use super::spawn::Brief;
 use super::Master;
-use crate::admission::{self, Holder, Policy, Ticket};
+use crate::admission::{self, Gate, Holder, Policy, Ticket};
 use crate::children::{Child, Kind};
 use crate::listen::Service;
 use crate::pool;
@@ -80,33 +80,13 @@ impl Master {
         // Otherwise the client is checked here, and its place kept by the
         // master until it reaps the child.
         let policy = &self.fork.policy;
-        let proxied = tcp && policy.proxy.is_some() && carried.is_none();
-        let admitted = if let Some(c) = &carried {
-            Ok(c.place)
-        } else if proxied {
-            let peer = worker::peer_addr(&conn);
-            if policy.proxy_of(peer).is_err() {
-                worker::unserved_behind_proxy(&self.scoreboard, worker::untrusted(peer));
-                return true;
-            }
-            Ok(None)
-        } else if tcp && !policy.is_open() {
-            match crate::access::peer_key(&conn) {
-                Some(key) => policy
-                    .admit(&self.scoreboard, key, Holder::Here)
-                    .map(Ticket::into_place),
-                None => Ok(None),
-            }
-        } else {
-            Ok(None)
-        };
-        let place = match admitted {
-            Ok(place) => place,
-            Err(why) => {
-                self.scoreboard.refused(why);
-                worker::refused_peer(&conn, why);
-                return true;
-            }
+        let (place, proxied) = match &carried {
+            Some(c) => (c.place, false),
+            None => match policy.gate(&self.scoreboard, conn.as_fd(), tcp, Holder::Here) {
+                Gate::Admit(_, ticket) => (ticket.and_then(Ticket::into_place), false),
+                Gate::Header(_) => (None, true),
+                Gate::Refuse => return true,
+            },
         };
         let policy = if proxied {
             policy.clone()

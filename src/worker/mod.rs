@@ -6,24 +6,20 @@
 //! closes it (graceful stop: stop accepting, finish the connection in hand)
 //! or dies (exit now). A child tells the two apart by its parent pid.
 
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use log::{debug, error, warn};
 use nix::sys::socket::{getpeername, SockaddrStorage};
-use nix::unistd::{getppid, Pid};
 
 use crate::accept::{Acceptor, Incoming, Wake};
-use crate::access;
-use crate::admission::{self, Holder, Policy, Refusal, Ticket};
+use crate::admission::{self, Holder, Ticket};
 use crate::echo::{self, Limits, Progress, Watch};
 use crate::listen::Listener;
-use crate::proxy;
-use crate::relay::{Carried, Inbox, Offer, Outbox};
-use crate::scoreboard::{Cut, HandOver, Scoreboard, Slot, State};
+use crate::relay::Carried;
+use crate::scoreboard::State;
 use crate::sys::IoBuffer;
 use crate::turns::{Turn, Turns};
-use crate::vault::Vault;
 use std::net::SocketAddr;
 
 pub use crate::children::{EXIT_HANDED_OVER, EXIT_ORPHAN, EXIT_REFUSED, EXIT_SETUP};
@@ -35,9 +31,8 @@ const BUF_SIZE: usize = 64 * 1024;
 /// page, so small echoes cost no extra system call.
 const TRIM_ABOVE: u64 = 4096;
 
-/// A client admitted (its address, when known, and its place), or why
-/// it was refused.
-type Admitted<'a> = Result<(Option<SocketAddr>, Option<Ticket<'a>>), Refusal>;
+/// A client admitted: its address, when known, and its place.
+type Admitted<'a> = (Option<SocketAddr>, Option<Ticket<'a>>);
 
 /// How long a retiring worker that found the relay full serves its
 /// connection before it offers it again, at most: a little at random, so
@@ -63,260 +58,11 @@ enum Done {
     HandedOver,
 }
 
-/// Where a child's open connections go when it lets go of them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Dest {
-    /// To the workers that serve on, through the relay.
-    Workers,
-    /// Into the vault, for the next master: the master restarts, or died.
-    NextMaster,
-}
+mod ctx;
 
-/// What became of a connection offered on.
-enum Offered {
-    Gone,
-    /// No room for it yet: serve it a little, and offer it again.
-    Later(OwnedFd),
-    /// It cannot go: serve it to its end.
-    Stays(OwnedFd),
-}
-
-/// What every child needs from the master.
-pub struct Ctx<'a> {
-    /// The control pipe's read end.
-    pub ctl: BorrowedFd<'a>,
-    pub master: Pid,
-    pub limits: Limits,
-    /// Which clients are served (prefork and event: checked here; fork:
-    /// by the master, or behind a proxy by the child).
-    pub policy: Policy,
-    /// A prefork worker's scoreboard slot.
-    pub slot: Option<Slot<'a>>,
-    /// The scoreboard, where every child counts what it served.
-    pub board: &'a Scoreboard,
-    /// fork mode behind a proxy with `--max-per-ip`: the child's word in
-    /// the scoreboard's fork table, where it publishes its client's place.
-    pub fork_slot: Option<usize>,
-    /// fork mode: whether the child adds its bytes to the scoreboard
-    /// (only for `--metrics`: the shared page costs each child a fault).
-    pub count_bytes: bool,
-    /// Where a worker tells the master it is ready (one byte).
-    pub notice: Option<BorrowedFd<'a>>,
-    /// The relay (see relay.rs): where this child hands its connections
-    /// over when it retires, and (a pool worker) takes others' from.
-    pub relay_tx: Option<Outbox>,
-    pub relay_rx: Option<Inbox>,
-    /// Under systemd: where its connections wait for the next master when
-    /// the master restarts or dies (vault.rs).
-    pub vault: Option<Vault>,
-    /// `--shutdown-timeout`: how long it may take to let go of them.
-    pub shutdown: Duration,
-    /// The control pipe ended without the master saying it stops: it
-    /// died (see [`Ctx::pipe_ended`]).
-    pub orphaned: std::cell::Cell<bool>,
-}
-
-impl Ctx<'_> {
-    /// Whether the master is gone: it died (the control pipe ended
-    /// without a word), or this child has another parent now.
-    pub(crate) fn master_gone(&self) -> bool {
-        self.orphaned.get() || getppid() != self.master
-    }
-
-    /// The control pipe ended: whether that is the master's death. The
-    /// master marks a child it tells to stop (its slot, or for fork-mode
-    /// children the whole daemon's stop) before it closes the pipe; a
-    /// pipe that ends unmarked was closed by the kernel as the master
-    /// died. (Its parent pid alone cannot tell: the pipe ends as the
-    /// master's descriptors close, before the kernel gives its children
-    /// a new parent.)
-    pub(crate) fn pipe_ended(&self) -> bool {
-        let told = match &self.slot {
-            Some(slot) => slot.told(),
-            None => self.board.stopping(),
-        };
-        if !told {
-            self.orphaned.set(true);
-        }
-        self.master_gone()
-    }
-
-    /// Publishes a state; wakes the master if spares just ran short.
-    pub(crate) fn set(&self, state: State) {
-        if self.slot.is_some_and(|slot| slot.set(state)) {
-            self.wake();
-        }
-    }
-
-    fn wake(&self) {
-        if let Some(fd) = self.notice {
-            // Non-blocking: a full pipe already holds a wake-up.
-            let _ = nix::unistd::write(fd, b"r");
-        }
-    }
-
-    /// Publishes "ready" and wakes the master, which may be waiting for a
-    /// new generation before it retires the old one.
-    pub(crate) fn ready(&self) {
-        self.set(State::Idle);
-        self.wake();
-    }
-
-    /// Publishes "ready" as busy and wakes the master: a carrier, which
-    /// never waits for a new connection, must never look like an idle
-    /// worker (prefork workers taking turns would name it the one that
-    /// waits for the listeners, and nobody would). (A carrier is the
-    /// event loop: Linux only.)
-    #[cfg_attr(not(any(target_os = "linux", target_os = "android")), allow(dead_code))]
-    pub(crate) fn ready_busy(&self) {
-        self.set(State::Busy);
-        self.wake();
-    }
-
-    /// Identifies a new connection's client (see [`identify`]), checks it
-    /// and takes its place; a refusal is counted, and the connection is
-    /// to be closed unread.
-    fn admit(&self, conn: &OwnedFd, tcp: bool) -> Admitted<'_> {
-        let client = match identify(conn, tcp, &self.policy) {
-            Ok(client) => client,
-            Err(why) => {
-                unserved_behind_proxy(self.board, why);
-                return Err(Refusal::Proxy);
-            }
-        };
-        let admitted = self.admit_client(client).map(|ticket| (client, ticket));
-        if let Err(why) = admitted {
-            self.board.refused(why);
-            refused_client(client, why);
-        }
-        admitted
-    }
-
-    /// Checks a client (at `client`; `None`: nothing to check) and takes
-    /// its place, published where this child publishes places (its slot,
-    /// or its fork-table word).
-    fn admit_client(&self, client: Option<SocketAddr>) -> Result<Option<Ticket<'_>>, Refusal> {
-        let Some(client) = client.filter(|_| !self.policy.is_open()) else {
-            return Ok(None);
-        };
-        let holder = match (self.slot, self.fork_slot) {
-            (Some(slot), _) => Holder::Slot(slot),
-            (None, Some(index)) => Holder::Fork(index),
-            (None, None) => Holder::Here,
-        };
-        self.policy
-            .admit(self.board, access::key(client.ip()), holder)
-            .map(Some)
-    }
-
-    /// Where this child's open connections go when it lets go of them:
-    /// with its master gone, to the next master (if there is a vault);
-    /// told to stop, as the master said; `None`: they stay to their end.
-    pub(crate) fn dest(&self) -> Option<Dest> {
-        if self.master_gone() {
-            return self.vault.as_ref().map(|_| Dest::NextMaster);
-        }
-        match self.board.hand_over() {
-            HandOver::Finish => None,
-            HandOver::ToWorkers => self.relay_tx.as_ref().map(|_| Dest::Workers),
-            HandOver::ToNextMaster => self.vault.as_ref().map(|_| Dest::NextMaster),
-        }
-    }
-
-    /// Offers `conn` on, as [`Ctx::dest`] says, with where it is, its
-    /// client and its place (which goes with it to a worker; the next
-    /// master counts its clients again).
-    fn offer(
-        &self,
-        conn: OwnedFd,
-        tcp: bool,
-        client: Option<SocketAddr>,
-        ticket: Option<&Ticket<'_>>,
-        p: Progress,
-    ) -> Offered {
-        let mut carried = Carried {
-            tcp,
-            client,
-            place: ticket.and_then(Ticket::place),
-            progress: p,
-        };
-        match (self.dest(), &self.relay_tx) {
-            (Some(Dest::Workers), Some(tx)) => match tx.offer(conn.as_fd(), &carried, self.board) {
-                Offer::Sent => Offered::Gone,
-                Offer::Full(_) => Offered::Later(conn),
-                Offer::Failed(e) => {
-                    warn!("cannot hand a connection over: {e}; serving it until the end");
-                    Offered::Stays(conn)
-                }
-            },
-            (Some(Dest::NextMaster), _) => {
-                carried.place = None;
-                self.keep_for_next_master(vec![(conn, carried)]);
-                Offered::Gone
-            }
-            _ => Offered::Stays(conn),
-        }
-    }
-
-    /// Puts `conns` in the vault for the next master; what cannot be put
-    /// is closed, counted and logged.
-    pub(crate) fn keep_for_next_master(&self, conns: Vec<(OwnedFd, Carried)>) {
-        let Some(vault) = &self.vault else { return };
-        if conns.is_empty() {
-            return;
-        }
-        if let Err(lost) = vault.put(conns, Instant::now() + self.shutdown) {
-            self.board.cut(Cut::Vault, lost.conns as u64);
-            error!(
-                "cannot keep {} for the next master: {}; closed",
-                crate::logging::counted(lost.conns as u64, "connection", "connections"),
-                crate::logging::error_text(&std::io::Error::from(lost.why))
-            );
-        }
-    }
-
-    /// With the master gone: what waits in the relay goes to the next
-    /// master too (nobody else would take it).
-    pub(crate) fn relay_to_next_master(&self, rx: Option<&Inbox>) {
-        let Some(rx) = rx.filter(|_| self.vault.is_some()) else {
-            return;
-        };
-        // Nothing counted there (the usual case): a thousand workers
-        // leaving at once need not each look.
-        if self
-            .board
-            .relayed()
-            .load(std::sync::atomic::Ordering::Acquire)
-            == 0
-        {
-            return;
-        }
-        self.keep_for_next_master(rx.drain(self.board));
-    }
-
-    fn served(&self, bytes: u64) {
-        self.board.served(bytes);
-        if let Some(slot) = &self.slot {
-            slot.served_one();
-        }
-    }
-}
-
-/// Arranges for the kernel to kill this child if the master dies, even while
-/// it is blocked; the control pipe covers systems without this. A child
-/// with a vault outlives its master instead, long enough to put its
-/// connections there for the next one (the control pipe's end tells it).
-pub(crate) fn follow_master(ctx: &Ctx<'_>) -> Result<(), i32> {
-    #[cfg(any(target_os = "linux", target_os = "android"))]
-    if ctx.vault.is_none() {
-        let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
-    }
-    // The master may have died before the line above took effect.
-    if ctx.master_gone() {
-        return Err(EXIT_ORPHAN);
-    }
-    Ok(())
-}
+pub use ctx::Ctx;
+use ctx::Offered;
+pub(crate) use ctx::{follow_master, Dest};
 
 /// A prefork worker: accepts on all `listeners` and serves one connection at
 /// a time, until the control pipe closes or `max_requests` (0 = no limit)
@@ -390,14 +136,14 @@ pub fn prefork(listeners: Vec<Listener>, ctx: Ctx<'_>, max_requests: u64) -> i32
                     ctx.set(State::Busy);
                 }
                 match ctx.admit(&conn, tcp) {
-                    Ok((client, ticket)) => InHand {
+                    Some((client, ticket)) => InHand {
                         conn,
                         tcp,
                         client,
                         ticket,
                         from: Progress::new(Instant::now()),
                     },
-                    Err(_) => {
+                    None => {
                         // Closed at once, unread; the master reports the count.
                         if proxied {
                             ctx.set(State::Idle);
@@ -563,7 +309,7 @@ pub fn fork_child(
             from: c.progress,
         },
         None => {
-            let Ok((client, ticket)) = ctx.admit(&conn, tcp) else {
+            let Some((client, ticket)) = ctx.admit(&conn, tcp) else {
                 return EXIT_REFUSED;
             };
             InHand {
@@ -671,78 +417,6 @@ fn serve_conn(
         );
     }
     summary
-}
-
-/// The client of a new connection, as the per-address checks and the log
-/// see it: the peer's address, or, with `--proxy-protocol` on a TCP
-/// listener, the one the header from a trusted proxy carries (read here,
-/// waiting up to 5 s). `None`: a unix socket client, or no check needs the
-/// address. Err: refused for the PROXY protocol, and why.
-pub(crate) fn identify(
-    conn: &OwnedFd,
-    tcp: bool,
-    policy: &Policy,
-) -> Result<Option<SocketAddr>, &'static str> {
-    if !tcp || (policy.is_open() && !log::log_enabled!(log::Level::Debug)) {
-        return Ok(None);
-    }
-    let peer = peer_addr(conn);
-    let proxy = match policy.proxy_of(peer) {
-        Ok(None) => return Ok(peer),
-        Ok(Some(proxy)) => proxy,
-        Err(_) => return Err(untrusted(peer)),
-    };
-    match proxy::Reader::new(Instant::now(), policy.proxy_timeout).read(conn.as_fd())? {
-        proxy::Header::Proxied { src, .. } => Ok(Some(src)),
-        proxy::Header::Local => Ok(Some(proxy)),
-    }
-}
-
-/// Why a connection from `peer` is not taken as from a trusted proxy:
-/// it is not from one, or it was reset before its address could be read.
-pub(crate) fn untrusted(peer: Option<SocketAddr>) -> &'static str {
-    match peer {
-        Some(_) => "not from a trusted proxy",
-        None => proxy::GONE,
-    }
-}
-
-/// Counts a connection behind a proxy closed without being served, and
-/// says why (at debug level, with no address to name yet): a client that
-/// went away first, as a balancer's health check does once it has its
-/// answer, is abandoned, not refused; anything else is a refusal an
-/// operator must act on (`refused_total{reason="proxy"}`).
-pub(crate) fn unserved_behind_proxy(board: &Scoreboard, why: &str) {
-    if proxy::went_away(why) {
-        board.abandoned();
-        debug!("PROXY protocol: {why}; not a refusal (a health check, or a client that gave up)");
-    } else {
-        board.refused(Refusal::Proxy);
-        debug!("PROXY protocol: {why}; connection closed");
-    }
-}
-
-/// Says, at debug level, which client a limit or rule refused.
-pub(crate) fn refused_client(client: Option<SocketAddr>, why: Refusal) {
-    if let Some(c) = client {
-        debug!(
-            "connection from {c} refused by {}; closed unread",
-            why.name()
-        );
-    }
-}
-
-/// As [`refused_client`], for a connection known by its socket only (its
-/// peer is looked up only when the line is logged).
-pub(crate) fn refused_peer(conn: &OwnedFd, why: Refusal) {
-    if log::log_enabled!(log::Level::Debug) {
-        refused_client(peer_addr(conn), why);
-    }
-}
-
-/// The peer's IP address and port, if it has one.
-pub(crate) fn peer_addr(conn: &OwnedFd) -> Option<SocketAddr> {
-    access::peer(conn.as_fd())
 }
 
 /// A worker's buffer, or `None` after logging why there is none.
