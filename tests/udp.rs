@@ -1,5 +1,7 @@
 //! UDP echo: exact replies from the right address, the abuse filter,
 //! supervision of the UDP worker, and `udp:` listeners on reload.
+//! (.ci/run runs them again with `ECHO_FORKD_UDP_SINGLE=1`: the worker
+//! then takes datagrams one at a time, as on FreeBSD and macOS.)
 
 use std::net::{SocketAddr, UdpSocket};
 
