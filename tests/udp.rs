@@ -1,5 +1,7 @@
 //! UDP echo: exact replies from the right address, the abuse filter,
 //! supervision of the UDP worker, and `udp:` listeners on reload.
+//! (.ci/run runs them again with `ECHO_FORKD_UDP_SINGLE=1`: the worker
+//! then takes datagrams one at a time, as on FreeBSD and macOS.)
 
 use std::net::{SocketAddr, UdpSocket};
 
@@ -291,6 +293,43 @@ fn udp_listeners_on_reload(mode: &str) {
         "the udp worker did not leave: {:?}",
         d.children()
     );
+}
+
+/// `ECHO_FORKD_UDP_SINGLE=1` puts the UDP worker on the loop of systems
+/// without `recvmmsg` (src/udp/single.rs), and without it the worker takes
+/// batches: the worker's own debug line as it starts says which.
+#[test]
+fn the_environment_puts_the_udp_worker_on_one_datagram_at_a_time() {
+    for (single, says) in [(true, "one at a time"), (false, "in batches")] {
+        let args = [
+            "-l",
+            "127.0.0.1:0",
+            "-l",
+            "udp:127.0.0.1:0",
+            "--log-level",
+            "debug",
+        ];
+        let d = Daemon::spawn_with(&args, |c| {
+            if single {
+                c.env("ECHO_FORKD_UDP_SINGLE", "1");
+            } else {
+                c.env_remove("ECHO_FORKD_UDP_SINGLE");
+            }
+        });
+        let worker = d
+            .wait_line("udp worker ", DEADLINE)
+            .and_then(|l| pid_in(&l))
+            .unwrap_or_else(|| panic!("no udp worker; stderr:\n{}", d.stderr_text()));
+        let line = d
+            .wait_line("udp worker: taking datagrams", DEADLINE)
+            .unwrap_or_else(|| panic!("no engine line; stderr:\n{}", d.stderr_text()));
+        assert!(
+            line.contains(&format!("[{worker}]:")) && line.contains(says),
+            "single {single}: worker {worker} said {line:?}"
+        );
+        let s = client("127.0.0.1", udp_addr(&d));
+        assert_eq!(echo(&s, b"which way").as_deref(), Some(&b"which way"[..]));
+    }
 }
 
 in_every_mode!(no_udp_unless_asked: no_udp_unless_asked);

@@ -13,12 +13,16 @@
 //! A reply is exactly the datagram's bytes, sent to its source from the
 //! address it was sent to; a datagram larger than the buffer is dropped,
 //! never echoed short.
+//!
+//! Datagrams are taken in batches on Linux (batch.rs), one at a time
+//! elsewhere (single.rs); [`SINGLE_ENV`] puts a Linux worker on the
+//! latter, so that the tests run it too.
 
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd};
 use std::time::Instant;
 
-use log::warn;
+use log::{debug, warn};
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::SockaddrStorage;
@@ -33,17 +37,61 @@ pub use screen::Screen;
 #[cfg(any(target_os = "linux", target_os = "android"))]
 mod batch;
 mod screen;
-// Compiled everywhere, so that it is built and tested on Linux too, where
-// batches serve instead.
-#[cfg_attr(any(target_os = "linux", target_os = "android"), allow(dead_code))]
 mod single;
 
-/// How datagrams are taken and answered here: in batches on Linux, one at
-/// a time elsewhere.
+/// Set to `1` on Linux, a UDP worker takes datagrams one at a time, as it
+/// does on FreeBSD and macOS, instead of in batches, so that this path is
+/// tested where it can run. Read once, by each UDP worker as it starts.
 #[cfg(any(target_os = "linux", target_os = "android"))]
-use batch::Batch as Engine;
-#[cfg(not(any(target_os = "linux", target_os = "android")))]
-use single::Single as Engine;
+pub const SINGLE_ENV: &str = "ECHO_FORKD_UDP_SINGLE";
+
+/// How datagrams are taken and answered: in batches on Linux (unless
+/// [`SINGLE_ENV`] says otherwise), one at a time elsewhere.
+enum Engine {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    Batch(batch::Batch),
+    Single(single::Single),
+}
+
+impl Engine {
+    /// This system's engine, or the one [`SINGLE_ENV`] asks for; Err says
+    /// what could not be had.
+    fn new() -> std::io::Result<Engine> {
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        {
+            let one_at_a_time = std::env::var_os(SINGLE_ENV).is_some_and(|v| v == "1");
+            if !one_at_a_time {
+                return batch::Batch::new().map(Engine::Batch);
+            }
+        }
+        single::Single::new().map(Engine::Single)
+    }
+
+    /// Receives what is waiting on `fd`, up to one batch, screens it, and
+    /// answers what passes (see the engines' `serve`).
+    fn serve(
+        &mut self,
+        fd: std::os::fd::RawFd,
+        wildcard: bool,
+        screen: &mut Screen,
+        board: &Scoreboard,
+    ) -> nix::Result<Served> {
+        match self {
+            #[cfg(any(target_os = "linux", target_os = "android"))]
+            Engine::Batch(e) => e.serve(fd, wildcard, screen, board),
+            Engine::Single(e) => e.serve(fd, wildcard, screen, board),
+        }
+    }
+
+    /// How this engine takes datagrams, for the worker's debug line.
+    fn describe(&self) -> &'static str {
+        match self {
+            #[cfg(any(target_os = "linux", target_os = "android"))]
+            Engine::Batch(_) => "in batches (recvmmsg, sendmmsg)",
+            Engine::Single(_) => "one at a time (recvmsg, sendmsg)",
+        }
+    }
+}
 
 /// Datagrams taken from one socket before the next gets its turn.
 const BURST: usize = 256;
@@ -131,6 +179,7 @@ pub fn run(listeners: Vec<Listener>, ctx: Ctx<'_>, rate: u32) -> i32 {
             return 1;
         }
     };
+    debug!("udp worker: taking datagrams {}", engine.describe());
     let mut errors = RateLimit::new(REPORT_EVERY);
     let mut screen = Screen::new(ctx.policy.clone(), rate, seed());
     let wildcard: Vec<bool> = listeners.iter().map(Listener::is_wildcard).collect();

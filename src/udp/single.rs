@@ -1,5 +1,6 @@
 //! Datagrams taken and answered one at a time, with `recvmsg` and
-//! `sendmsg`: where `recvmmsg` is missing.
+//! `sendmsg`: where `recvmmsg` is missing, and on Linux when
+//! `ECHO_FORKD_UDP_SINGLE=1` asks for it (the tests).
 
 use std::io::{IoSlice, IoSliceMut};
 use std::net::SocketAddr;
