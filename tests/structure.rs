@@ -160,12 +160,13 @@ const FLOORS: &[(&str, &[&str])] = &[
 /// fd store's vault).
 const UPWARD_AT_MOST: usize = 2;
 
-/// Every module's imports, by the file that makes each.
-fn graph() -> (
-    BTreeMap<String, BTreeSet<String>>,
-    BTreeMap<(String, String), String>,
-    BTreeSet<String>,
-) {
+/// Which modules each module imports.
+type Edges = BTreeMap<String, BTreeSet<String>>;
+/// The line that makes each import (`from`, `to`).
+type Said = BTreeMap<(String, String), String>;
+
+/// Every module's imports, the line that makes each, and the modules.
+fn graph() -> (Edges, Said, BTreeSet<String>) {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let mut all = Vec::new();
     files(&src, &mut all);

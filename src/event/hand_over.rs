@@ -57,22 +57,22 @@ impl<'a> Loop<'a> {
             self.handing_over = false;
             return;
         }
-        let board = self.ctx.board;
         for index in 0..self.slots.len() {
             let Some(carried) = self.movable(index) else {
                 continue;
             };
-            let (Some(tx), Some(Some(o))) = (&self.ctx.relay_tx, self.slots.get(index)) else {
+            let Some(Some(o)) = self.slots.get(index) else {
                 continue;
             };
-            match tx.offer(o.conn.fd(), &carried, board) {
-                Offer::Sent => {
+            match self.ctx.offer_to_workers(o.conn.fd(), &carried) {
+                None => continue,
+                Some(Offer::Sent) => {
                     if let Some(t) = self.let_go(index).and_then(|o| o.ticket) {
                         t.handed_over();
                     }
                     // Dropping it closed this process's copy.
                 }
-                Offer::Full(e) => {
+                Some(Offer::Full(e)) => {
                     // Full, or over the descriptors in flight this user
                     // may have: both pass as the receivers take theirs.
                     if e == Errno::ETOOMANYREFS {
@@ -83,7 +83,7 @@ impl<'a> Loop<'a> {
                     self.relay_retry = Some(now + RELAY_RETRY);
                     return;
                 }
-                Offer::Failed(e) => {
+                Some(Offer::Failed(e)) => {
                     warn!("cannot hand connections over: {e}; serving them until they end");
                     self.handing_over = false;
                     return;

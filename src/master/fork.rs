@@ -39,14 +39,7 @@ impl Master {
                 return;
             }
             // Connections handed over first: their clients have waited.
-            let relayed = self.chan.relay.as_mut().and_then(|r| {
-                if relay_ready {
-                    r.rx.woke();
-                }
-                // Only with a descriptor free for it (the kernel closes
-                // one that does not fit).
-                r.rx.take(&self.scoreboard, crate::relay::room_for_one())
-            });
+            let relayed = self.take_relayed(relay_ready);
             relay_ready &= relayed.is_some();
             let forked = match relayed {
                 Some((conn, c)) => self.fork_for(conn, c.tcp, Some(c), now),

@@ -37,6 +37,18 @@ pub(super) enum Target {
     Pending,
 }
 
+/// What is under way beside serving, each while its phase lasts (the
+/// lifecycle says which).
+#[derive(Default)]
+pub(super) struct Underway {
+    /// Reloading: the new configuration and its listeners.
+    pub(super) pending: Option<Pending>,
+    /// Checking an upgrade: the new executable's `-t`, while it runs.
+    pub(super) check: Option<super::helper::Helper>,
+    /// Asking (a TERM under systemd): whether it is a restart.
+    pub(super) query: Option<super::helper::Helper>,
+}
+
 impl Master {
     /// What to tell the lifecycle of what it waits for: a starting
     /// generation whose workers are all ready, and the time (its

@@ -10,16 +10,19 @@
 //! Where the master is in its life (starting, serving, reloading,
 //! checking an upgrade, stopping) is decided in `lifecycle`, pure and
 //! unit-tested: the master tells it what happened ([`Event`]) and does
-//! what it says ([`Action`], in [`Master::act`]). Each concern has a
-//! room: `start` (what the master makes or adopts at start),
-//! `generation` (SIGHUP: prepare, commit or abandon a reload), `workers`
-//! (the pool: filling, spares, retiring, spawning workers, TTIN/TTOU),
-//! `fork` (accepting and forking per connection, the max-children bound),
-//! `reap` (children's deaths and crash-loop protection), `upgrade` (USR2),
-//! `store` (systemd's fd store: restart or stop, connections kept across
-//! a restart) and `status` (USR1, STATUS=, periodic reports). This file
-//! holds the struct, the loop, the wait, and the acting on the
-//! lifecycle's decisions.
+//! what it says ([`Action`], in [`Master::act`]); only the loop tells
+//! it, handlers return the events they find. What a phase carries lives
+//! in the phase (a stop's restart, the exit status) or beside it, owned
+//! by the room that acts on it. Each concern has a room: `start` (what
+//! the master makes or adopts at start), `generation` (SIGHUP: prepare,
+//! commit or abandon a reload; what is under way), `workers` (the pool:
+//! filling, spares, retiring, TTIN/TTOU), `spawn` (the one fork of a
+//! child that serves), `fork` (accepting and forking per connection, the
+//! max-children bound), `reap` (children's deaths and crash-loop
+//! protection), `upgrade` (USR2), `stop`, `store` (systemd's fd store:
+//! restart or stop, connections kept across a restart) and `status`
+//! (USR1, STATUS=, periodic reports). This file holds the struct, the
+//! loop, the wait, and the acting on the lifecycle's decisions.
 
 mod fork;
 mod generation;
@@ -27,9 +30,11 @@ mod helper;
 mod kinds;
 mod lifecycle;
 mod reap;
+mod relayed;
 mod spawn;
 mod start;
 mod status;
+mod stop;
 mod store;
 mod upgrade;
 mod workers;
@@ -44,7 +49,7 @@ use std::time::{Duration, Instant};
 use log::{error, info, warn};
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags};
-use nix::sys::signal::{kill, Signal};
+
 use nix::unistd::Pid;
 
 use crate::accept::Acceptor;
@@ -57,15 +62,15 @@ use crate::listen::Listener;
 use crate::logging::{counted, RateLimit, REPORT_EVERY};
 use crate::pool::{Pool, Saturation};
 use crate::relay::Relay;
-use crate::scoreboard::{Cut, HandOver, Scoreboard};
+use crate::scoreboard::{Cut, Scoreboard};
 use crate::signals::Signals;
 use crate::sys::IoBuffer;
 use crate::systemd::Notify;
 use crate::time::after;
-use crate::vault::{Unpacked, Vault};
 
-use generation::Pending;
+use generation::Underway;
 use lifecycle::{Action, Event, Life};
+use store::Kept;
 
 /// How often the master looks at the pool and the refusal counters even
 /// when nothing woke it.
@@ -189,43 +194,6 @@ struct Channels {
     /// Workers write a byte here once they are ready.
     notice_r: Option<OwnedFd>,
     notice_w: Option<OwnedFd>,
-}
-
-/// What is under way beside serving, each while its phase lasts (the
-/// lifecycle says which).
-#[derive(Default)]
-struct Underway {
-    /// Reloading: the new configuration and its listeners.
-    pending: Option<Pending>,
-    /// Checking an upgrade: the new executable's `-t`, while it runs.
-    check: Option<helper::Helper>,
-    /// Asking (a TERM under systemd): whether it is a restart.
-    query: Option<helper::Helper>,
-}
-
-/// What the master keeps for clients across its own restarts, under a
-/// service manager (store.rs).
-#[derive(Default)]
-struct Kept {
-    /// The systemd unit this master runs as, if it does.
-    unit: Option<String>,
-    /// Where open connections wait for the next master (vault.rs);
-    /// children that serve connections inherit it.
-    vault: Option<Vault>,
-    /// What the master takes out of the vault at start, on its way to
-    /// the workers.
-    carried: Unpacked,
-    /// No descriptor was free to take more out of the vault: when to try.
-    carried_retry: Option<Instant>,
-    /// Connections taken out of the vault and handed to the workers: not
-    /// yet logged, and whether any was at this start.
-    restored: u64,
-    restored_any: bool,
-    /// prefork: the carrier started for what the vault held at start.
-    carrier: Option<Pid>,
-    /// When the generation starting was first seen ready ("ready" waits
-    /// for what the vault held, a while).
-    workers_ready_at: Option<Instant>,
 }
 
 struct Master {
@@ -445,26 +413,6 @@ impl Master {
             && !self.carrier_reading()
     }
 
-    /// The connections open in child `pid`, as its slot says (a fork-mode
-    /// child has one).
-    fn open_in(&self, pid: Pid) -> u64 {
-        let Some(c) = self
-            .children
-            .iter()
-            .find(|(p, _)| *p == pid)
-            .map(|(_, c)| c)
-        else {
-            return 0;
-        };
-        match c.kind {
-            crate::children::Kind::Conn => 1,
-            _ => c
-                .slot
-                .and_then(|s| self.scoreboard.get(s))
-                .map_or(0, |e| e.open),
-        }
-    }
-
     /// Sleeps until a signal, a worker's notice, a listener (fork mode,
     /// under the limit) or the nearest deadline. Returns whether a notice
     /// came, whether a listener (or the relay) is readable, and whether
@@ -558,70 +506,6 @@ impl Master {
     fn notify(&self, msg: &str) {
         if let Some(n) = &self.estate.notify {
             n.send(msg);
-        }
-    }
-
-    /// Begins a stop: listeners are closed at once, children are told to
-    /// stop accepting; `immediate` kills them instead of letting them
-    /// finish. A `restart` under systemd keeps the listeners in its store
-    /// and has the children put their connections in the vault, which is
-    /// there too (see store.rs).
-    fn stop(&mut self, now: Instant, why: &str, immediate: bool, restart: bool) {
-        if restart {
-            info!(
-                "{why}: restarting: the listeners and the open connections wait in the service manager's store for the next instance"
-            );
-            // Its files stay too: the next instance listens there.
-            for l in self.acceptor.listeners_mut() {
-                l.keep_file();
-            }
-        } else if immediate {
-            info!("{why}: stopping now");
-        } else {
-            // Say the way out: an operator at a terminal who pressed
-            // Ctrl-C should not wait in silence for the timeout.
-            let again = if why == "SIGINT" {
-                "another Ctrl-C (SIGINT)"
-            } else {
-                "a second SIGTERM or SIGINT"
-            };
-            info!(
-                "{why}: stopping; open connections may continue for {} s ({again} stops at once)",
-                self.cfg.shutdown_timeout.as_secs()
-            );
-        }
-        if !restart {
-            self.unstore_listeners();
-        }
-        // Closing our copies (and removing unix socket files) plus the
-        // children closing theirs on their pipe's EOF refuses new clients
-        // (unless the store keeps them).
-        self.acceptor.close();
-        self.underway.pending = None;
-        // Before the pipes close: a child then knows it was told.
-        self.scoreboard.set_stopping();
-        // A restart hands every connection to the next master; a stop has
-        // no one to hand them to: they finish.
-        self.scoreboard.set_hand_over(if restart {
-            HandOver::ToNextMaster
-        } else {
-            HandOver::Finish
-        });
-        self.fork.ctl_w = None;
-        self.children.retire_where(
-            after(now, self.cfg.shutdown_timeout),
-            &self.scoreboard,
-            |_| true,
-        );
-        self.notify("STOPPING=1\nSTATUS=stopping");
-        if immediate {
-            self.kill_all();
-        }
-    }
-
-    fn kill_all(&mut self) {
-        for pid in self.children.pids() {
-            let _ = kill(pid, Signal::SIGKILL);
         }
     }
 }

@@ -44,6 +44,31 @@ pub(super) const CARRIED_WAIT: Duration = Duration::from_secs(5);
 /// descriptor free to take a message out.
 const NO_ROOM_RETRY: Duration = Duration::from_millis(100);
 
+/// What the master keeps for clients across its own restarts, under a
+/// service manager (store.rs).
+#[derive(Default)]
+pub(super) struct Kept {
+    /// The systemd unit this master runs as, if it does.
+    pub(super) unit: Option<String>,
+    /// Where open connections wait for the next master (vault.rs);
+    /// children that serve connections inherit it.
+    pub(super) vault: Option<Vault>,
+    /// What the master takes out of the vault at start, on its way to
+    /// the workers.
+    pub(super) carried: crate::vault::Unpacked,
+    /// No descriptor was free to take more out of the vault: when to try.
+    pub(super) carried_retry: Option<Instant>,
+    /// Connections taken out of the vault and handed to the workers: not
+    /// yet logged, and whether any was at this start.
+    pub(super) restored: u64,
+    pub(super) restored_any: bool,
+    /// prefork: the carrier started for what the vault held at start.
+    pub(super) carrier: Option<nix::unistd::Pid>,
+    /// When the generation starting was first seen ready ("ready" waits
+    /// for what the vault held, a while).
+    pub(super) workers_ready_at: Option<Instant>,
+}
+
 impl Master {
     /// At start under a service manager: the vault (kept by the store, or
     /// passed on across USR2, or made now) and every listener of ours in
@@ -141,7 +166,7 @@ impl Master {
         if self.carrier_reading() {
             return;
         }
-        let (Some(relay), Some(vault)) = (&self.chan.relay, &self.kept.vault) else {
+        let (Some(_), Some(vault)) = (&self.chan.relay, &self.kept.vault) else {
             return;
         };
         if self.kept.carried_retry.is_some_and(|t| now < t) {
@@ -174,7 +199,7 @@ impl Master {
                 }
             };
             c.place = self.fork.policy.recount(&self.scoreboard, &fd, c.client);
-            match relay.tx.offer(fd.as_fd(), &c, &self.scoreboard) {
+            match self.offer_restored(fd.as_fd(), &c) {
                 Offer::Sent => {
                     self.kept.restored += 1;
                     self.kept.restored_any = true;
@@ -257,10 +282,10 @@ impl Master {
     /// and what the master took out of the vault and did not hand on,
     /// goes back into the vault.
     pub(super) fn put_back(&mut self, now: Instant) {
-        let (Some(vault), Some(relay)) = (&self.kept.vault, &self.chan.relay) else {
+        let (Some(vault), Some(_)) = (&self.kept.vault, &self.chan.relay) else {
             return;
         };
-        let conns = relay.rx.drain(&self.scoreboard);
+        let conns = self.drain_relay();
         let lost = vault.put(conns, now + PUT_BACK).err();
         self.lost_for_next_master(lost);
         self.put_back_carried(now);

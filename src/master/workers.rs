@@ -272,56 +272,6 @@ impl Master {
             .set_wake_below(if arm { bounds.min_spare } else { 0 });
     }
 
-    /// Handed-over connections wait in the relay and no worker takes
-    /// one (every worker at its limit: prefork at `max-workers`, every
-    /// event worker at `worker-connections` or out of descriptors, fork
-    /// mode at `max-children`): once nothing was taken for
-    /// `shutdown-timeout`, they are closed, and the log says so and why.
-    /// A relay that is slow delays a connection; only one that stays
-    /// stuck cuts it.
-    pub(super) fn watch_relay(&mut self, now: Instant) {
-        let n = self.scoreboard.relayed().load(Ordering::Acquire);
-        self.chan.relay_wait = match self.chan.relay_wait {
-            _ if n == 0 => None,
-            // Taken since: it moves.
-            Some((_, last)) if n < last => Some((now, n)),
-            Some((since, _)) => Some((since, n)),
-            None => Some((now, n)),
-        };
-        let Some((since, _)) = self.chan.relay_wait else {
-            return;
-        };
-        if now < after(since, self.cfg.shutdown_timeout) {
-            return;
-        }
-        self.chan.relay_wait = None;
-        let Some(relay) = &self.chan.relay else {
-            return;
-        };
-        let closed = relay.rx.drain(&self.scoreboard).len() as u64;
-        if closed == 0 {
-            return;
-        }
-        self.scoreboard
-            .cut(crate::scoreboard::Cut::Unplaced, closed);
-        let why = match self.cfg.mode {
-            Mode::Prefork => format!(
-                "max-workers ({}) is reached and every worker is busy",
-                self.cfg.max_workers
-            ),
-            Mode::Event => format!(
-                "every worker is at worker-connections ({}) or out of descriptors",
-                self.cfg.worker_connections
-            ),
-            Mode::Fork => format!("max-children ({}) is reached", self.cfg.max_children),
-        };
-        warn!(
-            "closed {} handed over by retiring workers: no worker took one within {} s, as {why}",
-            crate::logging::counted(closed, "connection", "connections"),
-            self.cfg.shutdown_timeout.as_secs()
-        );
-    }
-
     /// Retires one worker of the generation in force: the one idle the
     /// longest, else one still starting, else a busy one (it finishes its
     /// connection first).

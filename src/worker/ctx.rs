@@ -188,22 +188,35 @@ impl Ctx<'_> {
             place: ticket.and_then(Ticket::place),
             progress: p,
         };
-        match (self.dest(), &self.relay_tx) {
-            (Some(Dest::Workers), Some(tx)) => match tx.offer(conn.as_fd(), &carried, self.board) {
-                Offer::Sent => Offered::Gone,
-                Offer::Full(_) => Offered::Later(conn),
-                Offer::Failed(e) => {
+        match self.dest() {
+            Some(Dest::Workers) => match self.offer_to_workers(conn.as_fd(), &carried) {
+                Some(Offer::Sent) => Offered::Gone,
+                Some(Offer::Full(_)) => Offered::Later(conn),
+                Some(Offer::Failed(e)) => {
                     warn!("cannot hand a connection over: {e}; serving it until the end");
                     Offered::Stays(conn)
                 }
+                None => Offered::Stays(conn),
             },
-            (Some(Dest::NextMaster), _) => {
+            Some(Dest::NextMaster) => {
                 carried.place = None;
                 self.keep_for_next_master(vec![(conn, carried)]);
                 Offered::Gone
             }
-            _ => Offered::Stays(conn),
+            None => Offered::Stays(conn),
         }
+    }
+
+    /// Offers `conn` to the workers that serve on (the relay), with what
+    /// it carries; `None`: this child has no relay. A child's one way
+    /// onto the relay, whatever its loop.
+    pub(crate) fn offer_to_workers(
+        &self,
+        conn: BorrowedFd<'_>,
+        carried: &Carried,
+    ) -> Option<Offer> {
+        let tx = self.relay_tx.as_ref()?;
+        Some(tx.offer(conn, carried, self.board))
     }
 
     /// Puts `conns` in the vault for the next master; what cannot be put
