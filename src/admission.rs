@@ -276,28 +276,28 @@ impl Policy {
         }
         match peer {
             Some(client) if !self.is_open() => match self.check(board, client, holder) {
-                Ok(ticket) => Gate::Admit(Some(client), Some(ticket)),
-                Err(_) => Gate::Refuse,
+                Some(ticket) => Gate::Admit(Some(client), Some(ticket)),
+                None => Gate::Refuse,
             },
             peer => Gate::Admit(peer, None),
         }
     }
 
     /// Checks `client` (the peer, or the one a PROXY header named) and
-    /// takes its place, held as `holder` says; a refusal is counted and
-    /// said at debug level.
+    /// takes its place, held as `holder` says; `None`: refused, which is
+    /// counted and said at debug level.
     pub fn check<'a>(
         &self,
         board: &'a Scoreboard,
         client: SocketAddr,
         holder: Holder<'a>,
-    ) -> Result<Ticket<'a>, Refusal> {
-        let admitted = self.admit(board, access::key(client.ip()), holder);
-        if let Err(why) = admitted {
-            board.refused(why);
-            refused_client(Some(client), why);
-        }
-        admitted
+    ) -> Option<Ticket<'a>> {
+        self.admit(board, access::key(client.ip()), holder)
+            .map_err(|why| {
+                board.refused(why);
+                refused_client(Some(client), why);
+            })
+            .ok()
     }
 }
 

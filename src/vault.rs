@@ -34,14 +34,12 @@
 //! bytes 8 to 16 how many connections it holds.
 
 use std::collections::VecDeque;
-use std::io::{IoSlice, IoSliceMut};
+use std::io::IoSliceMut;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
-use nix::sys::socket::{
-    recvmsg, sendmsg, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockType,
-};
+use nix::sys::socket::{recvmsg, AddressFamily, ControlMessageOwned, MsgFlags, SockType};
 
 use crate::relay::{Carried, WIRE};
 
@@ -496,19 +494,7 @@ fn send(fd: BorrowedFd<'_>, items: &[Item]) -> nix::Result<()> {
         bytes.extend_from_slice(&i.record);
         fds.push(i.fd.as_raw_fd());
     }
-    let cmsg = [ControlMessage::ScmRights(&fds)];
-    loop {
-        match sendmsg::<()>(
-            fd.as_raw_fd(),
-            &[IoSlice::new(&bytes)],
-            &cmsg,
-            MsgFlags::MSG_DONTWAIT | crate::sys::no_signal(),
-            None,
-        ) {
-            Err(Errno::EINTR) => {}
-            other => return other.map(drop),
-        }
-    }
+    crate::relay::send_with_fds(fd, &bytes, &fds)
 }
 
 /// Takes one message: `None` when nothing waits (or the sending end is

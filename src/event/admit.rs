@@ -125,7 +125,7 @@ impl<'a> Loop<'a> {
             }
         };
         match self.ctx.policy.check(self.ctx.board, client, Holder::Here) {
-            Ok(ticket) => {
+            Some(ticket) => {
                 if let Some(Some(o)) = self.slots.get_mut(index) {
                     o.header = None;
                     o.ticket = Some(ticket);
@@ -136,7 +136,7 @@ impl<'a> Loop<'a> {
                 }
                 true
             }
-            Err(_) => {
+            None => {
                 self.remove(index);
                 false
             }

@@ -35,6 +35,7 @@ use nix::sys::socket::{AddressFamily, SockType};
 use crate::logging::{RateLimit, REPORT_EVERY};
 use crate::scoreboard::{Cut, Scoreboard};
 
+pub(crate) use wire::send_with_fds;
 pub use wire::{Carried, SNDBUF, WIRE};
 
 /// The relay's two ends.

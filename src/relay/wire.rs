@@ -106,27 +106,31 @@ pub(super) fn send(
     if cfg!(feature = "no-hand-over") {
         return Err(Errno::EPERM);
     }
-    let msg = carried.encode();
-    let fds = [conn.as_raw_fd()];
-    let cmsg = [ControlMessage::ScmRights(&fds)];
     // Counted first, so that a receiver never takes it off below zero.
     queued.fetch_add(1, Ordering::AcqRel);
-    let sent = loop {
+    let sent = send_with_fds(tx, &carried.encode(), &[conn.as_raw_fd()]);
+    if sent.is_err() {
+        let _ = queued.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
+    sent
+}
+
+/// Sends `bytes` with descriptors `fds` attached, in one message, without
+/// waiting (the relay's and the vault's messages alike).
+pub(crate) fn send_with_fds(tx: BorrowedFd<'_>, bytes: &[u8], fds: &[RawFd]) -> nix::Result<()> {
+    let cmsg = [ControlMessage::ScmRights(fds)];
+    loop {
         match sendmsg::<()>(
             tx.as_raw_fd(),
-            &[IoSlice::new(&msg)],
+            &[IoSlice::new(bytes)],
             &cmsg,
             MsgFlags::MSG_DONTWAIT | crate::sys::no_signal(),
             None,
         ) {
             Err(Errno::EINTR) => {}
-            other => break other,
+            other => return other.map(drop),
         }
-    };
-    if sent.is_err() {
-        let _ = queued.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
     }
-    sent.map(|_| ())
 }
 
 /// Takes one connection if one waits: `Ok(None)` when none does.

@@ -153,7 +153,7 @@ impl Ctx<'_> {
                 return None;
             }
         };
-        let ticket = self.policy.check(self.board, client, holder).ok()?;
+        let ticket = self.policy.check(self.board, client, holder)?;
         Some((Some(client), Some(ticket)))
     }
 
