@@ -265,9 +265,12 @@ impl Master {
             // For the metrics: fork-mode children are the busy ones.
             self.scoreboard.set_fork_children(self.children.conns());
             if !self.life.stopping() {
-                for event in self.tend(now, ready, relay_ready) {
+                // Readiness and reloads first: a commit puts the new
+                // generation in force before the pool is tended.
+                for event in self.progress(now) {
                     self.apply(event, now);
                 }
+                self.tend(now, ready, relay_ready);
             } else if self.children.is_empty() {
                 // What waits in the relay goes with the rest.
                 if self.life.restarting() {
@@ -380,10 +383,8 @@ impl Master {
 
     /// While running: overdue children, crash-loop probes, accepting
     /// (fork mode; `readable`: a listener is), the pool, and the periodic
-    /// reports; returns what to tell the lifecycle of readiness, reloads
-    /// and the time.
-    fn tend(&mut self, now: Instant, readable: bool, relay_ready: bool) -> Vec<Event> {
-        let events = self.progress(now);
+    /// reports.
+    fn tend(&mut self, now: Instant, readable: bool, relay_ready: bool) {
         self.kill_overdue(now);
         self.check_probes(now);
         if self.cfg.mode == Mode::Fork {
@@ -401,7 +402,6 @@ impl Master {
             crate::turns::pass(&self.scoreboard, None);
         }
         self.tick(now);
-        events
     }
 
     /// Whether connections from the vault are yet to be handed to the
