@@ -20,7 +20,7 @@ use log::warn;
 
 use crate::listen::{Listener, Service};
 use crate::logging::{RateLimit, REPORT_EVERY};
-use crate::relay::{Carried, Inbox, Outbox};
+use crate::relay::{Carried, Inbox, Offer, Outbox};
 use crate::scoreboard::Scoreboard;
 
 /// How long accepting pauses after a resource error (EMFILE, ENFILE,
@@ -82,12 +82,19 @@ pub enum Incoming {
 pub struct Acceptor {
     listeners: Vec<Listener>,
     /// The relay's receiving end, for a worker that serves connections
-    /// other workers hand over; closed with the listeners.
+    /// other workers hand over; set aside with the listeners' close.
     relay: Option<Inbox>,
+    /// The receiving end once this process takes no more: only to empty
+    /// it into the vault, should the master die.
+    relay_kept: Option<Inbox>,
+    /// A prefork worker: a wake-up for the relay that came with a
+    /// listener's is passed on (see [`Acceptor::passing_wake_ups`]).
+    passes_wake_ups: bool,
     /// A listener woke this process (its wait says which): the wake-up
     /// was for this process alone, so it accepts before anything else.
     listener_woke: bool,
-    /// The relay's sending end, to pass on a wake-up it cannot take.
+    /// The relay's sending end: where this process hands its connections
+    /// over, and passes on a wake-up it cannot take.
     relay_tx: Option<Outbox>,
 
     /// Which of them it accepts from (the fork-mode master holds all).
@@ -121,6 +128,8 @@ impl Acceptor {
         Acceptor {
             listeners,
             relay: None,
+            relay_kept: None,
+            passes_wake_ups: false,
             listener_woke: false,
             relay_tx: None,
             service,
@@ -133,9 +142,12 @@ impl Acceptor {
         }
     }
 
-    /// Takes connections from the relay's receiving end `rx` too.
-    pub fn with_relay(mut self, rx: Option<Inbox>) -> Acceptor {
+    /// Takes connections from the relay's receiving end `rx` too, and
+    /// hands this process's over through `tx` (relay/): accept.rs is a
+    /// process's one door onto the relay, both ways.
+    pub fn with_relay(mut self, rx: Option<Inbox>, tx: Option<Outbox>) -> Acceptor {
         self.relay = rx;
+        self.relay_tx = tx;
         self
     }
 
@@ -143,9 +155,9 @@ impl Acceptor {
     /// a listener and the relay at once, it takes the new connection (a
     /// listener's wake-up goes to one waiting process and does not come
     /// again) and passes the relay's wake-up on by sending one handed-over
-    /// connection back through `tx`, which wakes another idle worker.
-    pub fn passing_wake_ups(mut self, tx: Option<Outbox>) -> Acceptor {
-        self.relay_tx = tx;
+    /// connection back, which wakes another idle worker.
+    pub fn passing_wake_ups(mut self, on: bool) -> Acceptor {
+        self.passes_wake_ups = on;
         self
     }
 
@@ -162,18 +174,34 @@ impl Acceptor {
         self.relay.as_ref().map(|fd| fd.as_fd())
     }
 
-    /// The relay's receiving end, whatever this process's wait (to empty
-    /// it into the vault when the master died).
-    pub fn inbox(&self) -> Option<&Inbox> {
-        self.relay.as_ref()
+    /// Whether this process can hand its connections over (it has the
+    /// relay's sending end).
+    pub fn hands_over(&self) -> bool {
+        self.relay_tx.is_some()
     }
 
-    /// Takes the relay's receiving end out: this process takes nothing
-    /// more from it, but may empty it into the vault.
-    #[cfg_attr(not(any(target_os = "linux", target_os = "android")), allow(dead_code))]
-    pub fn take_relay(&mut self) -> Option<Inbox> {
-        self.drop_waiter();
-        self.relay.take()
+    /// Offers `conn` to the workers that serve on, with what it carries;
+    /// `None`: this process has no relay.
+    pub fn hand_over(
+        &self,
+        conn: BorrowedFd<'_>,
+        carried: &Carried,
+        board: &Scoreboard,
+    ) -> Option<Offer> {
+        Some(self.relay_tx.as_ref()?.offer(conn, carried, board))
+    }
+
+    /// Everything waiting in the relay, places given back (the master is
+    /// gone: it goes to the next one). Nothing counted there (the usual
+    /// case): a thousand workers leaving at once need not each look.
+    pub fn drain_relay(&self, board: &Scoreboard) -> Vec<(OwnedFd, Carried)> {
+        let rx = self.relay.as_ref().or(self.relay_kept.as_ref());
+        match rx {
+            Some(rx) if board.relayed().load(std::sync::atomic::Ordering::Acquire) > 0 => {
+                rx.drain(board)
+            }
+            _ => Vec::new(),
+        }
     }
 
     /// The listeners.
@@ -204,19 +232,22 @@ impl Acceptor {
         std::mem::take(&mut self.listeners)
     }
 
-    /// Closes every listener, and stops taking from the relay: this
-    /// process accepts no more.
+    /// Closes every listener, and stops taking from the relay (its end is
+    /// kept, to be emptied should the master die): this process accepts
+    /// no more.
     pub fn close(&mut self) {
         self.drop_waiter();
         self.listeners.clear();
-        self.relay = None;
+        if let Some(rx) = self.relay.take() {
+            self.relay_kept = Some(rx);
+        }
     }
 
     /// The next connection to serve: one handed over first (its client
     /// has been waiting; only with `room` for its descriptor), else a new
     /// one (see [`Acceptor::accept`]).
     pub fn next(&mut self, now: Instant, board: &Scoreboard, room: bool) -> Option<Incoming> {
-        if std::mem::take(&mut self.listener_woke) && self.relay_tx.is_some() {
+        if std::mem::take(&mut self.listener_woke) && self.passes_wake_ups {
             if let Some((i, fd)) = self.accept(now) {
                 if let (Some(rx), Some(tx)) = (&mut self.relay, &self.relay_tx) {
                     if rx.take_woke() {

@@ -121,9 +121,6 @@ struct Loop<'a> {
     look_at: Option<Instant>,
     /// The master died: when to give up what cannot go to the next one.
     gone_by: Option<Instant>,
-    /// Taking nothing more from the relay, it keeps its end, to empty it
-    /// into the vault should the master die.
-    relay_kept: Option<crate::relay::Inbox>,
     /// The connections its descriptors leave room for.
     fd_room: usize,
     /// The relay refuses descriptors (ETOOMANYREFS): warned.
@@ -149,8 +146,7 @@ struct Loop<'a> {
 /// limit) after accepting that many and draining them. Returns the exit
 /// code.
 pub fn run(listeners: Vec<Listener>, mut ctx: Ctx<'_>, max_open: usize, max_requests: u64) -> i32 {
-    let relay_rx = ctx.relay_rx.take();
-    let acceptor = Acceptor::new(listeners).with_relay(relay_rx);
+    let acceptor = Acceptor::new(listeners).with_relay(ctx.relay_rx.take(), ctx.relay_tx.take());
     let (mut l, mut buf) = match Loop::new(ctx, acceptor, max_open, max_requests) {
         Ok(l) => l,
         Err(code) => return code,
@@ -168,11 +164,13 @@ pub fn run(listeners: Vec<Listener>, mut ctx: Ctx<'_>, max_open: usize, max_requ
 /// what it had no room for and says it is ready (the master hands that to
 /// the pool), then serves them as an event worker does, accepting nothing
 /// new, and exits when the last one ends. Returns the exit code.
-pub fn carry(ctx: Ctx<'_>) -> i32 {
+pub fn carry(mut ctx: Ctx<'_>) -> i32 {
     if ctx.vault.is_none() {
         return 1;
     }
-    let (mut l, mut buf) = match Loop::new(ctx, Acceptor::new(Vec::new()), usize::MAX, 0) {
+    // It takes nothing from the relay; it hands over through it.
+    let door = Acceptor::new(Vec::new()).with_relay(None, ctx.relay_tx.take());
+    let (mut l, mut buf) = match Loop::new(ctx, door, usize::MAX, 0) {
         Ok(l) => l,
         Err(code) => return code,
     };
@@ -256,7 +254,6 @@ impl<'a> Loop<'a> {
             watching_ctl: true,
             look_at: None,
             gone_by: None,
-            relay_kept: None,
             fd_room,
             refs_warned: crate::logging::RateLimit::new(crate::logging::REPORT_EVERY),
             slots: Vec::new(),
@@ -398,7 +395,6 @@ impl<'a> Loop<'a> {
     fn stop(&mut self, now: Instant) {
         if !self.stopping {
             let _ = self.listen(false);
-            self.relay_kept = self.acceptor.take_relay();
             self.acceptor.close();
             self.stopping = true;
             self.ctx.set(State::Stopping);
@@ -411,7 +407,7 @@ impl<'a> Loop<'a> {
         if self.ctx.master_gone() && self.gone_by.is_none() {
             self.gone_by = Some(crate::time::after(now, self.ctx.shutdown));
         }
-        self.handing_over = self.ctx.dest().is_some();
+        self.handing_over = self.ctx.dest(&self.acceptor).is_some();
     }
 
     /// Whether to exit now, and with what: stopping with nothing open;
@@ -435,7 +431,7 @@ impl<'a> Loop<'a> {
                 self.ctx.shutdown.as_secs()
             );
         }
-        self.ctx.relay_to_next_master(self.relay_kept.as_ref());
+        self.ctx.relay_to_next_master(&self.acceptor);
         Some(EXIT_ORPHAN)
     }
 

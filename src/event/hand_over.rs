@@ -18,7 +18,7 @@ impl<'a> Loop<'a> {
             return;
         }
         self.relay_retry = None;
-        match self.ctx.dest() {
+        match self.ctx.dest(&self.acceptor) {
             Some(Dest::Workers) => self.hand_to_workers(now),
             Some(Dest::NextMaster) => self.keep_for_next_master(),
             None => self.handing_over = false,
@@ -53,7 +53,7 @@ impl<'a> Loop<'a> {
     }
 
     fn hand_to_workers(&mut self, now: Instant) {
-        if self.ctx.relay_tx.is_none() {
+        if !self.acceptor.hands_over() {
             self.handing_over = false;
             return;
         }
@@ -64,7 +64,10 @@ impl<'a> Loop<'a> {
             let Some(Some(o)) = self.slots.get(index) else {
                 continue;
             };
-            match self.ctx.offer_to_workers(o.conn.fd(), &carried) {
+            match self
+                .acceptor
+                .hand_over(o.conn.fd(), &carried, self.ctx.board)
+            {
                 None => continue,
                 Some(Offer::Sent) => {
                     if let Some(t) = self.let_go(index).and_then(|o| o.ticket) {

@@ -92,11 +92,6 @@ impl Outbox {
             Err(e) => Offer::Failed(e),
         }
     }
-
-    /// A second descriptor for the same end.
-    pub fn try_clone(&self) -> std::io::Result<Outbox> {
-        self.0.try_clone().map(Outbox)
-    }
 }
 
 impl AsFd for Outbox {

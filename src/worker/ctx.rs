@@ -12,6 +12,7 @@ use log::{error, warn};
 use nix::unistd::{getppid, Pid};
 
 use super::{Admitted, EXIT_ORPHAN};
+use crate::accept::Acceptor;
 use crate::admission::{self, Gate, Holder, Policy, Ticket};
 use crate::echo::{Limits, Progress};
 use crate::proxy;
@@ -159,14 +160,15 @@ impl Ctx<'_> {
 
     /// Where this child's open connections go when it lets go of them:
     /// with its master gone, to the next master (if there is a vault);
-    /// told to stop, as the master said; `None`: they stay to their end.
-    pub(crate) fn dest(&self) -> Option<Dest> {
+    /// told to stop, as the master said (to the workers if `door` hands
+    /// over); `None`: they stay to their end.
+    pub(crate) fn dest(&self, door: &Acceptor) -> Option<Dest> {
         if self.master_gone() {
             return self.vault.as_ref().map(|_| Dest::NextMaster);
         }
         match self.board.hand_over() {
             HandOver::Finish => None,
-            HandOver::ToWorkers => self.relay_tx.as_ref().map(|_| Dest::Workers),
+            HandOver::ToWorkers => door.hands_over().then_some(Dest::Workers),
             HandOver::ToNextMaster => self.vault.as_ref().map(|_| Dest::NextMaster),
         }
     }
@@ -176,6 +178,7 @@ impl Ctx<'_> {
     /// master counts its clients again).
     pub(super) fn offer(
         &self,
+        door: &Acceptor,
         conn: OwnedFd,
         tcp: bool,
         client: Option<SocketAddr>,
@@ -188,8 +191,8 @@ impl Ctx<'_> {
             place: ticket.and_then(Ticket::place),
             progress: p,
         };
-        match self.dest() {
-            Some(Dest::Workers) => match self.offer_to_workers(conn.as_fd(), &carried) {
+        match self.dest(door) {
+            Some(Dest::Workers) => match door.hand_over(conn.as_fd(), &carried, self.board) {
                 Some(Offer::Sent) => Offered::Gone,
                 Some(Offer::Full(_)) => Offered::Later(conn),
                 Some(Offer::Failed(e)) => {
@@ -205,18 +208,6 @@ impl Ctx<'_> {
             }
             None => Offered::Stays(conn),
         }
-    }
-
-    /// Offers `conn` to the workers that serve on (the relay), with what
-    /// it carries; `None`: this child has no relay. A child's one way
-    /// onto the relay, whatever its loop.
-    pub(crate) fn offer_to_workers(
-        &self,
-        conn: BorrowedFd<'_>,
-        carried: &Carried,
-    ) -> Option<Offer> {
-        let tx = self.relay_tx.as_ref()?;
-        Some(tx.offer(conn, carried, self.board))
     }
 
     /// Puts `conns` in the vault for the next master; what cannot be put
@@ -238,21 +229,10 @@ impl Ctx<'_> {
 
     /// With the master gone: what waits in the relay goes to the next
     /// master too (nobody else would take it).
-    pub(crate) fn relay_to_next_master(&self, rx: Option<&Inbox>) {
-        let Some(rx) = rx.filter(|_| self.vault.is_some()) else {
-            return;
-        };
-        // Nothing counted there (the usual case): a thousand workers
-        // leaving at once need not each look.
-        if self
-            .board
-            .relayed()
-            .load(std::sync::atomic::Ordering::Acquire)
-            == 0
-        {
-            return;
+    pub(crate) fn relay_to_next_master(&self, door: &Acceptor) {
+        if self.vault.is_some() {
+            self.keep_for_next_master(door.drain_relay(self.board));
         }
-        self.keep_for_next_master(rx.drain(self.board));
     }
 
     pub(super) fn served(&self, bytes: u64) {

@@ -79,8 +79,8 @@ pub fn prefork(listeners: Vec<Listener>, ctx: Ctx<'_>, max_requests: u64) -> i32
             .ok()
     });
     let mut acceptor = Acceptor::new(listeners)
-        .with_relay(ctx.relay_rx.take())
-        .passing_wake_ups(ctx.relay_tx.as_ref().and_then(|tx| tx.try_clone().ok()))
+        .with_relay(ctx.relay_rx.take(), ctx.relay_tx.take())
+        .passing_wake_ups(true)
         .polling(turns.is_some());
     let mut served: u64 = 0;
     ctx.ready();
@@ -111,7 +111,7 @@ pub fn prefork(listeners: Vec<Listener>, ctx: Ctx<'_>, max_requests: u64) -> i32
                     if !ctx.pipe_ended() {
                         return 0;
                     }
-                    ctx.relay_to_next_master(acceptor.inbox());
+                    ctx.relay_to_next_master(&acceptor);
                     return EXIT_ORPHAN;
                 }
                 Err(e) => {
@@ -183,7 +183,7 @@ pub fn prefork(listeners: Vec<Listener>, ctx: Ctx<'_>, max_requests: u64) -> i32
             if !ctx.master_gone() {
                 return 0;
             }
-            ctx.relay_to_next_master(acceptor.inbox());
+            ctx.relay_to_next_master(&acceptor);
             return EXIT_ORPHAN;
         };
         served += 1;
@@ -241,7 +241,7 @@ fn serve_in_hand(
             return Done::Ended(summary.bytes);
         }
         from = summary.progress;
-        conn = match ctx.offer(conn, tcp, client, ticket.as_ref(), from) {
+        conn = match ctx.offer(acceptor, conn, tcp, client, ticket.as_ref(), from) {
             Offered::Gone => {
                 if let Some(t) = ticket {
                     t.handed_over();
@@ -393,7 +393,7 @@ fn serve_conn(
             if ctx.pipe_ended() {
                 // Its listeners close as it exits; the relay it holds
                 // goes to the next master after its own connection.
-                return if may_hand_over && ctx.dest().is_some() {
+                return if may_hand_over && ctx.dest(acceptor).is_some() {
                     Watch::HandOver
                 } else {
                     Watch::Abort
@@ -401,7 +401,7 @@ fn serve_conn(
             }
             acceptor.close();
             ctx.set(State::Stopping);
-            if may_hand_over && ctx.dest().is_some() {
+            if may_hand_over && ctx.dest(acceptor).is_some() {
                 Watch::HandOver
             } else {
                 Watch::Forget
