@@ -234,13 +234,13 @@ impl<'a> Slot<'a> {
         self.board.word(self.slot, HELD)
     }
 
-    /// Publishes how many connections this (event) worker has open.
     /// Whether the master closed this worker's control pipe on purpose
     /// (see [`Scoreboard::tell`]).
     pub fn told(&self) -> bool {
         self.board.word(self.slot, TOLD).load(Ordering::Acquire) == 1
     }
 
+    /// Publishes how many connections this (event) worker has open.
     pub fn set_open(&self, n: usize) {
         self.board
             .word(self.slot, OPEN)
