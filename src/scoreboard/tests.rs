@@ -1,6 +1,8 @@
 //! The scoreboard's slots, counters and tables, and a child writing
 //! what the parent reads.
 
+use nix::unistd::Pid;
+
 use super::*;
 use crate::scoreboard::Refusal;
 
