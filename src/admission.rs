@@ -345,6 +345,9 @@ pub fn give_back(board: &Scoreboard, place: Place) {
 /// What a reaped child may have held places in.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Held {
+    /// The place the master kept for it (a fork-mode child's client,
+    /// admitted before the fork, [`Ticket::into_place`]).
+    pub kept: Option<Place>,
     /// Its scoreboard slot (a prefork worker's one client).
     pub slot: Option<usize>,
     /// Its word in the fork table (a fork-mode child behind a proxy).
@@ -355,10 +358,14 @@ pub struct Held {
 
 impl Policy {
     /// Master, reaping a child (before its slot is released): gives back
-    /// the places it still held. A worker that died with connections open
+    /// every place it still held, the one the master kept for it first.
+    /// A worker that died with connections open
     /// and none published is an event worker, whose places are unknown one
     /// by one: the table is emptied and the live ones count theirs again.
     pub fn reclaim(&self, board: &Scoreboard, held: Held) {
+        if let Some(place) = held.kept {
+            board.give_place(place);
+        }
         let words = [
             held.slot.map(|s| board.slot_held(s)),
             held.fork.map(|i| board.fork_held(i)),

@@ -46,10 +46,8 @@ impl Master {
             };
             let (abnormal, how) = describe(&status);
             // The places it held for its clients, before its slot goes.
-            if let Some(place) = child.place {
-                admission::give_back(&self.scoreboard, place);
-            }
             let held = admission::Held {
+                kept: child.place,
                 slot: child.slot,
                 fork: child.fork_slot,
                 abnormal,

@@ -235,7 +235,7 @@ impl Scoreboard {
         }
     }
 
-    /// The count of connections waiting in the relay (see relay.rs).
+    /// The count of connections waiting in the relay (see relay/).
     pub fn relayed(&self) -> &AtomicU64 {
         self.header(RELAYED)
     }
