@@ -209,13 +209,14 @@ fn run(o: &Opts) {
                     continue;
                 }
                 println!(
-                    "round {round} {:<11} {:<16} {:>12.1}  p50 {:>8} us  p99 {:>8} us  cpu {:>6} us/op  errors {}",
+                    "round {round} {:<11} {:<16} {:>12.1}  p50 {:>8} us  p99 {:>8} us  cpu {:>6} us/op  faults {:>7} /op  errors {}",
                     case.label(),
                     t.name(),
                     m.value,
                     micros(m.p50_us),
                     micros(m.p99_us),
                     micros(m.cpu_us),
+                    faults(m.faults),
                     m.errors.describe()
                 );
                 results.entry((case, t)).or_default().push(m);

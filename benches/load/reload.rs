@@ -72,7 +72,7 @@ pub(crate) fn reload(server: &Server, kind: Kind, case: Case) -> Measure {
     m.held = p.live() as f64;
     let goes_on = matches!(kind, Kind::Fork | Kind::ForkBase);
     let master = server.pid();
-    let cpu_before = cpu_ticks(master);
+    let before = Usage::of(master);
     let client_before = own_cpu();
     let mut watch = Watch::new(master, case.scenario, goes_on);
     // Fork's children are not retired: none to watch.
@@ -104,7 +104,7 @@ pub(crate) fn reload(server: &Server, kind: Kind, case: Case) -> Measure {
     // thousands of processes takes a while.
     let client = own_cpu() - client_before;
     let took = watch.hup.elapsed().as_secs_f64();
-    let cpu = cpu_ticks(master).saturating_sub(cpu_before) as f64 / ticks_per_sec();
+    let used = Usage::of(master).since(before);
     watch.finish();
     // Once more, after the hand-over: every connection still echoes.
     p.round(&mut Vec::new(), &mut |_, _| {}, Duration::ZERO);
@@ -119,7 +119,7 @@ pub(crate) fn reload(server: &Server, kind: Kind, case: Case) -> Measure {
     m.cpu_us = if goes_on {
         f64::NAN
     } else {
-        cpu * 1e6 / m.held.max(1.0)
+        used.cpu_secs * 1e6 / m.held.max(1.0)
     };
     m.client_cpu = client / took;
     m.max_us = lat.iter().copied().max().unwrap_or(0) as f64 / 1e3;

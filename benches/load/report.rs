@@ -25,6 +25,22 @@ pub(crate) fn micros(us: f64) -> String {
     }
 }
 
+/// Minor page faults per op, or a dash where none were counted for the
+/// scenario (`hold` measures memory, not an interval of work). Every
+/// server runs as a child of the benchmark (its top process, or echo-forkd's
+/// master, is ours to read in `/proc`), so none is left without a figure.
+pub(crate) fn faults(per_op: f64) -> String {
+    if per_op.is_nan() {
+        "–".into()
+    } else if per_op >= 1000.0 {
+        format!("{per_op:.0}")
+    } else if per_op >= 10.0 {
+        format!("{per_op:.1}")
+    } else {
+        format!("{per_op:.2}")
+    }
+}
+
 /// A hand-over's time in ms: `n/a` where nothing is handed over (fork's
 /// children go on), `not done` where it never finished.
 pub(crate) fn handover_ms(ms: f64) -> String {
@@ -73,9 +89,9 @@ pub(crate) fn report(results: &Results) -> String {
     if results.keys().any(|(c, _)| timed(c)) {
         let _ = writeln!(
             t,
-            "| case | server | median | p50 µs | p99 µs | server CPU µs per op | errors |"
+            "| case | server | median | p50 µs | p99 µs | server CPU µs per op | server minor faults per op | errors |"
         );
-        let _ = writeln!(t, "|---|---|---:|---:|---:|---:|---|");
+        let _ = writeln!(t, "|---|---|---:|---:|---:|---:|---:|---|");
     }
     for ((case, target), ms) in results {
         if !timed(case) {
@@ -85,7 +101,7 @@ pub(crate) fn report(results: &Results) -> String {
         ms.iter().for_each(|m| errors.add(&m.errors));
         let _ = writeln!(
             t,
-            "| {} | {} | {:.0} {} | {} | {} | {} | {} |",
+            "| {} | {} | {:.0} {} | {} | {} | {} | {} | {} |",
             case.label(),
             target.name(),
             med(ms, |m| m.value),
@@ -93,6 +109,7 @@ pub(crate) fn report(results: &Results) -> String {
             micros(med(ms, |m| m.p50_us)),
             micros(med(ms, |m| m.p99_us)),
             micros(med(ms, |m| m.cpu_us)),
+            faults(med(ms, |m| m.faults)),
             errors.describe()
         );
     }
