@@ -55,7 +55,8 @@ const FORK_ROUNDS: u32 = 3;
 /// still for a second after the last HUP), then once more. Reports how
 /// many still echo after it, how long the hand-over took, the latency of
 /// the pings made meanwhile (p50, p99, longest), and the server's CPU
-/// time over it (serving those pings included) per connection held.
+/// time and minor page faults over it (serving those pings included) per
+/// connection held.
 /// Fork-mode children go on: a few rounds show it.
 pub(crate) fn reload(server: &Server, kind: Kind, case: Case) -> Measure {
     let mut m = Measure::default();
@@ -116,10 +117,14 @@ pub(crate) fn reload(server: &Server, kind: Kind, case: Case) -> Measure {
         Some(done) => done.as_secs_f64() * 1e3,
         None => f64::INFINITY,
     };
-    m.cpu_us = if goes_on {
-        f64::NAN
+    // Fork: its children go on, and no hand-over ends the interval.
+    (m.cpu_us, m.faults) = if goes_on {
+        (f64::NAN, f64::NAN)
     } else {
-        used.cpu_secs * 1e6 / m.held.max(1.0)
+        (
+            used.cpu_secs * 1e6 / m.held.max(1.0),
+            used.faults / m.held.max(1.0),
+        )
     };
     m.client_cpu = client / took;
     m.max_us = lat.iter().copied().max().unwrap_or(0) as f64 / 1e3;
