@@ -1,5 +1,5 @@
 //! The load: client threads for each scenario, every echoed byte checked,
-//! their errors, latencies and the server's CPU time.
+//! their errors, latencies and the server's CPU time and minor page faults.
 
 use super::*;
 
@@ -114,6 +114,10 @@ pub(crate) struct Measure {
     /// (reload: per connection held, from the signal until the hand-over
     /// was done).
     pub(crate) cpu_us: f64,
+    /// Server minor page faults per connection or round trip (per MB in
+    /// `stream`), all its processes, taken as `cpu_us` is (see [`Usage`]);
+    /// NaN where no interval is measured (`hold`).
+    pub(crate) faults: f64,
     /// reload: connections held (echoed once) when the signal was sent.
     pub(crate) held: f64,
     /// reload: the longest single ping's wait, in µs.
@@ -138,14 +142,14 @@ pub(crate) fn elapsed_ns(t: Instant) -> u64 {
 
 /// `clients` threads that each run `body(i, deadline)` after a common start
 /// and a warm-up; returns what each recorded.
-/// Also returns the CPU seconds the server (`pid` and its children) used
-/// between the end of the warm-up and the deadline.
+/// Also returns what the server (`pid` and its children) used between the
+/// end of the warm-up and the deadline: CPU and minor page faults.
 pub(crate) fn timed<F>(
     pid: i32,
     clients: usize,
     secs: f64,
     body: F,
-) -> (Vec<(u64, Vec<u64>, Errors)>, f64)
+) -> (Vec<(u64, Vec<u64>, Errors)>, Used)
 where
     F: Fn(usize, Instant, Instant, Instant) -> (u64, Vec<u64>, Errors) + Send + Sync + 'static,
 {
@@ -155,7 +159,7 @@ where
     let warm = t0 + Duration::from_secs_f64((secs / 6.0).min(0.5));
     let end = warm + Duration::from_secs_f64(secs);
     // Clients go on a little past `end`, so that the server's processes are
-    // all still there when their CPU time is read at `end`.
+    // all still there when their CPU time and faults are read at `end`.
     let stop = end + Duration::from_millis(100);
     let threads: Vec<_> = (0..clients)
         .map(|i| {
@@ -169,9 +173,9 @@ where
         .collect();
     start.wait();
     std::thread::sleep(warm.saturating_duration_since(Instant::now()));
-    let before = cpu_ticks(pid);
+    let before = Usage::of(pid);
     std::thread::sleep(end.saturating_duration_since(Instant::now()));
-    let used = cpu_ticks(pid).saturating_sub(before) as f64 / ticks_per_sec();
+    let used = Usage::of(pid).since(before);
     let results = threads
         .into_iter()
         .map(|t| t.join().expect("client thread"))
@@ -179,28 +183,68 @@ where
     (results, used)
 }
 
-/// utime + stime of `pid`, of the children it reaped, and of its live
-/// children, in clock ticks.
-pub(crate) fn cpu_ticks(pid: i32) -> u64 {
-    let fields = |p: i32| -> Vec<i64> {
-        std::fs::read_to_string(format!("/proc/{p}/stat"))
-            .ok()
-            .and_then(|s| {
-                let rest = s[s.rfind(')')? + 2..].to_string();
-                Some(rest.split(' ').filter_map(|f| f.parse().ok()).collect())
-            })
-            .unwrap_or_default()
-    };
-    // After the ')': state is field 0 (not a number, so skipped); utime,
-    // stime, cutime, cstime are fields 11..15 of the rest, 10..14 here.
-    let own = fields(pid);
-    let mut total: i64 = own.get(10..14).map_or(0, |f| f.iter().sum());
-    for child in children(pid) {
-        total += fields(child)
-            .get(10..12)
-            .map_or(0, |f| f.iter().sum::<i64>());
+/// What the server has used so far, read from `/proc/PID/stat`: of `pid`
+/// itself, of the children it reaped (waited for: `cutime`, `cstime`,
+/// `cminflt` count them, whole, once reaped), and of its live children
+/// (their own; a zombie still counts here until reaped). Read twice, it
+/// gives what was used in between, a child reaped in between included:
+/// what it had used at the first reading was counted then as a live
+/// child's, and all of it is in the parent's `c…` fields at the second.
+/// CPU and faults are read in the one walk of `/proc`, so that both count
+/// the same processes.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Usage {
+    /// utime + stime (+ cutime + cstime of `pid`), in clock ticks.
+    pub(crate) ticks: u64,
+    /// Minor page faults: minflt (+ cminflt of `pid`).
+    pub(crate) minflt: u64,
+}
+
+/// What the server used between two readings of [`Usage`].
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Used {
+    pub(crate) cpu_secs: f64,
+    pub(crate) faults: f64,
+}
+
+impl Usage {
+    pub(crate) fn of(pid: i32) -> Usage {
+        let fields = |p: i32| -> Vec<i64> {
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .ok()
+                .and_then(|s| {
+                    let rest = s[s.rfind(')')? + 2..].to_string();
+                    Some(rest.split(' ').filter_map(|f| f.parse().ok()).collect())
+                })
+                .unwrap_or_default()
+        };
+        // After the ')': state is field 0 (not a number, so skipped); of
+        // the rest, minflt and cminflt are fields 7 and 8, 6 and 7 here;
+        // utime, stime, cutime, cstime fields 11..15, 10..14 here.
+        let sum = |f: &[i64], at: std::ops::Range<usize>| -> i64 {
+            f.get(at).map_or(0, |f| f.iter().sum())
+        };
+        let own = fields(pid);
+        let mut ticks = sum(&own, 10..14);
+        let mut minflt = sum(&own, 6..8);
+        for child in children(pid) {
+            let f = fields(child);
+            ticks += sum(&f, 10..12);
+            minflt += sum(&f, 6..7);
+        }
+        Usage {
+            ticks: ticks.max(0) as u64,
+            minflt: minflt.max(0) as u64,
+        }
     }
-    total.max(0) as u64
+
+    /// What was used since `before`.
+    pub(crate) fn since(self, before: Usage) -> Used {
+        Used {
+            cpu_secs: self.ticks.saturating_sub(before.ticks) as f64 / ticks_per_sec(),
+            faults: self.minflt.saturating_sub(before.minflt) as f64,
+        }
+    }
 }
 
 pub(crate) fn ticks_per_sec() -> f64 {
@@ -210,7 +254,7 @@ pub(crate) fn ticks_per_sec() -> f64 {
         .unwrap_or(100) as f64
 }
 
-pub(crate) fn summarize(results: Vec<(u64, Vec<u64>, Errors)>, secs: f64, cpu: f64) -> Measure {
+pub(crate) fn summarize(results: Vec<(u64, Vec<u64>, Errors)>, secs: f64, used: Used) -> Measure {
     let mut m = Measure::default();
     let mut all = Vec::new();
     let mut done = 0;
@@ -220,7 +264,8 @@ pub(crate) fn summarize(results: Vec<(u64, Vec<u64>, Errors)>, secs: f64, cpu: f
         m.errors.add(&err);
     }
     m.value = done as f64 / secs;
-    m.cpu_us = cpu * 1e6 / done.max(1) as f64;
+    m.cpu_us = used.cpu_secs * 1e6 / done.max(1) as f64;
+    m.faults = used.faults / done.max(1) as f64;
     (m.p50_us, m.p99_us) = percentiles(all);
     m
 }
@@ -228,7 +273,7 @@ pub(crate) fn summarize(results: Vec<(u64, Vec<u64>, Errors)>, secs: f64, cpu: f
 /// `conn`: connect, send 64 B, read them back, close; again.
 pub(crate) fn conn(server: &Server, clients: usize, o: &Opts) -> Measure {
     let addr = server.addr();
-    let (results, cpu) = timed(server.pid(), clients, o.secs, move |i, warm, end, stop| {
+    let (results, used) = timed(server.pid(), clients, o.secs, move |i, warm, end, stop| {
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (i as u64 + 1));
         let (mut sent, mut got) = ([0u8; PAYLOAD], [0u8; PAYLOAD]);
         let mut lat = Vec::with_capacity(1 << 16);
@@ -257,13 +302,13 @@ pub(crate) fn conn(server: &Server, clients: usize, o: &Opts) -> Measure {
         }
         (done, lat, err)
     });
-    summarize(results, o.secs, cpu)
+    summarize(results, o.secs, used)
 }
 
 /// `rtt`: `clients` persistent connections ping-ponging 64 B.
 pub(crate) fn rtt(server: &Server, clients: usize, o: &Opts) -> Measure {
     let addr = server.addr();
-    let (results, cpu) = timed(server.pid(), clients, o.secs, move |i, warm, end, stop| {
+    let (results, used) = timed(server.pid(), clients, o.secs, move |i, warm, end, stop| {
         let mut err = Errors::default();
         let mut lat = Vec::with_capacity(1 << 18);
         let mut done = 0;
@@ -301,7 +346,7 @@ pub(crate) fn rtt(server: &Server, clients: usize, o: &Opts) -> Measure {
         }
         (done, lat, err)
     });
-    summarize(results, o.secs, cpu)
+    summarize(results, o.secs, used)
 }
 
 /// The stream's bytes: a random block of a length prime to every buffer
@@ -318,7 +363,7 @@ pub(crate) fn stream(server: &Server, o: &Opts) -> Measure {
     const CONNS: usize = 4;
     let total = (o.stream_mib as u64) << 20;
     let block = pattern();
-    let cpu_before = cpu_ticks(server.pid());
+    let before = Usage::of(server.pid());
     let kids_before = children(server.pid()).len();
     let start = Instant::now();
     let mut threads = Vec::new();
@@ -393,17 +438,19 @@ pub(crate) fn stream(server: &Server, o: &Opts) -> Measure {
     }
     let secs = start.elapsed().as_secs_f64();
     // Per-connection processes count once reaped (in their parent's
-    // cutime): wait for that before reading the CPU time.
+    // cutime, cminflt): wait for that before reading the CPU time.
     let deadline = Instant::now() + Duration::from_secs(2);
     while children(server.pid()).len() > kids_before && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    let cpu = cpu_ticks(server.pid()).saturating_sub(cpu_before) as f64 / ticks_per_sec();
+    let used = Usage::of(server.pid()).since(before);
+    let mb = (bytes as f64 / 1e6).max(1.0);
     Measure {
         value: bytes as f64 / secs / 1e6,
         errors,
         // Per MB echoed.
-        cpu_us: cpu * 1e6 / (bytes as f64 / 1e6).max(1.0),
+        cpu_us: used.cpu_secs * 1e6 / mb,
+        faults: used.faults / mb,
         ..Measure::default()
     }
 }
@@ -411,7 +458,12 @@ pub(crate) fn stream(server: &Server, o: &Opts) -> Measure {
 /// `hold`: open `hold` connections and leave them idle, measure memory, then
 /// one echo on each.
 pub(crate) fn hold(server: &Server, kind: Kind, n: usize) -> Measure {
-    let mut m = Measure::default();
+    // Memory is measured, not an interval of work: no faults per op (and
+    // no CPU, left at 0, which prints as a dash too).
+    let mut m = Measure {
+        faults: f64::NAN,
+        ..Measure::default()
+    };
     let mut conns = connect_all(server, n, &mut m.errors);
     // Per-connection processes: wait until the server has forked them all.
     let want = match kind {
@@ -589,7 +641,7 @@ pub(crate) fn udp_payload(client: usize, seq: u64) -> [u8; PAYLOAD] {
 pub(crate) fn udp(server: &Server, clients: usize, o: &Opts) -> Measure {
     let addr = server.addr();
     let window = (UDP_IN_FLIGHT / clients).clamp(1, 32);
-    let (results, cpu) = timed(server.pid(), clients, o.secs, move |i, warm, end, stop| {
+    let (results, used) = timed(server.pid(), clients, o.secs, move |i, warm, end, stop| {
         let mut err = Errors::default();
         let mut lat = Vec::with_capacity(1 << 18);
         let mut done = 0;
@@ -694,5 +746,5 @@ pub(crate) fn udp(server: &Server, clients: usize, o: &Opts) -> Measure {
         }
         (done, lat, err)
     });
-    summarize(results, o.secs, cpu)
+    summarize(results, o.secs, used)
 }

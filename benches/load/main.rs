@@ -192,7 +192,7 @@ fn run(o: &Opts) {
                 drop(server);
                 if case.scenario.is_reload() {
                     println!(
-                        "round {round} {:<19} {:<8} held {:>5.0}  lost {:>4.0}  hand-over {:>8} ms  p50 {:>8} us  p99 {:>8} us  longest {:>8} ms  cpu {:>6} us/conn  client cpu {:>3.0} %  errors {}",
+                        "round {round} {:<19} {:<8} held {:>5.0}  lost {:>4.0}  hand-over {:>8} ms  p50 {:>8} us  p99 {:>8} us  longest {:>8} ms  cpu {:>6} us/conn  faults {:>7} /conn  client cpu {:>3.0} %  errors {}",
                         case.label(),
                         t.name(),
                         m.held,
@@ -202,6 +202,7 @@ fn run(o: &Opts) {
                         micros(m.p99_us),
                         micros(m.max_us / 1e3),
                         cpu_per_conn(m.cpu_us, m.held),
+                        faults(m.faults),
                         m.client_cpu * 100.0,
                         m.errors.describe()
                     );
@@ -209,13 +210,14 @@ fn run(o: &Opts) {
                     continue;
                 }
                 println!(
-                    "round {round} {:<11} {:<16} {:>12.1}  p50 {:>8} us  p99 {:>8} us  cpu {:>6} us/op  errors {}",
+                    "round {round} {:<11} {:<16} {:>12.1}  p50 {:>8} us  p99 {:>8} us  cpu {:>6} us/op  faults {:>7} /op  errors {}",
                     case.label(),
                     t.name(),
                     m.value,
                     micros(m.p50_us),
                     micros(m.p99_us),
                     micros(m.cpu_us),
+                    faults(m.faults),
                     m.errors.describe()
                 );
                 results.entry((case, t)).or_default().push(m);

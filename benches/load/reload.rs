@@ -55,7 +55,8 @@ const FORK_ROUNDS: u32 = 3;
 /// still for a second after the last HUP), then once more. Reports how
 /// many still echo after it, how long the hand-over took, the latency of
 /// the pings made meanwhile (p50, p99, longest), and the server's CPU
-/// time over it (serving those pings included) per connection held.
+/// time and minor page faults over it (serving those pings included) per
+/// connection held.
 /// Fork-mode children go on: a few rounds show it.
 pub(crate) fn reload(server: &Server, kind: Kind, case: Case) -> Measure {
     let mut m = Measure::default();
@@ -72,7 +73,7 @@ pub(crate) fn reload(server: &Server, kind: Kind, case: Case) -> Measure {
     m.held = p.live() as f64;
     let goes_on = matches!(kind, Kind::Fork | Kind::ForkBase);
     let master = server.pid();
-    let cpu_before = cpu_ticks(master);
+    let before = Usage::of(master);
     let client_before = own_cpu();
     let mut watch = Watch::new(master, case.scenario, goes_on);
     // Fork's children are not retired: none to watch.
@@ -104,7 +105,7 @@ pub(crate) fn reload(server: &Server, kind: Kind, case: Case) -> Measure {
     // thousands of processes takes a while.
     let client = own_cpu() - client_before;
     let took = watch.hup.elapsed().as_secs_f64();
-    let cpu = cpu_ticks(master).saturating_sub(cpu_before) as f64 / ticks_per_sec();
+    let used = Usage::of(master).since(before);
     watch.finish();
     // Once more, after the hand-over: every connection still echoes.
     p.round(&mut Vec::new(), &mut |_, _| {}, Duration::ZERO);
@@ -116,10 +117,14 @@ pub(crate) fn reload(server: &Server, kind: Kind, case: Case) -> Measure {
         Some(done) => done.as_secs_f64() * 1e3,
         None => f64::INFINITY,
     };
-    m.cpu_us = if goes_on {
-        f64::NAN
+    // Fork: its children go on, and no hand-over ends the interval.
+    (m.cpu_us, m.faults) = if goes_on {
+        (f64::NAN, f64::NAN)
     } else {
-        cpu * 1e6 / m.held.max(1.0)
+        (
+            used.cpu_secs * 1e6 / m.held.max(1.0),
+            used.faults / m.held.max(1.0),
+        )
     };
     m.client_cpu = client / took;
     m.max_us = lat.iter().copied().max().unwrap_or(0) as f64 / 1e3;

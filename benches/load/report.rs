@@ -25,6 +25,23 @@ pub(crate) fn micros(us: f64) -> String {
     }
 }
 
+/// Minor page faults per op, or a dash where none were counted for the
+/// scenario (`hold` measures memory, not an interval of work; in a
+/// reload, fork's children go on and no hand-over ends one). Every
+/// server runs as a child of the benchmark (its top process, or echo-forkd's
+/// master, is ours to read in `/proc`), so none is left without a figure.
+pub(crate) fn faults(per_op: f64) -> String {
+    if per_op.is_nan() {
+        "–".into()
+    } else if per_op >= 1000.0 {
+        format!("{per_op:.0}")
+    } else if per_op >= 10.0 {
+        format!("{per_op:.1}")
+    } else {
+        format!("{per_op:.2}")
+    }
+}
+
 /// A hand-over's time in ms: `n/a` where nothing is handed over (fork's
 /// children go on), `not done` where it never finished.
 pub(crate) fn handover_ms(ms: f64) -> String {
@@ -73,9 +90,9 @@ pub(crate) fn report(results: &Results) -> String {
     if results.keys().any(|(c, _)| timed(c)) {
         let _ = writeln!(
             t,
-            "| case | server | median | p50 µs | p99 µs | server CPU µs per op | errors |"
+            "| case | server | median | p50 µs | p99 µs | server CPU µs per op | server minor faults per op | errors |"
         );
-        let _ = writeln!(t, "|---|---|---:|---:|---:|---:|---|");
+        let _ = writeln!(t, "|---|---|---:|---:|---:|---:|---:|---|");
     }
     for ((case, target), ms) in results {
         if !timed(case) {
@@ -85,7 +102,7 @@ pub(crate) fn report(results: &Results) -> String {
         ms.iter().for_each(|m| errors.add(&m.errors));
         let _ = writeln!(
             t,
-            "| {} | {} | {:.0} {} | {} | {} | {} | {} |",
+            "| {} | {} | {:.0} {} | {} | {} | {} | {} | {} |",
             case.label(),
             target.name(),
             med(ms, |m| m.value),
@@ -93,6 +110,7 @@ pub(crate) fn report(results: &Results) -> String {
             micros(med(ms, |m| m.p50_us)),
             micros(med(ms, |m| m.p99_us)),
             micros(med(ms, |m| m.cpu_us)),
+            faults(med(ms, |m| m.faults)),
             errors.describe()
         );
     }
@@ -130,9 +148,9 @@ pub(crate) fn report(results: &Results) -> String {
     if !reloads.is_empty() {
         let _ = writeln!(
             t,
-            "\n| signal under held connections (reload: HUP, upgrade: USR2, reload-storm: 30 HUPs in 3 s, reload-stopped: HUP, master stopped 3 s) | server | held | lost, all rounds | hand-over ms | pings meanwhile, p50 / p99 µs | longest ping ms | server CPU µs per connection, signal to hand-over done | processes after | errors |"
+            "\n| signal under held connections (reload: HUP, upgrade: USR2, reload-storm: 30 HUPs in 3 s, reload-stopped: HUP, master stopped 3 s) | server | held | lost, all rounds | hand-over ms | pings meanwhile, p50 / p99 µs | longest ping ms | server CPU µs per connection, signal to hand-over done | server minor faults per connection, likewise | processes after | errors |"
         );
-        let _ = writeln!(t, "|---|---|---:|---:|---:|---:|---:|---:|---:|---|");
+        let _ = writeln!(t, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|");
         for ((case, target), ms) in reloads {
             let mut errors = Errors::default();
             ms.iter().for_each(|m| errors.add(&m.errors));
@@ -140,7 +158,7 @@ pub(crate) fn report(results: &Results) -> String {
             let lost: f64 = ms.iter().map(|m| m.held - m.value).sum();
             let _ = writeln!(
                 t,
-                "| {} | {} | {:.0} | {lost:.0} | {} | {} / {} | {} | {} | {:.0} | {} |",
+                "| {} | {} | {:.0} | {lost:.0} | {} | {} / {} | {} | {} | {} | {:.0} | {} |",
                 case.label(),
                 target.name(),
                 med(ms, |m| m.held),
@@ -149,6 +167,7 @@ pub(crate) fn report(results: &Results) -> String {
                 micros(med(ms, |m| m.p99_us)),
                 micros(med(ms, |m| m.max_us) / 1e3),
                 cpu_per_conn(med(ms, |m| m.cpu_us), med(ms, |m| m.held)),
+                faults(med(ms, |m| m.faults)),
                 med(ms, |m| m.workers),
                 errors.describe()
             );
