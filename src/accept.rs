@@ -257,7 +257,7 @@ impl Acceptor {
                 return Some(Incoming::New(i, fd));
             }
         }
-        if let Some((fd, carried)) = self.relay.as_mut().and_then(|rx| rx.take(board, room)) {
+        if let Some((fd, carried)) = self.relay.as_mut().and_then(|rx| rx.take(board, || room)) {
             return Some(Incoming::Relayed(fd, carried));
         }
         self.accept(now).map(|(i, fd)| Incoming::New(i, fd))

@@ -27,7 +27,7 @@ impl Master {
         }
         // Only with a descriptor free for it (the kernel closes one that
         // does not fit).
-        r.rx.take(&self.scoreboard, crate::relay::room_for_one())
+        r.rx.take(&self.scoreboard, crate::relay::room_for_one)
     }
 
     /// Offers a connection taken out of the vault to the workers.

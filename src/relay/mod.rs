@@ -131,16 +131,22 @@ impl Inbox {
     /// A connection handed over, if one waits and this process has
     /// `room` for it (a descriptor free: the kernel closes one that does
     /// not fit). A connection so closed is counted as cut and logged.
-    pub fn take(&mut self, board: &Scoreboard, room: bool) -> Option<(OwnedFd, Carried)> {
-        if !room {
-            return None;
-        }
+    /// `room` is asked only when something may wait: it may list
+    /// /proc/self/fd, which a fork-mode master must not pay per accept.
+    pub fn take(
+        &mut self,
+        board: &Scoreboard,
+        room: impl FnOnce() -> bool,
+    ) -> Option<(OwnedFd, Carried)> {
         let relayed = board.relayed();
         // The count is raised before a send: while it is 0 and the relay
         // did not wake us, nothing waits, and accepting costs no system
         // call more. A wake-up is believed whatever the count (a
         // predecessor's scoreboard after an upgrade counted elsewhere).
         if !self.woke && relayed.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        if !room() {
             return None;
         }
         let got = wire::recv(self.fd.as_fd(), relayed);
