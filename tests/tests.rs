@@ -1,5 +1,5 @@
 //! Integration tests: the real binary on loopback, driven through the
-//! `Daemon` guard in util.rs.
+//! `Daemon` guard in util/daemon.rs (the helpers: util.rs).
 
 mod util;
 
