@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 
-use super::{proc_children, proc_stat, wait_until, BIN, DEADLINE};
+use super::{proc_children, proc_stat, sockets_of, wait_until, BIN, DEADLINE};
 
 /// How long an exited master's stderr is read on for its last lines (its
 /// children, which have it too, follow it at once).
@@ -187,6 +187,35 @@ impl Daemon {
             .into_iter()
             .filter(|&(_, s)| s != 'Z' && s != 'X')
             .map(|(p, _)| p)
+            .collect()
+    }
+
+    /// The master and its live children: every process of this daemon
+    /// that may hold a connection.
+    pub fn processes(&self) -> Vec<i32> {
+        let mut all = vec![self.pid];
+        all.extend(self.children());
+        all
+    }
+
+    /// For each socket in `inodes` (see [`super::Ends::server_socket`]),
+    /// the processes of this daemon that hold a descriptor on it: one
+    /// while a process serves it, none while it waits in the relay between
+    /// two (or after it closed).
+    pub fn holders(&self, inodes: &[u64]) -> Vec<Vec<i32>> {
+        let held: Vec<(i32, Vec<u64>)> = self
+            .processes()
+            .into_iter()
+            .map(|pid| (pid, sockets_of(pid)))
+            .collect();
+        inodes
+            .iter()
+            .map(|inode| {
+                held.iter()
+                    .filter(|(_, socks)| socks.contains(inode))
+                    .map(|&(pid, _)| pid)
+                    .collect()
+            })
             .collect()
     }
 
