@@ -336,19 +336,30 @@ fn usr2(mode: &str) {
 
 in_worker_modes!(no_conversation_is_cut_by_an_upgrade: usr2);
 
+/// [`two_workers`] in prefork, the model read from the config file
+/// `conf` (written here), which a reload reads again.
+fn prefork_from_file(conf: &std::path::Path) -> [&str; 8] {
+    std::fs::write(conf, "mode = \"prefork\"\n").unwrap();
+    [
+        "-l",
+        "127.0.0.1:0",
+        "-c",
+        conf.to_str().unwrap(),
+        "-w",
+        "2",
+        "--shutdown-timeout",
+        "2",
+    ]
+}
+
 /// A reload that changes the model to fork mode: the prefork workers
 /// hand their conversations to the master, which forks a child for each.
 #[test]
 fn no_conversation_is_cut_by_a_reload_into_fork_mode() {
     let dir = TempDir::new("into-fork");
     let conf = dir.path("echo.toml");
-    std::fs::write(&conf, "mode = \"prefork\"\n").unwrap();
-    let mut args = two_workers("prefork").to_vec();
-    // The model from the file, which the reload reads again.
-    args.drain(2..4);
-    args.extend(["-c", conf.to_str().unwrap()]);
     across(
-        &args,
+        &prefork_from_file(&conf),
         |d| {
             std::fs::write(&conf, "mode = \"fork\"\n").unwrap();
             d.signal(Signal::SIGHUP);
@@ -578,12 +589,8 @@ in_worker_modes!(a_proxied_client_keeps_its_address_and_place: proxied_client_tr
 fn a_proxied_client_keeps_its_address_and_place_into_fork_mode() {
     let dir = TempDir::new("proxied-into-fork");
     let conf = dir.path("echo.toml");
-    std::fs::write(&conf, "mode = \"prefork\"\n").unwrap();
-    let mut args = two_workers("prefork").to_vec();
-    args.drain(2..4);
-    args.extend(["-c", conf.to_str().unwrap()]);
     proxied_client_across_a_reload(
-        &args,
+        &prefork_from_file(&conf),
         || std::fs::write(&conf, "mode = \"fork\"\n").unwrap(),
         true,
     );
@@ -813,9 +820,10 @@ fn a_receiver_out_of_descriptors_leaves_connections_waiting_rather_than_lost() {
         "no conversation waited for a descriptor:\n{}",
         d.stderr_text()
     );
-    // Where they are: those of the retired worker that answered are the
-    // remaining worker's now; those waiting were the retired worker's and
-    // are in the relay, held by no process.
+    // Where they are: those that answered are the remaining worker's
+    // (with those the retired worker handed it, if it had room for any);
+    // those waiting were the retired worker's and are in the relay, held
+    // by no process: it let go of them.
     let now = d.holders(&sockets);
     for k in 0..sockets.len() {
         let waits = waiting.iter().any(|&(_, w)| usize::from(w) == k);
@@ -831,13 +839,6 @@ fn a_receiver_out_of_descriptors_leaves_connections_waiting_rather_than_lost() {
             first[k]
         );
     }
-    assert!(
-        first
-            .iter()
-            .zip(&now)
-            .any(|(&f, n)| f == retired && n == &[serving]),
-        "no conversation went from the retired worker to the other"
-    );
     // Ending those served frees descriptors.
     for mut s in served {
         s.shutdown(std::net::Shutdown::Write).unwrap();
