@@ -285,3 +285,12 @@ impl Drop for Daemon {
         }
     }
 }
+
+/// The pid a log line names as its writer (`echo-forkd[PID]: ...`).
+pub fn writer(line: &str) -> Option<i32> {
+    line.strip_prefix("echo-forkd[")?
+        .split(']')
+        .next()?
+        .parse()
+        .ok()
+}
