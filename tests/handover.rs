@@ -76,22 +76,30 @@ impl Long {
     }
 }
 
-/// Opens `tally.pings.len()` connections to `addr`, each held by a client
-/// thread that pings on it every 50 ms, checking every byte, until
-/// `stop`; then half-closes and reads the end. Returns the threads and
-/// each connection's ends, in order.
+/// Opens `tally.pings.len()` connections to `addr` at once, each from a
+/// client thread of its own (so that they spread over the workers) that
+/// pings on it every 50 ms, checking every byte, until `stop`; then
+/// half-closes and reads the end. Returns the threads and each
+/// connection's ends, in order (`None`: it was refused).
 fn long_conversations(
     addr: std::net::SocketAddr,
     stop: &Arc<AtomicBool>,
     tally: &Arc<Long>,
-) -> (Vec<std::thread::JoinHandle<()>>, Vec<Ends>) {
+) -> (Vec<std::thread::JoinHandle<()>>, Vec<Option<Ends>>) {
     use std::io::ErrorKind;
-    (0..tally.pings.len())
+    let (tell, told) = std::sync::mpsc::channel();
+    let talkers = (0..tally.pings.len())
         .map(|k| {
-            let mut s = connect(addr);
-            let ends = Ends::of(&s);
-            let (stop, t) = (Arc::clone(stop), Arc::clone(tally));
-            let talker = std::thread::spawn(move || {
+            let (stop, t, tell) = (Arc::clone(stop), Arc::clone(tally), tell.clone());
+            std::thread::spawn(move || {
+                let mut s = match TcpStream::connect_timeout(&addr, DEADLINE) {
+                    Ok(s) => s,
+                    Err(_) => {
+                        let _ = tell.send((k, None));
+                        return;
+                    }
+                };
+                let _ = tell.send((k, Some(Ends::of(&s))));
                 let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
                 let fail = |e: std::io::Error| match e.kind() {
                     ErrorKind::ConnectionReset | ErrorKind::BrokenPipe => &t.reset,
@@ -122,10 +130,17 @@ fn long_conversations(
                     Ok(_) => t.cut.fetch_add(1, Ordering::SeqCst),
                     Err(e) => fail(e).fetch_add(1, Ordering::SeqCst),
                 };
-            });
-            (talker, ends)
+            })
         })
-        .unzip()
+        .collect();
+    let mut ends = vec![None; tally.pings.len()];
+    for _ in 0..ends.len() {
+        let (k, e) = told
+            .recv_timeout(DEADLINE + DEADLINE)
+            .expect("a client thread that neither connected nor failed to");
+        ends[k] = e;
+    }
+    (talkers, ends)
 }
 
 /// Where the event must take the long conversations (each one's server
@@ -135,10 +150,11 @@ pub(crate) enum Moves {
     /// Every one leaves its process, which retires, for a process started
     /// after the event (a new generation's).
     All,
-    /// Those of the processes that retire go on in other live ones, and
-    /// at least one conversation was with such a process; `replacement`:
-    /// at least one is then in a process started after the event.
-    OfTheRetired { replacement: bool },
+    /// Those of the processes that retire go on in other live ones;
+    /// `some`: at least one conversation was with such a process;
+    /// `replacement`: at least one is then in a process started after
+    /// the event.
+    OfTheRetired { some: bool, replacement: bool },
     /// None: each stays with the process that accepted it, to its end
     /// (nothing is handed over; see stay.rs).
     None,
@@ -158,8 +174,8 @@ fn arrived(moves: Moves, first: &[i32], now: &[Vec<i32>], before: &[i32]) -> Res
             Some(k) => Err(format!("conversation {k} is not yet in a new process")),
             None => Ok(()),
         },
-        Moves::OfTheRetired { replacement } => {
-            if retired.is_empty() {
+        Moves::OfTheRetired { some, replacement } => {
+            if some && retired.is_empty() {
                 return Err("no process that held a conversation retired".into());
             }
             if let Some(&k) = retired.iter().find(|&&k| !elsewhere(k)) {
@@ -179,12 +195,13 @@ fn arrived(moves: Moves, first: &[i32], now: &[Vec<i32>], before: &[i32]) -> Res
 
 /// Runs `LONG` long conversations and a connect loop against a daemon
 /// started with `args`; once every conversation is under way, `event`
-/// happens (a signal sent, say) and `done` (a log line) is waited for;
+/// happens (a signal sent, say; it is given the process that holds each
+/// conversation) and `done` (a log line) is waited for;
 /// the load goes on for 5 s in all. The conversations must go where
 /// `moves` says (and each that moved must go on being echoed after it
 /// moved); nothing may have been cut, refused or reset, in either kind
 /// of client.
-pub(crate) fn across(args: &[&str], event: impl FnOnce(&Daemon), done: &str, moves: Moves) {
+pub(crate) fn across(args: &[&str], event: impl FnOnce(&Daemon, &[i32]), done: &str, moves: Moves) {
     let _heavy = heavy();
     let d = Daemon::start(args);
     let addr = d.addr();
@@ -201,9 +218,10 @@ pub(crate) fn across(args: &[&str], event: impl FnOnce(&Daemon), done: &str, mov
     // process that holds it.
     let sockets: Vec<u64> = ends
         .iter()
-        .map(|e| {
-            e.server_socket()
-                .unwrap_or_else(|| panic!("no server socket for {e:?}"))
+        .enumerate()
+        .map(|(k, e)| {
+            e.and_then(|e| e.server_socket())
+                .unwrap_or_else(|| panic!("conversation {k} ({e:?}): refused, or no server socket"))
         })
         .collect();
     let mut held = Vec::new();
@@ -219,7 +237,7 @@ pub(crate) fn across(args: &[&str], event: impl FnOnce(&Daemon), done: &str, mov
     let short = Arc::new(Tally::default());
     let loopers = clients(addr, 2, &stop, &short);
     let started = Instant::now();
-    event(&d);
+    event(&d, &first);
     let line = d.wait_line(done, DEADLINE);
     assert!(line.is_some(), "no '{done}':\n{}", d.stderr_text());
     let pings = long.pings();
@@ -317,7 +335,7 @@ pub(crate) fn two_workers(mode: &str) -> [&str; 8] {
 fn hup(mode: &str) {
     across(
         &two_workers(mode),
-        |d| d.signal(Signal::SIGHUP),
+        |d, _| d.signal(Signal::SIGHUP),
         "reloaded:",
         Moves::All,
     );
@@ -328,7 +346,7 @@ in_worker_modes!(no_conversation_is_cut_by_a_reload: hup);
 fn usr2(mode: &str) {
     across(
         &two_workers(mode),
-        |d| d.signal(Signal::SIGUSR2),
+        |d, _| d.signal(Signal::SIGUSR2),
         "upgraded: generation",
         Moves::All,
     );
@@ -360,7 +378,7 @@ fn no_conversation_is_cut_by_a_reload_into_fork_mode() {
     let conf = dir.path("echo.toml");
     across(
         &prefork_from_file(&conf),
-        |d| {
+        |d, _| {
             std::fs::write(&conf, "mode = \"fork\"\n").unwrap();
             d.signal(Signal::SIGHUP);
         },
@@ -387,7 +405,7 @@ fn no_conversation_is_cut_by_a_smaller_prefork_pool() {
             "--shutdown-timeout",
             "2",
         ],
-        |d| {
+        |d, _| {
             // One at a time: signals sent together merge into one.
             for floor in [21, 20, 19] {
                 d.signal(Signal::SIGTTOU);
@@ -396,22 +414,11 @@ fn no_conversation_is_cut_by_a_smaller_prefork_pool() {
             }
         },
         "pool's floor is now 19",
-        Moves::OfTheRetired { replacement: false },
+        Moves::OfTheRetired {
+            some: true,
+            replacement: false,
+        },
     );
-}
-
-/// The open connections of each worker, from the USR1 line that names
-/// them (`PID busy (generation G, open N, served S)`).
-fn open_per_worker(d: &Daemon, n: usize) -> Vec<u64> {
-    d.signal(Signal::SIGUSR1);
-    let Some(lines) = d.wait_lines("workers: ", n, DEADLINE) else {
-        return Vec::new();
-    };
-    lines[n - 1]
-        .split("open ")
-        .skip(1)
-        .filter_map(|rest| rest.split(',').next()?.parse().ok())
-        .collect()
 }
 
 /// Two event workers that both hold conversations: TTOU retires one,
@@ -429,20 +436,76 @@ fn no_conversation_is_cut_by_fewer_event_workers() {
             "--shutdown-timeout",
             "2",
         ],
-        |d| {
-            // Whichever retires must hold some: both do, or this proves
-            // nothing (a new connection wakes one waiting worker).
-            let mut asked = 0;
-            let both = wait_until(DEADLINE, || {
-                asked += 1;
-                let open = open_per_worker(d, asked);
-                open.len() == 2 && open.iter().all(|&n| n > 0)
-            });
-            assert!(both, "the conversations all went to one worker");
+        |d, first| {
+            // Whichever retires (an idle worker first, then the busy one
+            // with the lowest pid) must hold a connection of this test's,
+            // or this proves nothing: the long conversations mostly all go
+            // to one worker (the one a new connection wakes while it
+            // waits), and the connect loop's would end by themselves. So
+            // the other gets one more, an anchor: opened while the loop
+            // keeps the first busy, until one lands there.
+            let workers = d.children();
+            assert_eq!(workers.len(), 2, "{}", d.stderr_text());
+            let mut anchors: Vec<(TcpStream, u64, i32)> = Vec::new();
+            let held = |anchors: &[(TcpStream, u64, i32)]| {
+                workers
+                    .iter()
+                    .all(|p| first.contains(p) || anchors.iter().any(|a| a.2 == *p))
+            };
+            let addr = d.addr();
+            let by = Instant::now() + DEADLINE;
+            while !held(&anchors) {
+                assert!(
+                    Instant::now() < by,
+                    "no anchor went to the other worker: {workers:?}, long conversations with {first:?}"
+                );
+                let mut s = connect(addr);
+                assert_eq!(round_trip(&mut s, b"anchor").unwrap(), b"anchor");
+                let socket = Ends::of(&s).server_socket().expect("an anchor's socket");
+                let p = holder(d, socket);
+                if !first.contains(&p) {
+                    anchors.push((s, socket, p));
+                }
+            }
             d.signal(Signal::SIGTTOU);
+            // The retired worker's anchors go on with the other one.
+            let mut gone = Vec::new();
+            wait_until(DEADLINE, || {
+                gone = workers.iter().copied().filter(|&p| is_dead(p)).collect();
+                !gone.is_empty()
+            });
+            assert_eq!(
+                gone.len(),
+                1,
+                "workers {workers:?}: gone {gone:?}\n{}",
+                d.stderr_text()
+            );
+            let other = *workers.iter().find(|&&p| p != gone[0]).unwrap();
+            for (s, socket, p) in &mut anchors {
+                if *p != gone[0] {
+                    continue;
+                }
+                let mut now = Vec::new();
+                wait_until(DEADLINE, || {
+                    now = d.holders(&[*socket]).remove(0);
+                    now == [other] || Ends::of(s).server_socket().is_none()
+                });
+                assert_eq!(
+                    now,
+                    [other],
+                    "an anchor of the retired worker {p}\n{}",
+                    d.stderr_text()
+                );
+                assert_eq!(round_trip(s, b"moved").unwrap(), b"moved");
+            }
         },
         "pool's floor is now 1",
-        Moves::OfTheRetired { replacement: false },
+        // The long conversations of the retired worker, if it had any,
+        // went on too.
+        Moves::OfTheRetired {
+            some: false,
+            replacement: false,
+        },
     );
 }
 
@@ -466,9 +529,12 @@ fn no_conversation_is_cut_when_an_event_worker_recycles() {
             "--shutdown-timeout",
             "2",
         ],
-        |_| {},
+        |_, _| {},
         "exited",
-        Moves::OfTheRetired { replacement: true },
+        Moves::OfTheRetired {
+            some: true,
+            replacement: true,
+        },
     );
 }
 

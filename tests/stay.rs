@@ -14,7 +14,7 @@ use super::*;
 fn no_conversation_is_cut_by_a_reload_in_fork_mode() {
     across(
         &two_workers("fork"),
-        |d| d.signal(Signal::SIGHUP),
+        |d, _| d.signal(Signal::SIGHUP),
         "reloaded:",
         Moves::None,
     );
@@ -24,7 +24,7 @@ fn no_conversation_is_cut_by_a_reload_in_fork_mode() {
 fn no_conversation_is_cut_by_an_upgrade_in_fork_mode() {
     across(
         &two_workers("fork"),
-        |d| d.signal(Signal::SIGUSR2),
+        |d, _| d.signal(Signal::SIGUSR2),
         "upgraded: generation",
         Moves::None,
     );
@@ -46,7 +46,7 @@ fn no_conversation_is_cut_when_prefork_workers_recycle() {
             "--shutdown-timeout",
             "2",
         ],
-        |_| {},
+        |_, _| {},
         "exited",
         Moves::None,
     );
