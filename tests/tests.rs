@@ -1,5 +1,5 @@
 //! Integration tests: the real binary on loopback, driven through the
-//! `Daemon` guard in util.rs.
+//! `Daemon` guard in util/daemon.rs (the helpers: util.rs).
 
 mod util;
 
@@ -26,6 +26,25 @@ macro_rules! in_every_mode {
     };
 }
 
+/// One test per model whose workers retire and hand their connections
+/// over, each running `$body(mode)`, as `$name::prefork` and
+/// `$name::event` (fork mode's children finish their own).
+macro_rules! in_worker_modes {
+    ($name:ident: $body:ident) => {
+        mod $name {
+            #[test]
+            fn prefork() {
+                super::$body("prefork");
+            }
+
+            #[test]
+            fn event() {
+                super::$body("event");
+            }
+        }
+    };
+}
+
 mod config;
 mod crash;
 mod daemon;
@@ -38,6 +57,7 @@ mod models;
 mod protocol;
 mod proxy;
 mod signals;
+mod stay;
 mod structure;
 mod supervision;
 mod systemd;
