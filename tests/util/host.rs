@@ -111,6 +111,21 @@ pub fn in_netns<T: Send + 'static>(
                 "ip -6 addr add {cidr}"
             );
         }
+        // The kernel adds each address's routes from a work queue, even
+        // without duplicate detection: on a loaded machine a connect can
+        // meet ENETUNREACH for a moment. Wait until each can be bound and
+        // routed to (a UDP connect sends nothing).
+        for a in &addrs {
+            let usable = || {
+                let at: std::net::SocketAddr = format!("[{a}]:0").parse().ok()?;
+                let s = std::net::UdpSocket::bind(at).ok()?;
+                s.connect(format!("[{a}]:9")).ok()
+            };
+            assert!(
+                crate::util::wait_until(std::time::Duration::from_secs(10), || usable().is_some()),
+                "{a} not usable in the namespace within 10 s"
+            );
+        }
         Some(f())
     })
     .join()
