@@ -683,6 +683,30 @@ fn every_child_of_a_burst_exits_when_the_master_is_sigkilled() {
     let d = fork_mode(&["-l", "127.0.0.1:0"]);
     let addr = d.addr();
     let burst = Burst::start(addr, 8);
+    // Beside it, clients that never send, one every 5 conversations: their
+    // children wait for a first byte, and only the master's death can end
+    // them (a child of the burst ends with its conversation anyway).
+    let quiet = Arc::new(AtomicBool::new(false));
+    let opener = {
+        let (quiet, echoed) = (quiet.clone(), burst.echoed.clone());
+        std::thread::spawn(move || {
+            let mut silent = Vec::new();
+            while silent.len() < 100 {
+                let next = echoed.load(Ordering::SeqCst) + 5;
+                wait_until(DEADLINE, || {
+                    quiet.load(Ordering::SeqCst) || echoed.load(Ordering::SeqCst) >= next
+                });
+                if quiet.load(Ordering::SeqCst) {
+                    break;
+                }
+                match TcpStream::connect_timeout(&addr, DEADLINE) {
+                    Ok(s) => silent.push(s),
+                    Err(_) => break,
+                }
+            }
+            silent
+        })
+    };
     assert!(burst.wait_echoed(200), "the burst stalled");
     // Stopped first, so that it forks no child between the list and the
     // kill; children just forked are still setting themselves up.
@@ -706,11 +730,28 @@ fn every_child_of_a_burst_exits_when_the_master_is_sigkilled() {
         kids.len()
     );
     assert!(refused(addr), "something still holds the listener");
+    quiet.store(true, Ordering::SeqCst);
+    let mut silent = opener.join().unwrap();
+    for (k, s) in silent.iter_mut().enumerate() {
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        let mut b = [0u8; 1];
+        let end = match s.read(&mut b) {
+            Ok(0) => Ok(()),
+            Ok(_) => Err("a byte it never sent".to_string()),
+            Err(e) if is_an_end(&e) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        };
+        assert!(
+            end.is_ok(),
+            "silent client {k} was not disconnected: {end:?}"
+        );
+    }
     // The conversations the death cut ended; none was answered wrong.
     let seen = burst.stop();
     println!(
-        "{} children killed with their master; {} conversations echoed, {} cut",
+        "{} children killed with their master ({} silent clients); {} conversations echoed, {} cut",
         kids.len(),
+        silent.len(),
         seen.echoed,
         seen.cut.len()
     );
