@@ -49,6 +49,7 @@ mod config;
 mod crash;
 mod daemon;
 mod docs;
+mod fork_promises;
 mod handover;
 mod limits;
 mod logging;
