@@ -62,7 +62,10 @@ mod ctx;
 
 pub use ctx::Ctx;
 use ctx::Offered;
-pub(crate) use ctx::{follow_master, Dest};
+pub(crate) use ctx::follow_master;
+// The event loop's (epoll: Linux only).
+#[cfg(any(target_os = "linux", target_os = "android"))]
+pub(crate) use ctx::Dest;
 
 /// A prefork worker: accepts on all `listeners` and serves one connection at
 /// a time, until the control pipe closes or `max_requests` (0 = no limit)
