@@ -60,9 +60,9 @@ enum Done {
 
 mod ctx;
 
+pub(crate) use ctx::follow_master;
 pub use ctx::Ctx;
 use ctx::Offered;
-pub(crate) use ctx::follow_master;
 // The event loop's (epoll: Linux only).
 #[cfg(any(target_os = "linux", target_os = "android"))]
 pub(crate) use ctx::Dest;
