@@ -12,9 +12,10 @@
 
 use std::fmt::Write as _;
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -86,6 +87,11 @@ enum Sink {
 /// a forked child can check it without writing to the page it is on.
 static DROPPED: AtomicU64 = AtomicU64::new(0);
 
+/// The syslog socket's number while there is one, else -1: read by a
+/// forked child without the sink's lock (a lock is a write, and a page
+/// copied), to keep it when it closes everything else.
+static SYSLOG_FD: AtomicI32 = AtomicI32::new(-1);
+
 /// The longest line written to standard error: a pipe takes a write of at
 /// most PIPE_BUF (4096 on Linux) whole or not at all, so lines of several
 /// processes never interleave.
@@ -120,6 +126,9 @@ pub fn init(target: LogTarget, level: LevelFilter, socket: &Path, facility: Faci
             Sink::Syslog(s)
         }
     };
+    if matches!(sink, Sink::Stderr) {
+        SYSLOG_FD.store(-1, Ordering::Relaxed);
+    }
     *lock() = sink;
     let _ = log::set_logger(&LOGGER);
     log::set_max_level(level);
@@ -180,6 +189,12 @@ pub fn unblock_stderr() {
 pub fn say(msg: impl std::fmt::Display) {
     let line = format!("{IDENT}: {msg}\n");
     let _ = nix::unistd::write(io::stderr(), line.as_bytes());
+}
+
+/// The descriptor log lines go to besides standard error (the syslog
+/// socket), for a child that closes everything else.
+pub fn descriptor() -> Option<RawFd> {
+    Some(SYSLOG_FD.load(Ordering::Relaxed)).filter(|&fd| fd >= 0)
 }
 
 /// Whether log lines currently reach syslog (false also for stderr).
@@ -285,6 +300,8 @@ impl Syslog {
                 Ok(s)
             })
             .ok();
+        let fd = self.sock.as_ref().map_or(-1, |s| s.as_raw_fd());
+        SYSLOG_FD.store(fd, Ordering::Relaxed);
     }
 
     fn format(&self, level: Level, msg: &str, pid: u32) -> String {
@@ -325,6 +342,7 @@ impl Syslog {
             // Gone (syslog restarted, socket removed): reconnect later.
             Err(_) => {
                 self.sock = None;
+                SYSLOG_FD.store(-1, Ordering::Relaxed);
                 false
             }
         }

@@ -68,12 +68,16 @@ impl Signals {
         let (reader, writer) = UnixStream::pair()?;
         reader.set_nonblocking(true)?;
         writer.set_nonblocking(true)?;
-        for (sig, flag) in HANDLED.iter().zip(FLAGS.iter()) {
-            let sig = *sig as libc::c_int;
+        let master = std::process::id() as libc::pid_t;
+        for (&sig, flag) in HANDLED.iter().zip(FLAGS.iter()) {
+            let ignored = CHILD_IGNORED.contains(&sig);
+            let sig = sig as libc::c_int;
             signal_hook::flag::register(sig, flag)?;
             // One write end for all, not a clone per signal: fewer fds in
-            // every process, and fewer for each child to close.
-            crate::sys::wake_on_signal(sig, writer.as_raw_fd())?;
+            // every process, and fewer for each child to close. In a child
+            // forked without a reset (a fork-mode child) the handler acts
+            // as the child's disposition: ignored or the default.
+            crate::sys::wake_on_signal(sig, writer.as_raw_fd(), master, ignored)?;
         }
         // A master that re-executed itself (USR2) blocked every signal
         // across the exec: what came meanwhile is delivered now, to the

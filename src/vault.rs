@@ -114,6 +114,11 @@ pub struct Vault {
 }
 
 impl Vault {
+    /// Its two descriptors, for a child that closes all else.
+    pub fn raw_fds(&self) -> [RawFd; 2] {
+        [self.tx.as_raw_fd(), self.rx.as_raw_fd()]
+    }
+
     /// Makes a new, empty vault (close-on-exec, non-blocking).
     pub fn new() -> nix::Result<Vault> {
         let (tx, rx) = pair()?;

@@ -3,7 +3,7 @@
 //! a proxy, its proxy); and the `max-children` bound, at which it stops
 //! accepting.
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::time::Instant;
 
 use log::{error, warn};
@@ -111,6 +111,7 @@ impl Master {
             vault: true,
             notice: false,
             shutdown: self.cfg.shutdown_timeout,
+            lean: Some(conn.as_raw_fd()),
         };
         let forked = self.fork_child(
             brief,

@@ -5,7 +5,7 @@
 //! may hold is closed, privileges are dropped, and it runs with a
 //! [`worker::Ctx`] built here, the same for every kind.
 
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 use log::error;
@@ -45,6 +45,12 @@ pub(super) struct Brief {
     pub notice: bool,
     /// `--shutdown-timeout`.
     pub shutdown: Duration,
+    /// A fork-mode child, forked lean: the master's handlers are left as
+    /// they are (in a child they act as its dispositions: see
+    /// signals.rs), and what it must not hold is closed by number, all
+    /// but this (its connection) and what it keeps, in one `close_range`
+    /// per gap. No system call per signal, none per descriptor.
+    pub lean: Option<RawFd>,
 }
 
 impl Master {
@@ -59,45 +65,87 @@ impl Master {
         run: impl FnOnce(T, worker::Ctx<'_>) -> i32,
     ) -> std::io::Result<Pid> {
         let master = self.pid;
-        // SAFETY: the master is single-threaded: it never starts a thread.
-        #[allow(unsafe_code)]
-        unsafe {
-            sys::spawn(&signals::HANDLED, &signals::CHILD_IGNORED, || {
-                let kept = keep(self);
-                let (relay_tx, relay_rx) = match self.chan.relay.take().filter(|_| brief.relays) {
+        let lean = brief.lean;
+        let body = || {
+            let kept = keep(self);
+            let (relay_tx, relay_rx) = match self.chan.relay.as_ref().filter(|_| brief.relays) {
+                Some(_) => match self.chan.relay.take() {
                     Some(r) => (Some(r.tx), Some(r.rx)),
                     None => (None, None),
-                };
-                let vault = self.kept.vault.take().filter(|_| brief.vault);
+                },
+                None => (None, None),
+            };
+            let vault = match brief.vault {
+                true => self.kept.vault.take(),
+                false => None,
+            };
+            let ctl = match &brief.ctl {
+                Some(fd) => fd.as_raw_fd(),
+                None => self.fork.ctl_r.as_raw_fd(),
+            };
+            // Lean: what it must not hold goes by number, and the objects
+            // that held it are never dropped (the child `_exit`s), so
+            // nothing closes a number twice.
+            let closed = lean.is_some_and(|conn| {
+                let v = vault.as_ref().map(|v| v.raw_fds());
+                let log = crate::logging::descriptor();
+                let mut keep = [conn, ctl, -1, -1, -1];
+                if let Some([a, b]) = v {
+                    keep[2] = a;
+                    keep[3] = b;
+                }
+                keep[4] = log.unwrap_or(-1);
+                sys::close_all_but(&mut keep)
+            });
+            if closed {
+                crate::logging::forked();
+            } else {
+                // Not lean, or no close_range here: one by one.
+                if !brief.relays {
+                    self.chan.relay = None;
+                }
                 self.close_in_child();
                 if !brief.notice {
                     self.chan.notice_w = None;
                 }
-                let identity = brief.identity.as_ref().unwrap_or(&self.identity);
-                if let Err(code) = enter(identity, &self.scoreboard) {
-                    return code;
-                }
-                let ctx = worker::Ctx {
-                    ctl: match &brief.ctl {
-                        Some(fd) => fd.as_fd(),
-                        None => self.fork.ctl_r.as_fd(),
-                    },
-                    master,
-                    limits: brief.limits,
-                    policy: brief.policy,
-                    slot: brief.slot.map(|s| self.scoreboard.slot(s)),
-                    board: &self.scoreboard,
-                    count_bytes: brief.count_bytes,
-                    fork_slot: brief.fork_slot,
-                    notice: self.chan.notice_w.as_ref().map(|f| f.as_fd()),
-                    relay_tx,
-                    relay_rx,
-                    vault,
-                    shutdown: brief.shutdown,
-                    orphaned: Default::default(),
-                };
-                run(kept, ctx)
-            })
+            }
+            let identity = brief.identity.as_ref().unwrap_or(&self.identity);
+            if let Err(code) = enter(identity, &self.scoreboard) {
+                return code;
+            }
+            let ctx = worker::Ctx {
+                ctl: match &brief.ctl {
+                    Some(fd) => fd.as_fd(),
+                    None => self.fork.ctl_r.as_fd(),
+                },
+                master,
+                limits: brief.limits,
+                policy: brief.policy,
+                slot: brief.slot.map(|s| self.scoreboard.slot(s)),
+                board: &self.scoreboard,
+                count_bytes: brief.count_bytes,
+                fork_slot: brief.fork_slot,
+                notice: match brief.notice {
+                    true => self.chan.notice_w.as_ref().map(|f| f.as_fd()),
+                    false => None,
+                },
+                relay_tx,
+                relay_rx,
+                vault,
+                shutdown: brief.shutdown,
+                orphaned: Default::default(),
+            };
+            run(kept, ctx)
+        };
+        // SAFETY: the master is single-threaded: it never starts a thread;
+        // lean, its handlers are signals.rs's, which act in a child as the
+        // child's dispositions.
+        #[allow(unsafe_code)]
+        unsafe {
+            match lean {
+                Some(_) => sys::spawn_keeping_handlers(body),
+                None => sys::spawn(&signals::HANDLED, &signals::CHILD_IGNORED, body),
+            }
         }
     }
 

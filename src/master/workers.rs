@@ -377,6 +377,7 @@ impl Master {
             vault: kind.relays(),
             notice: true,
             shutdown,
+            lean: None,
         };
         let forked = self.fork_child(
             brief,

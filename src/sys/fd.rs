@@ -238,6 +238,39 @@ pub fn close_range(lo: RawFd, hi: RawFd) {
     }
 }
 
+/// Closes every descriptor above 2 but those in `keep` (sorted here), in
+/// one `close_range` per run between them: in a child right after fork,
+/// where the descriptors closed are owned by objects never dropped.
+/// False, with nothing closed, where the kernel has no `close_range`
+/// (before Linux 5.9) or elsewhere: then the caller closes them one by one.
+pub fn close_all_but(keep: &mut [RawFd]) -> bool {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        keep.sort_unstable();
+        // SAFETY: close_range only closes descriptors, none of which
+        // anything in this process closes again (this function's
+        // contract); the arguments are plain integers.
+        let range = |lo: libc::c_uint, hi: libc::c_uint| unsafe {
+            libc::syscall(libc::SYS_close_range, lo, hi, 0) == 0
+        };
+        let mut lo: libc::c_uint = 3;
+        for &fd in keep.iter().filter(|&&fd| fd >= 3) {
+            let fd = fd as libc::c_uint;
+            // Without close_range the first call fails, nothing closed.
+            if fd > lo && !range(lo, fd - 1) {
+                return false;
+            }
+            lo = lo.max(fd + 1);
+        }
+        range(lo, libc::c_uint::MAX)
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    {
+        let _ = keep;
+        false
+    }
+}
+
 /// The soft and hard RLIMIT_NOFILE (unlimited reads as u64::MAX).
 // rlim_t is u64 here but i64 on some BSDs: the casts are not always no-ops.
 #[allow(clippy::unnecessary_cast)]

@@ -17,11 +17,14 @@ mod memory;
 mod process;
 
 pub use fd::{
-    accept, accept_queue, close_inherited, close_range, inherited_fd, no_signal, nofile_limit,
-    open_fds, pipe, set_nofile, set_nonblocking, socket, socketpair, try_lock,
+    accept, accept_queue, close_all_but, close_inherited, close_range, inherited_fd, no_signal,
+    nofile_limit, open_fds, pipe, set_nofile, set_nonblocking, socket, socketpair, try_lock,
 };
 pub use memory::{IoBuffer, SharedWords};
-pub use process::{exit_now, fork_plain, interrupt_on_signal, set_groups, spawn, wake_on_signal};
+pub use process::{
+    exit_now, fork_plain, interrupt_on_signal, set_groups, spawn, spawn_keeping_handlers,
+    wake_on_signal,
+};
 
 /// Local wall-clock time as (month 0–11, day, hour, minute, second), for
 /// syslog's RFC 3164 timestamp.

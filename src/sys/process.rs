@@ -75,11 +75,57 @@ pub unsafe fn spawn(
     }
 }
 
+/// Forks without touching a signal disposition or the mask: the child
+/// runs `child` and ends with `_exit`. Returns the child's pid in the
+/// parent. For a fork-mode child, whose inherited handlers must each act
+/// in it as its own disposition would (see [`wake_on_signal`]'s `owner`):
+/// then neither process pays a system call for signals per fork.
+///
+/// # Safety
+///
+/// As [`spawn`]: the calling process must have no other thread. And every
+/// handler installed in it must be one of [`wake_on_signal`]'s (or
+/// signal-hook's flags beside them), or the child runs the caller's.
+pub unsafe fn spawn_keeping_handlers(child: impl FnOnce() -> i32) -> io::Result<Pid> {
+    // SAFETY: the caller is single-threaded (this function's contract);
+    // the child runs `child` and `_exit`s.
+    match unsafe { fork() }? {
+        ForkResult::Parent { child } => Ok(child),
+        ForkResult::Child => {
+            let code = catch_unwind(AssertUnwindSafe(child)).unwrap_or(EXIT_PANIC);
+            exit_now(code)
+        }
+    }
+}
+
 /// Makes `signal` write a byte to `fd`, a non-blocking socket that stays
 /// open as long as the handler is installed, each time it arrives: the
-/// wake-up half of the self-pipe (the flag is signal-hook's).
-pub fn wake_on_signal(signal: libc::c_int, fd: RawFd) -> io::Result<()> {
+/// wake-up half of the self-pipe (the flag is signal-hook's). In any
+/// process but `owner` (a child forked without resetting its handlers) it
+/// acts as the child's disposition instead: nothing if `ignored_in_child`,
+/// else the default action (reset, then raised again: it is delivered as
+/// the handler returns).
+pub fn wake_on_signal(
+    signal: libc::c_int,
+    fd: RawFd,
+    owner: libc::pid_t,
+    ignored_in_child: bool,
+) -> io::Result<()> {
     let action = move || {
+        // SAFETY: getpid(2) is async-signal-safe (and not cached: right in
+        // a child from its first instruction).
+        if unsafe { libc::getpid() } != owner {
+            if !ignored_in_child {
+                // SAFETY: signal(2) and raise(3) are async-signal-safe;
+                // SIG_DFL runs no code of ours. The signal is blocked while
+                // its handler runs, so the raised one waits until it returns.
+                unsafe {
+                    libc::signal(signal, libc::SIG_DFL);
+                    libc::raise(signal);
+                }
+            }
+            return;
+        }
         // SAFETY: send(2) is async-signal-safe; MSG_DONTWAIT never blocks
         // (a full pipe already holds a wake-up); `fd` outlives the handler
         // (the caller's promise); signal-hook saves and restores errno.
