@@ -53,8 +53,11 @@ impl Master {
     /// What to tell the lifecycle of what it waits for: a starting
     /// generation whose workers are all ready, and the time (its
     /// deadlines).
-    pub(super) fn progress(&mut self, now: Instant) -> Vec<Event> {
-        let mut events = Vec::new();
+    pub(super) fn progress(&mut self, now: Instant) -> impl Iterator<Item = Event> {
+        // An array, not a Vec: this runs on every wake-up, and a fork-mode
+        // master pays a copied page for each heap page it writes between
+        // forks.
+        let mut ready = None;
         let generation = self.life.generation();
         if self.life.starting()
             && (self.cfg.mode == Mode::Fork
@@ -64,7 +67,7 @@ impl Master {
             // stop that follows a restart then drains them with the rest.
             let since = *self.kept.workers_ready_at.get_or_insert(now);
             if !self.carried_waiting(now, since) {
-                events.push(Event::Ready);
+                ready = Some(Event::Ready);
             }
         }
         let next_ready = match (self.life.next(), &self.underway.pending) {
@@ -73,11 +76,8 @@ impl Master {
             }
             _ => false,
         };
-        if next_ready {
-            events.push(Event::NextReady);
-        }
-        events.push(Event::Tick);
-        events
+        let next_ready = next_ready.then_some(Event::NextReady);
+        [ready, next_ready, Some(Event::Tick)].into_iter().flatten()
     }
 
     /// Startup failed after the master began: say why (the stop and the

@@ -295,11 +295,15 @@ impl Master {
     /// prepared, say) is told next. Only `run` calls it: handlers return
     /// the events they find.
     fn apply(&mut self, event: Event, now: Instant) {
-        let mut events = std::collections::VecDeque::from([event]);
-        while let Some(event) = events.pop_front() {
+        // Empty, the queue allocates nothing: most events (a Tick on every
+        // wake-up) bring nothing about.
+        let mut events = std::collections::VecDeque::new();
+        let mut next = Some(event);
+        while let Some(event) = next {
             for action in self.life.on(event, now) {
                 events.extend(self.act(action, now));
             }
+            next = events.pop_front();
         }
     }
 
@@ -433,15 +437,12 @@ impl Master {
         let (Some(signals), Some(notice)) = (&self.chan.signals, &self.chan.notice_r) else {
             return (false, false, false);
         };
-        let mut fds = Vec::with_capacity(2 + self.acceptor.listeners().len());
-        fds.push(PollFd::new(signals.fd(), PollFlags::POLLIN));
+        let mut fds = PollSet::new(PollFd::new(signals.fd(), PollFlags::POLLIN));
         fds.push(PollFd::new(notice.as_fd(), PollFlags::POLLIN));
         if accepting {
-            fds.extend(
-                self.acceptor
-                    .streams()
-                    .map(|(_, l)| PollFd::new(l.as_fd(), PollFlags::POLLIN)),
-            );
+            for (_, l) in self.acceptor.streams() {
+                fds.push(PollFd::new(l.as_fd(), PollFlags::POLLIN));
+            }
         }
         let listening = 2..fds.len();
         let mut relay_at = None;
@@ -484,7 +485,8 @@ impl Master {
             .flatten()
             .min()
             .map(|t| t.saturating_duration_since(now));
-        match poll(&mut fds, crate::time::poll_timeout(timeout)) {
+        let fds = fds.as_mut_slice();
+        match poll(fds, crate::time::poll_timeout(timeout)) {
             Ok(_) | Err(Errno::EINTR) => {}
             Err(e) => warn!("poll failed: {e}"),
         }
@@ -506,6 +508,55 @@ impl Master {
     fn notify(&self, msg: &str) {
         if let Some(n) = &self.estate.notify {
             n.send(msg);
+        }
+    }
+}
+
+/// The descriptors the master waits on: in place up to [`PollSet::INLINE`]
+/// (every wake-up of a fork-mode master would otherwise write a heap page,
+/// copied after each fork), in a Vec beyond.
+struct PollSet<'a> {
+    inline: [PollFd<'a>; PollSet::INLINE],
+    n: usize,
+    more: Vec<PollFd<'a>>,
+}
+
+impl<'a> PollSet<'a> {
+    const INLINE: usize = 8;
+
+    fn new(first: PollFd<'a>) -> PollSet<'a> {
+        PollSet {
+            inline: std::array::from_fn(|_| first.clone()),
+            n: 1,
+            more: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, fd: PollFd<'a>) {
+        if self.more.is_empty() && self.n < PollSet::INLINE {
+            self.inline[self.n] = fd;
+            self.n += 1;
+            return;
+        }
+        if self.more.is_empty() {
+            self.more.extend_from_slice(&self.inline[..self.n]);
+        }
+        self.more.push(fd);
+    }
+
+    fn len(&self) -> usize {
+        if self.more.is_empty() {
+            self.n
+        } else {
+            self.more.len()
+        }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [PollFd<'a>] {
+        if self.more.is_empty() {
+            &mut self.inline[..self.n]
+        } else {
+            &mut self.more
         }
     }
 }
