@@ -53,8 +53,20 @@ pub struct Pending {
     pub chld: bool,
 }
 
+/// Where SIGCHLD is read on Linux, instead of a handler: it stays
+/// blocked in the master, so a child's exit costs no delivery (no
+/// handler, no frame written on the master's stack, no byte in the
+/// self-pipe, no `rt_sigreturn`), and exits while the master is busy
+/// come as one.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+type ChildExits = nix::sys::signalfd::SignalFd;
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+type ChildExits = std::convert::Infallible;
+
 /// The installed handlers and the self-pipe.
 pub struct Signals {
+    /// SIGCHLD's descriptor (Linux); `None`: it has a handler like the rest.
+    exits: Option<ChildExits>,
     reader: UnixStream,
     /// The write end every handler writes to. The handlers outlive this
     /// struct, so it is never closed in the master (its number must not
@@ -69,7 +81,11 @@ impl Signals {
         reader.set_nonblocking(true)?;
         writer.set_nonblocking(true)?;
         let master = std::process::id() as libc::pid_t;
+        let exits = child_exits()?;
         for (&sig, flag) in HANDLED.iter().zip(FLAGS.iter()) {
+            if sig == Signal::SIGCHLD && exits.is_some() {
+                continue;
+            }
             let ignored = CHILD_IGNORED.contains(&sig);
             let sig = sig as libc::c_int;
             signal_hook::flag::register(sig, flag)?;
@@ -81,13 +97,19 @@ impl Signals {
         }
         // A master that re-executed itself (USR2) blocked every signal
         // across the exec: what came meanwhile is delivered now, to the
-        // handlers. (At a first start the mask is empty already.)
+        // handlers (SIGCHLD, read from its descriptor, stays blocked).
+        // (At a first start the mask is empty already.)
+        let mut mask = nix::sys::signal::SigSet::empty();
+        if exits.is_some() {
+            mask.add(Signal::SIGCHLD);
+        }
         nix::sys::signal::sigprocmask(
             nix::sys::signal::SigmaskHow::SIG_SETMASK,
-            Some(&nix::sys::signal::SigSet::empty()),
+            Some(&mask),
             None,
         )?;
         Ok(Signals {
+            exits,
             reader,
             writer: ManuallyDrop::new(writer),
         })
@@ -98,11 +120,33 @@ impl Signals {
         self.reader.as_fd()
     }
 
-    /// Empties the self-pipe, then takes (and clears) every flag.
-    pub fn drain(&mut self) -> Pending {
+    /// Where children's exits are read, to poll beside [`Signals::fd`]
+    /// (Linux); `None`: SIGCHLD wakes the self-pipe like the rest.
+    pub fn exits_fd(&self) -> Option<BorrowedFd<'_>> {
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        return self.exits.as_ref().map(|e| e.as_fd());
+        #[cfg(not(any(target_os = "linux", target_os = "android")))]
+        None
+    }
+
+    /// Empties the self-pipe (if the wait said it is readable: `piped`),
+    /// then takes (and clears) every flag; SIGCHLD's descriptor is read
+    /// if the wait said it is readable (`exited`).
+    pub fn drain(&mut self, piped: bool, exited: bool) -> Pending {
         // A short read means the pipe is empty: no second read for EAGAIN.
+        // Unread, a byte that came after the wait wakes the next one (its
+        // flag is read below already).
         let mut sink = [0u8; 64];
-        while matches!(self.reader.read(&mut sink), Ok(n) if n == sink.len()) {}
+        while piped && matches!(self.reader.read(&mut sink), Ok(n) if n == sink.len()) {}
+        // One read clears it: SIGCHLD is not queued, however many exited.
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        let exited = exited
+            && matches!(
+                self.exits.as_ref().map(|e| e.read_signal()),
+                Some(Ok(Some(_)))
+            );
+        #[cfg(not(any(target_os = "linux", target_os = "android")))]
+        let exited = exited && false;
         let take = |s: Signal| {
             let i = HANDLED.iter().position(|h| *h == s).unwrap_or(0);
             FLAGS[i].swap(false, Ordering::SeqCst)
@@ -116,7 +160,7 @@ impl Signals {
             usr2: take(Signal::SIGUSR2),
             ttin: take(Signal::SIGTTIN),
             ttou: take(Signal::SIGTTOU),
-            chld: take(Signal::SIGCHLD),
+            chld: take(Signal::SIGCHLD) || exited,
         }
     }
 
@@ -129,4 +173,22 @@ impl Signals {
     pub fn close_in_child(self) {
         drop(ManuallyDrop::into_inner(self.writer));
     }
+}
+
+/// SIGCHLD blocked and a descriptor to read it from (Linux).
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn child_exits() -> io::Result<Option<ChildExits>> {
+    use nix::sys::signalfd::{SfdFlags, SignalFd};
+    let mut set = nix::sys::signal::SigSet::empty();
+    set.add(Signal::SIGCHLD);
+    // Blocked before the descriptor exists would lose nothing either: a
+    // blocked SIGCHLD stays pending (never discarded as ignored).
+    nix::sys::signal::sigprocmask(nix::sys::signal::SigmaskHow::SIG_BLOCK, Some(&set), None)?;
+    let fd = SignalFd::with_flags(&set, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)?;
+    Ok(Some(fd))
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn child_exits() -> io::Result<Option<ChildExits>> {
+    Ok(None)
 }

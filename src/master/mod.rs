@@ -234,7 +234,13 @@ impl Master {
             self.apply(event, now);
         }
         loop {
-            let (noticed, ready, relay_ready) = self.wait();
+            let Woke {
+                noticed,
+                ready,
+                relay_ready,
+                piped,
+                exited,
+            } = self.wait();
             let now = Instant::now();
             if noticed {
                 self.drain_notices();
@@ -249,7 +255,7 @@ impl Master {
                 return 1;
             };
             // Stops first, then deaths, then what waits for them.
-            let p = signals.drain();
+            let p = signals.drain(piped, exited);
             for event in stops(&p) {
                 self.apply(event, now);
             }
@@ -418,10 +424,9 @@ impl Master {
     }
 
     /// Sleeps until a signal, a worker's notice, a listener (fork mode,
-    /// under the limit) or the nearest deadline. Returns whether a notice
-    /// came, whether a listener (or the relay) is readable, and whether
-    /// the relay is.
-    fn wait(&self) -> (bool, bool, bool) {
+    /// under the limit), a child's exit or the nearest deadline; says
+    /// what is ready.
+    fn wait(&self) -> Woke {
         let now = Instant::now();
         let serving = self.serving();
         let running = !self.life.stopping();
@@ -435,16 +440,22 @@ impl Master {
             // and new clients wait in the kernel's backlog.
             && self.children.conns() < self.cfg.max_children as usize;
         let (Some(signals), Some(notice)) = (&self.chan.signals, &self.chan.notice_r) else {
-            return (false, false, false);
+            return Woke::default();
         };
         let mut fds = PollSet::new(PollFd::new(signals.fd(), PollFlags::POLLIN));
         fds.push(PollFd::new(notice.as_fd(), PollFlags::POLLIN));
+        // Children's exits (Linux): at 2 when there, the listeners after.
+        let exits_at = signals.exits_fd().map(|fd| {
+            fds.push(PollFd::new(fd, PollFlags::POLLIN));
+            fds.len() - 1
+        });
+        let first_listener = fds.len();
         if accepting {
             for (_, l) in self.acceptor.streams() {
                 fds.push(PollFd::new(l.as_fd(), PollFlags::POLLIN));
             }
         }
-        let listening = 2..fds.len();
+        let listening = first_listener..fds.len();
         let mut relay_at = None;
         if let Some(r) = &self.chan.relay {
             // Connections that retiring workers of another mode hand
@@ -493,7 +504,13 @@ impl Master {
         let ready = |f: &PollFd<'_>| f.revents().is_some_and(|r| !r.is_empty());
         let relay_ready = relay_at.is_some_and(|i| ready(&fds[i]));
         let readable = fds[listening].iter().any(ready) || relay_ready;
-        (ready(&fds[1]), readable, relay_ready)
+        Woke {
+            noticed: ready(&fds[1]),
+            ready: readable,
+            relay_ready,
+            piped: ready(&fds[0]),
+            exited: exits_at.is_some_and(|i| ready(&fds[i])),
+        }
     }
 
     /// Empties the notice pipe; what the workers said is in the scoreboard.
@@ -510,6 +527,21 @@ impl Master {
             n.send(msg);
         }
     }
+}
+
+/// What a wait found ready.
+#[derive(Default)]
+struct Woke {
+    /// A worker's notice.
+    noticed: bool,
+    /// A listener, or the relay.
+    ready: bool,
+    /// The relay.
+    relay_ready: bool,
+    /// The signal pipe.
+    piped: bool,
+    /// Children's exits (Linux).
+    exited: bool,
 }
 
 /// The descriptors the master waits on: in place up to [`PollSet::INLINE`]

@@ -64,7 +64,11 @@ pub unsafe fn spawn(
                 // SAFETY: SIG_IGN runs no code of ours.
                 let _ = unsafe { sigaction(sig, &ignored) };
             }
-            let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
+            // SIGCHLD unblocked: the master keeps it blocked to read it
+            // from a descriptor, which a child that forks or execs has not.
+            let mut mask = old;
+            mask.remove(Signal::SIGCHLD);
+            let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&mask), None);
             let code = catch_unwind(AssertUnwindSafe(child)).unwrap_or(EXIT_PANIC);
             exit_now(code)
         }
@@ -79,7 +83,9 @@ pub unsafe fn spawn(
 /// runs `child` and ends with `_exit`. Returns the child's pid in the
 /// parent. For a fork-mode child, whose inherited handlers must each act
 /// in it as its own disposition would (see [`wake_on_signal`]'s `owner`):
-/// then neither process pays a system call for signals per fork.
+/// then neither process pays a system call for signals per fork. The
+/// mask is the caller's too (the master's SIGCHLD stays blocked: such a
+/// child neither forks nor execs).
 ///
 /// # Safety
 ///
