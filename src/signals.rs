@@ -146,7 +146,10 @@ impl Signals {
                 Some(Ok(Some(_)))
             );
         #[cfg(not(any(target_os = "linux", target_os = "android")))]
-        let exited = exited && false;
+        let exited = {
+            let _ = exited;
+            false
+        };
         let take = |s: Signal| {
             let i = HANDLED.iter().position(|h| *h == s).unwrap_or(0);
             FLAGS[i].swap(false, Ordering::SeqCst)

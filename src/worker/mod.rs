@@ -285,8 +285,15 @@ pub fn fork_child(
     ctx: Ctx<'_>,
     buf: Option<&mut IoBuffer>,
 ) -> i32 {
-    if let Err(code) = follow_master(&ctx) {
-        return code;
+    // Every wait of a child that reads no PROXY header watches the
+    // control pipe (echo.rs polls the connection and the pipe, never
+    // blocks elsewhere), which ends as the master dies: it follows its
+    // master without prctl and getppid. Behind a proxy the header is
+    // awaited on the connection alone, so there the kernel kills it.
+    if ctx.policy.proxy.is_some() && carried.is_none() {
+        if let Err(code) = follow_master(&ctx) {
+            return code;
+        }
     }
     let mut own;
     let buf = match buf {
@@ -406,7 +413,13 @@ fn serve_conn(
             ctx.set(State::Stopping);
             if may_hand_over && ctx.dest(acceptor).is_some() {
                 Watch::HandOver
+            } else if follow_master(ctx).is_err() {
+                // Gone meanwhile.
+                Watch::Abort
             } else {
+                // The pipe is no longer watched: from now on the kernel
+                // ends it with its master (a fork-mode child did not ask
+                // before).
                 Watch::Forget
             }
         },
