@@ -439,3 +439,80 @@ fn five_thousand_idle_connections_cost_two_event_workers_little() {
         assert_eq!(round_trip(s, &msg).unwrap(), msg, "connection {i}");
     }
 }
+
+/// A fork-mode child is forked lean (no per-child signal reset, its
+/// descriptors closed by range): what that could quietly drop is pinned
+/// here. It holds its own connection, the control pipe and stdio, and
+/// neither a listener nor another child's connection; the signals a child
+/// ignores (INT, TERM, USR2, and CHLD by default) leave it serving, and
+/// the others act as their defaults (HUP ends it), in the child only.
+#[test]
+fn fork_child_holds_only_its_connection_and_keeps_a_childs_dispositions() {
+    let d = Daemon::start(&["-l", "127.0.0.1:0", "-m", "fork"]);
+    let addr = d.addr();
+    let mut a = connect(addr);
+    let mut b = connect(addr);
+    assert_eq!(round_trip(&mut a, b"a").unwrap(), b"a");
+    assert_eq!(round_trip(&mut b, b"b").unwrap(), b"b");
+    let kids = d.wait_children(2);
+    let fds = |pid: i32| -> Vec<(i32, String)> {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .flatten()
+            .filter_map(|e| {
+                let n: i32 = e.file_name().to_str()?.parse().ok()?;
+                let target = std::fs::read_link(e.path()).ok()?;
+                Some((n, target.to_string_lossy().into_owned()))
+            })
+            .filter(|(n, _)| *n > 2)
+            .collect()
+    };
+    let sockets = |pid: i32| -> Vec<String> {
+        fds(pid)
+            .into_iter()
+            .map(|(_, t)| t)
+            .filter(|t| t.starts_with("socket:"))
+            .collect()
+    };
+    let master_sockets = sockets(d.pid);
+    let mut seen = Vec::new();
+    for &kid in &kids {
+        let held = fds(kid);
+        assert_eq!(held.len(), 2, "child {kid} holds {held:?}");
+        let socks = sockets(kid);
+        assert_eq!(socks.len(), 1, "child {kid} holds {held:?}");
+        assert!(
+            !master_sockets.contains(&socks[0]),
+            "child {kid} holds a listener"
+        );
+        assert!(
+            !seen.contains(&socks[0]),
+            "child {kid} holds another's connection"
+        );
+        seen.push(socks[0].clone());
+    }
+    for sig in [
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGUSR2,
+        Signal::SIGCHLD,
+    ] {
+        for &kid in &kids {
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(kid), sig).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(round_trip(&mut a, b"x").unwrap(), b"x", "after {sig}");
+        assert_eq!(round_trip(&mut b, b"y").unwrap(), b"y", "after {sig}");
+    }
+    for &kid in &kids {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(kid), Signal::SIGHUP).unwrap();
+    }
+    assert!(
+        wait_until(DEADLINE, || d.all_children().is_empty()),
+        "SIGHUP left children: {:?}",
+        d.all_children()
+    );
+    // The master handled none of it: it serves on.
+    assert_eq!(echo_all(addr, b"still"), b"still");
+    assert!(d.stderr_text().lines().all(|l| !l.contains("reload")));
+}
