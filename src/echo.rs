@@ -312,10 +312,18 @@ pub fn serve(
         limits,
         start: from.start,
         last: from.last,
+        moved: false,
         bytes: from.bytes,
         hand_over: false,
     };
-    let end = s.run(buf);
+    // Nothing echoed yet: nothing can have run out but the session
+    // (idle is counted from the same instant, and a client whose bytes
+    // are waiting is not idle), so the first read needs no clock.
+    let fresh = from.bytes == 0 && from.last == from.start;
+    let end = s.run(buf, fresh);
+    if matches!(end, End::HandOver) {
+        s.settle();
+    }
     Summary {
         bytes: s.bytes,
         end,
@@ -333,7 +341,15 @@ struct Session<'a, 'b> {
     on_watch: &'b mut dyn FnMut() -> Watch,
     limits: &'b Limits,
     start: Instant,
+    /// When it last moved, unless `moved`.
     last: Instant,
+    /// It moved since `last`, just now: the clock is read when a deadline
+    /// needs it, not at every read and write. A connection that makes
+    /// progress and then waits, with only an idle limit, waits a whole
+    /// idle period without a clock (a short fork-mode connection reads
+    /// none, and its process faults in no clock code). A signal that
+    /// interrupts such a wait starts the idle period again.
+    moved: bool,
     bytes: u64,
     /// Asked for while bytes were pending: returned at the next moment
     /// nothing is.
@@ -341,13 +357,14 @@ struct Session<'a, 'b> {
 }
 
 impl Session<'_, '_> {
-    fn run(&mut self, buf: &mut [u8]) -> End {
+    fn run(&mut self, buf: &mut [u8], fresh: bool) -> End {
         // For ping-pong traffic the next read would almost always find
         // nothing, so poll first; after a full buffer more is likely
         // waiting, so read straight away. So is a new connection's first
         // read: clients speak first, and their bytes usually came with,
         // or right after, the handshake that woke us.
         let mut direct = 1;
+        let mut fresh = fresh;
         loop {
             if direct == 0 {
                 // Everything read has been written back.
@@ -357,9 +374,15 @@ impl Session<'_, '_> {
                 if let Err(end) = self.wait(PollFlags::POLLIN) {
                     return end;
                 }
-            } else if let Some(end) = self.expired(Instant::now()) {
-                return end;
+            } else if self.limits.session.is_some() || !(fresh || self.moved) {
+                // (Having just moved, it cannot be idle.)
+                let now = Instant::now();
+                self.settle_at(now);
+                if let Some(end) = self.expired(now) {
+                    return end;
+                }
             }
+            fresh = false;
             let n = match read(self.conn, buf) {
                 Ok(0) => return End::Eof,
                 Ok(n) => n,
@@ -370,7 +393,7 @@ impl Session<'_, '_> {
                 Err(Errno::EINTR) => continue,
                 Err(e) => return End::Failed(e.into()),
             };
-            self.last = Instant::now();
+            self.moved = true;
             let room = self.limits.room(n, self.bytes);
             if let Err(end) = self.write_all(&buf[..room]) {
                 return end;
@@ -392,7 +415,7 @@ impl Session<'_, '_> {
                 Ok(k) => {
                     data = &data[k..];
                     self.bytes += k as u64;
-                    self.last = Instant::now();
+                    self.moved = true;
                 }
                 Err(Errno::EAGAIN) => self.wait(PollFlags::POLLOUT)?,
                 Err(Errno::EINTR) => {}
@@ -406,6 +429,20 @@ impl Session<'_, '_> {
         self.limits.expired(self.start, self.last, now)
     }
 
+    /// Stamps a move made since `last` as made at `now`.
+    fn settle_at(&mut self, now: Instant) {
+        if std::mem::take(&mut self.moved) {
+            self.last = now;
+        }
+    }
+
+    /// Stamps a move made since `last` as made now.
+    fn settle(&mut self) {
+        if self.moved {
+            self.settle_at(Instant::now());
+        }
+    }
+
     fn next_deadline(&self) -> Option<Instant> {
         self.limits.next_deadline(self.start, self.last)
     }
@@ -414,22 +451,33 @@ impl Session<'_, '_> {
     /// the next read or write reports).
     fn wait(&mut self, events: PollFlags) -> Result<(), End> {
         loop {
-            let now = Instant::now();
-            if let Some(end) = self.expired(now) {
-                return Err(end);
-            }
-            let timeout = crate::time::poll_timeout(
+            // Just moved, with only an idle limit: a whole idle period
+            // away, and if it passes with nothing ready, it ran out.
+            let idle_only = self.moved && self.limits.session.is_none();
+            let timeout = if idle_only {
+                self.limits.idle
+            } else {
+                let now = Instant::now();
+                self.settle_at(now);
+                if let Some(end) = self.expired(now) {
+                    return Err(end);
+                }
                 self.next_deadline()
-                    .map(|d| d.saturating_duration_since(now)),
-            );
+                    .map(|d| d.saturating_duration_since(now))
+            };
+            let timeout = crate::time::poll_timeout(timeout);
             let mut fds = [
                 PollFd::new(self.conn, events),
                 PollFd::new(self.watch.unwrap_or(self.conn), PollFlags::POLLIN),
             ];
             let nfds = if self.watch.is_some() { 2 } else { 1 };
             match poll(&mut fds[..nfds], timeout) {
+                Ok(0) if idle_only => return Err(End::Idle),
                 Ok(_) => {}
-                Err(Errno::EINTR) => continue,
+                Err(Errno::EINTR) => {
+                    self.settle();
+                    continue;
+                }
                 Err(e) => return Err(End::Failed(e.into())),
             }
             // The watch first: a client that keeps the connection ready

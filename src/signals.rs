@@ -152,7 +152,10 @@ impl Signals {
         };
         let take = |s: Signal| {
             let i = HANDLED.iter().position(|h| *h == s).unwrap_or(0);
-            FLAGS[i].swap(false, Ordering::SeqCst)
+            // Looked at before it is cleared: a store, even of the same
+            // value, makes the page private again after every fork (a
+            // fork-mode master would pay a copy per connection).
+            FLAGS[i].load(Ordering::SeqCst) && FLAGS[i].swap(false, Ordering::SeqCst)
         };
         Pending {
             term: take(Signal::SIGTERM),

@@ -29,7 +29,13 @@ pub(crate) fn poll_timeout(d: Option<Duration>) -> nix::poll::PollTimeout {
     match d {
         None => nix::poll::PollTimeout::NONE,
         Some(d) => {
-            let ms = d.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
+            // In 64 bits: 128-bit division is a call into code a fork-mode
+            // child would otherwise fault in for this alone.
+            let ms = d
+                .as_secs()
+                .saturating_mul(1000)
+                .saturating_add(u64::from(d.subsec_nanos().div_ceil(1_000_000)));
+            let ms = i32::try_from(ms).unwrap_or(i32::MAX);
             nix::poll::PollTimeout::try_from(ms).unwrap_or(nix::poll::PollTimeout::MAX)
         }
     }
@@ -86,6 +92,8 @@ mod tests {
         let ms = |d| i32::from(poll_timeout(Some(d)));
         assert_eq!(ms(Duration::from_micros(1)), 1);
         assert_eq!(ms(Duration::from_millis(7)), 7);
+        assert_eq!(ms(Duration::new(1, 999_000_001)), 2000);
+        assert_eq!(ms(Duration::from_nanos(1)), 1);
         assert_eq!(ms(Duration::MAX), i32::MAX);
         assert_eq!(i32::from(poll_timeout(None)), -1);
     }

@@ -117,7 +117,7 @@ impl Master {
             brief,
             |m| m.fork.conn_buf.take(),
             |mut buf, ctx| {
-                let code = worker::fork_child(conn, tcp, carried, ctx, buf.as_mut());
+                let code = worker::fork_child(conn, tcp, carried, now, ctx, buf.as_mut());
                 // The mapping goes with the process: no munmap per
                 // connection.
                 std::mem::forget(buf);

@@ -140,11 +140,24 @@ impl Ctx<'_> {
             (None, Some(index)) => Holder::Fork(index),
             (None, None) => Holder::Here,
         };
-        let proxy = match self.policy.gate(self.board, conn.as_fd(), tcp, holder) {
-            Gate::Admit(client, ticket) => return Some((client, ticket)),
-            Gate::Refuse => return None,
-            Gate::Header(proxy) => proxy,
-        };
+        match self.policy.gate(self.board, conn.as_fd(), tcp, holder) {
+            Gate::Admit(client, ticket) => Some((client, ticket)),
+            Gate::Refuse => None,
+            Gate::Header(proxy) => self.behind_proxy(conn, proxy, holder),
+        }
+    }
+
+    /// Reads the PROXY header `proxy` sent before its client's bytes and
+    /// checks the client it names. Out of line: its header buffer makes
+    /// a stack frame over a page, which a fork-mode child would otherwise
+    /// pay a copied page for on every connection, proxy or not.
+    #[inline(never)]
+    fn behind_proxy<'s>(
+        &'s self,
+        conn: &OwnedFd,
+        proxy: SocketAddr,
+        holder: Holder<'s>,
+    ) -> Option<Admitted<'s>> {
         let mut reader = proxy::Reader::new(Instant::now(), self.policy.proxy_timeout);
         let client = match reader.read(conn.as_fd()) {
             Ok(proxy::Header::Proxied { src, .. }) => src,

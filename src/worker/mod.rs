@@ -275,13 +275,14 @@ fn wait_to_offer_again(conn: &OwnedFd) {
     let _ = nix::poll::poll(&mut fds, crate::time::poll_timeout(Some(pause)));
 }
 
-/// A fork-mode child: serves `conn` (from where it is, if another process
-/// handed it over: `carried`), in `buf` if the master mapped one before
+/// A fork-mode child: serves `conn`, `accepted` by the master (from where
+/// it is, if another process handed it over: `carried`), in `buf` if the master mapped one before
 /// forking (then the child neither maps nor unmaps a buffer).
 pub fn fork_child(
     conn: OwnedFd,
     tcp: bool,
     carried: Option<Carried>,
+    accepted: Instant,
     ctx: Ctx<'_>,
     buf: Option<&mut IoBuffer>,
 ) -> i32 {
@@ -327,11 +328,19 @@ pub fn fork_child(
                 tcp,
                 client,
                 ticket,
-                from: Progress::new(Instant::now()),
+                // The master's clock, read as it accepted: a short
+                // connection's child reads none (see echo.rs).
+                from: Progress::new(accepted),
             }
         }
     };
-    match serve_in_hand(hand, &ctx, buf, &mut Acceptor::new(Vec::new())) {
+    let mut door = Acceptor::new(Vec::new());
+    let done = serve_in_hand(hand, &ctx, buf, &mut door);
+    // It holds no descriptor (this child has no listener and offers on
+    // the context's relay): not dropped, as the child's code otherwise
+    // faults in a page of destructors for nothing on every connection.
+    std::mem::forget(door);
+    match done {
         Done::Ended(bytes) => {
             // The master counts the connection as it reaps this child.
             if ctx.count_bytes {
