@@ -113,17 +113,16 @@ impl Master {
             shutdown: self.cfg.shutdown_timeout,
             lean: Some(conn.as_raw_fd()),
         };
+        // Lent to the child, not taken out of the master's state: the
+        // child writes none of it (see spawn.rs); the mapping goes with
+        // its process (no munmap per connection).
+        let mut buf = self.fork.conn_buf.take();
         let forked = self.fork_child(
             brief,
-            |m| m.fork.conn_buf.take(),
-            |mut buf, ctx| {
-                let code = worker::fork_child(conn, tcp, carried, now, ctx, buf.as_mut());
-                // The mapping goes with the process: no munmap per
-                // connection.
-                std::mem::forget(buf);
-                code
-            },
+            |_| (),
+            |(), ctx| worker::fork_child(conn, tcp, carried, now, ctx, buf.as_mut()),
         );
+        self.fork.conn_buf = buf;
         // The connection now belongs to the child; the closure (and with it
         // the master's copy of the socket) was dropped here.
         match forked {

@@ -75,7 +75,11 @@ impl Master {
                 },
                 None => (None, None),
             };
-            let vault = match brief.vault {
+            // A lean child writes nothing of the master's (each page of it
+            // written would be copied, on every connection): it borrows
+            // the vault where the master keeps it. Any other child takes
+            // it out before the rest is closed.
+            let taken_vault = match brief.vault && lean.is_none() {
                 true => self.kept.vault.take(),
                 false => None,
             };
@@ -87,7 +91,8 @@ impl Master {
             // that held it are never dropped (the child `_exit`s), so
             // nothing closes a number twice.
             let closed = lean.is_some_and(|conn| {
-                let v = vault.as_ref().map(|v| v.raw_fds());
+                let v = self.kept.vault.as_ref().filter(|_| brief.vault);
+                let v = v.map(|v| v.raw_fds());
                 let log = crate::logging::descriptor();
                 let mut keep = [conn, ctl, -1, -1, -1];
                 if let Some([a, b]) = v {
@@ -109,6 +114,10 @@ impl Master {
                     self.chan.notice_w = None;
                 }
             }
+            let vault = match lean {
+                Some(_) => self.kept.vault.as_ref().filter(|_| brief.vault),
+                None => taken_vault.as_ref(),
+            };
             let identity = brief.identity.as_ref().unwrap_or(&self.identity);
             if let Err(code) = enter(identity, &self.scoreboard) {
                 return code;

@@ -65,7 +65,7 @@ pub struct Ctx<'a> {
     pub relay_rx: Option<Inbox>,
     /// Under systemd: where its connections wait for the next master when
     /// the master restarts or dies (vault.rs).
-    pub vault: Option<Vault>,
+    pub vault: Option<&'a Vault>,
     /// `--shutdown-timeout`: how long it may take to let go of them.
     pub shutdown: Duration,
     /// The control pipe ended without the master saying it stops: it
