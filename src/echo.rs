@@ -292,6 +292,9 @@ pub struct Summary {
 /// and the deadlines are looked at even under a continuous stream.
 const MAX_DIRECT_READS: u32 = 64;
 
+/// Bytes a connection reads on the stack before it needs its buffer.
+const SMALL_READ: usize = 1024;
+
 /// Echoes `conn` from where it is (`from`: a new connection's progress,
 /// or a handed-over one's) until the client closes, a limit ends it, or
 /// `on_watch` aborts it or asks for it back (then it returns
@@ -365,6 +368,14 @@ impl Session<'_, '_> {
         // or right after, the handshake that woke us.
         let mut direct = 1;
         let mut fresh = fresh;
+        // Short messages are read into the stack, in a page this process
+        // has written already; `buf` is used once one fills it. A
+        // fork-mode child that echoes a few lines then never touches
+        // `buf`, a mapping of its own: otherwise its first read alone
+        // costs a fresh page (a fault, a page zeroed and freed again) per
+        // connection.
+        let mut small = [0u8; SMALL_READ];
+        let mut bulk = buf.len() <= SMALL_READ;
         loop {
             if direct == 0 {
                 // Everything read has been written back.
@@ -383,7 +394,8 @@ impl Session<'_, '_> {
                 }
             }
             fresh = false;
-            let n = match read(self.conn, buf) {
+            let into: &mut [u8] = if bulk { &mut *buf } else { &mut small };
+            let n = match read(self.conn, &mut *into) {
                 Ok(0) => return End::Eof,
                 Ok(n) => n,
                 Err(Errno::EAGAIN) => {
@@ -395,13 +407,15 @@ impl Session<'_, '_> {
             };
             self.moved = true;
             let room = self.limits.room(n, self.bytes);
-            if let Err(end) = self.write_all(&buf[..room]) {
+            if let Err(end) = self.write_all(&into[..room]) {
                 return end;
             }
             if self.limits.bytes_done(self.bytes) {
                 return End::Bytes;
             }
-            direct = if n == buf.len() && direct < MAX_DIRECT_READS {
+            let full = n == into.len();
+            bulk |= full;
+            direct = if full && direct < MAX_DIRECT_READS {
                 direct + 1
             } else {
                 0
