@@ -196,27 +196,34 @@ struct Channels {
     notice_w: Option<OwnedFd>,
 }
 
+/// The master's state, in declaration order (`repr(C)`): what a
+/// fork-mode master writes on
+/// every connection first, together, then what it only reads there. A
+/// fork makes every page of the master copy-on-write, so each page of
+/// it the master writes again costs a copy per connection: its hot
+/// fields share as few pages as they can.
+#[repr(C)]
 struct Master {
+    children: Children,
+    /// The listeners in force, and (fork mode) accepting from them.
+    acceptor: Acceptor,
+    backoff: Backoff,
+    fork: ForkState,
+    chan: Channels,
+    reports: Reports,
+    /// The phase, the generation in force, the requests that wait, and
+    /// at the end the exit status.
+    life: Life,
+    underway: Underway,
     pid: Pid,
+    scoreboard: Scoreboard,
     /// Who children run as.
     identity: Identity,
     estate: Estate,
     source: Source,
     cfg: Config,
-    /// The listeners in force, and (fork mode) accepting from them.
-    acceptor: Acceptor,
-    chan: Channels,
-    scoreboard: Scoreboard,
-    children: Children,
-    backoff: Backoff,
-    /// The phase, the generation in force, the requests that wait, and
-    /// at the end the exit status.
-    life: Life,
-    underway: Underway,
     kept: Kept,
-    fork: ForkState,
     prefork: PreforkState,
-    reports: Reports,
 }
 
 impl Master {
