@@ -293,7 +293,7 @@ pub struct Summary {
 const MAX_DIRECT_READS: u32 = 64;
 
 /// Bytes a connection reads on the stack before it needs its buffer.
-const SMALL_READ: usize = 1024;
+const SMALL_READ: usize = 256;
 
 /// Echoes `conn` from where it is (`from`: a new connection's progress,
 /// or a handed-over one's) until the client closes, a limit ends it, or

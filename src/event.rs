@@ -182,7 +182,7 @@ pub fn carry(mut ctx: Ctx<'_>) -> i32 {
         return 1;
     };
     while l.open < l.fd_room {
-        match taken.next(&v) {
+        match taken.next(v) {
             Ok(Some((fd, mut c))) => {
                 c.place = l.ctx.policy.recount(l.ctx.board, &fd, c.client);
                 l.adopt(fd, c, buf.as_mut_slice(), now);

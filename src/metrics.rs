@@ -120,7 +120,7 @@ pub fn run(listeners: Vec<Listener>, ctx: Ctx<'_>) -> i32 {
                 let Some((_, conn)) = acceptor.accept(now) else {
                     break;
                 };
-                admit(&mut clients, conn, &ctx.policy, ctx.board, now);
+                admit(&mut clients, conn, ctx.policy, ctx.board, now);
             }
         }
     }

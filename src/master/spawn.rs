@@ -129,7 +129,7 @@ impl Master {
                 },
                 master,
                 limits: brief.limits,
-                policy: brief.policy,
+                policy: &brief.policy,
                 slot: brief.slot.map(|s| self.scoreboard.slot(s)),
                 board: &self.scoreboard,
                 count_bytes: brief.count_bytes,

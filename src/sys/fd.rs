@@ -218,24 +218,32 @@ pub fn close_inherited(keep: impl Fn(RawFd) -> bool) {
 pub fn close_range(lo: RawFd, hi: RawFd) {
     #[cfg(any(target_os = "linux", target_os = "android"))]
     {
-        // SAFETY: close_range only closes descriptors, which the caller
-        // owns and nothing else will close (this function's contract);
-        // the arguments are plain integers.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_close_range,
-                lo as libc::c_uint,
-                hi as libc::c_uint,
-                0,
-            )
-        };
-        if rc == 0 {
+        if close_range_raw(lo as libc::c_uint, hi as libc::c_uint) {
             return;
         }
     }
     for fd in lo..=hi {
         let _ = nix::unistd::close(fd);
     }
+}
+
+/// close_range(2) of `lo..=hi`; false where the system has none. The
+/// caller owns every descriptor in the range, and nothing closes one of
+/// them again. glibc's wrapper where there is one: it sits beside read
+/// and write, where `syscall` would be one more page of libc for a
+/// fork-mode child to fault in.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn close_range_raw(lo: libc::c_uint, hi: libc::c_uint) -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: close_range only closes descriptors, which the caller owns
+    // and nothing closes again (this function's contract); the arguments
+    // are plain integers.
+    let rc = unsafe { libc::close_range(lo, hi, 0) };
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    // SAFETY: the raw system call, with the same contract: it only closes
+    // descriptors the caller owns; the arguments are plain integers.
+    let rc = unsafe { libc::syscall(libc::SYS_close_range, lo, hi, 0) };
+    rc == 0
 }
 
 /// Closes every descriptor above 2 but those in `keep` (sorted here), in
@@ -247,12 +255,7 @@ pub fn close_all_but(keep: &mut [RawFd]) -> bool {
     #[cfg(any(target_os = "linux", target_os = "android"))]
     {
         keep.sort_unstable();
-        // SAFETY: close_range only closes descriptors, none of which
-        // anything in this process closes again (this function's
-        // contract); the arguments are plain integers.
-        let range = |lo: libc::c_uint, hi: libc::c_uint| unsafe {
-            libc::syscall(libc::SYS_close_range, lo, hi, 0) == 0
-        };
+        let range = close_range_raw;
         let mut lo: libc::c_uint = 3;
         for &fd in keep.iter().filter(|&&fd| fd >= 3) {
             let fd = fd as libc::c_uint;

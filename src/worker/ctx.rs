@@ -46,7 +46,7 @@ pub struct Ctx<'a> {
     pub limits: Limits,
     /// Which clients are served (prefork and event: checked here; fork:
     /// by the master, or behind a proxy by the child).
-    pub policy: Policy,
+    pub policy: &'a Policy,
     /// A prefork worker's scoreboard slot.
     pub slot: Option<Slot<'a>>,
     /// The scoreboard, where every child counts what it served.
