@@ -73,6 +73,52 @@ fn idle_client_is_released() {
 }
 
 #[test]
+fn idle_is_counted_from_the_last_move_though_the_clock_is_read_lazily() {
+    let idle = Duration::from_millis(150);
+    let (mut c, h) = serve_pair(Limits {
+        idle: Some(idle),
+        ..Limits::default()
+    });
+    let t0 = Instant::now();
+    let mut back = [0u8; 1];
+    c.write_all(b"a").unwrap();
+    c.read_exact(&mut back).unwrap();
+    // The client's own pace: a pause shorter than the idle limit.
+    thread::sleep(Duration::from_millis(100));
+    let moved = Instant::now();
+    c.write_all(b"b").unwrap();
+    c.read_exact(&mut back).unwrap();
+    let s = h.join().unwrap();
+    assert!(matches!(s.end, End::Idle), "{:?}", s.end);
+    assert_eq!(s.bytes, 2);
+    // Not from the first move, nor early: a whole idle period after the
+    // second.
+    assert!(
+        moved.elapsed() >= idle,
+        "ended {:?} after the last move",
+        moved.elapsed()
+    );
+    assert!(t0.elapsed() >= Duration::from_millis(250));
+}
+
+#[test]
+fn a_hand_over_carries_when_it_last_moved() {
+    let (mut c, server) = UnixStream::pair().unwrap();
+    server.set_nonblocking(true).unwrap();
+    let long_ago = Instant::now() - Duration::from_secs(10);
+    c.write_all(b"x").unwrap();
+    let mut buf = [0u8; 4096];
+    let before = Instant::now();
+    let s = serve_told(&server, &mut buf, Progress::new(long_ago), Watch::HandOver);
+    assert!(matches!(s.end, End::HandOver), "{:?}", s.end);
+    assert_eq!(s.bytes, 1);
+    // It moved (echoed "x") before it was handed over: the next process
+    // counts its idle time from then, not from its accept.
+    assert!(s.progress.last >= before, "last move not stamped");
+    assert_eq!(s.progress.start, long_ago);
+}
+
+#[test]
 fn byte_cap_echoes_exactly_the_cap() {
     let (mut c, h) = serve_pair(Limits {
         max_bytes: 5,
