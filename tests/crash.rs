@@ -266,4 +266,4 @@ fn the_master_dies(mode: &str) {
     }
 }
 
-in_every_mode!(the_master_dies_and_the_next_one_serves_every_conversation: the_master_dies);
+in_modes!(the_master_dies_and_the_next_one_serves_every_conversation: the_master_dies; prefork, fork, event);

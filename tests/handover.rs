@@ -341,7 +341,7 @@ fn hup(mode: &str) {
     );
 }
 
-in_worker_modes!(no_conversation_is_cut_by_a_reload: hup);
+in_modes!(no_conversation_is_cut_by_a_reload: hup; prefork, event);
 
 fn usr2(mode: &str) {
     across(
@@ -352,7 +352,7 @@ fn usr2(mode: &str) {
     );
 }
 
-in_worker_modes!(no_conversation_is_cut_by_an_upgrade: usr2);
+in_modes!(no_conversation_is_cut_by_an_upgrade: usr2; prefork, event);
 
 /// [`two_workers`] in prefork, the model read from the config file
 /// `conf` (written here), which a reload reads again.
@@ -647,7 +647,7 @@ fn proxied_client_travels(mode: &str) {
     proxied_client_across_a_reload(&two_workers(mode), || {}, true);
 }
 
-in_worker_modes!(a_proxied_client_keeps_its_address_and_place: proxied_client_travels);
+in_modes!(a_proxied_client_keeps_its_address_and_place: proxied_client_travels; prefork, event);
 
 /// The same, into fork mode: a prefork worker hands the conversation to
 /// the master, which forks a child for it with its client and its place.

@@ -192,7 +192,7 @@ fn max_per_ip(mode: &str) {
     assert!(status.contains("max-per-ip "), "{status}");
 }
 
-in_every_mode!(max_per_ip: max_per_ip);
+in_modes!(max_per_ip: max_per_ip; prefork, fork, event);
 
 fn allow_and_deny(mode: &str) {
     let d = Daemon::start(&["-l", "127.0.0.1:0", "-m", mode, "--deny", "127.0.0.1/32"]);
@@ -240,7 +240,7 @@ fn allow_and_deny(mode: &str) {
     );
 }
 
-in_every_mode!(allow_and_deny: allow_and_deny);
+in_modes!(allow_and_deny: allow_and_deny; prefork, fork, event);
 
 fn conn_rate(mode: &str) {
     let d = Daemon::start(&[
@@ -272,7 +272,7 @@ fn conn_rate(mode: &str) {
     }));
 }
 
-in_every_mode!(conn_rate: conn_rate);
+in_modes!(conn_rate: conn_rate; prefork, fork, event);
 
 /// A chroot directory for tests that remove it to make children fail to
 /// start (and bring it back); `None`, saying why, without root.
@@ -800,4 +800,4 @@ fn max_per_ip_counts_an_ipv6_network(mode: &'static str) {
     );
 }
 
-in_every_mode!(max_per_ip_counts_an_ipv6_network: max_per_ip_counts_an_ipv6_network);
+in_modes!(max_per_ip_counts_an_ipv6_network: max_per_ip_counts_an_ipv6_network; prefork, fork, event);

@@ -86,7 +86,7 @@ fn value(m: &BTreeMap<String, f64>, key: &str) -> f64 {
         .unwrap_or_else(|| panic!("no {key} in {:?}", m.keys().collect::<Vec<_>>()))
 }
 
-in_every_mode!(metrics_parse_and_count: metrics_parse_and_count);
+in_modes!(metrics_parse_and_count: metrics_parse_and_count; prefork, fork, event);
 
 fn metrics_parse_and_count(mode: &str) {
     let Some(py) = prometheus_python() else {

@@ -16,7 +16,7 @@ fn one_worker(mode: &str) -> Daemon {
     ])
 }
 
-in_every_mode!(sixty_four_mib_concurrent_write_and_read: sixty_four_mib);
+in_modes!(sixty_four_mib_concurrent_write_and_read: sixty_four_mib; prefork, fork, event);
 
 fn sixty_four_mib(mode: &str) {
     let d = one_worker(mode);
@@ -56,7 +56,7 @@ fn sixty_four_mib(mode: &str) {
     assert_eq!(seen, total);
 }
 
-in_every_mode!(random_size_writes_come_back_as_the_same_stream: random_sizes);
+in_modes!(random_size_writes_come_back_as_the_same_stream: random_sizes; prefork, fork, event);
 
 fn random_sizes(mode: &str) {
     let d = one_worker(mode);
@@ -86,7 +86,7 @@ fn random_sizes(mode: &str) {
     assert!(back == sent, "the echoed stream differs from the sent one");
 }
 
-in_every_mode!(every_byte_value_and_half_close: every_byte);
+in_modes!(every_byte_value_and_half_close: every_byte; prefork, fork, event);
 
 fn every_byte(mode: &str) {
     let d = one_worker(mode);
@@ -131,7 +131,7 @@ fn many_clients(mode: &str) {
     assert_eq!(exact, 200, "clients with an exact echo");
 }
 
-in_every_mode!(two_hundred_clients_of_a_mebibyte_each: many_clients);
+in_modes!(two_hundred_clients_of_a_mebibyte_each: many_clients; prefork, fork, event);
 
 #[test]
 fn unix_socket_listener_echoes_and_its_file_is_removed_on_exit() {

@@ -104,7 +104,7 @@ fn proxied(mode: &str, trusted: &str, more: &[&str]) -> Daemon {
     Daemon::start(&args)
 }
 
-in_every_mode!(behind_a_real_haproxy: behind_a_real_haproxy);
+in_modes!(behind_a_real_haproxy: behind_a_real_haproxy; prefork, fork, event);
 
 fn behind_a_real_haproxy(mode: &str) {
     let dir = TempDir::new("haproxy");
@@ -142,7 +142,7 @@ fn behind_a_real_haproxy(mode: &str) {
     assert!(status.contains("allow/deny rules 2"), "{status}");
 }
 
-in_every_mode!(untrusted_or_headerless_or_silent_is_refused: refused);
+in_modes!(untrusted_or_headerless_or_silent_is_refused: refused; prefork, fork, event);
 
 fn refused(mode: &str) {
     // Only 127.0.0.7 may send a header.
@@ -209,7 +209,7 @@ fn refused(mode: &str) {
     );
 }
 
-in_every_mode!(max_per_ip_counts_the_real_client: max_per_ip_behind_a_proxy);
+in_modes!(max_per_ip_counts_the_real_client: max_per_ip_behind_a_proxy; prefork, fork, event);
 
 fn max_per_ip_behind_a_proxy(mode: &str) {
     let d = proxied(mode, "127.0.0.1/32", &["--max-per-ip", "1"]);
@@ -263,7 +263,7 @@ fn proxy_protocol_needs_trusted_proxies() {
     );
 }
 
-in_every_mode!(the_header_deadline_is_the_operators: header_deadline);
+in_modes!(the_header_deadline_is_the_operators: header_deadline; prefork, fork, event);
 
 /// `--proxy-protocol-timeout` sets how long a trusted proxy may take to
 /// send its header (5 s by default).
@@ -320,7 +320,7 @@ fn sample(text: &str, name: &str) -> Option<u64> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }
 
-in_every_mode!(a_balancers_health_checks_are_not_refusals: health_checks);
+in_modes!(a_balancers_health_checks_are_not_refusals: health_checks; prefork, fork, event);
 
 /// HAProxy's `check` on a `send-proxy-v2` server sends a v2 `LOCAL`
 /// header and resets; other balancers connect and close, or reset at
@@ -384,7 +384,7 @@ fn health_checks(mode: &str) {
     assert!(status.contains("PROXY protocol 1"), "{mode}: {status}");
 }
 
-in_every_mode!(a_real_haproxys_checks_are_no_refusals: haproxy_checks);
+in_modes!(a_real_haproxys_checks_are_no_refusals: haproxy_checks; prefork, fork, event);
 
 /// HAProxy 2.6 with `check` (every 100 ms) on a `send-proxy` and a
 /// `send-proxy-v2` server, in front for 10 s while a client talks through

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-in_every_mode!(term_refuses_new_clients_at_once_and_lets_open_ones_finish: term);
+in_modes!(term_refuses_new_clients_at_once_and_lets_open_ones_finish: term; prefork, fork, event);
 
 fn term(mode: &str) {
     let mut d = Daemon::start(&[
@@ -43,7 +43,7 @@ fn term(mode: &str) {
     assert!(d.wait_line("shutdown timeout", DEADLINE).is_some());
 }
 
-in_every_mode!(int_with_no_clients_exits_promptly: int_when_idle);
+in_modes!(int_with_no_clients_exits_promptly: int_when_idle; prefork, fork, event);
 
 fn int_when_idle(mode: &str) {
     let mut d = Daemon::start(&["-l", "127.0.0.1:0", "-m", mode]);
@@ -53,7 +53,7 @@ fn int_when_idle(mode: &str) {
     assert!(st.success());
 }
 
-in_every_mode!(ctrl_c_to_the_process_group_is_a_graceful_stop: ctrl_c);
+in_modes!(ctrl_c_to_the_process_group_is_a_graceful_stop: ctrl_c; prefork, fork, event);
 
 fn ctrl_c(mode: &str) {
     let mut d = Daemon::start(&[
@@ -87,7 +87,7 @@ fn ctrl_c(mode: &str) {
     );
 }
 
-in_every_mode!(quit_stops_at_once_even_with_open_clients: quit);
+in_modes!(quit_stops_at_once_even_with_open_clients: quit; prefork, fork, event);
 
 fn quit(mode: &str) {
     let mut d = Daemon::start(&[

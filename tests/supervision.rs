@@ -64,7 +64,7 @@ fn master_kill_takes_children_along(mode: &str) {
     );
 }
 
-in_every_mode!(master_sigkill: master_kill_takes_children_along);
+in_modes!(master_sigkill: master_kill_takes_children_along; prefork, fork, event);
 
 fn fd_and_zombie_hygiene(mode: &str) {
     let d = Daemon::start(&[
@@ -155,9 +155,9 @@ fn workers_hold_no_sibling_pipes() {
     }
 }
 
-in_every_mode!(two_thousand_connections: fd_and_zombie_hygiene);
+in_modes!(two_thousand_connections: fd_and_zombie_hygiene; prefork, fork, event);
 
-in_every_mode!(client_that_never_reads_is_dropped_after_idle_timeout: never_reads);
+in_modes!(client_that_never_reads_is_dropped_after_idle_timeout: never_reads; prefork, fork, event);
 
 fn never_reads(mode: &str) {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -230,7 +230,7 @@ fn never_reads(mode: &str) {
     assert_eq!(echo_all(d.addr(), b"next"), b"next");
 }
 
-in_every_mode!(resets_and_broken_pipes_end_only_their_connection: resets);
+in_modes!(resets_and_broken_pipes_end_only_their_connection: resets; prefork, fork, event);
 
 fn resets(mode: &str) {
     let d = Daemon::start(&[

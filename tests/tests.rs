@@ -3,44 +3,20 @@
 
 mod util;
 
-/// One test per process model, each running `$body(mode)`, as
-/// `$name::prefork`, `$name::fork` and `$name::event`.
-macro_rules! in_every_mode {
-    ($name:ident: $body:ident) => {
+/// One test per process model named, each running `$body(mode)`, as
+/// `$name::prefork` and so on: `in_modes!(name: body; prefork, fork,
+/// event)` for every model, `prefork, event` for the models whose workers
+/// retire and hand their connections over (fork mode's children finish
+/// their own).
+macro_rules! in_modes {
+    ($name:ident: $body:ident; $($mode:ident),+) => {
         mod $name {
-            #[test]
-            fn prefork() {
-                super::$body("prefork");
-            }
-
-            #[test]
-            fn fork() {
-                super::$body("fork");
-            }
-
-            #[test]
-            fn event() {
-                super::$body("event");
-            }
-        }
-    };
-}
-
-/// One test per model whose workers retire and hand their connections
-/// over, each running `$body(mode)`, as `$name::prefork` and
-/// `$name::event` (fork mode's children finish their own).
-macro_rules! in_worker_modes {
-    ($name:ident: $body:ident) => {
-        mod $name {
-            #[test]
-            fn prefork() {
-                super::$body("prefork");
-            }
-
-            #[test]
-            fn event() {
-                super::$body("event");
-            }
+            $(
+                #[test]
+                fn $mode() {
+                    super::$body(stringify!($mode));
+                }
+            )+
         }
     };
 }

@@ -92,7 +92,7 @@ fn udp_daemon(mode: &str, more: &[&str]) -> Daemon {
     Daemon::start(&args)
 }
 
-in_every_mode!(datagrams_are_echoed_exactly: datagrams_are_echoed_exactly);
+in_modes!(datagrams_are_echoed_exactly: datagrams_are_echoed_exactly; prefork, fork, event);
 
 fn datagrams_are_echoed_exactly(mode: &str) {
     let d = udp_daemon(mode, &["-l", "udp:127.0.0.1:0", "-l", "udp:*:0"]);
@@ -135,7 +135,7 @@ fn datagrams_are_echoed_exactly(mode: &str) {
     }
 }
 
-in_every_mode!(filtered_sources_get_no_answer: filtered_sources_get_no_answer);
+in_modes!(filtered_sources_get_no_answer: filtered_sources_get_no_answer; prefork, fork, event);
 
 fn filtered_sources_get_no_answer(mode: &str) {
     let d = udp_daemon(mode, &["-l", "udp:127.0.0.1:0", "--deny", "127.0.0.2/32"]);
@@ -177,7 +177,7 @@ fn filtered_sources_get_no_answer(mode: &str) {
     );
 }
 
-in_every_mode!(a_burst_from_one_source_is_cut_to_the_rate: a_burst_is_cut);
+in_modes!(a_burst_from_one_source_is_cut_to_the_rate: a_burst_is_cut; prefork, fork, event);
 
 fn a_burst_is_cut(mode: &str) {
     const BURST: usize = 5000;
@@ -217,7 +217,7 @@ fn a_burst_is_cut(mode: &str) {
     assert!(line.contains(&dropped), "expected {dropped}: {line}");
 }
 
-in_every_mode!(a_killed_udp_worker_is_replaced: a_killed_udp_worker_is_replaced);
+in_modes!(a_killed_udp_worker_is_replaced: a_killed_udp_worker_is_replaced; prefork, fork, event);
 
 fn a_killed_udp_worker_is_replaced(mode: &str) {
     let d = udp_daemon(mode, &["-l", "udp:127.0.0.1:0"]);
@@ -249,7 +249,7 @@ fn pid_in(line: &str) -> Option<i32> {
         .ok()
 }
 
-in_every_mode!(udp_listeners_come_and_go_on_reload: udp_listeners_on_reload);
+in_modes!(udp_listeners_come_and_go_on_reload: udp_listeners_on_reload; prefork, fork, event);
 
 fn udp_listeners_on_reload(mode: &str) {
     let dir = TempDir::new("udp-reload");
@@ -332,7 +332,7 @@ fn the_environment_puts_the_udp_worker_on_one_datagram_at_a_time() {
     }
 }
 
-in_every_mode!(no_udp_unless_asked: no_udp_unless_asked);
+in_modes!(no_udp_unless_asked: no_udp_unless_asked; prefork, fork, event);
 
 fn no_udp_unless_asked(mode: &str) {
     let d = udp_daemon(mode, &[]);

@@ -46,7 +46,7 @@ fn start_from(bin: &Path, args: &[&str], env: Option<(&str, &Path)>) -> Daemon {
     d
 }
 
-in_every_mode!(usr2_upgrades_in_place_under_load: under_load);
+in_modes!(usr2_upgrades_in_place_under_load: under_load; prefork, fork, event);
 
 fn under_load(mode: &str) {
     let _heavy = heavy();
