@@ -72,6 +72,26 @@ fn is_an_end(e: &std::io::Error) -> bool {
     !matches!(e.kind(), WouldBlock | TimedOut | Interrupted)
 }
 
+/// Asserts that every one of `silent` (clients that never sent a byte)
+/// was disconnected: a read sees the end, neither a byte nor a wait that
+/// runs out.
+fn assert_disconnected(silent: &mut [TcpStream]) {
+    for (k, s) in silent.iter_mut().enumerate() {
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        let mut b = [0u8; 1];
+        let end = match s.read(&mut b) {
+            Ok(0) => Ok(()),
+            Ok(_) => Err("a byte it never sent".to_string()),
+            Err(e) if is_an_end(&e) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        };
+        assert!(
+            end.is_ok(),
+            "silent client {k} was not disconnected: {end:?}"
+        );
+    }
+}
+
 /// How one conversation of a burst went.
 #[derive(Debug)]
 enum Went {
@@ -564,19 +584,7 @@ fn children_exit_when_the_master_is_sigkilled_before_their_first_read() {
         "children outlived their master: {:?}",
         kids.iter().filter(|&&p| !is_dead(p)).collect::<Vec<_>>()
     );
-    for (k, s) in silent.iter_mut().enumerate() {
-        let mut b = [0u8; 1];
-        let end = match s.read(&mut b) {
-            Ok(0) => Ok(()),
-            Ok(_) => Err("a byte it never sent".to_string()),
-            Err(e) if is_an_end(&e) => Ok(()),
-            Err(e) => Err(e.to_string()),
-        };
-        assert!(
-            end.is_ok(),
-            "silent client {k} was not disconnected: {end:?}"
-        );
-    }
+    assert_disconnected(&mut silent);
     assert!(refused(addr), "something still holds the listener");
 }
 
@@ -732,20 +740,7 @@ fn every_child_of_a_burst_exits_when_the_master_is_sigkilled() {
     assert!(refused(addr), "something still holds the listener");
     quiet.store(true, Ordering::SeqCst);
     let mut silent = opener.join().unwrap();
-    for (k, s) in silent.iter_mut().enumerate() {
-        s.set_read_timeout(Some(DEADLINE)).unwrap();
-        let mut b = [0u8; 1];
-        let end = match s.read(&mut b) {
-            Ok(0) => Ok(()),
-            Ok(_) => Err("a byte it never sent".to_string()),
-            Err(e) if is_an_end(&e) => Ok(()),
-            Err(e) => Err(e.to_string()),
-        };
-        assert!(
-            end.is_ok(),
-            "silent client {k} was not disconnected: {end:?}"
-        );
-    }
+    assert_disconnected(&mut silent);
     // The conversations the death cut ended; none was answered wrong.
     let seen = burst.stop();
     println!(
