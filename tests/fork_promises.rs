@@ -112,7 +112,10 @@ fn converse(addr: SocketAddr, rng: &mut Stream) -> Went {
     use std::io::ErrorKind::{BrokenPipe, ConnectionRefused, ConnectionReset};
     let mut s = match TcpStream::connect_timeout(&addr, DEADLINE) {
         Ok(s) => s,
-        Err(e) if e.kind() == ConnectionRefused => return Went::Unserved,
+        // A non-blocking connect learns its fate later: a connection
+        // completed into the backlog and reset there when the listener
+        // closed reports the reset as the connect's own error.
+        Err(e) if matches!(e.kind(), ConnectionRefused | ConnectionReset) => return Went::Unserved,
         Err(e) => return Went::Cut(format!("connect: {e}")),
     };
     let _ = s.set_read_timeout(Some(DEADLINE));
