@@ -19,14 +19,17 @@
 //! read stops only itself).
 
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags};
+use nix::sys::socket::MsgFlags;
 use nix::unistd::{read, write};
 
 use crate::time::after;
+
+mod block;
 
 /// Caps on one connection; `None`/0 means no cap.
 #[derive(Clone, Copy, Debug, Default)]
@@ -299,7 +302,9 @@ const SMALL_READ: usize = 256;
 /// or a handed-over one's) until the client closes, a limit ends it, or
 /// `on_watch` aborts it or asks for it back (then it returns
 /// [`End::HandOver`] once nothing read is unsent). `buf` is the caller's
-/// (one per worker, reused).
+/// (one per worker, reused). `blocking_reads`: a fork-mode child, whose
+/// master tells it its news by a signal too, may wait for a chatty
+/// client in `read` instead of `poll` (see block.rs).
 pub fn serve(
     conn: BorrowedFd<'_>,
     buf: &mut [u8],
@@ -307,6 +312,7 @@ pub fn serve(
     from: Progress,
     watch: Option<BorrowedFd<'_>>,
     on_watch: &mut dyn FnMut() -> Watch,
+    blocking_reads: bool,
 ) -> Summary {
     let mut s = Session {
         conn,
@@ -318,6 +324,11 @@ pub fn serve(
         moved: false,
         bytes: from.bytes,
         hand_over: false,
+        // Only the idle limit is the kernel's to keep; a session limit
+        // needs the clock at every wait.
+        may_arm: blocking_reads && limits.session.is_none() && watch.is_some(),
+        waits: 0,
+        armed: None,
     };
     // Nothing echoed yet: nothing can have run out but the session
     // (idle is counted from the same instant, and a client whose bytes
@@ -357,6 +368,14 @@ struct Session<'a, 'b> {
     /// Asked for while bytes were pending: returned at the next moment
     /// nothing is.
     hand_over: bool,
+    /// It may wait in blocking reads once it has waited for a client's
+    /// bytes once (a chatty client: a short connection is not worth the
+    /// arming's system calls).
+    may_arm: bool,
+    /// Waits that ended with the connection readable.
+    waits: u32,
+    /// Waiting in blocking reads (block.rs).
+    armed: Option<block::Armed<'a>>,
 }
 
 impl Session<'_, '_> {
@@ -382,8 +401,17 @@ impl Session<'_, '_> {
                 if self.hand_over {
                     return End::HandOver;
                 }
-                if let Err(end) = self.wait(PollFlags::POLLIN) {
-                    return end;
+                if self.may_arm && self.waits > 0 {
+                    self.may_arm = false;
+                    self.armed = self
+                        .watch
+                        .and_then(|w| block::Armed::arm(self.conn, w, self.limits.idle));
+                }
+                if self.armed.is_none() {
+                    if let Err(end) = self.wait(PollFlags::POLLIN) {
+                        return end;
+                    }
+                    self.waits += 1;
                 }
             } else if self.limits.session.is_some() || !(fresh || self.moved) {
                 // (Having just moved, it cannot be idle.)
@@ -399,10 +427,26 @@ impl Session<'_, '_> {
                 Ok(0) => return End::Eof,
                 Ok(n) => n,
                 Err(Errno::EAGAIN) => {
+                    if let Some(armed) = &self.armed {
+                        if !armed.woken() {
+                            // The receive timeout: nothing for the idle
+                            // limit since the read began, right after the
+                            // last move.
+                            return End::Idle;
+                        }
+                        // The master's news: the pipe says what it is.
+                        self.armed = None;
+                    }
                     direct = 0;
                     continue;
                 }
-                Err(Errno::EINTR) => continue,
+                Err(Errno::EINTR) => {
+                    if self.armed.as_ref().is_some_and(|a| a.woken()) {
+                        self.armed = None;
+                        direct = 0;
+                    }
+                    continue;
+                }
                 Err(e) => return End::Failed(e.into()),
             };
             self.moved = true;
@@ -425,7 +469,16 @@ impl Session<'_, '_> {
 
     fn write_all(&mut self, mut data: &[u8]) -> Result<(), End> {
         while !data.is_empty() {
-            match write(self.conn, data) {
+            let sent = match self.armed {
+                // The socket blocks now: this write must not.
+                Some(_) => nix::sys::socket::send(
+                    self.conn.as_raw_fd(),
+                    data,
+                    MsgFlags::MSG_DONTWAIT | crate::sys::no_signal(),
+                ),
+                None => write(self.conn, data),
+            };
+            match sent {
                 Ok(k) => {
                     data = &data[k..];
                     self.bytes += k as u64;
@@ -464,6 +517,8 @@ impl Session<'_, '_> {
     /// Waits until the connection is ready for `events` (or has failed, which
     /// the next read or write reports).
     fn wait(&mut self, events: PollFlags) -> Result<(), End> {
+        // Polled: the socket is non-blocking again, whatever comes of it.
+        self.armed = None;
         loop {
             // Just moved, with only an idle limit: a whole idle period
             // away, and if it passes with nothing ready, it ran out.

@@ -32,7 +32,9 @@ pub const HANDLED: [Signal; 9] = [
 /// (`KillMode=control-group`, which lets children outlive a crashed
 /// master long enough to keep their connections for the next one) a stop
 /// sends it to every process of the unit at once; the master's control
-/// pipe tells each child what to do. SIGUSR2: the master's upgrade, whose
+/// pipe tells each child what to do (the master's own SIGTERM to a
+/// fork-mode child waiting in a blocking read wakes it to look there:
+/// echo/block.rs). SIGUSR2: the master's upgrade, whose
 /// default action would kill a child that received it by mistake (a
 /// `kill` sent to the whole group).
 pub const CHILD_IGNORED: [Signal; 3] = [Signal::SIGINT, Signal::SIGTERM, Signal::SIGUSR2];

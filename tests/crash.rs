@@ -189,8 +189,13 @@ fn the_master_dies(mode: &str) {
             seq: 0,
         })
         .collect();
-    for t in &mut talks {
-        t.ping().expect("a conversation before the crash");
+    // Three round trips each: a fork-mode child whose client talks waits
+    // for it in a blocking read (echo/block.rs), and must still hear its
+    // master die.
+    for _ in 0..3 {
+        for t in &mut talks {
+            t.ping().expect("a conversation before the crash");
+        }
     }
     // Stopped first, so that it forks no worker between the list and the
     // kill: every child of the dead master is in the list.

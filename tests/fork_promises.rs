@@ -884,3 +884,98 @@ fn term_to_the_master_during_a_burst_stops_it_and_cuts_no_conversation() {
 fn term_to_every_process_during_a_burst_stops_the_master_alone() {
     term_during_a_burst(true);
 }
+
+/// The system call `pid` sleeps in (`/proc/PID/syscall`'s first field);
+/// `None` while it runs, or if that cannot be read (no ptrace access).
+fn sleeping_in(pid: i32) -> Option<i64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/syscall")).ok()?;
+    text.split_whitespace().next()?.parse().ok()
+}
+
+/// A fork-mode child whose client has talked a while: it waits in `read`
+/// (issue 35: no `poll` per round trip). Returns the connection, the
+/// child, or `None` where the wait cannot be seen (printed).
+fn chatty_child_in_read(d: &Daemon) -> Option<(TcpStream, i32)> {
+    let mut c = connect(d.addr());
+    for i in 0..4 {
+        let msg = format!("message {i}\n");
+        assert_eq!(round_trip(&mut c, msg.as_bytes()).unwrap(), msg.as_bytes());
+    }
+    let kid = *d.wait_children(1).first()?;
+    let readable = std::fs::read_to_string(format!("/proc/{kid}/syscall")).is_ok();
+    if cfg!(not(any(target_os = "linux", target_os = "android"))) || !readable {
+        println!("skipped: /proc/{kid}/syscall cannot be read here");
+        return None;
+    }
+    let read = libc::SYS_read;
+    assert!(
+        wait_until(DEADLINE, || sleeping_in(kid) == Some(read)),
+        "a chatty child waits in system call {:?}, not read ({read})",
+        sleeping_in(kid)
+    );
+    Some((c, kid))
+}
+
+#[test]
+fn a_chatty_child_waiting_in_read_finishes_its_conversation_through_a_stop() {
+    let mut d = fork_mode(&["-l", "127.0.0.1:0"]);
+    let Some((mut c, kid)) = chatty_child_in_read(&d) else {
+        return;
+    };
+    d.signal(Signal::SIGTERM);
+    assert!(d.wait_line("stopping", DEADLINE).is_some());
+    // Woken by its master's SIGTERM, it looked at the control pipe: it
+    // waits in poll again (and so would see the master die).
+    assert!(
+        wait_until(DEADLINE, || sleeping_in(kid)
+            .is_some_and(|n| n != libc::SYS_read)),
+        "the child still waits in read after the stop"
+    );
+    // A stop lets open conversations finish.
+    assert_eq!(
+        round_trip(&mut c, b"after the stop\n").unwrap(),
+        b"after the stop\n"
+    );
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+    assert!(wait_until(DEADLINE, || is_dead(kid)));
+    let status = d.wait_exit(DEADLINE);
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+}
+
+#[test]
+fn a_chatty_child_waiting_in_read_dies_with_its_master() {
+    let d = fork_mode(&["-l", "127.0.0.1:0"]);
+    let Some((c, kid)) = chatty_child_in_read(&d) else {
+        return;
+    };
+    d.signal(Signal::SIGKILL);
+    assert!(
+        wait_until(DEADLINE, || is_dead(kid)),
+        "a child blocked in read outlived its master"
+    );
+    assert_disconnected(&mut [c]);
+}
+
+#[test]
+fn a_chatty_child_waiting_in_read_keeps_the_idle_limit() {
+    let d = fork_mode(&["-l", "127.0.0.1:0", "--idle-timeout", "1"]);
+    let Some((mut c, kid)) = chatty_child_in_read(&d) else {
+        return;
+    };
+    // Its last move was the echo above; the kernel's receive timeout ends
+    // the read a second later.
+    let quiet = Instant::now();
+    let mut b = [0u8; 1];
+    let n = c.read(&mut b).expect("the end of the connection");
+    assert_eq!(n, 0, "a byte it never sent");
+    let waited = quiet.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900),
+        "ended after {waited:?}"
+    );
+    assert!(waited < DEADLINE, "ended after {waited:?}");
+    assert!(wait_until(DEADLINE, || is_dead(kid)));
+}

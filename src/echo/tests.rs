@@ -19,6 +19,7 @@ fn serve_pair(limits: Limits) -> (UnixStream, thread::JoinHandle<Summary>) {
             Progress::new(Instant::now()),
             None,
             &mut || Watch::Forget,
+            false,
         )
     });
     (client, h)
@@ -36,6 +37,7 @@ fn serve_told(server: &UnixStream, buf: &mut [u8], from: Progress, answer: Watch
         from,
         Some(watched.as_fd()),
         &mut || answer,
+        false,
     )
 }
 
@@ -202,6 +204,7 @@ fn a_hand_over_comes_once_everything_read_is_echoed_and_resumes_the_count() {
         s.progress,
         None,
         &mut || Watch::Forget,
+        false,
     );
     assert!(matches!(s.end, End::Session), "{:?}", s.end);
 }

@@ -143,6 +143,7 @@ impl Master {
                 vault,
                 shutdown: brief.shutdown,
                 orphaned: Default::default(),
+                blocking_reads: lean.is_some(),
             };
             run(kept, ctx)
         };

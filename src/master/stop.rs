@@ -61,6 +61,15 @@ impl Master {
             HandOver::Finish
         });
         self.fork.ctl_w = None;
+        // A fork-mode child waiting for its client in a blocking read does
+        // not watch the pipe: SIGTERM (which a child ignores) wakes it to
+        // look (echo/block.rs). After the pipe closed, so it finds the
+        // news there.
+        for (pid, child) in self.children.iter() {
+            if child.kind == crate::children::Kind::Conn {
+                let _ = kill(pid, Signal::SIGTERM);
+            }
+        }
         self.children.retire_where(
             after(now, self.cfg.shutdown_timeout),
             &self.scoreboard,

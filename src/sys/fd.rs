@@ -179,6 +179,44 @@ pub fn no_signal() -> nix::sys::socket::MsgFlags {
     }
 }
 
+/// The socket this process waits on in a blocking read, or -1: what a
+/// signal makes non-blocking (see echo/block.rs). Written only by the one
+/// thread of a fork-mode child; read by its signal handler.
+static BLOCKED_READER: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+/// Names (or, `None`, forgets) the socket this process is about to wait on
+/// in a blocking read. It must stay open until it is forgotten.
+pub fn name_blocked_reader(fd: Option<RawFd>) {
+    BLOCKED_READER.store(fd.unwrap_or(-1), std::sync::atomic::Ordering::SeqCst);
+}
+
+/// In a signal handler: makes the socket named by [`name_blocked_reader`]
+/// non-blocking, so that its read, or one about to start, returns at once.
+/// Async-signal-safe: a load and one `fcntl`.
+pub fn wake_blocked_reader() {
+    let fd = BLOCKED_READER.load(std::sync::atomic::Ordering::SeqCst);
+    if fd >= 0 {
+        // SAFETY: fcntl(2) is async-signal-safe; `fd` is open while it is
+        // named (the contract above); F_SETFL changes only its status
+        // flags, and a socket has no other one that matters here.
+        unsafe { libc::fcntl(fd, libc::F_SETFL, libc::O_NONBLOCK) };
+    }
+}
+
+/// Whether `fd` is non-blocking (false if that cannot be read).
+pub fn is_nonblocking(fd: &impl std::os::fd::AsFd) -> bool {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    fcntl(fd, FcntlArg::F_GETFL)
+        .is_ok_and(|f| OFlag::from_bits_truncate(f).contains(OFlag::O_NONBLOCK))
+}
+
+/// Clears O_NONBLOCK on a socket that has no other status flag set (one
+/// accepted or received here).
+pub fn set_blocking_socket(fd: &impl std::os::fd::AsFd) -> nix::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    fcntl(fd, FcntlArg::F_SETFL(OFlag::empty())).map(drop)
+}
+
 /// Sets O_NONBLOCK on an fd we were handed, keeping its other status flags.
 pub fn set_nonblocking(fd: &impl std::os::fd::AsFd) -> nix::Result<()> {
     use nix::fcntl::{fcntl, FcntlArg, OFlag};

@@ -17,8 +17,10 @@ mod memory;
 mod process;
 
 pub use fd::{
-    accept, accept_queue, close_all_but, close_inherited, close_range, inherited_fd, no_signal,
-    nofile_limit, open_fds, pipe, set_nofile, set_nonblocking, socket, socketpair, try_lock,
+    accept, accept_queue, close_all_but, close_inherited, close_range, inherited_fd,
+    is_nonblocking, name_blocked_reader, no_signal, nofile_limit, open_fds, pipe,
+    set_blocking_socket, set_nofile, set_nonblocking, socket, socketpair, try_lock,
+    wake_blocked_reader,
 };
 pub use memory::{IoBuffer, SharedWords};
 pub use process::{

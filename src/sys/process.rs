@@ -108,9 +108,10 @@ pub unsafe fn spawn_keeping_handlers(child: impl FnOnce() -> i32) -> io::Result<
 /// open as long as the handler is installed, each time it arrives: the
 /// wake-up half of the self-pipe (the flag is signal-hook's). In any
 /// process but `owner` (a child forked without resetting its handlers) it
-/// acts as the child's disposition instead: nothing if `ignored_in_child`,
-/// else the default action (reset, then raised again: it is delivered as
-/// the handler returns).
+/// acts as the child's disposition instead: if `ignored_in_child`, nothing
+/// but waking a blocking read the child named (it then looks at its
+/// control pipe: see echo/block.rs), else the default action (reset, then
+/// raised again: it is delivered as the handler returns).
 pub fn wake_on_signal(
     signal: libc::c_int,
     fd: RawFd,
@@ -121,7 +122,9 @@ pub fn wake_on_signal(
         // SAFETY: getpid(2) is async-signal-safe (and not cached: right in
         // a child from its first instruction).
         if unsafe { libc::getpid() } != owner {
-            if !ignored_in_child {
+            if ignored_in_child {
+                super::wake_blocked_reader();
+            } else {
                 // SAFETY: signal(2) and raise(3) are async-signal-safe;
                 // SIG_DFL runs no code of ours. The signal is blocked while
                 // its handler runs, so the raised one waits until it returns.

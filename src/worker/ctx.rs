@@ -71,6 +71,10 @@ pub struct Ctx<'a> {
     /// The control pipe ended without the master saying it stops: it
     /// died (see [`Ctx::pipe_ended`]).
     pub orphaned: std::cell::Cell<bool>,
+    /// A fork-mode child: its master tells it its news by SIGTERM as well
+    /// as by the control pipe, so it may wait for a chatty client in a
+    /// blocking read (echo/block.rs).
+    pub blocking_reads: bool,
 }
 
 impl Ctx<'_> {

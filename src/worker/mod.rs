@@ -364,6 +364,7 @@ pub fn inetd(conn: OwnedFd, limits: Limits) -> i32 {
         from,
         None,
         &mut || Watch::Forget,
+        false,
     );
     debug!(
         "inetd connection: {} bytes echoed, ended by {}",
@@ -432,6 +433,7 @@ fn serve_conn(
                 Watch::Forget
             }
         },
+        ctx.blocking_reads,
     );
     if let Some((started, peer)) = started {
         debug!(
