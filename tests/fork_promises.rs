@@ -30,7 +30,9 @@
 //! each child's descriptors counted; a child killed with its master before
 //! its first read, while it echoes, and at every stage of a burst; SIGHUP
 //! and SIGTERM (to the master, and to the whole group as systemd sends it)
-//! during a burst: the master acts, and no child ends or cuts anything.
+//! during a burst: the master acts, and no child ends or cuts anything; a
+//! chatty client's child, which waits in `read` rather than `poll`, still
+//! hears a stop, dies with its master and keeps the idle limit.
 
 use super::*;
 use nix::sys::signal::{kill, killpg};
