@@ -18,7 +18,7 @@
 //! Disarming puts O_NONBLOCK back before anything else may happen to the
 //! connection: a hand-over gives it to processes that never block.
 
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::BorrowedFd;
 use std::time::Duration;
 
 use crate::sys;
@@ -44,6 +44,7 @@ impl<'a> Armed<'a> {
             use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
             use nix::sys::socket::{setsockopt, sockopt::ReceiveTimeout};
             use nix::sys::time::TimeVal;
+            use std::os::fd::AsRawFd;
             // Named first: from here a SIGTERM makes it non-blocking, and
             // `Armed`'s drop undoes all of it.
             sys::name_blocked_reader(Some(conn.as_raw_fd()));

@@ -212,6 +212,7 @@ pub fn is_nonblocking(fd: &impl std::os::fd::AsFd) -> bool {
 
 /// Clears O_NONBLOCK on a socket that has no other status flag set (one
 /// accepted or received here).
+#[cfg_attr(not(any(target_os = "linux", target_os = "android")), allow(dead_code))]
 pub fn set_blocking_socket(fd: &impl std::os::fd::AsFd) -> nix::Result<()> {
     use nix::fcntl::{fcntl, FcntlArg, OFlag};
     fcntl(fd, FcntlArg::F_SETFL(OFlag::empty())).map(drop)
