@@ -2,6 +2,7 @@
 //! their errors, latencies and the server's CPU time and minor page faults.
 
 use super::*;
+use std::sync::RwLock;
 
 #[derive(Default, Clone, Copy, Debug)]
 pub(crate) struct Errors {
@@ -140,6 +141,32 @@ pub(crate) fn elapsed_ns(t: Instant) -> u64 {
     t.elapsed().as_nanos().min(u64::MAX as u128) as u64
 }
 
+/// When the clients of [`timed`] stop, and how long they keep what they
+/// hold: they send nothing new from `end` on, and keep their connections
+/// open until the server's usage has been read. A per-connection process
+/// that ends while `/proc` is walked is counted in neither its own entry
+/// nor its parent's yet; one that waits idle for its client is counted, and
+/// does not slow the walk.
+#[derive(Clone)]
+pub(crate) struct Stop {
+    end: Instant,
+    /// Held for writing by [`timed`] until it has read the usage.
+    gate: Arc<RwLock<()>>,
+}
+
+impl Stop {
+    /// Whether a client that looked at the clock at `t` stops.
+    pub(crate) fn reached(&self, t: Instant) -> bool {
+        t >= self.end
+    }
+
+    /// Waits until the server's usage has been read (a client holding a
+    /// connection calls it before it closes it).
+    pub(crate) fn hold(&self) {
+        drop(self.gate.read());
+    }
+}
+
 /// `clients` threads that each run `body(i, deadline)` after a common start
 /// and a warm-up; returns what each recorded.
 /// Also returns what the server (`pid` and its children) used between the
@@ -151,23 +178,26 @@ pub(crate) fn timed<F>(
     body: F,
 ) -> (Vec<(u64, Vec<u64>, Errors)>, Used)
 where
-    F: Fn(usize, Instant, Instant, Instant) -> (u64, Vec<u64>, Errors) + Send + Sync + 'static,
+    F: Fn(usize, Instant, Instant, &Stop) -> (u64, Vec<u64>, Errors) + Send + Sync + 'static,
 {
     let body = Arc::new(body);
     let start = Arc::new(Barrier::new(clients + 1));
     let t0 = Instant::now() + Duration::from_millis(50);
     let warm = t0 + Duration::from_secs_f64((secs / 6.0).min(0.5));
     let end = warm + Duration::from_secs_f64(secs);
-    // Clients go on a little past `end`, so that the server's processes are
-    // all still there when their CPU time and faults are read at `end`.
-    let stop = end + Duration::from_millis(100);
+    let stop = Stop {
+        end,
+        gate: Arc::new(RwLock::new(())),
+    };
+    let measuring = stop.gate.write();
     let threads: Vec<_> = (0..clients)
         .map(|i| {
             let body = Arc::clone(&body);
             let start = Arc::clone(&start);
+            let stop = stop.clone();
             std::thread::spawn(move || {
                 start.wait();
-                body(i, warm, end, stop)
+                body(i, warm, end, &stop)
             })
         })
         .collect();
@@ -176,6 +206,7 @@ where
     let before = Usage::of(pid);
     std::thread::sleep(end.saturating_duration_since(Instant::now()));
     let used = Usage::of(pid).since(before);
+    drop(measuring);
     let results = threads
         .into_iter()
         .map(|t| t.join().expect("client thread"))
@@ -281,7 +312,7 @@ pub(crate) fn conn(server: &Server, clients: usize, o: &Opts) -> Measure {
         let mut err = Errors::default();
         loop {
             let t = Instant::now();
-            if t >= stop {
+            if stop.reached(t) {
                 break;
             }
             rng.fill(&mut sent);
@@ -323,7 +354,7 @@ pub(crate) fn rtt(server: &Server, clients: usize, o: &Opts) -> Measure {
         let (mut sent, mut got) = ([0u8; PAYLOAD], [0u8; PAYLOAD]);
         loop {
             let t = Instant::now();
-            if t >= stop {
+            if stop.reached(t) {
                 break;
             }
             rng.fill(&mut sent);
@@ -344,6 +375,7 @@ pub(crate) fn rtt(server: &Server, clients: usize, o: &Opts) -> Measure {
                 }
             }
         }
+        stop.hold();
         (done, lat, err)
     });
     summarize(results, o.secs, used)
@@ -669,7 +701,7 @@ pub(crate) fn udp(server: &Server, clients: usize, o: &Opts) -> Measure {
         let mut out = [[0u8; PAYLOAD]; UDP_BATCH];
         let mut back = [[0u8; 2 * PAYLOAD]; UDP_BATCH];
         let to = [None::<SockaddrIn>; UDP_BATCH];
-        while Instant::now() < stop {
+        while !stop.reached(Instant::now()) {
             let k = window.saturating_sub(flying.len()).min(UDP_BATCH);
             if k > 0 {
                 for (j, o) in out[..k].iter_mut().enumerate() {
