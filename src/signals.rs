@@ -68,6 +68,7 @@ type ChildExits = std::convert::Infallible;
 /// The installed handlers and the self-pipe.
 pub struct Signals {
     /// SIGCHLD's descriptor (Linux); `None`: it has a handler like the rest.
+    #[cfg_attr(not(any(target_os = "linux", target_os = "android")), allow(dead_code))]
     exits: Option<ChildExits>,
     reader: UnixStream,
     /// The write end every handler writes to. The handlers outlive this

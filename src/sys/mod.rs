@@ -18,10 +18,12 @@ mod process;
 
 pub use fd::{
     accept, accept_queue, close_all_but, close_inherited, close_range, inherited_fd,
-    is_nonblocking, name_blocked_reader, no_signal, nofile_limit, open_fds, pipe,
-    set_blocking_socket, set_nofile, set_nonblocking, socket, socketpair, try_lock,
-    wake_blocked_reader,
+    is_nonblocking, name_blocked_reader, no_signal, nofile_limit, open_fds, pipe, set_nofile,
+    set_nonblocking, socket, socketpair, try_lock, wake_blocked_reader,
 };
+// Only Linux arms a blocking read (echo/block.rs).
+#[cfg(any(target_os = "linux", target_os = "android"))]
+pub use fd::set_blocking_socket;
 pub use memory::{IoBuffer, SharedWords};
 pub use process::{
     exit_now, fork_plain, interrupt_on_signal, set_groups, spawn, spawn_keeping_handlers,
