@@ -155,6 +155,20 @@ pub(crate) struct Stop {
 }
 
 impl Stop {
+    /// Clients stop at `end`.
+    pub(crate) fn new(end: Instant) -> Stop {
+        Stop {
+            end,
+            gate: Arc::new(RwLock::new(())),
+        }
+    }
+
+    /// Held while the server's usage is read: clients that [`Stop::hold`]
+    /// keep their connections until it is dropped.
+    pub(crate) fn measuring(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
+        self.gate.write().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Whether a client that looked at the clock at `t` stops.
     pub(crate) fn reached(&self, t: Instant) -> bool {
         t >= self.end
@@ -185,11 +199,8 @@ where
     let t0 = Instant::now() + Duration::from_millis(50);
     let warm = t0 + Duration::from_secs_f64((secs / 6.0).min(0.5));
     let end = warm + Duration::from_secs_f64(secs);
-    let stop = Stop {
-        end,
-        gate: Arc::new(RwLock::new(())),
-    };
-    let measuring = stop.gate.write();
+    let stop = Stop::new(end);
+    let measuring = stop.measuring();
     let threads: Vec<_> = (0..clients)
         .map(|i| {
             let body = Arc::clone(&body);
@@ -214,19 +225,22 @@ where
     (results, used)
 }
 
-/// What the server has used so far, read from `/proc/PID/stat`: of `pid`
-/// itself, of the children it reaped (waited for: `cutime`, `cstime`,
-/// `cminflt` count them, whole, once reaped), and of its live children
-/// (their own; a zombie still counts here until reaped). Read twice, it
-/// gives what was used in between, a child reaped in between included:
-/// what it had used at the first reading was counted then as a live
-/// child's, and all of it is in the parent's `c…` fields at the second.
+/// What the server has used so far: of `pid` itself and of the children
+/// it reaped (waited for: `cutime`, `cstime`, `cminflt` of
+/// `/proc/PID/stat` count them, whole, once reaped), and of its live
+/// children (their own; a zombie still counts here until reaped). Read
+/// twice, it gives what was used in between, a child reaped in between
+/// included: what it had used at the first reading was counted then as a
+/// live child's, and all of it is in the parent's `c…` fields at the
+/// second. A live child's CPU time is read in nanoseconds
+/// (`/proc/PID/schedstat`): its `stat` fields are whole clock ticks, and
+/// 500 children each using 3 ms in the interval read 0 ticks each.
 /// CPU and faults are read in the one walk of `/proc`, so that both count
 /// the same processes.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct Usage {
-    /// utime + stime (+ cutime + cstime of `pid`), in clock ticks.
-    pub(crate) ticks: u64,
+    /// CPU time, in ns.
+    pub(crate) cpu_ns: u64,
     /// Minor page faults: minflt (+ cminflt of `pid`).
     pub(crate) minflt: u64,
 }
@@ -255,16 +269,22 @@ impl Usage {
         let sum = |f: &[i64], at: std::ops::Range<usize>| -> i64 {
             f.get(at).map_or(0, |f| f.iter().sum())
         };
+        let tick_ns = 1e9 / ticks_per_sec();
         let own = fields(pid);
-        let mut ticks = sum(&own, 10..14);
+        let mut cpu_ns = (sum(&own, 10..14).max(0) as f64 * tick_ns) as u64;
         let mut minflt = sum(&own, 6..8);
         for child in children(pid) {
             let f = fields(child);
-            ticks += sum(&f, 10..12);
+            // The children of every server measured are single-threaded:
+            // the leader's run time is the process's.
+            cpu_ns += std::fs::read_to_string(format!("/proc/{child}/schedstat"))
+                .ok()
+                .and_then(|s| s.split(' ').next()?.parse::<u64>().ok())
+                .unwrap_or_else(|| (sum(&f, 10..12).max(0) as f64 * tick_ns) as u64);
             minflt += sum(&f, 6..7);
         }
         Usage {
-            ticks: ticks.max(0) as u64,
+            cpu_ns,
             minflt: minflt.max(0) as u64,
         }
     }
@@ -272,7 +292,7 @@ impl Usage {
     /// What was used since `before`.
     pub(crate) fn since(self, before: Usage) -> Used {
         Used {
-            cpu_secs: self.ticks.saturating_sub(before.ticks) as f64 / ticks_per_sec(),
+            cpu_secs: self.cpu_ns.saturating_sub(before.cpu_ns) as f64 / 1e9,
             faults: self.minflt.saturating_sub(before.minflt) as f64,
         }
     }
@@ -301,83 +321,16 @@ pub(crate) fn summarize(results: Vec<(u64, Vec<u64>, Errors)>, secs: f64, used: 
     m
 }
 
-/// `conn`: connect, send 64 B, read them back, close; again.
+/// `conn`: connect, send 64 B, read them back, close; again (the
+/// event-driven client, [`ev`]).
 pub(crate) fn conn(server: &Server, clients: usize, o: &Opts) -> Measure {
-    let addr = server.addr();
-    let (results, used) = timed(server.pid(), clients, o.secs, move |i, warm, end, stop| {
-        let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (i as u64 + 1));
-        let (mut sent, mut got) = ([0u8; PAYLOAD], [0u8; PAYLOAD]);
-        let mut lat = Vec::with_capacity(1 << 16);
-        let mut done = 0;
-        let mut err = Errors::default();
-        loop {
-            let t = Instant::now();
-            if stop.reached(t) {
-                break;
-            }
-            rng.fill(&mut sent);
-            let r = connect_from(i, addr).and_then(|mut s| {
-                s.write_all(&sent)?;
-                s.read_exact(&mut got)
-            });
-            match r {
-                Ok(()) if got == sent => {
-                    if t >= warm && t < end {
-                        done += 1;
-                        lat.push(elapsed_ns(t));
-                    }
-                }
-                Ok(()) => err.mismatch += 1,
-                Err(e) => err.count(&e),
-            }
-        }
-        (done, lat, err)
-    });
+    let (results, used) = timed_ev(Mode::Conn, server, clients, o.secs);
     summarize(results, o.secs, used)
 }
 
 /// `rtt`: `clients` persistent connections ping-ponging 64 B.
 pub(crate) fn rtt(server: &Server, clients: usize, o: &Opts) -> Measure {
-    let addr = server.addr();
-    let (results, used) = timed(server.pid(), clients, o.secs, move |i, warm, end, stop| {
-        let mut err = Errors::default();
-        let mut lat = Vec::with_capacity(1 << 18);
-        let mut done = 0;
-        let mut s = match connect_from(i, addr) {
-            Ok(s) => s,
-            Err(e) => {
-                err.count(&e);
-                return (0, lat, err);
-            }
-        };
-        let mut rng = Rng(0x2545_f491 ^ (i as u64 + 7));
-        let (mut sent, mut got) = ([0u8; PAYLOAD], [0u8; PAYLOAD]);
-        loop {
-            let t = Instant::now();
-            if stop.reached(t) {
-                break;
-            }
-            rng.fill(&mut sent);
-            match s.write_all(&sent).and_then(|_| s.read_exact(&mut got)) {
-                Ok(()) if got == sent => {
-                    if t >= warm && t < end {
-                        done += 1;
-                        lat.push(elapsed_ns(t));
-                    }
-                }
-                Ok(()) => {
-                    err.mismatch += 1;
-                    break;
-                }
-                Err(e) => {
-                    err.count(&e);
-                    break;
-                }
-            }
-        }
-        stop.hold();
-        (done, lat, err)
-    });
+    let (results, used) = timed_ev(Mode::Rtt, server, clients, o.secs);
     summarize(results, o.secs, used)
 }
 
@@ -548,56 +501,16 @@ pub(crate) fn connect_all(server: &Server, n: usize, errors: &mut Errors) -> Vec
         .collect()
 }
 
-/// `burst`: `n` clients arrive at once and hold their connections: 16
-/// threads connect their share, send 64 B on each, then read each echo
-/// back. How many were echoed, and when (from the start of the burst).
+/// `burst`: `n` clients arrive at once and hold their connections: each
+/// connects, sends 64 B and reads them back. How many were echoed, and
+/// when (from the start of the burst).
 pub(crate) fn burst(server: &Server, n: usize) -> Measure {
-    const THREADS: usize = 16;
-    let addr = server.addr();
-    let go = Arc::new(Barrier::new(THREADS + 1));
-    let threads: Vec<_> = (0..THREADS)
-        .map(|t| {
-            let go = Arc::clone(&go);
-            std::thread::spawn(move || {
-                go.wait();
-                let t0 = Instant::now();
-                let mut err = Errors::default();
-                let mut rng = Rng(0x0bad_5eed ^ (t as u64 + 1));
-                let mut conns = Vec::new();
-                for k in (t..n).step_by(THREADS) {
-                    match connect_from(k, addr) {
-                        Ok(s) => conns.push((s, [0u8; PAYLOAD])),
-                        Err(e) => err.count(&e),
-                    }
-                }
-                for (s, sent) in &mut conns {
-                    rng.fill(sent);
-                    if let Err(e) = s.write_all(sent) {
-                        err.count(&e);
-                    }
-                }
-                let mut lat = Vec::with_capacity(conns.len());
-                for (s, sent) in &mut conns {
-                    let mut got = [0u8; PAYLOAD];
-                    match s.read_exact(&mut got) {
-                        Ok(()) if got == *sent => lat.push(elapsed_ns(t0)),
-                        Ok(()) => err.mismatch += 1,
-                        Err(e) => err.count(&e),
-                    }
-                }
-                (conns, lat, err)
-            })
-        })
-        .collect();
-    go.wait();
+    let (tallies, held) = burst_ev(server, n);
     let mut m = Measure::default();
     let mut lat = Vec::new();
-    let mut held = Vec::new();
-    for t in threads {
-        let (conns, l, e) = t.join().expect("burst thread");
+    for (_, l, e) in tallies {
         lat.extend(l);
         m.errors.add(&e);
-        held.push(conns);
     }
     m.value = lat.len() as f64;
     m.last_ms = lat.iter().copied().max().unwrap_or(0) as f64 / 1e6;

@@ -1,7 +1,9 @@
 //! The load benchmark: `cargo bench [-- OPTIONS]`.
 //!
 //! It starts each server fresh for each run, on 127.0.0.1, and drives it
-//! from this process with blocking client threads: echo-forkd in prefork
+//! from this process: `conn`, `rtt` and `burst` from an epoll loop per CPU
+//! (benches/load/ev.rs), so that the client is not what is measured;
+//! streams, UDP and holds from plain threads. Servers: echo-forkd in prefork
 //! (at several pool sizes), fork and event mode; the floors of each model, built
 //! only for this benchmark (a minimal fork-per-connection server and a
 //! minimal single-threaded epoll echo, this binary re-run as `serve-fork`
@@ -20,6 +22,7 @@
 //! byte is checked. See PERFORMANCE.md.
 
 mod clients;
+mod ev;
 mod opts;
 mod peers;
 mod reload;
@@ -27,6 +30,7 @@ mod report;
 mod servers;
 
 use clients::*;
+use ev::*;
 use opts::*;
 use peers::*;
 use reload::*;
