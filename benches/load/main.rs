@@ -7,7 +7,8 @@
 //! (at several pool sizes), fork and event mode; the floors of each model, built
 //! only for this benchmark (a minimal fork-per-connection server and a
 //! minimal single-threaded epoll echo, this binary re-run as `serve-fork`
-//! and `serve-epoll`); a minimal tokio server (`serve-tokio`); and Python's
+//! and `serve-epoll`, and a minimal liburing echo in C,
+//! benches/floors/uring_echo.c, built at start where liburing is); a minimal tokio server (`serve-tokio`); and Python's
 //! `ForkingTCPServer` and `ThreadingTCPServer` (benches/peers.py). It
 //! sweeps what users vary: pool sizes, 1 to 500 ping-ponging clients, a
 //! burst of 2,000 clients at once, 100 and 10,000 idle connections, a
@@ -90,6 +91,12 @@ fn main() {
         }
     };
     make_room_for_clients(&mut opts);
+    if opts.servers.contains(&Kind::Uring) {
+        if let Err(why) = build_uring_floor() {
+            println!("uring left out: {why}");
+            opts.servers.retain(|&k| k != Kind::Uring);
+        }
+    }
     run(&opts);
 }
 
@@ -98,7 +105,7 @@ pub(crate) const USAGE: &str = "usage: cargo bench --bench load -- [OPTIONS]
   --secs S            seconds per timed run (default 3)
   --scenarios LIST    conn,rtt,stream,hold,burst,udp,reload,upgrade (the
                       default), and reload-storm, reload-stopped if named
-  --servers LIST      prefork,fork,event,min-fork,epoll,tokio,py-forking,
+  --servers LIST      prefork,fork,event,min-fork,epoll,uring,tokio,py-forking,
                       py-threading,min-udp,py-udp (default: all)
   --clients N         clients for conn (default 50)
   --rtt-clients LIST  connections for rtt, one run each (default 1,50,500)

@@ -16,6 +16,9 @@ pub(crate) enum Kind {
     MinFork,
     /// The floor of an event loop: one thread, one epoll set.
     Epoll,
+    /// The floor of an io_uring loop: liburing, one thread, one ring
+    /// (benches/floors/uring_echo.c).
+    Uring,
     Tokio,
     PyForking,
     PyThreading,
@@ -43,7 +46,7 @@ impl Kind {
     pub(crate) fn holds_many(self) -> bool {
         matches!(
             self,
-            Kind::Event | Kind::EventBase | Kind::Epoll | Kind::Tokio
+            Kind::Event | Kind::EventBase | Kind::Epoll | Kind::Uring | Kind::Tokio
         )
     }
 
@@ -56,12 +59,13 @@ impl Kind {
         matches!(self, Kind::Prefork | Kind::PreforkBase)
     }
 
-    const ALL: [Kind; 10] = [
+    const ALL: [Kind; 11] = [
         Kind::Prefork,
         Kind::Fork,
         Kind::Event,
         Kind::MinFork,
         Kind::Epoll,
+        Kind::Uring,
         Kind::Tokio,
         Kind::PyForking,
         Kind::PyThreading,
@@ -85,6 +89,7 @@ impl Kind {
             Kind::Event => "event",
             Kind::MinFork => "min-fork",
             Kind::Epoll => "epoll",
+            Kind::Uring => "uring",
             Kind::Tokio => "tokio",
             Kind::PyForking => "py-forking",
             Kind::PyThreading => "py-threading",

@@ -4,6 +4,34 @@
 
 use super::*;
 
+/// Where the io_uring floor is built (see [`build_uring_floor`]).
+pub(crate) fn uring_floor() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("uring_echo")
+}
+
+/// Builds the io_uring floor (benches/floors/uring_echo.c) with the
+/// system's C compiler and liburing; why not, where it cannot be built.
+pub(crate) fn build_uring_floor() -> Result<(), String> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/floors/uring_echo.c");
+    let out = Command::new("cc")
+        .args(["-O2", "-o"])
+        .arg(uring_floor())
+        .arg(&src)
+        .arg("-luring")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run cc: {e}"))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    let first = err.lines().find(|l| l.contains("error")).unwrap_or("");
+    Err(format!(
+        "cc could not build {} (liburing's headers are in Debian's liburing-dev): {first}",
+        src.display()
+    ))
+}
+
 /// A server under test, in its own process group, killed with it on drop.
 pub(crate) struct Server {
     pub(crate) child: Child,
@@ -42,6 +70,11 @@ impl Server {
                         _ => "udp",
                     })
                     .stdout(Stdio::piped());
+                c
+            }
+            Kind::Uring => {
+                let mut c = Command::new(uring_floor());
+                c.stdout(Stdio::piped());
                 c
             }
             _ => {
