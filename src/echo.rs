@@ -327,7 +327,7 @@ pub fn serve(
         // Only the idle limit is the kernel's to keep; a session limit
         // needs the clock at every wait.
         may_arm: blocking_reads && limits.session.is_none() && watch.is_some(),
-        waits: 0,
+        waited: false,
         armed: None,
     };
     // Nothing echoed yet: nothing can have run out but the session
@@ -372,8 +372,9 @@ struct Session<'a, 'b> {
     /// bytes once (a chatty client: a short connection is not worth the
     /// arming's system calls).
     may_arm: bool,
-    /// Waits that ended with the connection readable.
-    waits: u32,
+    /// It has waited for the client's bytes once: the next wait may be
+    /// a blocking read.
+    waited: bool,
     /// Waiting in blocking reads (block.rs).
     armed: Option<block::Armed<'a>>,
 }
@@ -401,7 +402,7 @@ impl Session<'_, '_> {
                 if self.hand_over {
                     return End::HandOver;
                 }
-                if self.may_arm && self.waits > 0 {
+                if self.may_arm && self.waited {
                     self.may_arm = false;
                     self.armed = self
                         .watch
@@ -411,7 +412,7 @@ impl Session<'_, '_> {
                     if let Err(end) = self.wait(PollFlags::POLLIN) {
                         return end;
                     }
-                    self.waits += 1;
+                    self.waited = true;
                 }
             } else if self.limits.session.is_some() || !(fresh || self.moved) {
                 // (Having just moved, it cannot be idle.)
