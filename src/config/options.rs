@@ -69,8 +69,7 @@ impl LogLevel {
 }
 
 /// `--workers`: a number, or `auto` for the CPUs this process may use.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "WorkersInFile")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Workers {
     Auto,
     Count(u32),
@@ -88,28 +87,40 @@ impl FromStr for Workers {
     }
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum WorkersInFile {
-    Count(u32),
-    Word(String),
-}
-
-impl TryFrom<WorkersInFile> for Workers {
-    type Error = String;
-    fn try_from(w: WorkersInFile) -> Result<Self, String> {
-        match w {
-            WorkersInFile::Count(n) => Ok(Workers::Count(n)),
-            WorkersInFile::Word(s) => s.parse(),
+/// In the file: a number or the string `"auto"`; anything else is
+/// named in the error (serde's untagged enums say only that nothing
+/// matched).
+impl<'de> Deserialize<'de> for Workers {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Workers;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a number of workers or \"auto\"")
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Workers, E> {
+                u32::try_from(n).map(Workers::Count).map_err(|_| {
+                    E::custom(format!(
+                        "{n} is not a number of workers: 0 to {} or \"auto\"",
+                        u32::MAX
+                    ))
+                })
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Workers, E> {
+                self.visit_i64(i64::try_from(n).unwrap_or(-1))
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Workers, E> {
+                s.parse().map_err(E::custom)
+            }
         }
+        d.deserialize_any(Visitor)
     }
 }
 
 /// `--socket-mode`: permission bits for the unix socket files we create,
 /// written in octal (`0660`, `660`); in the file, a string (`"0660"`), so
 /// that a decimal integer is never taken for a mode.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "ModeInFile")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SocketMode(pub u32);
 
 impl FromStr for SocketMode {
@@ -125,22 +136,31 @@ impl FromStr for SocketMode {
     }
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum ModeInFile {
-    Text(String),
-    Number(i64),
-}
-
-impl TryFrom<ModeInFile> for SocketMode {
-    type Error = String;
-    fn try_from(m: ModeInFile) -> Result<Self, String> {
-        match m {
-            ModeInFile::Text(s) => s.parse(),
-            ModeInFile::Number(n) => Err(format!(
-                "{n}: write the mode as a string of octal digits, such as \"0660\""
-            )),
+/// In the file: a string of octal digits; a number, or anything else, is
+/// named in the error.
+impl<'de> Deserialize<'de> for SocketMode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = SocketMode;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a permission mode as a string of octal digits, such as \"0660\"")
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<SocketMode, E> {
+                Err(E::custom(format!(
+                    "{n}: write the mode as a string of octal digits, such as \"0660\""
+                )))
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<SocketMode, E> {
+                Err(E::custom(format!(
+                    "{n}: write the mode as a string of octal digits, such as \"0660\""
+                )))
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<SocketMode, E> {
+                s.parse().map_err(E::custom)
+            }
         }
+        d.deserialize_any(Visitor)
     }
 }
 

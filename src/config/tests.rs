@@ -57,6 +57,30 @@ fn unknown_key_is_named_with_its_line() {
 }
 
 #[test]
+fn a_bad_workers_or_socket_mode_value_says_what_is_accepted() {
+    for (text, says) in [
+        ("workers = true", "a number of workers or \"auto\""),
+        ("workers = 1.5", "a number of workers or \"auto\""),
+        ("workers = -3", "-3 is not a number of workers"),
+        ("workers = \"many\"", "neither a number nor 'auto'"),
+        ("socket-mode = true", "string of octal digits"),
+        ("socket-mode = 660", "string of octal digits"),
+    ] {
+        let err = parse_file(text).unwrap_err();
+        assert!(err.contains(says), "{text}: {err}");
+        assert!(!err.contains("untagged"), "{text}: {err}");
+    }
+    assert_eq!(
+        parse_file("workers = 7").unwrap().workers,
+        Some(Workers::Count(7))
+    );
+    assert_eq!(
+        parse_file("socket-mode = \"0640\"").unwrap().socket_mode,
+        Some(SocketMode(0o640))
+    );
+}
+
+#[test]
 fn command_line_only_options_are_not_keys() {
     for key in [
         "foreground = true",
