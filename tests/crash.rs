@@ -4,8 +4,9 @@
 //! next instance), SIGKILLs the master while conversations are open, and
 //! starts the next master with what the store kept, as
 //! `Restart=on-failure` does. The workers of the dead master put their
-//! connections in the vault; the next master's workers (in prefork, a
-//! carrier until a reload) serve them on, every byte, to their end.
+//! connections in the vault; the next master's workers (in prefork and
+//! fork mode, a carrier until a reload) serve them on, every byte, to
+//! their end.
 
 use super::*;
 use std::collections::BTreeMap;
@@ -237,10 +238,10 @@ fn the_master_dies(mode: &str) {
     }
     // A new client too, on the listener the store kept.
     assert_eq!(echo_all(addr, b"new"), b"new");
-    if mode == "prefork" {
+    if mode == "prefork" || mode == "fork" {
         // They were served by a carrier from the start, not by a worker
-        // forked for each; a reload hands them to workers, and the carrier,
-        // with nothing left, exits.
+        // (fork mode: a child) forked for each; a reload hands them to
+        // workers (children), and the carrier, with nothing left, exits.
         let carrier = next
             .wait_line("carrier: serving 30 connections", DEADLINE)
             .and_then(|l| l.split(['[', ']']).nth(1)?.parse::<i32>().ok())
