@@ -87,6 +87,14 @@ impl FromStr for Workers {
     }
 }
 
+/// The error for a number of workers out of range.
+fn not_workers<E: serde::de::Error>(n: impl fmt::Display) -> E {
+    E::custom(format!(
+        "{n} is not a number of workers: 0 to {} or \"auto\"",
+        u32::MAX
+    ))
+}
+
 /// In the file: a number or the string `"auto"`; anything else is
 /// named in the error (serde's untagged enums say only that nothing
 /// matched).
@@ -99,15 +107,14 @@ impl<'de> Deserialize<'de> for Workers {
                 f.write_str("a number of workers or \"auto\"")
             }
             fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Workers, E> {
-                u32::try_from(n).map(Workers::Count).map_err(|_| {
-                    E::custom(format!(
-                        "{n} is not a number of workers: 0 to {} or \"auto\"",
-                        u32::MAX
-                    ))
-                })
+                u32::try_from(n)
+                    .map(Workers::Count)
+                    .map_err(|_| not_workers(n))
             }
             fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Workers, E> {
-                self.visit_i64(i64::try_from(n).unwrap_or(-1))
+                u32::try_from(n)
+                    .map(Workers::Count)
+                    .map_err(|_| not_workers(n))
             }
             fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Workers, E> {
                 s.parse().map_err(E::custom)
@@ -136,6 +143,13 @@ impl FromStr for SocketMode {
     }
 }
 
+/// The error for a mode written as a number (`660` in TOML is decimal).
+fn mode_as_number<E: serde::de::Error>(n: impl fmt::Display) -> E {
+    E::custom(format!(
+        "{n}: write the mode as a string of octal digits, such as \"0660\""
+    ))
+}
+
 /// In the file: a string of octal digits; a number, or anything else, is
 /// named in the error.
 impl<'de> Deserialize<'de> for SocketMode {
@@ -147,14 +161,10 @@ impl<'de> Deserialize<'de> for SocketMode {
                 f.write_str("a permission mode as a string of octal digits, such as \"0660\"")
             }
             fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<SocketMode, E> {
-                Err(E::custom(format!(
-                    "{n}: write the mode as a string of octal digits, such as \"0660\""
-                )))
+                Err(mode_as_number(n))
             }
             fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<SocketMode, E> {
-                Err(E::custom(format!(
-                    "{n}: write the mode as a string of octal digits, such as \"0660\""
-                )))
+                Err(mode_as_number(n))
             }
             fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<SocketMode, E> {
                 s.parse().map_err(E::custom)

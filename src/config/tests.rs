@@ -62,6 +62,10 @@ fn a_bad_workers_or_socket_mode_value_says_what_is_accepted() {
         ("workers = true", "a number of workers or \"auto\""),
         ("workers = 1.5", "a number of workers or \"auto\""),
         ("workers = -3", "-3 is not a number of workers"),
+        (
+            "workers = 99999999999",
+            "99999999999 is not a number of workers",
+        ),
         ("workers = \"many\"", "neither a number nor 'auto'"),
         ("socket-mode = true", "string of octal digits"),
         ("socket-mode = 660", "string of octal digits"),
