@@ -1,6 +1,6 @@
 //! The master's table of children and its respawn decisions. No syscalls
-//! (beyond closing a retired worker's control pipe), so it is unit-tested
-//! without forking.
+//! (beyond telling a retired worker: its control pipe closed, or the
+//! signal that closes it), so it is unit-tested without forking.
 
 use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
@@ -23,9 +23,12 @@ pub struct Child {
     pub generation: u32,
     /// Its scoreboard slot (workers).
     pub slot: Option<usize>,
-    /// The write end of its own control pipe (workers); dropping it tells
-    /// the worker to stop accepting.
+    /// The write end of its own control pipe (workers, where the master
+    /// holds it); dropping it tells the worker to stop accepting.
     pub ctl: Option<OwnedFd>,
+    /// A worker whose control pipe is its own (Linux): the master's
+    /// signal closes it instead (sys/told.rs).
+    pub told_by_signal: bool,
     /// Set once it was told to stop: when it is killed if still alive.
     pub retire_by: Option<Instant>,
     /// It was sent SIGKILL.
@@ -47,6 +50,7 @@ impl Child {
             generation: 0,
             slot: None,
             ctl: None,
+            told_by_signal: false,
             retire_by: None,
             killed: false,
             place: None,
@@ -196,6 +200,10 @@ impl Children {
                 }
                 if let Some(fd) = c.ctl.take() {
                     self.pipes.remove(&fd.as_raw_fd());
+                }
+                #[cfg(any(target_os = "linux", target_os = "android"))]
+                if c.told_by_signal {
+                    crate::sys::told::tell(pid);
                 }
                 c.retire_by = Some(deadline);
                 true

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use log::{error, warn};
 
-use super::spawn::Brief;
+use super::spawn::{Brief, Ctl};
 use super::Master;
 use crate::admission::{self, Gate, Holder, Policy, Ticket};
 use crate::children::{Child, Kind};
@@ -104,7 +104,7 @@ impl Master {
             slot: None,
             fork_slot,
             count_bytes,
-            ctl: None,
+            ctl: Ctl::Shared,
             relays: false,
             // Where its connection waits for the next master at a
             // restart (or should the master die).

@@ -60,8 +60,14 @@ impl Master {
         let mut ready = None;
         let generation = self.life.generation();
         if self.life.starting()
-            && (self.cfg.mode == Mode::Fork
-                || self.ready_workers(generation) >= self.cfg.workers as usize)
+            && (self.cfg.mode == Mode::Fork || {
+                // After an upgrade: with a worker for each connection the
+                // old code's workers will hand over (see NextReady below).
+                let ready = self.ready_workers(generation);
+                ready >= self.cfg.workers as usize
+                    && (ready >= self.taking_over(generation, &self.cfg) as usize
+                        || self.prefork.fill_stuck)
+            })
         {
             // Ready once the workers have what the vault held, too: a
             // stop that follows a restart then drains them with the rest.
@@ -72,7 +78,15 @@ impl Master {
         }
         let next_ready = match (self.life.next(), &self.underway.pending) {
             (Some(next), Some(p)) => {
-                p.cfg.mode == Mode::Fork || self.ready_workers(next) >= p.cfg.workers as usize
+                p.cfg.mode == Mode::Fork || {
+                    // Every worker it takes over with, not only its
+                    // floor: a commit as the first few were ready left
+                    // thousands of handed-over connections waiting for
+                    // forks.
+                    let want = self.taking_over(next, &p.cfg) as usize;
+                    let ready = self.ready_workers(next);
+                    ready >= p.cfg.workers as usize && (ready >= want || self.prefork.fill_stuck)
+                }
             }
             _ => false,
         };
@@ -150,6 +164,7 @@ impl Master {
         let open = crate::sys::open_fds().unwrap_or(0);
         crate::daemon::ensure_nofile(open + u64::from(workers) + 8, "the reload", "workers")?;
         crate::daemon::make_room_for_descriptors(&cfg, plan.len());
+        self.prefork.fill_stuck = false;
         self.underway.pending = Some(Pending {
             cfg,
             identity,
@@ -201,14 +216,17 @@ impl Master {
         }
         // The lifecycle has put it in force.
         let generation = self.life.generation();
-        let retiring =
-            self.children
-                .retire_where(after(now, p.cfg.shutdown_timeout), &self.scoreboard, |g| {
-                    g < generation
-                });
+        let retiring = self
+            .children
+            .iter()
+            .filter(|(_, c)| {
+                c.generation < generation && c.kind.is_worker() && c.retire_by.is_none()
+            })
+            .count();
         self.scoreboard.reloaded();
         self.life.set_shutdown(p.cfg.shutdown_timeout);
         self.cfg = p.cfg;
+        self.retire_older(now);
         self.identity = p.identity;
         self.fork.policy = self.cfg.policy();
         log::set_max_level(self.cfg.log_level.filter());

@@ -159,6 +159,12 @@ struct PreforkState {
     /// Idle workers take turns to wait for connections (turns.rs): the
     /// master names a leader when one dies leading, or when none leads.
     turns: bool,
+    /// A reload's new generation could not be forked whole (a fork
+    /// failed, or every slot is taken): it commits with what is ready.
+    fill_stuck: bool,
+    /// Older generations' busy workers are still being told to hand
+    /// over, a batch at a time (`retire_older`).
+    retiring_older: bool,
 }
 
 /// When the master reports, and what it reported last.
@@ -413,6 +419,9 @@ impl Master {
         }
         self.fill_pool(now);
         self.maintain(now);
+        if self.prefork.retiring_older {
+            self.retire_older(now);
+        }
         self.watch_relay(now);
         if self.prefork.turns {
             // Nobody leads, yet a worker is idle: it missed its chance.

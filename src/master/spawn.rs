@@ -34,9 +34,8 @@ pub(super) struct Brief {
     pub fork_slot: Option<usize>,
     /// Whether it adds its bytes to the scoreboard.
     pub count_bytes: bool,
-    /// Its own control pipe's read end (a pool worker); `None`: the
-    /// fork-mode children's shared pipe.
-    pub ctl: Option<OwnedFd>,
+    /// The control pipe it watches.
+    pub ctl: Ctl,
     /// It takes the relay (to hand over and, a pool worker, to take).
     pub relays: bool,
     /// It takes the vault (its connections go there for the next master).
@@ -51,6 +50,20 @@ pub(super) struct Brief {
     /// but this (its connection) and what it keeps, in one `close_range`
     /// per gap. No system call per signal, none per descriptor.
     pub lean: Option<RawFd>,
+}
+
+/// Which control pipe a child watches (its end-of-file: stop).
+pub(super) enum Ctl {
+    /// The fork-mode children's shared pipe.
+    Shared,
+    /// The read end of a pipe of its own, whose write end the master
+    /// holds (a pool worker where there is no [`sys::told`]).
+    #[cfg_attr(any(target_os = "linux", target_os = "android"), allow(dead_code))]
+    Given(OwnedFd),
+    /// A pipe it makes itself, which the master's signal closes (a pool
+    /// worker on Linux: see sys/told.rs).
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    Own,
 }
 
 impl Master {
@@ -84,8 +97,8 @@ impl Master {
                 false => None,
             };
             let ctl = match &brief.ctl {
-                Some(fd) => fd.as_raw_fd(),
-                None => self.fork.ctl_r.as_raw_fd(),
+                Ctl::Given(fd) => fd.as_raw_fd(),
+                _ => self.fork.ctl_r.as_raw_fd(),
             };
             // Lean: what it must not hold goes by number, and the objects
             // that held it are never dropped (the child `_exit`s), so
@@ -118,14 +131,35 @@ impl Master {
                 Some(_) => self.kept.vault.as_ref().filter(|_| brief.vault),
                 None => taken_vault.as_ref(),
             };
+            // Made after the master's descriptors are gone: it takes the
+            // lowest free numbers.
+            #[cfg(any(target_os = "linux", target_os = "android"))]
+            let own = match brief.ctl {
+                Ctl::Own => match sys::told::own_pipe() {
+                    Ok(fd) => Some(fd),
+                    Err(e) => {
+                        crate::logging::say(format_args!(
+                            "cannot create a worker's control pipe: {}",
+                            crate::logging::error_text(&e)
+                        ));
+                        return worker::EXIT_SETUP;
+                    }
+                },
+                _ => None,
+            };
             let identity = brief.identity.as_ref().unwrap_or(&self.identity);
             if let Err(code) = enter(identity, &self.scoreboard) {
                 return code;
             }
             let ctx = worker::Ctx {
                 ctl: match &brief.ctl {
-                    Some(fd) => fd.as_fd(),
-                    None => self.fork.ctl_r.as_fd(),
+                    Ctl::Given(fd) => fd.as_fd(),
+                    #[cfg(any(target_os = "linux", target_os = "android"))]
+                    Ctl::Own => match &own {
+                        Some(fd) => fd.as_fd(),
+                        None => self.fork.ctl_r.as_fd(),
+                    },
+                    Ctl::Shared => self.fork.ctl_r.as_fd(),
                 },
                 master,
                 limits: brief.limits,

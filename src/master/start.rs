@@ -120,6 +120,8 @@ pub fn run(
             at_max: RateLimit::new(REPORT_EVERY),
             recheck: None,
             turns: crate::turns::wanted(),
+            fill_stuck: false,
+            retiring_older: false,
         },
         reports: Reports {
             started: now,

@@ -399,6 +399,12 @@ impl Master {
                 } => {
                     let mut w = Child::new(kind, now);
                     w.slot = slot;
+                    // No pipe and not told yet: the pipe is its own, and
+                    // it is told by signal (an older master's workers
+                    // always came with the pipe's write end).
+                    w.told_by_signal = cfg!(any(target_os = "linux", target_os = "android"))
+                        && ctl.is_none()
+                        && !retiring;
                     w.ctl = ctl;
                     w.retire_by = retiring.then_some(retire_by);
                     w
@@ -437,11 +443,14 @@ impl Master {
     /// The new generation is ready after an upgrade: the old code's
     /// generation `old` (and any before it) retires.
     pub(super) fn upgrade_done(&mut self, now: Instant, old: u32) {
-        let retiring = self.children.retire_where(
-            crate::time::after(now, self.cfg.shutdown_timeout),
-            &self.scoreboard,
-            |g| g <= old,
-        );
+        let retiring = self
+            .children
+            .iter()
+            .filter(|(_, c)| c.generation <= old && c.kind.is_worker() && c.retire_by.is_none())
+            .count();
+        // The lifecycle has put the new generation (above `old`) in force.
+        debug_assert!(self.life.generation() > old);
+        self.retire_older(now);
         info!(
             "upgraded: generation {} serves; {} retiring",
             self.life.generation(),

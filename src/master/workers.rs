@@ -7,12 +7,11 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
-use nix::errno::Errno;
 use nix::unistd::Pid;
 
 use super::generation::{take_planned, Target};
 use super::kinds::{self, Params};
-use super::spawn::Brief;
+use super::spawn::{Brief, Ctl};
 use super::Master;
 use crate::children::{Child, Kind};
 use crate::config::Mode;
@@ -20,6 +19,9 @@ use crate::listen::Listener;
 use crate::pool;
 use crate::scoreboard::{Entry, HandOver, State};
 use crate::time::after;
+
+/// Busy workers of an older generation told to hand over at once.
+const HAND_OVER_AT_ONCE: usize = 128;
 
 impl Master {
     /// SIGTTIN/SIGTTOU: moves the pool's floor by one; TTOU also retires
@@ -75,6 +77,8 @@ impl Master {
             };
             while self.children.active(generation) < size as usize {
                 if !self.try_spawn(target, Kind::Pool, now) {
+                    // A new generation commits without the rest (progress).
+                    self.prefork.fill_stuck = true;
                     break;
                 }
             }
@@ -82,11 +86,58 @@ impl Master {
         self.fill_helpers(now);
     }
 
+    /// After a reload or an upgrade committed: tells the older
+    /// generations' workers to stop, the idle ones at once and the busy
+    /// ones [`HAND_OVER_AT_ONCE`] at a time (more as those exit). Told all
+    /// at once, 4,000 busy workers woke together to hand over and exit,
+    /// and every other process on two CPUs (the clients among them) got a
+    /// 4,000th of a CPU for seconds; untold, a busy worker goes on serving.
+    pub(super) fn retire_older(&mut self, now: Instant) {
+        let generation = self.life.generation();
+        let busy = |c: &Child| {
+            c.slot
+                .and_then(|s| self.scoreboard.get(s))
+                .is_some_and(|e| e.open > 0)
+        };
+        let older = |c: &Child| c.kind.is_worker() && c.generation < generation;
+        let handing = self
+            .children
+            .iter()
+            .filter(|(_, c)| older(c) && c.retire_by.is_some() && !c.killed && busy(c))
+            .count();
+        let mut room = HAND_OVER_AT_ONCE.saturating_sub(handing);
+        let tell: Vec<Pid> = self
+            .children
+            .iter()
+            .filter(|(_, c)| older(c) && c.retire_by.is_none())
+            .filter(|(_, c)| {
+                if !busy(c) {
+                    return true;
+                }
+                let fits = room > 0;
+                room = room.saturating_sub(1);
+                fits
+            })
+            .map(|(p, _)| p)
+            .collect();
+        // More to tell once some of these are gone.
+        let untold = self
+            .children
+            .iter()
+            .filter(|(_, c)| older(c) && c.retire_by.is_none())
+            .count();
+        self.prefork.retiring_older = untold > tell.len();
+        let by = after(now, self.cfg.shutdown_timeout);
+        for pid in tell {
+            self.children.retire(pid, by, &self.scoreboard);
+        }
+    }
+
     /// The size of a pool of `generation` with `cfg`: its floor, or, in
     /// prefork, a worker for each connection open in an older
     /// generation's workers (which hand them over) plus `min-spare`,
     /// within `max-workers`.
-    fn taking_over(&self, generation: u32, cfg: &crate::config::Config) -> u32 {
+    pub(super) fn taking_over(&self, generation: u32, cfg: &crate::config::Config) -> u32 {
         if cfg.mode != Mode::Prefork || self.scoreboard.hand_over() != HandOver::ToWorkers {
             return cfg.workers;
         }
@@ -346,11 +397,17 @@ impl Master {
         let Some(slot) = self.scoreboard.claim(generation) else {
             return Err("every scoreboard slot is taken".into());
         };
-        let (ctl_r, ctl_w) = match crate::sys::pipe(false) {
-            Ok(p) => p,
+        // Linux: the worker makes its own pipe and the master holds
+        // nothing for it (sys/told.rs); elsewhere the master keeps the
+        // write end.
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        let (ctl, mut ctl_w) = (Ctl::Own, None::<std::os::fd::OwnedFd>);
+        #[cfg(not(any(target_os = "linux", target_os = "android")))]
+        let (ctl, mut ctl_w) = match crate::sys::pipe(false) {
+            Ok((r, w)) => (Ctl::Given(r), Some(w)),
             Err(e) => {
                 self.scoreboard.release(slot);
-                let hint = if matches!(e, Errno::EMFILE | Errno::ENFILE) {
+                let hint = if matches!(e, nix::errno::Errno::EMFILE | nix::errno::Errno::ENFILE) {
                     let (soft, _) = crate::sys::nofile_limit();
                     format!(
                         " (RLIMIT_NOFILE is {soft}; the master holds one descriptor per worker)"
@@ -364,7 +421,6 @@ impl Master {
                 ));
             }
         };
-        let mut ctl_w = Some(ctl_w);
         let brief = Brief {
             identity: Some(identity),
             limits,
@@ -372,7 +428,7 @@ impl Master {
             slot: Some(slot),
             fork_slot: None,
             count_bytes: true,
-            ctl: Some(ctl_r),
+            ctl,
             relays: kind.relays(),
             vault: kind.relays(),
             notice: true,
@@ -395,6 +451,7 @@ impl Master {
                 let mut child = Child::new(kind, now);
                 child.generation = generation;
                 child.slot = Some(slot);
+                child.told_by_signal = ctl_w.is_none();
                 child.ctl = ctl_w;
                 self.children.insert(pid, child);
                 info!("{} {pid} started", kind.name());

@@ -15,6 +15,8 @@ use std::time::SystemTime;
 mod fd;
 mod memory;
 mod process;
+#[cfg(any(target_os = "linux", target_os = "android"))]
+pub mod told;
 
 pub use fd::{
     accept, accept_queue, close_all_but, close_inherited, close_range, inherited_fd,

@@ -69,6 +69,10 @@ pub unsafe fn spawn(
             let mut mask = old;
             mask.remove(Signal::SIGCHLD);
             let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&mask), None);
+            // The master's word to a pool worker waits until the worker
+            // has its pipe (sys/told.rs).
+            #[cfg(any(target_os = "linux", target_os = "android"))]
+            super::told::block();
             let code = catch_unwind(AssertUnwindSafe(child)).unwrap_or(EXIT_PANIC);
             exit_now(code)
         }

@@ -268,6 +268,10 @@ pub(crate) fn follow_master(ctx: &Ctx<'_>) -> Result<(), i32> {
     #[cfg(any(target_os = "linux", target_os = "android"))]
     if ctx.vault.is_none() {
         let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
+    } else {
+        // A pipe of its own does not end when the master dies: the
+        // kernel's signal ends it (sys/told.rs).
+        crate::sys::told::on_master_death();
     }
     // The master may have died before the line above took effect.
     if ctx.master_gone() {

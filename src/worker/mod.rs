@@ -1,10 +1,13 @@
 //! What a child does after fork: the prefork accept loop, or serving the one
 //! connection of a fork-mode child.
 //!
-//! Every child watches the read end of the master's control pipe. The master
-//! holds the only write end, so the pipe reports end-of-file when the master
-//! closes it (graceful stop: stop accepting, finish the connection in hand)
-//! or dies (exit now). A child tells the two apart by its parent pid.
+//! Every child watches the read end of a control pipe that reports
+//! end-of-file when the master tells it to stop (graceful stop: stop
+//! accepting, finish the connection in hand) or dies (exit now). A pool
+//! worker on Linux makes its own pipe, which the master's signal (or the
+//! kernel's, at the master's death) closes (sys/told.rs); elsewhere, and for
+//! fork-mode children, the master holds the only write end. A child tells
+//! the two apart by its slot's mark and its parent pid.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::{Duration, Instant};
@@ -177,6 +180,7 @@ pub fn prefork(listeners: Vec<Listener>, ctx: Ctx<'_>, max_requests: u64) -> i32
         if let Some(slot) = &ctx.slot {
             slot.set_open(1);
         }
+        acceptor.step_back();
         let done = serve_in_hand(hand, &ctx, &mut buf, &mut acceptor);
         if let Some(slot) = &ctx.slot {
             slot.set_open(0);
