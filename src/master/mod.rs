@@ -165,6 +165,9 @@ struct PreforkState {
     /// Older generations' busy workers are still being told to hand
     /// over, a batch at a time (`retire_older`).
     retiring_older: bool,
+    /// The pool's fill stopped at its share of one turn: the next turn
+    /// comes at once.
+    fill_more: bool,
 }
 
 /// When the master reports, and what it reported last.
@@ -496,6 +499,7 @@ impl Master {
             self.probe_deadline(now).filter(|_| running),
             self.children.next_deadline().filter(|_| running),
             self.prefork.recheck.filter(|_| running),
+            self.prefork.fill_more.then_some(now).filter(|_| running),
             self.chan
                 .relay_wait
                 .map(|(t, _)| after(t, self.cfg.shutdown_timeout))

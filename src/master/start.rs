@@ -122,6 +122,7 @@ pub fn run(
             turns: crate::turns::wanted(),
             fill_stuck: false,
             retiring_older: false,
+            fill_more: false,
         },
         reports: Reports {
             started: now,

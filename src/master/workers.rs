@@ -23,6 +23,9 @@ use crate::time::after;
 /// Busy workers of an older generation told to hand over at once.
 const HAND_OVER_AT_ONCE: usize = 128;
 
+/// Workers a pool's fill forks per turn of the master's loop.
+const FORK_AT_ONCE: u32 = 64;
+
 impl Master {
     /// SIGTTIN/SIGTTOU: moves the pool's floor by one; TTOU also retires
     /// one worker (an idle one if there is one) while above the floor.
@@ -63,7 +66,13 @@ impl Master {
     /// an upgrade) starts with a worker for each conversation the older
     /// one will hand over, besides its spares: they are ready when the
     /// connections come, rather than forked one burst after they wait.
+    ///
+    /// At most [`FORK_AT_ONCE`] per turn of the master's loop, which comes
+    /// straight back for more: 4,000 forked in one go kept the master
+    /// from its signals, its children's exits and its spares for 4 s.
     pub(super) fn fill_pool(&mut self, now: Instant) {
+        let mut budget = FORK_AT_ONCE;
+        self.prefork.fill_more = false;
         for target in [Target::InForce, Target::Pending] {
             let (generation, size) = match (target, &self.underway.pending, self.life.next()) {
                 (Target::InForce, _, _) if self.cfg.mode.pooled() => {
@@ -76,6 +85,11 @@ impl Master {
                 _ => continue,
             };
             while self.children.active(generation) < size as usize {
+                if budget == 0 {
+                    self.prefork.fill_more = true;
+                    break;
+                }
+                budget -= 1;
                 if !self.try_spawn(target, Kind::Pool, now) {
                     // A new generation commits without the rest (progress).
                     self.prefork.fill_stuck = true;
@@ -305,6 +319,12 @@ impl Master {
                         break;
                     }
                 }
+            }
+            // Not while an older generation still has connections to hand
+            // over: the idle ones are the workers they go to (an upgrade's
+            // new generation is in force while it fills, and lost one a
+            // second to this, forked again at once).
+            pool::Action::Retire if self.held_by(|c| c.generation < self.life.generation()) > 0 => {
             }
             pool::Action::Retire => self.retire_one(now, "more than max-spare idle"),
             pool::Action::AtMax => {
