@@ -29,7 +29,7 @@ pub use fd::set_blocking_socket;
 pub use memory::{IoBuffer, SharedWords};
 pub use process::{
     exit_now, fork_plain, interrupt_on_signal, set_groups, spawn, spawn_keeping_handlers,
-    wake_on_signal,
+    step_aside, wake_on_signal,
 };
 
 /// Local wall-clock time as (month 0–11, day, hour, minute, second), for

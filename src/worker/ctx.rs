@@ -92,6 +92,7 @@ impl Ctx<'_> {
     /// master's descriptors close, before the kernel gives its children
     /// a new parent.)
     pub(crate) fn pipe_ended(&self) -> bool {
+        crate::sys::step_aside();
         let told = match &self.slot {
             Some(slot) => slot.told(),
             None => self.board.stopping(),
