@@ -320,12 +320,6 @@ impl Master {
                     }
                 }
             }
-            // Not while an older generation still has connections to hand
-            // over: the idle ones are the workers they go to (an upgrade's
-            // new generation is in force while it fills, and lost one a
-            // second to this, forked again at once).
-            pool::Action::Retire if self.held_by(|c| c.generation < self.life.generation()) > 0 => {
-            }
             pool::Action::Retire => self.retire_one(now, "more than max-spare idle"),
             pool::Action::AtMax => {
                 if let Some(more) = self.prefork.at_max.hit(now) {
