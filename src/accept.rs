@@ -238,6 +238,12 @@ impl Acceptor {
         std::mem::take(&mut self.listeners)
     }
 
+    /// Puts back listeners [`Acceptor::take`] took out (a fork-mode child
+    /// forked to accept, where descriptors are closed one by one).
+    pub fn put_back(&mut self, listeners: Vec<Listener>) {
+        self.listeners = listeners;
+    }
+
     /// Closes every listener, and stops taking from the relay (its end is
     /// kept, to be emptied should the master die): this process accepts
     /// no more.

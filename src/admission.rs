@@ -9,8 +9,8 @@
 //! and given back when the ticket is dropped. A process that can die
 //! holding places publishes each where the master finds it when it reaps
 //! the process ([`Holder`]): a prefork worker in its slot, a fork-mode
-//! child in its word of the fork table; the master itself holds the
-//! places of the fork-mode children it forks, and an event worker, which
+//! child in its word of the fork table (the master keeps the place of a
+//! connection handed over to a child it forks), and an event worker, which
 //! holds many, has the live ones count theirs again ([`reclaim`]). One
 //! atomic swap of the published word decides who gives a place back, so
 //! it is given back exactly once.
@@ -46,8 +46,7 @@ pub struct Policy {
 /// doc).
 #[derive(Clone, Copy)]
 pub enum Holder<'a> {
-    /// Nowhere: an event worker, or the fork-mode master (which keeps the
-    /// place of each child it forks, [`Ticket::into_place`]).
+    /// Nowhere: an event worker.
     Here,
     /// A prefork worker's slot.
     Slot(Slot<'a>),
@@ -68,14 +67,6 @@ impl<'a> Ticket<'a> {
     /// The place, to count again after a rebuild of the table.
     pub fn place(&self) -> Option<Place> {
         self.place
-    }
-
-    /// Hands the place to the caller, who gives it back with
-    /// [`give_back`] (the fork-mode master, when it reaps the child).
-    pub fn into_place(self) -> Option<Place> {
-        let place = self.place;
-        std::mem::forget(self);
-        place
     }
 
     /// The connection went to another process with its place (see
@@ -470,17 +461,30 @@ mod tests {
         let board = Scoreboard::new(1, 3).unwrap();
         let p = per_ip(1);
         let t = p.admit(&board, k("192.0.2.9"), Holder::Fork(7)).unwrap();
+        // It said it took its connection (it accepted it: fork.rs).
+        crate::scoreboard::mark_taken(board.fork_held(7));
         std::mem::forget(t); // killed while serving
+        assert!(p.admit(&board, k("192.0.2.9"), Holder::Here).is_err());
         p.reclaim(
             &board,
             Held {
                 fork: Some(7),
+                abnormal: true,
                 ..Held::default()
             },
         );
+        assert!(
+            crate::scoreboard::taken(board.fork_held(7)),
+            "the master still sees that it took a connection"
+        );
+        let back = p.admit(&board, k("192.0.2.9"), Holder::Here);
+        assert!(back.is_ok(), "its place came back");
+        drop(back);
+        // A connection handed over to a child the master forks: the
+        // master keeps its place, and gives it back at reap.
         let kept = p.admit(&board, k("192.0.2.9"), Holder::Here).unwrap();
-        // The master's own: handed over, given back at reap.
-        let place = kept.into_place().unwrap();
+        let place = kept.place().unwrap();
+        std::mem::forget(kept);
         assert!(p.admit(&board, k("192.0.2.9"), Holder::Here).is_err());
         give_back(&board, place);
         assert!(p.admit(&board, k("192.0.2.9"), Holder::Here).is_ok());

@@ -299,6 +299,8 @@ pub fn describe(status: &WaitStatus) -> (bool, Cow<'static, str>) {
     match *status {
         WaitStatus::Exited(_, 0) => (false, Cow::Borrowed("exited")),
         WaitStatus::Exited(_, EXIT_REFUSED) => (false, Cow::Borrowed("refused its client")),
+        WaitStatus::Exited(_, EXIT_UNUSED) => (false, Cow::Borrowed("found no connection waiting")),
+        WaitStatus::Exited(_, EXIT_CANNOT_ACCEPT) => (false, Cow::Borrowed("could not accept")),
         WaitStatus::Exited(_, EXIT_HANDED_OVER) => {
             (false, Cow::Borrowed("handed its connection over"))
         }
@@ -344,13 +346,24 @@ pub const EXIT_REFUSED: i32 = 5;
 /// another process (a restart under systemd): not a connection served
 /// here, and a clean end.
 pub const EXIT_HANDED_OVER: i32 = 6;
+/// Exit code of a fork-mode child forked to accept that found no
+/// connection waiting (another child took it, or its client left): no
+/// connection, and a clean end.
+pub const EXIT_UNUSED: i32 = 7;
+/// Exit code of a fork-mode child forked to accept that could not, out
+/// of a resource (descriptors, memory): no connection; the master pauses
+/// accepting, as it did when it accepted itself.
+pub const EXIT_CANNOT_ACCEPT: i32 = 8;
 
 /// Classifies a reaped child: `lived` since its fork; `ready` for a worker
 /// is whether it ever said so (a fork-mode child has nothing to say).
 pub fn classify(status: &WaitStatus, kind: Kind, lived: Duration, ready: bool) -> Exit {
     let abnormal = match *status {
         WaitStatus::Exited(_, 0) => false,
-        WaitStatus::Exited(_, EXIT_REFUSED | EXIT_HANDED_OVER) if kind == Kind::Conn => false,
+        WaitStatus::Exited(
+            _,
+            EXIT_REFUSED | EXIT_HANDED_OVER | EXIT_UNUSED | EXIT_CANNOT_ACCEPT,
+        ) if kind == Kind::Conn => false,
         WaitStatus::Exited(_, code) if kind == Kind::Conn && code == EXIT_SETUP => {
             return Exit::FailedStart
         }

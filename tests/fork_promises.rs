@@ -27,7 +27,8 @@
 //!
 //! Added here: the limit under a burst of short connections, where it is
 //! reaping that frees places, and no child nor zombie after 10,000 of them;
-//! each child's descriptors counted; a child killed with its master before
+//! each child's descriptors counted; the master's, which never include a
+//! client's connection, through a burst; a child killed with its master before
 //! its first read, while it echoes, and at every stage of a burst; SIGHUP
 //! and SIGTERM (to the master, and to the whole group as systemd sends it)
 //! during a burst: the master acts, and no child ends or cuts anything; a
@@ -551,6 +552,76 @@ fn each_child_holds_its_own_connection_and_nothing_else_of_the_masters() {
             fds.len()
         );
     }
+}
+
+/// The master never holds a client's connection, not even between an
+/// accept and the fork that follows (a master killed there would take the
+/// connection with it, where under systemd its children and their
+/// connections outlive it): a child forked for each waiting connection
+/// accepts it. Sampled through a burst of short connections, the master's
+/// sockets are the ones it had before.
+#[test]
+fn the_master_never_holds_a_clients_connection() {
+    const CLIENTS: u32 = 8;
+    const EACH: u32 = 250;
+    let _heavy = heavy();
+    let d = fork_mode(&["-l", "127.0.0.1:0", "--max-children", "64"]);
+    let addr = d.addr();
+    let before = {
+        let mut s = sockets_of(d.pid);
+        s.sort();
+        s
+    };
+    assert!(!before.is_empty(), "the master holds no socket at all");
+    let done = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (done, pid, before) = (done.clone(), d.pid, before.clone());
+        std::thread::spawn(move || {
+            let (mut samples, mut extra) = (0u32, Vec::new());
+            while !done.load(Ordering::SeqCst) {
+                let mut now = sockets_of(pid);
+                now.sort();
+                samples += 1;
+                if now != before && extra.len() < 10 {
+                    extra.push(now);
+                }
+            }
+            (samples, extra)
+        })
+    };
+    let clients: Vec<JoinHandle<Result<(), String>>> = (0..CLIENTS)
+        .map(|t| {
+            std::thread::spawn(move || {
+                for i in 0..EACH {
+                    let msg = [t.to_be_bytes(), i.to_be_bytes()].concat();
+                    let mut s = TcpStream::connect_timeout(&addr, DEADLINE)
+                        .map_err(|e| format!("client {t}, connection {i}: connect: {e}"))?;
+                    let back = round_trip(&mut s, &msg)
+                        .map_err(|e| format!("client {t}, connection {i}: {e}"))?;
+                    if back != msg {
+                        return Err(format!("client {t}, connection {i}: {back:?}"));
+                    }
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    let failed: Vec<String> = clients
+        .into_iter()
+        .filter_map(|c| c.join().expect("a client thread").err())
+        .collect();
+    done.store(true, Ordering::SeqCst);
+    let (samples, extra) = sampler.join().expect("the sampler");
+    println!("{samples} samples of the master's sockets through 2,000 connections");
+    assert!(failed.is_empty(), "{failed:?}\n{}", d.stderr_text());
+    assert!(
+        samples >= 50,
+        "only {samples} samples: the burst proves nothing"
+    );
+    assert!(
+        extra.is_empty(),
+        "the master held more sockets than its own {before:?}: {extra:?}"
+    );
 }
 
 /// Waits, at most 3 s, until every one of `pids` is gone (or a zombie).

@@ -22,7 +22,8 @@ use super::defaults;
 pub enum Mode {
     /// A pool of workers that all accept on the listeners.
     Prefork,
-    /// The master accepts and forks one child per connection.
+    /// One child per connection, forked for it (it accepts it: the
+    /// master never holds a client's connection).
     Fork,
     /// A few workers that each serve many connections from an event loop.
     Event,

@@ -135,12 +135,19 @@ struct ForkState {
     conn_buf: Option<IoBuffer>,
     /// Connections handed to a child.
     accepted: u64,
-    /// The client checks the master makes before forking.
+    /// The client checks each child makes (the master accepts none).
     policy: Policy,
+    /// Children forked to accept that have not said they took a
+    /// connection yet, with their word in the fork table: while there
+    /// are any, the master does not poll the listeners.
+    in_flight: fork::InFlight,
+    /// Where the next child forked to accept starts its round of the
+    /// listeners.
+    next_door: usize,
     /// `max-children` reached, counted and reported.
     saturation: Saturation,
-    /// Behind a proxy: the children's words in the scoreboard's fork
-    /// table, where each publishes its client's place.
+    /// The children's words in the scoreboard's fork table, where each
+    /// says it took its connection and publishes its client's place.
     slots: IndexPool,
 }
 
@@ -285,7 +292,9 @@ impl Master {
             }
             self.on_signals(&p, now);
             // For the metrics: fork-mode children are the busy ones.
-            self.scoreboard.set_fork_children(self.children.conns());
+            let accepting = self.fork.in_flight.len();
+            self.scoreboard
+                .set_fork_children(self.children.conns().saturating_sub(accepting));
             if !self.life.stopping() {
                 // Readiness and reloads first: a commit puts the new
                 // generation in force before the pool is tended.
@@ -414,10 +423,7 @@ impl Master {
         self.kill_overdue(now);
         self.check_probes(now);
         if self.cfg.mode == Mode::Fork {
-            // Only when a listener is readable: no EAGAIN per wake-up.
-            if readable {
-                self.accept(now, relay_ready);
-            }
+            self.accept(now, readable, relay_ready);
             self.watch_limit(now);
         }
         self.fill_pool(now);
@@ -469,7 +475,9 @@ impl Master {
             fds.len() - 1
         });
         let first_listener = fds.len();
-        if accepting {
+        // While children forked to accept are on their way, the listeners
+        // are still readable: their notices wake the master instead.
+        if accepting && self.fork.in_flight.is_empty() {
             for (_, l) in self.acceptor.streams() {
                 fds.push(PollFd::new(l.as_fd(), PollFlags::POLLIN));
             }
@@ -500,6 +508,9 @@ impl Master {
             self.children.next_deadline().filter(|_| running),
             self.prefork.recheck.filter(|_| running),
             self.prefork.fill_more.then_some(now).filter(|_| running),
+            (!self.fork.in_flight.is_empty())
+                .then(|| now + fork::IN_FLIGHT_RECHECK)
+                .filter(|_| running),
             self.chan
                 .relay_wait
                 .map(|(t, _)| after(t, self.cfg.shutdown_timeout))

@@ -14,7 +14,9 @@ use nix::unistd::Pid;
 use super::lifecycle::Event;
 use super::Master;
 use crate::admission;
-use crate::children::{classify, describe, Child, Exit, Kind, EXIT_REFUSED, QUICK_DEATH};
+use crate::children::{
+    classify, describe, Child, Exit, Kind, EXIT_CANNOT_ACCEPT, EXIT_REFUSED, QUICK_DEATH,
+};
 use crate::scoreboard::{Exited, State};
 
 impl Master {
@@ -64,7 +66,11 @@ impl Master {
             self.prefork.served_by_gone += last.map_or(0, |e| e.served);
             let never_ready = last.is_some_and(|e| e.state == State::Starting);
             if child.kind == Kind::Conn {
-                if !matches!(status, WaitStatus::Exited(_, EXIT_REFUSED)) {
+                let took = self.took_one(pid);
+                if matches!(status, WaitStatus::Exited(_, EXIT_CANNOT_ACCEPT)) {
+                    self.acceptor.pause_for_a_while(now);
+                }
+                if took && !matches!(status, WaitStatus::Exited(_, EXIT_REFUSED)) {
                     self.scoreboard.connections_ended(1);
                 }
             } else {

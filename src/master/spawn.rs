@@ -47,10 +47,30 @@ pub(super) struct Brief {
     /// A fork-mode child, forked lean: the master's handlers are left as
     /// they are (in a child they act as its dispositions: see
     /// signals.rs), and what it must not hold is closed by number, all
-    /// but this (its connection) and what it keeps, in one `close_range`
-    /// per gap. No system call per signal, none per descriptor.
-    pub lean: Option<RawFd>,
+    /// but what it keeps, in one `close_range` per gap. No system call
+    /// per signal, none per descriptor.
+    pub lean: Option<Lean>,
+    /// It checks its clients with the master's fork-mode policy (read
+    /// where the master keeps it: not copied for each child), not
+    /// `policy`.
+    pub fork_policy: bool,
 }
+
+/// What a lean fork-mode child keeps of the master's descriptors, besides
+/// what every child keeps (control pipe, vault, log).
+#[derive(Clone, Copy)]
+pub(super) enum Lean {
+    /// The connection it serves (one the master took from the relay).
+    Conn(RawFd),
+    /// The listeners it accepts its connection from, and the notice
+    /// pipe where it says it took one.
+    Accept,
+}
+
+/// Descriptors a lean child keeps besides its listeners.
+const LEAN_KEEP: usize = 6;
+/// Listeners whose numbers a lean child keeps in place; beyond, on the heap.
+pub(super) const LEAN_LISTENERS: usize = 16;
 
 /// Which control pipe a child watches (its end-of-file: stop).
 pub(super) enum Ctl {
@@ -103,18 +123,7 @@ impl Master {
             // Lean: what it must not hold goes by number, and the objects
             // that held it are never dropped (the child `_exit`s), so
             // nothing closes a number twice.
-            let closed = lean.is_some_and(|conn| {
-                let v = self.kept.vault.as_ref().filter(|_| brief.vault);
-                let v = v.map(|v| v.raw_fds());
-                let log = crate::logging::descriptor();
-                let mut keep = [conn, ctl, -1, -1, -1];
-                if let Some([a, b]) = v {
-                    keep[2] = a;
-                    keep[3] = b;
-                }
-                keep[4] = log.unwrap_or(-1);
-                sys::close_all_but(&mut keep)
-            });
+            let closed = lean.is_some_and(|lean| self.close_lean(lean, ctl, brief.vault));
             if closed {
                 crate::logging::forked();
             } else {
@@ -122,7 +131,12 @@ impl Master {
                 if !brief.relays {
                     self.chan.relay = None;
                 }
+                // A child forked to accept keeps its listeners.
+                let doors = matches!(lean, Some(Lean::Accept)).then(|| self.acceptor.take());
                 self.close_in_child();
+                if let Some(doors) = doors {
+                    self.acceptor.put_back(doors);
+                }
                 if !brief.notice {
                     self.chan.notice_w = None;
                 }
@@ -163,7 +177,10 @@ impl Master {
                 },
                 master,
                 limits: brief.limits,
-                policy: &brief.policy,
+                policy: match brief.fork_policy {
+                    true => &self.fork.policy,
+                    false => &brief.policy,
+                },
                 slot: brief.slot.map(|s| self.scoreboard.slot(s)),
                 board: &self.scoreboard,
                 count_bytes: brief.count_bytes,
@@ -191,6 +208,43 @@ impl Master {
                 None => sys::spawn(&signals::HANDLED, &signals::CHILD_IGNORED, body),
             }
         }
+    }
+
+    /// In a lean child right after fork: closes every descriptor but
+    /// what `lean` says it keeps, `ctl`, the vault (if it takes it) and
+    /// the log's; false if that could not be done by number here.
+    fn close_lean(&self, lean: Lean, ctl: RawFd, vault: bool) -> bool {
+        let v = self.kept.vault.as_ref().filter(|_| vault);
+        let mut keep = [-1; LEAN_KEEP + LEAN_LISTENERS];
+        keep[0] = ctl;
+        if let Some([a, b]) = v.map(|v| v.raw_fds()) {
+            keep[1] = a;
+            keep[2] = b;
+        }
+        keep[3] = crate::logging::descriptor().unwrap_or(-1);
+        let listeners = match lean {
+            Lean::Conn(conn) => {
+                keep[4] = conn;
+                return sys::close_all_but(&mut keep);
+            }
+            Lean::Accept => {
+                keep[4] = self.chan.notice_w.as_ref().map_or(-1, |f| f.as_raw_fd());
+                self.acceptor.streams().map(|(_, l)| l.as_fd().as_raw_fd())
+            }
+        };
+        let mut more = Vec::new();
+        for (i, fd) in listeners.enumerate() {
+            match keep.get_mut(LEAN_KEEP + i) {
+                Some(k) => *k = fd,
+                None => more.push(fd),
+            }
+        }
+        if more.is_empty() {
+            return sys::close_all_but(&mut keep);
+        }
+        // Many listeners: on the heap (a page copied, for these only).
+        more.extend_from_slice(&keep);
+        sys::close_all_but(&mut more)
     }
 
     /// In a child right after fork: drops what only the master may hold,

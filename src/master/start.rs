@@ -112,6 +112,8 @@ pub fn run(
             policy: cfg.policy(),
             saturation: Saturation::new(REPORT_EVERY),
             slots: IndexPool::default(),
+            in_flight: super::fork::InFlight::new(),
+            next_door: 0,
         },
         prefork: PreforkState {
             pool: Pool::default(),

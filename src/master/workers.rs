@@ -448,6 +448,7 @@ impl Master {
             notice: true,
             shutdown,
             lean: None,
+            fork_policy: false,
         };
         let forked = self.fork_child(
             brief,

@@ -32,7 +32,7 @@ mod slots;
 mod tables;
 pub use counters::{Cut, Dropped, Exited, Refusal};
 pub use slots::{Entry, Slot, State};
-pub use tables::{hold, take_held, Place, MAX_CHILDREN};
+pub use tables::{clear, hold, mark_taken, take_held, taken, Place, MAX_CHILDREN};
 
 /// What a child told to stop does with its open connections.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -162,13 +162,35 @@ impl Scoreboard {
     }
 }
 
+/// The bit of a fork-mode child's word that says it accepted its
+/// connection (see [`mark_taken`]); the place is in the bits below.
+const TAKEN: u64 = 1 << 62;
+
 /// Takes the place published in `w`, if any: whoever takes it gives it
-/// back, exactly once.
+/// back, exactly once. Whether the child took a connection stays said.
 pub fn take_held(w: &AtomicU64) -> Option<Place> {
-    Place::from_word(w.swap(0, Ordering::AcqRel))
+    Place::from_word(w.fetch_and(TAKEN, Ordering::AcqRel) & !TAKEN)
 }
 
 /// Publishes `p` in `w`.
 pub fn hold(w: &AtomicU64, p: Place) {
-    w.store(p.word(), Ordering::Release);
+    let _ = w.fetch_update(Ordering::Release, Ordering::Relaxed, |old| {
+        Some(old & TAKEN | p.word())
+    });
+}
+
+/// A fork-mode child forked to accept says in its word that it took a
+/// connection (the master then forks the next one).
+pub fn mark_taken(w: &AtomicU64) {
+    w.fetch_or(TAKEN, Ordering::Release);
+}
+
+/// Whether the child whose word is `w` took a connection.
+pub fn taken(w: &AtomicU64) -> bool {
+    w.load(Ordering::Acquire) & TAKEN != 0
+}
+
+/// Clears `w` for a new child.
+pub fn clear(w: &AtomicU64) {
+    w.store(0, Ordering::Release);
 }

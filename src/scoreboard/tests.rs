@@ -95,6 +95,21 @@ fn places_are_bounded_published_and_rebuilt() {
     assert_eq!(take_held(board.slot_held(s)), None);
     hold(board.fork_held(3), y);
     assert_eq!(take_held(board.fork_held(3)), Some(y));
+    // A fork-mode child's word says it took a connection apart from its
+    // place, whichever is written first and after the place is taken.
+    let w = board.fork_held(4);
+    assert!(!taken(w));
+    mark_taken(w);
+    hold(w, y);
+    assert!(taken(w));
+    assert_eq!(take_held(w), Some(y));
+    assert_eq!(take_held(w), None);
+    assert!(taken(w), "taking the place back leaves the mark");
+    clear(w);
+    assert!(!taken(w));
+    hold(w, x);
+    mark_taken(w);
+    assert_eq!(take_held(w), Some(x));
     hold(board.slot(s).held(), x);
     board.release(s);
     let s = board.claim(2).unwrap();

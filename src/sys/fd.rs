@@ -25,19 +25,20 @@ pub fn try_lock(file: &std::fs::File) -> io::Result<bool> {
 /// `accept4` with SOCK_CLOEXEC | SOCK_NONBLOCK (one syscall, no fcntl);
 /// Apple's systems, which lack it, set the flags after `accept`.
 pub fn accept(listener: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    accept_numbered(listener.as_raw_fd())
+}
+
+/// [`accept`] on a listener known by its number (a lean fork-mode child
+/// keeps its listeners' numbers, not the master's objects): accepting
+/// changes nothing of the descriptor, whoever owns it.
+pub fn accept_numbered(listener: RawFd) -> io::Result<OwnedFd> {
     #[cfg(not(target_vendor = "apple"))]
     {
         let flags = libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK;
         // SAFETY: null address pointers are allowed; on success the return
         // value is a new descriptor that nothing else owns.
-        let fd = unsafe {
-            libc::accept4(
-                listener.as_raw_fd(),
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-                flags,
-            )
-        };
+        let fd =
+            unsafe { libc::accept4(listener, std::ptr::null_mut(), std::ptr::null_mut(), flags) };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -47,7 +48,7 @@ pub fn accept(listener: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     #[cfg(target_vendor = "apple")]
     {
         use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
-        let raw = nix::sys::socket::accept(listener.as_raw_fd())?;
+        let raw = nix::sys::socket::accept(listener)?;
         // SAFETY: `raw` was just returned by accept and is owned by no one.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         fcntl(&fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))?;

@@ -19,9 +19,9 @@ mod process;
 pub mod told;
 
 pub use fd::{
-    accept, accept_queue, close_all_but, close_inherited, close_range, inherited_fd,
-    is_nonblocking, name_blocked_reader, no_signal, nofile_limit, open_fds, pipe, set_nofile,
-    set_nonblocking, socket, socketpair, try_lock, wake_blocked_reader,
+    accept, accept_numbered, accept_queue, close_all_but, close_inherited, close_range,
+    inherited_fd, is_nonblocking, name_blocked_reader, no_signal, nofile_limit, open_fds, pipe,
+    set_nofile, set_nonblocking, socket, socketpair, try_lock, wake_blocked_reader,
 };
 // Only Linux arms a blocking read (echo/block.rs).
 #[cfg(any(target_os = "linux", target_os = "android"))]

@@ -117,6 +117,20 @@ impl Ctx<'_> {
         }
     }
 
+    /// A fork-mode child forked to accept took its connection: says so in
+    /// its word of the fork table, and wakes the master to fork the next.
+    pub(super) fn took_one(&self) {
+        if let Some(index) = self.fork_slot {
+            crate::scoreboard::mark_taken(self.board.fork_held(index));
+        }
+        if let Some(fd) = self.notice {
+            // From the stack, which this child has written already: a
+            // constant's page would be one more fault in a new process.
+            let byte = std::hint::black_box([b't']);
+            let _ = nix::unistd::write(fd, &byte);
+        }
+    }
+
     /// Publishes "ready" and wakes the master, which may be waiting for a
     /// new generation before it retires the old one.
     pub(crate) fn ready(&self) {

@@ -9,7 +9,7 @@
 //! fork-mode children, the master holds the only write end. A child tells
 //! the two apart by its slot's mark and its parent pid.
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use log::{debug, error, warn};
@@ -25,7 +25,9 @@ use crate::sys::IoBuffer;
 use crate::turns::{Turn, Turns};
 use std::net::SocketAddr;
 
-pub use crate::children::{EXIT_HANDED_OVER, EXIT_ORPHAN, EXIT_REFUSED, EXIT_SETUP};
+pub use crate::children::{
+    EXIT_CANNOT_ACCEPT, EXIT_HANDED_OVER, EXIT_ORPHAN, EXIT_REFUSED, EXIT_SETUP, EXIT_UNUSED,
+};
 
 /// One buffer per process, reused for every connection.
 const BUF_SIZE: usize = 64 * 1024;
@@ -354,6 +356,113 @@ pub fn fork_child(
         }
         Done::HandedOver => EXIT_HANDED_OVER,
     }
+}
+
+/// The listeners a fork-mode child forked to accept takes its connection
+/// from, by number, and whether each is TCP: in place for a few (a child
+/// that allocates writes the allocator's pages, copied from the master).
+pub struct Doors {
+    few: [(RawFd, bool); Doors::FEW],
+    n: usize,
+    many: Vec<(RawFd, bool)>,
+}
+
+impl Doors {
+    const FEW: usize = 4;
+
+    /// The listeners `all` lists.
+    pub fn new(all: impl Iterator<Item = (RawFd, bool)>) -> Doors {
+        let mut d = Doors {
+            few: [(-1, false); Doors::FEW],
+            n: 0,
+            many: Vec::new(),
+        };
+        for door in all {
+            match d.few.get_mut(d.n) {
+                Some(slot) if d.many.is_empty() => {
+                    *slot = door;
+                    d.n += 1;
+                }
+                _ => {
+                    if d.many.is_empty() {
+                        d.many.extend_from_slice(&d.few[..d.n]);
+                    }
+                    d.many.push(door);
+                }
+            }
+        }
+        d
+    }
+
+    fn all(&self) -> &[(RawFd, bool)] {
+        match self.many.is_empty() {
+            true => &self.few[..self.n],
+            false => &self.many,
+        }
+    }
+
+    /// Closes them all: a child serving its connection holds no listener.
+    fn close(&self) {
+        for &(fd, _) in self.all() {
+            // Known by number only: this is its one close here.
+            let _ = nix::unistd::close(fd);
+        }
+    }
+}
+
+/// A fork-mode child forked to accept (the master never holds a client's
+/// connection, so none is lost should it die), `forked` then: takes one
+/// connection from the first of `doors` that has one, from `start` on in
+/// rotation; says
+/// so in its word of the fork table and wakes the master, which forks
+/// the next; closes the listeners and serves it as [`fork_child`] does.
+/// [`EXIT_UNUSED`] when none waits; [`EXIT_CANNOT_ACCEPT`] when out of a
+/// resource (logged, rate-limited across children; the master pauses).
+pub fn fork_acceptor(
+    doors: &Doors,
+    start: usize,
+    forked: Instant,
+    ctx: Ctx<'_>,
+    buf: Option<&mut IoBuffer>,
+) -> i32 {
+    let all = doors.all();
+    let mut taken = None;
+    for k in 0..all.len() {
+        let (fd, tcp) = all[(start + k) % all.len()];
+        match crate::sys::accept_numbered(fd) {
+            Ok(conn) => {
+                taken = Some((conn, tcp));
+                break;
+            }
+            Err(e) => match crate::accept::classify(&e) {
+                crate::accept::Failure::Empty | crate::accept::Failure::Transient => {}
+                crate::accept::Failure::Resource => {
+                    if let Some(more) = ctx.board.setup_failure_report(crate::logging::REPORT_EVERY)
+                    {
+                        warn!(
+                            "cannot accept a connection: {}; pausing ({more} more failures since the last report)",
+                            crate::logging::error_text(&e)
+                        );
+                    }
+                    return EXIT_CANNOT_ACCEPT;
+                }
+            },
+        }
+    }
+    let Some((conn, tcp)) = taken else {
+        return EXIT_UNUSED;
+    };
+    let mut ctx = ctx;
+    ctx.took_one();
+    // Serving, it holds its connection and its control pipe, no more.
+    doors.close();
+    if let Some(fd) = ctx.notice.take() {
+        let _ = nix::unistd::close(fd.as_raw_fd());
+    }
+    // The master's clock as it forked this child for a waiting connection,
+    // microseconds ago: the child reads none (a clock read is a page
+    // fault in a new process).
+    fork_child(conn, tcp, None, forked, ctx, buf)
 }
 
 /// `--inetd`: serves the connection inherited on stdin and returns the exit
