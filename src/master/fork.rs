@@ -107,7 +107,6 @@ impl Master {
     /// counts one, so that a wake-up costs no `recvmsg`.
     pub(super) fn accept(&mut self, now: Instant, readable: bool, relay_ready: bool) {
         self.see_taken();
-        let mut relay_ready = relay_ready;
         for _ in 0..ACCEPT_BATCH {
             if !self.may_fork(now) {
                 return;
@@ -116,7 +115,6 @@ impl Master {
             let Some((conn, c)) = self.take_relayed(relay_ready) else {
                 break;
             };
-            relay_ready = false;
             if !self.fork_for(conn, c, now) {
                 return;
             }
