@@ -534,7 +534,7 @@ impl Master {
         }
         let ready = |f: &PollFd<'_>| f.revents().is_some_and(|r| !r.is_empty());
         let relay_ready = relay_at.is_some_and(|i| ready(&fds[i]));
-        let readable = fds[listening].iter().any(ready) || relay_ready;
+        let readable = fds[listening].iter().any(ready);
         Woke {
             noticed: ready(&fds[1]),
             ready: readable,
@@ -565,7 +565,7 @@ impl Master {
 struct Woke {
     /// A worker's notice.
     noticed: bool,
-    /// A listener, or the relay.
+    /// A listener (fork mode: a connection waits).
     ready: bool,
     /// The relay.
     relay_ready: bool,
