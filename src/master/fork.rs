@@ -166,7 +166,7 @@ impl Master {
 
     /// A child forked to accept is gone (`pid`, reaped): whether it took
     /// a connection. Any other child took one.
-    pub(super) fn took_one(&mut self, pid: Pid) -> bool {
+    pub(super) fn took_a_connection(&mut self, pid: Pid) -> bool {
         let Some(index) = self.fork.in_flight.remove(pid) else {
             return true;
         };

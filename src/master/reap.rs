@@ -66,7 +66,7 @@ impl Master {
             self.prefork.served_by_gone += last.map_or(0, |e| e.served);
             let never_ready = last.is_some_and(|e| e.state == State::Starting);
             if child.kind == Kind::Conn {
-                let took = self.took_one(pid);
+                let took = self.took_a_connection(pid);
                 if matches!(status, WaitStatus::Exited(_, EXIT_CANNOT_ACCEPT)) {
                     self.acceptor.pause_for_a_while(now);
                 }
