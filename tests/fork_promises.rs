@@ -370,6 +370,37 @@ fn descriptors(pid: i32) -> Vec<(u32, String)> {
     v
 }
 
+/// `clients` threads each make `each` connections to `addr` one after
+/// another: a numbered message, half-close, all of it back. What failed.
+fn short_connections(addr: SocketAddr, clients: u32, each: u32) -> Vec<String> {
+    let threads: Vec<JoinHandle<Result<(), String>>> = (0..clients)
+        .map(|t| {
+            std::thread::spawn(move || {
+                for i in 0..each {
+                    let msg = [t.to_be_bytes(), i.to_be_bytes()].concat();
+                    let mut s = TcpStream::connect_timeout(&addr, DEADLINE)
+                        .map_err(|e| format!("client {t}, connection {i}: connect: {e}"))?;
+                    s.set_read_timeout(Some(DEADLINE)).unwrap();
+                    s.write_all(&msg)
+                        .and_then(|()| s.shutdown(Shutdown::Write))
+                        .map_err(|e| format!("client {t}, connection {i}: write: {e}"))?;
+                    let mut back = Vec::new();
+                    s.read_to_end(&mut back)
+                        .map_err(|e| format!("client {t}, connection {i}: read: {e}"))?;
+                    if back != msg {
+                        return Err(format!("client {t}, connection {i}: {back:?}"));
+                    }
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    threads
+        .into_iter()
+        .filter_map(|c| c.join().expect("a client thread").err())
+        .collect()
+}
+
 /// The number in "limit reached N time(s)" of a fork-mode status line.
 fn limit_reached(status: &str) -> Option<u64> {
     status
@@ -408,32 +439,7 @@ fn ten_thousand_short_connections_stay_within_max_children_and_leave_no_zombie()
     let start = Instant::now();
     // More clients than places: the limit is reached, over and over, and
     // only the reaping of a child lets the next client in.
-    let clients: Vec<JoinHandle<Result<(), String>>> = (0..CLIENTS)
-        .map(|t| {
-            std::thread::spawn(move || {
-                for i in 0..EACH {
-                    let msg = [t.to_be_bytes(), i.to_be_bytes()].concat();
-                    let mut s = TcpStream::connect_timeout(&addr, DEADLINE)
-                        .map_err(|e| format!("client {t}, connection {i}: connect: {e}"))?;
-                    s.set_read_timeout(Some(DEADLINE)).unwrap();
-                    s.write_all(&msg)
-                        .and_then(|()| s.shutdown(Shutdown::Write))
-                        .map_err(|e| format!("client {t}, connection {i}: write: {e}"))?;
-                    let mut back = Vec::new();
-                    s.read_to_end(&mut back)
-                        .map_err(|e| format!("client {t}, connection {i}: read: {e}"))?;
-                    if back != msg {
-                        return Err(format!("client {t}, connection {i}: {back:?}"));
-                    }
-                }
-                Ok(())
-            })
-        })
-        .collect();
-    let failed: Vec<String> = clients
-        .into_iter()
-        .filter_map(|c| c.join().expect("a client thread").err())
-        .collect();
+    let failed = short_connections(addr, CLIENTS, EACH);
     let took = start.elapsed();
     // Nothing comes any more to wake the master: it must reap the last
     // children on their SIGCHLD alone.
@@ -589,27 +595,7 @@ fn the_master_never_holds_a_clients_connection() {
             (samples, extra)
         })
     };
-    let clients: Vec<JoinHandle<Result<(), String>>> = (0..CLIENTS)
-        .map(|t| {
-            std::thread::spawn(move || {
-                for i in 0..EACH {
-                    let msg = [t.to_be_bytes(), i.to_be_bytes()].concat();
-                    let mut s = TcpStream::connect_timeout(&addr, DEADLINE)
-                        .map_err(|e| format!("client {t}, connection {i}: connect: {e}"))?;
-                    let back = round_trip(&mut s, &msg)
-                        .map_err(|e| format!("client {t}, connection {i}: {e}"))?;
-                    if back != msg {
-                        return Err(format!("client {t}, connection {i}: {back:?}"));
-                    }
-                }
-                Ok(())
-            })
-        })
-        .collect();
-    let failed: Vec<String> = clients
-        .into_iter()
-        .filter_map(|c| c.join().expect("a client thread").err())
-        .collect();
+    let failed = short_connections(addr, CLIENTS, EACH);
     done.store(true, Ordering::SeqCst);
     let (samples, extra) = sampler.join().expect("the sampler");
     println!("{samples} samples of the master's sockets through 2,000 connections");
