@@ -387,9 +387,9 @@ fn no_conversation_is_cut_by_a_reload_into_fork_mode() {
     );
 }
 
-/// A pool at its ceiling with every worker in a conversation: TTOU
-/// retires a busy one, whose conversation goes to the worker started in
-/// its place.
+/// A pool where nearly every worker holds a conversation: TTOU, which
+/// retires idle workers first, lowers the floor until it retires one that
+/// holds a conversation, which goes on in another worker.
 #[test]
 fn no_conversation_is_cut_by_a_smaller_prefork_pool() {
     across(
@@ -405,15 +405,26 @@ fn no_conversation_is_cut_by_a_smaller_prefork_pool() {
             "--shutdown-timeout",
             "2",
         ],
-        |d, _| {
-            // One at a time: signals sent together merge into one.
-            for floor in [21, 20, 19] {
+        |d, first| {
+            // TTOU retires an idle worker first, and the connect loop
+            // may make the pool grow meanwhile: the floor goes down until
+            // a worker that holds a conversation retires. One at a time:
+            // signals sent together merge into one.
+            for (k, floor) in (12..22).rev().enumerate() {
                 d.signal(Signal::SIGTTOU);
                 let line = format!("pool's floor is now {floor}");
                 assert!(d.wait_line(&line, DEADLINE).is_some(), "no '{line}'");
+                let retiring = d
+                    .wait_lines("retiring (SIGTTOU)", k + 1, DEADLINE)
+                    .unwrap_or_else(|| panic!("no worker retired on TTOU {}", k + 1));
+                let holds = |l: &String| first.iter().any(|p| l.contains(&format!("worker {p} ")));
+                if retiring.iter().any(holds) {
+                    return;
+                }
             }
+            panic!("ten TTOUs retired no worker that held a conversation");
         },
-        "pool's floor is now 19",
+        "retiring (SIGTTOU)",
         Moves::OfTheRetired {
             some: true,
             replacement: false,
