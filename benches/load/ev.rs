@@ -68,6 +68,10 @@ struct Driver<'a> {
     stop: Option<&'a Stop>,
     /// Links not at rest.
     busy: usize,
+    /// `conn`: links whose next connection opens after this turn's
+    /// events (opened in place, a connect that fails at once would open
+    /// again from inside its own failure, deeper each time).
+    reopen: Vec<usize>,
     done: u64,
     lat: Vec<u64>,
     err: Errors,
@@ -193,7 +197,7 @@ impl Driver<'_> {
                 if stopped {
                     self.rest(k);
                 } else {
-                    self.open(k);
+                    self.reopen.push(k);
                 }
                 false
             }
@@ -222,7 +226,7 @@ impl Driver<'_> {
     fn close(&mut self, k: usize) {
         self.links[k].fd = None;
         if self.mode == Mode::Conn && !self.stopped(Instant::now()) {
-            self.open(k);
+            self.reopen.push(k);
         } else {
             self.rest(k);
         }
@@ -255,7 +259,11 @@ impl Driver<'_> {
         let mut events = vec![EpollEvent::empty(); 512];
         let mut next_sweep = Instant::now() + SWEEP;
         while self.busy > 0 {
-            let n = match self.epoll.wait(&mut events, 100u16) {
+            for k in std::mem::take(&mut self.reopen) {
+                self.open(k);
+            }
+            let wait = if self.reopen.is_empty() { 100u16 } else { 0u16 };
+            let n = match self.epoll.wait(&mut events, wait) {
                 Ok(n) => n,
                 Err(Errno::EINTR) => 0,
                 Err(e) => {
@@ -344,6 +352,7 @@ fn spawn(plan: Plan, go: Arc<Barrier>) -> Vec<std::thread::JoinHandle<(Tally, Ve
                     addr,
                     epoll,
                     busy: links.len(),
+                    reopen: Vec::new(),
                     links,
                     rng: Rng(0x9e37_79b9_7f4a_7c15 ^ (t as u64 + 1)),
                     warm,
