@@ -166,8 +166,9 @@ struct PreforkState {
     /// Idle workers take turns to wait for connections (turns.rs): the
     /// master names a leader when one dies leading, or when none leads.
     turns: bool,
-    /// A reload's new generation could not be forked whole (a fork
-    /// failed, or every slot is taken): it commits with what is ready.
+    /// The pool could not be forked whole (a fork failed, or every slot
+    /// is taken): a reload's new generation commits, and an upgraded
+    /// master says it is ready, with the workers that are.
     fill_stuck: bool,
     /// Older generations' busy workers are still being told to hand
     /// over, a batch at a time (`retire_older`).
