@@ -145,7 +145,14 @@ struct Loop<'a> {
 /// `listeners`, until told to stop and drained, or (`max_requests`, 0 = no
 /// limit) after accepting that many and draining them. Returns the exit
 /// code.
-pub fn run(listeners: Vec<Listener>, mut ctx: Ctx<'_>, max_open: usize, max_requests: u64) -> i32 {
+pub fn run(
+    listeners: Vec<Listener>,
+    mut ctx: Ctx<'_>,
+    max_open: usize,
+    max_requests: u64,
+    engine: crate::engine::Engine,
+) -> i32 {
+    let _ = engine;
     let acceptor = Acceptor::new(listeners).with_relay(ctx.relay_rx.take(), ctx.relay_tx.take());
     let (mut l, mut buf) = match Loop::new(ctx, acceptor, max_open, max_requests) {
         Ok(l) => l,

@@ -41,6 +41,7 @@ mod children;
 mod config;
 mod daemon;
 mod echo;
+mod engine;
 #[cfg(any(target_os = "linux", target_os = "android"))]
 mod event;
 mod kind;

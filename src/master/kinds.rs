@@ -20,6 +20,9 @@ pub struct Params {
     pub max_requests: u64,
     /// `--udp-rate`.
     pub udp_rate: u32,
+    /// event: the I/O engine in force.
+    #[cfg_attr(not(any(target_os = "linux", target_os = "android")), allow(dead_code))]
+    pub engine: crate::engine::Engine,
 }
 
 /// What a worker runs after the fork: its listeners, its context and
@@ -52,7 +55,7 @@ pub fn wanted(kind: Kind, cfg: &Config) -> usize {
 fn pool(listeners: Vec<Listener>, ctx: Ctx<'_>, p: Params) -> i32 {
     match p.mode {
         #[cfg(any(target_os = "linux", target_os = "android"))]
-        Mode::Event => crate::event::run(listeners, ctx, p.max_open, p.max_requests),
+        Mode::Event => crate::event::run(listeners, ctx, p.max_open, p.max_requests, p.engine),
         _ => crate::worker::prefork(listeners, ctx, p.max_requests),
     }
 }
