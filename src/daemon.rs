@@ -509,6 +509,11 @@ impl Identity {
         self.gid.filter(|_| self.group_given)
     }
 
+    /// The group children run with, when they change it (`-u`, `-g`).
+    pub fn gid(&self) -> Option<u32> {
+        self.gid.map(Gid::as_raw)
+    }
+
     fn changes_anything(&self) -> bool {
         self.uid.is_some() || self.gid.is_some() || self.chroot.is_some()
     }

@@ -126,6 +126,15 @@ pub fn run() -> i32 {
             return 1;
         }
     };
+    // Event mode: which I/O engine its workers run on (io-engine uring
+    // where io_uring cannot run is an error, as any other).
+    let cfg = match config::with_engine(cfg, &identity) {
+        Ok(c) => c,
+        Err(e) => {
+            logging::say(&e);
+            return 1;
+        }
+    };
     if let Some(Err(e)) = cfg.pidfile.as_deref().map(daemon::PidFile::check) {
         logging::say(&e);
         return 1;

@@ -30,6 +30,7 @@ use nix::poll::{poll, PollFd, PollFlags};
 
 use crate::accept::Acceptor;
 use crate::admission::Refusal;
+use crate::engine::Engine;
 use crate::listen::{Listener, Service};
 use crate::scoreboard::{Cut, Dropped, Exited, Scoreboard, State};
 use crate::worker::{self, Ctx, EXIT_ORPHAN};
@@ -48,8 +49,10 @@ pub const REQUEST_MAX: usize = 8192;
 const ACCEPT_BATCH: usize = 64;
 
 /// The metrics worker: serves `listeners` (the metrics' listener) until
-/// the control pipe closes. Returns the exit code.
-pub fn run(listeners: Vec<Listener>, ctx: Ctx<'_>) -> i32 {
+/// the control pipe closes. `engine`: in event mode, the I/O engine of
+/// the generation it is started for (a reload starts another metrics
+/// worker). Returns the exit code.
+pub fn run(listeners: Vec<Listener>, ctx: Ctx<'_>, engine: Option<Engine>) -> i32 {
     if let Err(code) = worker::follow_master(&ctx) {
         return code;
     }
@@ -108,7 +111,7 @@ pub fn run(listeners: Vec<Listener>, ctx: Ctx<'_>) -> i32 {
         // Clients first: the indices in `served` are theirs as polled.
         let mut done = Vec::new();
         for (i, c) in clients.iter_mut().enumerate() {
-            if served[i] && !c.step(ctx.board, now) {
+            if served[i] && !c.step(ctx.board, engine, now) {
                 done.push(i);
             }
         }
@@ -120,7 +123,7 @@ pub fn run(listeners: Vec<Listener>, ctx: Ctx<'_>) -> i32 {
                 let Some((_, conn)) = acceptor.accept(now) else {
                     break;
                 };
-                admit(&mut clients, conn, ctx.policy, ctx.board, now);
+                admit(&mut clients, conn, ctx.policy, (ctx.board, engine), now);
             }
         }
     }
@@ -134,7 +137,7 @@ fn admit(
     clients: &mut Vec<Client>,
     conn: OwnedFd,
     policy: &crate::admission::Policy,
-    board: &Scoreboard,
+    (board, engine): (&Scoreboard, Option<Engine>),
     now: Instant,
 ) {
     let source = crate::access::peer_key(&conn).map(|k| policy.source(k));
@@ -164,7 +167,7 @@ fn admit(
     }
     let mut c = Client::new(conn, source, now);
     // Most scrapers send their request with the connection.
-    if c.step(board, now) {
+    if c.step(board, engine, now) {
         clients.push(c);
     }
 }
@@ -202,7 +205,7 @@ impl Client {
     }
 
     /// Reads or writes what it can; false when the client is done with.
-    fn step(&mut self, board: &Scoreboard, now: Instant) -> bool {
+    fn step(&mut self, board: &Scoreboard, engine: Option<Engine>, now: Instant) -> bool {
         if let Some((answer, written)) = &mut self.answer {
             return match nix::unistd::write(&self.conn, &answer[*written..]) {
                 Ok(n) => {
@@ -228,7 +231,7 @@ impl Client {
             }
             Parsed::Partial => return true,
             Parsed::Bad => status(400, "Bad Request"),
-            Parsed::Get { path, head } => respond(path_only(&path), head, board),
+            Parsed::Get { path, head } => respond(path_only(&path), head, board, engine),
             Parsed::Other => {
                 let mut a = status(405, "Method Not Allowed");
                 a.splice(a.len() - 2..a.len() - 2, *b"Allow: GET, HEAD\r\n");
@@ -238,7 +241,7 @@ impl Client {
         self.answer = Some((answer, 0));
         self.deadline = now + DEADLINE;
         // Most answers fit the socket buffer: write at once.
-        self.step(board, now)
+        self.step(board, engine, now)
     }
 }
 
@@ -278,11 +281,11 @@ fn path_only(target: &str) -> &str {
 }
 
 /// The answer to `GET path` (without the body for `HEAD`).
-fn respond(path: &str, head: bool, board: &Scoreboard) -> Vec<u8> {
+fn respond(path: &str, head: bool, board: &Scoreboard, engine: Option<Engine>) -> Vec<u8> {
     if path != "/metrics" {
         return status(404, "Not Found");
     }
-    let body = render(board);
+    let body = render(board, engine);
     let mut answer = format!(
         "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
@@ -300,8 +303,9 @@ fn status(code: u16, reason: &str) -> Vec<u8> {
         .into_bytes()
 }
 
-/// The exposition of everything the scoreboard counts.
-pub fn render(board: &Scoreboard) -> String {
+/// The exposition of everything the scoreboard counts, and in event mode
+/// the I/O engine of the event workers.
+pub fn render(board: &Scoreboard, engine: Option<Engine>) -> String {
     let mut out = String::with_capacity(4096);
     let mut family = |name: &str, kind: &str, help: &str, samples: &[(String, u64)]| {
         let _ = writeln!(out, "# HELP echo_forkd_{name} {help}");
@@ -403,6 +407,19 @@ pub fn render(board: &Scoreboard) -> String {
         "When the daemon started, in seconds since the Unix epoch.",
         &one(board.start_secs()),
     );
+    if let Some(engine) = engine {
+        let each = [Engine::Uring, Engine::Epoll];
+        family(
+            "io_engine",
+            "gauge",
+            "Event mode: the I/O engine the event workers run on (1), and the other (0).",
+            &by(
+                "engine",
+                &each.map(Engine::name),
+                &each.map(|e| u64::from(e == engine)),
+            ),
+        );
+    }
     family(
         "build_info",
         "gauge",
@@ -441,13 +458,13 @@ mod tests {
     #[test]
     fn answers_say_what_was_found() {
         let board = Scoreboard::new(2, 1).unwrap();
-        let ok = String::from_utf8(respond("/metrics", false, &board)).unwrap();
+        let ok = String::from_utf8(respond("/metrics", false, &board, None)).unwrap();
         assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
         let (head, body) = ok.split_once("\r\n\r\n").unwrap();
         assert!(head.contains(&format!("Content-Length: {}", body.len())));
-        let head_only = respond("/metrics", true, &board);
+        let head_only = respond("/metrics", true, &board, None);
         assert!(head_only.ends_with(b"\r\n\r\n"));
-        assert!(respond("/", false, &board).starts_with(b"HTTP/1.1 404"));
+        assert!(respond("/", false, &board, None).starts_with(b"HTTP/1.1 404"));
     }
 
     #[test]
@@ -455,7 +472,7 @@ mod tests {
         let board = Scoreboard::new(2, 1).unwrap();
         board.served(10);
         board.served(5);
-        let text = render(&board);
+        let text = render(&board, Some(Engine::Uring));
         for (name, kind) in [
             ("connections_total", "counter"),
             ("refused_total", "counter"),
@@ -470,12 +487,19 @@ mod tests {
             ("connections_cut_total", "counter"),
             ("start_time_seconds", "gauge"),
             ("build_info", "gauge"),
+            ("io_engine", "gauge"),
         ] {
             let line = format!("# TYPE echo_forkd_{name} {kind}\n");
             assert!(text.contains(&line), "{line}{text}");
         }
         assert!(text.contains("echo_forkd_connections_total 2\n"), "{text}");
         assert!(text.contains("echo_forkd_bytes_total 15\n"), "{text}");
+        assert!(text.contains("echo_forkd_io_engine{engine=\"uring\"} 1\n"));
+        assert!(text.contains("echo_forkd_io_engine{engine=\"epoll\"} 0\n"));
+        assert!(
+            !render(&board, None).contains("io_engine"),
+            "only in event mode"
+        );
         // Every sample line is `name[{labels}] value`.
         for l in text.lines().filter(|l| !l.starts_with('#')) {
             let (name, value) = l.rsplit_once(' ').unwrap();

@@ -436,6 +436,8 @@ pub fn resolve(o: Options) -> Result<Config, String> {
         listen,
         mode,
         worker_connections,
+        io_engine: o.io_engine.unwrap_or_default(),
+        engine: None,
         workers,
         max_workers,
         min_spare,
@@ -464,6 +466,24 @@ pub fn resolve(o: Options) -> Result<Config, String> {
         syslog_facility: o.syslog_facility.unwrap_or(Facility::Daemon),
         log_level: o.log_level.unwrap_or(LogLevel::Info),
     })
+}
+
+/// `cfg` with the I/O engine its event workers run on ([`Config::engine`]),
+/// probed here (see engine.rs), in the master, with the workers'
+/// `identity`: at start (for `-t` and `-T` too) and on each reload. Other
+/// modes probe nothing. Err: io_uring was asked for (`io-engine uring`)
+/// and cannot run here, and why.
+pub fn with_engine(mut cfg: Config, identity: &crate::daemon::Identity) -> Result<Config, String> {
+    if cfg.mode != Mode::Event || cfg.inetd {
+        return Ok(cfg);
+    }
+    let workers = crate::engine::Workers {
+        root: identity.stays_root(),
+        gid: identity.gid(),
+    };
+    let (engine, why) = crate::engine::resolve(cfg.io_engine, workers)?;
+    cfg.engine = Some(crate::engine::InForce { engine, why });
+    Ok(cfg)
 }
 
 /// `value` of the count `name`, if it is from 1 to `max`.

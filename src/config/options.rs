@@ -254,6 +254,10 @@ pub struct Options {
     #[arg(long, value_name = "N")]
     pub worker_connections: Option<u32>,
 
+    /// event: the I/O engine: auto (io_uring where it can run, else epoll), uring or epoll [default: auto]
+    #[arg(long, value_name = "ENGINE")]
+    pub io_engine: Option<crate::engine::Choice>,
+
     /// prefork: ceiling of the pool; event: most workers TTIN reaches [default: 256]
     #[arg(long, value_name = "N")]
     pub max_workers: Option<u32>,
@@ -400,6 +404,7 @@ impl Options {
             mode,
             workers,
             worker_connections,
+            io_engine,
             max_workers,
             min_spare,
             max_spare,
@@ -460,6 +465,11 @@ pub struct Config {
     pub workers: u32,
     /// event: connections one worker serves at once.
     pub worker_connections: u32,
+    /// event: the I/O engine asked for.
+    pub io_engine: crate::engine::Choice,
+    /// event: the engine in force and why, once the master has probed
+    /// ([`super::with_engine`]; `None` before, and in other modes).
+    pub engine: Option<crate::engine::InForce>,
     pub max_workers: u32,
     pub min_spare: u32,
     pub max_spare: u32,

@@ -46,6 +46,11 @@ fn value(cfg: &Config, key: &str) -> Option<String> {
         "mode" => quote(&cfg.mode.to_string()),
         "workers" => cfg.workers.to_string(),
         "worker-connections" => cfg.worker_connections.to_string(),
+        // In event mode, the engine in force too, as a comment.
+        "io-engine" => match &cfg.engine {
+            Some(e) => format!("{}   # in force: {}", quote(cfg.io_engine.name()), e.said()),
+            None => quote(cfg.io_engine.name()),
+        },
         "max-workers" => cfg.max_workers.to_string(),
         "min-spare" => cfg.min_spare.to_string(),
         "max-spare" => cfg.max_spare.to_string(),
@@ -175,6 +180,7 @@ mod tests {
         for args in [
             &[][..],
             &["-m", "event", "-w", "3", "--idle-timeout", "0"],
+            &["-m", "event", "--io-engine", "epoll"],
             &[
                 "-l",
                 "127.0.0.1:7007",
@@ -204,6 +210,22 @@ mod tests {
             let again = resolve(cli.over(file)).expect("-T output resolves");
             assert_eq!(effective(&again), first, "{args:?}");
         }
+    }
+
+    #[test]
+    fn the_engine_in_force_is_a_comment_that_reads_back() {
+        let mut cfg = config(&["-m", "event", "--io-engine", "uring"]);
+        cfg.engine = Some(crate::engine::InForce {
+            engine: crate::engine::Engine::Uring,
+            why: "(io-engine uring)".into(),
+        });
+        let text = effective(&cfg);
+        assert!(
+            text.contains("io-engine = \"uring\"   # in force: io_uring (io-engine uring)\n"),
+            "{text}"
+        );
+        let file = parse_file(&text).expect("-T output parses");
+        assert_eq!(file.io_engine, Some(crate::engine::Choice::Uring));
     }
 
     #[test]

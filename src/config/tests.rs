@@ -362,3 +362,41 @@ fn udp_addresses_are_apart_from_tcp() {
     let err = resolve(cli(&["-l", "udp:*:7007", "-l", "udp:127.0.0.1:7007"])).unwrap_err();
     assert!(err.contains("overlap"), "{err}");
 }
+
+#[test]
+fn io_engine_is_auto_unless_asked_and_a_flag_wins_over_the_file() {
+    use crate::engine::Choice;
+    let c = resolve(cli(&[])).unwrap();
+    assert_eq!((c.io_engine, c.engine.clone()), (Choice::Auto, None));
+    let file = parse_file("io-engine = \"epoll\"").unwrap();
+    assert_eq!(file.io_engine, Some(Choice::Epoll));
+    let c = resolve(cli(&[]).over(file.clone())).unwrap();
+    assert_eq!(c.io_engine, Choice::Epoll);
+    let c = resolve(cli(&["--io-engine", "uring"]).over(file)).unwrap();
+    assert_eq!(c.io_engine, Choice::Uring);
+    let err = parse_file("io-engine = \"aio\"").unwrap_err();
+    assert!(err.contains("io-engine") || err.contains("line 1"), "{err}");
+    assert!(err.contains("uring") && err.contains("epoll"), "{err}");
+    assert!(Options::try_parse_from(["echo-forkd", "--io-engine", "aio"]).is_err());
+}
+
+#[test]
+fn the_engine_is_probed_in_event_mode_only_and_epoll_never_probes() {
+    use crate::engine::{Choice, Engine};
+    let root = crate::daemon::Identity::resolve(None, None, None).unwrap();
+    let prefork = with_engine(resolve(cli(&["--io-engine", "uring"])).unwrap(), &root).unwrap();
+    assert_eq!(prefork.engine, None, "no probe outside event mode");
+    let event = resolve(cli(&["-m", "event", "--io-engine", "epoll"])).unwrap();
+    let event = with_engine(event, &root).unwrap();
+    let e = event.engine.expect("event mode has an engine");
+    assert_eq!(
+        (e.engine, e.why.as_str()),
+        (Engine::Epoll, "(io-engine epoll)")
+    );
+    assert_eq!(event.io_engine, Choice::Epoll);
+    // auto always resolves, to one engine or the other, saying why if
+    // it is not io_uring.
+    let auto = with_engine(resolve(cli(&["-m", "event"])).unwrap(), &root).unwrap();
+    let e = auto.engine.expect("event mode has an engine");
+    assert!(e.engine == Engine::Uring || !e.why.is_empty(), "{e:?}");
+}

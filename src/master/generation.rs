@@ -131,6 +131,7 @@ impl Master {
             cfg.group.as_deref(),
             cfg.chroot.as_deref(),
         )?;
+        let cfg = config::with_engine(cfg, &identity)?;
         let opts = cfg.bind_options(identity.socket_group());
         let plan = if self.source.activated {
             (0..self.acceptor.listeners().len())
@@ -225,6 +226,12 @@ impl Master {
             .count();
         self.scoreboard.reloaded();
         self.life.set_shutdown(p.cfg.shutdown_timeout);
+        // The engine line again when the one in force changes.
+        if let Some(e) = &p.cfg.engine {
+            if self.cfg.engine.as_ref().map(|old| old.engine) != Some(e.engine) {
+                info!("{}", e.line());
+            }
+        }
         self.cfg = p.cfg;
         self.retire_older(now);
         self.identity = p.identity;

@@ -20,8 +20,7 @@ pub struct Params {
     pub max_requests: u64,
     /// `--udp-rate`.
     pub udp_rate: u32,
-    /// event: the I/O engine in force.
-    #[cfg_attr(not(any(target_os = "linux", target_os = "android")), allow(dead_code))]
+    /// event: the I/O engine in force (for the metrics worker too).
     pub engine: crate::engine::Engine,
 }
 
@@ -36,7 +35,10 @@ pub fn entry(kind: Kind) -> Option<Entry> {
         Kind::Pool => Some(pool),
         Kind::Conn => None,
         Kind::Udp => Some(|l, ctx, p| crate::udp::run(l, ctx, p.udp_rate)),
-        Kind::Metrics => Some(|l, ctx, _| crate::metrics::run(l, ctx)),
+        Kind::Metrics => Some(|l, ctx, p| {
+            let engine = (p.mode == Mode::Event).then_some(p.engine);
+            crate::metrics::run(l, ctx, engine)
+        }),
         Kind::Carrier => Some(carry),
     }
 }

@@ -249,6 +249,9 @@ impl Master {
     /// while running, or finish the stop.
     fn run(&mut self) -> i32 {
         let now = Instant::now();
+        if let Some(e) = &self.cfg.engine {
+            info!("{}", e.line());
+        }
         // The vault first: every worker inherits it.
         self.use_store(now);
         self.start_carrier(now);

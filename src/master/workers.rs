@@ -407,7 +407,7 @@ impl Master {
                 &mut self.prefork.seed,
             ),
             udp_rate: cfg.udp_rate,
-            engine: crate::engine::Engine::default(),
+            engine: cfg.engine.as_ref().map(|e| e.engine).unwrap_or_default(),
         };
         let Some(slot) = self.scoreboard.claim(generation) else {
             return Err("every scoreboard slot is taken".into());
