@@ -25,6 +25,7 @@ mod config;
 mod crash;
 mod daemon;
 mod docs;
+mod engine;
 mod fork_promises;
 mod handover;
 mod limits;
