@@ -381,6 +381,7 @@ fn io_engine_is_auto_unless_asked_and_a_flag_wins_over_the_file() {
 }
 
 #[test]
+#[cfg(any(target_os = "linux", target_os = "android"))]
 fn the_engine_is_probed_in_event_mode_only_and_epoll_never_probes() {
     use crate::engine::{Choice, Engine};
     let root = crate::daemon::Identity::resolve(None, None, None).unwrap();
