@@ -276,6 +276,17 @@ impl Conn {
         limits.expired(self.start, self.last, now)
     }
 
+    /// io_uring: bytes came at `now` (they are echoed by the caller).
+    pub fn heard(&mut self, now: Instant) {
+        self.last = now;
+    }
+
+    /// io_uring: `n` bytes went back at `now`.
+    pub fn sent(&mut self, n: usize, now: Instant) {
+        self.bytes += n as u64;
+        self.last = now;
+    }
+
     /// When the next limit runs out, if one can.
     pub fn deadline(&self, limits: &Limits) -> Option<Instant> {
         limits.next_deadline(self.start, self.last)

@@ -28,6 +28,9 @@
 
 mod admit;
 mod hand_over;
+// io_uring shares memory with the kernel: its buffers and sends.
+#[allow(unsafe_code)]
+mod ring;
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -86,6 +89,8 @@ struct Open<'a> {
     /// Behind a proxy: the header still being read, and the proxy's own
     /// address (the client's for a `LOCAL` header).
     header: Option<(Box<proxy::Reader>, SocketAddr)>,
+    /// On io_uring: what it has in flight and waiting to be sent.
+    flow: ring::Flow,
 }
 
 impl Open<'_> {
@@ -105,6 +110,9 @@ impl Open<'_> {
 struct Loop<'a> {
     ctx: Ctx<'a>,
     epoll: Epoll,
+    /// The io_uring engine's ring: the connections' I/O, and the wait
+    /// (of which the epoll set is a part). None: epoll serves them.
+    ring: Option<Box<ring::Ring>>,
     acceptor: Acceptor,
     /// The listeners are in the epoll set (not at the cap, not paused).
     listening: bool,
@@ -152,9 +160,8 @@ pub fn run(
     max_requests: u64,
     engine: crate::engine::Engine,
 ) -> i32 {
-    let _ = engine;
     let acceptor = Acceptor::new(listeners).with_relay(ctx.relay_rx.take(), ctx.relay_tx.take());
-    let (mut l, mut buf) = match Loop::new(ctx, acceptor, max_open, max_requests) {
+    let (mut l, mut buf) = match Loop::new(ctx, acceptor, max_open, max_requests, engine) {
         Ok(l) => l,
         Err(code) => return code,
     };
@@ -177,7 +184,9 @@ pub fn carry(mut ctx: Ctx<'_>) -> i32 {
     }
     // It takes nothing from the relay; it hands over through it.
     let door = Acceptor::new(Vec::new()).with_relay(None, ctx.relay_tx.take());
-    let (mut l, mut buf) = match Loop::new(ctx, door, usize::MAX, 0) {
+    // Short-lived: it serves on epoll whatever the engine.
+    let epoll = crate::engine::Engine::Epoll;
+    let (mut l, mut buf) = match Loop::new(ctx, door, usize::MAX, 0, epoll) {
         Ok(l) => l,
         Err(code) => return code,
     };
@@ -230,6 +239,7 @@ impl<'a> Loop<'a> {
         acceptor: Acceptor,
         max_open: usize,
         max_requests: u64,
+        engine: crate::engine::Engine,
     ) -> Result<(Loop<'a>, IoBuffer), i32> {
         worker::follow_master(&ctx)?;
         let buf = worker::buffer().ok_or(1)?;
@@ -249,9 +259,20 @@ impl<'a> Loop<'a> {
         let fd_room = usize::try_from(soft.saturating_sub(open_now))
             .unwrap_or(usize::MAX)
             .saturating_sub(SPARE_FDS);
+        let ring = match engine {
+            crate::engine::Engine::Epoll => None,
+            crate::engine::Engine::Uring => match ring::Ring::new() {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    warn!("cannot set up an io_uring ring: {e}; this worker serves on epoll");
+                    None
+                }
+            },
+        };
         let l = Loop {
             ctx,
             epoll,
+            ring,
             acceptor,
             listening: false,
             stopping: false,
@@ -293,13 +314,25 @@ impl<'a> Loop<'a> {
                 .flatten()
                 .min()
                 .map(|t| t.saturating_duration_since(now));
-            let timeout = crate::time::poll_timeout(timeout);
-            let n = match self.epoll.wait(&mut events, timeout) {
-                Ok(n) => n,
-                Err(Errno::EINTR) => 0,
-                Err(e) => {
-                    warn!("epoll_wait failed: {e}");
-                    return 1;
+            let n = if self.ring.is_some() {
+                match self.ring_wait(&mut events, timeout) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        warn!("io_uring_enter failed: {e}");
+                        return 1;
+                    }
+                }
+            } else {
+                match self
+                    .epoll
+                    .wait(&mut events, crate::time::poll_timeout(timeout))
+                {
+                    Ok(n) => n,
+                    Err(Errno::EINTR) => 0,
+                    Err(e) => {
+                        warn!("epoll_wait failed: {e}");
+                        return 1;
+                    }
                 }
             };
             let now = Instant::now();
@@ -324,6 +357,7 @@ impl<'a> Loop<'a> {
                     t => self.ready(t as usize, buf, now),
                 }
             }
+            self.completions(now);
             self.expire(now);
             // A wake-up for a connection is this worker's alone
             // (EPOLLEXCLUSIVE): take it even if a stop came with it, as a
@@ -470,9 +504,12 @@ impl<'a> Loop<'a> {
     }
 
     fn close(&mut self, index: usize, end: End) {
-        let Some(o) = self.slots.get_mut(index).and_then(Option::take) else {
+        let Some(mut o) = self.slots.get_mut(index).and_then(Option::take) else {
             return;
         };
+        if let Some(r) = self.ring.as_deref_mut() {
+            r.forget(&mut o.flow, index, o.serial);
+        }
         self.free.push(index);
         self.open -= 1;
         self.ctx.board.served(o.conn.bytes());

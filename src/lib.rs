@@ -27,8 +27,9 @@
 //!   socket activation), `time`;
 //! - `sys`: the system calls nix does not wrap safely (fork, `_exit`,
 //!   mmap, accept4, ...), where nearly all `unsafe` lives; the few other
-//!   blocks (each `fork`'s caller, taking an inherited descriptor) say
-//!   why they hold, and the crate denies `unsafe` everywhere else.
+//!   blocks (each `fork`'s caller, taking an inherited descriptor, and
+//!   `event::ring`, whose buffers and sends the kernel reads and writes)
+//!   say why they hold, and the crate denies `unsafe` everywhere else.
 
 #![deny(unsafe_code)]
 

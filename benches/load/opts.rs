@@ -10,8 +10,11 @@ pub(crate) enum Kind {
     PreforkBase,
     Fork,
     ForkBase,
+    /// Event workers on io_uring where they can (`--io-engine auto`).
     Event,
     EventBase,
+    /// Event workers on epoll (`--io-engine epoll`).
+    EventEpoll,
     /// The floor of the fork model: fork, read/write, `_exit`.
     MinFork,
     /// The floor of an event loop: one thread, one epoll set.
@@ -36,6 +39,7 @@ impl Kind {
             Kind::Prefork
                 | Kind::Fork
                 | Kind::Event
+                | Kind::EventEpoll
                 | Kind::PreforkBase
                 | Kind::ForkBase
                 | Kind::EventBase
@@ -46,7 +50,12 @@ impl Kind {
     pub(crate) fn holds_many(self) -> bool {
         matches!(
             self,
-            Kind::Event | Kind::EventBase | Kind::Epoll | Kind::Uring | Kind::Tokio
+            Kind::Event
+                | Kind::EventBase
+                | Kind::EventEpoll
+                | Kind::Epoll
+                | Kind::Uring
+                | Kind::Tokio
         )
     }
 
@@ -59,10 +68,11 @@ impl Kind {
         matches!(self, Kind::Prefork | Kind::PreforkBase)
     }
 
-    const ALL: [Kind; 11] = [
+    const ALL: [Kind; 12] = [
         Kind::Prefork,
         Kind::Fork,
         Kind::Event,
+        Kind::EventEpoll,
         Kind::MinFork,
         Kind::Epoll,
         Kind::Uring,
@@ -87,6 +97,7 @@ impl Kind {
             Kind::Prefork => "prefork",
             Kind::Fork => "fork",
             Kind::Event => "event",
+            Kind::EventEpoll => "event-epoll",
             Kind::MinFork => "min-fork",
             Kind::Epoll => "epoll",
             Kind::Uring => "uring",

@@ -231,7 +231,8 @@ pub(crate) fn ratios(results: &Results) -> Vec<(String, f64)> {
         match a.kind {
             Kind::Fork => refs.extend([Kind::MinFork, Kind::PyForking, Kind::ForkBase]),
             Kind::Prefork => refs.extend([Kind::PyForking, Kind::PreforkBase]),
-            Kind::Event => refs.extend([Kind::Uring, Kind::EventBase]),
+            Kind::Event => refs.extend([Kind::EventEpoll, Kind::Uring, Kind::EventBase]),
+            Kind::EventEpoll => refs.push(Kind::Uring),
             _ => {}
         }
         for b in refs {

@@ -150,7 +150,7 @@ pub(crate) fn daemon_args(t: Target, case: Case, o: &Opts) -> Vec<String> {
         let backlog = BACKLOG.to_string();
         return args(&["-m", "fork", "--max-children", &max, "--backlog", &backlog]);
     }
-    if matches!(t.kind, Kind::Event | Kind::EventBase) {
+    if matches!(t.kind, Kind::Event | Kind::EventBase | Kind::EventEpoll) {
         // One worker per CPU (the default), each with room for every
         // client, however the kernel spreads them (or a hand-over gives
         // them to one worker of the new generation).
@@ -168,6 +168,9 @@ pub(crate) fn daemon_args(t: Target, case: Case, o: &Opts) -> Vec<String> {
             // Two workers whatever the machine, so that the figures of
             // a hand-over compare from one machine to the next.
             a.extend(args(&["-w", "2"]));
+        }
+        if t.kind == Kind::EventEpoll {
+            a.extend(args(&["--io-engine", "epoll"]));
         }
         return a;
     }

@@ -5,6 +5,7 @@
 
 use super::*;
 use crate::admission::Gate;
+use crate::event::ring;
 
 impl<'a> Loop<'a> {
     /// Accepts while there is room, up to a batch (connections handed
@@ -71,13 +72,15 @@ impl<'a> Loop<'a> {
     ) {
         let index = self.free.pop().unwrap_or(self.slots.len());
         let token = index as u64;
-        if let Err(e) = self
-            .epoll
-            .add(conn.fd(), EpollEvent::new(EpollFlags::EPOLLIN, token))
-        {
-            warn!("cannot watch a new connection: {e}");
-            self.free.push(index);
-            return;
+        if self.ring.is_none() {
+            if let Err(e) = self
+                .epoll
+                .add(conn.fd(), EpollEvent::new(EpollFlags::EPOLLIN, token))
+            {
+                warn!("cannot watch a new connection: {e}");
+                self.free.push(index);
+                return;
+            }
         }
         if index == self.slots.len() {
             self.slots.push(None);
@@ -99,8 +102,13 @@ impl<'a> Loop<'a> {
             tcp,
             client,
             header,
+            flow: ring::Flow::default(),
         });
         self.open += 1;
+        if self.ring.is_some() {
+            self.ring_start(index);
+            return;
+        }
         // Clients speak first: their bytes are usually here already.
         self.ready(index, buf, now);
     }
@@ -146,12 +154,15 @@ impl<'a> Loop<'a> {
     /// Closes a connection refused before it was served, unread (the
     /// gate counted why).
     fn remove(&mut self, index: usize) -> bool {
-        let gone = self.slots.get_mut(index).and_then(Option::take).is_some();
-        if gone {
-            self.free.push(index);
-            self.open -= 1;
+        let Some(mut o) = self.slots.get_mut(index).and_then(Option::take) else {
+            return false;
+        };
+        if let Some(r) = self.ring.as_deref_mut() {
+            r.forget(&mut o.flow, index, o.serial);
         }
-        gone
+        self.free.push(index);
+        self.open -= 1;
+        true
     }
 
     /// Closes the connection at `index`, whose PROXY header did not come

@@ -19,16 +19,26 @@ impl<'a> Loop<'a> {
         }
         self.relay_retry = None;
         match self.ctx.dest(&self.acceptor) {
-            Some(Dest::Workers) => self.hand_to_workers(now),
-            Some(Dest::NextMaster) => self.keep_for_next_master(),
+            Some(Dest::Workers) => {
+                self.ring_hold(true);
+                self.hand_to_workers(now);
+            }
+            Some(Dest::NextMaster) => {
+                self.ring_hold(true);
+                self.keep_for_next_master();
+            }
             None => self.handing_over = false,
+        }
+        if !self.handing_over {
+            // Given up: what was held receives again, and is served here.
+            self.ring_hold(false);
         }
     }
 
     /// What the connection at `index` carries, if it can go now.
     fn movable(&self, index: usize) -> Option<Carried> {
         let o = self.slots.get(index)?.as_ref()?;
-        if o.header.is_some() || o.conn.wants_write() {
+        if o.header.is_some() || o.conn.wants_write() || !o.flow.quiet() {
             return None;
         }
         Some(Carried {

@@ -1,0 +1,514 @@
+//! The io_uring engine of an event worker (`--io-engine uring`).
+//!
+//! The loop (event.rs) is the same on both engines: the control pipe,
+//! the relay and the listeners stay in its epoll set (`EPOLLEXCLUSIVE`,
+//! the cap, the pause after EMFILE and the admission gate are the
+//! epoll engine's, unchanged), and the ring watches that set with one
+//! poll. What changes is the connections: each has a multishot receive
+//! into a ring of buffers the kernel picks from (one buffer group for
+//! the worker, shared by every connection, so an idle connection holds
+//! no buffer), and what it receives goes back with one send at a time,
+//! in order. A whole batch of receives and sends costs one
+//! `io_uring_enter`, where epoll pays a `read` and a `write` per echo and
+//! an `epoll_wait` per batch.
+//!
+//! Every byte received is copied out of its kernel-chosen buffer at
+//! once and the buffer given back, so a client that does not read holds
+//! only its own bytes (at most [`PENDING_CAP`] before its receive is
+//! cancelled, as the epoll engine stops reading a connection with bytes
+//! pending), never the shared buffers. A receive that finds the buffer
+//! ring empty (`ENOBUFS`) ends with the bytes still in the socket, and is
+//! armed again after the batch has given its buffers back.
+//!
+//! A connection with an operation in flight cannot be handed over (the
+//! kernel would go on receiving for this process): a retiring worker
+//! cancels its receives, sends what they brought, and hands over each
+//! connection once nothing of it is in flight. One closed with a send in
+//! flight keeps the bytes being sent (the kernel reads them) until that
+//! send completes or is cancelled.
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::Duration;
+
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+
+use super::*;
+
+/// What a completion is for: the top byte of its user data.
+const RECV: u64 = 1;
+const SEND: u64 = 2;
+const EPOLL: u64 = 3;
+const CANCEL: u64 = 4;
+const HEADER: u64 = 5;
+
+/// The shared buffers: how many, and how large. A receive takes a whole
+/// buffer whatever it brings, so there are enough for one completion per
+/// connection in a busy batch; each is given back as soon as it is read.
+const BUFS: u16 = 1024;
+const BUF_LEN: usize = 8192;
+const GROUP: u16 = 0;
+/// Bytes a connection may hold unsent before it receives no more.
+const PENDING_CAP: usize = 64 * 1024;
+/// Submission and completion queue sizes: a busy batch of 10,000
+/// connections fits in the completion queue (the kernel keeps what
+/// overflows, but then every enter pays for it).
+const SQ: u32 = 1024;
+const CQ: u32 = 16384;
+
+fn tag(kind: u64, index: usize, serial: u64) -> u64 {
+    kind << 56 | (serial & 0xff_ffff) << 32 | (index as u64 & 0xffff_ffff)
+}
+
+fn untag(data: u64) -> (u64, usize, u64) {
+    (
+        data >> 56,
+        (data & 0xffff_ffff) as usize,
+        (data >> 32) & 0xff_ffff,
+    )
+}
+
+/// A connection's side of the engine (unused by the epoll engine).
+#[derive(Default)]
+pub(super) struct Flow {
+    /// A multishot receive is in flight, and it was asked to end.
+    recv: bool,
+    cancelling: bool,
+    /// A send of `out[off..]` is in flight.
+    sending: bool,
+    out: Vec<u8>,
+    off: usize,
+    /// Received while a send was in flight: goes after `out`.
+    pending: Vec<u8>,
+    /// The client shut its side: everything it sent was received.
+    eof: bool,
+    /// Retiring: it receives no more, to be handed over.
+    held: bool,
+    /// Behind a proxy: a poll for the header's next bytes is in flight.
+    polled: bool,
+    /// A receive or send failed: how it ends.
+    failed: Option<Errno>,
+    /// Bytes taken to be echoed (`--max-bytes` counts these).
+    taken: u64,
+}
+
+impl Flow {
+    /// Nothing of it is in flight or waits to be sent: it may go to
+    /// another process.
+    pub(super) fn quiet(&self) -> bool {
+        !self.recv
+            && !self.sending
+            && !self.polled
+            && self.out.is_empty()
+            && self.pending.is_empty()
+    }
+}
+
+/// One worker's ring and its buffers.
+pub(super) struct Ring {
+    uring: IoUring,
+    /// The buffer ring the kernel picks from, and the buffers.
+    entries: IoBuffer,
+    data: IoBuffer,
+    tail: u16,
+    /// Completions not served yet, but the epoll set's.
+    cqes: Vec<(u64, i32, u32)>,
+    /// The epoll set is polled, and it was found ready.
+    polling_epoll: bool,
+    epoll_ready: bool,
+    /// Bytes of closed connections that a send still reads, by its tag.
+    orphans: Vec<(u64, Vec<u8>)>,
+}
+
+impl Ring {
+    /// A ring with its buffers registered.
+    pub(super) fn new() -> std::io::Result<Box<Ring>> {
+        let uring = crate::engine::ring(SQ, CQ)?;
+        let size = std::mem::size_of::<types::BufRingEntry>() * usize::from(BUFS);
+        let entries = IoBuffer::new(size)?;
+        let data = IoBuffer::new(usize::from(BUFS) * BUF_LEN)?;
+        let mut r = Box::new(Ring {
+            uring,
+            entries,
+            data,
+            tail: 0,
+            cqes: Vec::with_capacity(1024),
+            polling_epoll: false,
+            epoll_ready: false,
+            orphans: Vec::new(),
+        });
+        let base = r.entries.as_mut_slice().as_mut_ptr();
+        // SAFETY: `base` is a page-aligned mapping of BUFS entries, owned
+        // by the ring's `entries` for as long as the ring (which is dropped
+        // first, unregistering it) lives.
+        unsafe {
+            r.uring
+                .submitter()
+                .register_buf_ring_with_flags(base as u64, BUFS, GROUP, 0)?;
+        }
+        for bid in 0..BUFS {
+            r.put_back(bid);
+        }
+        Ok(r)
+    }
+
+    /// Gives buffer `bid` back to the kernel.
+    fn put_back(&mut self, bid: u16) {
+        let base = self
+            .entries
+            .as_mut_slice()
+            .as_mut_ptr()
+            .cast::<types::BufRingEntry>();
+        let addr = self.data.as_mut_slice().as_mut_ptr() as u64 + u64::from(bid) * BUF_LEN as u64;
+        // SAFETY: the slot is within the BUFS entries of the mapping (the
+        // mask), which the kernel reads only up to the tail published
+        // below; the tail is a u16 inside the first entry, aligned, that
+        // the kernel reads atomically.
+        unsafe {
+            let e = &mut *base.add(usize::from(self.tail & (BUFS - 1)));
+            e.set_addr(addr);
+            e.set_len(BUF_LEN as u32);
+            e.set_bid(bid);
+            self.tail = self.tail.wrapping_add(1);
+            let tail = &*types::BufRingEntry::tail(base).cast::<AtomicU16>();
+            tail.store(self.tail, Ordering::Release);
+        }
+    }
+
+    /// The first `n` bytes of buffer `bid`.
+    fn buffer(&self, bid: u16, n: usize) -> &[u8] {
+        let start = usize::from(bid) * BUF_LEN;
+        &self.data.as_slice()[start..start + n.min(BUF_LEN)]
+    }
+
+    /// Queues `e`, submitting what is queued first if the queue is full.
+    ///
+    /// # Safety
+    /// What `e` points to stays valid until its completion.
+    unsafe fn push(&mut self, e: squeue::Entry) {
+        loop {
+            // SAFETY: the caller's.
+            if unsafe { self.uring.submission().push(&e) }.is_ok() {
+                return;
+            }
+            if let Err(err) = self.uring.submit() {
+                if err.raw_os_error() != Some(libc::EBUSY) {
+                    warn!("io_uring: cannot submit: {err}");
+                }
+                // The kernel may refuse more until completions are taken:
+                // they are served after this batch.
+                self.drain();
+            }
+        }
+    }
+
+    /// Takes what completed into `cqes` (the epoll set's readiness aside).
+    fn drain(&mut self) {
+        for c in self.uring.completion() {
+            if c.user_data() >> 56 == EPOLL {
+                self.polling_epoll = false;
+                self.epoll_ready = true;
+            } else {
+                self.cqes.push((c.user_data(), c.result(), c.flags()));
+            }
+        }
+    }
+
+    fn cancel(&mut self, target: u64) {
+        let e = opcode::AsyncCancel::new(target)
+            .build()
+            .user_data(tag(CANCEL, 0, 0));
+        // SAFETY: a cancel points at nothing.
+        unsafe { self.push(e) };
+    }
+
+    /// Submits what is queued and waits up to `timeout` for completions
+    /// (the epoll set's readiness among them). True: the epoll set is
+    /// ready.
+    fn wait(&mut self, epoll: &Epoll, timeout: Option<Duration>) -> std::io::Result<bool> {
+        if !self.polling_epoll {
+            let fd = types::Fd(epoll.0.as_raw_fd());
+            let e = opcode::PollAdd::new(fd, libc::POLLIN as u32)
+                .build()
+                .user_data(tag(EPOLL, 0, 0));
+            // SAFETY: the epoll set outlives the ring (the loop's).
+            unsafe { self.push(e) };
+            self.polling_epoll = true;
+        }
+        // Completions taken while serving the last batch are served now.
+        let timeout = if self.cqes.is_empty() {
+            timeout
+        } else {
+            Some(Duration::ZERO)
+        };
+        let done = match timeout {
+            None => self.uring.submit_and_wait(1),
+            Some(d) => {
+                let ts = types::Timespec::from(d);
+                let args = types::SubmitArgs::new().timespec(&ts);
+                self.uring.submitter().submit_with_args(1, &args)
+            }
+        };
+        if let Err(e) = done {
+            if !matches!(
+                e.raw_os_error(),
+                Some(libc::ETIME | libc::EINTR | libc::EBUSY)
+            ) {
+                return Err(e);
+            }
+        }
+        self.drain();
+        Ok(std::mem::take(&mut self.epoll_ready))
+    }
+
+    /// A connection closes: what it has in flight is cancelled (which
+    /// lets the kernel close the socket), and the bytes a send reads are
+    /// kept until it completes.
+    pub(super) fn forget(&mut self, f: &mut Flow, index: usize, serial: u64) {
+        if f.recv {
+            self.cancel(tag(RECV, index, serial));
+        }
+        if f.polled {
+            self.cancel(tag(HEADER, index, serial));
+        }
+        if f.sending {
+            let t = tag(SEND, index, serial);
+            self.cancel(t);
+            self.orphans.push((t, std::mem::take(&mut f.out)));
+        }
+    }
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        // A send may still read these while the kernel tears the ring
+        // down: the process is exiting, so they are left to it.
+        std::mem::forget(std::mem::take(&mut self.orphans));
+    }
+}
+
+impl<'a> Loop<'a> {
+    /// Waits for the ring (see [`Ring::wait`]); the epoll set's events,
+    /// if it is ready, in `events`. Returns how many.
+    pub(super) fn ring_wait(
+        &mut self,
+        events: &mut [EpollEvent],
+        timeout: Option<Duration>,
+    ) -> std::io::Result<usize> {
+        let Some(r) = self.ring.as_deref_mut() else {
+            return Ok(0);
+        };
+        if !r.wait(&self.epoll, timeout)? {
+            return Ok(0);
+        }
+        match self.epoll.wait(events, nix::sys::epoll::EpollTimeout::ZERO) {
+            Ok(n) => Ok(n),
+            Err(Errno::EINTR) => Ok(0),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Starts a new connection's I/O: its header's poll behind a proxy,
+    /// else its receive.
+    pub(super) fn ring_start(&mut self, index: usize) {
+        let Some(Some(o)) = self.slots.get_mut(index) else {
+            return;
+        };
+        if o.header.is_some() {
+            self.poll_header(index);
+        } else {
+            self.pump(index);
+        }
+    }
+
+    fn poll_header(&mut self, index: usize) {
+        let (Some(r), Some(Some(o))) = (self.ring.as_deref_mut(), self.slots.get_mut(index)) else {
+            return;
+        };
+        let fd = types::Fd(o.conn.fd().as_raw_fd());
+        let e = opcode::PollAdd::new(fd, libc::POLLIN as u32)
+            .build()
+            .user_data(tag(HEADER, index, o.serial));
+        // SAFETY: a poll points at no memory of ours.
+        unsafe { r.push(e) };
+        o.flow.polled = true;
+    }
+
+    /// Serves what the last wait completed.
+    pub(super) fn completions(&mut self, now: Instant) {
+        let Some(r) = self.ring.as_deref_mut() else {
+            return;
+        };
+        let cqes = std::mem::take(&mut r.cqes);
+        for &(data, res, flags) in &cqes {
+            let (kind, index, serial) = untag(data);
+            let live =
+                matches!(self.slots.get(index), Some(Some(o)) if o.serial & 0xff_ffff == serial);
+            match kind {
+                RECV => self.received(index, live, res, flags, now),
+                SEND if live => self.sent(index, res, now),
+                SEND => {
+                    if let Some(r) = self.ring.as_deref_mut() {
+                        r.orphans.retain(|(t, _)| *t != data);
+                    }
+                }
+                HEADER if live => {
+                    if let Some(Some(o)) = self.slots.get_mut(index) {
+                        o.flow.polled = false;
+                    }
+                    if self.header(index) {
+                        self.pump(index);
+                    } else if matches!(self.slots.get(index), Some(Some(o)) if o.header.is_some()) {
+                        self.poll_header(index);
+                    }
+                }
+                _ => {}
+            }
+        }
+        if let Some(r) = self.ring.as_deref_mut() {
+            // Anything taken while serving these (see `push`) goes next.
+            let mut cqes = cqes;
+            cqes.clear();
+            let more = std::mem::replace(&mut r.cqes, cqes);
+            r.cqes.extend(more);
+        }
+    }
+
+    fn received(&mut self, index: usize, live: bool, res: i32, flags: u32, now: Instant) {
+        let limits = self.ctx.limits;
+        let Some(r) = self.ring.as_deref_mut() else {
+            return;
+        };
+        let bid = cqueue::buffer_select(flags);
+        let o = match self.slots.get_mut(index) {
+            Some(Some(o)) if live => o,
+            _ => {
+                if let Some(bid) = bid {
+                    r.put_back(bid);
+                }
+                return;
+            }
+        };
+        let f = &mut o.flow;
+        if !cqueue::more(flags) {
+            f.recv = false;
+            f.cancelling = false;
+        }
+        if res > 0 {
+            if let Some(bid) = bid {
+                let data = r.buffer(bid, res as usize);
+                let room = limits.room(data.len(), f.taken);
+                f.taken += room as u64;
+                let to = if f.sending {
+                    &mut f.pending
+                } else {
+                    &mut f.out
+                };
+                to.extend_from_slice(&data[..room]);
+                r.put_back(bid);
+                o.conn.heard(now);
+            }
+        } else if res == 0 {
+            f.eof = true;
+        } else if !matches!(-res, libc::ENOBUFS | libc::ECANCELED) {
+            // ENOBUFS: the bytes wait in the socket; armed again below.
+            f.failed = Some(Errno::from_raw(-res));
+        }
+        self.pump(index);
+    }
+
+    fn sent(&mut self, index: usize, res: i32, now: Instant) {
+        let Some(Some(o)) = self.slots.get_mut(index) else {
+            return;
+        };
+        let f = &mut o.flow;
+        f.sending = false;
+        if res < 0 {
+            f.failed = Some(Errno::from_raw(-res));
+        } else {
+            let n = res as usize;
+            f.off += n;
+            if f.off >= f.out.len() {
+                f.out.clear();
+                f.off = 0;
+            }
+            o.conn.sent(n, now);
+        }
+        self.pump(index);
+    }
+
+    /// Moves a connection on: sends what waits, ends it once it is done,
+    /// and receives again while it may (or stops receiving).
+    fn pump(&mut self, index: usize) {
+        let limits = self.ctx.limits;
+        let (Some(r), Some(Some(o))) = (self.ring.as_deref_mut(), self.slots.get_mut(index)) else {
+            return;
+        };
+        let f = &mut o.flow;
+        if let Some(e) = f.failed.take() {
+            self.close(index, End::Failed(e.into()));
+            return;
+        }
+        if !f.sending {
+            if f.out.is_empty() {
+                std::mem::swap(&mut f.out, &mut f.pending);
+            }
+            if f.off < f.out.len() {
+                let rest = &f.out[f.off..];
+                let fd = types::Fd(o.conn.fd().as_raw_fd());
+                let e = opcode::Send::new(fd, rest.as_ptr(), rest.len() as u32)
+                    .flags(libc::MSG_NOSIGNAL | libc::MSG_WAITALL)
+                    .build()
+                    .user_data(tag(SEND, index, o.serial));
+                // SAFETY: `out` is neither changed nor dropped while the
+                // send is in flight (`pending` takes what comes; a close
+                // keeps it among the orphans until the completion).
+                unsafe { r.push(e) };
+                f.sending = true;
+            }
+        }
+        let drained = !f.sending && f.out.is_empty() && f.pending.is_empty();
+        if drained && limits.bytes_done(o.conn.bytes()) {
+            self.close(index, End::Bytes);
+            return;
+        }
+        if drained && f.eof && !f.recv {
+            self.close(index, End::Eof);
+            return;
+        }
+        let capped = limits.max_bytes != 0 && f.taken >= limits.max_bytes;
+        let stop = f.held || capped || f.eof || f.pending.len() >= PENDING_CAP;
+        if !f.recv && !stop && o.header.is_none() {
+            let fd = types::Fd(o.conn.fd().as_raw_fd());
+            let e = opcode::RecvMulti::new(fd, GROUP)
+                .build()
+                .user_data(tag(RECV, index, o.serial));
+            // SAFETY: it receives into the registered buffers, which live
+            // as long as the ring.
+            unsafe { r.push(e) };
+            f.recv = true;
+        } else if f.recv && stop && !f.cancelling {
+            r.cancel(tag(RECV, index, o.serial));
+            f.cancelling = true;
+        }
+        if f.out.capacity() > 4 * PENDING_CAP && f.out.is_empty() {
+            f.out = Vec::new();
+        }
+    }
+
+    /// Retiring (`on`): every connection stops receiving, so that it
+    /// can go once what it received is sent; or, the hand-over given up,
+    /// receives again.
+    pub(super) fn ring_hold(&mut self, on: bool) {
+        if self.ring.is_none() {
+            return;
+        }
+        for index in 0..self.slots.len() {
+            match self.slots.get_mut(index) {
+                Some(Some(o)) if o.flow.held != on => o.flow.held = on,
+                _ => continue,
+            }
+            self.pump(index);
+        }
+    }
+}
