@@ -100,8 +100,9 @@ impl InForce {
 /// or the group `kernel.io_uring_group`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Workers {
-    /// They keep the master's user, root and its capabilities.
-    pub root: bool,
+    /// They may do what the master may: they keep its credentials (no
+    /// `-u`, `-g`), or stay root with its capabilities.
+    pub as_master: bool,
     /// Their group, when they change it (`-u`, `-g`).
     pub gid: Option<u32>,
 }
@@ -164,7 +165,7 @@ fn probe(workers: Workers) -> Result<(), String> {
         return Err("kernel.io_uring_disabled = 2: io_uring is off for every process".into());
     }
     let mut ring = ring(8, 16).map_err(|e| setup_failed(&e, disabled))?;
-    if disabled == Some(1) && !workers.root {
+    if disabled == Some(1) && !workers.as_master {
         // The master may, but its workers drop root: only the group the
         // sysctl names lets them.
         let group = sysctl("io_uring_group").unwrap_or(-1);
@@ -409,7 +410,7 @@ mod tests {
     #[test]
     fn epoll_probes_nothing() {
         let root = Workers {
-            root: true,
+            as_master: true,
             gid: None,
         };
         assert_eq!(

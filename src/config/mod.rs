@@ -478,7 +478,7 @@ pub fn with_engine(mut cfg: Config, identity: &crate::daemon::Identity) -> Resul
         return Ok(cfg);
     }
     let workers = crate::engine::Workers {
-        root: identity.stays_root(),
+        as_master: identity.stays_root() || identity.gid().is_none(),
         gid: identity.gid(),
     };
     let (engine, why) = crate::engine::resolve(cfg.io_engine, workers)?;
