@@ -387,6 +387,120 @@ fn no_conversation_is_cut_by_a_reload_into_fork_mode() {
     );
 }
 
+/// [`two_workers`] in event mode on the I/O engine `engine`, read from
+/// the config file `conf` (written here), which a reload reads again.
+fn event_from_file<'a>(conf: &'a std::path::Path, engine: &str) -> [&'a str; 8] {
+    std::fs::write(
+        conf,
+        format!("mode = \"event\"\nio-engine = \"{engine}\"\n"),
+    )
+    .unwrap();
+    [
+        "-l",
+        "127.0.0.1:0",
+        "-c",
+        conf.to_str().unwrap(),
+        "-w",
+        "2",
+        "--shutdown-timeout",
+        "2",
+    ]
+}
+
+/// A reload that moves the event workers from the I/O engine `from` to
+/// `to`: every conversation leaves a worker on one engine for a worker
+/// on the other (the log says which engine each generation runs on).
+fn across_engines(from: &str, to: &str) {
+    if !io_uring_runs_here() {
+        return;
+    }
+    let dir = TempDir::new("engines");
+    let conf = dir.path("echo.toml");
+    let said = |e: &str| {
+        if e == "uring" {
+            "event workers use io_uring (io-engine uring)".to_string()
+        } else {
+            "event workers use epoll (io-engine epoll)".to_string()
+        }
+    };
+    across(
+        &event_from_file(&conf, from),
+        |d, _| {
+            assert!(d.stderr_text().contains(&said(from)), "{}", d.stderr_text());
+            let before = d.children();
+            for &p in &before {
+                assert_eq!(on_uring(p), from == "uring", "worker {p} before the reload");
+            }
+            std::fs::write(&conf, format!("mode = \"event\"\nio-engine = \"{to}\"\n")).unwrap();
+            d.signal(Signal::SIGHUP);
+            assert!(
+                wait_until(DEADLINE, || d.stderr_text().contains(&said(to))),
+                "the reload did not say the new engine:\n{}",
+                d.stderr_text()
+            );
+            // The new generation's workers run on it.
+            let mut new = Vec::new();
+            assert!(
+                wait_until(DEADLINE, || {
+                    new = d
+                        .children()
+                        .into_iter()
+                        .filter(|p| !before.contains(p))
+                        .collect();
+                    new.len() >= 2
+                }),
+                "no new workers: {new:?}"
+            );
+            for p in new {
+                assert_eq!(on_uring(p), to == "uring", "worker {p} after the reload");
+            }
+        },
+        "reloaded:",
+        Moves::All,
+    );
+}
+
+/// Whether process `pid` holds an io_uring instance.
+fn on_uring(pid: i32) -> bool {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path()).is_ok_and(|l| l.to_string_lossy().contains("io_uring"))
+    })
+}
+
+/// Whether io_uring can run here (else a test that needs it says why
+/// and passes).
+fn io_uring_runs_here() -> bool {
+    let d = Daemon::start(&[
+        "-l",
+        "127.0.0.1:0",
+        "-m",
+        "event",
+        "-w",
+        "1",
+        "--io-engine",
+        "auto",
+    ]);
+    let text = d.stderr_text();
+    if text.contains("event workers use io_uring") {
+        return true;
+    }
+    eprintln!("skipped: io_uring cannot run here: {text}");
+    false
+}
+
+#[test]
+fn no_conversation_is_cut_moving_from_io_uring_to_epoll_workers() {
+    across_engines("uring", "epoll");
+}
+
+#[test]
+fn no_conversation_is_cut_moving_from_epoll_to_io_uring_workers() {
+    across_engines("epoll", "uring");
+}
+
 /// A pool where nearly every worker holds a conversation: TTOU, which
 /// retires idle workers first, lowers the floor until it retires one that
 /// holds a conversation, which goes on in another worker.
