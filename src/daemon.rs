@@ -450,6 +450,14 @@ pub struct Identity {
 }
 
 impl Identity {
+    /// Who the event workers are, for the io_uring probe.
+    pub fn engine_workers(&self) -> crate::engine::Workers {
+        crate::engine::Workers {
+            as_master: self.stays_root() || self.gid().is_none(),
+            gid: self.gid(),
+        }
+    }
+
     /// Looks up the user and group. `-u` alone means the user's primary
     /// group. Changing identity needs root; asking for it without root is
     /// an error now rather than in every child later.

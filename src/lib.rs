@@ -129,7 +129,7 @@ pub fn run() -> i32 {
     };
     // Event mode: which I/O engine its workers run on (io-engine uring
     // where io_uring cannot run is an error, as any other).
-    let cfg = match config::with_engine(cfg, &identity) {
+    let cfg = match config::with_engine(cfg, identity.engine_workers()) {
         Ok(c) => c,
         Err(e) => {
             logging::say(&e);

@@ -141,6 +141,7 @@ const FLOORS: &[(&str, &[&str])] = &[
             "children",
             "upgrade",
             "reload",
+            "engine",
             "config",
             "daemon",
             "systemd",

@@ -473,14 +473,10 @@ pub fn resolve(o: Options) -> Result<Config, String> {
 /// `identity`: at start (for `-t` and `-T` too) and on each reload. Other
 /// modes probe nothing. Err: io_uring was asked for (`io-engine uring`)
 /// and cannot run here, and why.
-pub fn with_engine(mut cfg: Config, identity: &crate::daemon::Identity) -> Result<Config, String> {
+pub fn with_engine(mut cfg: Config, workers: crate::engine::Workers) -> Result<Config, String> {
     if cfg.mode != Mode::Event || cfg.inetd {
         return Ok(cfg);
     }
-    let workers = crate::engine::Workers {
-        as_master: identity.stays_root() || identity.gid().is_none(),
-        gid: identity.gid(),
-    };
     let (engine, why) = crate::engine::resolve(cfg.io_engine, workers)?;
     cfg.engine = Some(crate::engine::InForce { engine, why });
     Ok(cfg)

@@ -384,11 +384,14 @@ fn io_engine_is_auto_unless_asked_and_a_flag_wins_over_the_file() {
 #[cfg(any(target_os = "linux", target_os = "android"))]
 fn the_engine_is_probed_in_event_mode_only_and_epoll_never_probes() {
     use crate::engine::{Choice, Engine};
-    let root = crate::daemon::Identity::resolve(None, None, None).unwrap();
-    let prefork = with_engine(resolve(cli(&["--io-engine", "uring"])).unwrap(), &root).unwrap();
+    let root = crate::engine::Workers {
+        as_master: true,
+        gid: None,
+    };
+    let prefork = with_engine(resolve(cli(&["--io-engine", "uring"])).unwrap(), root).unwrap();
     assert_eq!(prefork.engine, None, "no probe outside event mode");
     let event = resolve(cli(&["-m", "event", "--io-engine", "epoll"])).unwrap();
-    let event = with_engine(event, &root).unwrap();
+    let event = with_engine(event, root).unwrap();
     let e = event.engine.expect("event mode has an engine");
     assert_eq!(
         (e.engine, e.why.as_str()),
@@ -397,7 +400,7 @@ fn the_engine_is_probed_in_event_mode_only_and_epoll_never_probes() {
     assert_eq!(event.io_engine, Choice::Epoll);
     // auto always resolves, to one engine or the other, saying why if
     // it is not io_uring.
-    let auto = with_engine(resolve(cli(&["-m", "event"])).unwrap(), &root).unwrap();
+    let auto = with_engine(resolve(cli(&["-m", "event"])).unwrap(), root).unwrap();
     let e = auto.engine.expect("event mode has an engine");
     assert!(e.engine == Engine::Uring || !e.why.is_empty(), "{e:?}");
 }

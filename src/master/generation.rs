@@ -131,7 +131,7 @@ impl Master {
             cfg.group.as_deref(),
             cfg.chroot.as_deref(),
         )?;
-        let cfg = config::with_engine(cfg, &identity)?;
+        let cfg = config::with_engine(cfg, identity.engine_workers())?;
         let opts = cfg.bind_options(identity.socket_group());
         let plan = if self.source.activated {
             (0..self.acceptor.listeners().len())
