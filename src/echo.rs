@@ -276,6 +276,12 @@ impl Conn {
         limits.expired(self.start, self.last, now)
     }
 
+    /// io_uring, switching to [`Conn::step`]: bytes received and not
+    /// yet sent, to be written before anything else.
+    pub fn keep(&mut self, data: &[u8]) {
+        self.pending.extend_from_slice(data);
+    }
+
     /// io_uring: bytes came at `now` (they are echoed by the caller).
     pub fn heard(&mut self, now: Instant) {
         self.last = now;

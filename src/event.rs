@@ -357,7 +357,7 @@ impl<'a> Loop<'a> {
                     t => self.ready(t as usize, buf, now),
                 }
             }
-            self.completions(now);
+            self.completions(buf, now);
             self.expire(now);
             // A wake-up for a connection is this worker's alone
             // (EPOLLEXCLUSIVE): take it even if a stop came with it, as a

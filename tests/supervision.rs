@@ -272,3 +272,35 @@ fn resets(mode: &str) {
     }
     assert!(!d.stderr_text().contains("killed by signal"));
 }
+
+in_modes!(no_connection_gets_bytes_of_one_that_was_reset: crossed; prefork, event);
+
+/// Connections reset while the server is echoing to them, and new ones
+/// opened at once, which the kernel gives the descriptor numbers the
+/// reset ones had: each new one gets back its own bytes and nothing else
+/// (an engine that names a socket by number after closing it would send
+/// the old connection's bytes to the new one).
+fn crossed(mode: &str) {
+    let d = Daemon::start(&["-l", "127.0.0.1:0", "-m", mode, "-w", "1"]);
+    let addr = d.addr();
+    for round in 0..200u32 {
+        let s = connect(addr);
+        (&s).write_all(&[0xAA; 64 * 1024]).unwrap();
+        nix::sys::socket::setsockopt(
+            &s,
+            nix::sys::socket::sockopt::Linger,
+            &libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            },
+        )
+        .unwrap();
+        drop(s);
+        let token = format!("round {round}");
+        assert_eq!(
+            echo_all(addr, token.as_bytes()),
+            token.as_bytes(),
+            "round {round}: a new connection got bytes that were not its own"
+        );
+    }
+}

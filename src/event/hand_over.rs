@@ -52,10 +52,14 @@ impl<'a> Loop<'a> {
     /// Takes the connection at `index` out of this loop: it lives on
     /// elsewhere.
     fn let_go(&mut self, index: usize) -> Option<Open<'a>> {
-        let o = self.slots.get_mut(index)?.take()?;
+        let mut o = self.slots.get_mut(index)?.take()?;
         // Out of this epoll set first: the registration is the
-        // connection's, which lives on in the receiver.
+        // connection's, which lives on in the receiver; and a poll of the
+        // ring's is cancelled (it took nothing from the socket).
         let _ = self.epoll.delete(o.conn.fd());
+        if let Some(r) = self.ring.as_deref_mut() {
+            r.forget(&mut o.flow, index, o.serial);
+        }
         self.free.push(index);
         self.open -= 1;
         o.log_end(&End::HandOver);

@@ -20,6 +20,13 @@
 //! ring empty (`ENOBUFS`) ends with the bytes still in the socket, and is
 //! armed again after the batch has given its buffers back.
 //!
+//! A connection whose receive fills a whole buffer streams: bytes come
+//! faster than they go back, and a receive per 8 KiB (each copied) costs
+//! more than the epoll engine's `read` of 64 KiB. Its receive is
+//! cancelled and, once what it brought is sent, it is served as the epoll
+//! engine serves it (`echo::Conn::step`: reads and writes of the worker's
+//! 64 KiB buffer), a poll in the ring standing for its epoll registration.
+//!
 //! A connection with an operation in flight cannot be handed over (the
 //! kernel would go on receiving for this process): a retiring worker
 //! cancels its receives, sends what they brought, and hands over each
@@ -40,7 +47,9 @@ const RECV: u64 = 1;
 const SEND: u64 = 2;
 const EPOLL: u64 = 3;
 const CANCEL: u64 = 4;
-const HEADER: u64 = 5;
+/// A readiness poll: a PROXY header's next bytes, or a streaming
+/// connection's socket.
+const POLL: u64 = 5;
 
 /// The shared buffers: how many, and how large. A receive takes a whole
 /// buffer whatever it brings, so there are enough for one completion per
@@ -86,8 +95,13 @@ pub(super) struct Flow {
     eof: bool,
     /// Retiring: it receives no more, to be handed over.
     held: bool,
-    /// Behind a proxy: a poll for the header's next bytes is in flight.
+    /// A poll is in flight (for the PROXY header's next bytes, or a
+    /// streaming connection's socket). It takes nothing from the socket,
+    /// so it does not keep the connection from being handed over.
     polled: bool,
+    /// Streaming: served as the epoll engine serves it (see the module's
+    /// doc).
+    bulk: bool,
     /// A receive or send failed: how it ends.
     failed: Option<Errno>,
     /// Bytes taken to be echoed (`--max-bytes` counts these).
@@ -98,11 +112,7 @@ impl Flow {
     /// Nothing of it is in flight or waits to be sent: it may go to
     /// another process.
     pub(super) fn quiet(&self) -> bool {
-        !self.recv
-            && !self.sending
-            && !self.polled
-            && self.out.is_empty()
-            && self.pending.is_empty()
+        !self.recv && !self.sending && self.out.is_empty() && self.pending.is_empty()
     }
 }
 
@@ -216,6 +226,18 @@ impl Ring {
         }
     }
 
+    /// Polls `o`'s socket for `events` (one shot: it completes at once if
+    /// they hold already, so nothing is missed between two).
+    fn poll(&mut self, o: &mut Open<'_>, index: usize, events: i16) {
+        let fd = types::Fd(o.conn.fd().as_raw_fd());
+        let e = opcode::PollAdd::new(fd, events as u32)
+            .build()
+            .user_data(tag(POLL, index, o.serial));
+        // SAFETY: a poll points at no memory of ours.
+        unsafe { self.push(e) };
+        o.flow.polled = true;
+    }
+
     fn cancel(&mut self, target: u64) {
         let e = opcode::AsyncCancel::new(target)
             .build()
@@ -263,20 +285,34 @@ impl Ring {
         Ok(std::mem::take(&mut self.epoll_ready))
     }
 
-    /// A connection closes: what it has in flight is cancelled (which
-    /// lets the kernel close the socket), and the bytes a send reads are
-    /// kept until it completes.
+    /// A connection closes or leaves this worker: what it has in flight is
+    /// cancelled (which lets the kernel close the socket), the bytes a send
+    /// reads are kept until it completes, and everything queued is
+    /// submitted.
     pub(super) fn forget(&mut self, f: &mut Flow, index: usize, serial: u64) {
         if f.recv {
             self.cancel(tag(RECV, index, serial));
         }
         if f.polled {
-            self.cancel(tag(HEADER, index, serial));
+            self.cancel(tag(POLL, index, serial));
         }
         if f.sending {
             let t = tag(SEND, index, serial);
             self.cancel(t);
             self.orphans.push((t, std::mem::take(&mut f.out)));
+        }
+        // A queued entry names its socket by number, which the kernel
+        // looks up when the entry is submitted: once the caller closes the
+        // socket, the number may be a new connection's (accepted in the
+        // same turn), which would get this one's bytes. So what is queued
+        // goes now, while the number is still this connection's.
+        if !self.uring.submission().is_empty() {
+            if let Err(e) = self.uring.submit() {
+                if e.raw_os_error() != Some(libc::EBUSY) {
+                    warn!("io_uring: cannot submit: {e}");
+                }
+                self.drain();
+            }
         }
     }
 }
@@ -327,17 +363,11 @@ impl<'a> Loop<'a> {
         let (Some(r), Some(Some(o))) = (self.ring.as_deref_mut(), self.slots.get_mut(index)) else {
             return;
         };
-        let fd = types::Fd(o.conn.fd().as_raw_fd());
-        let e = opcode::PollAdd::new(fd, libc::POLLIN as u32)
-            .build()
-            .user_data(tag(HEADER, index, o.serial));
-        // SAFETY: a poll points at no memory of ours.
-        unsafe { r.push(e) };
-        o.flow.polled = true;
+        r.poll(o, index, libc::POLLIN);
     }
 
     /// Serves what the last wait completed.
-    pub(super) fn completions(&mut self, now: Instant) {
+    pub(super) fn completions(&mut self, buf: &mut [u8], now: Instant) {
         let Some(r) = self.ring.as_deref_mut() else {
             return;
         };
@@ -354,16 +384,7 @@ impl<'a> Loop<'a> {
                         r.orphans.retain(|(t, _)| *t != data);
                     }
                 }
-                HEADER if live => {
-                    if let Some(Some(o)) = self.slots.get_mut(index) {
-                        o.flow.polled = false;
-                    }
-                    if self.header(index) {
-                        self.pump(index);
-                    } else if matches!(self.slots.get(index), Some(Some(o)) if o.header.is_some()) {
-                        self.poll_header(index);
-                    }
-                }
+                POLL if live => self.polled(index, res, buf, now),
                 _ => {}
             }
         }
@@ -373,6 +394,36 @@ impl<'a> Loop<'a> {
             cqes.clear();
             let more = std::mem::replace(&mut r.cqes, cqes);
             r.cqes.extend(more);
+        }
+    }
+
+    fn polled(&mut self, index: usize, res: i32, buf: &mut [u8], now: Instant) {
+        let limits = self.ctx.limits;
+        let Some(Some(o)) = self.slots.get_mut(index) else {
+            return;
+        };
+        o.flow.polled = false;
+        if res < 0 {
+            // Cancelled (retiring), or the poll failed: pump says what next.
+            if res != -libc::ECANCELED {
+                o.flow.failed = Some(Errno::from_raw(-res));
+            }
+            self.pump(index);
+            return;
+        }
+        if o.header.is_some() {
+            if self.header(index) {
+                self.pump(index);
+            } else if matches!(self.slots.get(index), Some(Some(o)) if o.header.is_some()) {
+                self.poll_header(index);
+            }
+            return;
+        }
+        // Retiring or not, as in the epoll engine: it is handed over
+        // whenever a step leaves nothing unsent.
+        match o.conn.step(buf, &limits, now) {
+            Some(end) => self.close(index, end),
+            None => self.pump(index),
         }
     }
 
@@ -409,6 +460,8 @@ impl<'a> Loop<'a> {
                 to.extend_from_slice(&data[..room]);
                 r.put_back(bid);
                 o.conn.heard(now);
+                // A full buffer: more is waiting; it streams.
+                f.bulk |= res as usize >= BUF_LEN;
             }
         } else if res == 0 {
             f.eof = true;
@@ -451,6 +504,33 @@ impl<'a> Loop<'a> {
             self.close(index, End::Failed(e.into()));
             return;
         }
+        if f.bulk && !f.recv && !f.sending && o.header.is_none() {
+            // Streaming, and nothing of the ring's path is in flight:
+            // what it received and did not send yet goes first.
+            if f.off < f.out.len() || !f.pending.is_empty() {
+                o.conn.keep(&f.out[f.off..]);
+                o.conn.keep(&f.pending);
+                f.out = Vec::new();
+                f.pending = Vec::new();
+                f.off = 0;
+            }
+            if f.eof {
+                // Everything it sent came, and is either back or kept.
+                if !o.conn.wants_write() {
+                    self.close(index, End::Eof);
+                    return;
+                }
+            }
+            if !f.polled {
+                let events = if o.conn.wants_write() {
+                    libc::POLLOUT
+                } else {
+                    libc::POLLIN
+                };
+                r.poll(o, index, events);
+            }
+            return;
+        }
         if !f.sending {
             if f.out.is_empty() {
                 std::mem::swap(&mut f.out, &mut f.pending);
@@ -479,7 +559,7 @@ impl<'a> Loop<'a> {
             return;
         }
         let capped = limits.max_bytes != 0 && f.taken >= limits.max_bytes;
-        let stop = f.held || capped || f.eof || f.pending.len() >= PENDING_CAP;
+        let stop = f.held || capped || f.eof || f.bulk || f.pending.len() >= PENDING_CAP;
         if !f.recv && !stop && o.header.is_none() {
             let fd = types::Fd(o.conn.fd().as_raw_fd());
             let e = opcode::RecvMulti::new(fd, GROUP)
@@ -492,9 +572,6 @@ impl<'a> Loop<'a> {
         } else if f.recv && stop && !f.cancelling {
             r.cancel(tag(RECV, index, o.serial));
             f.cancelling = true;
-        }
-        if f.out.capacity() > 4 * PENDING_CAP && f.out.is_empty() {
-            f.out = Vec::new();
         }
     }
 
