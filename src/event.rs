@@ -357,7 +357,7 @@ impl<'a> Loop<'a> {
                     t => self.ready(t as usize, buf, now),
                 }
             }
-            self.completions(buf, now);
+            accept |= self.completions(buf, now);
             self.expire(now);
             // A wake-up for a connection is this worker's alone
             // (EPOLLEXCLUSIVE): take it even if a stop came with it, as a
@@ -404,6 +404,12 @@ impl<'a> Loop<'a> {
     /// a stopping worker closed is in no set any more. A listener already
     /// there (or already gone) after a partial failure counts as done.
     fn listen(&mut self, on: bool) -> nix::Result<()> {
+        if self.ring.is_some() {
+            // The ring polls each of them, once per wake-up.
+            self.ring_listen(on);
+            self.listening = on;
+            return Ok(());
+        }
         if on == self.listening {
             return Ok(());
         }

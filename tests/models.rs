@@ -273,6 +273,31 @@ fn a_connection_wakes_one_idle_worker_not_all_of_them() {
     );
 }
 
+/// The same for event workers, on either engine: a new connection wakes
+/// one of 16 idle event workers (on io_uring the listeners' polls are
+/// exclusive, as their epoll registrations are).
+#[test]
+fn a_connection_wakes_one_idle_event_worker_not_all_of_them() {
+    let _heavy = heavy();
+    let d = Daemon::start(&["-l", "127.0.0.1:0", "-m", "event", "-w", "16"]);
+    let addr = d.addr();
+    let workers = d.wait_children(16);
+    let total = || workers.iter().map(|&p| voluntary_switches(p)).sum::<u64>();
+    assert_eq!(echo_all(addr, b"warm"), b"warm");
+    let before = total();
+    for i in 0..200u32 {
+        assert_eq!(echo_all(addr, &i.to_be_bytes()), i.to_be_bytes());
+    }
+    let per = (total() - before) as f64 / 200.0;
+    println!("{per:.2} voluntary context switches per connection among 16 idle event workers");
+    // The herd: every idle worker woke for every connection (about 16).
+    assert!(
+        per < 6.0,
+        "{per:.2} switches per connection: the herd is back\n{}",
+        d.stderr_text()
+    );
+}
+
 #[test]
 fn an_event_worker_at_its_cap_lets_the_next_client_wait_not_fail() {
     let d = Daemon::start(&[

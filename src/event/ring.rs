@@ -1,10 +1,14 @@
 //! The io_uring engine of an event worker (`--io-engine uring`).
 //!
-//! The loop (event.rs) is the same on both engines: the control pipe,
-//! the relay and the listeners stay in its epoll set (`EPOLLEXCLUSIVE`,
-//! the cap, the pause after EMFILE and the admission gate are the
-//! epoll engine's, unchanged), and the ring watches that set with one
-//! poll. What changes is the connections: each has a multishot receive
+//! The loop (event.rs) is the same on both engines: accepting (the cap,
+//! the pause after EMFILE, the admission gate) is the epoll engine's,
+//! unchanged. The listeners and the relay are each watched by a one-shot
+//! poll in the ring with `EPOLLEXCLUSIVE`, armed again after each wake-up,
+//! so that a new connection wakes one worker, as their epoll
+//! registrations do (an epoll set watched by the ring would not: the
+//! kernel counts a worker as woken only if it waits in `epoll_wait`, and
+//! wakes every worker instead). The control pipe stays in the epoll set,
+//! which the ring watches with one poll. What changes is the connections: each has a multishot receive
 //! into a ring of buffers the kernel picks from (one buffer group for
 //! the worker, shared by every connection, so an idle connection holds
 //! no buffer), and what it receives goes back with one send at a time,
@@ -50,6 +54,9 @@ const CANCEL: u64 = 4;
 /// A readiness poll: a PROXY header's next bytes, or a streaming
 /// connection's socket.
 const POLL: u64 = 5;
+/// A listener's (or, [`RELAY_DOOR`], the relay's) exclusive poll.
+const DOOR: u64 = 6;
+const RELAY_DOOR: usize = 0xffff_ffff;
 
 /// The shared buffers: how many, and how large. A receive takes a whole
 /// buffer whatever it brings, so there are enough for one completion per
@@ -130,6 +137,10 @@ pub(super) struct Ring {
     epoll_ready: bool,
     /// Bytes of closed connections that a send still reads, by its tag.
     orphans: Vec<(u64, Vec<u8>)>,
+    /// The listeners' and the relay's polls in flight: the door, and the
+    /// generation its tag carries (a cancelled one may still complete).
+    doors: Vec<(usize, u64)>,
+    door_gen: u64,
 }
 
 impl Ring {
@@ -148,6 +159,8 @@ impl Ring {
             polling_epoll: false,
             epoll_ready: false,
             orphans: Vec::new(),
+            doors: Vec::new(),
+            door_gen: 0,
         });
         let base = r.entries.as_mut_slice().as_mut_ptr();
         // SAFETY: `base` is a page-aligned mapping of BUFS entries, owned
@@ -301,11 +314,15 @@ impl Ring {
             self.cancel(t);
             self.orphans.push((t, std::mem::take(&mut f.out)));
         }
-        // A queued entry names its socket by number, which the kernel
-        // looks up when the entry is submitted: once the caller closes the
-        // socket, the number may be a new connection's (accepted in the
-        // same turn), which would get this one's bytes. So what is queued
-        // goes now, while the number is still this connection's.
+        self.flush();
+    }
+
+    /// Submits what is queued. A queued entry names its socket by number,
+    /// which the kernel looks up when the entry is submitted: once a
+    /// socket is closed, the number may be a new connection's (accepted in
+    /// the same turn), which would get the closed one's bytes. So what is
+    /// queued goes before a socket is closed, while its number is its own.
+    fn flush(&mut self) {
         if !self.uring.submission().is_empty() {
             if let Err(e) = self.uring.submit() {
                 if e.raw_os_error() != Some(libc::EBUSY) {
@@ -346,6 +363,58 @@ impl<'a> Loop<'a> {
         }
     }
 
+    /// Watches the listeners and the relay (`on`), each with one exclusive
+    /// poll, armed again here after it fired; or stops watching them.
+    pub(super) fn ring_listen(&mut self, on: bool) {
+        let Some(r) = self.ring.as_deref_mut() else {
+            return;
+        };
+        if !on {
+            for (door, generation) in std::mem::take(&mut r.doors) {
+                r.cancel(tag(DOOR, door, generation));
+            }
+            // Before a stopping worker closes them.
+            r.flush();
+            return;
+        }
+        let relay = self.acceptor.relay().map(|rx| (RELAY_DOOR, rx.as_raw_fd()));
+        let streams = self
+            .acceptor
+            .streams()
+            .map(|(i, l)| (i, l.as_fd().as_raw_fd()));
+        for (door, fd) in relay.into_iter().chain(streams) {
+            if r.doors.iter().any(|&(d, _)| d == door) {
+                continue;
+            }
+            r.door_gen += 1;
+            let events = (libc::POLLIN as u32) | (libc::EPOLLEXCLUSIVE as u32);
+            let e = opcode::PollAdd::new(types::Fd(fd), events)
+                .build()
+                .user_data(tag(DOOR, door, r.door_gen));
+            // SAFETY: a poll points at no memory of ours.
+            unsafe { r.push(e) };
+            r.doors.push((door, r.door_gen & 0xff_ffff));
+        }
+    }
+
+    /// A listener's or the relay's poll completed: whether to accept.
+    fn door(&mut self, door: usize, generation: u64, res: i32) -> bool {
+        let Some(r) = self.ring.as_deref_mut() else {
+            return false;
+        };
+        let Some(k) = r.doors.iter().position(|&d| d == (door, generation)) else {
+            return false; // cancelled: the listeners were let go
+        };
+        r.doors.swap_remove(k);
+        if res < 0 {
+            return res != -libc::ECANCELED;
+        }
+        if door == RELAY_DOOR {
+            self.acceptor.relay_woke();
+        }
+        true
+    }
+
     /// Starts a new connection's I/O: its header's poll behind a proxy,
     /// else its receive.
     pub(super) fn ring_start(&mut self, index: usize) {
@@ -366,10 +435,12 @@ impl<'a> Loop<'a> {
         r.poll(o, index, libc::POLLIN);
     }
 
-    /// Serves what the last wait completed.
-    pub(super) fn completions(&mut self, buf: &mut [u8], now: Instant) {
+    /// Serves what the last wait completed; true: a listener or the
+    /// relay is ready.
+    pub(super) fn completions(&mut self, buf: &mut [u8], now: Instant) -> bool {
+        let mut accept = false;
         let Some(r) = self.ring.as_deref_mut() else {
-            return;
+            return false;
         };
         let cqes = std::mem::take(&mut r.cqes);
         for &(data, res, flags) in &cqes {
@@ -385,6 +456,7 @@ impl<'a> Loop<'a> {
                     }
                 }
                 POLL if live => self.polled(index, res, buf, now),
+                DOOR => accept |= self.door(index, serial, res),
                 _ => {}
             }
         }
@@ -395,6 +467,7 @@ impl<'a> Loop<'a> {
             let more = std::mem::replace(&mut r.cqes, cqes);
             r.cqes.extend(more);
         }
+        accept
     }
 
     fn polled(&mut self, index: usize, res: i32, buf: &mut [u8], now: Instant) {
