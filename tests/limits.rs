@@ -801,3 +801,92 @@ fn max_per_ip_counts_an_ipv6_network(mode: &'static str) {
 }
 
 in_modes!(max_per_ip_counts_an_ipv6_network: max_per_ip_counts_an_ipv6_network; prefork, fork, event);
+
+/// `--max-bytes`: a client that sends more than the cap gets exactly the
+/// cap back, then the server's close, at once (not at the idle limit),
+/// whether it sent in small pieces or in one stream.
+fn max_bytes(mode: &str) {
+    let d = Daemon::start(&[
+        "-l",
+        "127.0.0.1:0",
+        "-m",
+        mode,
+        "-w",
+        "1",
+        "--max-bytes",
+        "16384",
+        "--idle-timeout",
+        "60",
+    ]);
+    for piece in [100usize, 20_000] {
+        let mut s = connect(d.addr());
+        let sent: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
+        let mut got = Vec::new();
+        let start = Instant::now();
+        for chunk in sent.chunks(piece) {
+            // The server may close once the cap is echoed: what is left
+            // to send then fails, which is what the cap means.
+            if s.write_all(chunk).is_err() {
+                break;
+            }
+        }
+        let mut buf = [0u8; 65536];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+                Err(e) => panic!("pieces of {piece}: no close after {} bytes: {e}", got.len()),
+            }
+        }
+        assert_eq!(got.len(), 16384, "pieces of {piece}");
+        assert_eq!(got[..], sent[..16384], "pieces of {piece}");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "pieces of {piece}: closed after {:?}",
+            start.elapsed()
+        );
+    }
+}
+
+in_modes!(max_bytes_echoes_the_cap_and_closes: max_bytes; prefork, fork, event);
+
+/// `--max-bytes` counts what a connection echoed before a reload handed
+/// it to a worker of the new generation.
+fn max_bytes_across_a_reload(mode: &str) {
+    let d = Daemon::start(&[
+        "-l",
+        "127.0.0.1:0",
+        "-m",
+        mode,
+        "-w",
+        "1",
+        "--max-bytes",
+        "10000",
+        "--shutdown-timeout",
+        "5",
+    ]);
+    let mut s = connect(d.addr());
+    let first = vec![b'a'; 6000];
+    s.write_all(&first).unwrap();
+    let mut back = vec![0u8; 6000];
+    s.read_exact(&mut back).unwrap();
+    let before = d.children();
+    d.signal(Signal::SIGHUP);
+    assert!(
+        wait_until(DEADLINE, || before.iter().all(|&p| is_dead(p))),
+        "the old worker did not retire: {}",
+        d.stderr_text()
+    );
+    let _ = s.write_all(&[b'b'; 6000]);
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    assert_eq!(
+        rest.len(),
+        4000,
+        "echoed after the reload (10,000 less the 6,000 before)\n{}",
+        d.stderr_text()
+    );
+}
+
+in_modes!(max_bytes_counts_what_came_before_a_reload: max_bytes_across_a_reload; prefork, event);

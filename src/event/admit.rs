@@ -93,6 +93,7 @@ impl<'a> Loop<'a> {
             self.deadlines
                 .push(Reverse((r.deadline, index, self.serial)));
         }
+        let flow = ring::Flow::after(conn.bytes());
         self.slots[index] = Some(Open {
             conn,
             serial: self.serial,
@@ -102,7 +103,7 @@ impl<'a> Loop<'a> {
             tcp,
             client,
             header,
-            flow: ring::Flow::default(),
+            flow,
         });
         self.open += 1;
         if self.ring.is_some() {

@@ -72,6 +72,8 @@ const PENDING_CAP: usize = 64 * 1024;
 /// worker here. A batch that overflows the completion queue loses
 /// nothing (the kernel keeps the rest, IORING_FEAT_NODROP).
 const SQ: u32 = 256;
+/// Submissions tried before a flush gives up (see [`Ring::flush`]).
+const FLUSH_TRIES: usize = 1000;
 const CQ: u32 = 4096;
 
 fn tag(kind: u64, index: usize, serial: u64) -> u64 {
@@ -116,6 +118,15 @@ pub(super) struct Flow {
 }
 
 impl Flow {
+    /// A connection that echoed `bytes` before (elsewhere, if it was
+    /// handed over): `--max-bytes` counts them.
+    pub(super) fn after(bytes: u64) -> Flow {
+        Flow {
+            taken: bytes,
+            ..Flow::default()
+        }
+    }
+
     /// Nothing of it is in flight or waits to be sent: it may go to
     /// another process.
     pub(super) fn quiet(&self) -> bool {
@@ -211,13 +222,16 @@ impl Ring {
     /// # Safety
     /// What `e` points to stays valid until its completion.
     unsafe fn push(&mut self, e: squeue::Entry) {
-        loop {
+        for _ in 0..FLUSH_TRIES {
             // SAFETY: the caller's.
             if unsafe { self.uring.submission().push(&e) }.is_ok() {
                 return;
             }
             if let Err(err) = self.uring.submit() {
-                if err.raw_os_error() != Some(libc::EBUSY) {
+                if !matches!(
+                    err.raw_os_error(),
+                    Some(libc::EBUSY | libc::EAGAIN | libc::EINTR)
+                ) {
                     warn!("io_uring: cannot submit: {err}");
                 }
                 // The kernel may refuse more until completions are taken:
@@ -225,6 +239,9 @@ impl Ring {
                 self.drain();
             }
         }
+        // Rather than spin: the connection it was for waits for nothing,
+        // and its idle or session limit ends it.
+        warn!("io_uring: the kernel takes nothing more; an operation is dropped");
     }
 
     /// Takes what completed into `cqes` (the epoll set's readiness aside).
@@ -323,14 +340,24 @@ impl Ring {
     /// the same turn), which would get the closed one's bytes. So what is
     /// queued goes before a socket is closed, while its number is its own.
     fn flush(&mut self) {
-        if !self.uring.submission().is_empty() {
+        // The kernel may take part of the queue (out of memory for
+        // requests) or none (completions to take first): again until it
+        // is empty, within reason.
+        for _ in 0..FLUSH_TRIES {
+            if self.uring.submission().is_empty() {
+                return;
+            }
             if let Err(e) = self.uring.submit() {
-                if e.raw_os_error() != Some(libc::EBUSY) {
+                if !matches!(
+                    e.raw_os_error(),
+                    Some(libc::EBUSY | libc::EAGAIN | libc::EINTR)
+                ) {
                     warn!("io_uring: cannot submit: {e}");
                 }
                 self.drain();
             }
         }
+        warn!("io_uring: the kernel does not take what is queued");
     }
 }
 
@@ -520,6 +547,11 @@ impl<'a> Loop<'a> {
             f.recv = false;
             f.cancelling = false;
         }
+        if let (Some(bid), true) = (bid, res <= 0) {
+            // A buffer with no bytes in it (the kernel keeps those, but
+            // it costs nothing to be sure).
+            r.put_back(bid);
+        }
         if res > 0 {
             if let Some(bid) = bid {
                 let data = r.buffer(bid, res as usize);
@@ -587,9 +619,13 @@ impl<'a> Loop<'a> {
                 f.pending = Vec::new();
                 f.off = 0;
             }
-            if f.eof {
-                // Everything it sent came, and is either back or kept.
-                if !o.conn.wants_write() {
+            if !o.conn.wants_write() {
+                if limits.bytes_done(o.conn.bytes()) {
+                    self.close(index, End::Bytes);
+                    return;
+                }
+                if f.eof {
+                    // Everything it sent came, and is back.
                     self.close(index, End::Eof);
                     return;
                 }
