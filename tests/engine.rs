@@ -38,18 +38,6 @@ fn start(args: &[&str], adjust: impl FnOnce(&mut Command)) -> Daemon {
     d
 }
 
-/// Why this machine cannot run event workers on io_uring, as the
-/// daemon's own probe says (`-T --io-engine uring`), or None if it can.
-fn no_uring() -> Option<String> {
-    let out = Command::new(BIN)
-        .args(["-f", "-T", "-m", "event", "-l", "127.0.0.1:0"])
-        .args(["--io-engine", "uring"])
-        .env_remove(KNOB)
-        .output()
-        .expect("run echo-forkd -T");
-    (!out.status.success()).then(|| String::from_utf8_lossy(&out.stderr).trim().to_string())
-}
-
 /// The `event workers use` line.
 fn engine_line(d: &Daemon) -> String {
     d.wait_line("event workers use", DEADLINE)
@@ -95,16 +83,7 @@ fn metric_says(d: &Daemon, engine: &str) {
 fn with_rings(d: &Daemon) -> Vec<i32> {
     d.children()
         .into_iter()
-        .filter(|pid| {
-            std::fs::read_dir(format!("/proc/{pid}/fd"))
-                .into_iter()
-                .flatten()
-                .flatten()
-                .any(|e| {
-                    std::fs::read_link(e.path())
-                        .is_ok_and(|t| t.to_string_lossy() == "anon_inode:[io_uring]")
-                })
-        })
+        .filter(|&p| holds_a_ring(p))
         .collect()
 }
 

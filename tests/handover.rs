@@ -411,7 +411,8 @@ fn event_from_file<'a>(conf: &'a std::path::Path, engine: &str) -> [&'a str; 8] 
 /// `to`: every conversation leaves a worker on one engine for a worker
 /// on the other (the log says which engine each generation runs on).
 fn across_engines(from: &str, to: &str) {
-    if !io_uring_runs_here() {
+    if let Some(why) = no_uring() {
+        eprintln!("skipped: io_uring cannot run here: {why}");
         return;
     }
     let dir = TempDir::new("engines");
@@ -429,7 +430,11 @@ fn across_engines(from: &str, to: &str) {
             assert!(d.stderr_text().contains(&said(from)), "{}", d.stderr_text());
             let before = d.children();
             for &p in &before {
-                assert_eq!(on_uring(p), from == "uring", "worker {p} before the reload");
+                assert_eq!(
+                    holds_a_ring(p),
+                    from == "uring",
+                    "worker {p} before the reload"
+                );
             }
             std::fs::write(&conf, format!("mode = \"event\"\nio-engine = \"{to}\"\n")).unwrap();
             d.signal(Signal::SIGHUP);
@@ -452,43 +457,16 @@ fn across_engines(from: &str, to: &str) {
                 "no new workers: {new:?}"
             );
             for p in new {
-                assert_eq!(on_uring(p), to == "uring", "worker {p} after the reload");
+                assert_eq!(
+                    holds_a_ring(p),
+                    to == "uring",
+                    "worker {p} after the reload"
+                );
             }
         },
         "reloaded:",
         Moves::All,
     );
-}
-
-/// Whether process `pid` holds an io_uring instance.
-fn on_uring(pid: i32) -> bool {
-    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return false;
-    };
-    fds.flatten().any(|fd| {
-        std::fs::read_link(fd.path()).is_ok_and(|l| l.to_string_lossy().contains("io_uring"))
-    })
-}
-
-/// Whether io_uring can run here (else a test that needs it says why
-/// and passes).
-fn io_uring_runs_here() -> bool {
-    let d = Daemon::start(&[
-        "-l",
-        "127.0.0.1:0",
-        "-m",
-        "event",
-        "-w",
-        "1",
-        "--io-engine",
-        "auto",
-    ]);
-    let text = d.stderr_text();
-    if text.contains("event workers use io_uring") {
-        return true;
-    }
-    eprintln!("skipped: io_uring cannot run here: {text}");
-    false
 }
 
 #[test]

@@ -139,3 +139,15 @@ impl Drop for Inetd {
         let _ = self.child.wait();
     }
 }
+
+/// Why this machine cannot run event workers on io_uring, as the
+/// daemon's own probe says (`-T --io-engine uring`), or None if it can.
+pub fn no_uring() -> Option<String> {
+    let out = std::process::Command::new(BIN)
+        .args(["-f", "-T", "-m", "event", "-l", "127.0.0.1:0"])
+        .args(["--io-engine", "uring"])
+        .env_remove("ECHO_FORKD_IO_ENGINE")
+        .output()
+        .expect("run echo-forkd -T");
+    (!out.status.success()).then(|| String::from_utf8_lossy(&out.stderr).trim().to_string())
+}

@@ -156,3 +156,13 @@ pub fn sockets_of(pid: i32) -> Vec<u64> {
         })
         .collect()
 }
+
+/// Whether `pid` holds an io_uring instance among its descriptors.
+pub fn holds_a_ring(pid: i32) -> bool {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    dir.flatten().any(|e| {
+        std::fs::read_link(e.path()).is_ok_and(|t| t.to_string_lossy() == "anon_inode:[io_uring]")
+    })
+}
