@@ -275,6 +275,17 @@ impl Acceptor {
         self.accept(now).map(|(i, fd)| Incoming::New(i, fd))
     }
 
+    /// A wake-up of the relay that this process took but cannot act on
+    /// (at its cap, or stopping): one connection is taken and offered
+    /// again, which wakes another worker for what waits.
+    #[cfg_attr(not(any(target_os = "linux", target_os = "android")), allow(dead_code))]
+    pub fn pass_on_relay(&mut self, board: &Scoreboard) {
+        let rx = self.relay.as_mut().or(self.relay_kept.as_mut());
+        if let (Some(rx), Some(tx)) = (rx, &self.relay_tx) {
+            rx.pass_on(tx, board);
+        }
+    }
+
     /// The relay is readable (the caller's own wait said so).
     #[cfg_attr(not(any(target_os = "linux", target_os = "android")), allow(dead_code))]
     pub fn relay_woke(&mut self) {

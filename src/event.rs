@@ -116,6 +116,9 @@ struct Loop<'a> {
     acceptor: Acceptor,
     /// The listeners are in the epoll set (not at the cap, not paused).
     listening: bool,
+    /// io_uring: a listener's poll took a wake-up as it was cancelled
+    /// (see `ring_listen`).
+    claimed: bool,
     stopping: bool,
     /// Retiring: the open connections go on (see relay/, vault.rs).
     handing_over: bool,
@@ -275,6 +278,7 @@ impl<'a> Loop<'a> {
             ring,
             acceptor,
             listening: false,
+            claimed: false,
             stopping: false,
             handing_over: false,
             carrier: false,
@@ -442,6 +446,11 @@ impl<'a> Loop<'a> {
     fn stop(&mut self, now: Instant) {
         if !self.stopping {
             let _ = self.listen(false);
+            if std::mem::take(&mut self.claimed) {
+                // A connection woke this worker alone: it takes it (and
+                // hands it over with the others), or nobody is woken.
+                self.accept(&mut [], now);
+            }
             self.acceptor.close();
             self.stopping = true;
             self.ctx.set(State::Stopping);

@@ -88,18 +88,17 @@ fn untag(data: u64) -> (u64, usize, u64) {
     )
 }
 
-/// A connection's side of the engine (unused by the epoll engine).
+/// A connection's side of the engine (the epoll engine leaves it empty:
+/// it is small, as it sits beside every connection of both).
 #[derive(Default)]
 pub(super) struct Flow {
+    /// Its bytes, once it has sent any (an idle connection has none).
+    bytes: Option<Box<Bytes>>,
     /// A multishot receive is in flight, and it was asked to end.
     recv: bool,
     cancelling: bool,
     /// A send of `out[off..]` is in flight.
     sending: bool,
-    out: Vec<u8>,
-    off: usize,
-    /// Received while a send was in flight: goes after `out`.
-    pending: Vec<u8>,
     /// The client shut its side: everything it sent was received.
     eof: bool,
     /// Retiring: it receives no more, to be handed over.
@@ -117,7 +116,32 @@ pub(super) struct Flow {
     taken: u64,
 }
 
+/// Received and not yet sent back.
+#[derive(Default)]
+struct Bytes {
+    out: Vec<u8>,
+    off: usize,
+    /// Received while a send was in flight: goes after `out`.
+    pending: Vec<u8>,
+}
+
+impl Bytes {
+    fn is_empty(&self) -> bool {
+        self.out.is_empty() && self.pending.is_empty()
+    }
+}
+
 impl Flow {
+    /// Bytes received while a send was in flight.
+    fn pending(&self) -> usize {
+        self.bytes.as_ref().map_or(0, |b| b.pending.len())
+    }
+
+    /// Nothing received waits to be sent, nor is being sent.
+    fn drained(&self) -> bool {
+        !self.sending && self.bytes.as_ref().is_none_or(|b| b.is_empty())
+    }
+
     /// A connection that echoed `bytes` before (elsewhere, if it was
     /// handed over): `--max-bytes` counts them.
     pub(super) fn after(bytes: u64) -> Flow {
@@ -130,7 +154,7 @@ impl Flow {
     /// Nothing of it is in flight or waits to be sent: it may go to
     /// another process.
     pub(super) fn quiet(&self) -> bool {
-        !self.recv && !self.sending && self.out.is_empty() && self.pending.is_empty()
+        !self.recv && self.drained()
     }
 }
 
@@ -329,9 +353,27 @@ impl Ring {
         if f.sending {
             let t = tag(SEND, index, serial);
             self.cancel(t);
-            self.orphans.push((t, std::mem::take(&mut f.out)));
+            let out = f.bytes.take().map(|b| b.out).unwrap_or_default();
+            self.orphans.push((t, out));
         }
         self.flush();
+    }
+
+    /// Submits what is queued and takes what completed, without waiting
+    /// (task work, and so completions, run only in a wait).
+    fn settle(&mut self) {
+        self.flush();
+        let ts = types::Timespec::new();
+        let args = types::SubmitArgs::new().timespec(&ts);
+        if let Err(e) = self.uring.submitter().submit_with_args(1, &args) {
+            if !matches!(
+                e.raw_os_error(),
+                Some(libc::ETIME | libc::EINTR | libc::EBUSY)
+            ) {
+                warn!("io_uring_enter failed: {e}");
+            }
+        }
+        self.drain();
     }
 
     /// Submits what is queued. A queued entry names its socket by number,
@@ -392,16 +434,54 @@ impl<'a> Loop<'a> {
 
     /// Watches the listeners and the relay (`on`), each with one exclusive
     /// poll, armed again here after it fired; or stops watching them.
+    ///
+    /// An exclusive poll takes a wake-up whenever it is armed, where an
+    /// epoll set passes it to the next worker unless this one waits in
+    /// `epoll_wait`: a poll that took one just before it was cancelled
+    /// would leave a connection waiting with no worker woken for it. So
+    /// the cancelled polls are settled at once, and a wake-up one took
+    /// is passed on (the relay's) or remembered in `claimed` (a
+    /// listener's: a stopping worker accepts once more before it closes
+    /// them, and hands what it took over).
     pub(super) fn ring_listen(&mut self, on: bool) {
         let Some(r) = self.ring.as_deref_mut() else {
             return;
         };
         if !on {
-            for (door, generation) in std::mem::take(&mut r.doors) {
+            let doors = std::mem::take(&mut r.doors);
+            if doors.is_empty() {
+                return;
+            }
+            for &(door, generation) in &doors {
                 r.cancel(tag(DOOR, door, generation));
             }
-            // Before a stopping worker closes them.
-            r.flush();
+            // Before a stopping worker closes them, and to see what they
+            // took: submitted, and their completions taken, now.
+            r.settle();
+            let (mut listener, mut relay) = (false, false);
+            r.cqes.retain(|&(data, res, _)| {
+                let (kind, door, generation) = untag(data);
+                if kind != DOOR || !doors.contains(&(door, generation)) {
+                    return true;
+                }
+                if res > 0 {
+                    *(if door == RELAY_DOOR {
+                        &mut relay
+                    } else {
+                        &mut listener
+                    }) = true;
+                }
+                false
+            });
+            // A poll being cancelled as a wake-up comes takes it and
+            // completes cancelled: what is readable now counts too.
+            let (l, rl) = self.readable_doors();
+            listener |= l;
+            relay |= rl;
+            self.claimed |= listener;
+            if relay {
+                self.acceptor.pass_on_relay(self.ctx.board);
+            }
             return;
         }
         let relay = self.acceptor.relay().map(|rx| (RELAY_DOOR, rx.as_raw_fd()));
@@ -422,6 +502,24 @@ impl<'a> Loop<'a> {
             unsafe { r.push(e) };
             r.doors.push((door, r.door_gen & 0xff_ffff));
         }
+    }
+
+    /// Whether a listener, and whether the relay, is readable now.
+    fn readable_doors(&self) -> (bool, bool) {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let relay = self.acceptor.relay();
+        let mut fds: Vec<PollFd<'_>> = relay
+            .into_iter()
+            .chain(self.acceptor.streams().map(|(_, l)| l.as_fd()))
+            .map(|fd| PollFd::new(fd, PollFlags::POLLIN))
+            .collect();
+        if poll(&mut fds, PollTimeout::ZERO).unwrap_or(0) <= 0 {
+            return (false, false);
+        }
+        let ready = |p: &PollFd<'_>| p.revents().is_some_and(|r| r.contains(PollFlags::POLLIN));
+        let skip = usize::from(relay.is_some());
+        let relay_ready = relay.is_some() && fds.first().is_some_and(ready);
+        (fds.iter().skip(skip).any(ready), relay_ready)
     }
 
     /// A listener's or the relay's poll completed: whether to accept.
@@ -557,10 +655,11 @@ impl<'a> Loop<'a> {
                 let data = r.buffer(bid, res as usize);
                 let room = limits.room(data.len(), f.taken);
                 f.taken += room as u64;
+                let b = f.bytes.get_or_insert_with(Box::default);
                 let to = if f.sending {
-                    &mut f.pending
+                    &mut b.pending
                 } else {
-                    &mut f.out
+                    &mut b.out
                 };
                 to.extend_from_slice(&data[..room]);
                 r.put_back(bid);
@@ -587,10 +686,12 @@ impl<'a> Loop<'a> {
             f.failed = Some(Errno::from_raw(-res));
         } else {
             let n = res as usize;
-            f.off += n;
-            if f.off >= f.out.len() {
-                f.out.clear();
-                f.off = 0;
+            if let Some(b) = f.bytes.as_deref_mut() {
+                b.off += n;
+                if b.off >= b.out.len() {
+                    b.out.clear();
+                    b.off = 0;
+                }
             }
             o.conn.sent(n, now);
         }
@@ -612,12 +713,9 @@ impl<'a> Loop<'a> {
         if f.bulk && !f.recv && !f.sending && o.header.is_none() {
             // Streaming, and nothing of the ring's path is in flight:
             // what it received and did not send yet goes first.
-            if f.off < f.out.len() || !f.pending.is_empty() {
-                o.conn.keep(&f.out[f.off..]);
-                o.conn.keep(&f.pending);
-                f.out = Vec::new();
-                f.pending = Vec::new();
-                f.off = 0;
+            if let Some(b) = f.bytes.take() {
+                o.conn.keep(&b.out[b.off..]);
+                o.conn.keep(&b.pending);
             }
             if !o.conn.wants_write() {
                 if limits.bytes_done(o.conn.bytes()) {
@@ -640,12 +738,12 @@ impl<'a> Loop<'a> {
             }
             return;
         }
-        if !f.sending {
-            if f.out.is_empty() {
-                std::mem::swap(&mut f.out, &mut f.pending);
+        if let (false, Some(b)) = (f.sending, f.bytes.as_deref_mut()) {
+            if b.out.is_empty() {
+                std::mem::swap(&mut b.out, &mut b.pending);
             }
-            if f.off < f.out.len() {
-                let rest = &f.out[f.off..];
+            if b.off < b.out.len() {
+                let rest = &b.out[b.off..];
                 let fd = types::Fd(o.conn.fd().as_raw_fd());
                 let e = opcode::Send::new(fd, rest.as_ptr(), rest.len() as u32)
                     .flags(libc::MSG_NOSIGNAL | libc::MSG_WAITALL)
@@ -658,7 +756,7 @@ impl<'a> Loop<'a> {
                 f.sending = true;
             }
         }
-        let drained = !f.sending && f.out.is_empty() && f.pending.is_empty();
+        let drained = f.drained();
         if drained && limits.bytes_done(o.conn.bytes()) {
             self.close(index, End::Bytes);
             return;
@@ -668,7 +766,7 @@ impl<'a> Loop<'a> {
             return;
         }
         let capped = limits.max_bytes != 0 && f.taken >= limits.max_bytes;
-        let stop = f.held || capped || f.eof || f.bulk || f.pending.len() >= PENDING_CAP;
+        let stop = f.held || capped || f.eof || f.bulk || f.pending() >= PENDING_CAP;
         if !f.recv && !stop && o.header.is_none() {
             let fd = types::Fd(o.conn.fd().as_raw_fd());
             let e = opcode::RecvMulti::new(fd, GROUP)
