@@ -354,10 +354,10 @@ fn usr2(mode: &str) {
 
 in_modes!(no_conversation_is_cut_by_an_upgrade: usr2; prefork, event);
 
-/// [`two_workers`] in prefork, the model read from the config file
-/// `conf` (written here), which a reload reads again.
-fn prefork_from_file(conf: &std::path::Path) -> [&str; 8] {
-    std::fs::write(conf, "mode = \"prefork\"\n").unwrap();
+/// [`two_workers`] with the config file `conf`, written here with
+/// `text`, which a reload reads again.
+fn two_workers_from_file<'a>(conf: &'a std::path::Path, text: &str) -> [&'a str; 8] {
+    std::fs::write(conf, text).unwrap();
     [
         "-l",
         "127.0.0.1:0",
@@ -377,7 +377,7 @@ fn no_conversation_is_cut_by_a_reload_into_fork_mode() {
     let dir = TempDir::new("into-fork");
     let conf = dir.path("echo.toml");
     across(
-        &prefork_from_file(&conf),
+        &two_workers_from_file(&conf, "mode = \"prefork\"\n"),
         |d, _| {
             std::fs::write(&conf, "mode = \"fork\"\n").unwrap();
             d.signal(Signal::SIGHUP);
@@ -385,26 +385,6 @@ fn no_conversation_is_cut_by_a_reload_into_fork_mode() {
         "reloaded:",
         Moves::All,
     );
-}
-
-/// [`two_workers`] in event mode on the I/O engine `engine`, read from
-/// the config file `conf` (written here), which a reload reads again.
-fn event_from_file<'a>(conf: &'a std::path::Path, engine: &str) -> [&'a str; 8] {
-    std::fs::write(
-        conf,
-        format!("mode = \"event\"\nio-engine = \"{engine}\"\n"),
-    )
-    .unwrap();
-    [
-        "-l",
-        "127.0.0.1:0",
-        "-c",
-        conf.to_str().unwrap(),
-        "-w",
-        "2",
-        "--shutdown-timeout",
-        "2",
-    ]
 }
 
 /// A reload that moves the event workers from the I/O engine `from` to
@@ -425,7 +405,10 @@ fn across_engines(from: &str, to: &str) {
         }
     };
     across(
-        &event_from_file(&conf, from),
+        &two_workers_from_file(
+            &conf,
+            &format!("mode = \"event\"\nio-engine = \"{from}\"\n"),
+        ),
         |d, _| {
             assert!(d.stderr_text().contains(&said(from)), "{}", d.stderr_text());
             let before = d.children();
@@ -759,7 +742,7 @@ fn a_proxied_client_keeps_its_address_and_place_into_fork_mode() {
     let dir = TempDir::new("proxied-into-fork");
     let conf = dir.path("echo.toml");
     proxied_client_across_a_reload(
-        &prefork_from_file(&conf),
+        &two_workers_from_file(&conf, "mode = \"prefork\"\n"),
         || std::fs::write(&conf, "mode = \"fork\"\n").unwrap(),
         true,
     );

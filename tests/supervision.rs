@@ -247,17 +247,7 @@ fn resets(mode: &str) {
     for _ in 0..50 {
         let s = connect(d.addr());
         (&s).write_all(&[1u8; 100_000]).unwrap();
-        // SO_LINGER 0: close sends RST while the server is echoing.
-        nix::sys::socket::setsockopt(
-            &s,
-            nix::sys::socket::sockopt::Linger,
-            &libc::linger {
-                l_onoff: 1,
-                l_linger: 0,
-            },
-        )
-        .unwrap();
-        drop(s);
+        reset(s);
     }
     assert_eq!(echo_all(d.addr(), b"alive"), b"alive");
     if mode == "fork" {
@@ -286,16 +276,7 @@ fn crossed(mode: &str) {
     for round in 0..200u32 {
         let s = connect(addr);
         (&s).write_all(&[0xAA; 64 * 1024]).unwrap();
-        nix::sys::socket::setsockopt(
-            &s,
-            nix::sys::socket::sockopt::Linger,
-            &libc::linger {
-                l_onoff: 1,
-                l_linger: 0,
-            },
-        )
-        .unwrap();
-        drop(s);
+        reset(s);
         let token = format!("round {round}");
         assert_eq!(
             echo_all(addr, token.as_bytes()),
@@ -303,4 +284,17 @@ fn crossed(mode: &str) {
             "round {round}: a new connection got bytes that were not its own"
         );
     }
+}
+
+/// Closes `s` with a reset (SO_LINGER 0), whatever the server is doing.
+fn reset(s: TcpStream) {
+    nix::sys::socket::setsockopt(
+        &s,
+        nix::sys::socket::sockopt::Linger,
+        &libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        },
+    )
+    .unwrap();
 }
